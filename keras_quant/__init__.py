@@ -1,0 +1,18 @@
+"""keras_quant: quantization for Keras 3 models.
+
+Import it as `kq`. The public names are those of `__all__`.
+"""
+
+__version__ = "0.1.0"
+
+from keras_quant import errors, ops
+from keras_quant.config import LayerQuantConfig, QuantConfig, QuantSpec
+
+__all__ = [
+    "__version__",
+    "errors",
+    "ops",
+    "QuantSpec",
+    "QuantConfig",
+    "LayerQuantConfig",
+]

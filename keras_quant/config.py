@@ -1,0 +1,388 @@
+"""Quantization schemes: `QuantSpec` for one tensor, `QuantConfig` for a model.
+
+A `QuantSpec` says how one tensor is quantized: bit width, symmetric or
+asymmetric grid, granularity (per tensor, per channel, per group), which
+observer sets its range, and whether the range is learned (LSQ).
+
+A `QuantConfig` says which spec each layer's weights and activations get:
+a default pair, overrides by layer type, and overrides by layer name (exact or
+regular expression). `None` keeps a tensor, or a whole layer, in float.
+
+Integer grids are signed, as TFLite and ONNX QDQ use them: a `b`-bit grid is
+`[-2**(b-1), 2**(b-1) - 1]`, and `narrow_range` drops the lowest level
+(`[-127, 127]` at 8 bits).
+
+Example:
+
+>>> import keras, keras_quant as kq
+>>> config = kq.QuantConfig.int8()
+>>> config.set_layer_name("classifier", None)      # keep in float
+>>> config.set_layer_type(keras.layers.Conv2D,
+...                       weights=kq.QuantSpec(bits=4, symmetric=True,
+...                                            granularity="per_channel"))
+>>> kq.QuantConfig.from_config(config.get_config()) == config
+True
+"""
+
+import dataclasses
+import re
+from typing import Any, Mapping, Optional
+
+from keras_quant.errors import ConfigError
+
+__all__ = ["QuantSpec", "QuantConfig", "LayerQuantConfig", "GRANULARITIES", "OBSERVERS"]
+
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+OBSERVERS = ("minmax", "moving_average", "percentile", "mean_std", "mse", "kl")
+MIN_BITS, MAX_BITS = 2, 16
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    Args:
+        bits: Bit width of the integer grid, 2 to 16.
+        symmetric: If True, the zero point is 0 and the range is `[-a, a]`.
+        granularity: `"per_tensor"`, `"per_channel"` or `"per_group"`.
+        axis: Channel axis for `per_channel` and `per_group`.
+        group_size: For `per_group`: number of consecutive elements (in the
+            row-major order of the tensor with the channel axis moved first)
+            that share one scale within each channel. For a Dense kernel
+            `(in, out)` with `axis=-1` this is groups along `in`, as in 4-bit
+            weight schemes.
+        narrow_range: Drop the lowest level (`[-127, 127]` at 8 bits).
+        observer: Range estimator: `"minmax"`, `"moving_average"`,
+            `"percentile"`, `"mean_std"`, `"mse"` or `"kl"`.
+        learnable: If True, the step size (and the offset, if asymmetric) is
+            trained with LSQ.
+        stochastic_rounding: Round up with probability equal to the fractional
+            part, instead of to nearest.
+        observer_options: Keyword arguments for the observer, e.g.
+            `{"percentile": 99.9}` or `{"num_bins": 1024}`.
+
+    Raises:
+        ConfigError: For any invalid field, naming it and the value received.
+    """
+
+    bits: int = 8
+    symmetric: bool = False
+    granularity: str = "per_tensor"
+    axis: int = -1
+    group_size: Optional[int] = None
+    narrow_range: bool = False
+    observer: str = "minmax"
+    learnable: bool = False
+    stochastic_rounding: bool = False
+    observer_options: Any = ()
+
+    def __post_init__(self):
+        if not _is_int(self.bits) or not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ConfigError("bits", self.bits, f"bits must be an integer between {MIN_BITS} and {MAX_BITS}")
+        for name in ("symmetric", "narrow_range", "learnable", "stochastic_rounding"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, getattr(self, name), f"{name} must be a bool")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError("granularity", self.granularity, f"granularity must be one of {GRANULARITIES}")
+        if not _is_int(self.axis):
+            raise ConfigError("axis", self.axis, "axis must be an integer")
+        if self.granularity == "per_group":
+            if not _is_int(self.group_size) or self.group_size < 1:
+                raise ConfigError(
+                    "group_size", self.group_size, "group_size must be a positive integer with granularity='per_group'"
+                )
+        elif self.group_size is not None:
+            raise ConfigError(
+                "group_size", self.group_size, "group_size is only used with granularity='per_group'; leave it None"
+            )
+        if self.observer not in OBSERVERS:
+            raise ConfigError("observer", self.observer, f"observer must be one of {OBSERVERS}")
+        options = self.observer_options
+        if options is None:
+            options = ()
+        if isinstance(options, Mapping):
+            options = tuple(sorted(options.items()))
+        try:
+            options = tuple((str(k), v) for k, v in options)
+            hash(options)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                "observer_options", self.observer_options, "observer_options must be a mapping of names to scalars"
+            ) from None
+        object.__setattr__(self, "observer_options", options)
+
+    # Integer grid ---------------------------------------------------------
+    @property
+    def qmin(self) -> int:
+        """Lowest integer level."""
+        return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
+
+    @property
+    def qmax(self) -> int:
+        """Highest integer level."""
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def num_levels(self) -> int:
+        return self.qmax - self.qmin + 1
+
+    @property
+    def storage_dtype(self) -> str:
+        """Integer dtype that holds the grid: `"int8"` up to 8 bits, else `"int16"`."""
+        return "int8" if self.bits <= 8 else "int16"
+
+    @property
+    def options(self) -> dict:
+        """`observer_options` as a dict."""
+        return dict(self.observer_options)
+
+    def replace(self, **changes) -> "QuantSpec":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # Serialization --------------------------------------------------------
+    def get_config(self) -> dict:
+        config = dataclasses.asdict(self)
+        config["observer_options"] = dict(self.observer_options)
+        return config
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> "QuantSpec":
+        if not isinstance(config, Mapping):
+            raise ConfigError("config", config, "QuantSpec.from_config needs a dict")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - fields)
+        if unknown:
+            raise ConfigError(unknown[0], config[unknown[0]], f"unknown QuantSpec field; known fields are {sorted(fields)}")
+        return cls(**config)  # missing keys take their defaults (older files load)
+
+
+def _spec_or_none(value, field, layer=None):
+    if value is None or isinstance(value, QuantSpec):
+        return value
+    if isinstance(value, Mapping):
+        return QuantSpec.from_config(value)
+    raise ConfigError(field, value, "expected a kq.QuantSpec, a QuantSpec config dict or None", layer=layer)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerQuantConfig:
+    """The specs one layer gets. `None` for a field keeps that tensor in float."""
+
+    weights: Optional[QuantSpec]
+    activations: Optional[QuantSpec]
+
+
+_UNSET = object()
+
+
+def _layer_type_name(cls):
+    import keras
+
+    if getattr(keras.layers, cls.__name__, None) is cls:
+        return cls.__name__
+    return keras.saving.get_registered_name(cls)
+
+
+def _layer_type_from_name(name):
+    import keras
+
+    cls = getattr(keras.layers, name, None)
+    if cls is None:
+        cls = keras.saving.get_registered_object(name)
+    if not isinstance(cls, type):
+        raise ConfigError(
+            "layer_type", name, "unknown layer type; use a keras.layers class or one registered with "
+            "keras.saving.register_keras_serializable"
+        )
+    return cls
+
+
+class QuantConfig:
+    """Which spec each layer's weights and activations get.
+
+    Lookup order for a layer: its name (exact match first, then regular
+    expressions with `re.fullmatch`, the latest registered winning), then its
+    type (the most specific class in its MRO), then the defaults. An override
+    may set only `weights` or only `activations`; the other field falls
+    through to the next level.
+
+    Args:
+        weights: Default `QuantSpec` for weights, or None for float weights.
+            Defaults to int8 symmetric per-channel narrow range (TFLite's
+            weight scheme).
+        activations: Default `QuantSpec` for activations, or None. Defaults to
+            int8 asymmetric per-tensor with the min-max observer.
+
+    Example:
+
+    >>> cfg = QuantConfig.w4a8()
+    >>> cfg.set_layer_name(r"block_\\d+/.*", activations=QuantSpec(bits=16, symmetric=True))
+    >>> cfg.set_layer_name("classifier", None)
+    """
+
+    def __init__(self, weights=_UNSET, activations=_UNSET):
+        if weights is _UNSET:
+            weights = QuantSpec(bits=8, symmetric=True, granularity="per_channel", narrow_range=True)
+        if activations is _UNSET:
+            activations = QuantSpec(bits=8)
+        self.weights = _spec_or_none(weights, "weights")
+        self.activations = _spec_or_none(activations, "activations")
+        self._type_overrides = {}  # class -> dict(field -> spec or None), or None for float
+        self._name_overrides = []  # [(pattern, dict or None)]
+
+    # Presets -------------------------------------------------------------
+    @classmethod
+    def int8(cls) -> "QuantConfig":
+        """W8A8: int8 per-channel symmetric weights, int8 per-tensor asymmetric activations."""
+        return cls()
+
+    @classmethod
+    def w4a8(cls) -> "QuantConfig":
+        """4-bit per-channel symmetric weights, int8 activations."""
+        return cls(weights=QuantSpec(bits=4, symmetric=True, granularity="per_channel", narrow_range=True))
+
+    @classmethod
+    def int16x8(cls) -> "QuantConfig":
+        """TFLite 16x8: int8 per-channel weights, int16 symmetric activations."""
+        return cls(activations=QuantSpec(bits=16, symmetric=True))
+
+    # Overrides -----------------------------------------------------------
+    @staticmethod
+    def _override(config, weights, activations, field):
+        if config is not _UNSET:
+            if weights is not _UNSET or activations is not _UNSET:
+                raise ConfigError(field, config, "pass either a whole config or weights=/activations=, not both")
+            if config is None:
+                return None
+            if isinstance(config, LayerQuantConfig):
+                return {"weights": config.weights, "activations": config.activations}
+            if isinstance(config, QuantConfig):
+                return {"weights": config.weights, "activations": config.activations}
+            raise ConfigError(field, config, "expected None, a QuantConfig or a LayerQuantConfig")
+        override = {}
+        if weights is not _UNSET:
+            override["weights"] = _spec_or_none(weights, "weights")
+        if activations is not _UNSET:
+            override["activations"] = _spec_or_none(activations, "activations")
+        return override
+
+    def set_layer_type(self, layer_type, config=_UNSET, *, weights=_UNSET, activations=_UNSET):
+        """Override the specs of every layer of this type (and its subclasses).
+
+        Args:
+            layer_type: A layer class, e.g. `keras.layers.Conv2D`.
+            config: `None` to keep these layers in float, or a whole config.
+            weights: Spec (or None) for the weights.
+            activations: Spec (or None) for the activations.
+        """
+        if not isinstance(layer_type, type):
+            raise ConfigError("layer_type", layer_type, "layer_type must be a layer class")
+        self._type_overrides[layer_type] = self._override(config, weights, activations, "layer_type")
+        return self
+
+    def set_layer_name(self, name, config=_UNSET, *, weights=_UNSET, activations=_UNSET):
+        """Override the specs of the layer(s) with this name.
+
+        Args:
+            name: An exact layer name or path, or a regular expression matched
+                with `re.fullmatch` against the layer's name and its path
+                (`outer/inner` for nested models).
+            config: `None` to keep the layer in float, or a whole config.
+            weights: Spec (or None) for the weights.
+            activations: Spec (or None) for the activations.
+        """
+        if not isinstance(name, str) or not name:
+            raise ConfigError("name", name, "name must be a non-empty string")
+        try:
+            re.compile(name)
+        except re.error as e:
+            raise ConfigError("name", name, f"name is not a valid regular expression ({e})") from None
+        self._name_overrides = [(p, o) for p, o in self._name_overrides if p != name]
+        self._name_overrides.append((name, self._override(config, weights, activations, "name")))
+        return self
+
+    # Lookup ----------------------------------------------------------------
+    def _name_override(self, names):
+        for pattern, override in reversed(self._name_overrides):
+            if pattern in names:
+                return True, override
+        for pattern, override in reversed(self._name_overrides):
+            if any(re.fullmatch(pattern, n) for n in names):
+                return True, override
+        return False, None
+
+    def for_layer(self, layer, path=None) -> Optional[LayerQuantConfig]:
+        """The specs for `layer`, or None if it stays entirely in float.
+
+        Args:
+            layer: A Keras layer instance (or a layer name string).
+            path: Optional hierarchical name (`outer/inner`) for nested models.
+        """
+        name = layer if isinstance(layer, str) else layer.name
+        names = [n for n in (name, path) if n]
+        resolved = {"weights": self.weights, "activations": self.activations}
+        levels = []
+        if not isinstance(layer, str):
+            for cls in reversed(type(layer).__mro__):
+                if cls in self._type_overrides:
+                    levels.append(self._type_overrides[cls])
+        found, override = self._name_override(names)
+        if found:
+            levels.append(override)
+        for level in levels:
+            if level is None:
+                resolved = {"weights": None, "activations": None}
+            else:
+                resolved.update(level)
+        if resolved["weights"] is None and resolved["activations"] is None:
+            return None
+        return LayerQuantConfig(**resolved)
+
+    # Serialization -------------------------------------------------------
+    @staticmethod
+    def _override_config(override):
+        if override is None:
+            return None
+        return {k: (None if v is None else v.get_config()) for k, v in override.items()}
+
+    def get_config(self) -> dict:
+        return {
+            "weights": None if self.weights is None else self.weights.get_config(),
+            "activations": None if self.activations is None else self.activations.get_config(),
+            "layer_types": [
+                {"layer_type": _layer_type_name(cls), "override": self._override_config(o)}
+                for cls, o in self._type_overrides.items()
+            ],
+            "layer_names": [{"name": p, "override": self._override_config(o)} for p, o in self._name_overrides],
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> "QuantConfig":
+        if not isinstance(config, Mapping):
+            raise ConfigError("config", config, "QuantConfig.from_config needs a dict")
+        out = cls(weights=config.get("weights", _UNSET), activations=config.get("activations", _UNSET))
+
+        def parse(override, field):
+            if override is None:
+                return None
+            return {k: _spec_or_none(v, f"{field}.{k}") for k, v in override.items() if k in ("weights", "activations")}
+
+        for entry in config.get("layer_types", []):
+            out._type_overrides[_layer_type_from_name(entry["layer_type"])] = parse(entry.get("override"), "layer_types")
+        for entry in config.get("layer_names", []):
+            out._name_overrides.append((entry["name"], parse(entry.get("override"), "layer_names")))
+        return out
+
+    def __eq__(self, other):
+        return isinstance(other, QuantConfig) and self.get_config() == other.get_config()
+
+    def __repr__(self):
+        return (
+            f"QuantConfig(weights={self.weights}, activations={self.activations}, "
+            f"layer_types={len(self._type_overrides)}, layer_names={len(self._name_overrides)})"
+        )

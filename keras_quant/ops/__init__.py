@@ -1,0 +1,34 @@
+"""Core quantization operations, written with `keras.ops` (TensorFlow and JAX).
+
+`compute_qparams`, `quantize`, `dequantize`, `fake_quant` (straight-through
+gradient) and `lsq_fake_quant` (learned step size) for symmetric and
+asymmetric grids of 2 to 16 bits, per tensor, per channel and per group.
+"""
+
+from keras_quant.ops.core import (
+    EPS,
+    compute_qparams,
+    dequantize,
+    fake_quant,
+    param_shape,
+    quantize,
+    round_half_up,
+    tensor_qparams,
+    tensor_range,
+)
+from keras_quant.ops.lsq import lsq_fake_quant, lsq_grad_scale, scale_gradient
+
+__all__ = [
+    "EPS",
+    "compute_qparams",
+    "quantize",
+    "dequantize",
+    "fake_quant",
+    "lsq_fake_quant",
+    "lsq_grad_scale",
+    "scale_gradient",
+    "tensor_range",
+    "tensor_qparams",
+    "param_shape",
+    "round_half_up",
+]

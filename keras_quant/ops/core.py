@@ -1,0 +1,300 @@
+"""Uniform affine quantization, written with `keras.ops` (TensorFlow and JAX).
+
+The grid is signed: `q in [spec.qmin, spec.qmax]`, and
+
+    q     = clip(round(x / scale) + zero_point, qmin, qmax)
+    x_hat = (q - zero_point) * scale
+
+with round-half-up (`floor(v + 0.5)`), the rounding TensorFlow's FakeQuant ops
+use. `scale` and `zero_point` are scalars (per tensor), shape `(C,)` (per
+channel, `C` the size of `spec.axis`) or `(C, G)` (per group, `G` groups of
+`spec.group_size` elements in each channel).
+
+Ranges are widened to contain 0 and the zero point is rounded to an integer,
+so 0.0 is exactly representable, as TensorFlow's fake-quant nudging does.
+
+Example:
+
+>>> import numpy as np, keras_quant as kq
+>>> spec = kq.QuantSpec(bits=8)
+>>> scale, zp = kq.ops.compute_qparams(-1.0, 3.0, spec)
+>>> q = kq.ops.quantize(np.array([0.0, 1.0], "float32"), scale, zp, spec)
+>>> kq.ops.dequantize(q, scale, zp, spec)
+"""
+
+import math
+
+import numpy as np
+from keras import ops
+
+from keras_quant.config import QuantSpec
+from keras_quant.errors import ConfigError, ShapeMismatchError
+
+__all__ = [
+    "EPS",
+    "compute_qparams",
+    "quantize",
+    "dequantize",
+    "fake_quant",
+    "tensor_range",
+    "tensor_qparams",
+    "round_half_up",
+    "param_shape",
+]
+
+# Smallest scale handed out: a zero-width range (a constant tensor) still gets a
+# valid, finite scale whose reciprocal is finite in float32.
+EPS = float(np.finfo(np.float32).eps)
+
+
+def _check_spec(spec):
+    if not isinstance(spec, QuantSpec):
+        raise ConfigError("spec", spec, "expected a kq.QuantSpec")
+
+
+def round_half_up(v):
+    """`floor(v + 0.5)`: TensorFlow FakeQuant's rounding."""
+    return ops.floor(ops.add(v, 0.5))
+
+
+def _float(x):
+    x = ops.convert_to_tensor(x)
+    if not _is_float(x.dtype):
+        x = ops.cast(x, "float32")
+    return x
+
+
+def _is_float(dtype):
+    return "float" in str(dtype)
+
+
+def _axis(spec, ndim):
+    axis = spec.axis
+    if not -ndim <= axis < ndim:
+        raise ConfigError("axis", axis, f"axis is out of range for a tensor of rank {ndim}")
+    return axis % ndim
+
+
+def param_shape(shape, spec):
+    """Shape of `scale` / `zero_point` for a tensor of `shape` under `spec`."""
+    _check_spec(spec)
+    if spec.granularity == "per_tensor":
+        return ()
+    shape = tuple(shape)
+    axis = _axis(spec, len(shape))
+    channels = shape[axis]
+    if spec.granularity == "per_channel":
+        return (channels,)
+    rest = math.prod(shape[:axis] + shape[axis + 1 :])
+    if rest % spec.group_size:
+        raise ShapeMismatchError(
+            "x", f"a multiple of group_size={spec.group_size} elements per channel", shape
+        )
+    return (channels, rest // spec.group_size)
+
+
+def _to_groups(x, spec):
+    """(C, G, group_size) view of `x` and the function that undoes it."""
+    shape = tuple(x.shape)
+    axis = _axis(spec, len(shape))
+    channels, groups = param_shape(shape, spec)
+    moved = ops.moveaxis(x, axis, 0)
+    moved_shape = tuple(moved.shape)
+    grouped = ops.reshape(moved, (channels, groups, spec.group_size))
+
+    def undo(y):
+        return ops.moveaxis(ops.reshape(y, moved_shape), 0, axis)
+
+    return grouped, undo
+
+
+def _broadcastable(p, x, spec, field):
+    """Reshape a per-tensor or per-channel parameter to broadcast against `x`."""
+    p = ops.convert_to_tensor(p)
+    if spec.granularity == "per_tensor":
+        if len(p.shape) and math.prod(p.shape) != 1:
+            raise ShapeMismatchError(field, (), p.shape)
+        return ops.reshape(p, ())
+    ndim = len(x.shape)
+    axis = _axis(spec, ndim)
+    channels = x.shape[axis]
+    size = math.prod(p.shape) if len(p.shape) else 1
+    if channels is not None and size not in (1, channels):
+        raise ShapeMismatchError(field, (channels,), p.shape)
+    shape = [1] * ndim
+    shape[axis] = -1 if size != 1 else 1
+    return ops.reshape(p, shape)
+
+
+def _apply(x, scale, zero_point, spec, fn):
+    """Run `fn(x, scale, zero_point)` with parameters broadcast per `spec`."""
+    scale = _float(scale)
+    zero_point = ops.cast(ops.convert_to_tensor(zero_point), "float32")
+    if spec.granularity == "per_group":
+        grouped, undo = _to_groups(x, spec)
+        expected = tuple(grouped.shape[:2])
+        for field, p in (("scale", scale), ("zero_point", zero_point)):
+            if len(p.shape) and tuple(p.shape) != expected:
+                raise ShapeMismatchError(field, expected, p.shape)
+        s = ops.reshape(scale, expected + (1,)) if len(scale.shape) else scale
+        z = ops.reshape(zero_point, expected + (1,)) if len(zero_point.shape) else zero_point
+        return undo(fn(grouped, s, z))
+    return fn(x, _broadcastable(scale, x, spec, "scale"), _broadcastable(zero_point, x, spec, "zero_point"))
+
+
+def compute_qparams(min_val, max_val, spec):
+    """Scale and zero point that map `[min_val, max_val]` onto the spec's grid.
+
+    The range is first widened to contain 0. Symmetric specs use
+    `scale = max(|min|, |max|) / qmax` and zero point 0; asymmetric specs use
+    `scale = (max - min) / (qmax - qmin)` and an integer zero point, so 0.0 is
+    exactly representable. A zero-width range gives `scale = EPS`.
+
+    Args:
+        min_val: Minimum, a scalar or an array (per channel / per group).
+        max_val: Maximum, same shape as `min_val`.
+        spec: The `kq.QuantSpec`.
+
+    Returns:
+        `(scale, zero_point)`: float32 and int32 tensors of `min_val`'s shape.
+    """
+    _check_spec(spec)
+    min_val = ops.minimum(ops.cast(ops.convert_to_tensor(min_val), "float32"), 0.0)
+    max_val = ops.maximum(ops.cast(ops.convert_to_tensor(max_val), "float32"), 0.0)
+    if spec.symmetric:
+        amax = ops.maximum(ops.negative(min_val), max_val)
+        scale = ops.maximum(ops.divide(amax, float(spec.qmax)), EPS)
+        zero_point = ops.zeros_like(scale)
+    else:
+        scale = ops.maximum(ops.divide(max_val - min_val, float(spec.qmax - spec.qmin)), EPS)
+        zero_point = ops.clip(round_half_up(spec.qmin - min_val / scale), spec.qmin, spec.qmax)
+    return scale, ops.cast(zero_point, "int32")
+
+
+def _quantize_float(x, scale, zero_point, spec, seed):
+    v = ops.divide(x, scale)
+    if spec.stochastic_rounding:
+        import keras
+
+        v = ops.floor(v + keras.random.uniform(ops.shape(v), dtype=v.dtype, seed=seed))
+    else:
+        v = round_half_up(v)
+    return ops.clip(v + zero_point, float(spec.qmin), float(spec.qmax))
+
+
+def quantize(x, scale, zero_point, spec, seed=None):
+    """Quantize `x` to integers on the spec's grid.
+
+    Args:
+        x: Float tensor.
+        scale: Scale (scalar, `(C,)` or `(C, G)` per the spec's granularity).
+        zero_point: Integer zero point, same shape as `scale`.
+        spec: The `kq.QuantSpec`.
+        seed: Seed (int or `keras.random.SeedGenerator`) for stochastic rounding.
+
+    Returns:
+        An `int8` (bits <= 8) or `int16` tensor holding grid values.
+    """
+    _check_spec(spec)
+    x = ops.cast(_float(x), "float32")
+    q = _apply(x, scale, zero_point, spec, lambda v, s, z: _quantize_float(v, s, z, spec, seed))
+    return ops.cast(q, spec.storage_dtype)
+
+
+def dequantize(q, scale, zero_point, spec):
+    """Map grid integers back to floats: `(q - zero_point) * scale` (float32)."""
+    _check_spec(spec)
+    q = ops.cast(ops.convert_to_tensor(q), "float32")
+    return _apply(q, scale, zero_point, spec, lambda v, s, z: (v - z) * s)
+
+
+def _uses_tf_fake_quant(spec):
+    import keras
+
+    return (
+        keras.backend.backend() == "tensorflow"
+        and not spec.stochastic_rounding
+        and spec.granularity in ("per_tensor", "per_channel")
+    )
+
+
+def fake_quant(x, scale, zero_point, spec, seed=None):
+    """Quantize then dequantize, with the straight-through gradient.
+
+    The gradient with respect to `x` is 1 inside the representable range
+    `[(qmin - zp) * scale, (qmax - zp) * scale]` and 0 outside; `scale` and
+    `zero_point` receive no gradient (see `kq.ops.lsq_fake_quant` for learned
+    ranges). On TensorFlow, per-tensor and per-channel deterministic schemes go
+    through `keras.quantizers.fake_quant_with_min_max_vars`, which emits
+    `tf.quantization.fake_quant_with_min_max_vars(_per_channel)`, the op the
+    TFLite converter reads; elsewhere the same arithmetic is written with
+    `keras.ops`.
+
+    Args:
+        x: Float tensor (any float dtype; the result has the same dtype).
+        scale: Scale, shaped per the spec's granularity.
+        zero_point: Integer zero point, same shape as `scale`.
+        spec: The `kq.QuantSpec`.
+        seed: Seed for stochastic rounding.
+
+    Returns:
+        A tensor like `x` with values on the quantization grid.
+    """
+    _check_spec(spec)
+    x = _float(x)
+    dtype = x.dtype
+    x32 = ops.cast(x, "float32")
+    scale = ops.stop_gradient(_float(scale))
+    zero_point = ops.stop_gradient(ops.cast(ops.convert_to_tensor(zero_point), "float32"))
+    nudged_min = (spec.qmin - zero_point) * scale
+    nudged_max = (spec.qmax - zero_point) * scale
+
+    if _uses_tf_fake_quant(spec):
+        from keras import quantizers
+
+        if spec.granularity == "per_channel":
+            _broadcastable(scale, x32, spec, "scale")  # shape check
+            channels = x32.shape[_axis(spec, len(x32.shape))]
+            if len(nudged_min.shape) == 0 or math.prod(nudged_min.shape) == 1:
+                nudged_min = ops.broadcast_to(ops.reshape(nudged_min, ()), (channels,))
+                nudged_max = ops.broadcast_to(ops.reshape(nudged_max, ()), (channels,))
+            axis = spec.axis
+        else:
+            _broadcastable(scale, x32, spec, "scale")
+            axis = None
+        y = quantizers.fake_quant_with_min_max_vars(
+            x32, nudged_min, nudged_max, num_bits=spec.bits, narrow_range=spec.narrow_range, axis=axis
+        )
+        return ops.cast(y, dtype)
+
+    def fq(v, s, z):
+        lo = (spec.qmin - z) * s
+        hi = (spec.qmax - z) * s
+        clipped = ops.clip(v, lo, hi)  # gradient 1 inside [lo, hi], 0 outside
+        y = (_quantize_float(v, s, z, spec, seed) - z) * s
+        return clipped + ops.stop_gradient(y - clipped)
+
+    return ops.cast(_apply(x32, scale, zero_point, spec, fq), dtype)
+
+
+def tensor_range(x, spec):
+    """Min and max of `x` reduced per the spec's granularity.
+
+    Returns:
+        `(min, max)`: scalars, `(C,)` or `(C, G)` tensors.
+    """
+    _check_spec(spec)
+    x = _float(x)
+    if spec.granularity == "per_tensor":
+        return ops.min(x), ops.max(x)
+    if spec.granularity == "per_channel":
+        axis = _axis(spec, len(x.shape))
+        axes = tuple(i for i in range(len(x.shape)) if i != axis)
+        return ops.min(x, axis=axes), ops.max(x, axis=axes)
+    grouped, _ = _to_groups(x, spec)
+    return ops.min(grouped, axis=-1), ops.max(grouped, axis=-1)
+
+
+def tensor_qparams(x, spec):
+    """`compute_qparams` on the min-max range of `x` (what weights use)."""
+    return compute_qparams(*tensor_range(x, spec), spec)

@@ -1,0 +1,91 @@
+"""Learned step size quantization: LSQ (Esser et al., 2019) and LSQ+ (Bhalgat et al., 2020).
+
+    x_hat = clip(round((x - offset) / s), qmin, qmax) * s + offset
+
+`round` passes its gradient straight through, so autodiff gives the papers'
+gradients:
+
+    d x_hat / d x      = 1 inside, 0 outside the clip range
+    d x_hat / d s      = round(v) - v inside, qmin (below) or qmax (above) outside,
+                         with v = (x - offset) / s
+    d x_hat / d offset = 0 inside, 1 outside                      (LSQ+)
+
+and the step size and offset gradients are multiplied by
+`grad_scale = 1 / sqrt(numel * qmax)` (the paper's `g`), where `numel` is the
+number of elements that share one step size.
+
+Example:
+
+>>> import keras, keras_quant as kq
+>>> spec = kq.QuantSpec(bits=4, symmetric=True, learnable=True)
+>>> s = keras.Variable(0.1)
+>>> y = kq.ops.lsq_fake_quant(keras.random.normal((8, 16)), s, None, spec)
+"""
+
+import math
+
+from keras import ops
+
+from keras_quant.ops.core import EPS, _apply, _check_spec, _float, round_half_up
+
+__all__ = ["lsq_fake_quant", "lsq_grad_scale", "scale_gradient"]
+
+
+def lsq_grad_scale(num_elements, spec):
+    """The LSQ gradient scale `1 / sqrt(num_elements * qmax)`.
+
+    Args:
+        num_elements: Elements that share one step size (weights of a layer
+            per channel, or features of an activation).
+        spec: The `kq.QuantSpec` (its `qmax` is the paper's `Q_P`).
+    """
+    _check_spec(spec)
+    return 1.0 / math.sqrt(max(int(num_elements), 1) * spec.qmax)
+
+
+def scale_gradient(v, factor):
+    """Identity in the forward pass; multiplies the gradient by `factor`."""
+    scaled = v * factor
+    return scaled + ops.stop_gradient(v - scaled)
+
+
+def _round_ste(v):
+    return v + ops.stop_gradient(round_half_up(v) - v)
+
+
+def lsq_fake_quant(x, scale, offset, spec, grad_scale=None):
+    """Fake quantization with a trainable step size (and offset).
+
+    Args:
+        x: Float tensor.
+        scale: Step size `s` (trainable), shaped per the spec's granularity.
+            Values below `EPS` are clamped to `EPS`.
+        offset: Float offset `beta` for asymmetric specs (LSQ+), same shape
+            as `scale`, or None (symmetric LSQ, offset 0). The equivalent
+            integer zero point is `-offset / scale`.
+        spec: The `kq.QuantSpec`.
+        grad_scale: Factor applied to the gradients of `scale` and `offset`.
+            Defaults to `lsq_grad_scale(x.size / scale.size, spec)`.
+
+    Returns:
+        A tensor like `x` with values on the learned grid.
+    """
+    _check_spec(spec)
+    x = _float(x)
+    dtype = x.dtype
+    x32 = ops.cast(x, "float32")
+    scale = ops.cast(ops.convert_to_tensor(scale), "float32")
+    if offset is None or spec.symmetric:
+        offset = ops.zeros_like(scale)
+    offset = ops.cast(ops.convert_to_tensor(offset), "float32")
+    if grad_scale is None:
+        per_param = math.prod(x32.shape) / max(math.prod(scale.shape) if len(scale.shape) else 1, 1)
+        grad_scale = lsq_grad_scale(per_param, spec)
+    scale = scale_gradient(ops.maximum(scale, EPS), grad_scale)
+    offset = scale_gradient(offset, grad_scale)
+
+    def fq(v, s, beta):
+        q = ops.clip(_round_ste((v - beta) / s), float(spec.qmin), float(spec.qmax))
+        return q * s + beta
+
+    return ops.cast(_apply(x32, scale, offset, spec, fq), dtype)
