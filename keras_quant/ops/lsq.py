@@ -1,6 +1,6 @@
 """Learned step size quantization: LSQ (Esser et al., 2019) and LSQ+ (Bhalgat et al., 2020).
 
-    x_hat = clip(round((x - offset) / s), qmin, qmax) * s + offset
+    x_hat = round(clip((x - offset) / s, qmin, qmax)) * s + offset
 
 `round` passes its gradient straight through, so autodiff gives the papers'
 gradients:
@@ -85,7 +85,8 @@ def lsq_fake_quant(x, scale, offset, spec, grad_scale=None):
     offset = scale_gradient(offset, grad_scale)
 
     def fq(v, s, beta):
-        q = ops.clip(_round_ste((v - beta) / s), float(spec.qmin), float(spec.qmax))
+        # Clip before rounding, as in the paper: the gradient boundary is qmin / qmax.
+        q = _round_ste(ops.clip((v - beta) / s, float(spec.qmin), float(spec.qmax)))
         return q * s + beta
 
     return ops.cast(_apply(x32, scale, offset, spec, fq), dtype)
