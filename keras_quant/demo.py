@@ -1,0 +1,191 @@
+"""The main job, end to end on shipped data.
+
+Trains a small CNN on scikit-learn's digits, then quantizes it tensor by tensor:
+
+1. every kernel with int8 and 4-bit schemes (per channel, per group);
+2. every activation, with each observer (min-max, percentile, MSE and KL
+   range search) fed by the calibration split;
+3. the whole model simulated with fake-quantized weights and activations,
+   for the accuracy each scheme keeps;
+
+and prints the error tables (`keras-quant demo`, or
+`python examples/quantize_tensors.py`).
+"""
+
+import time
+
+import keras
+import numpy as np
+
+from keras_quant import analysis, datasets, observers
+from keras_quant import ops as qops
+from keras_quant.config import QuantSpec
+
+__all__ = ["build_model", "run", "format_table"]
+
+OBSERVER_NAMES = ("minmax", "percentile", "mse", "kl")
+
+
+def build_model(input_shape=(8, 8, 1), num_classes=10):
+    """A small chain CNN: conv-conv-pool-dense-dense."""
+    inputs = keras.Input(input_shape, name="image")
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv1")(inputs)
+    x = keras.layers.Conv2D(32, 3, activation="relu", name="conv2")(x)
+    x = keras.layers.MaxPooling2D(name="pool")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(64, activation="relu", name="fc")(x)
+    outputs = keras.layers.Dense(num_classes, name="classifier")(x)
+    return keras.Model(inputs, outputs, name="digits_cnn")
+
+
+def format_table(rows, columns, title=None):
+    """Plain-text table of `rows` (dicts) with the given `columns`."""
+
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+        return str(v)
+
+    body = [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(columns)]
+    lines = [title] if title else []
+    lines.append("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
+
+
+def _weight_schemes(kernel_shape):
+    schemes = {
+        "int8 per-channel": QuantSpec(bits=8, symmetric=True, granularity="per_channel", narrow_range=True),
+        "int4 per-channel": QuantSpec(bits=4, symmetric=True, granularity="per_channel", narrow_range=True),
+    }
+    per_channel = int(np.prod(kernel_shape[:-1]))
+    if per_channel % 16 == 0:
+        schemes["int4 per-group(16)"] = QuantSpec(bits=4, symmetric=True, granularity="per_group", group_size=16)
+    return schemes
+
+
+def _fake_quant_tensor(x, spec):
+    return qops.fake_quant(x, *qops.tensor_qparams(x, spec), spec)
+
+
+def _forward(model, x, weight_spec=None, act_qparams=None, act_spec=None, batch_size=256):
+    """Run the chain model layer by layer, fake-quantizing kernels and outputs."""
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    kernels = {}
+    if weight_spec is not None:
+        for layer in layers:
+            if hasattr(layer, "kernel"):
+                kernels[layer.name] = _fake_quant_tensor(layer.kernel.value, weight_spec)
+    outputs = []
+    for start in range(0, len(x), batch_size):
+        h = keras.ops.convert_to_tensor(x[start : start + batch_size])
+        if act_qparams is not None:
+            h = qops.fake_quant(h, *act_qparams[model.layers[0].name], act_spec)
+        for layer in layers:
+            if layer.name in kernels:
+                original = layer.kernel.value
+                layer.kernel.assign(kernels[layer.name])
+                h = layer(h)
+                layer.kernel.assign(original)
+            else:
+                h = layer(h)
+            if act_qparams is not None and layer.name in act_qparams:
+                h = qops.fake_quant(h, *act_qparams[layer.name], act_spec)
+        outputs.append(keras.ops.convert_to_numpy(h))
+    return np.concatenate(outputs)
+
+
+def _accuracy(logits, labels):
+    return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+def run(epochs=12, seed=0, calibration_samples=512, verbose=True):
+    """Train, quantize tensor by tensor, and return the three tables' rows.
+
+    Args:
+        epochs: Training epochs on the digits data.
+        seed: Seed for data split, initialisation and training.
+        calibration_samples: Training samples fed to the observers.
+        verbose: Print progress and the tables.
+
+    Returns:
+        A dict with `"weights"`, `"activations"` and `"accuracy"` row lists.
+    """
+    say = print if verbose else (lambda *a, **k: None)
+    keras.utils.set_random_seed(seed)
+    (x_train, y_train), (x_test, y_test) = datasets.load_digits(seed=seed)
+    model = build_model(x_train.shape[1:])
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    t0 = time.perf_counter()
+    model.fit(x_train, y_train, epochs=epochs, batch_size=64, verbose=0)
+    say(f"trained {model.name} on digits ({len(x_train)} samples, {epochs} epochs) in {time.perf_counter() - t0:.1f}s")
+
+    # 1. Weights, tensor by tensor.
+    weight_rows = []
+    for layer in model.layers:
+        if not hasattr(layer, "kernel"):
+            continue
+        w = keras.ops.convert_to_numpy(layer.kernel.value)
+        for scheme, spec in _weight_schemes(w.shape).items():
+            stats = analysis.error_stats(w, _fake_quant_tensor(w, spec))
+            weight_rows.append(
+                {"layer": layer.name, "shape": str(w.shape), "scheme": scheme, "mse": stats.mse,
+                 "sqnr_db": stats.sqnr_db, "max_error": stats.max_error}
+            )
+
+    # 2. Activations: observers fed by the calibration split, judged on the test split.
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    probe = keras.Model(model.inputs, [model.inputs[0]] + [layer.output for layer in layers])
+    names = [model.layers[0].name] + [layer.name for layer in layers]  # the input layer first
+    calib = x_train[:calibration_samples]
+    act_spec = QuantSpec(bits=8)
+    observed = {}
+    for method in OBSERVER_NAMES:
+        obs = {name: observers.get(act_spec.replace(observer=method)) for name in names}
+        for start in range(0, len(calib), 128):
+            for name, value in zip(names, probe(calib[start : start + 128])):
+                obs[name].update(value)
+        observed[method] = obs
+    test_acts = dict(zip(names, (keras.ops.convert_to_numpy(t) for t in probe(x_test))))
+    act_rows = []
+    for name in names:
+        for method in OBSERVER_NAMES:
+            row = {"tensor": name, "observer": method}
+            for bits in (8, 4):
+                spec = act_spec.replace(bits=bits)
+                scale, zp = observed[method][name].compute_qparams(spec)
+                stats = analysis.error_stats(test_acts[name], qops.fake_quant(test_acts[name], scale, zp, spec))
+                row[f"a{bits}_sqnr_db"] = stats.sqnr_db
+                if bits == 8:
+                    lo, hi = (spec.qmin - zp) * scale, (spec.qmax - zp) * scale
+                    row["a8_range"] = f"[{float(lo):.3g}, {float(hi):.3g}]"
+            act_rows.append(row)
+
+    # 3. The whole model, simulated.
+    float_acc = _accuracy(_forward(model, x_test), y_test)
+    acc_rows = [{"scheme": "float32", "accuracy": float_acc, "drop": 0.0}]
+    w8 = _weight_schemes((1, 1))["int8 per-channel"]
+    w4 = _weight_schemes((1, 1))["int4 per-channel"]
+    for label, wspec in (("W8 (weights only)", w8), ("W4 (weights only)", w4)):
+        acc = _accuracy(_forward(model, x_test, weight_spec=wspec), y_test)
+        acc_rows.append({"scheme": label, "accuracy": acc, "drop": float_acc - acc})
+    for wlabel, wspec in (("W8", w8), ("W4", w4)):
+        for method in OBSERVER_NAMES:
+            qparams = {n: observed[method][n].compute_qparams(act_spec) for n in names}
+            acc = _accuracy(_forward(model, x_test, wspec, qparams, act_spec), y_test)
+            acc_rows.append({"scheme": f"{wlabel}A8 ({method})", "accuracy": acc, "drop": float_acc - acc})
+
+    say()
+    say(format_table(weight_rows, ["layer", "shape", "scheme", "mse", "sqnr_db", "max_error"], "Weights"))
+    say()
+    say(format_table(act_rows, ["tensor", "observer", "a8_range", "a8_sqnr_db", "a4_sqnr_db"],
+                     f"Activations (observers on {len(calib)} calibration samples, errors on {len(x_test)} test samples)"))
+    say()
+    say(format_table(acc_rows, ["scheme", "accuracy", "drop"], "Model accuracy on the test split (simulated in Keras)"))
+    return {"weights": weight_rows, "activations": act_rows, "accuracy": acc_rows}

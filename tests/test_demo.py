@@ -1,0 +1,38 @@
+"""The main job end to end (few epochs) and its JSON output."""
+
+import json
+
+import pytest
+
+from keras_quant import cli, demo
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_quantized_models_keep_accuracy(capsys):
+    assert cli.main(["demo", "--epochs", "8", "--json"]) == 0
+    tables = json.loads(capsys.readouterr().out)
+    assert set(tables) == {"weights", "activations", "accuracy"}
+
+    acc = {row["scheme"]: row["accuracy"] for row in tables["accuracy"]}
+    assert acc["float32"] > 0.85
+    # int8 weights and activations lose little; 4-bit weights lose more than 8-bit.
+    assert acc["W8 (weights only)"] >= acc["float32"] - 0.02
+    assert acc["W8A8 (minmax)"] >= acc["float32"] - 0.03
+    w8 = [r for r in tables["weights"] if r["scheme"] == "int8 per-channel"]
+    w4 = [r for r in tables["weights"] if r["scheme"] == "int4 per-channel"]
+    assert len(w8) == 4 and all(a["sqnr_db"] > b["sqnr_db"] + 15 for a, b in zip(w8, w4))
+    assert all(r["sqnr_db"] > 35 for r in w8)
+
+    tensors = {r["tensor"] for r in tables["activations"]}
+    assert tensors == {"image", "conv1", "conv2", "pool", "flatten", "fc", "classifier"}
+    for row in tables["activations"]:
+        assert row["a8_sqnr_db"] > row["a4_sqnr_db"]
+
+
+def test_format_table():
+    text = demo.format_table([{"a": 1.23456, "b": "x"}, {"a": 123456.0, "b": "yy"}], ["a", "b"], "T")
+    lines = text.splitlines()
+    assert lines[0] == "T"
+    assert lines[1].split() == ["a", "b"]
+    assert lines[3].split() == ["1.235", "x"]
+    assert lines[4].split() == ["1.235e+05", "yy"]
