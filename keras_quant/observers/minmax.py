@@ -1,0 +1,118 @@
+"""Min-max observers: the running extremes, or their exponential moving average.
+
+`MinMaxObserver` keeps the smallest and largest finite value seen (per tensor,
+per channel or per group); `MovingAverageMinMaxObserver` keeps an exponential
+moving average of each batch's extremes, which ignores rare outlier batches
+(the observer TF-MOT and PyTorch use for activations in QAT).
+
+Example:
+
+>>> import numpy as np, keras_quant as kq
+>>> obs = kq.observers.MinMaxObserver(granularity="per_channel")
+>>> obs.update(np.array([[-1.0, 2.0], [3.0, -4.0]], "float32")).compute_range()
+(array([-1., -4.], dtype=float32), array([3., 2.], dtype=float32))
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_quant.errors import ConfigError
+from keras_quant.observers.base import Observer
+
+__all__ = ["MinMaxObserver", "MovingAverageMinMaxObserver"]
+
+
+@keras.saving.register_keras_serializable(package="keras_quant")
+class MinMaxObserver(Observer):
+    """Running minimum and maximum of the finite values seen.
+
+    State: `min_val`, `max_val` (shape `()`, `(C,)` or `(C, G)`), initially
+    `+inf` / `-inf`, and `non_finite_count`.
+
+    Args:
+        granularity: `"per_tensor"`, `"per_channel"` or `"per_group"`.
+        axis: Channel axis for `per_channel` / `per_group`.
+        group_size: Elements per group for `per_group` (as `kq.ops.tensor_range`).
+        nan_policy: `"omit"` or `"raise"`.
+        **kwargs: Keras layer arguments.
+
+    Raises:
+        ConfigError: For an invalid argument.
+
+    Example:
+
+    >>> obs = MinMaxObserver()
+    >>> obs.update([[-2.0, 0.5], [1.0, 4.0]]).compute_range()
+    (-2.0, 4.0)
+    """
+
+    supports_per_group = True
+
+    def _build_state(self, shape):
+        self._state_variable("min_val", shape, float("inf"))
+        self._state_variable("max_val", shape, float("-inf"))
+
+    def _update_state(self, rows, finite):
+        lo, hi = self._masked_min_max(rows, finite)
+        self._assign(self.min_val, ops.minimum(self._read(self.min_val), lo))
+        self._assign(self.max_val, ops.maximum(self._read(self.max_val), hi))
+
+    def _range(self, spec=None):
+        lo = np.asarray(ops.convert_to_numpy(self.min_val)).reshape(-1)
+        hi = np.asarray(ops.convert_to_numpy(self.max_val)).reshape(-1)
+        self._no_data(lo > hi)
+        return lo, hi
+
+
+@keras.saving.register_keras_serializable(package="keras_quant")
+class MovingAverageMinMaxObserver(MinMaxObserver):
+    """Exponential moving average of each batch's minimum and maximum.
+
+    The first batch (with finite data, per slot) sets the range directly;
+    later batches move it: `min += c * (batch_min - min)`, likewise `max`. A
+    batch with no finite value in a slot leaves that slot unchanged.
+
+    Args:
+        averaging_constant: `c` in `(0, 1]`; `1.0` keeps only the last batch.
+        granularity: `"per_tensor"`, `"per_channel"` or `"per_group"`.
+        axis: Channel axis for `per_channel` / `per_group`.
+        group_size: Elements per group for `per_group`.
+        nan_policy: `"omit"` or `"raise"`.
+        **kwargs: Keras layer arguments.
+
+    Raises:
+        ConfigError: For an invalid argument.
+
+    Example:
+
+    >>> obs = MovingAverageMinMaxObserver(averaging_constant=0.5)
+    >>> obs.update([0.0, 2.0]).update([0.0, 4.0]).compute_range()
+    (0.0, 3.0)
+    """
+
+    def __init__(self, averaging_constant=0.01, granularity="per_tensor", axis=-1, group_size=None,
+                 nan_policy="omit", **kwargs):
+        super().__init__(granularity=granularity, axis=axis, group_size=group_size, nan_policy=nan_policy, **kwargs)
+        c = averaging_constant
+        if isinstance(c, bool) or not isinstance(c, (int, float, np.number)) or not 0.0 < float(c) <= 1.0:
+            raise ConfigError("averaging_constant", c, "averaging_constant must be a number in (0, 1]")
+        self.averaging_constant = float(c)
+
+    def _update_state(self, rows, finite):
+        lo_b, hi_b = self._masked_min_max(rows, finite)
+        lo, hi = self._read(self.min_val), self._read(self.max_val)
+        has_batch = lo_b <= hi_b
+        first = lo > hi
+        c = self.averaging_constant
+        # min + c * (batch_min - min), written so that c = 1 gives batch_min exactly.
+        # Unselected branches may hold inf - inf = nan; `where` drops them.
+        new_lo = ops.where(has_batch, ops.where(first, lo_b, (1.0 - c) * lo + c * lo_b), lo)
+        new_hi = ops.where(has_batch, ops.where(first, hi_b, (1.0 - c) * hi + c * hi_b), hi)
+        self._assign(self.min_val, new_lo)
+        self._assign(self.max_val, new_hi)
+
+    def get_config(self):
+        config = super().get_config()
+        config["averaging_constant"] = self.averaging_constant
+        return config
