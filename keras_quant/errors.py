@@ -87,15 +87,18 @@ class NonFiniteError(KerasQuantError, ValueError):
         count: Number of non-finite values seen.
         field: What held them (e.g. `"x"` or an observer's name).
         layer: Optional layer name.
+        nan_policy: The policy that forbade them, named in the message; None
+            where the function has no such option.
     """
 
-    def __init__(self, count, field="x", layer=None):
+    def __init__(self, count, field="x", layer=None, nan_policy="raise"):
         self.count = int(count)
         self.field = field
         self.layer = layer
+        policy = f" and nan_policy={nan_policy!r}" if nan_policy else ""
         super().__init__(
             f"{_where(layer)}{field} contains {self.count} non-finite value(s) "
-            f"(NaN or Inf) and nan_policy='raise'. Received: non_finite_count={self.count}"
+            f"(NaN or Inf){policy}. Received: non_finite_count={self.count}"
         )
 
 

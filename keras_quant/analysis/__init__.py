@@ -1,0 +1,35 @@
+"""Error analysis: how far a quantized tensor (or model) is from its float original.
+
+Results are numpy arrays and Python floats, computed in float64.
+
+Example:
+
+>>> import numpy as np, keras_quant as kq
+>>> x = np.random.default_rng(0).normal(size=1000).astype("float32")
+>>> kq.analysis.compare_bit_widths(x, bits=(8,))[8].sqnr_db > 35
+True
+"""
+
+from keras_quant.analysis.error import (
+    ErrorStats,
+    OutlierImpact,
+    ScaleSensitivity,
+    compare_bit_widths,
+    error_stats,
+    outlier_impact,
+    scale_sensitivity,
+    theoretical_max_error,
+    theoretical_sqnr,
+)
+
+__all__ = [
+    "ErrorStats",
+    "ScaleSensitivity",
+    "OutlierImpact",
+    "error_stats",
+    "theoretical_sqnr",
+    "theoretical_max_error",
+    "compare_bit_widths",
+    "scale_sensitivity",
+    "outlier_impact",
+]
