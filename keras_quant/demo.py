@@ -141,7 +141,7 @@ def run(epochs=12, seed=0, calibration_samples=512, verbose=True):
 
     # 2. Activations: observers fed by the calibration split, judged on the test split.
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    probe = keras.Model(model.inputs, [model.inputs[0]] + [layer.output for layer in layers])
+    probe = keras.Model(model.input, [model.input] + [layer.output for layer in layers])
     names = [model.layers[0].name] + [layer.name for layer in layers]  # the input layer first
     calib = x_train[:calibration_samples]
     act_spec = QuantSpec(bits=8)

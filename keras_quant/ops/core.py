@@ -57,8 +57,16 @@ def round_half_up(v):
     return ops.floor(ops.add(v, 0.5))
 
 
-def _float(x):
+def _tensor(x):
+    """A backend tensor; variables (Keras' or the backend's own) are read."""
     x = ops.convert_to_tensor(x)
+    if hasattr(x, "read_value"):  # a tf.Variable, e.g. `keras.Variable.value` on TensorFlow
+        x = x.read_value()
+    return x
+
+
+def _float(x):
+    x = _tensor(x)
     if not _is_float(x.dtype):
         x = ops.cast(x, "float32")
     return x
@@ -204,7 +212,7 @@ def quantize(x, scale, zero_point, spec, seed=None):
 def dequantize(q, scale, zero_point, spec):
     """Map grid integers back to floats: `(q - zero_point) * scale` (float32)."""
     _check_spec(spec)
-    q = ops.cast(ops.convert_to_tensor(q), "float32")
+    q = ops.cast(_tensor(q), "float32")
     return _apply(q, scale, zero_point, spec, lambda v, s, z: (v - z) * s)
 
 

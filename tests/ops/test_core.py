@@ -361,3 +361,13 @@ def test_sixteen_bits_error_is_tiny(rng):
     # float32 carries ~2**-24 relative error on x / scale ~ 2**15: 1% of a step at 16 bits.
     assert err[inside].max() <= s64 / 2 * 1.01
     assert math.isclose(s64, (x.max() - x.min()) / 65535, rel_tol=1e-3)
+
+
+def test_variables_are_accepted(rng):
+    w = rng.normal(size=(4, 3)).astype("float32")
+    var = keras.Variable(w)
+    spec = kq.QuantSpec(bits=8, symmetric=True, granularity="per_channel")
+    expected = to_np(kq.ops.fake_quant(w, *kq.ops.tensor_qparams(w, spec), spec))
+    for value in (var, var.value):  # the Keras variable and the backend's own
+        got = kq.ops.fake_quant(value, *kq.ops.tensor_qparams(value, spec), spec)
+        np.testing.assert_array_equal(to_np(got), expected)
