@@ -1,6 +1,5 @@
 """The `keras-quant` command, through its entry point and through main()."""
 
-import json
 import shutil
 import subprocess
 import sys

@@ -29,9 +29,12 @@ Example:
 >>> lo, hi = kq.observers.range_search.mse_range(hist, edges, spec)
 """
 
+import keras
 import numpy as np
 
-from keras_quant.config import QuantSpec
+from keras_quant import ops as kq_ops
+from keras_quant.config import QuantSpec  # noqa: F401  (used by the docstring examples)
+from keras_quant.ops.core import _check_spec
 from keras_quant.errors import ConfigError, NoDataError, ShapeMismatchError
 
 __all__ = [
@@ -44,9 +47,6 @@ __all__ = [
     "qparams",
     "fake_quant",
 ]
-
-EPS = float(np.finfo(np.float32).eps)
-
 
 def _check(hist, bin_edges):
     hist = np.asarray(hist, np.float64).reshape(-1)
@@ -62,22 +62,15 @@ def _check(hist, bin_edges):
     return hist, edges
 
 
-def _check_spec(spec):
-    if not isinstance(spec, QuantSpec):
-        raise ConfigError("spec", spec, "expected a kq.QuantSpec")
-
-
 # --------------------------------------------------------------------------
-# The quantization grid, in numpy (the same arithmetic as kq.ops.core).
+# The quantization grid: kq.ops' qparams, and its fake-quant of bin centres in numpy.
 
 
 def qparams(min_val, max_val, spec):
-    """`kq.ops.compute_qparams` in numpy: float32 scale, int32 zero point.
+    """`kq.ops.compute_qparams` on numpy arrays: float32 scale, int32 zero point.
 
-    The range is widened to contain 0; symmetric specs use
-    `scale = max(|min|, |max|) / qmax` and zero point 0, asymmetric ones
-    `scale = (max - min) / (qmax - qmin)` and a rounded (half up), clipped
-    integer zero point. Scales are at least float32 eps.
+    The search simulates exactly the grid the ops will use, so it calls the
+    ops' own function (vectorized over all candidate ranges at once).
 
     Args:
         min_val: Minimum (scalar or array).
@@ -85,18 +78,15 @@ def qparams(min_val, max_val, spec):
         spec: The `kq.QuantSpec`.
 
     Returns:
-        `(scale, zero_point)` arrays of the broadcast shape.
+        `(scale, zero_point)` numpy arrays of the broadcast shape.
     """
     _check_spec(spec)
-    lo = np.minimum(np.asarray(min_val, np.float32), np.float32(0))
-    hi = np.maximum(np.asarray(max_val, np.float32), np.float32(0))
-    if spec.symmetric:
-        scale = np.maximum(np.maximum(-lo, hi) / np.float32(spec.qmax), np.float32(EPS))
-        zero_point = np.zeros_like(scale)
-    else:
-        scale = np.maximum((hi - lo) / np.float32(spec.qmax - spec.qmin), np.float32(EPS))
-        zero_point = np.clip(np.floor(np.float32(spec.qmin) - lo / scale + np.float32(0.5)), spec.qmin, spec.qmax)
-    return scale.astype(np.float32), zero_point.astype(np.int32)
+    lo, hi = np.broadcast_arrays(np.asarray(min_val, np.float32), np.asarray(max_val, np.float32))
+    scale, zero_point = kq_ops.compute_qparams(lo, hi, spec)
+    return (
+        np.asarray(keras.ops.convert_to_numpy(scale), np.float32),
+        np.asarray(keras.ops.convert_to_numpy(zero_point), np.int32),
+    )
 
 
 def fake_quant(x, scale, zero_point, spec):
