@@ -22,6 +22,7 @@ Counts are float32 variables: exact up to 2**24 elements, then approximate
 (relative error ~6e-8), which is harmless for range estimation.
 """
 
+import abc
 import math
 
 import keras
@@ -41,7 +42,7 @@ def _is_int(v):
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-class Observer(keras.layers.Layer):
+class Observer(keras.layers.Layer, metaclass=abc.ABCMeta):
     """Base class of the observers: a pass-through layer that records statistics.
 
     Subclasses implement `_build_state(shape)` (create variables with
@@ -148,8 +149,9 @@ class Observer(keras.layers.Layer):
         self._build_state(shape)
         self.built = True
 
+    @abc.abstractmethod
     def _build_state(self, shape):
-        raise NotImplementedError
+        """Create the state variables for a state of `shape` (`()`, `(C,)` or `(C, G)`)."""
 
     # Graph-side update ------------------------------------------------------
     def _rows(self, x):
@@ -179,8 +181,9 @@ class Observer(keras.layers.Layer):
         self._update_state(rows, finite)
         return inputs
 
+    @abc.abstractmethod
     def _update_state(self, rows, finite):
-        raise NotImplementedError
+        """Fold `rows` `(N, K)` (with its `finite` mask) into the state, with `keras.ops`."""
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -229,8 +232,9 @@ class Observer(keras.layers.Layer):
         if count and self.nan_policy == "raise":
             raise NonFiniteError(count, field=self.name)
 
+    @abc.abstractmethod
     def _range(self, spec=None):
-        raise NotImplementedError
+        """`(min, max)` numpy arrays of shape `(K,)` from the state (for `spec`'s grid if it matters)."""
 
     def _format(self, lo, hi):
         lo = np.asarray(lo, np.float32).reshape(self.state_shape)

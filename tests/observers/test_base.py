@@ -302,3 +302,10 @@ def test_is_a_layer():
     obs = MinMaxObserver()
     assert isinstance(obs, Observer) and isinstance(obs, keras.layers.Layer)
     assert obs.compute_output_shape((None, 3)) == (None, 3)
+
+
+def test_the_base_class_is_abstract():
+    import keras_quant as kq
+
+    with pytest.raises(TypeError, match="abstract"):
+        kq.observers.Observer()
