@@ -29,6 +29,9 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# Measure this checkout's keras_quant, whatever an editable install points at.
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))
 DEFAULT_OUT = HERE / "results"
 PREFIX = "bench_"
 SCHEMA = 1

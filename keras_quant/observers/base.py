@@ -46,7 +46,7 @@ class Observer(keras.layers.Layer, metaclass=abc.ABCMeta):
     """Base class of the observers: a pass-through layer that records statistics.
 
     Subclasses implement `_build_state(shape)` (create variables with
-    `_state_variable`), `_update_state(rows, finite)` (fold a batch given as a
+    `_state_variable`), `_update_state(rows, finite, all_finite)` (fold a batch given as a
     `(N, K)` float32 tensor, `K` the number of slots: 1 per tensor, `C` per
     channel, `C * G` per group) and `_range()` (numpy `(min, max)` of shape
     `(K,)`).
@@ -167,23 +167,38 @@ class Observer(keras.layers.Layer, metaclass=abc.ABCMeta):
         return ops.transpose(grouped)
 
     @staticmethod
-    def _masked_min_max(rows, finite):
-        """Per-column min and max over finite values (+inf / -inf for none)."""
-        lo = ops.min(ops.where(finite, rows, float("inf")), axis=0)
-        hi = ops.max(ops.where(finite, rows, float("-inf")), axis=0)
-        return lo, hi
+    def _masked_min_max(rows, finite, all_finite):
+        """Per-column min and max over finite values (+inf / -inf for none).
+
+        Batches are almost always finite: then a plain reduction is exact and
+        skips materialising two masked copies of the batch.
+        """
+
+        def plain():
+            return ops.min(rows, axis=0), ops.max(rows, axis=0)
+
+        def masked():
+            lo = ops.min(ops.where(finite, rows, float("inf")), axis=0)
+            hi = ops.max(ops.where(finite, rows, float("-inf")), axis=0)
+            return lo, hi
+
+        return ops.cond(all_finite, plain, masked)
 
     def call(self, inputs):
         rows = self._rows(inputs)
         finite = ops.isfinite(rows)
         bad = ops.sum(ops.cast(ops.logical_not(finite), "float32"))
         self.non_finite_count.assign(self.non_finite_count + bad)
-        self._update_state(rows, finite)
+        self._update_state(rows, finite, ops.equal(bad, 0.0))
         return inputs
 
     @abc.abstractmethod
-    def _update_state(self, rows, finite):
-        """Fold `rows` `(N, K)` (with its `finite` mask) into the state, with `keras.ops`."""
+    def _update_state(self, rows, finite, all_finite):
+        """Fold `rows` `(N, K)` into the state with `keras.ops`.
+
+        `finite` is the mask of finite values and `all_finite` a scalar bool
+        telling whether the whole batch is finite.
+        """
 
     def compute_output_shape(self, input_shape):
         return input_shape

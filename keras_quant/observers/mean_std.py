@@ -66,7 +66,7 @@ class MeanStdObserver(Observer):
         self._state_variable("min_val", shape, float("inf"))
         self._state_variable("max_val", shape, float("-inf"))
 
-    def _update_state(self, rows, finite):
+    def _update_state(self, rows, finite, all_finite):
         w = ops.cast(finite, "float32")
         x = ops.where(finite, rows, 0.0)
         n_b = ops.sum(w, axis=0)
@@ -79,7 +79,7 @@ class MeanStdObserver(Observer):
         delta = mean_b - mean_a
         mean = mean_a + delta * (n_b / safe_n)
         m2 = m2_a + m2_b + ops.square(delta) * (n_a * (n_b / safe_n))
-        lo, hi = self._masked_min_max(rows, finite)
+        lo, hi = self._masked_min_max(rows, finite, all_finite)
         self._assign(self.count, n)
         self._assign(self.mean, mean)
         self._assign(self.m2, m2)

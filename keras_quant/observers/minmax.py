@@ -53,8 +53,8 @@ class MinMaxObserver(Observer):
         self._state_variable("min_val", shape, float("inf"))
         self._state_variable("max_val", shape, float("-inf"))
 
-    def _update_state(self, rows, finite):
-        lo, hi = self._masked_min_max(rows, finite)
+    def _update_state(self, rows, finite, all_finite):
+        lo, hi = self._masked_min_max(rows, finite, all_finite)
         self._assign(self.min_val, ops.minimum(self._read(self.min_val), lo))
         self._assign(self.max_val, ops.maximum(self._read(self.max_val), hi))
 
@@ -99,8 +99,8 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
             raise ConfigError("averaging_constant", c, "averaging_constant must be a number in (0, 1]")
         self.averaging_constant = float(c)
 
-    def _update_state(self, rows, finite):
-        lo_b, hi_b = self._masked_min_max(rows, finite)
+    def _update_state(self, rows, finite, all_finite):
+        lo_b, hi_b = self._masked_min_max(rows, finite, all_finite)
         lo, hi = self._read(self.min_val), self._read(self.max_val)
         has_batch = lo_b <= hi_b
         first = lo > hi
