@@ -3,6 +3,7 @@
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,8 +11,10 @@ from keras_quant import __version__, cli
 
 
 def test_console_script_is_installed_and_reports_version():
-    exe = shutil.which("keras-quant")
-    assert exe, "the keras-quant console script is not on PATH (pip install -e .)"
+    # pip puts console scripts beside the interpreter; PATH may not list that folder.
+    beside = Path(sys.executable).parent / "keras-quant"
+    exe = str(beside) if beside.exists() else shutil.which("keras-quant")
+    assert exe, "the keras-quant console script is not installed (pip install -e .)"
     out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     assert out.stdout.strip() == f"keras-quant {__version__}"
