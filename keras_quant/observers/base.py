@@ -30,16 +30,12 @@ import numpy as np
 from keras import ops
 
 from keras_quant import ops as kq_ops
-from keras_quant.config import GRANULARITIES
+from keras_quant.config import QuantSpec
 from keras_quant.errors import ConfigError, NoDataError, NonFiniteError, ShapeMismatchError
 
 __all__ = ["Observer", "NAN_POLICIES"]
 
 NAN_POLICIES = ("omit", "raise")
-
-
-def _is_int(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 class Observer(keras.layers.Layer, metaclass=abc.ABCMeta):
@@ -73,29 +69,24 @@ class Observer(keras.layers.Layer, metaclass=abc.ABCMeta):
     def __init__(self, granularity="per_tensor", axis=-1, group_size=None, nan_policy="omit", **kwargs):
         kwargs.setdefault("trainable", False)
         super().__init__(**kwargs)
-        if granularity not in GRANULARITIES:
-            raise ConfigError("granularity", granularity, f"granularity must be one of {GRANULARITIES}")
+        # The state's layout follows kq.ops' per-tensor / per-channel / per-group
+        # rules, so the spec validates the arguments and the ops shape the state.
+        self._layout = QuantSpec(
+            granularity=granularity,
+            axis=int(axis) if isinstance(axis, np.integer) else axis,
+            group_size=int(group_size) if isinstance(group_size, np.integer) else group_size,
+        )
         if granularity == "per_group" and not self.supports_per_group:
             raise ConfigError(
                 "granularity",
                 granularity,
                 f"{type(self).__name__} supports 'per_tensor' and 'per_channel' only",
             )
-        if not _is_int(axis):
-            raise ConfigError("axis", axis, "axis must be an integer")
-        if granularity == "per_group":
-            if not _is_int(group_size) or group_size < 1:
-                raise ConfigError(
-                    "group_size", group_size, "group_size must be a positive integer with granularity='per_group'"
-                )
-            group_size = int(group_size)
-        elif group_size is not None:
-            raise ConfigError("group_size", group_size, "group_size is only used with granularity='per_group'")
         if nan_policy not in NAN_POLICIES:
             raise ConfigError("nan_policy", nan_policy, f"nan_policy must be one of {NAN_POLICIES}")
-        self.granularity = granularity
-        self.axis = int(axis)
-        self.group_size = group_size
+        self.granularity = self._layout.granularity
+        self.axis = self._layout.axis
+        self.group_size = self._layout.group_size
         self.nan_policy = nan_policy
         self._initial_values = {}
 
@@ -117,32 +108,20 @@ class Observer(keras.layers.Layer, metaclass=abc.ABCMeta):
         self._initial_values[name] = float(value)
         return var
 
-    def _channel_axis(self, rank):
-        if not -rank <= self.axis < rank:
-            raise ConfigError("axis", self.axis, f"axis is out of range for an input of rank {rank}")
-        return self.axis % rank
-
     def build(self, input_shape):
         input_shape = tuple(input_shape)
         if self.granularity == "per_tensor":
             shape = ()
         else:
-            axis = self._channel_axis(len(input_shape))
-            channels = input_shape[axis]
-            if channels is None:
+            self._axis_index = kq_ops.channel_axis(self._layout, len(input_shape))
+            if self.granularity == "per_channel" and input_shape[self._axis_index] is None:
                 raise ShapeMismatchError("x", f"a known size on axis {self.axis}", input_shape, layer=self.name)
-            if self.granularity == "per_channel":
-                shape = (int(channels),)
-            else:
-                if any(d is None for d in input_shape):
-                    raise ShapeMismatchError("x", "a fully defined shape for per_group", input_shape, layer=self.name)
-                rest = math.prod(input_shape) // channels
-                if rest % self.group_size:
-                    raise ShapeMismatchError(
-                        "x", f"a multiple of group_size={self.group_size} elements per channel", input_shape,
-                        layer=self.name,
-                    )
-                shape = (int(channels), rest // self.group_size)
+            if self.granularity == "per_group" and None in input_shape:
+                raise ShapeMismatchError("x", "a fully defined shape for per_group", input_shape, layer=self.name)
+            try:
+                shape = kq_ops.param_shape(input_shape, self._layout)
+            except ShapeMismatchError as e:
+                raise ShapeMismatchError(e.field, e.expected, e.actual, layer=self.name) from None
         self.state_shape = shape
         self.num_slots = math.prod(shape) if shape else 1
         self._state_variable("non_finite_count", (), 0.0)
@@ -159,12 +138,10 @@ class Observer(keras.layers.Layer, metaclass=abc.ABCMeta):
         x = ops.cast(x, "float32")
         if self.granularity == "per_tensor":
             return ops.reshape(x, (-1, 1))
-        axis = self._channel_axis(len(x.shape))
         if self.granularity == "per_channel":
-            return ops.reshape(ops.moveaxis(x, axis, -1), (-1, self.num_slots))
-        channels, groups = self.state_shape
-        grouped = ops.reshape(ops.moveaxis(x, axis, 0), (channels * groups, self.group_size))
-        return ops.transpose(grouped)
+            return ops.reshape(ops.moveaxis(x, self._axis_index, -1), (-1, self.num_slots))
+        grouped, _ = kq_ops.to_groups(x, self._layout)  # (C, G, group_size)
+        return ops.transpose(ops.reshape(grouped, (self.num_slots, self._layout.group_size)))
 
     @staticmethod
     def _masked_min_max(rows, finite, all_finite):

@@ -7,6 +7,7 @@ asymmetric grids of 2 to 16 bits, per tensor, per channel and per group.
 
 from keras_quant.ops.core import (
     EPS,
+    channel_axis,
     compute_qparams,
     dequantize,
     fake_quant,
@@ -15,6 +16,7 @@ from keras_quant.ops.core import (
     round_half_up,
     tensor_qparams,
     tensor_range,
+    to_groups,
 )
 from keras_quant.ops.lsq import lsq_fake_quant, lsq_grad_scale, scale_gradient
 
@@ -30,5 +32,7 @@ __all__ = [
     "tensor_range",
     "tensor_qparams",
     "param_shape",
+    "channel_axis",
+    "to_groups",
     "round_half_up",
 ]

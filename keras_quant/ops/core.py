@@ -40,6 +40,8 @@ __all__ = [
     "tensor_qparams",
     "round_half_up",
     "param_shape",
+    "channel_axis",
+    "to_groups",
 ]
 
 # Smallest scale handed out: a zero-width range (a constant tensor) still gets a
@@ -76,7 +78,8 @@ def _is_float(dtype):
     return "float" in str(dtype)
 
 
-def _axis(spec, ndim):
+def channel_axis(spec, ndim):
+    """`spec.axis` as a non-negative index into a tensor of rank `ndim`."""
     axis = spec.axis
     if not -ndim <= axis < ndim:
         raise ConfigError("axis", axis, f"axis is out of range for a tensor of rank {ndim}")
@@ -89,7 +92,7 @@ def param_shape(shape, spec):
     if spec.granularity == "per_tensor":
         return ()
     shape = tuple(shape)
-    axis = _axis(spec, len(shape))
+    axis = channel_axis(spec, len(shape))
     channels = shape[axis]
     if spec.granularity == "per_channel":
         return (channels,)
@@ -101,10 +104,14 @@ def param_shape(shape, spec):
     return (channels, rest // spec.group_size)
 
 
-def _to_groups(x, spec):
-    """(C, G, group_size) view of `x` and the function that undoes it."""
+def to_groups(x, spec):
+    """`(C, G, group_size)` view of `x` for a per-group spec, and the function that undoes it.
+
+    Channel `c` is `x` with `spec.axis` moved first, flattened row-major and
+    cut into `G` runs of `group_size` elements.
+    """
     shape = tuple(x.shape)
-    axis = _axis(spec, len(shape))
+    axis = channel_axis(spec, len(shape))
     channels, groups = param_shape(shape, spec)
     moved = ops.moveaxis(x, axis, 0)
     moved_shape = tuple(moved.shape)
@@ -124,7 +131,7 @@ def _broadcastable(p, x, spec, field):
             raise ShapeMismatchError(field, (), p.shape)
         return ops.reshape(p, ())
     ndim = len(x.shape)
-    axis = _axis(spec, ndim)
+    axis = channel_axis(spec, ndim)
     channels = x.shape[axis]
     size = math.prod(p.shape) if len(p.shape) else 1
     if channels is not None and size not in (1, channels):
@@ -139,7 +146,7 @@ def _apply(x, scale, zero_point, spec, fn):
     scale = _float(scale)
     zero_point = ops.cast(ops.convert_to_tensor(zero_point), "float32")
     if spec.granularity == "per_group":
-        grouped, undo = _to_groups(x, spec)
+        grouped, undo = to_groups(x, spec)
         expected = tuple(grouped.shape[:2])
         for field, p in (("scale", scale), ("zero_point", zero_point)):
             if len(p.shape) and tuple(p.shape) != expected:
@@ -262,7 +269,7 @@ def fake_quant(x, scale, zero_point, spec, seed=None):
 
         if spec.granularity == "per_channel":
             _broadcastable(scale, x32, spec, "scale")  # shape check
-            channels = x32.shape[_axis(spec, len(x32.shape))]
+            channels = x32.shape[channel_axis(spec, len(x32.shape))]
             if len(nudged_min.shape) == 0 or math.prod(nudged_min.shape) == 1:
                 nudged_min = ops.broadcast_to(ops.reshape(nudged_min, ()), (channels,))
                 nudged_max = ops.broadcast_to(ops.reshape(nudged_max, ()), (channels,))
@@ -296,10 +303,10 @@ def tensor_range(x, spec):
     if spec.granularity == "per_tensor":
         return ops.min(x), ops.max(x)
     if spec.granularity == "per_channel":
-        axis = _axis(spec, len(x.shape))
+        axis = channel_axis(spec, len(x.shape))
         axes = tuple(i for i in range(len(x.shape)) if i != axis)
         return ops.min(x, axis=axes), ops.max(x, axis=axes)
-    grouped, _ = _to_groups(x, spec)
+    grouped, _ = to_groups(x, spec)
     return ops.min(grouped, axis=-1), ops.max(grouped, axis=-1)
 
 
