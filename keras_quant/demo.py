@@ -71,29 +71,37 @@ def _fake_quant_tensor(x, spec):
 
 
 def _forward(model, x, weight_spec=None, act_qparams=None, act_spec=None, batch_size=256):
-    """Run the chain model layer by layer, fake-quantizing kernels and outputs."""
+    """Run the chain model layer by layer, fake-quantizing kernels and outputs.
+
+    Quantized kernels are swapped in once for the whole run and the float
+    ones put back afterwards, even if a layer fails; the model is left as it
+    was found.
+    """
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    kernels = {}
+    originals = {}
     if weight_spec is not None:
         for layer in layers:
             if hasattr(layer, "kernel"):
-                kernels[layer.name] = _fake_quant_tensor(layer.kernel.value, weight_spec)
-    outputs = []
-    for start in range(0, len(x), batch_size):
-        h = keras.ops.convert_to_tensor(x[start : start + batch_size])
-        if act_qparams is not None:
-            h = qops.fake_quant(h, *act_qparams[model.layers[0].name], act_spec)
+                # A copy: on TensorFlow `kernel.value` is the live variable itself.
+                originals[layer.name] = keras.ops.convert_to_numpy(layer.kernel).copy()
+    try:
         for layer in layers:
-            if layer.name in kernels:
-                original = layer.kernel.value
-                layer.kernel.assign(kernels[layer.name])
+            if layer.name in originals:
+                layer.kernel.assign(_fake_quant_tensor(originals[layer.name], weight_spec))
+        outputs = []
+        for start in range(0, len(x), batch_size):
+            h = keras.ops.convert_to_tensor(x[start : start + batch_size])
+            if act_qparams is not None:
+                h = qops.fake_quant(h, *act_qparams[model.layers[0].name], act_spec)
+            for layer in layers:
                 h = layer(h)
-                layer.kernel.assign(original)
-            else:
-                h = layer(h)
-            if act_qparams is not None and layer.name in act_qparams:
-                h = qops.fake_quant(h, *act_qparams[layer.name], act_spec)
-        outputs.append(keras.ops.convert_to_numpy(h))
+                if act_qparams is not None and layer.name in act_qparams:
+                    h = qops.fake_quant(h, *act_qparams[layer.name], act_spec)
+            outputs.append(keras.ops.convert_to_numpy(h))
+    finally:
+        for layer in layers:
+            if layer.name in originals:
+                layer.kernel.assign(originals[layer.name])
     return np.concatenate(outputs)
 
 
@@ -145,13 +153,14 @@ def run(epochs=12, seed=0, calibration_samples=512, verbose=True):
     names = [model.layers[0].name] + [layer.name for layer in layers]  # the input layer first
     calib = x_train[:calibration_samples]
     act_spec = QuantSpec(bits=8)
-    observed = {}
-    for method in OBSERVER_NAMES:
-        obs = {name: observers.get(act_spec.replace(observer=method)) for name in names}
-        for start in range(0, len(calib), 128):
-            for name, value in zip(names, probe(calib[start : start + 128])):
-                obs[name].update(value)
-        observed[method] = obs
+    observed = {
+        method: {name: observers.get(act_spec.replace(observer=method)) for name in names}
+        for method in OBSERVER_NAMES
+    }
+    for start in range(0, len(calib), 128):  # one probe pass feeds every observer
+        for name, value in zip(names, probe(calib[start : start + 128])):
+            for method in OBSERVER_NAMES:
+                observed[method][name].update(value)
     test_acts = dict(zip(names, (keras.ops.convert_to_numpy(t) for t in probe(x_test))))
     act_rows = []
     for name in names:

@@ -2,9 +2,12 @@
 
 import json
 
+import keras
+import numpy as np
 import pytest
 
 from keras_quant import cli, demo
+from keras_quant.config import QuantSpec
 
 
 @pytest.mark.slow
@@ -36,3 +39,27 @@ def test_format_table():
     assert lines[1].split() == ["a", "b"]
     assert lines[3].split() == ["1.235", "x"]
     assert lines[4].split() == ["1.235e+05", "yy"]
+
+
+def test_simulated_forward_leaves_the_model_as_it_found_it(rng):
+    model = demo.build_model()
+    x = rng.random((6, 8, 8, 1)).astype("float32")
+    float_out = keras.ops.convert_to_numpy(model(x))
+    before = [keras.ops.convert_to_numpy(w).copy() for w in model.weights]
+    w4 = QuantSpec(bits=4, symmetric=True, granularity="per_channel")
+    quant_out = demo._forward(model, x, weight_spec=w4, batch_size=4)
+    assert np.abs(quant_out - float_out).max() > 0  # the kernels really were quantized
+    for w, b in zip(model.weights, before):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(w), b)
+    np.testing.assert_array_equal(demo._forward(model, x), float_out)
+
+    # A failing run still puts the float kernels back.
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    layer = model.get_layer("fc")
+    layer.call = broken
+    with pytest.raises(RuntimeError, match="boom"):
+        demo._forward(model, x, weight_spec=w4)
+    for w, b in zip(model.weights, before):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(w), b)
