@@ -260,23 +260,22 @@ def fake_quant(x, scale, zero_point, spec, seed=None):
     dtype = x.dtype
     x32 = ops.cast(x, "float32")
     scale = ops.stop_gradient(_float(scale))
-    zero_point = ops.stop_gradient(ops.cast(ops.convert_to_tensor(zero_point), "float32"))
-    nudged_min = (spec.qmin - zero_point) * scale
-    nudged_max = (spec.qmax - zero_point) * scale
+    zero_point = ops.stop_gradient(ops.cast(_tensor(zero_point), "float32"))
 
     if _uses_tf_fake_quant(spec):
         from keras import quantizers
 
+        _broadcastable(scale, x32, spec, "scale")  # shape checks only
+        _broadcastable(zero_point, x32, spec, "zero_point")
+        nudged_min = (spec.qmin - zero_point) * scale
+        nudged_max = (spec.qmax - zero_point) * scale
+        axis = None
         if spec.granularity == "per_channel":
-            _broadcastable(scale, x32, spec, "scale")  # shape check
-            channels = x32.shape[channel_axis(spec, len(x32.shape))]
-            if len(nudged_min.shape) == 0 or math.prod(nudged_min.shape) == 1:
+            axis = spec.axis
+            if math.prod(nudged_min.shape) == 1:  # one range shared by every channel
+                channels = x32.shape[channel_axis(spec, len(x32.shape))]
                 nudged_min = ops.broadcast_to(ops.reshape(nudged_min, ()), (channels,))
                 nudged_max = ops.broadcast_to(ops.reshape(nudged_max, ()), (channels,))
-            axis = spec.axis
-        else:
-            _broadcastable(scale, x32, spec, "scale")
-            axis = None
         y = quantizers.fake_quant_with_min_max_vars(
             x32, nudged_min, nudged_max, num_bits=spec.bits, narrow_range=spec.narrow_range, axis=axis
         )

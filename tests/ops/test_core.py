@@ -217,6 +217,9 @@ def test_param_shape_mismatch_is_reported():
         kq.ops.quantize(np.zeros((2, 3), "float32"), np.ones(4, "float32"), np.zeros(4, "int32"), spec)
     with pytest.raises(ShapeMismatchError):
         kq.ops.quantize(np.zeros((2, 3), "float32"), np.ones(3, "float32"), np.zeros(3, "int32"), kq.QuantSpec())
+    for fn in (kq.ops.quantize, kq.ops.fake_quant):
+        with pytest.raises(ShapeMismatchError, match="zero_point"):
+            fn(np.zeros((2, 3), "float32"), np.ones(3, "float32"), np.zeros(4, "int32"), spec)
 
 
 def test_axis_out_of_range():
