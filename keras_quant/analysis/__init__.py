@@ -10,6 +10,7 @@ Example:
 True
 """
 
+from keras_quant.analysis import error
 from keras_quant.analysis.error import (
     ErrorStats,
     OutlierImpact,
@@ -22,14 +23,4 @@ from keras_quant.analysis.error import (
     theoretical_sqnr,
 )
 
-__all__ = [
-    "ErrorStats",
-    "ScaleSensitivity",
-    "OutlierImpact",
-    "error_stats",
-    "theoretical_sqnr",
-    "theoretical_max_error",
-    "compare_bit_widths",
-    "scale_sensitivity",
-    "outlier_impact",
-]
+__all__ = list(error.__all__)

@@ -522,14 +522,20 @@ def scale_sensitivity(x, spec=None, perturbation=0.1) -> ScaleSensitivity:
 
 
 def _reduction_view(x, spec):
-    """`x` reshaped to `param_shape + (n,)`: the elements each scale covers on the last axis."""
-    shape = qops.param_shape(x.shape, spec)
+    """`x` as `param_shape + (n,)`: the elements each scale covers, on the last axis.
+
+    The layout is kq.ops' own (`kq.ops.to_groups`); per channel is one group
+    spanning the whole channel.
+    """
     if spec.granularity == "per_tensor":
         return x.reshape(-1)
-    moved = np.moveaxis(x, spec.axis, 0)
+    layout = spec
     if spec.granularity == "per_channel":
-        return moved.reshape(shape[0], -1)
-    return moved.reshape(shape[0], shape[1], spec.group_size)
+        per_channel = x.size // x.shape[qops.channel_axis(spec, x.ndim)]
+        layout = spec.replace(granularity="per_group", group_size=per_channel)
+    grouped, _ = qops.to_groups(x, layout)  # (C, G, n)
+    grouped = np.asarray(keras.ops.convert_to_numpy(grouped))
+    return grouped[:, 0, :] if spec.granularity == "per_channel" else grouped
 
 
 def outlier_impact(x, percentile=99.9, spec=None) -> OutlierImpact:

@@ -290,8 +290,15 @@ def test_outlier_impact_per_channel_ranges():
 
 def test_outlier_impact_per_group():
     x = np.random.default_rng(5).normal(size=(32, 4)).astype("float32")
-    r = outlier_impact(x, 99.0, kq.QuantSpec(granularity="per_group", group_size=8))
+    spec = kq.QuantSpec(granularity="per_group", group_size=8)
+    r = outlier_impact(x, 99.0, spec)
     assert np.shape(r.minmax_range[0]) == (4, 4)
+    lo, hi = kq.ops.tensor_range(x, spec)  # the same groups as the ops use
+    np.testing.assert_array_equal(r.minmax_range[0], keras.ops.convert_to_numpy(lo))
+    np.testing.assert_array_equal(r.minmax_range[1], keras.ops.convert_to_numpy(hi))
+    # Per channel on a leading axis: one range per row.
+    r0 = outlier_impact(x, 99.0, kq.QuantSpec(granularity="per_channel", axis=0))
+    np.testing.assert_array_equal(r0.minmax_range[1], x.max(axis=1))
     with pytest.raises(ShapeMismatchError):
         outlier_impact(x, 99.0, kq.QuantSpec(granularity="per_group", group_size=5))
 
