@@ -18,7 +18,6 @@ import datetime
 import importlib.metadata
 import importlib.util
 import json
-import math
 import os
 import platform
 import subprocess
@@ -32,6 +31,8 @@ HERE = Path(__file__).resolve().parent
 # Measure this checkout's keras_quant, whatever an editable install points at.
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
+
+from keras_quant.formatting import markdown_table, to_jsonable  # noqa: E402  (after the path set-up)
 DEFAULT_OUT = HERE / "results"
 PREFIX = "bench_"
 SCHEMA = 1
@@ -153,54 +154,6 @@ def write_atomic(path, text):
         raise
 
 
-def _json_safe(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # "inf", "-inf", "nan": JSON has no literal for them
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if hasattr(v, "item") and getattr(v, "ndim", None) == 0:  # numpy scalars
-        return _json_safe(v.item())
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    return str(v)
-
-
-def format_cell(v):
-    """A table cell: 4 significant digits for floats, blank for None."""
-    if v is None:
-        return ""
-    if hasattr(v, "item") and getattr(v, "ndim", None) == 0:
-        v = v.item()
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        if v == 0.0:
-            return "0"
-        if 1e-3 <= abs(v) < 1e5:
-            return f"{v:.4g}"
-        return f"{v:.3e}"
-    return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(rows):
-    """Rows (dicts) as a markdown table; the columns are the union of keys in first-seen order."""
-    if not rows:
-        return "_no rows_\n"
-    columns = []
-    for row in rows:
-        for k in row:
-            if k not in columns:
-                columns.append(k)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(format_cell(row.get(c)) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def _notes(notes):
     if not notes:
         return []
@@ -283,7 +236,7 @@ def run_all(only=None, quick=False, out_dir=DEFAULT_OUT, bench_dir=HERE, date=No
         benchmarks[name] = result
 
     report = {"schema": SCHEMA, "date": date, "machine": machine_info(), "benchmarks": benchmarks}
-    write_atomic(json_path, json.dumps(_json_safe(report), indent=2, sort_keys=False) + "\n")
+    write_atomic(json_path, json.dumps(to_jsonable(report), indent=2, sort_keys=False) + "\n")
     write_atomic(md_path, render_markdown(report))
     log(f"wrote {json_path} and {md_path}")
     return report

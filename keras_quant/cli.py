@@ -7,11 +7,11 @@ Errors are one line on stderr and a non-zero exit code, never a traceback.
 
 import argparse
 import json
-import math
 import sys
 
 from keras_quant import __version__
 from keras_quant.errors import KerasQuantError
+from keras_quant.formatting import to_jsonable
 
 __all__ = ["main", "build_parser"]
 
@@ -26,22 +26,12 @@ def _positive_int(text):
     return value
 
 
-def _jsonable(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
 def _cmd_demo(args):
     from keras_quant import demo
 
     tables = demo.run(epochs=args.epochs, seed=args.seed, verbose=not args.json)
     if args.json:
-        print(json.dumps(_jsonable(tables), indent=2))
+        print(json.dumps(to_jsonable(tables), indent=2))
     return 0
 
 

@@ -20,8 +20,9 @@ import numpy as np
 from keras_quant import analysis, datasets, observers
 from keras_quant import ops as qops
 from keras_quant.config import QuantSpec
+from keras_quant.formatting import text_table
 
-__all__ = ["build_model", "run", "format_table"]
+__all__ = ["build_model", "run"]
 
 OBSERVER_NAMES = ("minmax", "percentile", "mse", "kl")
 
@@ -36,23 +37,6 @@ def build_model(input_shape=(8, 8, 1), num_classes=10):
     x = keras.layers.Dense(64, activation="relu", name="fc")(x)
     outputs = keras.layers.Dense(num_classes, name="classifier")(x)
     return keras.Model(inputs, outputs, name="digits_cnn")
-
-
-def format_table(rows, columns, title=None):
-    """Plain-text table of `rows` (dicts) with the given `columns`."""
-
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
-        return str(v)
-
-    body = [[cell(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(columns)]
-    lines = [title] if title else []
-    lines.append("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
-    return "\n".join(lines)
 
 
 def _weight_schemes(kernel_shape):
@@ -191,10 +175,10 @@ def run(epochs=12, seed=0, calibration_samples=512, verbose=True):
             acc_rows.append({"scheme": f"{wlabel}A8 ({method})", "accuracy": acc, "drop": float_acc - acc})
 
     say()
-    say(format_table(weight_rows, ["layer", "shape", "scheme", "mse", "sqnr_db", "max_error"], "Weights"))
+    say(text_table(weight_rows, ["layer", "shape", "scheme", "mse", "sqnr_db", "max_error"], "Weights"))
     say()
-    say(format_table(act_rows, ["tensor", "observer", "a8_range", "a8_sqnr_db", "a4_sqnr_db"],
+    say(text_table(act_rows, ["tensor", "observer", "a8_range", "a8_sqnr_db", "a4_sqnr_db"],
                      f"Activations (observers on {len(calib)} calibration samples, errors on {len(x_test)} test samples)"))
     say()
-    say(format_table(acc_rows, ["scheme", "accuracy", "drop"], "Model accuracy on the test split (simulated in Keras)"))
+    say(text_table(acc_rows, ["scheme", "accuracy", "drop"], "Model accuracy on the test split (simulated in Keras)"))
     return {"weights": weight_rows, "activations": act_rows, "accuracy": acc_rows}

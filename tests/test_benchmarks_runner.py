@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -107,10 +106,3 @@ def test_write_atomic_replaces_whole_file(runner, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["f.md"]
 
 
-@pytest.mark.parametrize(
-    "value, cell",
-    [(None, ""), (0.0, "0"), (1234.5678, "1235"), (0.5, "0.5"), (1e-9, "1.000e-09"), (math.nan, "nan"),
-     (True, "True"), (7, "7"), ("x|y", "x\\|y")],
-)
-def test_format_cell(runner, value, cell):
-    assert runner.format_cell(value) == cell

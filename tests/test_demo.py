@@ -32,15 +32,6 @@ def test_demo_runs_end_to_end_and_quantized_models_keep_accuracy(capsys):
         assert row["a8_sqnr_db"] > row["a4_sqnr_db"]
 
 
-def test_format_table():
-    text = demo.format_table([{"a": 1.23456, "b": "x"}, {"a": 123456.0, "b": "yy"}], ["a", "b"], "T")
-    lines = text.splitlines()
-    assert lines[0] == "T"
-    assert lines[1].split() == ["a", "b"]
-    assert lines[3].split() == ["1.235", "x"]
-    assert lines[4].split() == ["1.235e+05", "yy"]
-
-
 def test_simulated_forward_leaves_the_model_as_it_found_it(rng):
     model = demo.build_model()
     x = rng.random((6, 8, 8, 1)).astype("float32")
