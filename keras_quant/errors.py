@@ -69,15 +69,12 @@ class ShapeMismatchError(KerasQuantError, ValueError):
         self.expected = expected
         self.actual = actual
         self.layer = layer
-        super().__init__(
-            f"{_where(layer)}{field} has shape {tuple(actual) if _is_seq(actual) else actual}, "
-            f"expected {tuple(expected) if _is_seq(expected) else expected}. "
-            f"Received: {field}.shape={tuple(actual) if _is_seq(actual) else actual}"
-        )
+        shape, want = _shape(actual), _shape(expected)
+        super().__init__(f"{_where(layer)}{field} has shape {shape}, expected {want}. Received: {field}.shape={shape}")
 
 
-def _is_seq(x):
-    return isinstance(x, (list, tuple))
+def _shape(x):
+    return tuple(x) if isinstance(x, (list, tuple)) else x
 
 
 class NonFiniteError(KerasQuantError, ValueError):
