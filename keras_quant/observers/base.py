@@ -102,6 +102,10 @@ class Observer(keras.layers.Layer, metaclass=abc.ABCMeta):
             dtype="float32",
             trainable=False,
             autocast=False,
+            # Replicas apply identical updates (the calibration gathers the
+            # batch across replicas first), so the first replica's write is
+            # the state, as with tf.distribute's ONLY_FIRST_REPLICA.
+            aggregation="only_first_replica",
             name=name,
         )
         setattr(self, name, var)
@@ -161,13 +165,36 @@ class Observer(keras.layers.Layer, metaclass=abc.ABCMeta):
 
         return ops.cond(all_finite, plain, masked)
 
-    def call(self, inputs):
+    def call(self, inputs, sample_mask=None):
+        """Fold `inputs` into the state and return them unchanged.
+
+        Args:
+            inputs: The tensor to observe.
+            sample_mask: Optional boolean tensor of shape `(batch,)`: samples
+                (entries of the first axis) where it is False are left out
+                of every statistic, as if they had not been seen. Used by the
+                calibration samplers; non-finite values of masked-out samples
+                are not counted.
+        """
         rows = self._rows(inputs)
         finite = ops.isfinite(rows)
         bad = ops.sum(ops.cast(ops.logical_not(finite), "float32"))
+        if sample_mask is None:
+            self.non_finite_count.assign(self.non_finite_count + bad)
+            self._update_state(rows, finite, ops.equal(bad, 0.0))
+            return inputs
+        keep = self._rows(self._expand_mask(sample_mask, inputs)) > 0.5
+        valid = ops.logical_and(finite, keep)
+        bad = ops.sum(ops.cast(ops.logical_and(keep, ops.logical_not(finite)), "float32"))
         self.non_finite_count.assign(self.non_finite_count + bad)
-        self._update_state(rows, finite, ops.equal(bad, 0.0))
+        self._update_state(rows, valid, ops.all(valid))
         return inputs
+
+    @staticmethod
+    def _expand_mask(sample_mask, inputs):
+        """A `(batch,)` mask as a float tensor shaped like `inputs`."""
+        mask = ops.cast(ops.reshape(sample_mask, (-1,) + (1,) * (len(inputs.shape) - 1)), "float32")
+        return ops.broadcast_to(mask, ops.shape(inputs))
 
     @abc.abstractmethod
     def _update_state(self, rows, finite, all_finite):

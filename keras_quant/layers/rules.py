@@ -1,0 +1,188 @@
+"""The one table of layer rules: what keras_quant quantizes in each layer type.
+
+A `LayerRule` names, for one Keras layer type, the weights that get a weight
+quantizer (with the axis of their output channels, for per-channel scales)
+and what the layer does to activations (its `kind`):
+
+- `"compute"`: a layer with quantized weights (Dense, Conv, Embedding, ...);
+  its output (after the fused activation) gets an activation quantizer.
+- `"activation"`: a standalone activation (ReLU, Activation, ...). TFLite
+  fuses ReLU/ReLU6 into the preceding compute op, so the quantizer sits after it.
+- `"merge"`: Add, Concatenate, Multiply, ...: integer kernels need their
+  output requantized (and, for Concatenate, the inputs on one scale).
+- `"pool"`: AveragePooling/GlobalAveragePooling (requantized output);
+  max pooling keeps its input's scale and is `"passthrough"`.
+- `"norm"`: BatchNormalization (folded into the preceding compute layer
+  where possible, otherwise quantized as an affine layer).
+- `"passthrough"`: shape-only layers (Flatten, Reshape, Dropout, MaxPooling,
+  ...): the output range is the input's, nothing to observe.
+
+Calibration observes the outputs of every layer whose rule has
+`observe=True`; the PTQ and QAT models use the same table to place weight
+and activation quantizers. Adding a layer type is one entry in `RULES`, or
+`register_rule(...)` for a user-defined layer.
+
+Example:
+
+>>> import keras
+>>> rule = get_rule(keras.layers.Conv2D(8, 3))
+>>> rule.weights, rule.kind
+(('kernel',), 'compute')
+"""
+
+import dataclasses
+from typing import Optional, Tuple
+
+import keras
+
+from keras_quant.errors import ConfigError
+
+__all__ = ["LayerRule", "RULES", "get_rule", "register_rule", "KINDS"]
+
+KINDS = ("compute", "activation", "merge", "pool", "norm", "passthrough")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRule:
+    """How one layer type is quantized.
+
+    Args:
+        layer_type: The Keras layer class.
+        kind: One of `KINDS` (see the module docstring).
+        weights: Attribute names of the weights that get a weight quantizer.
+        weight_axes: For each weight, the axis of its output channels (the
+            per-channel axis), counted from the end as Keras lays kernels out.
+        fused_activation: Whether the layer has an `activation` argument that
+            TFLite fuses into the op (the output quantizer goes after it).
+    """
+
+    layer_type: type
+    kind: str
+    weights: Tuple[str, ...] = ()
+    weight_axes: Tuple[int, ...] = ()
+    fused_activation: bool = False
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ConfigError("kind", self.kind, f"kind must be one of {KINDS}")
+        if len(self.weights) != len(self.weight_axes):
+            raise ConfigError("weight_axes", self.weight_axes, f"need one axis per weight {self.weights}")
+
+    @property
+    def observe(self) -> bool:
+        """Whether calibration records this layer's output."""
+        return self.kind != "passthrough"
+
+    @property
+    def quantizes_weights(self) -> bool:
+        return bool(self.weights)
+
+
+L = keras.layers
+
+
+def _rules():
+    compute = [
+        (L.Dense, ("kernel",), (-1,)),
+        (L.EinsumDense, ("kernel",), (-1,)),
+        (L.Conv1D, ("kernel",), (-1,)),
+        (L.Conv2D, ("kernel",), (-1,)),
+        (L.Conv3D, ("kernel",), (-1,)),
+        # Depthwise kernels are (..., in, multiplier): TFLite's output channel
+        # is in * multiplier; with multiplier 1 that is the `in` axis.
+        (L.DepthwiseConv1D, ("kernel",), (-2,)),
+        (L.DepthwiseConv2D, ("kernel",), (-2,)),
+        (L.SeparableConv1D, ("depthwise_kernel", "pointwise_kernel"), (-2, -1)),
+        (L.SeparableConv2D, ("depthwise_kernel", "pointwise_kernel"), (-2, -1)),
+        # Transposed kernels are (..., out, in).
+        (L.Conv1DTranspose, ("kernel",), (-2,)),
+        (L.Conv2DTranspose, ("kernel",), (-2,)),
+        (L.Conv3DTranspose, ("kernel",), (-2,)),
+        # One scale per row (token), as Keras' own int8 embeddings.
+        (L.Embedding, ("embeddings",), (0,)),
+    ]
+    rules = [
+        LayerRule(cls, "compute", w, a, fused_activation=cls is not L.Embedding and cls is not L.EinsumDense)
+        for cls, w, a in compute
+    ]
+    rules += [LayerRule(cls, "activation") for cls in (L.ReLU, L.Activation, L.LeakyReLU, L.PReLU, L.ELU, L.Softmax)]
+    rules += [
+        LayerRule(cls, "merge")
+        for cls in (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum, L.Concatenate)
+    ]
+    rules += [
+        LayerRule(cls, "pool")
+        for cls in (
+            L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
+            L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D,
+        )
+    ]
+    rules += [LayerRule(L.BatchNormalization, "norm"), LayerRule(L.LayerNormalization, "norm")]
+    rules += [
+        LayerRule(cls, "passthrough")
+        for cls in (
+            L.Flatten, L.Reshape, L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D,
+            L.GaussianNoise, L.GaussianDropout, L.AlphaDropout, L.Permute, L.RepeatVector, L.Cropping1D,
+            L.Cropping2D, L.Cropping3D, L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D, L.UpSampling1D,
+            L.UpSampling2D, L.UpSampling3D, L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D,
+            L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D, L.Identity, L.InputLayer,
+        )
+    ]
+    return {r.layer_type: r for r in rules}
+
+
+# Layer class -> LayerRule. Looked up along the MRO: a subclass of Conv2D gets Conv2D's rule.
+RULES = _rules()
+
+
+def register_rule(layer_type, kind="compute", weights=(), weight_axes=None, fused_activation=False):
+    """Declare how a (user-defined) layer type is quantized.
+
+    Args:
+        layer_type: The layer class.
+        kind: One of `KINDS`.
+        weights: Attribute names of the weights to quantize (e.g. `("kernel",)`).
+        weight_axes: Output-channel axis of each weight; default `-1` for each.
+        fused_activation: Whether the layer applies an `activation` argument.
+
+    Returns:
+        The new `LayerRule`.
+
+    Example:
+
+    >>> class MyDense(keras.layers.Layer): ...
+    >>> register_rule(MyDense, weights=("w",)).kind
+    'compute'
+    """
+    if not isinstance(layer_type, type):
+        raise ConfigError("layer_type", layer_type, "layer_type must be a layer class")
+    weights = tuple(weights)
+    axes = tuple(weight_axes) if weight_axes is not None else (-1,) * len(weights)
+    rule = LayerRule(layer_type, kind, weights, axes, fused_activation)
+    RULES[layer_type] = rule
+    return rule
+
+
+def get_rule(layer) -> Optional[LayerRule]:
+    """The rule for a layer (instance or class), or None if there is none.
+
+    A layer can also declare its own rule with a `quantization_rule()` method
+    returning a `LayerRule` (or the keyword arguments of `register_rule`).
+    """
+    cls = layer if isinstance(layer, type) else type(layer)
+    own = getattr(layer, "quantization_rule", None)
+    if callable(own) and not isinstance(layer, type):
+        rule = own()
+        if isinstance(rule, dict):
+            kwargs = dict(rule)
+            weights = tuple(kwargs.pop("weights", ()))
+            axes = kwargs.pop("weight_axes", None)
+            return LayerRule(
+                cls, kwargs.pop("kind", "compute"), weights, tuple(axes) if axes is not None else (-1,) * len(weights),
+                **kwargs,
+            )
+        return rule
+    for klass in cls.__mro__:
+        if klass in RULES:
+            return RULES[klass]
+    return None

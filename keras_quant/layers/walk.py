@@ -1,0 +1,64 @@
+"""Walking a model's layers with stable keys, shared by calibration and quantization.
+
+Calibration results are keyed by layer name (a model input by its input
+layer's name); a name used by two layers of different nested models is keyed
+by its path (`outer/inner`) instead. `layer_keys` and `input_keys` are the one
+place that rule is written, so the key a calibration records is the key
+`quantize_model` looks up.
+"""
+
+import keras
+
+__all__ = ["leaf_layers", "layer_keys", "input_keys"]
+
+
+def _children(layer):
+    if isinstance(layer, keras.Model) or hasattr(layer, "layers") and not isinstance(layer, keras.layers.Wrapper):
+        try:
+            return list(layer.layers)
+        except (AttributeError, TypeError):
+            return []
+    return []
+
+
+def leaf_layers(model, prefix=""):
+    """`(path, layer)` for every leaf layer of `model`, nested models expanded, in order."""
+    out = []
+    for layer in _children(model):
+        path = f"{prefix}{layer.name}"
+        children = _children(layer)
+        if children:
+            out.extend(leaf_layers(layer, prefix=path + "/"))
+        else:
+            out.append((path, layer))
+    return out
+
+
+def layer_keys(model):
+    """`{key: layer}` over the leaf layers: the layer's name, or its path where names collide."""
+    leaves = leaf_layers(model)
+    counts = {}
+    for _, layer in leaves:
+        counts[layer.name] = counts.get(layer.name, 0) + 1
+    keys = {}
+    for path, layer in leaves:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        keys[layer.name if counts[layer.name] == 1 else path] = layer
+    return keys
+
+
+def input_keys(model):
+    """The key of each model input, in order: its input layer's name (`"input"`, `"input_1"`, ... if none)."""
+    names = []
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        inputs = None
+    if inputs:
+        for i, t in enumerate(inputs):
+            history = getattr(t, "_keras_history", None)
+            op = getattr(history, "operation", None) if history is not None else None
+            names.append(op.name if op is not None else (getattr(t, "name", None) or f"input_{i}"))
+        return names
+    return None
