@@ -1,5 +1,31 @@
 """Quantized layers and the table of layer rules shared by PTQ and QAT."""
 
-from keras_quant.layers.rules import KINDS, RULES, LayerRule, get_rule, register_rule
+from keras_quant.layers.fake_quant import ActivationQuantizer, FrozenQuantizer
+from keras_quant.layers.folding import fold_batch_norm, fold_into_layer
+from keras_quant.layers.rules import KINDS, RULES, LayerRule, get_rule, is_fusable_activation, register_rule
+from keras_quant.layers.wrapper import QuantizeWrapper
 
-__all__ = ["LayerRule", "RULES", "KINDS", "get_rule", "register_rule"]
+__all__ = [
+    "LayerRule",
+    "RULES",
+    "KINDS",
+    "get_rule",
+    "register_rule",
+    "is_fusable_activation",
+    "ActivationQuantizer",
+    "FrozenQuantizer",
+    "QuantizeWrapper",
+    "fold_batch_norm",
+    "fold_into_layer",
+    "quantize_model",
+]
+
+
+def __getattr__(name):
+    # keras_quant.quantize imports keras_quant.layers.*; import it on first use to keep the
+    # layers package free of a cycle.
+    if name == "quantize_model":
+        from keras_quant.quantize import quantize_model
+
+        return quantize_model
+    raise AttributeError(f"module 'keras_quant.layers' has no attribute {name!r}")

@@ -37,7 +37,7 @@ import keras
 
 from keras_quant.errors import ConfigError
 
-__all__ = ["LayerRule", "RULES", "get_rule", "register_rule", "KINDS"]
+__all__ = ["LayerRule", "RULES", "get_rule", "register_rule", "KINDS", "FUSABLE_ACTIVATIONS", "is_fusable_activation"]
 
 KINDS = ("compute", "activation", "merge", "pool", "norm", "passthrough")
 
@@ -186,3 +186,30 @@ def get_rule(layer) -> Optional[LayerRule]:
         if klass in RULES:
             return RULES[klass]
     return None
+
+
+# Activation functions TFLite fuses into the compute op before them (RELU, RELU6,
+# RELU_N1_TO_1 need no separate kernel), by `keras.activations` name.
+FUSABLE_ACTIVATIONS = ("relu", "relu6", "linear")
+
+
+def is_fusable_activation(layer) -> bool:
+    """Whether a standalone activation layer is fused by TFLite into the op before it.
+
+    True for `ReLU()` (no negative slope or threshold; `max_value` None or 6)
+    and `Activation` of one of `FUSABLE_ACTIVATIONS`.
+
+    Example:
+
+    >>> is_fusable_activation(keras.layers.ReLU(max_value=6.0)), is_fusable_activation(keras.layers.ELU())
+    (True, False)
+    """
+    if isinstance(layer, L.ReLU):
+        return (
+            float(layer.negative_slope) == 0.0
+            and float(layer.threshold) == 0.0
+            and (layer.max_value is None or float(layer.max_value) == 6.0)
+        )
+    if type(layer) is L.Activation:
+        return getattr(layer.activation, "__name__", None) in FUSABLE_ACTIVATIONS
+    return False

@@ -1,0 +1,183 @@
+"""Frozen fake-quantizers: the quantizer (no state) and the activation layer.
+
+A quantizer holds no variables: `FrozenQuantizer.build(layer, shape, name)`
+creates the `scale` / `zero_point` variables on the layer that owns them and
+returns them as a dict, and `quantizer(x, state)` fake-quantizes `x` with that
+state. `QuantizeWrapper` owns the weight and output quantizer state of a
+wrapped layer; `ActivationQuantizer` is the standalone layer placed after model
+inputs, merges, pools and fused activations.
+
+Both are frozen: the variables are non-trainable, set once from weights
+(`QuantizeWrapper.freeze`) or calibration statistics (`set_qparams`).
+
+Example:
+
+>>> import numpy as np, keras_quant as kq
+>>> from keras_quant.layers import ActivationQuantizer
+>>> q = ActivationQuantizer(kq.QuantSpec(bits=8), scale=0.1, zero_point=-128)
+>>> y = q(np.array([0.0, 0.26, 100.0], "float32"))   # [0.0, 0.3, 25.5]
+"""
+
+import keras
+import numpy as np
+
+from keras_quant import ops as kq_ops
+from keras_quant.config import QuantSpec
+from keras_quant.errors import ConfigError, ShapeMismatchError
+
+__all__ = ["FrozenQuantizer", "ActivationQuantizer", "assign_qparams"]
+
+
+def _spec(spec, field="spec", layer=None):
+    if spec is None:
+        return QuantSpec()
+    if isinstance(spec, QuantSpec):
+        return spec
+    if isinstance(spec, dict):
+        return QuantSpec.from_config(spec)
+    raise ConfigError(field, spec, "expected a kq.QuantSpec or a QuantSpec config dict", layer=layer)
+
+
+def assign_qparams(state, scale, zero_point, layer=None):
+    """Write `(scale, zero_point)` into a quantizer's state, checking shapes.
+
+    Args:
+        state: The dict returned by `FrozenQuantizer.build`.
+        scale: Scale, scalar or array of the variable's shape.
+        zero_point: Integer zero point, same shape.
+        layer: Layer name for error messages.
+
+    Raises:
+        ShapeMismatchError: When a value's size differs from the variable's.
+    """
+    for field, value in (("scale", scale), ("zero_point", zero_point)):
+        var = state[field]
+        value = np.asarray(keras.ops.convert_to_numpy(value), dtype="float32")
+        want = tuple(var.shape)
+        if value.size != int(np.prod(want)):
+            raise ShapeMismatchError(field, want, value.shape, layer=layer)
+        var.assign(value.reshape(want))
+
+
+class FrozenQuantizer:
+    """Fake-quantizer with a fixed scale and zero point; it holds no variables.
+
+    Args:
+        spec: The `kq.QuantSpec`.
+
+    Example:
+
+    >>> quantizer = FrozenQuantizer(kq.QuantSpec(bits=8))
+    >>> state = quantizer.build(layer, (None, 16), "output")   # layer.add_weight(...)
+    >>> y = quantizer(x, state)
+    """
+
+    trainable = False
+
+    def __init__(self, spec):
+        self.spec = _spec(spec)
+
+    def build(self, layer, shape, name):
+        """Create this quantizer's variables on `layer`.
+
+        Args:
+            layer: The Keras layer that owns the state.
+            shape: Shape of the tensor this quantizer sees (for per-channel sizes).
+            name: Prefix of the variable names (`"kernel"`, `"output"`); empty
+                for plain `scale` / `zero_point`.
+
+        Returns:
+            `{"scale": Variable, "zero_point": Variable}` (float32, non-trainable).
+        """
+        pshape = kq_ops.param_shape(shape, self.spec)
+        prefix = f"{name}_" if name else ""
+        return {
+            "scale": layer.add_weight(
+                name=f"{prefix}scale", shape=pshape, initializer="ones", trainable=self.trainable, dtype="float32"
+            ),
+            "zero_point": layer.add_weight(
+                name=f"{prefix}zero_point", shape=pshape, initializer="zeros", trainable=False, dtype="float32"
+            ),
+        }
+
+    def __call__(self, x, state, training=None):
+        """Fake-quantize `x` with the state's scale and zero point."""
+        return kq_ops.fake_quant(x, state["scale"], state["zero_point"], self.spec)
+
+
+@keras.saving.register_keras_serializable(package="keras_quant")
+class ActivationQuantizer(keras.layers.Layer):
+    """A frozen activation fake-quantizer layer.
+
+    Holds non-trainable `scale` and `zero_point` variables (float32; shape `()`
+    per tensor, `(C,)` per channel on `spec.axis`) and returns
+    `kq.ops.fake_quant(x, scale, zero_point, spec)`.
+
+    Args:
+        spec: The `kq.QuantSpec` (per tensor or per channel). Defaults to int8
+            asymmetric per tensor.
+        scale: Optional initial scale, written when the layer is built.
+        zero_point: Optional initial zero point, written when the layer is built.
+        **kwargs: Base layer arguments (`name`, ...).
+
+    Raises:
+        ConfigError: For a per-group spec (activations have no fixed group layout).
+
+    Example:
+
+    >>> q = ActivationQuantizer(kq.QuantSpec(bits=8), scale=0.02, zero_point=-128, name="relu_quant")
+    >>> y = q(x)
+    """
+
+    def __init__(self, spec=None, scale=None, zero_point=None, **kwargs):
+        super().__init__(**kwargs)
+        self.spec = _spec(spec, layer=self.name)
+        if self.spec.granularity == "per_group":
+            raise ConfigError(
+                "granularity", self.spec.granularity,
+                "activation quantizers support per_tensor and per_channel specs", layer=self.name,
+            )
+        self.supports_masking = True
+        self._initial = None if scale is None else (scale, 0 if zero_point is None else zero_point)
+        self.quantizer = FrozenQuantizer(self.spec)
+        self._state = None
+
+    def build(self, input_shape):
+        self._state = self.quantizer.build(self, input_shape, "")
+        if self._initial is not None:
+            assign_qparams(self._state, *self._initial, layer=self.name)
+        self.built = True
+
+    @property
+    def scale(self):
+        """The scale variable."""
+        return self._state["scale"]
+
+    @property
+    def zero_point(self):
+        """The zero-point variable (float32 holding an integer)."""
+        return self._state["zero_point"]
+
+    def set_qparams(self, scale, zero_point):
+        """Set the frozen scale and zero point (the layer must be built)."""
+        if self._state is None:
+            self._initial = (scale, zero_point)
+        else:
+            assign_qparams(self._state, scale, zero_point, layer=self.name)
+
+    def call(self, inputs):
+        return self.quantizer(inputs, self._state)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config["spec"] = self.spec.get_config()
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["spec"] = QuantSpec.from_config(config.get("spec", {}))
+        return cls(**config)

@@ -1,0 +1,179 @@
+"""Folding a BatchNormalization (inference mode) into the compute layer before it.
+
+`BN(conv(x))` with moving statistics is affine per output channel:
+`gamma * (conv(x) + b - mean) / sqrt(var + eps) + beta`. Multiplying the
+kernel by `gamma / sqrt(var + eps)` along its output channels and setting the
+bias to `beta + (b - mean) * gamma / sqrt(var + eps)` gives one layer with the
+same outputs, which is what TFLite quantizes.
+
+`fold_batch_norm` is the numpy arithmetic; `fold_into_layer` clones a layer
+with `use_bias=True` and the folded weights; `FOLD_RULES` says which weight of
+each layer type is scaled and along which axes its output channels lie.
+
+Example:
+
+>>> k, b = fold_batch_norm(kernel, None, gamma, beta, mean, var, 1e-3, channel_axis=-1)
+>>> folded = fold_into_layer(conv, bn)     # a new Conv2D: conv then bn, in one
+"""
+
+import keras
+import numpy as np
+
+from keras_quant.errors import ConfigError, ShapeMismatchError
+
+__all__ = ["fold_batch_norm", "fold_into_layer", "fold_blocker", "FOLD_RULES"]
+
+L = keras.layers
+
+# Layer class -> (attribute of the weight scaled per output channel, its output-channel axes).
+# Depthwise kernels are (..., in, multiplier): output channel c = i * multiplier + m.
+FOLD_RULES = {
+    L.Dense: ("kernel", (-1,)),
+    L.Conv1D: ("kernel", (-1,)),
+    L.Conv2D: ("kernel", (-1,)),
+    L.Conv3D: ("kernel", (-1,)),
+    L.DepthwiseConv1D: ("kernel", (-2, -1)),
+    L.DepthwiseConv2D: ("kernel", (-2, -1)),
+    L.SeparableConv1D: ("pointwise_kernel", (-1,)),
+    L.SeparableConv2D: ("pointwise_kernel", (-1,)),
+    L.Conv1DTranspose: ("kernel", (-2,)),
+    L.Conv2DTranspose: ("kernel", (-2,)),
+    L.Conv3DTranspose: ("kernel", (-2,)),
+}
+
+
+def _fold_rule(layer):
+    for klass in type(layer).__mro__:
+        if klass in FOLD_RULES:
+            return FOLD_RULES[klass]
+    return None
+
+
+def _axes(channel_axis, ndim):
+    axes = (channel_axis,) if isinstance(channel_axis, (int, np.integer)) else tuple(channel_axis)
+    axes = tuple(sorted(a % ndim for a in axes))
+    if not axes or list(axes) != list(range(axes[0], axes[0] + len(axes))):
+        raise ConfigError("channel_axis", channel_axis, "channel_axis must be an axis or a run of consecutive axes")
+    return axes
+
+
+def fold_batch_norm(kernel, bias, gamma, beta, moving_mean, moving_variance, epsilon, channel_axis=-1):
+    """Fold inference-mode batch normalization into a kernel and bias (numpy).
+
+    Args:
+        kernel: The compute layer's kernel.
+        bias: Its bias, or None (`use_bias=False`).
+        gamma: BN scale, or None (`scale=False`, i.e. 1).
+        beta: BN offset, or None (`center=False`, i.e. 0).
+        moving_mean: BN moving mean, shape `(C,)`.
+        moving_variance: BN moving variance, shape `(C,)`.
+        epsilon: BN epsilon.
+        channel_axis: The kernel's output-channel axis, or a run of
+            consecutive axes whose row-major product is the `C` channels
+            (`(-2, -1)` for a depthwise kernel `(kh, kw, in, multiplier)`).
+
+    Returns:
+        `(folded_kernel, folded_bias)`, float arrays of the kernel's dtype
+        (float32 at least), the bias of shape `(C,)`.
+
+    Raises:
+        ShapeMismatchError: If the kernel's channels differ from the BN's.
+
+    Example:
+
+    >>> k, b = fold_batch_norm(np.ones((3, 2)), None, None, None, np.zeros(2), np.ones(2), 0.0)
+    >>> b
+    array([0., 0.], dtype=float32)
+    """
+    kernel = np.asarray(kernel)
+    dtype = np.result_type(kernel.dtype, np.float32)
+    kernel = kernel.astype(dtype)
+    mean = np.asarray(moving_mean, dtype)
+    channels = mean.shape[0]
+    gamma = np.ones(channels, dtype) if gamma is None else np.asarray(gamma, dtype)
+    beta = np.zeros(channels, dtype) if beta is None else np.asarray(beta, dtype)
+    bias = np.zeros(channels, dtype) if bias is None else np.asarray(bias, dtype)
+    factor = gamma / np.sqrt(np.asarray(moving_variance, dtype) + dtype.type(epsilon))
+
+    axes = _axes(channel_axis, kernel.ndim)
+    if int(np.prod([kernel.shape[a] for a in axes])) != channels:
+        raise ShapeMismatchError("kernel", f"{channels} output channels on axes {axes}", kernel.shape)
+    shape = [1] * kernel.ndim
+    for a in axes:
+        shape[a] = kernel.shape[a]
+    folded_kernel = kernel * factor.reshape(shape)  # row-major: channel i * mult + m
+    folded_bias = beta + (bias - mean) * factor
+    return folded_kernel, folded_bias.astype(dtype)
+
+
+def fold_blocker(layer, bn):
+    """Why `bn` cannot be folded into `layer`, or None if it can.
+
+    Folding needs a layer type in `FOLD_RULES`, no activation between the two
+    (`activation="linear"`), channels-last data and a BatchNormalization over
+    the last axis.
+    """
+    if not isinstance(bn, L.BatchNormalization):
+        return f"{type(bn).__name__} is not a BatchNormalization"
+    if _fold_rule(layer) is None:
+        return f"{type(layer).__name__} has no folding rule"
+    activation = getattr(layer, "activation", None)
+    if activation is not None and getattr(activation, "__name__", "linear") != "linear":
+        return f"{layer.name} applies an activation before the BatchNormalization"
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        return f"{layer.name} is not channels_last"
+    shape = (bn.get_build_config() or {}).get("input_shape")
+    if bn.axis != -1 and (shape is None or bn.axis % len(shape) != len(shape) - 1):
+        return f"{bn.name} normalizes axis {bn.axis}, not the last (channel) axis"
+    return None
+
+
+def _np(var):
+    return None if var is None else np.asarray(keras.ops.convert_to_numpy(var))
+
+
+def fold_into_layer(layer, bn):
+    """A new layer computing `bn(layer(x))` (inference mode) in one compute layer.
+
+    The clone is made with `type(layer).from_config(layer.get_config())`,
+    `use_bias=True` and the same name, built from `layer`'s build config, and
+    given `layer`'s weights with the folded kernel and bias.
+
+    Args:
+        layer: A built compute layer (Dense, Conv*, DepthwiseConv*, SeparableConv*, Conv*Transpose).
+        bn: A built BatchNormalization that follows it.
+
+    Returns:
+        The new, built layer.
+
+    Raises:
+        ConfigError: If the pair cannot be folded (see `fold_blocker`).
+
+    Example:
+
+    >>> folded = fold_into_layer(model.get_layer("conv"), model.get_layer("bn"))
+    """
+    reason = fold_blocker(layer, bn)
+    if reason:
+        raise ConfigError("layer", layer.name, f"cannot fold {bn.name} into it: {reason}", layer=layer.name)
+    weight, axes = _fold_rule(layer)
+    kernel = getattr(layer, weight)
+    folded_kernel, folded_bias = fold_batch_norm(
+        _np(kernel), _np(layer.bias) if getattr(layer, "use_bias", False) else None,
+        _np(bn.gamma) if bn.scale else None, _np(bn.beta) if bn.center else None,
+        _np(bn.moving_mean), _np(bn.moving_variance), bn.epsilon, axes,
+    )
+    config = layer.get_config()
+    config["use_bias"] = True
+    new = type(layer).from_config(config)
+    new.build_from_config(layer.get_build_config())
+    for new_var, old_var in zip(_without_bias(new), _without_bias(layer)):
+        new_var.assign(_np(old_var))
+    getattr(new, weight).assign(folded_kernel.astype(getattr(new, weight).dtype))
+    new.bias.assign(folded_bias.astype(new.bias.dtype))
+    return new
+
+
+def _without_bias(layer):
+    """The layer's weights other than `bias`, in creation order (the same in both layers)."""
+    return [v for v in layer.weights if v.name != "bias"]

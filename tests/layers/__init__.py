@@ -1,0 +1,67 @@
+"""Test helpers shared by the layer and quantize_model tests."""
+
+import keras
+import numpy as np
+
+from keras_quant import ops as kq_ops
+from keras_quant.errors import NoDataError
+from keras_quant.layers import walk
+
+
+def _graph(model):
+    return model._functional if isinstance(model, keras.Sequential) else model
+
+
+class ProbeCalibration:
+    """TEST HELPER standing in for `kq.CalibrationResult`: min-max ranges of every layer output.
+
+    Runs `keras.Model(inputs, [layer outputs])` probes (nested models probed
+    on their own inputs) over `x` and keys each range as `kq.layers.walk` does:
+    a layer's name (its path where names collide), a model input by its input
+    layer's name. `drop` removes keys, to simulate a branch no sample reached.
+    """
+
+    def __init__(self, model, x, drop=()):
+        self.keys = {id(layer): key for key, layer in walk.layer_keys(model).items()}
+        self.ranges = {}
+        xs = x if isinstance(x, (list, tuple)) else [x]
+        for key, value in zip(walk.input_keys(model), xs):
+            self._record(key, value)
+        self._collect(model, xs)
+        for key in drop:
+            self.ranges.pop(key, None)
+
+    def _record(self, key, value):
+        value = np.asarray(value, "float32")
+        lo, hi = float(value.min()), float(value.max())
+        old = self.ranges.get(key)
+        self.ranges[key] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+
+    def _collect(self, model, xs):
+        graph = _graph(model)
+        nodes = [n for depth in sorted(graph._nodes_by_depth, reverse=True) for n in graph._nodes_by_depth[depth]]
+        nodes = [n for n in nodes if n.operation is not None and not n.is_input]
+        # A nested model is probed on its own inputs; a leaf layer's output is recorded.
+        taps = [n.input_tensors[0] if isinstance(n.operation, keras.Model) else n.outputs[0] for n in nodes]
+        values = keras.Model(graph.inputs, taps)(list(xs))
+        for node, value in zip(nodes, values):
+            layer, value = node.operation, keras.ops.convert_to_numpy(value)
+            if isinstance(layer, keras.Model):
+                self._collect(layer, [value])
+            elif "float" in str(value.dtype):
+                self._record(self.keys.get(id(layer), layer.name), value)
+
+    def __contains__(self, key):
+        return key in self.ranges
+
+    def qparams(self, key, spec):
+        if key not in self.ranges:
+            raise NoDataError(key, reason="no calibration sample reached this layer")
+        scale, zero_point = kq_ops.compute_qparams(*self.ranges[key], spec)
+        return np.asarray(keras.ops.convert_to_numpy(scale), "float32"), np.asarray(
+            keras.ops.convert_to_numpy(zero_point), "int32"
+        )
+
+
+def to_np(x):
+    return np.asarray(keras.ops.convert_to_numpy(x))

@@ -1,0 +1,82 @@
+"""The layer-rule table: kinds, weights and their output-channel axes, fusable activations."""
+
+import keras
+import pytest
+
+from keras_quant.errors import ConfigError
+from keras_quant.layers import rules
+
+L = keras.layers
+
+
+@pytest.mark.parametrize(
+    "layer, kind, weights, axes",
+    [
+        (L.Dense(4), "compute", ("kernel",), (-1,)),
+        (L.Conv2D(4, 3), "compute", ("kernel",), (-1,)),
+        (L.DepthwiseConv2D(3), "compute", ("kernel",), (-2,)),
+        (L.SeparableConv2D(4, 3), "compute", ("depthwise_kernel", "pointwise_kernel"), (-2, -1)),
+        (L.Conv2DTranspose(4, 3), "compute", ("kernel",), (-2,)),
+        (L.Embedding(10, 4), "compute", ("embeddings",), (0,)),
+        (L.ReLU(), "activation", (), ()),
+        (L.Add(), "merge", (), ()),
+        (L.Concatenate(), "merge", (), ()),
+        (L.GlobalAveragePooling2D(), "pool", (), ()),
+        (L.BatchNormalization(), "norm", (), ()),
+        (L.MaxPooling2D(), "passthrough", (), ()),
+        (L.Flatten(), "passthrough", (), ()),
+    ],
+)
+def test_rule_table(layer, kind, weights, axes):
+    rule = rules.get_rule(layer)
+    assert (rule.kind, rule.weights, rule.weight_axes) == (kind, weights, axes)
+    assert rule.observe == (kind != "passthrough")
+
+
+def test_subclass_inherits_rule_and_unknown_layer_has_none():
+    class MyConv(L.Conv2D):
+        pass
+
+    assert rules.get_rule(MyConv(2, 3)) is rules.RULES[L.Conv2D]
+    assert rules.get_rule(L.Lambda(lambda x: x)) is None
+
+
+def test_layer_declares_its_own_rule():
+    class Scaled(L.Layer):
+        def quantization_rule(self):
+            return {"kind": "compute", "weights": ["w"], "weight_axes": [0]}
+
+    rule = rules.get_rule(Scaled())
+    assert (rule.kind, rule.weights, rule.weight_axes) == ("compute", ("w",), (0,))
+
+
+def test_register_rule_and_validation():
+    class Custom(L.Layer):
+        pass
+
+    try:
+        rule = rules.register_rule(Custom, weights=("w",))
+        assert rules.get_rule(Custom()) is rule and rule.weight_axes == (-1,)
+    finally:
+        rules.RULES.pop(Custom, None)
+    with pytest.raises(ConfigError) as e:
+        rules.LayerRule(L.Dense, "bogus")
+    assert e.value.field == "kind"
+
+
+@pytest.mark.parametrize(
+    "layer, fusable",
+    [
+        (L.ReLU(), True),
+        (L.ReLU(max_value=6.0), True),
+        (L.ReLU(max_value=4.0), False),
+        (L.ReLU(negative_slope=0.1), False),
+        (L.Activation("relu"), True),
+        (L.Activation("relu6"), True),
+        (L.Activation("tanh"), False),
+        (L.LeakyReLU(), False),
+        (L.Softmax(), False),
+    ],
+)
+def test_fusable_activations(layer, fusable):
+    assert rules.is_fusable_activation(layer) is fusable
