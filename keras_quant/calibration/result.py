@@ -1,0 +1,822 @@
+"""Calibration results: per-layer statistics, and their safe, atomic persistence.
+
+`LayerStatistics` holds what a `LayerCollector` saw of one tensor (moments,
+extremes, a histogram, the spec's range and qparams) as plain numpy / Python
+values; `CalibrationResult` is a read-only mapping of layer name to
+`LayerStatistics` plus metadata. Both are pure data: every derived number
+(percentiles, outlier counts, the range for another spec) is a numpy function
+of the stored state, computed outside any compiled step.
+
+File container (shared by both formats)::
+
+    KQCAL {"schema_version": 1, "format": "json", "payload_bytes": N, "sha256": "<hex>"}\\n
+    <N payload bytes>
+
+The first line is the magic `KQCAL ` and a one-line JSON header; the payload
+follows: indented UTF-8 JSON (`format="json"`, readable) or msgpack
+(`format="msgpack"`, compact; numpy arrays as raw little-endian bytes with
+their dtype and shape). `sha256` is the SHA-256 of the payload bytes. With
+`compression="gzip"` or `"zstd"` the whole container is compressed (so
+`zcat result.json.gz` shows the header line and the JSON). Loading detects the
+compression from the file's magic bytes, checks the magic line, the schema
+version, the format, the payload length and the checksum, then decodes into
+new objects: a truncated, tampered or unknown file raises
+`kq.errors.IntegrityError` and nothing is half-loaded. No pickle is used
+anywhere; arrays may only have bool, integer or float dtypes.
+
+In JSON, non-finite floats are written as the strings `"inf"`, `"-inf"`,
+`"nan"` (as `keras_quant.formatting.to_jsonable` does) and missing values as
+`null`; arrays are `{"__ndarray__": dtype, "shape": [...], "data": [...]}`.
+
+Writes are atomic: the bytes go to a temporary file in the target directory,
+which is flushed, fsync'ed and `os.replace`d onto the path; on any failure the
+temporary file is removed and an existing file is left untouched.
+
+Example:
+
+>>> result = CalibrationResult({"dense": stats})          # doctest: +SKIP
+>>> result.save("calib.msgpack.zst")                       # doctest: +SKIP
+>>> scale, zero_point = CalibrationResult.load("calib.msgpack.zst").qparams("dense", kq.QuantSpec(bits=8))
+"""
+
+import collections.abc
+import dataclasses
+import datetime
+import gzip
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+from typing import Any, Optional
+
+import keras
+import numpy as np
+
+from keras_quant import ops as kq_ops
+from keras_quant.config import QuantSpec
+from keras_quant.errors import ConfigError, IntegrityError, NoDataError
+from keras_quant.formatting import text_table, to_jsonable
+from keras_quant.observers import range_search
+
+__all__ = [
+    "LayerStatistics",
+    "CalibrationResult",
+    "SCHEMA_VERSION",
+    "FORMATS",
+    "COMPRESSIONS",
+    "encode_payload",
+    "decode_payload",
+    "histogram_outliers",
+]
+
+SCHEMA_VERSION = 1
+FORMATS = ("json", "msgpack")
+COMPRESSIONS = (None, "gzip", "zstd")
+MAGIC = b"KQCAL "
+_MAX_DECOMPRESSED = 1 << 32  # 4 GiB: refuse decompression bombs
+_ARRAY_KINDS = "biuf"  # bool, signed, unsigned, float: nothing that can carry objects
+_NO_SAMPLE = "no calibration sample reached this layer (count is 0)"
+
+
+# --------------------------------------------------------------------------
+# Pure functions on a histogram.
+
+
+def _cdf(hist, edges, x):
+    """Mass below `x` (array), mass uniform within each bin."""
+    cum = np.concatenate([[0.0], np.cumsum(hist)])
+    if edges[-1] <= edges[0]:
+        return np.where(np.asarray(x) >= edges[0], cum[-1], 0.0)
+    return np.interp(x, edges, cum, left=0.0, right=cum[-1])
+
+
+def _quantile(hist, edges, q):
+    """Value below which a fraction `q` of the mass lies (linear within a bin)."""
+    return float(range_search._cdf_quantile(np.asarray(hist, np.float64), np.asarray(edges, np.float64), q))
+
+
+def _mass_outside(hist, edges, lo, hi):
+    """Estimated number of elements below `lo` or above `hi`."""
+    total = float(np.sum(hist))
+    return max(0.0, float(_cdf(hist, edges, lo)) + total - float(_cdf(hist, edges, hi)))
+
+
+def _mad(hist, edges, median):
+    """Median absolute deviation from `median`, from the piecewise linear CDF."""
+    total = float(np.sum(hist))
+    t = np.unique(np.abs(np.asarray(edges, np.float64) - median))
+    g = _cdf(hist, edges, median + t) - _cdf(hist, edges, median - t)  # non-decreasing in t
+    return float(np.interp(0.5 * total, g, t))
+
+
+def histogram_outliers(hist, bin_edges, mean, std):
+    """Outlier counts estimated from a histogram (accurate to about one bin's mass).
+
+    Args:
+        hist: Counts, shape `(n,)`.
+        bin_edges: Edges, shape `(n + 1,)`.
+        mean: The exact mean of the data.
+        std: The exact (population) standard deviation.
+
+    Returns:
+        `{"zscore": n, "iqr": n, "mad": n}`: elements with `|x - mean| > 3 std`;
+        outside `[Q1 - 1.5 IQR, Q3 + 1.5 IQR]`; with modified z-score
+        `0.6745 |x - median| / MAD > 3.5`.
+
+    Example:
+
+    >>> h, e = np.histogram(np.r_[np.zeros(100), 50.0], bins=64)
+    >>> histogram_outliers(h, e, 0.495, 4.95)["zscore"]
+    1
+    """
+    hist = np.asarray(hist, np.float64).reshape(-1)
+    edges = np.asarray(bin_edges, np.float64).reshape(-1)
+    if hist.sum() <= 0 or edges[-1] <= edges[0]:
+        return {"zscore": 0, "iqr": 0, "mad": 0}
+    z = _mass_outside(hist, edges, mean - 3.0 * std, mean + 3.0 * std) if std > 0 else 0.0
+    q1, q3 = _quantile(hist, edges, 0.25), _quantile(hist, edges, 0.75)
+    iqr = _mass_outside(hist, edges, q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1))
+    median = _quantile(hist, edges, 0.5)
+    mad = _mad(hist, edges, median)
+    limit = 3.5 * mad / 0.6745
+    m = _mass_outside(hist, edges, median - limit, median + limit)
+    return {"zscore": int(round(z)), "iqr": int(round(iqr)), "mad": int(round(m))}
+
+
+# --------------------------------------------------------------------------
+# Value encoding shared by to_dict (JSON-able) and msgpack (binary arrays).
+
+
+def _encode(v, binary):
+    """`v` as a tree of plain values; arrays tagged with dtype and shape."""
+    if isinstance(v, np.ndarray):
+        if v.dtype.kind not in _ARRAY_KINDS:
+            raise ConfigError("dtype", str(v.dtype), "only bool, integer and float arrays can be stored")
+        dtype = v.dtype.newbyteorder("<") if v.dtype.itemsize > 1 else v.dtype
+        if binary:
+            data = np.ascontiguousarray(v, dtype=dtype).tobytes()
+        else:
+            data = [to_jsonable(x) for x in v.reshape(-1).tolist()]
+        return {"__ndarray__": dtype.str, "shape": list(v.shape), "data": data}
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, QuantSpec):
+        return _encode(v.get_config(), binary)
+    if isinstance(v, dict):
+        return {str(k): _encode(x, binary) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_encode(x, binary) for x in v]
+    if isinstance(v, float) and not binary and not math.isfinite(v):
+        return str(v)
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    return to_jsonable(v) if not binary else str(v)
+
+
+def _decode_array(d):
+    dtype = np.dtype(d["__ndarray__"])
+    if dtype.kind not in _ARRAY_KINDS or dtype.hasobject:
+        raise ValueError(f"array dtype {dtype} is not allowed")
+    shape = tuple(int(s) for s in d["shape"])
+    data = d["data"]
+    if isinstance(data, (bytes, bytearray)):
+        if len(data) != dtype.itemsize * math.prod(shape):
+            raise ValueError("array data does not match its shape")
+        arr = np.frombuffer(bytes(data), dtype=dtype).reshape(shape)
+    else:
+        if dtype.kind == "f":
+            data = [float(x) for x in data]
+        arr = np.asarray(data, dtype=dtype).reshape(shape)
+    return arr.astype(dtype.newbyteorder("="), copy=True)
+
+
+def _decode(v):
+    """Inverse of `_encode`: tagged dicts back to numpy arrays (new objects)."""
+    if isinstance(v, dict):
+        if "__ndarray__" in v:
+            return _decode_array(v)
+        return {k: _decode(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_decode(x) for x in v]
+    return v
+
+
+def _float(v):
+    """A stored float (number, "inf"/"nan" string or None) as a Python float or None."""
+    if v is None:
+        return None
+    return float(v)
+
+
+def _array_or_float(v):
+    if v is None:
+        return None
+    if isinstance(v, dict) and "__ndarray__" in v:
+        return _decode_array(v)
+    if isinstance(v, np.ndarray):
+        return v.copy()
+    return float(v)
+
+
+def _array(v):
+    if v is None:
+        return None
+    if isinstance(v, dict):
+        return _decode_array(v)
+    return np.array(v, copy=True)
+
+
+# --------------------------------------------------------------------------
+# LayerStatistics.
+
+
+def _spec_matches(a, b):
+    """Whether specs `a` and `b` choose the same range from the same state."""
+    same = (a.observer, a.granularity, a.axis, a.group_size, a.options) == (
+        b.observer, b.granularity, b.axis, b.group_size, b.options,
+    )
+    if same and a.observer in ("mse", "kl"):
+        same = (a.bits, a.symmetric, a.narrow_range) == (b.bits, b.symmetric, b.narrow_range)
+    return same
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerStatistics:
+    """Statistics of one tensor (a layer's output) over a calibration, as numpy data.
+
+    Moments are exact (merged across batches); percentiles and outlier counts
+    are read from a histogram of `num_bins` bins over `[min, max]` and are
+    accurate to about one bin. `skewness` is the biased (population) sample
+    skewness and `kurtosis` the biased *excess* (Fisher) kurtosis, the values
+    `scipy.stats.skew(x)` and `scipy.stats.kurtosis(x, fisher=True)` give;
+    both are None for constant data. With `count == 0` every statistic is
+    None and the methods raise `NoDataError`.
+
+    Attributes:
+        name: The layer (tensor) name.
+        count: Number of finite elements seen.
+        num_samples: Number of samples (batch entries) seen, or None.
+        shape: Per-sample shape with a None batch axis, e.g. `(None, 8, 8, 16)`.
+        dtype: The tensor's dtype name.
+        min, max, mean, std, skewness, kurtosis: Floats (None without data).
+        sparsity: Fraction of exact zeros among the finite elements.
+        channel_min, channel_max: float32 arrays along `channel_axis`, or None.
+        channel_axis: The axis of `channel_min` / `channel_max`.
+        histogram: float64 counts, `(num_bins,)`; `bin_edges`: `(num_bins + 1,)`.
+        non_finite_count: NaN/Inf elements seen (left out of every statistic).
+        outliers: `{"zscore": n, "iqr": n, "mad": n}` (see `histogram_outliers`).
+        spec: The `kq.QuantSpec` of this activation; `observer` its observer name.
+        range_min, range_max: The range the spec's observer chose (floats, or
+            arrays for a per-channel spec).
+        scale, zero_point: `kq.ops.compute_qparams(range_min, range_max, spec)`.
+
+    Example:
+
+    >>> stats = collector.to_statistics()                     # doctest: +SKIP
+    >>> stats.percentile(99.9), stats.qparams(kq.QuantSpec(bits=4, observer="mse"))
+    """
+
+    name: str
+    count: int = 0
+    num_samples: Optional[int] = None
+    shape: Optional[tuple] = None
+    dtype: Optional[str] = None
+    min: Optional[float] = None
+    max: Optional[float] = None
+    mean: Optional[float] = None
+    std: Optional[float] = None
+    skewness: Optional[float] = None
+    kurtosis: Optional[float] = None
+    sparsity: Optional[float] = None
+    channel_min: Optional[np.ndarray] = None
+    channel_max: Optional[np.ndarray] = None
+    channel_axis: int = -1
+    histogram: Optional[np.ndarray] = None
+    bin_edges: Optional[np.ndarray] = None
+    non_finite_count: int = 0
+    outliers: Optional[dict] = None
+    spec: QuantSpec = dataclasses.field(default_factory=QuantSpec)
+    observer: Optional[str] = None
+    range_min: Any = None
+    range_max: Any = None
+    scale: Any = None
+    zero_point: Any = None
+
+    def __post_init__(self):
+        if self.observer is None:
+            object.__setattr__(self, "observer", self.spec.observer)
+
+    __hash__ = None
+
+    def __eq__(self, other):
+        if not isinstance(other, LayerStatistics):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    # Checks -----------------------------------------------------------------
+    def _require_data(self):
+        if self.count <= 0:
+            reason = _NO_SAMPLE
+            if self.non_finite_count:
+                reason = f"only non-finite values reached this layer ({self.non_finite_count} NaN/Inf)"
+            raise NoDataError(self.name, reason=reason, layer=self.name)
+
+    # Reading ----------------------------------------------------------------
+    def percentile(self, q):
+        """The `q`-th percentile, from the histogram's CDF (linear within a bin).
+
+        Args:
+            q: Percentile in `[0, 100]`; 0 and 100 give the exact min and max.
+
+        Returns:
+            A float, accurate to about one bin width.
+
+        Raises:
+            ConfigError: If `q` is not a number in `[0, 100]`.
+            NoDataError: If no finite value was seen.
+
+        Example:
+
+        >>> stats.percentile(50.0)   # the median, within one bin  # doctest: +SKIP
+        """
+        if isinstance(q, bool) or not isinstance(q, (int, float, np.number)) or not 0 <= q <= 100:
+            raise ConfigError("q", q, "q must be a percentile in [0, 100]", layer=self.name)
+        self._require_data()
+        if q == 0:
+            return float(self.min)
+        if q == 100:
+            return float(self.max)
+        value = _quantile(self.histogram, self.bin_edges, float(q) / 100.0)
+        return float(min(max(value, self.min), self.max))
+
+    def compute_range(self, spec):
+        """The range `spec`'s observer would choose, recomputed from the stored state.
+
+        Per tensor: `minmax` gives `(min, max)`; `percentile` the histogram's
+        percentiles (`spec.options` `percentile`, default 99.99, or
+        `low`/`high`); `mse` and `kl` the range search of
+        `keras_quant.observers.range_search` for the spec's grid; `mean_std`
+        `mean +- num_std * std` (option `num_std`, default 3) clipped to
+        `[min, max]`; `moving_average` the stored range if the calibration
+        used that observer, else `(min, max)`. Per channel: `minmax` along the
+        stored `channel_axis` gives `(channel_min, channel_max)`; another
+        per-channel spec only if it is the calibration's own (stored range).
+
+        Args:
+            spec: The `kq.QuantSpec`.
+
+        Returns:
+            `(min, max)`: floats, or float32 arrays per channel.
+
+        Raises:
+            NoDataError: If no finite value was seen.
+            ConfigError: For a per-channel / per-group range the state cannot give.
+        """
+        if not isinstance(spec, QuantSpec):
+            raise ConfigError("spec", spec, "spec must be a kq.QuantSpec", layer=self.name)
+        self._require_data()
+        if spec.granularity != "per_tensor":
+            if spec.granularity == "per_channel" and spec.observer == "minmax" and self.channel_min is not None:
+                ndim = len(self.shape) if self.shape else None
+                if ndim is None or spec.axis % ndim == self.channel_axis % ndim:
+                    return self.channel_min.copy(), self.channel_max.copy()
+            if self.range_min is not None and np.ndim(self.range_min) > 0 and _spec_matches(spec, self.spec):
+                return np.array(self.range_min, copy=True), np.array(self.range_max, copy=True)
+            raise ConfigError(
+                "spec", spec,
+                f"a {spec.granularity} '{spec.observer}' range needs a calibration with that spec; "
+                f"this one observed {self.spec.granularity} '{self.observer}' and per-channel min/max along axis "
+                f"{self.channel_axis}",
+                layer=self.name,
+            )
+        lo, hi = float(self.min), float(self.max)
+        options = spec.options
+        name = spec.observer
+        if name == "minmax" or hi <= lo:
+            return lo, hi
+        if name == "percentile":
+            p = options.get("percentile", 99.99)
+            low, high = options.get("low", 100.0 - p), options.get("high", p)
+            return range_search.percentile_range(self.histogram, self.bin_edges, low=low, high=high)
+        if name == "mse":
+            return range_search.mse_range(self.histogram, self.bin_edges, spec)
+        if name == "kl":
+            return range_search.kl_range(self.histogram, self.bin_edges, spec)
+        if name == "mean_std":
+            k = float(options.get("num_std", 3.0))
+            return max(self.mean - k * self.std, lo), min(self.mean + k * self.std, hi)
+        # moving_average
+        if self.observer == "moving_average" and self.range_min is not None and np.ndim(self.range_min) == 0:
+            return float(self.range_min), float(self.range_max)
+        return lo, hi
+
+    def qparams(self, spec):
+        """Scale and zero point for `spec` from `compute_range(spec)`.
+
+        Args:
+            spec: The `kq.QuantSpec`.
+
+        Returns:
+            `(scale, zero_point)`: float32 and int32 numpy arrays (0-d per tensor).
+
+        Raises:
+            NoDataError: If no finite value was seen.
+            ConfigError: As `compute_range`.
+        """
+        lo, hi = self.compute_range(spec)
+        scale, zero_point = kq_ops.compute_qparams(np.asarray(lo, np.float32), np.asarray(hi, np.float32), spec)
+        return (
+            np.asarray(keras.ops.convert_to_numpy(scale), np.float32),
+            np.asarray(keras.ops.convert_to_numpy(zero_point), np.int32),
+        )
+
+    # Serialization ------------------------------------------------------------
+    def _tree(self):
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["shape"] = None if self.shape is None else list(self.shape)
+        d["spec"] = self.spec.get_config()
+        return d
+
+    def to_dict(self):
+        """Plain JSON-able data (arrays tagged with dtype/shape, non-finite floats as strings).
+
+        Returns:
+            A dict that `json.dumps` takes and `from_dict` reads back exactly.
+        """
+        return _encode(self._tree(), binary=False)
+
+    @classmethod
+    def from_dict(cls, d):
+        """A `LayerStatistics` from `to_dict()` data (or its msgpack form).
+
+        Args:
+            d: The dict.
+
+        Returns:
+            A new `LayerStatistics`.
+
+        Raises:
+            ConfigError: For unknown fields or an invalid spec.
+        """
+        if not isinstance(d, collections.abc.Mapping):
+            raise ConfigError("statistics", type(d).__name__, "LayerStatistics.from_dict needs a dict")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(unknown[0], d[unknown[0]], f"unknown LayerStatistics field; known fields are {sorted(names)}")
+        spec = d.get("spec")
+        kwargs = {
+            "name": str(d["name"]),
+            "count": int(d.get("count") or 0),
+            "num_samples": None if d.get("num_samples") is None else int(d["num_samples"]),
+            "shape": None if d.get("shape") is None else tuple(None if s is None else int(s) for s in d["shape"]),
+            "dtype": d.get("dtype"),
+            "channel_axis": int(d.get("channel_axis", -1)),
+            "non_finite_count": int(d.get("non_finite_count") or 0),
+            "spec": QuantSpec.from_config(spec) if spec is not None else QuantSpec(),
+            "observer": d.get("observer"),
+            "outliers": None if d.get("outliers") is None else {str(k): int(v) for k, v in d["outliers"].items()},
+        }
+        for key in ("min", "max", "mean", "std", "skewness", "kurtosis", "sparsity"):
+            kwargs[key] = _float(d.get(key))
+        for key in ("channel_min", "channel_max", "histogram", "bin_edges"):
+            kwargs[key] = _array(d.get(key))
+        for key in ("range_min", "range_max", "scale"):
+            kwargs[key] = _array_or_float(d.get(key))
+        zp = d.get("zero_point")
+        kwargs["zero_point"] = None if zp is None else (_array(zp) if isinstance(zp, dict) else int(zp))
+        return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------
+# Container: header line + payload, optional outer compression.
+
+
+def encode_payload(tree, fmt):
+    """Bytes of a payload tree (`json`: indented UTF-8, `msgpack`: binary arrays)."""
+    if fmt == "json":
+        return json.dumps(_encode(tree, binary=False), indent=1, allow_nan=False).encode("utf-8") + b"\n"
+    import msgpack
+
+    return msgpack.packb(_encode(tree, binary=True), use_bin_type=True)
+
+
+def decode_payload(data, fmt):
+    """The tree of `encode_payload`'s bytes, arrays as new numpy arrays."""
+    if fmt == "json":
+        return _decode(json.loads(data.decode("utf-8")))
+    import msgpack
+
+    return _decode(msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True))
+
+
+def _compress(data, compression):
+    if compression is None:
+        return data
+    if compression == "gzip":
+        return gzip.compress(data, mtime=0)
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=3).compress(data)
+
+
+def _decompress(raw):
+    if raw[:2] == b"\x1f\x8b":
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+            data = f.read(_MAX_DECOMPRESSED + 1)
+    elif raw[:4] == b"\x28\xb5\x2f\xfd":
+        import zstandard
+
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as f:
+            data = f.read(_MAX_DECOMPRESSED + 1)
+    else:
+        return raw
+    if len(data) > _MAX_DECOMPRESSED:
+        raise ValueError("decompressed size over the limit")
+    return data
+
+
+def _infer(path, fmt, compression):
+    name = os.path.basename(str(path)).lower()
+    suffix_compression = None
+    for ext, comp in ((".gz", "gzip"), (".zst", "zstd")):
+        if name.endswith(ext):
+            name, suffix_compression = name[: -len(ext)], comp
+    if compression is None:
+        compression = suffix_compression
+    if fmt is None:
+        if name.endswith(".json"):
+            fmt = "json"
+        elif name.endswith((".msgpack", ".mpk")):
+            fmt = "msgpack"
+        else:
+            raise ConfigError(
+                "path", str(path), "cannot infer the format: use a .json or .msgpack/.mpk suffix (optionally + .gz/.zst) "
+                "or pass format="
+            )
+    if fmt not in FORMATS:
+        raise ConfigError("format", fmt, f"format must be one of {FORMATS}")
+    if compression not in COMPRESSIONS:
+        raise ConfigError("compression", compression, f"compression must be one of {COMPRESSIONS}")
+    return fmt, compression
+
+
+def write_atomic(path, data):
+    """Write `data` to `path` atomically (temp file in the same directory, fsync, `os.replace`).
+
+    On any failure the temporary file is removed and `path` is left as it was.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = tempfile.NamedTemporaryFile(delete=False, dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp.name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp.name)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename durable (best effort; not every platform can open a directory)
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def dump_bytes(tree, fmt, compression=None):
+    """The container bytes of a payload tree."""
+    payload = encode_payload(tree, fmt)
+    header = {
+        "schema_version": SCHEMA_VERSION,
+        "format": fmt,
+        "payload_bytes": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    return _compress(MAGIC + json.dumps(header, sort_keys=True).encode("ascii") + b"\n" + payload, compression)
+
+
+def load_bytes(raw, path="<bytes>"):
+    """The payload tree of container bytes, verified.
+
+    Raises:
+        IntegrityError: For a bad magic, header, schema version, format,
+            length or checksum, or a payload that does not decode.
+    """
+    try:
+        data = _decompress(raw)
+    except Exception as e:  # truncated / garbled compressed stream
+        raise IntegrityError(path, f"the compressed data is corrupt ({type(e).__name__}: {e})") from None
+    if not data.startswith(MAGIC):
+        raise IntegrityError(path, "not a keras_quant calibration file (bad magic)")
+    end = data.find(b"\n", 0, 4096)
+    if end < 0:
+        raise IntegrityError(path, "the header line is missing or truncated")
+    try:
+        header = json.loads(data[len(MAGIC):end].decode("ascii"))
+        version, fmt = header["schema_version"], header["format"]
+        size, digest = int(header["payload_bytes"]), str(header["sha256"])
+    except Exception:
+        raise IntegrityError(path, "the header is garbled") from None
+    if version != SCHEMA_VERSION:
+        raise IntegrityError(path, f"unknown schema_version {version!r} (this version reads {SCHEMA_VERSION})")
+    if fmt not in FORMATS:
+        raise IntegrityError(path, f"unknown format {fmt!r}")
+    payload = data[end + 1:]
+    if len(payload) != size:
+        raise IntegrityError(path, f"the payload has {len(payload)} bytes, the header says {size} (truncated?)")
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise IntegrityError(path, "checksum mismatch (sha256)")
+    try:
+        return decode_payload(payload, fmt)
+    except Exception as e:
+        raise IntegrityError(path, f"the payload does not decode ({type(e).__name__}: {e})") from None
+
+
+# --------------------------------------------------------------------------
+# CalibrationResult.
+
+
+def _now_iso():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
+class CalibrationResult(collections.abc.Mapping):
+    """Read-only mapping of layer name to `LayerStatistics`, with metadata.
+
+    Args:
+        layers: A mapping of name to `LayerStatistics`, or an iterable of
+            `LayerStatistics` (keyed by their `name`); the order is kept.
+        metadata: Optional dict: `samples_seen`, `sampling`, `model`,
+            `config`, ...; `keras_quant_version` and `created` (UTC ISO time)
+            are filled in when absent.
+
+    Raises:
+        ConfigError: For a value that is not a `LayerStatistics`.
+
+    Example:
+
+    >>> result = CalibrationResult([stats_a, stats_b], metadata={"model": "cnn"})  # doctest: +SKIP
+    >>> result["conv2d"].max, result.qparams("conv2d", kq.QuantSpec(bits=8))        # doctest: +SKIP
+    """
+
+    def __init__(self, layers=(), metadata=None):
+        items = layers.items() if isinstance(layers, collections.abc.Mapping) else ((s.name, s) for s in layers)
+        self._layers = {}
+        for name, stats in items:
+            if not isinstance(stats, LayerStatistics):
+                raise ConfigError("layers", type(stats).__name__, "values must be LayerStatistics", layer=name)
+            self._layers[str(name)] = stats
+        from keras_quant import __version__
+
+        meta = dict(metadata or {})
+        meta.setdefault("keras_quant_version", __version__)
+        meta.setdefault("created", _now_iso())
+        self._metadata = meta
+
+    # Mapping ----------------------------------------------------------------
+    def __getitem__(self, name):
+        try:
+            return self._layers[name]
+        except KeyError:
+            raise KeyError(f"no layer named {name!r} in the calibration; known layers: {list(self._layers)}") from None
+
+    def __iter__(self):
+        return iter(self._layers)
+
+    def __len__(self):
+        return len(self._layers)
+
+    def __repr__(self):
+        return f"CalibrationResult({len(self)} layers: {list(self._layers)[:8]}{'...' if len(self) > 8 else ''})"
+
+    def __eq__(self, other):
+        if not isinstance(other, CalibrationResult):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    __hash__ = None
+
+    @property
+    def layer_names(self):
+        """Layer names in recording order (a new list)."""
+        return list(self._layers)
+
+    @property
+    def metadata(self):
+        """A copy of the metadata dict."""
+        return json.loads(json.dumps(to_jsonable(self._metadata)))
+
+    # Queries ----------------------------------------------------------------
+    def qparams(self, name, spec):
+        """Scale and zero point of layer `name` for `spec`.
+
+        Args:
+            name: The layer name.
+            spec: The `kq.QuantSpec`.
+
+        Returns:
+            `(scale, zero_point)` numpy arrays.
+
+        Raises:
+            NoDataError: If the layer is absent from the calibration, or no
+                sample reached it.
+        """
+        if name not in self._layers:
+            raise NoDataError(
+                name, reason=f"the layer is absent from the calibration (known layers: {list(self._layers)})", layer=name
+            )
+        return self._layers[name].qparams(spec)
+
+    def summary(self, print_fn=print):
+        """Print one row per layer: count, min, max, mean, std, sparsity, scale, zero_point.
+
+        Args:
+            print_fn: Called with the table text.
+
+        Returns:
+            The table text.
+        """
+        rows = []
+        for name, s in self._layers.items():
+            per_tensor = s.scale is not None and np.ndim(s.scale) == 0
+            rows.append({
+                "name": name, "count": s.count, "min": s.min, "max": s.max, "mean": s.mean, "std": s.std,
+                "sparsity": s.sparsity, "scale": float(s.scale) if per_tensor else ("per-channel" if s.scale is not None else None),
+                "zero_point": int(s.zero_point) if per_tensor else None,
+            })
+        title = f"Calibration: {len(self)} layers, {self._metadata.get('samples_seen', '?')} samples"
+        text = text_table(rows, ["name", "count", "min", "max", "mean", "std", "sparsity", "scale", "zero_point"], title)
+        print_fn(text)
+        return text
+
+    # Serialization ------------------------------------------------------------
+    def _tree(self):
+        return {"metadata": to_jsonable(self._metadata), "layers": [s._tree() for s in self._layers.values()]}
+
+    def to_dict(self):
+        """Plain JSON-able data: `{"metadata": {...}, "layers": [LayerStatistics.to_dict(), ...]}`."""
+        return _encode(self._tree(), binary=False)
+
+    @classmethod
+    def from_dict(cls, d):
+        """A new `CalibrationResult` from `to_dict()` data.
+
+        Raises:
+            ConfigError: For malformed data.
+        """
+        if not isinstance(d, collections.abc.Mapping) or not isinstance(d.get("layers"), list):
+            raise ConfigError("result", type(d).__name__, "CalibrationResult.from_dict needs {'metadata': ..., 'layers': [...]}")
+        layers = [LayerStatistics.from_dict(x) for x in d["layers"]]
+        return cls(layers, metadata=dict(d.get("metadata") or {}))
+
+    def save(self, path, format=None, compression=None):  # noqa: A002 (Keras-style argument name)
+        """Write the result to `path` atomically.
+
+        Args:
+            path: Target file; the format (`.json`, `.msgpack` / `.mpk`) and
+                compression (`.gz`, `.zst` after it) are inferred from the suffix.
+            format: `"json"` or `"msgpack"`; overrides the suffix.
+            compression: None, `"gzip"` or `"zstd"`; overrides the suffix.
+
+        Returns:
+            The path written.
+
+        Raises:
+            ConfigError: For an unknown format/compression or a suffix that names none.
+        """
+        fmt, compression = _infer(path, format, compression)
+        write_atomic(path, dump_bytes(self._tree(), fmt, compression))
+        return path
+
+    @classmethod
+    def load(cls, path):
+        """Read a result written by `save` (any format / compression), verified.
+
+        Args:
+            path: The file.
+
+        Returns:
+            A new `CalibrationResult`.
+
+        Raises:
+            IntegrityError: For a truncated, tampered or garbled file, or an
+                unknown schema version or format. Nothing is half-loaded.
+            FileNotFoundError: If `path` does not exist.
+        """
+        with open(path, "rb") as f:
+            raw = f.read()
+        tree = load_bytes(raw, path)
+        try:
+            return cls.from_dict(tree)
+        except Exception as e:
+            raise IntegrityError(path, f"the payload is not a calibration result ({type(e).__name__}: {e})") from None

@@ -1,0 +1,329 @@
+"""Activation statistics in the graph: the `LayerCollector` layer and its moment merge.
+
+A `LayerCollector` is an observer (`keras_quant.observers.Observer`) that
+watches one tensor and keeps, in fixed-size float32 variables,
+
+- per tensor: count, mean and the central moments `M2`, `M3`, `M4` (merged
+  exactly across batches, below), the number of exact zeros, the number of
+  samples and the non-finite count;
+- a per-tensor `HistogramObserver` (whose `[hist_min, hist_max]` is also the
+  running min / max, so no separate min/max reduction runs), used for
+  percentiles, outlier counts and the `percentile` / `mse` / `kl` searches;
+- per channel (along `channel_axis`): a `MinMaxObserver`;
+- only when the spec's range cannot be read from the above: the spec's own
+  observer (`moving_average`, or a per-channel non-`minmax` spec).
+
+Batch moments are computed two-pass within the batch, then merged with the
+running ones by the pairwise formulas of Chan et al. (1979) and Pébay (2008):
+with `n = n_a + n_b`, `d = mean_b - mean_a`, `r_a = n_a / n`, `r_b = n_b / n`,
+
+    mean = mean_a + d r_b
+    M2 = M2_a + M2_b + d^2 n_a r_b
+    M3 = M3_a + M3_b + d^3 n_a r_b (r_a - r_b) + 3 d (r_a M2_b - r_b M2_a)
+    M4 = M4_a + M4_b + d^4 n_a r_b (r_a^2 - r_a r_b + r_b^2)
+         + 6 d^2 (r_a^2 M2_b + r_b^2 M2_a) + 4 d (r_a M3_b - r_b M3_a)
+
+(written with ratios so nothing overflows float32), so the result does not
+depend on how the data was split. `merge_moments` is that formula as a pure
+function; `batch_moments` the numpy two-pass batch moments.
+
+Example:
+
+>>> import keras, numpy as np, keras_quant as kq
+>>> collector = LayerCollector(kq.QuantSpec(bits=8, observer="mse"))
+>>> model = keras.Sequential([keras.Input((16,)), collector])
+>>> _ = model.predict(np.random.default_rng(0).normal(size=(256, 16)), verbose=0)
+>>> stats = collector.to_statistics()          # a LayerStatistics (numpy)
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_quant import observers
+from keras_quant import ops as kq_ops
+from keras_quant.config import QuantSpec
+from keras_quant.errors import ConfigError
+from keras_quant.observers.base import Observer
+from keras_quant.observers.histogram import HistogramObserver
+from keras_quant.observers.minmax import MinMaxObserver
+from keras_quant.calibration.result import LayerStatistics, histogram_outliers
+
+__all__ = ["LayerCollector", "merge_moments", "batch_moments", "moments_to_stats"]
+
+_HISTOGRAM_OBSERVERS = ("percentile", "mse", "kl")
+
+
+def batch_moments(x):
+    """`(n, mean, M2, M3, M4)` of the values `x`, two-pass, in float64 numpy.
+
+    Args:
+        x: Array-like of finite floats.
+
+    Returns:
+        A tuple of floats: count, mean and the sums of the 2nd, 3rd and 4th
+        powers of the deviations from the mean.
+
+    Example:
+
+    >>> batch_moments([1.0, 2.0, 3.0])
+    (3.0, 2.0, 2.0, 0.0, 2.0)
+    """
+    x = np.asarray(x, np.float64).reshape(-1)
+    if x.size == 0:
+        return (0.0, 0.0, 0.0, 0.0, 0.0)
+    mean = x.mean()
+    d = x - mean
+    d2 = d * d
+    return (float(x.size), float(mean), float(d2.sum()), float((d2 * d).sum()), float((d2 * d2).sum()))
+
+
+def merge_moments(a, b, maximum=np.maximum):
+    """Merge the moments of two disjoint sets exactly (Chan / Pébay pairwise update).
+
+    Works on Python floats, numpy arrays or backend tensors (pass
+    `maximum=keras.ops.maximum` for tensors). Either side may be empty
+    (`n = 0`).
+
+    Args:
+        a: `(n, mean, M2, M3, M4)` of the first set.
+        b: The same for the second set.
+        maximum: The elementwise maximum to guard the division by `n`.
+
+    Returns:
+        `(n, mean, M2, M3, M4)` of the union.
+
+    Example:
+
+    >>> x = np.arange(10.0)
+    >>> np.allclose(merge_moments(batch_moments(x[:3]), batch_moments(x[3:])), batch_moments(x))
+    True
+    """
+    n_a, mean_a, m2_a, m3_a, m4_a = a
+    n_b, mean_b, m2_b, m3_b, m4_b = b
+    n = n_a + n_b
+    safe_n = maximum(n, 1.0)
+    r_a, r_b = n_a / safe_n, n_b / safe_n
+    d = mean_b - mean_a
+    d2 = d * d
+    cross = n_a * r_b  # n_a n_b / n
+    mean = mean_a + d * r_b
+    m2 = m2_a + m2_b + d2 * cross
+    m3 = m3_a + m3_b + d2 * d * cross * (r_a - r_b) + 3.0 * d * (r_a * m2_b - r_b * m2_a)
+    m4 = (
+        m4_a + m4_b
+        + d2 * d2 * cross * (r_a * r_a - r_a * r_b + r_b * r_b)
+        + 6.0 * d2 * (r_a * r_a * m2_b + r_b * r_b * m2_a)
+        + 4.0 * d * (r_a * m3_b - r_b * m3_a)
+    )
+    return n, mean, m2, m3, m4
+
+
+def moments_to_stats(n, mean, m2, m3, m4):
+    """Mean, population std, skewness and excess kurtosis from `(n, mean, M2, M3, M4)`.
+
+    Skewness is `sqrt(n) M3 / M2^1.5` and kurtosis `n M4 / M2^2 - 3` (the
+    biased estimates of `scipy.stats.skew` / `scipy.stats.kurtosis(fisher=True)`);
+    both are None when `M2 == 0` (constant data).
+
+    Returns:
+        `(mean, std, skewness, kurtosis)` as floats (or None).
+    """
+    n, mean, m2, m3, m4 = (float(v) for v in (n, mean, m2, m3, m4))
+    if n <= 0:
+        return None, None, None, None
+    m2 = max(m2, 0.0)
+    std = float(np.sqrt(m2 / n))
+    if m2 <= 0 or std <= 1e-30:
+        return mean, std, None, None
+    return mean, std, float(np.sqrt(n) * m3 / m2**1.5), float(n * m4 / (m2 * m2) - 3.0)
+
+
+@keras.saving.register_keras_serializable(package="keras_quant")
+class LayerCollector(Observer):
+    """Pass-through layer that gathers the statistics of one tensor in the graph.
+
+    Runs inside compiled steps (`tf.function`, `jit_compile=True`, JAX) with
+    fixed memory; `to_statistics()` reads the state into a `LayerStatistics`.
+
+    Args:
+        spec: The `kq.QuantSpec` of this activation (None: `QuantSpec(bits=8)`);
+            its `observer` picks the range stored in the statistics.
+        channel_axis: Axis of the per-channel min / max (skipped when the
+            axis' size is unknown or the tensor is 1-D).
+        num_bins: Histogram bins (at least 8); a histogram-based spec's
+            `observer_options["num_bins"]` overrides it.
+        name: Layer name.
+        **kwargs: Other Keras layer arguments.
+
+    Raises:
+        ConfigError: For an invalid argument.
+
+    Example:
+
+    >>> c = LayerCollector(kq.QuantSpec(bits=8, observer="percentile"))   # doctest: +SKIP
+    >>> _ = c(x); _ = c(x2, sample_mask=keep)                              # doctest: +SKIP
+    >>> c.to_statistics().percentile(99.0)                                 # doctest: +SKIP
+    """
+
+    def __init__(self, spec=None, channel_axis=-1, num_bins=2048, name=None, **kwargs):
+        super().__init__(granularity="per_tensor", name=name, **kwargs)
+        if spec is None:
+            spec = QuantSpec(bits=8)
+        elif isinstance(spec, dict):
+            spec = QuantSpec.from_config(spec)
+        elif not isinstance(spec, QuantSpec):
+            raise ConfigError("spec", spec, "spec must be a kq.QuantSpec, its config dict or None", layer=name)
+        if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
+            raise ConfigError("channel_axis", channel_axis, "channel_axis must be an integer", layer=name)
+        self.spec = spec
+        self.channel_axis = int(channel_axis)
+        if spec.observer in _HISTOGRAM_OBSERVERS and "num_bins" in spec.options:
+            num_bins = spec.options["num_bins"]
+        self.num_bins = num_bins
+        self._hist = HistogramObserver(num_bins=num_bins, method="minmax", name="histogram")
+        self._channel = None  # built when the channel size is known
+        self._extra = None
+        reusable = spec.granularity == "per_tensor" and spec.observer != "moving_average"
+        if not reusable and not (spec.granularity == "per_channel" and spec.observer == "minmax"):
+            self._extra = observers.get(spec, name="range_observer")
+        self._input_dtype = None
+        self._batch_shape = None
+
+    # Building ---------------------------------------------------------------
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        self._batch_shape = (None,) + input_shape[1:]
+        self._hist.build(input_shape)
+        ndim = len(input_shape)
+        axis = self.channel_axis % ndim if ndim else 0
+        if ndim >= 2 and axis != 0 and input_shape[axis] is not None:
+            self._channel = MinMaxObserver(granularity="per_channel", axis=self.channel_axis, name="channel_minmax")
+            self._channel.build(input_shape)
+        if self._extra is not None:
+            self._extra.build(input_shape)
+        super().build(input_shape)
+
+    def _build_state(self, shape):
+        for name, value in (("count", 0.0), ("mean", 0.0), ("m2", 0.0), ("m3", 0.0), ("m4", 0.0),
+                            ("zeros", 0.0), ("samples", 0.0)):
+            self._state_variable(name, (), value)
+
+    # Graph-side update ------------------------------------------------------
+    def call(self, inputs, sample_mask=None):
+        """Fold `inputs` into the statistics and return them unchanged.
+
+        Args:
+            inputs: The tensor (batch first).
+            sample_mask: Optional bool tensor `(batch,)`; samples where it is
+                False are left out of every statistic.
+        """
+        self._input_dtype = keras.backend.standardize_dtype(inputs.dtype)
+        super().call(inputs, sample_mask=sample_mask)  # moments, histogram, per-tensor extra
+        if self._channel is not None:
+            self._channel.call(inputs, sample_mask=sample_mask)
+        if self._extra is not None and self._extra.granularity != "per_tensor":
+            self._extra.call(inputs, sample_mask=sample_mask)
+        if sample_mask is None:
+            seen = ops.cast(ops.shape(inputs)[0], "float32")
+        else:
+            seen = ops.sum(ops.cast(sample_mask, "float32"))
+        self.samples.assign(self.samples + seen)
+        return inputs
+
+    def _update_state(self, rows, finite, all_finite):
+        w = ops.cast(finite, "float32")
+        x = ops.where(finite, rows, 0.0)
+        n_b = ops.sum(w)
+        mean_b = ops.sum(x) / ops.maximum(n_b, 1.0)
+        d = (x - mean_b) * w
+        d2 = d * d
+        batch = (n_b, mean_b, ops.sum(d2), ops.sum(d2 * d), ops.sum(d2 * d2))
+        running = (self.count, self.mean, self.m2, self.m3, self.m4)
+        merged = merge_moments(running, batch, maximum=ops.maximum)
+        for var, value in zip(running, merged):
+            var.assign(value)
+        # x holds 0 where a value is left out, so its zeros are the exact zeros plus the left-out values.
+        left_out = ops.cast(ops.shape(rows)[0], "float32") - n_b
+        self.zeros.assign(self.zeros + ops.sum(ops.cast(ops.equal(x, 0.0), "float32")) - left_out)
+        # The histogram shares rows / finite (no second isfinite or reshape); its
+        # [hist_min, hist_max] is the running min / max.
+        self._hist._update_state(rows, finite, all_finite)
+        if self._extra is not None and self._extra.granularity == "per_tensor":
+            self._extra._update_state(rows, finite, all_finite)
+
+    # Eager API -------------------------------------------------------------
+    def reset(self):
+        """Restore the empty state (of the sub-observers too)."""
+        super().reset()
+        for obs in (self._hist, self._channel, self._extra):
+            if obs is not None and obs.built:
+                obs.reset()
+
+    def _range(self, spec=None):
+        stats = self.to_statistics()
+        stats._require_data()
+        lo, hi = stats.compute_range(self.spec if spec is None else spec)
+        return np.reshape(lo, -1), np.reshape(hi, -1)
+
+    def compute_range(self, spec=None):
+        """The range for `spec` (default the collector's), see `LayerStatistics.compute_range`."""
+        return self.to_statistics().compute_range(self.spec if spec is None else spec)
+
+    def compute_qparams(self, spec=None):
+        """`(scale, zero_point)` for `spec` (default the collector's), see `LayerStatistics.qparams`."""
+        return self.to_statistics().qparams(self.spec if spec is None else spec)
+
+    def to_statistics(self, name=None):
+        """The statistics seen so far, as a `LayerStatistics` (numpy; call outside the graph).
+
+        Args:
+            name: The name to record; default the layer's name.
+
+        Returns:
+            A `LayerStatistics`. With nothing seen (`count == 0`, or never
+            called), its statistics are None and its `qparams` raises
+            `NoDataError`; this method does not raise.
+        """
+        name = self.name if name is None else str(name)
+        base = dict(name=name, spec=self.spec, shape=self._batch_shape, dtype=self._input_dtype,
+                    channel_axis=self.channel_axis)
+        if not self.built:
+            return LayerStatistics(**base)
+        read = lambda v: float(np.asarray(ops.convert_to_numpy(v), np.float64))  # noqa: E731
+        count = int(round(read(self.count)))
+        base.update(num_samples=int(round(read(self.samples))), non_finite_count=int(round(read(self.non_finite_count))))
+        if count == 0:
+            return LayerStatistics(count=0, **base)
+        mean, std, skew, kurt = moments_to_stats(count, read(self.mean), read(self.m2), read(self.m3), read(self.m4))
+        hist, lo, hi = self._hist._state()
+        hist, lo, hi = hist[0], float(lo[0]), float(hi[0])
+        edges = np.linspace(lo, hi, self.num_bins + 1)
+        channel_min = channel_max = None
+        if self._channel is not None:
+            channel_min = np.asarray(ops.convert_to_numpy(self._channel.min_val), np.float32).copy()
+            channel_max = np.asarray(ops.convert_to_numpy(self._channel.max_val), np.float32).copy()
+        stats = LayerStatistics(
+            count=count, min=lo, max=hi, mean=mean, std=std, skewness=skew, kurtosis=kurt,
+            sparsity=read(self.zeros) / count, channel_min=channel_min, channel_max=channel_max,
+            histogram=hist, bin_edges=edges, outliers=histogram_outliers(hist, edges, mean, std), **base,
+        )
+        if self._extra is not None:
+            rmin, rmax = self._extra.compute_range()
+            if np.ndim(rmin) == 0:
+                rmin, rmax = float(rmin), float(rmax)
+            stats = dataclasses.replace(stats, range_min=rmin, range_max=rmax)
+        rmin, rmax = stats.compute_range(self.spec)
+        scale, zero_point = kq_ops.compute_qparams(np.asarray(rmin, np.float32), np.asarray(rmax, np.float32), self.spec)
+        scale = np.asarray(ops.convert_to_numpy(scale), np.float32)
+        zero_point = np.asarray(ops.convert_to_numpy(zero_point), np.int32)
+        if np.ndim(rmin) == 0:
+            rmin, rmax, scale, zero_point = float(rmin), float(rmax), float(scale), int(zero_point)
+        return dataclasses.replace(stats, range_min=rmin, range_max=rmax, scale=scale, zero_point=zero_point)
+
+    def get_config(self):
+        config = keras.layers.Layer.get_config(self)
+        config.update({"spec": self.spec.get_config(), "channel_axis": self.channel_axis, "num_bins": self.num_bins})
+        return config
