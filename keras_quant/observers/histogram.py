@@ -52,7 +52,11 @@ def _weighted_counts(ids, weights, length):
     use `segment_sum`, which XLA lowers to a scatter-add.
     """
     if keras.backend.backend() == "tensorflow":
-        return ops.bincount(ids, weights=weights, minlength=length)
+        import tensorflow as tf
+
+        # The raw op with a constant `size`: `ops.bincount` derives the size
+        # from `max(ids) + 1`, which XLA cannot compile in a larger graph.
+        return tf.raw_ops.DenseBincount(input=ids, size=length, weights=weights, binary_output=False)
     return ops.segment_sum(weights, ids, num_segments=length)
 
 

@@ -1,0 +1,424 @@
+"""`CalibrationCallback`: activation statistics gathered in Keras' own step.
+
+Add the callback to an ordinary `model.fit`, `model.evaluate` or
+`model.predict` call. While that call runs, the callback
+
+1. hooks the `call` of every layer the config quantizes (leaf layers of
+   Sequential, Functional, subclassed and nested models alike) so that, inside
+   the compiled step, each output is also folded into a `LayerCollector`
+   (fixed-size statistics and the range observer of the layer's spec);
+2. wraps the model's `train_step` / `test_step` / `predict_step` so the step
+   picks the samples to observe (the sampler and the `max_samples` budget),
+   observes the model inputs, and switches the hooks on only for the step of
+   the call it calibrates: validation inside `fit` is not observed;
+3. rebuilds the model's step function so the observers are part of the one
+   compiled graph Keras runs anyway (`tf.function`, `jit_compile=True`):
+   there is no second pass over the data and no `py_function`.
+
+When the call ends, every hook is removed and the model's step functions are
+put back as they were, so weights, outputs and later calls are unchanged.
+Statistics accumulate across calls until `reset()`; `result` reads them.
+
+Under `tf.distribute.MirroredStrategy` each replica gathers the batch from
+all replicas (`ReplicaContext.all_gather`) and applies the same update, and
+the state variables keep the first replica's write, so the statistics equal
+those one device computes on the same samples.
+
+The callback needs the TensorFlow backend (it hooks TensorFlow's trainer).
+The observers and collectors themselves are backend-agnostic.
+
+Example:
+
+>>> import keras_quant as kq
+>>> cb = kq.CalibrationCallback(max_samples=1000, sampling="random", seed=0)
+>>> model.predict(x_calib, callbacks=[cb])
+>>> cb.result["conv2d"].max
+"""
+
+import contextlib
+import functools
+import threading
+import time
+
+import keras
+
+from keras_quant import __version__
+from keras_quant.calibration import sampling as sampling_lib
+from keras_quant.calibration.result import CalibrationResult
+from keras_quant.calibration.stats import LayerCollector
+from keras_quant.config import QuantConfig
+from keras_quant.errors import ConfigError, MemoryLimitExceededError
+from keras_quant.layers.rules import get_rule
+from keras_quant.layers.walk import input_keys, leaf_layers, layer_keys
+
+__all__ = ["CalibrationCallback"]
+
+_STEPS = {"train": "train_step", "test": "test_step", "predict": "predict_step"}
+_FUNCTIONS = {"train": "train_function", "test": "test_function", "predict": "predict_function"}
+_MAKERS = {"train": "make_train_function", "test": "make_test_function", "predict": "make_predict_function"}
+
+
+def _replica_context():
+    """The TF replica context when several replicas run in sync, else None."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync <= 1:
+        return None
+    return ctx
+
+
+def _gather(x):
+    """`x` (a tensor or a structure) concatenated over replicas along the batch axis."""
+    ctx = _replica_context()
+    if ctx is None or x is None:
+        return x
+    return keras.tree.map_structure(lambda t: ctx.all_gather(t, axis=0), x)
+
+
+def _first_tensor(outputs):
+    flat = keras.tree.flatten(outputs)
+    return flat[0] if flat else None
+
+
+def _batched(t):
+    return t is not None and len(t.shape) >= 1 and "float" in str(t.dtype)
+
+
+class CalibrationCallback(keras.callbacks.Callback):
+    """Gathers activation statistics of every quantized layer during `fit`, `evaluate` or `predict`.
+
+    Args:
+        config: A `kq.QuantConfig` choosing which layers are observed (those
+            whose activation spec is not None and whose type has a layer rule)
+            and each activation's spec (its `observer` picks the range
+            observer). Default `kq.QuantConfig.int8()`.
+        max_samples: Stop updating after this many samples (exact), or None.
+        sampling: `"all"`, `"random"`, `"systematic"`, `"stratified"`,
+            `"importance"`, or a sampler object with a
+            `select(inputs, labels) -> (batch,) mask` method.
+        seed: Seed for the random samplers.
+        sampling_options: Constructor arguments of the named sampler, e.g.
+            `{"rate": 0.25}` or `{"step": 10}` or `{"num_strata": 10}`.
+        num_bins: Histogram bins per layer (percentiles, outliers, range
+            searches).
+        memory_limit: Optional bound in bytes on the statistics' state; the
+            callback raises `kq.errors.MemoryLimitExceededError` before
+            creating state past it. The state is fixed-size, so the bound
+            holds however many samples are streamed.
+        verbose: 1 prints a progress line (samples seen, layers tracked) per
+            batch; 0 is silent.
+
+    Raises:
+        ConfigError: For an invalid argument.
+
+    Example:
+
+    >>> cb = CalibrationCallback(config=kq.QuantConfig.int8())
+    >>> model.fit(x, y, epochs=1, callbacks=[cb])
+    >>> cb.result.summary()
+    """
+
+    def __init__(self, config=None, max_samples=None, sampling="all", seed=None, *, sampling_options=None,
+                 num_bins=2048, memory_limit=None, verbose=0):
+        super().__init__()
+        if config is None:
+            config = QuantConfig.int8()
+        if not isinstance(config, QuantConfig):
+            raise ConfigError("config", config, "config must be a kq.QuantConfig or None")
+        if memory_limit is not None and (
+            isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit < 1
+        ):
+            raise ConfigError("memory_limit", memory_limit, "memory_limit must be a positive number of bytes or None")
+        if verbose not in (0, 1):
+            raise ConfigError("verbose", verbose, "verbose must be 0 or 1")
+        self.config = config
+        self.max_samples = max_samples
+        self.sampling = sampling
+        self.seed = seed
+        self.num_bins = num_bins
+        self.memory_limit = memory_limit
+        self.verbose = verbose
+        self._sampler = sampling_lib.get(sampling, max_samples=max_samples, seed=seed, **(sampling_options or {}))
+        self._budget = sampling_lib.SampleBudget(max_samples)
+        self._keeps_all = max_samples is None and type(self._sampler) is sampling_lib.AllSampler
+        self._collectors = {}  # key -> LayerCollector, in recording order
+        self._specs = {}
+        self._local = threading.local()
+        self._attached = None  # the mode being calibrated, while attached
+        self._saved = {}
+        self._patched = []
+        self._progbar = None
+        self._model_name = None
+
+    # Which tensors ------------------------------------------------------------
+    def _tracked_layers(self, model):
+        """`[(key, layer, spec)]` for the leaf layers whose output is observed."""
+        paths = {id(layer): path for path, layer in leaf_layers(model)}
+        tracked = []
+        for key, layer in layer_keys(model).items():
+            rule = get_rule(layer)
+            if rule is None or not rule.observe:
+                continue
+            layer_config = self.config.for_layer(layer, paths.get(id(layer)))
+            if layer_config is None or layer_config.activations is None:
+                continue
+            tracked.append((key, layer, layer_config.activations))
+        return tracked
+
+    def _input_keys(self, model):
+        keys = input_keys(model)
+        if keys is None:
+            return None
+        return keys
+
+    # Collectors -------------------------------------------------------------
+    def _collector(self, key, spec, shape=None):
+        if key in self._collectors:
+            return self._collectors[key]
+        collector = LayerCollector(spec=spec, num_bins=self.num_bins, name=f"kq_calibration_{len(self._collectors)}")
+        if shape is not None:
+            self._check_memory(key, collector, shape)
+            collector.build(shape)
+        self._collectors[key] = collector
+        self._specs[key] = spec
+        return collector
+
+    def _check_memory(self, key, collector, shape):
+        if self.memory_limit is None:
+            return
+        used = sum(c.state_bytes for c in self._collectors.values() if c.built)
+        # Built inside a StatelessScope, Keras variables are declared but not
+        # allocated: the exact size of the state, before any of it exists.
+        with keras.StatelessScope():
+            probe = LayerCollector(spec=collector.spec, num_bins=self.num_bins)
+            probe.build(shape)
+            needed = probe.state_bytes
+        if used + needed > self.memory_limit:
+            raise MemoryLimitExceededError(used + needed, self.memory_limit, field=f"calibration statistics of '{key}'")
+
+    @staticmethod
+    def _output_shape(layer):
+        try:
+            return tuple(layer.output.shape)
+        except (AttributeError, ValueError, RuntimeError):
+            return None
+
+    def _create_state(self, model):
+        strategy = getattr(model, "distribute_strategy", None)
+        scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+        tracked = self._tracked_layers(model)
+        with scope:
+            if not self._sampler.built:
+                self._sampler.build()
+            if not self._budget.built:
+                self._budget.build()
+            keys = self._input_keys(model)
+            inputs = getattr(model, "inputs", None) if keys else None
+            self._input_names = keys
+            if keys and self.config.activations is not None:
+                for key, tensor in zip(keys, inputs):
+                    self._collector(key, self.config.activations, tuple(tensor.shape))
+            elif self.config.activations is not None:
+                self._input_names = None
+            for key, layer, spec in tracked:
+                self._collector(key, spec, self._output_shape(layer))
+        return tracked
+
+    # Attaching ----------------------------------------------------------------
+    def _hook(self, key, layer, original):
+        callback = self
+
+        @functools.wraps(original)
+        def call(*args, **kwargs):
+            outputs = original(*args, **kwargs)
+            local = callback._local
+            if getattr(local, "active", False):
+                tensor = _first_tensor(outputs)
+                if _batched(tensor):
+                    callback._observe(key, callback._specs[key], _gather(tensor), local.mask)
+            return outputs
+
+        return call
+
+    def _observe(self, key, spec, tensor, mask):
+        collector = self._collectors.get(key)
+        if collector is None:
+            collector = self._collector(key, spec)
+        if not collector.built:
+            self._check_memory(key, collector, tuple(tensor.shape))
+        collector(tensor, sample_mask=mask)
+
+    def _wrap_step(self, mode, original):
+        callback = self
+
+        @functools.wraps(original)
+        def step(data):
+            x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+            if mode == "predict":
+                y = None
+            x_all, y_all = _gather(x), _gather(y)
+            mask = callback._budget(callback._sampler(x_all, labels=y_all))
+            if callback._keeps_all:  # every sample is kept: spare the observers the masked path
+                mask = None
+            callback._observe_inputs(x_all, mask)
+            local = callback._local
+            local.active, local.mask = True, mask
+            try:
+                return original(data)
+            finally:
+                local.active, local.mask = False, None
+
+        return step
+
+    def _observe_inputs(self, x, mask):
+        if self.config.activations is None:
+            return
+        names = self._input_names
+        if isinstance(x, dict) and names:
+            tensors = [x[n] for n in names if n in x]
+            keys = [n for n in names if n in x]
+        else:
+            tensors = keras.tree.flatten(x)
+            keys = names if names and len(names) == len(tensors) else (
+                ["input"] if len(tensors) == 1 else [f"input_{i}" for i in range(len(tensors))]
+            )
+        for key, t in zip(keys, tensors):
+            if _batched(t):
+                self._observe(key, self.config.activations, t, mask)
+
+    def _attach(self, mode):
+        model = self.model
+        if keras.backend.backend() != "tensorflow":
+            raise ConfigError(
+                "backend", keras.backend.backend(), "CalibrationCallback hooks TensorFlow's trainer; "
+                "use KERAS_BACKEND=tensorflow (observers alone run on every backend)"
+            )
+        self._detach()
+        self._model_name = model.name
+        tracked = self._create_state(model)
+        for key, layer, _ in tracked:
+            own = layer.__dict__.get("call")
+            self._patched.append((layer, own))
+            layer.call = self._hook(key, layer, layer.call)
+        step_name, fn_name = _STEPS[mode], _FUNCTIONS[mode]
+        self._saved = {
+            "step": (step_name, model.__dict__.get(step_name)),
+            "function": (fn_name, getattr(model, fn_name, None)),
+        }
+        setattr(model, step_name, self._wrap_step(mode, getattr(model, step_name)))
+        getattr(model, _MAKERS[mode])(force=True)
+        self._attached = mode
+        self._layers_tracked = len(tracked)
+        if self.verbose:
+            self._progbar = keras.utils.Progbar(None, stateful_metrics=["samples", "layers"])
+            self._start = time.time()
+
+    def _detach(self):
+        """Remove every hook and restore the model's step and step function."""
+        for layer, own in reversed(self._patched):
+            if own is None:
+                layer.__dict__.pop("call", None)
+            else:
+                layer.call = own
+        self._patched = []
+        model = self.model if self._saved else None
+        if model is not None:
+            step_name, own_step = self._saved["step"]
+            if own_step is None:
+                model.__dict__.pop(step_name, None)
+            else:
+                setattr(model, step_name, own_step)
+            fn_name, fn = self._saved["function"]
+            setattr(model, fn_name, fn)
+        self._saved = {}
+        self._attached = None
+        self._local.active, self._local.mask = False, None
+
+    # Keras callback hooks -----------------------------------------------------
+    def on_train_begin(self, logs=None):
+        self._attach("train")
+
+    def on_train_end(self, logs=None):
+        if self._attached == "train":
+            self._finish()
+
+    def on_test_begin(self, logs=None):
+        if self._attached is None:  # validation inside fit is not calibrated
+            self._attach("test")
+
+    def on_test_end(self, logs=None):
+        if self._attached == "test":
+            self._finish()
+
+    def on_predict_begin(self, logs=None):
+        if self._attached is None:
+            self._attach("predict")
+
+    def on_predict_end(self, logs=None):
+        if self._attached == "predict":
+            self._finish()
+
+    def _progress(self, batch):
+        if self._progbar is not None and self._attached is not None:
+            self._progbar.update(batch + 1, values=[("samples", self.samples_seen), ("layers", len(self._collectors))])
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._attached == "train":
+            self._progress(batch)
+
+    def on_test_batch_end(self, batch, logs=None):
+        if self._attached == "test":
+            self._progress(batch)
+
+    def on_predict_batch_end(self, batch, logs=None):
+        if self._attached == "predict":
+            self._progress(batch)
+
+    def _finish(self):
+        self._detach()
+        if self._progbar is not None:
+            print(f"\ncalibrated {self.samples_seen} samples, {len(self._collectors)} tensors tracked "
+                  f"in {time.time() - self._start:.1f}s")
+            self._progbar = None
+
+    # Results ------------------------------------------------------------------
+    @property
+    def samples_seen(self):
+        """Number of samples folded into the statistics so far."""
+        if not self._budget.built:
+            return 0
+        return int(keras.ops.convert_to_numpy(self._budget.kept))
+
+    @property
+    def state_bytes(self):
+        """Bytes held by the statistics' state (fixed however many samples are seen)."""
+        return sum(c.state_bytes for c in self._collectors.values() if c.built)
+
+    @property
+    def result(self):
+        """The statistics gathered so far, as a `kq.CalibrationResult`."""
+        layers = {key: c.to_statistics(name=key) for key, c in self._collectors.items()}
+        sampling = self.sampling if isinstance(self.sampling, str) else type(self.sampling).__name__
+        metadata = {
+            "samples_seen": self.samples_seen,
+            "sampling": sampling,
+            "max_samples": self.max_samples,
+            "model": self._model_name,
+            "keras_quant_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "config": self.config.get_config(),
+        }
+        return CalibrationResult(layers, metadata=metadata)
+
+    def reset(self):
+        """Forget every statistic and the samples seen."""
+        for c in self._collectors.values():
+            if c.built:
+                c.reset()
+        if self._sampler.built:
+            self._sampler.reset()
+        if self._budget.built:
+            self._budget.kept.assign(0)
