@@ -45,7 +45,7 @@ import keras
 from keras_quant import __version__
 from keras_quant.calibration import sampling as sampling_lib
 from keras_quant.calibration.result import CalibrationResult
-from keras_quant.calibration.stats import LayerCollector
+from keras_quant.calibration.stats import STATISTICS, LayerCollector
 from keras_quant.config import QuantConfig
 from keras_quant.errors import ConfigError, MemoryLimitExceededError
 from keras_quant.layers.rules import get_rule
@@ -104,6 +104,9 @@ class CalibrationCallback(keras.callbacks.Callback):
             `{"rate": 0.25}` or `{"step": 10}` or `{"num_strata": 10}`.
         num_bins: Histogram bins per layer (percentiles, outliers, range
             searches).
+        statistics: `"full"` (every statistic: moments, sparsity,
+            per-channel extremes, histogram, outliers) or `"range"` (only
+            what each activation's observer needs, the cheapest in the step).
         memory_limit: Optional bound in bytes on the statistics' state; the
             callback raises `kq.errors.MemoryLimitExceededError` before
             creating state past it. The state is fixed-size, so the bound
@@ -122,7 +125,7 @@ class CalibrationCallback(keras.callbacks.Callback):
     """
 
     def __init__(self, config=None, max_samples=None, sampling="all", seed=None, *, sampling_options=None,
-                 num_bins=2048, memory_limit=None, verbose=0):
+                 num_bins=2048, statistics="full", memory_limit=None, verbose=0):
         super().__init__()
         if config is None:
             config = QuantConfig.int8()
@@ -139,8 +142,11 @@ class CalibrationCallback(keras.callbacks.Callback):
         self.sampling = sampling
         self.seed = seed
         self.num_bins = num_bins
+        self.statistics = statistics
         self.memory_limit = memory_limit
         self.verbose = verbose
+        if statistics not in STATISTICS:
+            raise ConfigError("statistics", statistics, f"statistics must be one of {STATISTICS}")
         self._sampler = sampling_lib.get(sampling, max_samples=max_samples, seed=seed, **(sampling_options or {}))
         self._budget = sampling_lib.SampleBudget(max_samples)
         self._keeps_all = max_samples is None and type(self._sampler) is sampling_lib.AllSampler
@@ -178,7 +184,8 @@ class CalibrationCallback(keras.callbacks.Callback):
     def _collector(self, key, spec, shape=None):
         if key in self._collectors:
             return self._collectors[key]
-        collector = LayerCollector(spec=spec, num_bins=self.num_bins, name=f"kq_calibration_{len(self._collectors)}")
+        collector = LayerCollector(spec=spec, num_bins=self.num_bins, statistics=self.statistics,
+                                   name=f"kq_calibration_{len(self._collectors)}")
         if shape is not None:
             self._check_memory(key, collector, shape)
             collector.build(shape)
@@ -193,7 +200,7 @@ class CalibrationCallback(keras.callbacks.Callback):
         # Built inside a StatelessScope, Keras variables are declared but not
         # allocated: the exact size of the state, before any of it exists.
         with keras.StatelessScope():
-            probe = LayerCollector(spec=collector.spec, num_bins=self.num_bins)
+            probe = LayerCollector(spec=collector.spec, num_bins=self.num_bins, statistics=self.statistics)
             probe.build(shape)
             needed = probe.state_bytes
         if used + needed > self.memory_limit:
@@ -406,6 +413,7 @@ class CalibrationCallback(keras.callbacks.Callback):
             "samples_seen": self.samples_seen,
             "sampling": sampling,
             "max_samples": self.max_samples,
+            "statistics": self.statistics,
             "model": self._model_name,
             "keras_quant_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

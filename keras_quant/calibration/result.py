@@ -323,6 +323,14 @@ class LayerStatistics:
                 reason = f"only non-finite values reached this layer ({self.non_finite_count} NaN/Inf)"
             raise NoDataError(self.name, reason=reason, layer=self.name)
 
+    def _require(self, field, value, why):
+        """Raise if `field` was not gathered (a calibration with `statistics="range"`)."""
+        if value is None:
+            raise ConfigError(
+                field, None, f"{why} needs the {field}, which this calibration did not gather "
+                "(calibrate with statistics='full' or an observer that uses it)", layer=self.name,
+            )
+
     # Reading ----------------------------------------------------------------
     def percentile(self, q):
         """The `q`-th percentile, from the histogram's CDF (linear within a bin).
@@ -348,6 +356,7 @@ class LayerStatistics:
             return float(self.min)
         if q == 100:
             return float(self.max)
+        self._require("histogram", self.histogram, "percentile()")
         value = _quantile(self.histogram, self.bin_edges, float(q) / 100.0)
         return float(min(max(value, self.min), self.max))
 
@@ -396,6 +405,10 @@ class LayerStatistics:
         name = spec.observer
         if name == "minmax" or hi <= lo:
             return lo, hi
+        if name in ("percentile", "mse", "kl"):
+            self._require("histogram", self.histogram, f"a '{name}' range")
+        if name == "mean_std":
+            self._require("mean", self.mean, "a 'mean_std' range")
         if name == "percentile":
             p = options.get("percentile", 99.99)
             low, high = options.get("low", 100.0 - p), options.get("high", p)

@@ -141,12 +141,19 @@ def moments_to_stats(n, mean, m2, m3, m4):
     return mean, std, float(np.sqrt(n) * m3 / m2**1.5), float(n * m4 / (m2 * m2) - 3.0)
 
 
+STATISTICS = ("full", "range")
+
+
 @keras.saving.register_keras_serializable(package="keras_quant")
 class LayerCollector(Observer):
     """Pass-through layer that gathers the statistics of one tensor in the graph.
 
     Runs inside compiled steps (`tf.function`, `jit_compile=True`, JAX) with
     fixed memory; `to_statistics()` reads the state into a `LayerStatistics`.
+
+    A batch whose sum is finite (the usual case) takes a fast path: plain
+    reductions and an unweighted histogram, with no masking pass. A batch
+    with NaN/Inf, or a `sample_mask`, takes the masked path.
 
     Args:
         spec: The `kq.QuantSpec` of this activation (None: `QuantSpec(bits=8)`);
@@ -155,6 +162,11 @@ class LayerCollector(Observer):
             axis' size is unknown or the tensor is 1-D).
         num_bins: Histogram bins (at least 8); a histogram-based spec's
             `observer_options["num_bins"]` overrides it.
+        statistics: `"full"` (moments, sparsity, per-channel extremes and a
+            histogram for percentiles and outliers) or `"range"` (only what
+            the spec's observer needs: min/max, plus the histogram for
+            `percentile` / `mse` / `kl`, the moments for `mean_std`): cheaper
+            in the step, with fewer fields in the statistics.
         name: Layer name.
         **kwargs: Other Keras layer arguments.
 
@@ -168,7 +180,7 @@ class LayerCollector(Observer):
     >>> c.to_statistics().percentile(99.0)                                 # doctest: +SKIP
     """
 
-    def __init__(self, spec=None, channel_axis=-1, num_bins=2048, name=None, **kwargs):
+    def __init__(self, spec=None, channel_axis=-1, num_bins=2048, statistics="full", name=None, **kwargs):
         super().__init__(granularity="per_tensor", name=name, **kwargs)
         if spec is None:
             spec = QuantSpec(bits=8)
@@ -178,15 +190,25 @@ class LayerCollector(Observer):
             raise ConfigError("spec", spec, "spec must be a kq.QuantSpec, its config dict or None", layer=name)
         if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
             raise ConfigError("channel_axis", channel_axis, "channel_axis must be an integer", layer=name)
+        if statistics not in STATISTICS:
+            raise ConfigError("statistics", statistics, f"statistics must be one of {STATISTICS}", layer=name)
         self.spec = spec
         self.channel_axis = int(channel_axis)
+        self.statistics = statistics
         if spec.observer in _HISTOGRAM_OBSERVERS and "num_bins" in spec.options:
             num_bins = spec.options["num_bins"]
         self.num_bins = num_bins
-        self._hist = HistogramObserver(num_bins=num_bins, method="minmax", name="histogram")
+        full = statistics == "full"
+        per_tensor = spec.granularity == "per_tensor"
+        self._with_moments = full or (per_tensor and spec.observer == "mean_std")
+        self._with_zeros = full
+        self._with_channels = full or (spec.granularity == "per_channel" and spec.observer == "minmax")
+        self._hist = None
+        if full or (per_tensor and spec.observer in _HISTOGRAM_OBSERVERS):
+            self._hist = HistogramObserver(num_bins=num_bins, method="minmax", name="histogram")
         self._channel = None  # built when the channel size is known
         self._extra = None
-        reusable = spec.granularity == "per_tensor" and spec.observer != "moving_average"
+        reusable = per_tensor and spec.observer != "moving_average"
         if not reusable and not (spec.granularity == "per_channel" and spec.observer == "minmax"):
             self._extra = observers.get(spec, name="range_observer")
         self._input_dtype = None
@@ -196,10 +218,12 @@ class LayerCollector(Observer):
     def build(self, input_shape):
         input_shape = tuple(input_shape)
         self._batch_shape = (None,) + input_shape[1:]
-        self._hist.build(input_shape)
+        if self._hist is not None:
+            self._hist.build(input_shape)
         ndim = len(input_shape)
         axis = self.channel_axis % ndim if ndim else 0
-        if ndim >= 2 and axis != 0 and input_shape[axis] is not None:
+        self._channel_index = axis
+        if self._with_channels and ndim >= 2 and axis != 0 and input_shape[axis] is not None:
             self._channel = MinMaxObserver(granularity="per_channel", axis=self.channel_axis, name="channel_minmax")
             self._channel.build(input_shape)
         if self._extra is not None:
@@ -208,10 +232,54 @@ class LayerCollector(Observer):
 
     def _build_state(self, shape):
         for name, value in (("count", 0.0), ("mean", 0.0), ("m2", 0.0), ("m3", 0.0), ("m4", 0.0),
-                            ("zeros", 0.0), ("samples", 0.0)):
+                            ("zeros", 0.0), ("samples", 0.0), ("min_val", float("inf")),
+                            ("max_val", float("-inf"))):
             self._state_variable(name, (), value)
 
     # Graph-side update ------------------------------------------------------
+    def _channel_rows(self, x):
+        """`x` as `(N, C)` with the channel axis last (a free reshape when it already is)."""
+        if self._channel_index != len(x.shape) - 1:
+            x = ops.moveaxis(x, self._channel_index, -1)
+        return ops.reshape(x, (-1, self._channel.num_slots))
+
+    def _summary(self, rows, chan, valid, valid_chan, total):
+        """The batch's `(n, mean, M2, M3, M4, zeros, min, max, channel_min, channel_max)`.
+
+        `valid=None`: every value counts (fast path; `total` is `sum(rows)`).
+        Otherwise `valid` (and `valid_chan`) mask the values that count.
+        """
+        zero = ops.zeros((), "float32")
+        if valid is None:
+            n = ops.cast(ops.shape(rows)[0], "float32")
+            x = rows
+            lo, hi = ops.min(rows), ops.max(rows)
+        else:
+            w = ops.cast(valid, "float32")
+            n = ops.sum(w)
+            x = ops.where(valid, rows, 0.0)
+            total = ops.sum(x)
+            lo = ops.min(ops.where(valid, rows, float("inf")))
+            hi = ops.max(ops.where(valid, rows, float("-inf")))
+        moments = (n, zero, zero, zero, zero)
+        if self._with_moments:
+            mean = total / ops.maximum(n, 1.0)
+            d = x - mean if valid is None else (x - mean) * w
+            d2 = d * d
+            moments = (n, mean, ops.sum(d2), ops.sum(d2 * d), ops.sum(d2 * d2))
+        zeros = zero
+        if self._with_zeros:
+            is_zero = ops.equal(rows, 0.0) if valid is None else ops.logical_and(ops.equal(rows, 0.0), valid)
+            zeros = ops.sum(ops.cast(is_zero, "float32"))
+        channel = (zero, zero)
+        if chan is not None:
+            if valid_chan is None:
+                channel = (ops.min(chan, axis=0), ops.max(chan, axis=0))
+            else:
+                channel = (ops.min(ops.where(valid_chan, chan, float("inf")), axis=0),
+                           ops.max(ops.where(valid_chan, chan, float("-inf")), axis=0))
+        return moments + (zeros, lo, hi) + channel
+
     def call(self, inputs, sample_mask=None):
         """Fold `inputs` into the statistics and return them unchanged.
 
@@ -221,38 +289,84 @@ class LayerCollector(Observer):
                 False are left out of every statistic.
         """
         self._input_dtype = keras.backend.standardize_dtype(inputs.dtype)
-        super().call(inputs, sample_mask=sample_mask)  # moments, histogram, per-tensor extra
-        if self._channel is not None:
-            self._channel.call(inputs, sample_mask=sample_mask)
-        if self._extra is not None and self._extra.granularity != "per_tensor":
-            self._extra.call(inputs, sample_mask=sample_mask)
+        x = ops.cast(inputs, "float32")
+        rows = ops.reshape(x, (-1,))
+        chan = self._channel_rows(x) if self._channel is not None else None
         if sample_mask is None:
+            total = ops.sum(rows)
+            fast = ops.isfinite(total)  # an overflowing sum just takes the exact masked path
+
+            def masked():
+                finite = ops.isfinite(x)
+                valid_chan = self._channel_rows(finite) if chan is not None else None
+                bad = ops.sum(ops.cast(ops.logical_not(finite), "float32"))
+                return self._summary(rows, chan, ops.reshape(finite, (-1,)), valid_chan, None) + (bad,)
+
+            summary = ops.cond(
+                fast, lambda: self._summary(rows, chan, None, None, total) + (ops.zeros((), "float32"),), masked
+            )
             seen = ops.cast(ops.shape(inputs)[0], "float32")
         else:
+            keep = self._expand_mask(sample_mask, x) > 0.5
+            finite = ops.isfinite(x)
+            valid = ops.logical_and(finite, keep)
+            bad = ops.sum(ops.cast(ops.logical_and(keep, ops.logical_not(finite)), "float32"))
+            valid_chan = self._channel_rows(valid) if chan is not None else None
+            summary = self._summary(rows, chan, ops.reshape(valid, (-1,)), valid_chan, None) + (bad,)
             seen = ops.sum(ops.cast(sample_mask, "float32"))
+        n_b, mean_b, m2_b, m3_b, m4_b, zeros_b, lo_b, hi_b, clo_b, chi_b, bad_b = summary
+
+        self.non_finite_count.assign(self.non_finite_count + bad_b)
         self.samples.assign(self.samples + seen)
+        if self._with_moments:
+            running = (self.count, self.mean, self.m2, self.m3, self.m4)
+            merged = merge_moments(running, (n_b, mean_b, m2_b, m3_b, m4_b), maximum=ops.maximum)
+            for var, value in zip(running, merged):
+                var.assign(value)
+        else:
+            self.count.assign(self.count + n_b)
+        if self._with_zeros:
+            self.zeros.assign(self.zeros + zeros_b)
+        old_lo, old_hi = ops.convert_to_tensor(self.min_val), ops.convert_to_tensor(self.max_val)
+        has_batch = lo_b <= hi_b
+        new_lo = ops.where(has_batch, ops.minimum(old_lo, lo_b), old_lo)
+        new_hi = ops.where(has_batch, ops.maximum(old_hi, hi_b), old_hi)
+        if self._hist is not None:
+            self._update_histogram(rows, x, sample_mask, fast if sample_mask is None else None,
+                                   old_lo, old_hi, new_lo, new_hi)
+        self.min_val.assign(new_lo)
+        self.max_val.assign(new_hi)
+        if self._channel is not None:
+            c = self._channel
+            c._assign(c.min_val, ops.minimum(c._read(c.min_val), clo_b))
+            c._assign(c.max_val, ops.maximum(c._read(c.max_val), chi_b))
+        if self._extra is not None:
+            self._extra.call(inputs, sample_mask=sample_mask)
         return inputs
 
+    def _update_histogram(self, rows, x, sample_mask, fast, old_lo, old_hi, new_lo, new_hi):
+        h = self._hist
+        lo1, hi1 = ops.reshape(new_lo, (1,)), ops.reshape(new_hi, (1,))
+        hist = h._rebin(h._read(h.hist), ops.reshape(old_lo, (1,)), ops.reshape(old_hi, (1,)), lo1, hi1)
+        col = ops.reshape(rows, (-1, 1))
+
+        def valid():
+            v = ops.isfinite(x)
+            if sample_mask is not None:
+                v = ops.logical_and(v, self._expand_mask(sample_mask, x) > 0.5)
+            return ops.reshape(v, (-1, 1))
+
+        if fast is None:
+            counts = h._bin(col, valid(), lo1, hi1)
+        else:
+            counts = ops.cond(fast, lambda: h._bin(col, None, lo1, hi1), lambda: h._bin(col, valid(), lo1, hi1))
+        h._assign(h.hist, hist + counts)
+        h._assign(h.hist_min, lo1)
+        h._assign(h.hist_max, hi1)
+
     def _update_state(self, rows, finite, all_finite):
-        w = ops.cast(finite, "float32")
-        x = ops.where(finite, rows, 0.0)
-        n_b = ops.sum(w)
-        mean_b = ops.sum(x) / ops.maximum(n_b, 1.0)
-        d = (x - mean_b) * w
-        d2 = d * d
-        batch = (n_b, mean_b, ops.sum(d2), ops.sum(d2 * d), ops.sum(d2 * d2))
-        running = (self.count, self.mean, self.m2, self.m3, self.m4)
-        merged = merge_moments(running, batch, maximum=ops.maximum)
-        for var, value in zip(running, merged):
-            var.assign(value)
-        # x holds 0 where a value is left out, so its zeros are the exact zeros plus the left-out values.
-        left_out = ops.cast(ops.shape(rows)[0], "float32") - n_b
-        self.zeros.assign(self.zeros + ops.sum(ops.cast(ops.equal(x, 0.0), "float32")) - left_out)
-        # The histogram shares rows / finite (no second isfinite or reshape); its
-        # [hist_min, hist_max] is the running min / max.
-        self._hist._update_state(rows, finite, all_finite)
-        if self._extra is not None and self._extra.granularity == "per_tensor":
-            self._extra._update_state(rows, finite, all_finite)
+        """Not used: `call` replaces the base class's update flow, since the
+        per-channel extremes need the tensor before it is flattened."""
 
     # Eager API -------------------------------------------------------------
     def reset(self):
@@ -297,18 +411,26 @@ class LayerCollector(Observer):
         base.update(num_samples=int(round(read(self.samples))), non_finite_count=int(round(read(self.non_finite_count))))
         if count == 0:
             return LayerStatistics(count=0, **base)
-        mean, std, skew, kurt = moments_to_stats(count, read(self.mean), read(self.m2), read(self.m3), read(self.m4))
-        hist, lo, hi = self._hist._state()
-        hist, lo, hi = hist[0], float(lo[0]), float(hi[0])
-        edges = np.linspace(lo, hi, self.num_bins + 1)
+        lo, hi = read(self.min_val), read(self.max_val)
+        mean = std = skew = kurt = None
+        if self._with_moments:
+            mean, std, skew, kurt = moments_to_stats(
+                count, read(self.mean), read(self.m2), read(self.m3), read(self.m4)
+            )
+        hist = edges = outliers = None
+        if self._hist is not None:
+            hist = self._hist._state()[0][0]
+            edges = np.linspace(lo, hi, self.num_bins + 1)
+            if mean is not None:
+                outliers = histogram_outliers(hist, edges, mean, std)
         channel_min = channel_max = None
         if self._channel is not None:
             channel_min = np.asarray(ops.convert_to_numpy(self._channel.min_val), np.float32).copy()
             channel_max = np.asarray(ops.convert_to_numpy(self._channel.max_val), np.float32).copy()
         stats = LayerStatistics(
             count=count, min=lo, max=hi, mean=mean, std=std, skewness=skew, kurtosis=kurt,
-            sparsity=read(self.zeros) / count, channel_min=channel_min, channel_max=channel_max,
-            histogram=hist, bin_edges=edges, outliers=histogram_outliers(hist, edges, mean, std), **base,
+            sparsity=read(self.zeros) / count if self._with_zeros else None, channel_min=channel_min,
+            channel_max=channel_max, histogram=hist, bin_edges=edges, outliers=outliers, **base,
         )
         if self._extra is not None:
             rmin, rmax = self._extra.compute_range()
@@ -325,5 +447,6 @@ class LayerCollector(Observer):
 
     def get_config(self):
         config = keras.layers.Layer.get_config(self)
-        config.update({"spec": self.spec.get_config(), "channel_axis": self.channel_axis, "num_bins": self.num_bins})
+        config.update({"spec": self.spec.get_config(), "channel_axis": self.channel_axis, "num_bins": self.num_bins,
+                       "statistics": self.statistics})
         return config

@@ -56,7 +56,12 @@ def _weighted_counts(ids, weights, length):
 
         # The raw op with a constant `size`: `ops.bincount` derives the size
         # from `max(ids) + 1`, which XLA cannot compile in a larger graph.
+        # Empty weights count each id once.
+        if weights is None:
+            weights = tf.zeros((0,), "float32")
         return tf.raw_ops.DenseBincount(input=ids, size=length, weights=weights, binary_output=False)
+    if weights is None:
+        weights = ops.ones(ops.shape(ids), "float32")
     return ops.segment_sum(weights, ids, num_segments=length)
 
 
@@ -145,20 +150,28 @@ class HistogramObserver(Observer):
         return ops.where(changed[:, None], ops.reshape(moved, (slots, bins)), hist)
 
     def _bin(self, rows, finite, lo, hi):
-        """`(K, B)` counts of the finite values of `rows` `(N, K)` in bins over `[lo, hi]`."""
+        """`(K, B)` counts of the finite values of `rows` `(N, K)` in bins over `[lo, hi]`.
+
+        `finite=None` means every value is finite and inside `[lo, hi]` (the
+        common case), which skips the masking passes over the batch.
+        """
         bins, slots = self.num_bins, self.num_slots
         valid = lo <= hi
         lo = ops.where(valid, lo, 0.0)
         width = ops.where(valid, hi - lo, 0.0)
-        safe_width = ops.where(width > 0, width, 1.0)
-        x = ops.where(finite, rows, lo)
-        pos = (x - lo) / safe_width * bins
-        pos = ops.where(ops.logical_and(width > 0, pos >= 0), pos, 0.0)  # also maps NaN to 0
-        index = ops.cast(ops.floor(ops.minimum(pos, bins - 1.0)), "int32")
-        segments = index + (ops.arange(slots, dtype="int32") * bins)[None, :]
-        counts = _weighted_counts(
-            ops.reshape(segments, (-1,)), ops.reshape(ops.cast(finite, "float32"), (-1,)), slots * bins
-        )
+        inv_width = ops.where(width > 0, bins / ops.where(width > 0, width, 1.0), 0.0)  # 0: everything in bin 0
+        if finite is None:
+            pos = ops.clip((rows - lo) * inv_width, 0.0, bins - 1.0)
+            weights = None
+        else:
+            x = ops.where(finite, rows, lo)
+            pos = (x - lo) * inv_width
+            pos = ops.where(pos >= 0, ops.minimum(pos, bins - 1.0), 0.0)  # also maps NaN to 0
+            weights = ops.reshape(ops.cast(finite, "float32"), (-1,))
+        index = ops.cast(pos, "int32")  # truncation is floor for pos >= 0
+        if slots > 1:
+            index = index + (ops.arange(slots, dtype="int32") * bins)[None, :]
+        counts = _weighted_counts(ops.reshape(index, (-1,)), weights, slots * bins)
         return ops.reshape(counts, (slots, bins))
 
     def _update_state(self, rows, finite, all_finite):

@@ -382,3 +382,17 @@ def test_mirrored_strategy_matches_one_device(tmp_path):
     assert out["one"]["seen"] == out["two"]["seen"] == 70
     for key in ("x", "h", "o"):
         np.testing.assert_allclose(out["two"][key], out["one"][key], rtol=1e-5, atol=1e-6)
+
+
+def test_range_statistics_give_the_same_qparams():
+    x, _ = data(64)
+    model = functional_model()
+    full, lean = CalibrationCallback(), CalibrationCallback(statistics="range")
+    model.predict(x, callbacks=[full], verbose=0)
+    model.predict(x, callbacks=[lean], verbose=0)
+    assert lean.state_bytes < full.state_bytes
+    for name in full.result.layer_names:
+        assert lean.result[name].scale == pytest.approx(full.result[name].scale, rel=1e-6)
+        assert lean.result[name].zero_point == full.result[name].zero_point
+    with pytest.raises(ConfigError, match="statistics"):
+        CalibrationCallback(statistics="everything")

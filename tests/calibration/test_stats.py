@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import keras_quant as kq
+from keras_quant import QuantSpec
 from keras_quant.calibration.result import LayerStatistics
 from keras_quant.calibration.stats import LayerCollector, batch_moments, merge_moments, moments_to_stats
 from keras_quant.errors import ConfigError, NoDataError
@@ -150,8 +151,8 @@ def test_reset_and_state_bytes(rng):
     x = skewed_data(rng)
     c(x[:7])
     size = c.state_bytes
-    # 7 scalars + histogram (128 + 2) + per-channel min/max (2 x 5) + 3 non-finite counts
-    assert size == 4 * (7 + 130 + 10 + 3)
+    # 9 scalars + histogram (128 + 2) + per-channel min/max (2 x 5) + 3 non-finite counts
+    assert size == 4 * (9 + 130 + 10 + 3)
     c(x[7:80])
     assert c.state_bytes == size  # fixed memory
     c.reset()
@@ -214,3 +215,31 @@ def test_merge_with_empty_side_and_stats():
     mean, std, skew, kurt = moments_to_stats(*a)
     assert mean == 4.0 and std == pytest.approx(np.std([1.0, 2.0, 3.0, 10.0]))
     assert moments_to_stats(*batch_moments([2.0, 2.0]))[2:] == (None, None)
+
+
+@pytest.mark.parametrize("observer", ["minmax", "mse", "mean_std"])
+def test_range_statistics_gather_only_what_the_observer_needs(rng, observer):
+    x = skewed_data(rng)
+    spec = QuantSpec(bits=8, observer=observer)
+    lean = LayerCollector(spec, num_bins=128, statistics="range")
+    full = LayerCollector(spec, num_bins=128)
+    for c in (lean, full):
+        c(x[:7])
+        c(x[7:])
+    assert lean.state_bytes < full.state_bytes
+    a, b = lean.to_statistics(), full.to_statistics()
+    assert (a.min, a.max, a.count) == (b.min, b.max, b.count)
+    np.testing.assert_allclose(a.range_min, b.range_min, rtol=1e-6)
+    np.testing.assert_allclose(a.range_max, b.range_max, rtol=1e-6)
+    assert a.sparsity is None and a.channel_min is None
+    if observer != "mse":
+        with pytest.raises(ConfigError, match="histogram"):
+            a.percentile(50.0)
+    if observer == "minmax":
+        with pytest.raises(ConfigError, match="histogram"):
+            a.compute_range(QuantSpec(observer="kl"))
+
+
+def test_invalid_statistics_option():
+    with pytest.raises(ConfigError, match="statistics"):
+        LayerCollector(statistics="some")
