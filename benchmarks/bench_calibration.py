@@ -1,0 +1,419 @@
+"""`CalibrationCallback` on a small CNN: predict overhead, time against TFLite's calibration, memory.
+
+A CNN (Conv2D+BatchNorm+ReLU+MaxPool twice, GlobalAveragePooling, Dense) is trained for one epoch
+on a subset of Fashion-MNIST (`keras_quant.datasets`; the scikit-learn digits when Fashion-MNIST is
+not installed, said in the notes), with a fixed seed. Then, all in the same run:
+
+1. overhead: `model.predict(x, batch_size=B)` with a fresh `CalibrationCallback` (activation
+   observer "minmax", "mse", "percentile") over the same call without it. Attaching the callback
+   rebuilds (retraces) the predict function, a one-off cost per call, so two figures: the
+   end-to-end ratio on the 1000-sample calibration set, and the steady-state per-batch ratio (the
+   marginal cost of one more batch: `(T(long) - T(calib)) / (batches(long) - batches(calib))` on
+   each side, which cancels every fixed cost). The fixed cost the callback adds (state creation,
+   hooks, retrace) is reported beside it, and `cb.result` (where the range searches run) on its own.
+2. against TFLite: `model.predict(samples, callbacks=[cb])` + `cb.result` over the TFLite
+   converter's int8 conversion with a `representative_dataset` of the same samples (batch 1),
+   from a SavedModel written by `model.export`; calibration alone is taken as the int8 conversion
+   minus a float conversion of the same SavedModel.
+3. memory: peak RSS growth (a background thread samples psutil's RSS) and `cb.state_bytes` when
+   calibrating on n small vs n large samples streamed from `tf.data` (1000 source images repeated),
+   so the data is never all in memory; the state must be the same size.
+"""
+
+import gc
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+SEED = 0
+BATCH = 32
+CALIB = 1000
+# (observer, statistics): the full statistics, and statistics="range" (only what the observer needs).
+OBSERVERS = (("minmax", "full"), ("minmax", "range"), ("mse", "full"), ("mse", "range"), ("percentile", "full"))
+TARGETS = {"minmax": 1.3, "mse": 2.0, "percentile": 2.0}  # issue: <= 1.3x min-max, <= 2x histogram
+QUICK = {"train": 2000, "warmup": 1, "repeats": 1, "tflite_samples": 200, "tflite_repeats": 1,
+         "memory": (1000, 20000)}
+FULL = {"train": 10000, "warmup": 1, "repeats": 5, "tflite_samples": 1000, "tflite_repeats": 3,
+        "memory": (1000, 100000)}
+
+
+# Data and model ------------------------------------------------------------------------
+def load_data(n_train):
+    """`(x_train, y_train, x_test, dataset_name)`; digits when Fashion-MNIST is missing."""
+    from keras_quant import datasets
+
+    if datasets.fashion_mnist_available():
+        (x, y), (xt, _) = datasets.load_fashion_mnist(limit_train=n_train)
+        return x, y, xt, "fashion_mnist"
+    (x, y), (xt, _) = datasets.load_digits()
+    xt = np.concatenate([xt, x])  # digits has 1797 images in all: calibrate on what there is
+    return x[:n_train], y[:n_train], xt, "digits"
+
+
+def build_model(input_shape):
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(SEED)
+    return keras.Sequential(
+        [
+            keras.Input(input_shape),
+            layers.Conv2D(16, 3, padding="same", use_bias=False),
+            layers.BatchNormalization(),
+            layers.ReLU(),
+            layers.MaxPooling2D(),
+            layers.Conv2D(32, 3, padding="same", use_bias=False),
+            layers.BatchNormalization(),
+            layers.ReLU(),
+            layers.MaxPooling2D(),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(10),
+        ],
+        name="fmnist_cnn",
+    )
+
+
+def trained_model(x, y):
+    import keras
+
+    model = build_model(x.shape[1:])
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    hist = model.fit(x, y, batch_size=64, epochs=1, shuffle=True, verbose=0)
+    return model, float(hist.history["accuracy"][-1])
+
+
+def make_callback(observer, **kwargs):
+    """A fresh callback; `observer` is a name or an `(observer, statistics)` pair."""
+    import keras_quant as kq
+
+    if isinstance(observer, tuple):
+        observer, statistics = observer
+        kwargs.setdefault("statistics", statistics)
+    config = kq.QuantConfig(activations=kq.QuantSpec(bits=8, observer=observer))
+    return kq.CalibrationCallback(config=config, **kwargs)
+
+
+# Timing --------------------------------------------------------------------------------
+def _time(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median_seconds(fn, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    return statistics.median(_time(fn) for _ in range(repeats))
+
+
+def _batches(n):
+    return -(-n // BATCH)
+
+
+class BatchTimer:
+    """A Keras callback recording `perf_counter()` at the end of every predict batch."""
+
+    def __new__(cls):
+        import keras
+
+        class _Timer(keras.callbacks.Callback):
+            def on_predict_begin(self, logs=None):
+                self.ends = []
+
+            def on_predict_batch_end(self, batch, logs=None):
+                self.ends.append(time.perf_counter())
+
+        return _Timer()
+
+
+def steady_batch_seconds(ends):
+    """Median interval between consecutive batch ends, leaving out the first batch (it holds the
+    trace) and the partial last one."""
+    gaps = np.diff(ends[:-1])
+    return float(np.median(gaps)) if len(gaps) else float("nan")
+
+
+def overhead_rows(model, x_calib, warmup, repeats):
+    """Rows: end-to-end and steady-state ratio of predict with / without the callback."""
+
+    def timed(observer=None):
+        timer = BatchTimer()
+        cbs = ([make_callback(observer)] if observer else []) + [timer]
+        start = time.perf_counter()
+        model.predict(x_calib, batch_size=BATCH, verbose=0, callbacks=cbs)
+        return time.perf_counter() - start, steady_batch_seconds(timer.ends), cbs[0]
+
+    def measure(observer, n):
+        runs = [timed(observer) for _ in range(n)]
+        return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs), runs[-1][2]
+
+    def baseline():
+        # Re-measured beside each observer; the faster of before / after is kept. Cheap: more repeats.
+        for _ in range(warmup):
+            timed()
+        return measure(None, max(repeats, 3))[:2]
+
+    b_total, b_batch = baseline()
+    for _ in range(warmup):  # first callback-ful call: one-time imports and TF set-up, shared by all observers
+        timed(OBSERVERS[0])
+    n_batches = _batches(len(x_calib))
+    rows, extra = [], []
+    for obs_case in OBSERVERS:
+        obs, stats_mode = obs_case
+        # Each call with a fresh callback retraces, so it is its own warm-up: none per observer.
+        c_total, c_batch, cb = measure(obs_case, repeats)
+        result_s = median_seconds(lambda: cb.result, 0, max(repeats, 3))
+        a_total, a_batch = baseline()
+        b_total, b_batch = min(b_total, a_total), min(b_batch, a_batch)
+        steady, e2e = c_batch / b_batch, c_total / b_total
+        fixed_c, fixed_b = c_total - n_batches * c_batch, b_total - n_batches * b_batch
+        target = TARGETS[obs]
+        rows.append({"case": f"overhead end-to-end ({len(x_calib)} samples)", "observer": obs, "statistics": stats_mode, "ratio": e2e,
+                     "with_ms": c_total * 1e3, "without_ms": b_total * 1e3, "target": f"<= {target}x",
+                     "met": e2e <= target})
+        rows.append({"case": "overhead steady state (per batch)", "observer": obs, "statistics": stats_mode, "ratio": steady,
+                     "with_ms": c_batch * 1e3, "without_ms": b_batch * 1e3, "target": f"<= {target}x",
+                     "met": steady <= target})
+        extra.append({"observer": obs, "statistics": stats_mode, "fixed_cost_added_ms": (fixed_c - fixed_b) * 1e3,
+                      "fixed_with_ms": fixed_c * 1e3, "fixed_without_ms": fixed_b * 1e3,
+                      "share_of_e2e_overhead": (fixed_c - fixed_b) / max(c_total - b_total, 1e-9),
+                      "result_ms": result_s * 1e3})
+    return rows, extra
+
+
+# Profile of the compiled collector ------------------------------------------------------
+def collector_profile(model, x, warmup, repeats):
+    """Compiled per-batch time of the collector's parts on the first conv's output, over the conv itself."""
+    import keras
+    import tensorflow as tf
+    from keras_quant.calibration.stats import LayerCollector
+    from keras_quant.config import QuantSpec
+    from keras_quant.observers import HistogramObserver, MinMaxObserver
+
+    conv = model.layers[0]
+    t = tf.constant(x[:BATCH])
+    act = conv(t)
+    shape = tuple(act.shape)
+    parts = {
+        "LayerCollector (all of it)": lambda: LayerCollector(QuantSpec(bits=8)),
+        "HistogramObserver(minmax) alone": lambda: HistogramObserver(num_bins=2048, method="minmax"),
+        "per-channel MinMaxObserver alone": lambda: MinMaxObserver(granularity="per_channel", axis=-1),
+        "per-tensor MinMaxObserver alone": lambda: MinMaxObserver(),
+    }
+
+    @tf.function(jit_compile=False)
+    def ref(v):
+        return conv(v)
+
+    rows = []
+    ref_s = median_seconds(lambda: ref(t), warmup + 1, repeats * 3)
+    for label, factory in parts.items():
+        obs = factory()
+        obs.build(shape)
+
+        @tf.function(jit_compile=False)
+        def step(v, obs=obs):
+            obs(v) if isinstance(obs, LayerCollector) else obs.update(v)
+            return keras.ops.sum(v)
+
+        s = median_seconds(lambda: step(act), warmup + 1, repeats * 3)
+        rows.append({"part": label, "tensor": "x".join(map(str, shape)), "ms": s * 1e3, "conv_ms": ref_s * 1e3,
+                     "ratio_to_conv": s / ref_s})
+    return rows
+
+
+# TFLite --------------------------------------------------------------------------------
+def tflite_rows(model, x_calib, n, repeats):
+    import tensorflow as tf
+
+    samples = x_calib[:n]
+    tmp = tempfile.mkdtemp(prefix="kq_bench_calib_")
+    try:
+        saved = os.path.join(tmp, "saved_model")
+        export_s = _time(lambda: model.export(saved, format="tf_saved_model", verbose=False))
+
+        def rep():
+            for i in range(len(samples)):
+                yield [samples[i : i + 1]]
+
+        def convert(int8):
+            converter = tf.lite.TFLiteConverter.from_saved_model(saved)
+            if int8:
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                converter.representative_dataset = rep
+                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            return converter.convert()
+
+        convert(False)  # warm-up: loads the converter
+        float_s = median_seconds(lambda: convert(False), 0, repeats)
+        int8_s = median_seconds(lambda: convert(True), 0, repeats)
+        float_s = min(float_s, median_seconds(lambda: convert(False), 0, repeats))
+        tfl_calib = max(int8_s - float_s, 1e-9)
+
+        def ours(statistics):
+            cb = make_callback(("minmax", statistics))
+            model.predict(samples, batch_size=BATCH, verbose=0, callbacks=[cb])
+            _ = cb.result
+            return cb
+
+        kq_s = median_seconds(lambda: ours("full"), 0, repeats)
+        kq_range_s = median_seconds(lambda: ours("range"), 0, repeats)
+        kq_mse_s = median_seconds(lambda: (lambda cb: cb.result)(_predict_cb(model, samples, "mse")), 0, repeats)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = [
+        {"case": f"kq calibration / TFLite calibration ({n} samples)", "observer": "minmax", "statistics": "full",
+         "ratio": kq_s / tfl_calib, "with_ms": kq_s * 1e3, "without_ms": tfl_calib * 1e3, "target": "< 1x",
+         "met": kq_s / tfl_calib < 1.0},
+        {"case": f"kq calibration / TFLite calibration ({n} samples)", "observer": "minmax", "statistics": "range",
+         "ratio": kq_range_s / tfl_calib, "with_ms": kq_range_s * 1e3, "without_ms": tfl_calib * 1e3,
+         "target": "< 1x", "met": kq_range_s / tfl_calib < 1.0},
+        {"case": f"kq calibration / TFLite calibration ({n} samples)", "observer": "mse",
+         "ratio": kq_mse_s / tfl_calib, "with_ms": kq_mse_s * 1e3, "without_ms": tfl_calib * 1e3, "target": "< 1x",
+         "met": kq_mse_s / tfl_calib < 1.0},
+        {"case": f"kq calibration / TFLite whole int8 conversion ({n} samples)", "observer": "minmax",
+         "ratio": kq_s / int8_s, "with_ms": kq_s * 1e3, "without_ms": int8_s * 1e3},
+    ]
+    detail = {"export_ms": export_s * 1e3, "tflite_float_convert_ms": float_s * 1e3,
+              "tflite_int8_convert_ms": int8_s * 1e3, "tflite_calibration_ms": tfl_calib * 1e3,
+              "kq_minmax_ms": kq_s * 1e3, "kq_minmax_range_ms": kq_range_s * 1e3, "kq_mse_ms": kq_mse_s * 1e3, "samples": n}
+    return rows, detail
+
+
+def _predict_cb(model, x, observer):
+    cb = make_callback(observer)
+    model.predict(x, batch_size=BATCH, verbose=0, callbacks=[cb])
+    return cb
+
+
+# Memory --------------------------------------------------------------------------------
+class PeakRSS:
+    """Samples the process RSS in a background thread; `peak - start` is the growth."""
+
+    def __init__(self, interval=0.005):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.interval = interval
+
+    def __enter__(self):
+        gc.collect()
+        self.start = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+        self.end = self._proc.memory_info().rss
+        return False
+
+
+def memory_rows(model, x_source, sizes):
+    import tensorflow as tf
+
+    def dataset(n):
+        return tf.data.Dataset.from_tensor_slices(x_source).repeat().take(n).batch(BATCH)
+
+    # Warm-up of the dataset path (the callback side was warmed up by the sections before).
+    model.predict(dataset(4 * BATCH), verbose=0)
+    rows = []
+    for n in sizes:
+        with PeakRSS() as plain:
+            model.predict(dataset(n), verbose=0)
+        cb = make_callback("mse")
+        with PeakRSS() as m:
+            model.predict(dataset(n), verbose=0, callbacks=[cb])
+        rows.append({"samples": n, "samples_seen": cb.samples_seen, "state_bytes": cb.state_bytes,
+                     "peak_rss_growth_mb": (m.peak - m.start) / 2**20,
+                     "peak_rss_growth_no_callback_mb": (plain.peak - plain.start) / 2**20,
+                     "rss_after_minus_before_mb": (m.end - m.start) / 2**20})
+    return rows
+
+
+# Entry point ---------------------------------------------------------------------------
+def run(quick: bool) -> dict:
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError("bench_calibration needs KERAS_BACKEND=tensorflow (CalibrationCallback hooks TF's trainer)")
+    cfg = QUICK if quick else FULL
+    x, y, x_test, data_name = load_data(cfg["train"])
+    model, acc = trained_model(x, y)
+    x_calib = x_test[:CALIB]
+    rows, fixed = overhead_rows(model, x_calib, cfg["warmup"], cfg["repeats"])
+    tfl_rows, tfl_detail = tflite_rows(model, x_calib, min(cfg["tflite_samples"], len(x_calib)),
+                                       cfg["tflite_repeats"])
+    rows += tfl_rows
+    try:
+        profile = collector_profile(model, x_calib, cfg["warmup"], cfg["repeats"])
+    except Exception as e:  # noqa: BLE001 - a diagnostic; keep the rest
+        profile = [{"error": f"{type(e).__name__}: {e}"[:300]}]
+    memory = memory_rows(model, x_test[:1000], cfg["memory"])
+    equal = len({r["state_bytes"] for r in memory}) == 1
+
+    notes = []
+    if data_name != "fashion_mnist":
+        notes.append("WARNING: Fashion-MNIST not installed (Debian's dataset-fashion-mnist); used scikit-learn's "
+                     "8x8 digits instead.")
+    notes += [
+        f"model: Conv2D(16)+BN+ReLU+MaxPool, Conv2D(32)+BN+ReLU+MaxPool, GlobalAveragePooling, Dense(10), trained "
+        f"1 epoch on {len(x)} {data_name} images (seed {SEED}; train accuracy {acc:.3f}). "
+        f"Batch size {BATCH}; CPU, jit_compile='auto' (no XLA on CPU).",
+        f"overhead rows: ratio = median time of model.predict(x) with a fresh CalibrationCallback(QuantConfig("
+        f"activations=QuantSpec(observer=...))) / without, same data and batch size (callback side: median of "
+        f"{cfg['repeats']} call(s), each with a fresh callback, hence its own retrace, after {cfg['warmup']} shared "
+        f"warm-up call; reference: median of {max(cfg['repeats'], 3)} after warm-up, measured before and after each "
+        f"observer, faster kept). end-to-end: on the {CALIB}-sample calibration set, including the callback's "
+        f"state creation and the retrace of the predict function (one trace per distinct batch shape: {CALIB} = "
+        f"{CALIB // BATCH} x {BATCH} + {CALIB % BATCH}, so two traces). steady state: median interval between "
+        f"consecutive on_predict_batch_end calls inside those same calls, leaving out the first batch (which "
+        f"holds the trace) and the partial last one; *_ms are then per batch. Fixed cost (second table) = "
+        f"total - batches x steady per-batch time, with minus without.",
+        "statistics='full' keeps, per tensor, exact moments, zero count, a 2048-bin histogram and per-channel "
+        "min/max whatever the observer; statistics='range' keeps only what the observer needs (min/max for "
+        "minmax, plus the histogram for mse/percentile). 'mse' and 'percentile' search the histogram only when "
+        "cb.result is read (result_ms, not in the predict times).",
+        "TFLite rows: TFLite side = TFLiteConverter.from_saved_model(model.export(...)) with "
+        "optimizations=[Optimize.DEFAULT], representative_dataset yielding the same samples one at a time "
+        "(batch 1), supported_ops=[TFLITE_BUILTINS_INT8], minus a float conversion (no optimizations) of the same "
+        "SavedModel: so it is calibration plus the quantization rewrite (weights, qparams), not calibration alone; "
+        "the export itself is in neither side. The last TFLite row compares with the whole int8 conversion. "
+        "kq side = model.predict(samples, batch_size=32, callbacks=[fresh CalibrationCallback]) + cb.result "
+        "(including the retrace; not the quantized model's construction).",
+        f"memory: predict on tf.data.Dataset.from_tensor_slices(1000 images).repeat().take(n).batch({BATCH}) with "
+        "CalibrationCallback(observer='mse'); peak RSS growth sampled every 5 ms by a psutil thread from the start "
+        "of the call, and the same predict without the callback for reference (predict keeps all outputs: n x 10 "
+        f"float32). state_bytes equal for both sizes: {equal}.",
+        "collector profile: per-batch compiled (tf.function) time of the collector and its parts on the first "
+        "conv's output, over that conv's own compiled time on the same batch (a diagnostic of where the in-graph "
+        "time goes).",
+    ]
+    if not equal:
+        notes.append("WARNING: cb.state_bytes differ between the two sizes (state should be fixed-size)")
+    return {
+        "rows": rows,
+        "tables": {
+            "Fixed cost of the callback per predict call, and cb.result": fixed,
+            "TFLite converter detail": [tfl_detail],
+            "Collector profile (compiled, one batch)": profile,
+            "Memory (streamed from tf.data)": memory,
+        },
+        "notes": notes,
+        "dataset": data_name,
+        "backend": keras.backend.backend(),
+    }
