@@ -93,8 +93,8 @@ def make_callback(observer, **kwargs):
     import keras_quant as kq
 
     if isinstance(observer, tuple):
-        observer, statistics = observer
-        kwargs.setdefault("statistics", statistics)
+        observer, mode = observer
+        kwargs.setdefault("statistics", mode)
     config = kq.QuantConfig(activations=kq.QuantSpec(bits=8, observer=observer))
     return kq.CalibrationCallback(config=config, **kwargs)
 
@@ -256,8 +256,8 @@ def tflite_rows(model, x_calib, n, repeats):
         float_s = min(float_s, median_seconds(lambda: convert(False), 0, repeats))
         tfl_calib = max(int8_s - float_s, 1e-9)
 
-        def ours(statistics):
-            cb = make_callback(("minmax", statistics))
+        def ours(mode):
+            cb = make_callback(("minmax", mode))
             model.predict(samples, batch_size=BATCH, verbose=0, callbacks=[cb])
             _ = cb.result
             return cb
