@@ -296,3 +296,43 @@ def test_compiled_predict_has_fake_quant_ops(ptq):
     types = [op.type for op in graph.get_operations()]
     assert types.count("FakeQuantWithMinMaxVarsPerChannel") == 4  # one per kernel
     assert types.count("FakeQuantWithMinMaxVars") == 7  # 5 ActivationQuantizers + 2 wrapper outputs
+
+
+LAYER_CASES = [
+    ("dense", (12,), lambda: L.Dense(6, activation="relu")),
+    ("einsum", (5, 12), lambda: L.EinsumDense("abc,cd->abd", output_shape=(5, 6), bias_axes="d")),
+    ("conv1d", (10, 3), lambda: L.Conv1D(4, 3, activation="relu")),
+    ("conv2d", (6, 6, 3), lambda: L.Conv2D(4, 3)),
+    ("conv3d", (4, 4, 4, 2), lambda: L.Conv3D(3, 2)),
+    ("depthwise1d", (10, 3), lambda: L.DepthwiseConv1D(3)),
+    ("depthwise2d", (6, 6, 3), lambda: L.DepthwiseConv2D(3)),
+    ("separable1d", (10, 3), lambda: L.SeparableConv1D(4, 3)),
+    ("separable2d", (6, 6, 3), lambda: L.SeparableConv2D(4, 3)),
+    ("conv1d_t", (6, 3), lambda: L.Conv1DTranspose(4, 3)),
+    ("conv2d_t", (5, 5, 3), lambda: L.Conv2DTranspose(4, 3)),
+    ("conv3d_t", (3, 3, 3, 2), lambda: L.Conv3DTranspose(3, 2)),
+    ("embedding", (7,), lambda: L.Embedding(20, 8)),
+]
+
+
+@pytest.mark.parametrize("name,shape,make", LAYER_CASES, ids=[c[0] for c in LAYER_CASES])
+def test_every_quantizable_layer_type(name, shape, make):
+    keras.utils.set_random_seed(1)
+    inp = keras.Input(shape, dtype="int32" if name == "embedding" else "float32", name="x")
+    layer = make()
+    model = keras.Model(inp, layer(inp))
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 20, (32,) + shape) if name == "embedding" else rng.normal(size=(32,) + shape)
+    x = x.astype("int32" if name == "embedding" else "float32")
+    qmodel = quantize_model(model, kq.QuantConfig.int8(), calibration=ProbeCalibration(model, x))
+    wrappers = [w for w in qmodel.layers if isinstance(w, QuantizeWrapper)]
+    assert len(wrappers) == 1 and type(wrappers[0].layer) is type(layer)
+    expected, got = to_np(model(x)), to_np(qmodel(x))
+    # int8 weights and activations: the error is a few quantization steps of the output range.
+    step = (expected.max() - expected.min()) / 255
+    assert np.max(np.abs(got - expected)) < 8 * step + 1e-6, name
+    for weight_name, w in wrappers[0].quantized_weights().items():
+        spec = wrappers[0].weight_specs[weight_name]
+        axis = spec.axis % len(w.shape)
+        values = np.moveaxis(to_np(w), axis, 0).reshape(w.shape[axis], -1)
+        assert max(len(np.unique(row)) for row in values) <= 2 ** spec.bits

@@ -320,7 +320,8 @@ class CalibrationCallback(keras.callbacks.Callback):
         self._attached = mode
         self._layers_tracked = len(tracked)
         if self.verbose:
-            self._progbar = keras.utils.Progbar(None, stateful_metrics=["samples", "layers"])
+            steps = (self.params or {}).get("steps") if mode != "train" else None
+            self._progbar = keras.utils.Progbar(steps, stateful_metrics=["samples", "layers"])
             self._start = time.time()
 
     def _detach(self):

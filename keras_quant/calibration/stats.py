@@ -143,6 +143,37 @@ def moments_to_stats(n, mean, m2, m3, m4):
 
 STATISTICS = ("full", "range")
 
+def _read(variable):
+    """A variable's current value as a plain tensor (a `tf.Variable` is read, not passed)."""
+    value = variable.value  # the backend's own variable or array
+    return value.read_value() if hasattr(value, "read_value") else ops.convert_to_tensor(value)
+
+
+# One update function per collector kind (`LayerCollector._step_key`), shared by every collector.
+_SHARED_STEPS = {}
+
+
+def _shared_step(collector):
+    """The collector's `_pure_step`, as one shared `tf.function` per kind on TensorFlow.
+
+    Collectors of one kind run the same computation on their own state, so
+    the function is traced once per input shape (batch dimension relaxed)
+    and reused by every collector, callback and predict call, instead of
+    every collector adding its own copy of the ops to every trace of a step.
+    Only static settings of the collector it is first made for are read.
+    """
+    key = collector._step_key()
+    fn = _SHARED_STEPS.get(key)
+    if fn is None:
+        fn = collector._pure_step
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            fn = tf.function(fn, reduce_retracing=True, autograph=False)
+        _SHARED_STEPS[key] = fn
+    return fn
+
+
 
 @keras.saving.register_keras_serializable(package="keras_quant")
 class LayerCollector(Observer):
@@ -280,8 +311,37 @@ class LayerCollector(Observer):
                            ops.max(ops.where(valid_chan, chan, float("-inf")), axis=0))
         return moments + (zeros, lo, hi) + channel
 
+    # The update is a pure function of (state, batch) ----------------------------
+    def _state_names(self):
+        names = ["non_finite_count", "samples", "count", "min_val", "max_val"]
+        if self._with_moments:
+            names += ["mean", "m2", "m3", "m4"]
+        if self._with_zeros:
+            names.append("zeros")
+        return names
+
+    def _state(self):
+        """The state variables this collector updates, by name."""
+        state = {name: getattr(self, name) for name in self._state_names()}
+        if self._hist is not None:
+            state["hist"] = self._hist.hist
+        if self._channel is not None:
+            state["channel_min"], state["channel_max"] = self._channel.min_val, self._channel.max_val
+        return state
+
+    def _step_key(self):
+        channel = None if self._channel is None else (self._channel_index, self._channel.num_slots)
+        # The rank is part of the key: a relaxed trace keeps the rank, only dimensions become None.
+        rank = len(self._batch_shape)
+        return (rank, self.num_bins, self._with_moments, self._with_zeros, self._hist is not None, channel)
+
     def call(self, inputs, sample_mask=None):
         """Fold `inputs` into the statistics and return them unchanged.
+
+        The update itself is `_pure_step(state, x, sample_mask) -> new state`,
+        shared by every collector of the same kind: on TensorFlow it is one
+        `tf.function` (batch dimension relaxed), so a model's collectors are
+        traced once per activation shape, not once per layer and per call.
 
         Args:
             inputs: The tensor (batch first).
@@ -289,9 +349,24 @@ class LayerCollector(Observer):
                 False are left out of every statistic.
         """
         self._input_dtype = keras.backend.standardize_dtype(inputs.dtype)
+        variables = self._state()
+        state = {name: _read(v) for name, v in variables.items()}
         x = ops.cast(inputs, "float32")
+        new = _shared_step(self)(state, x) if sample_mask is None else _shared_step(self)(state, x, sample_mask)
+        for name, var in variables.items():
+            var.assign(new[name])  # `_pure_step` returns each value in its variable's shape
+        if self._hist is not None:  # the histogram's range is the running min / max
+            self._hist.hist_min.assign(new["min_val"])
+            self._hist.hist_max.assign(new["max_val"])
+        if self._extra is not None:
+            self._extra.call(inputs, sample_mask=sample_mask)
+        return inputs
+
+    def _pure_step(self, state, x, sample_mask=None):
+        """The new state after folding `x` in: only `self`'s static settings are read."""
         rows = ops.reshape(x, (-1,))
         chan = self._channel_rows(x) if self._channel is not None else None
+        zero = ops.zeros((), "float32")
         if sample_mask is None:
             total = ops.sum(rows)
             fast = ops.isfinite(total)  # an overflowing sum just takes the exact masked path
@@ -302,10 +377,8 @@ class LayerCollector(Observer):
                 bad = ops.sum(ops.cast(ops.logical_not(finite), "float32"))
                 return self._summary(rows, chan, ops.reshape(finite, (-1,)), valid_chan, None) + (bad,)
 
-            summary = ops.cond(
-                fast, lambda: self._summary(rows, chan, None, None, total) + (ops.zeros((), "float32"),), masked
-            )
-            seen = ops.cast(ops.shape(inputs)[0], "float32")
+            summary = ops.cond(fast, lambda: self._summary(rows, chan, None, None, total) + (zero,), masked)
+            seen = ops.cast(ops.shape(x)[0], "float32")
         else:
             keep = self._expand_mask(sample_mask, x) > 0.5
             finite = ops.isfinite(x)
@@ -314,40 +387,36 @@ class LayerCollector(Observer):
             valid_chan = self._channel_rows(valid) if chan is not None else None
             summary = self._summary(rows, chan, ops.reshape(valid, (-1,)), valid_chan, None) + (bad,)
             seen = ops.sum(ops.cast(sample_mask, "float32"))
+            fast = None
         n_b, mean_b, m2_b, m3_b, m4_b, zeros_b, lo_b, hi_b, clo_b, chi_b, bad_b = summary
 
-        self.non_finite_count.assign(self.non_finite_count + bad_b)
-        self.samples.assign(self.samples + seen)
+        new = {"non_finite_count": state["non_finite_count"] + bad_b, "samples": state["samples"] + seen}
         if self._with_moments:
-            running = (self.count, self.mean, self.m2, self.m3, self.m4)
-            merged = merge_moments(running, (n_b, mean_b, m2_b, m3_b, m4_b), maximum=ops.maximum)
-            for var, value in zip(running, merged):
-                var.assign(value)
+            names = ("count", "mean", "m2", "m3", "m4")
+            merged = merge_moments(tuple(state[k] for k in names), (n_b, mean_b, m2_b, m3_b, m4_b),
+                                   maximum=ops.maximum)
+            new.update(zip(names, merged))
         else:
-            self.count.assign(self.count + n_b)
+            new["count"] = state["count"] + n_b
         if self._with_zeros:
-            self.zeros.assign(self.zeros + zeros_b)
-        old_lo, old_hi = ops.convert_to_tensor(self.min_val), ops.convert_to_tensor(self.max_val)
+            new["zeros"] = state["zeros"] + zeros_b
+        old_lo, old_hi = state["min_val"], state["max_val"]
         has_batch = lo_b <= hi_b
-        new_lo = ops.where(has_batch, ops.minimum(old_lo, lo_b), old_lo)
-        new_hi = ops.where(has_batch, ops.maximum(old_hi, hi_b), old_hi)
+        new["min_val"] = ops.where(has_batch, ops.minimum(old_lo, lo_b), old_lo)
+        new["max_val"] = ops.where(has_batch, ops.maximum(old_hi, hi_b), old_hi)
         if self._hist is not None:
-            self._update_histogram(rows, x, sample_mask, fast if sample_mask is None else None,
-                                   old_lo, old_hi, new_lo, new_hi)
-        self.min_val.assign(new_lo)
-        self.max_val.assign(new_hi)
-        if self._channel is not None:
-            c = self._channel
-            c._assign(c.min_val, ops.minimum(c._read(c.min_val), clo_b))
-            c._assign(c.max_val, ops.maximum(c._read(c.max_val), chi_b))
-        if self._extra is not None:
-            self._extra.call(inputs, sample_mask=sample_mask)
-        return inputs
+            new["hist"] = self._histogram_step(state["hist"], rows, x, sample_mask, fast, old_lo, old_hi,
+                                               new["min_val"], new["max_val"])
+        if chan is not None:
+            new["channel_min"] = ops.minimum(state["channel_min"], clo_b)
+            new["channel_max"] = ops.maximum(state["channel_max"], chi_b)
+        return new
 
-    def _update_histogram(self, rows, x, sample_mask, fast, old_lo, old_hi, new_lo, new_hi):
+    def _histogram_step(self, hist, rows, x, sample_mask, fast, old_lo, old_hi, new_lo, new_hi):
         h = self._hist
         lo1, hi1 = ops.reshape(new_lo, (1,)), ops.reshape(new_hi, (1,))
-        hist = h._rebin(h._read(h.hist), ops.reshape(old_lo, (1,)), ops.reshape(old_hi, (1,)), lo1, hi1)
+        hist = h._rebin(ops.reshape(hist, (1, self.num_bins)), ops.reshape(old_lo, (1,)), ops.reshape(old_hi, (1,)),
+                        lo1, hi1)
         col = ops.reshape(rows, (-1, 1))
 
         def valid():
@@ -360,9 +429,7 @@ class LayerCollector(Observer):
             counts = h._bin(col, valid(), lo1, hi1)
         else:
             counts = ops.cond(fast, lambda: h._bin(col, None, lo1, hi1), lambda: h._bin(col, valid(), lo1, hi1))
-        h._assign(h.hist, hist + counts)
-        h._assign(h.hist_min, lo1)
-        h._assign(h.hist_max, hi1)
+        return ops.reshape(hist + counts, (self.num_bins,))
 
     def _update_state(self, rows, finite, all_finite):
         """Not used: `call` replaces the base class's update flow, since the

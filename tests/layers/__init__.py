@@ -44,6 +44,8 @@ class ProbeCalibration:
         # A nested model is probed on its own inputs; a leaf layer's output is recorded.
         taps = [n.input_tensors[0] if isinstance(n.operation, keras.Model) else n.outputs[0] for n in nodes]
         values = keras.Model(graph.inputs, taps)(list(xs))
+        if len(taps) == 1:  # a one-output model returns the tensor itself, not a list
+            values = [values]
         for node, value in zip(nodes, values):
             layer, value = node.operation, keras.ops.convert_to_numpy(value)
             if isinstance(layer, keras.Model):
