@@ -316,6 +316,25 @@ class QuantConfig:
                 return True, override
         return False, None
 
+    def names_layer(self, layer, path=None) -> bool:
+        """Whether an override (by name, or by a type other than `Layer`) gives this layer a spec.
+
+        `quantize_model` uses it to tell a layer the user asked to quantize
+        (an error if no rule exists for its type) from one the defaults merely
+        cover (left in float and reported).
+        """
+        names = [n for n in (layer.name, path) if n]
+        found, override = self._name_override(names)
+        if found:
+            return override is not None and any(v is not None for v in override.values())
+        import keras
+
+        return any(
+            override is not None and any(v is not None for v in override.values())
+            for cls, override in self._type_overrides.items()
+            if cls is not keras.layers.Layer and isinstance(layer, cls)
+        )
+
     def for_layer(self, layer, path=None) -> Optional[LayerQuantConfig]:
         """The specs for `layer`, or None if it stays entirely in float.
 

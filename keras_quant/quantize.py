@@ -169,19 +169,6 @@ class _Step:
     quantizer: object = None
 
 
-def _explicitly_configured(config, layer, path):
-    """Whether the config names this layer (by name or type) with a spec that is not None."""
-    names = [n for n in (layer.name, path) if n]
-    found, override = config._name_override(names)
-    if found:
-        return override is not None and any(v is not None for v in override.values())
-    return any(
-        override is not None and any(v is not None for v in override.values())
-        for cls, override in config._type_overrides.items()
-        if cls is not keras.layers.Layer and isinstance(layer, cls)
-    )
-
-
 def _plan(flat, config):
     plan, report = {}, collections.defaultdict(list)
 
@@ -200,7 +187,7 @@ def _plan(flat, config):
         original, key = flat.origin[id(layer)], flat.key(layer)
         rule, lc = get_rule(original), cfg(layer)
         if rule is None:
-            if _explicitly_configured(config, original, flat.path(layer)):
+            if config.names_layer(original, flat.path(layer)):
                 raise UnsupportedLayerError(
                     key, type(original).__name__, "the config names it, but there is no quantization rule for "
                     "this layer type; declare one with kq.layers.register_rule or set its config to None",
