@@ -324,6 +324,16 @@ class CalibrationCallback(keras.callbacks.Callback):
             self._progbar = keras.utils.Progbar(steps, stateful_metrics=["samples", "layers"])
             self._start = time.time()
 
+    def detach(self):
+        """Put the model back as it was (hooks, step, step function) now.
+
+        The callback does this itself when the `fit` / `evaluate` / `predict`
+        call ends; Keras does not end a call that raised (e.g. interrupted),
+        so call this after such an exception. The statistics are kept.
+        """
+        self._detach()
+        self._progbar = None
+
     def _detach(self):
         """Remove every hook and restore the model's step and step function."""
         for layer, own in reversed(self._patched):

@@ -396,3 +396,23 @@ def test_range_statistics_give_the_same_qparams():
         assert lean.result[name].zero_point == full.result[name].zero_point
     with pytest.raises(ConfigError, match="statistics"):
         CalibrationCallback(statistics="everything")
+
+
+def test_detach_after_an_interrupted_call():
+    x, _ = data(64)
+    model = small_model()
+    model.predict(x, verbose=0)
+    fn = model.predict_function
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_predict_batch_end(self, batch, logs=None):
+            raise KeyboardInterrupt
+
+    cb = CalibrationCallback()
+    with pytest.raises(KeyboardInterrupt):
+        model.predict(x, batch_size=16, callbacks=[cb, Interrupt()], verbose=0)
+    assert "predict_step" in model.__dict__  # Keras never called on_predict_end
+    cb.detach()
+    assert "predict_step" not in model.__dict__ and model.predict_function is fn
+    assert all("call" not in layer.__dict__ for layer in model.layers)
+    assert cb.samples_seen == 16  # what was gathered is kept
