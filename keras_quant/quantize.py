@@ -298,6 +298,41 @@ def _finish_step(step, staging):
             layer.set_output_qparams(*step.qparams)
 
 
+def _input_steps(flat, config):
+    steps = []
+    for t, key in zip(flat.model.inputs, flat.input_keys):
+        spec = config.for_layer(key)
+        spec = None if spec is None or "float" not in str(t.dtype) else spec.activations
+        steps.append(_Step("input", quant_spec=spec, quant_key=key, quant_what="model input"))
+    return steps
+
+
+def activation_points(model, config=None):
+    """The calibration keys whose statistics `quantize_model` reads, with their specs.
+
+    These are the places activation quantizers go (model inputs, after fused
+    activations, after merges and average pooling); a calibration restricted
+    to them (`CalibrationCallback(statistics="range")`) is all the PTQ model
+    needs.
+
+    Args:
+        model: A Functional or Sequential model.
+        config: A `kq.QuantConfig` (default `QuantConfig()`).
+
+    Returns:
+        `{key: QuantSpec}` in graph order, or None for a model whose graph
+        `quantize_model` cannot rewrite (subclassed, unbuilt).
+    """
+    config = QuantConfig() if config is None else config
+    graph = _graph_of(model)
+    if graph is None:
+        return None
+    flat = _Flat(model, graph)
+    plan, _ = _plan(flat, config)
+    steps = _input_steps(flat, config) + list(plan.values())
+    return {s.quant_key: s.quant_spec for s in steps if s.quant_spec is not None and s.quant_key is not None}
+
+
 def quantize_model(model, config=None, calibration=None, mode="ptq"):
     """A new Keras model with fake-quantized weights and activations (post-training).
 
@@ -346,11 +381,7 @@ def quantize_model(model, config=None, calibration=None, mode="ptq"):
 
     flat = _Flat(model, graph)
     plan, report = _plan(flat, config)
-    input_steps = []
-    for t, key in zip(flat.model.inputs, flat.input_keys):
-        spec = config.for_layer(key)
-        spec = None if spec is None or "float" not in str(t.dtype) else spec.activations
-        input_steps.append(_Step("input", quant_spec=spec, quant_key=key, quant_what="model input"))
+    input_steps = _input_steps(flat, config)
     _fetch_qparams(input_steps + list(plan.values()), calibration)
 
     names = _Names(layer.name for layer in flat.model.layers)

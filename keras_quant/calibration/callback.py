@@ -105,8 +105,10 @@ class CalibrationCallback(keras.callbacks.Callback):
         num_bins: Histogram bins per layer (percentiles, outliers, range
             searches).
         statistics: `"full"` (every statistic: moments, sparsity,
-            per-channel extremes, histogram, outliers) or `"range"` (only
-            what each activation's observer needs, the cheapest in the step).
+            per-channel extremes, histogram, outliers, for every layer the
+            config quantizes) or `"range"` (only what `kq.quantize_model`
+            reads: the tensors where it puts activation quantizers, and only
+            what each one's observer needs; the cheapest in the step).
         memory_limit: Optional bound in bytes on the statistics' state; the
             callback raises `kq.errors.MemoryLimitExceededError` before
             creating state past it. The state is fixed-size, so the bound
@@ -161,10 +163,25 @@ class CalibrationCallback(keras.callbacks.Callback):
 
     # Which tensors ------------------------------------------------------------
     def _tracked_layers(self, model):
-        """`[(key, layer, spec)]` for the leaf layers whose output is observed."""
+        """`[(key, layer, spec)]` for the leaf layers whose output is observed.
+
+        With `statistics="range"` and a graph `quantize_model` can rewrite,
+        only the places where it puts activation quantizers (a conv's output
+        folded into BatchNorm and ReLU is not one), each with that quantizer's
+        spec; otherwise every layer the config quantizes.
+        """
+        points = None
+        if self.statistics == "range":
+            from keras_quant.quantize import activation_points  # the PTQ model's plan
+
+            points = activation_points(model, self.config)
         paths = {id(layer): path for path, layer in leaf_layers(model)}
         tracked = []
         for key, layer in layer_keys(model).items():
+            if points:
+                if key in points:
+                    tracked.append((key, layer, points[key]))
+                continue
             rule = get_rule(layer)
             if rule is None or not rule.observe:
                 continue
