@@ -78,6 +78,36 @@ def _gather(x):
     return keras.tree.map_structure(lambda t: ctx.all_gather(t, axis=0), x)
 
 
+def _trace_once(function):
+    """`function` (Keras' compiled predict step) traced once, for any batch size.
+
+    Keras traces its step for the first batch's shape, then again, relaxed,
+    for a different (the last, partial) batch. With the observers in the step
+    each trace and first run of a graph is costly, so the first call traces
+    straight away for inputs whose batch dimension is None; later calls of
+    any batch size use that trace.
+    """
+    import tensorflow as tf
+
+    state = {"traced": False}
+
+    def relaxed(t):
+        if isinstance(t, tf.Tensor) and t.shape.rank:
+            return tf.TensorSpec((None,) + tuple(t.shape[1:]), t.dtype)
+        return t
+
+    def call(data):
+        if not state["traced"]:
+            state["traced"] = True
+            try:
+                function.get_concrete_function(tf.nest.map_structure(relaxed, data))
+            except (TypeError, ValueError):  # a structure the spec cannot describe: trace as Keras does
+                pass
+        return function(data)
+
+    return call
+
+
 def _first_tensor(outputs):
     flat = keras.tree.flatten(outputs)
     return flat[0] if flat else None
@@ -334,6 +364,9 @@ class CalibrationCallback(keras.callbacks.Callback):
         }
         setattr(model, step_name, self._wrap_step(mode, getattr(model, step_name)))
         getattr(model, _MAKERS[mode])(force=True)
+        self._compiled = getattr(model, fn_name)
+        if mode == "predict" and not model.run_eagerly:
+            model.predict_function = _trace_once(model.predict_function)
         self._attached = mode
         self._layers_tracked = len(tracked)
         if self.verbose:

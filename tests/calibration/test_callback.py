@@ -421,3 +421,13 @@ def test_detach_after_an_interrupted_call():
     assert "predict_step" not in model.__dict__ and model.predict_function is fn
     assert all("call" not in layer.__dict__ for layer in model.layers)
     assert cb.samples_seen == 16  # what was gathered is kept
+
+
+def test_predict_step_is_traced_once_for_a_partial_last_batch():
+    x, _ = data(70)  # 32 + 32 + 6
+    model = small_model()
+    cb = CalibrationCallback()
+    model.predict(x, batch_size=32, callbacks=[cb], verbose=0)
+    assert cb._compiled.experimental_get_tracing_count() == 1
+    assert cb.samples_seen == 70
+    assert_matches(cb.result["fc"], probe_outputs(model, ["fc"], x)["fc"])
