@@ -387,7 +387,8 @@ class LayerCollector(Observer):
             valid = ops.logical_and(finite, keep)
             bad = ops.sum(ops.cast(ops.logical_and(keep, ops.logical_not(finite)), "float32"))
             valid_chan = self._channel_rows(valid) if chan is not None else None
-            summary = self._summary(rows, chan, ops.reshape(valid, (-1,)), valid_chan, None) + (bad,)
+            valid_rows = ops.reshape(valid, (-1,))
+            summary = self._summary(rows, chan, valid_rows, valid_chan, None) + (bad,)
             seen = ops.sum(ops.cast(sample_mask, "float32"))
             fast = None
         n_b, mean_b, m2_b, m3_b, m4_b, zeros_b, lo_b, hi_b, clo_b, chi_b, bad_b = summary
@@ -407,30 +408,31 @@ class LayerCollector(Observer):
         new["min_val"] = ops.where(has_batch, ops.minimum(old_lo, lo_b), old_lo)
         new["max_val"] = ops.where(has_batch, ops.maximum(old_hi, hi_b), old_hi)
         if self._hist is not None:
-            new["hist"] = self._histogram_step(state["hist"], rows, x, sample_mask, fast, old_lo, old_hi,
+            # Masked: the mask already computed; unmasked: the fast path, or (NaN/Inf) `isfinite` again.
+            valid_col = None if sample_mask is None else ops.reshape(valid_rows, (-1, 1))
+            new["hist"] = self._histogram_step(state["hist"], rows, x, valid_col, fast, old_lo, old_hi,
                                                new["min_val"], new["max_val"])
         if chan is not None:
             new["channel_min"] = ops.minimum(state["channel_min"], clo_b)
             new["channel_max"] = ops.maximum(state["channel_max"], chi_b)
         return new
 
-    def _histogram_step(self, hist, rows, x, sample_mask, fast, old_lo, old_hi, new_lo, new_hi):
+    def _histogram_step(self, hist, rows, x, valid, fast, old_lo, old_hi, new_lo, new_hi):
+        """The histogram widened to `[new_lo, new_hi]` with the batch binned in.
+
+        `valid` is the `(N, 1)` mask of a masked batch (then `fast` is None);
+        otherwise `fast` says whether the batch is all finite.
+        """
         h = self._hist
         lo1, hi1 = ops.reshape(new_lo, (1,)), ops.reshape(new_hi, (1,))
         hist = h._rebin(ops.reshape(hist, (1, self.num_bins)), ops.reshape(old_lo, (1,)), ops.reshape(old_hi, (1,)),
                         lo1, hi1)
         col = ops.reshape(rows, (-1, 1))
-
-        def valid():
-            v = ops.isfinite(x)
-            if sample_mask is not None:
-                v = ops.logical_and(v, self._expand_mask(sample_mask, x) > 0.5)
-            return ops.reshape(v, (-1, 1))
-
         if fast is None:
-            counts = h._bin(col, valid(), lo1, hi1)
+            counts = h._bin(col, valid, lo1, hi1)
         else:
-            counts = ops.cond(fast, lambda: h._bin(col, None, lo1, hi1), lambda: h._bin(col, valid(), lo1, hi1))
+            counts = ops.cond(fast, lambda: h._bin(col, None, lo1, hi1),
+                              lambda: h._bin(col, ops.reshape(ops.isfinite(x), (-1, 1)), lo1, hi1))
         return ops.reshape(hist + counts, (self.num_bins,))
 
     def _update_state(self, rows, finite, all_finite):
