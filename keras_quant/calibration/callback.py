@@ -183,7 +183,7 @@ class CalibrationCallback(keras.callbacks.Callback):
         self._budget = sampling_lib.SampleBudget(max_samples)
         self._keeps_all = max_samples is None and type(self._sampler) is sampling_lib.AllSampler
         self._collectors = {}  # key -> LayerCollector, in recording order
-        self._specs = {}
+        self._result = None  # cb.result, until the statistics change
         self._local = threading.local()
         self._attached = None  # the mode being calibrated, while attached
         self._saved = {}
@@ -221,12 +221,6 @@ class CalibrationCallback(keras.callbacks.Callback):
             tracked.append((key, layer, layer_config.activations))
         return tracked
 
-    def _input_keys(self, model):
-        keys = input_keys(model)
-        if keys is None:
-            return None
-        return keys
-
     # Collectors -------------------------------------------------------------
     def _collector(self, key, spec, shape=None):
         if key in self._collectors:
@@ -237,7 +231,6 @@ class CalibrationCallback(keras.callbacks.Callback):
             self._check_memory(key, collector, shape)
             collector.build(shape)
         self._collectors[key] = collector
-        self._specs[key] = spec
         return collector
 
     def _check_memory(self, key, collector, shape):
@@ -269,20 +262,17 @@ class CalibrationCallback(keras.callbacks.Callback):
                 self._sampler.build()
             if not self._budget.built:
                 self._budget.build()
-            keys = self._input_keys(model)
-            inputs = getattr(model, "inputs", None) if keys else None
-            self._input_names = keys
-            if keys and self.config.activations is not None:
-                for key, tensor in zip(keys, inputs):
-                    self._collector(key, self.config.activations, tuple(tensor.shape))
-            elif self.config.activations is not None:
-                self._input_names = None
+            self._input_names = input_keys(model)
+            for key, tensor in zip(self._input_names or (), model.inputs if self._input_names else ()):
+                spec = self._input_spec(key)
+                if spec is not None:
+                    self._collector(key, spec, tuple(tensor.shape))
             for key, layer, spec in tracked:
                 self._collector(key, spec, self._output_shape(layer))
         return tracked
 
     # Attaching ----------------------------------------------------------------
-    def _hook(self, key, layer, original):
+    def _hook(self, key, spec, original):
         callback = self
 
         @functools.wraps(original)
@@ -292,7 +282,7 @@ class CalibrationCallback(keras.callbacks.Callback):
             if getattr(local, "active", False):
                 tensor = _first_tensor(outputs)
                 if _batched(tensor):
-                    callback._observe(key, callback._specs[key], _gather(tensor), local.mask)
+                    callback._observe(key, spec, _gather(tensor), local.mask)
             return outputs
 
         return call
@@ -327,21 +317,25 @@ class CalibrationCallback(keras.callbacks.Callback):
 
         return step
 
+    def _input_spec(self, key):
+        """The activation spec of a model input, as `quantize_model` resolves it (name overrides apply)."""
+        layer_config = self.config.for_layer(key)
+        return None if layer_config is None else layer_config.activations
+
     def _observe_inputs(self, x, mask):
-        if self.config.activations is None:
-            return
         names = self._input_names
         if isinstance(x, dict) and names:
-            tensors = [x[n] for n in names if n in x]
             keys = [n for n in names if n in x]
+            tensors = [x[n] for n in keys]
         else:
             tensors = keras.tree.flatten(x)
-            keys = names if names and len(names) == len(tensors) else (
-                ["input"] if len(tensors) == 1 else [f"input_{i}" for i in range(len(tensors))]
-            )
+            if not names or len(names) != len(tensors):
+                names = input_keys(self.model, count=len(tensors))
+            keys = names
         for key, t in zip(keys, tensors):
-            if _batched(t):
-                self._observe(key, self.config.activations, t, mask)
+            spec = self._input_spec(key)
+            if spec is not None and _batched(t):
+                self._observe(key, spec, t, mask)
 
     def _attach(self, mode):
         model = self.model
@@ -353,10 +347,10 @@ class CalibrationCallback(keras.callbacks.Callback):
         self._detach()
         self._model_name = model.name
         tracked = self._create_state(model)
-        for key, layer, _ in tracked:
+        for key, layer, spec in tracked:
             own = layer.__dict__.get("call")
             self._patched.append((layer, own))
-            layer.call = self._hook(key, layer, layer.call)
+            layer.call = self._hook(key, spec, layer.call)
         step_name, fn_name = _STEPS[mode], _FUNCTIONS[mode]
         self._saved = {
             "step": (step_name, model.__dict__.get(step_name)),
@@ -368,7 +362,7 @@ class CalibrationCallback(keras.callbacks.Callback):
         if mode == "predict" and not model.run_eagerly:
             model.predict_function = _trace_once(model.predict_function)
         self._attached = mode
-        self._layers_tracked = len(tracked)
+        self._result = None
         if self.verbose:
             steps = (self.params or {}).get("steps") if mode != "train" else None
             self._progbar = keras.utils.Progbar(steps, stateful_metrics=["samples", "layers"])
@@ -467,7 +461,16 @@ class CalibrationCallback(keras.callbacks.Callback):
 
     @property
     def result(self):
-        """The statistics gathered so far, as a `kq.CalibrationResult`."""
+        """The statistics gathered so far, as a `kq.CalibrationResult`.
+
+        Read from the state once (range searches included) and kept until the
+        statistics change (the next calibrating call, or `reset()`).
+        """
+        if self._result is None or self._attached is not None:
+            self._result = self._read_result()
+        return self._result
+
+    def _read_result(self):
         layers = {key: c.to_statistics(name=key) for key, c in self._collectors.items()}
         sampling = self.sampling if isinstance(self.sampling, str) else type(self.sampling).__name__
         metadata = {
@@ -484,6 +487,7 @@ class CalibrationCallback(keras.callbacks.Callback):
 
     def reset(self):
         """Forget every statistic and the samples seen."""
+        self._result = None
         for c in self._collectors.values():
             if c.built:
                 c.reset()

@@ -48,17 +48,24 @@ def layer_keys(model):
     return keys
 
 
-def input_keys(model):
-    """The key of each model input, in order: its input layer's name (`"input"`, `"input_1"`, ... if none)."""
-    names = []
+def input_keys(model, count=None):
+    """The key of each model input, in order: its input layer's name.
+
+    A model with no symbolic inputs (a subclassed model) has no input layers;
+    given the number of inputs it receives, its keys are `"input"` for one,
+    `"input_0"`, `"input_1"`, ... for several. Otherwise the result is None.
+    """
     try:
         inputs = model.inputs
     except (AttributeError, ValueError):
         inputs = None
     if inputs:
+        names = []
         for i, t in enumerate(inputs):
             history = getattr(t, "_keras_history", None)
             op = getattr(history, "operation", None) if history is not None else None
             names.append(op.name if op is not None else (getattr(t, "name", None) or f"input_{i}"))
         return names
-    return None
+    if count is None:
+        return None
+    return ["input"] if count == 1 else [f"input_{i}" for i in range(count)]

@@ -431,3 +431,29 @@ def test_predict_step_is_traced_once_for_a_partial_last_batch():
     assert cb._compiled.experimental_get_tracing_count() == 1
     assert cb.samples_seen == 70
     assert_matches(cb.result["fc"], probe_outputs(model, ["fc"], x)["fc"])
+
+
+def test_input_specs_follow_the_config_like_quantize_model():
+    x, _ = data(32)
+    config = kq.QuantConfig.int8().set_layer_name("image", activations=kq.QuantSpec(bits=16, symmetric=True))
+    cb = CalibrationCallback(config=config)
+    small_model().predict(x, callbacks=[cb], verbose=0)
+    assert cb.result["image"].spec == kq.QuantSpec(bits=16, symmetric=True)
+    assert cb.result["image"].zero_point == 0
+    config.set_layer_name("image", None)
+    cb = CalibrationCallback(config=config)
+    small_model().predict(x, callbacks=[cb], verbose=0)
+    assert "image" not in cb.result and "fc" in cb.result
+
+
+def test_result_is_read_once_until_the_statistics_change():
+    x, _ = data(64)
+    model = small_model()
+    cb = CalibrationCallback()
+    model.predict(x[:32], callbacks=[cb], verbose=0)
+    first = cb.result
+    assert cb.result is first
+    model.predict(x[32:], callbacks=[cb], verbose=0)
+    assert cb.result is not first and cb.result["fc"].count == 2 * first["fc"].count
+    cb.reset()
+    assert cb.result["fc"].count == 0
