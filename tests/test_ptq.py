@@ -5,32 +5,16 @@ import numpy as np
 import pytest
 
 import keras_quant as kq
+from tests.test_quantize import cnn  # Conv+BN+ReLU, depthwise-separable block, residual Add, pooling, Dense
 
 pytestmark = [pytest.mark.tensorflow, pytest.mark.slow]  # the callback hooks TensorFlow's trainer
-
-L = keras.layers
-
-
-def digits_cnn():
-    inp = keras.Input((8, 8, 1), name="image")
-    x = L.Conv2D(16, 3, padding="same", use_bias=False, name="conv1")(inp)
-    x = L.BatchNormalization(momentum=0.9, name="bn1")(x)
-    x = L.ReLU(name="relu1")(x)
-    y = L.SeparableConv2D(16, 3, padding="same", name="sep")(x)
-    y = L.BatchNormalization(momentum=0.9, name="bn_sep")(y)
-    y = L.ReLU(name="relu_sep")(y)
-    x = L.Add(name="add")([x, y])
-    x = L.MaxPooling2D(2, name="pool")(x)
-    x = L.Conv2D(32, 3, padding="same", activation="relu", name="conv2")(x)
-    x = L.GlobalAveragePooling2D(name="gap")(x)
-    return keras.Model(inp, L.Dense(10, name="logits")(x), name="digits_cnn")
 
 
 @pytest.fixture(scope="module")
 def trained():
     keras.utils.set_random_seed(0)
     (x_train, y_train), (x_test, y_test) = kq.datasets.load_digits()
-    model = digits_cnn()
+    model = cnn()
     model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x_train, y_train, epochs=20, batch_size=64, verbose=0)
     return model, x_train, y_train, x_test, y_test
