@@ -5,10 +5,11 @@ Import it as `kq`. The public names are those of `__all__`.
 
 __version__ = "0.1.0"
 
-from keras_quant import analysis, calibration, datasets, errors, layers, observers, ops
+from keras_quant import analysis, calibration, datasets, errors, layers, observers, ops, qat
 from keras_quant.calibration import CalibrationCache, CalibrationCallback, CalibrationResult, LayerStatistics
 from keras_quant.config import LayerQuantConfig, QuantConfig, QuantSpec
 from keras_quant.layers import ActivationQuantizer, QuantizeWrapper, register_rule
+from keras_quant.qat import QATScheduler
 from keras_quant.quantize import quantize_model
 
 __all__ = [
@@ -31,4 +32,6 @@ __all__ = [
     "QuantizeWrapper",
     "ActivationQuantizer",
     "register_rule",
+    "qat",
+    "QATScheduler",
 ]

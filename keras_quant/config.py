@@ -405,3 +405,18 @@ class QuantConfig:
             f"QuantConfig(weights={self.weights}, activations={self.activations}, "
             f"layer_types={len(self._type_overrides)}, layer_names={len(self._name_overrides)})"
         )
+
+
+def as_spec(spec, field="spec", layer=None):
+    """`spec` as a `QuantSpec`: a spec, its config dict, or None (the default int8 spec).
+
+    Raises:
+        ConfigError: For anything else, naming `field` and `layer`.
+    """
+    if spec is None:
+        return QuantSpec()
+    if isinstance(spec, QuantSpec):
+        return spec
+    if isinstance(spec, dict):
+        return QuantSpec.from_config(spec)
+    raise ConfigError(field, spec, "expected a kq.QuantSpec or a QuantSpec config dict", layer=layer)

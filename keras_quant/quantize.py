@@ -49,8 +49,10 @@ from keras_quant.layers.wrapper import QuantizeWrapper
 
 __all__ = ["quantize_model", "QuantizationReport", "MODES"]
 
-# The modes this module implements.
-MODES = ("ptq",)
+# The modes this module implements: a frozen post-training model, or a trainable QAT model.
+MODES = ("ptq", "qat")
+# Merge layers whose inputs share one activation quantizer in a QAT model.
+SHARED_INPUT_MERGES = (keras.layers.Add, keras.layers.Concatenate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,8 @@ class QuantizationReport:
             and the calibration key its range came from.
         float_layers: Keys of layers the config keeps in float (config None).
         unsupported: Keys of layers with no quantization rule, left in float.
+        shared: QAT: groups of calibration keys whose tensors share one
+            activation quantizer (the inputs of an Add or Concatenate).
     """
 
     wrapped: Tuple[str, ...] = ()
@@ -72,6 +76,7 @@ class QuantizationReport:
     activation_quantizers: Tuple[Tuple[str, str], ...] = ()
     float_layers: Tuple[str, ...] = ()
     unsupported: Tuple[str, ...] = ()
+    shared: Tuple[Tuple[str, ...], ...] = ()
 
 
 def _graph_of(model):
@@ -167,6 +172,8 @@ class _Step:
     qparams: tuple = None
     layer: object = None  # the layer built for the new model
     quantizer: object = None
+    slot: Optional[int] = None  # QAT: this step's slot in a shared quantizer
+    group: Optional[list] = None  # QAT: the steps sharing one quantizer (merge inputs)
 
 
 def _plan(flat, config):
@@ -276,25 +283,36 @@ class _Names:
         return name
 
 
-def _build_step(step, staging):
+def _build_step(step, staging, mode, observe_steps):
     """Create the new model's layer for one planned step (not yet built)."""
     if step.kind == "wrap":
+        lc = step.layer_config
+        if mode == "qat":
+            if step.group is not None:  # the output goes through the shared quantizer instead
+                lc = LayerQuantConfig(weights=lc.weights, activations=None)
+            bn = _clone_unbuilt(step.fold) if step.fold is not None else None
+            if lc.weights is None and lc.activations is None and bn is None:
+                return _clone_unbuilt(staging)
+            return QuantizeWrapper(_clone_unbuilt(staging), lc, mode="qat", batch_norm=bn,
+                                   observe_steps=observe_steps, name=staging.name)
         inner = fold_into_layer(staging, step.fold) if step.fold is not None else _clone_unbuilt(staging)
-        if step.layer_config.weights is None and step.layer_config.activations is None:
+        if lc.weights is None and lc.activations is None:
             return inner
-        return QuantizeWrapper(inner, step.layer_config, name=staging.name)
+        return QuantizeWrapper(inner, lc, mode="frozen", name=staging.name)
     return _clone_unbuilt(staging)
 
 
-def _finish_step(step, staging):
-    """Copy weights into a freshly built layer, freeze weight scales, set the output range."""
+def _finish_step(step, staging, mode):
+    """Copy weights into a freshly built layer, set weight ranges, set the output range."""
     layer = step.layer
     inner = layer.layer if isinstance(layer, QuantizeWrapper) else layer
-    if step.fold is None and staging.weights:
+    if (step.fold is None or mode == "qat") and staging.weights:
         inner.set_weights(staging.get_weights())
     if isinstance(layer, QuantizeWrapper):
-        layer.freeze()
-        if layer.output_quantizer is not None:
+        if layer.batch_norm is not None:
+            layer.batch_norm.set_weights(step.fold.get_weights())
+        layer.observe_weights()
+        if layer.output_quantizer is not None and step.qparams is not None:
             layer.set_output_qparams(*step.qparams)
 
 
@@ -333,19 +351,111 @@ def activation_points(model, config=None):
     return {s.quant_key: s.quant_spec for s in steps if s.quant_spec is not None and s.quant_key is not None}
 
 
-def quantize_model(model, config=None, calibration=None, mode="ptq"):
-    """A new Keras model with fake-quantized weights and activations (post-training).
+def _producer(flat, plan, input_steps, tensor):
+    """The step whose activation quantizer quantizes `tensor` (through passthrough layers), or None."""
+    while True:
+        history = getattr(tensor, "_keras_history", None)
+        op = getattr(history, "operation", None)
+        if op is None or isinstance(op, keras.layers.InputLayer):
+            for step, t in zip(input_steps, flat.model.inputs):
+                if t is tensor:
+                    return step if step.quant_spec is not None else None
+            return None
+        step = plan.get(id(op))
+        if step is None:
+            return None
+        if step.quant_spec is not None:
+            return step
+        node = op._inbound_nodes[history.node_index]
+        rule = get_rule(flat.origin[id(op)])
+        if step.kind != "folded" and (rule is None or rule.kind != "passthrough") or len(node.input_tensors) != 1:
+            return None
+        tensor = node.input_tensors[0]
+
+
+def _share_merge_inputs(flat, plan, input_steps):
+    """Group the quantizers feeding each Add / Concatenate so that they share one scale (QAT).
+
+    Groups are joined across merges (a tensor feeding two merges joins both
+    groups). A group whose members' specs differ is left unshared. Returns the
+    groups, each a list of steps; every member gets `step.group` and `step.slot`.
+    """
+    parent = {}
+
+    def find(step):
+        while parent.setdefault(id(step), step) is not step:
+            step = parent[id(step)]
+        return step
+
+    members = {}
+    for node in flat.nodes:
+        if not isinstance(flat.origin[id(node.operation)], SHARED_INPUT_MERGES):
+            continue
+        steps = [_producer(flat, plan, input_steps, t) for t in node.input_tensors]
+        steps = [st for st in steps if st is not None]
+        for st in steps:
+            members[id(st)] = st
+            parent.setdefault(id(st), st)
+        for st in steps[1:]:
+            root_a, root_b = find(steps[0]), find(st)
+            if root_a is not root_b:
+                parent[id(root_b)] = root_a
+    groups = collections.defaultdict(list)
+    order = {id(s): i for i, s in enumerate(input_steps + list(plan.values()))}
+    for st in sorted(members.values(), key=lambda x: order[id(x)]):
+        groups[id(find(st))].append(st)
+    shared = []
+    for group in groups.values():
+        if len(group) < 2 or any(st.quant_spec != group[0].quant_spec for st in group):
+            continue
+        for slot, st in enumerate(group):
+            st.group, st.slot = group, slot
+        shared.append(group)
+    return shared
+
+
+def _union_qparams(group):
+    """Scale and zero point covering the calibrated ranges of every member of a shared group."""
+    from keras_quant import ops as kq_ops
+
+    spec = group[0].quant_spec
+    lows, highs = [], []
+    for st in group:
+        scale, zp = (float(keras.ops.convert_to_numpy(v)) for v in st.qparams)
+        lows.append((spec.qmin - zp) * scale)
+        highs.append((spec.qmax - zp) * scale)
+    return kq_ops.compute_qparams(min(lows), max(highs), spec)
+
+
+def quantize_model(model, config=None, calibration=None, mode="ptq", observe_steps=None):
+    """A new Keras model with fake-quantized weights and activations: post-training or trainable.
+
+    `mode="ptq"` gives the frozen post-training model. `mode="qat"` gives a
+    model to train with ordinary `fit`: compute layers become
+    `kq.QuantizeWrapper`s in `"qat"` mode (a following BatchNormalization is
+    folded into them as in Jacob et al. 2018, not removed), activation
+    quantizers observe, learn (LSQ, for `learnable` specs) or freeze their
+    ranges, and the inputs of each residual Add and each Concatenate share
+    one quantizer. A subclassed model (no graph to rewrite) is copied and
+    its compute layers wrapped in place of the originals.
 
     Args:
         model: A Functional or Sequential Keras model (nested ones are
-            inlined). It is not modified.
+            inlined; `"qat"` also takes subclassed models). It is not modified.
         config: A `kq.QuantConfig`; None means `kq.QuantConfig()` (W8A8:
             int8 per-channel symmetric weights, int8 per-tensor activations).
         calibration: A `kq.CalibrationResult` (anything with
-            `qparams(key, spec)` and `key in calibration`), needed when the
-            config quantizes activations.
+            `qparams(key, spec)` and `key in calibration`). Needed by
+            `"ptq"` when the config quantizes activations; optional for
+            `"qat"`, where it initialises the activation ranges (else the first
+            training batches do).
         mode: `"ptq"`: frozen quantizers with scales from the weights and the
-            calibration statistics.
+            calibration statistics. `"qat"`: trainable quantizers.
+        observe_steps: QAT: training steps the ranges are observed before
+            learnable quantizers learn. Default: learnable quantizers learn
+            from the first step when a calibration is given, else after
+            `kq.layers.qat.LSQ_OBSERVE_STEPS`; the others observe (moving
+            average) until changed (`kq.qat.set_mode`, `kq.qat.QATScheduler`).
 
     Returns:
         A new `keras.Model` with the float model's input names, shapes and
@@ -370,6 +480,10 @@ def quantize_model(model, config=None, calibration=None, mode="ptq"):
     if not isinstance(config, QuantConfig):
         raise ConfigError("config", config, "expected a kq.QuantConfig or None")
     graph = _graph_of(model)
+    if graph is None and mode == "qat" and model.built and not isinstance(model, keras.Sequential):
+        from keras_quant.qat import quantize_subclassed
+
+        return quantize_subclassed(model, config, calibration, observe_steps)
     if graph is None:
         reason = (
             "the Sequential model is not built; give it a keras.Input or call build() first"
@@ -382,7 +496,13 @@ def quantize_model(model, config=None, calibration=None, mode="ptq"):
     flat = _Flat(model, graph)
     plan, report = _plan(flat, config)
     input_steps = _input_steps(flat, config)
-    _fetch_qparams(input_steps + list(plan.values()), calibration)
+    steps = input_steps + list(plan.values())
+    if mode == "ptq" or calibration is not None:
+        _fetch_qparams(steps, calibration)
+    groups = _share_merge_inputs(flat, plan, input_steps) if mode == "qat" else []
+    if mode == "qat" and observe_steps is None and calibration is not None:
+        observe_steps = 0 if any(s.quant_spec is not None and s.quant_spec.learnable for s in steps) else None
+    quantizer_kwargs = {"mode": "qat", "observe_steps": observe_steps} if mode == "qat" else {}
 
     names = _Names(layer.name for layer in flat.model.layers)
     quantizers = []
@@ -390,8 +510,20 @@ def quantize_model(model, config=None, calibration=None, mode="ptq"):
     def add_quantizer(step, x, base):
         if step.quant_spec is None:
             return x
+        if step.group is not None:  # QAT: one quantizer shared by the inputs of a merge
+            first = step.group[0]
+            if first.quantizer is None:
+                qparams = _union_qparams(step.group) if first.qparams is not None else (None, None)
+                first.quantizer = ActivationQuantizer(
+                    step.quant_spec, *qparams, slots=len(step.group), name=names(f"{first.quant_key}_shared_quant"),
+                    **quantizer_kwargs,
+                )
+            quantizers.append((first.quantizer.name, step.quant_key))
+            return first.quantizer(x, slot=step.slot)
         if step.quantizer is None:
-            step.quantizer = ActivationQuantizer(step.quant_spec, *step.qparams, name=names(f"{base}_quant"))
+            qparams = step.qparams if step.qparams is not None else (None, None)
+            step.quantizer = ActivationQuantizer(step.quant_spec, *qparams, name=names(f"{base}_quant"),
+                                                 **quantizer_kwargs)
             quantizers.append((step.quantizer.name, step.quant_key))
         return step.quantizer(x)
 
@@ -404,14 +536,14 @@ def quantize_model(model, config=None, calibration=None, mode="ptq"):
             return args[0]
         first = step.layer is None
         if first:
-            step.layer = _build_step(step, staging)
+            step.layer = _build_step(step, staging, mode, observe_steps)
         outputs = step.layer(*args, **kwargs)
         if first:
-            _finish_step(step, staging)
-            if isinstance(step.layer, QuantizeWrapper) and step.quant_spec is not None:
+            _finish_step(step, staging, mode)
+            if isinstance(step.layer, QuantizeWrapper) and step.layer.output_quantizer is not None:
                 quantizers.append((step.layer.name, step.quant_key))
-        if step.kind == "wrap":
-            return outputs
+        if step.kind == "wrap" and step.group is None:
+            return outputs  # the wrapper's own output quantizer, if any
         return add_quantizer(step, outputs, staging.name)
 
     outputs = flat.model._run_through_graph(quantized_inputs, call_fn=call_fn)
@@ -429,6 +561,7 @@ def quantize_model(model, config=None, calibration=None, mode="ptq"):
         activation_quantizers=tuple(quantizers),
         float_layers=tuple(report["float_layers"]),
         unsupported=tuple(report["unsupported"]),
+        shared=tuple(tuple(st.quant_key for st in group) for group in groups),
     )
     if report["unsupported"]:
         warnings.warn(

@@ -22,20 +22,11 @@ import keras
 import numpy as np
 
 from keras_quant import ops as kq_ops
-from keras_quant.config import QuantSpec
+from keras_quant.config import QuantSpec, as_spec as _spec
 from keras_quant.errors import ConfigError, ShapeMismatchError
+from keras_quant.layers import qat_quantizer as qat
 
 __all__ = ["FrozenQuantizer", "ActivationQuantizer", "assign_qparams"]
-
-
-def _spec(spec, field="spec", layer=None):
-    if spec is None:
-        return QuantSpec()
-    if isinstance(spec, QuantSpec):
-        return spec
-    if isinstance(spec, dict):
-        return QuantSpec.from_config(spec)
-    raise ConfigError(field, spec, "expected a kq.QuantSpec or a QuantSpec config dict", layer=layer)
 
 
 def assign_qparams(state, scale, zero_point, layer=None):
@@ -100,28 +91,48 @@ class FrozenQuantizer:
             ),
         }
 
-    def __call__(self, x, state, training=None):
-        """Fake-quantize `x` with the state's scale and zero point."""
+    def __call__(self, x, state, training=None, **flags):
+        """Fake-quantize `x` with the state's scale and zero point (mode flags are ignored)."""
         return kq_ops.fake_quant(x, state["scale"], state["zero_point"], self.spec)
+
+    def qparams(self, state):
+        """`(scale, zero_point)` variables."""
+        return state["scale"], state["zero_point"]
 
 
 @keras.saving.register_keras_serializable(package="keras_quant")
 class ActivationQuantizer(keras.layers.Layer):
-    """A frozen activation fake-quantizer layer.
+    """An activation fake-quantizer layer: frozen (post-training) or trainable (QAT).
 
-    Holds non-trainable `scale` and `zero_point` variables (float32; shape `()`
-    per tensor, `(C,)` per channel on `spec.axis`) and returns
-    `kq.ops.fake_quant(x, scale, zero_point, spec)`.
+    In `"frozen"` mode it holds non-trainable `scale` and `zero_point`
+    variables (float32; shape `()` per tensor, `(C,)` per channel on
+    `spec.axis`) set from calibration, and returns
+    `kq.ops.fake_quant(x, scale, zero_point, spec)`. In `"qat"` mode it is a
+    `kq.layers.qat.QATQuantizer`: the range is a moving average of batch
+    ranges (from the calibration, if set, else from the first batch), learned
+    with LSQ for a `learnable` spec, or frozen, per its schedule.
+
+    One quantizer can be shared by several tensors (`slots`), e.g. the inputs
+    of a residual Add or a Concatenate, which integer kernels want on one
+    scale: the layer is called once per tensor with `slot=i`, each slot keeps
+    its own moving range, and all use the union.
 
     Args:
         spec: The `kq.QuantSpec` (per tensor or per channel). Defaults to int8
             asymmetric per tensor.
         scale: Optional initial scale, written when the layer is built.
         zero_point: Optional initial zero point, written when the layer is built.
+        mode: `"frozen"` (default) or `"qat"`.
+        slots: Number of tensors sharing this quantizer (QAT mode).
+        observe_steps: QAT: training steps to observe before learning
+            (default: until changed; `LSQ_OBSERVE_STEPS` for a learnable spec
+            with no initial range, 0 with one).
+        momentum: QAT: momentum of the moving-average range.
         **kwargs: Base layer arguments (`name`, ...).
 
     Raises:
-        ConfigError: For a per-group spec (activations have no fixed group layout).
+        ConfigError: For a per-group spec (activations have no fixed group
+            layout), an unknown mode, or slots below 1.
 
     Example:
 
@@ -129,7 +140,8 @@ class ActivationQuantizer(keras.layers.Layer):
     >>> y = q(x)
     """
 
-    def __init__(self, spec=None, scale=None, zero_point=None, **kwargs):
+    def __init__(self, spec=None, scale=None, zero_point=None, mode="frozen", slots=None, observe_steps=None,
+                 momentum=0.99, **kwargs):
         super().__init__(**kwargs)
         self.spec = _spec(spec, layer=self.name)
         if self.spec.granularity == "per_group":
@@ -137,15 +149,31 @@ class ActivationQuantizer(keras.layers.Layer):
                 "granularity", self.spec.granularity,
                 "activation quantizers support per_tensor and per_channel specs", layer=self.name,
             )
+        if mode not in ("frozen", "qat"):
+            raise ConfigError("mode", mode, "mode must be 'frozen' or 'qat'", layer=self.name)
+        if slots is not None and (not isinstance(slots, int) or slots < 1 or mode != "qat"):
+            raise ConfigError("slots", slots, "slots must be a positive int, in 'qat' mode", layer=self.name)
         self.supports_masking = True
+        self.mode, self.slots, self.momentum = mode, slots, momentum
         self._initial = None if scale is None else (scale, 0 if zero_point is None else zero_point)
-        self.quantizer = FrozenQuantizer(self.spec)
+        if observe_steps is None and self.spec.learnable:
+            observe_steps = 0 if self._initial is not None else qat.LSQ_OBSERVE_STEPS
+        self.observe_steps = observe_steps
+        if mode == "qat":
+            self.quantizer = qat.QATQuantizer(self.spec, momentum=momentum)
+        else:
+            self.quantizer = FrozenQuantizer(self.spec)
+        self.schedule = None
         self._state = None
 
     def build(self, input_shape):
-        self._state = self.quantizer.build(self, input_shape, "")
+        if self.mode == "qat":
+            self.schedule = qat.Schedule(self, self.observe_steps)
+            self._state = self.quantizer.build(self, input_shape, "", slots=self.slots)
+        else:
+            self._state = self.quantizer.build(self, input_shape, "")
         if self._initial is not None:
-            assign_qparams(self._state, *self._initial, layer=self.name)
+            self.set_qparams(*self._initial)
         self.built = True
 
     @property
@@ -158,15 +186,40 @@ class ActivationQuantizer(keras.layers.Layer):
         """The zero-point variable (float32 holding an integer)."""
         return self._state["zero_point"]
 
+    @property
+    def qparams(self):
+        """`(scale, zero_point)` as the integer model uses them (a learned range included)."""
+        return self.quantizer.qparams(self._state)
+
     def set_qparams(self, scale, zero_point):
-        """Set the frozen scale and zero point (the layer must be built)."""
+        """Set the scale and zero point (QAT: the moving range starts from them)."""
         if self._state is None:
             self._initial = (scale, zero_point)
-        else:
-            assign_qparams(self._state, scale, zero_point, layer=self.name)
+            return
+        assign_qparams(self._state, scale, zero_point, layer=self.name)
+        if self.mode == "qat":
+            self.quantizer.set_range(self._state, scale, zero_point)
 
-    def call(self, inputs):
-        return self.quantizer(inputs, self._state)
+    def set_mode(self, mode):
+        """QAT: move to a range mode now: `"observe"`, `"learn"` or `"frozen"`."""
+        if self.schedule is None:
+            raise ConfigError("mode", self.mode, "set_mode needs a built quantizer in 'qat' mode", layer=self.name)
+        self.schedule.set_mode(mode)
+
+    @property
+    def range_mode(self):
+        """The current range mode (`"frozen"` in frozen mode)."""
+        return "frozen" if self.schedule is None else self.schedule.mode
+
+    def call(self, inputs, slot=None, training=None):
+        if self.schedule is None:
+            return self.quantizer(inputs, self._state)
+        training = bool(training)
+        observing, frozen = self.schedule.flags()
+        outputs = self.quantizer(inputs, self._state, training, observing=observing, frozen=frozen, slot=slot)
+        if training and (slot is None or slot == self.slots - 1):
+            self.schedule.advance()
+        return outputs
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -174,6 +227,8 @@ class ActivationQuantizer(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config["spec"] = self.spec.get_config()
+        if self.mode == "qat":
+            config.update(mode=self.mode, slots=self.slots, observe_steps=self.observe_steps, momentum=self.momentum)
         return config
 
     @classmethod

@@ -18,10 +18,14 @@ Example:
 
 import keras
 import numpy as np
+from keras import ops
 
 from keras_quant.errors import ConfigError, ShapeMismatchError
 
-__all__ = ["fold_batch_norm", "fold_into_layer", "fold_blocker", "FOLD_RULES"]
+__all__ = [
+    "fold_batch_norm", "fold_into_layer", "fold_blocker", "fold_rule", "fold_factor_and_bias", "scale_channels",
+    "factor_shape", "FOLD_RULES",
+]
 
 L = keras.layers
 
@@ -42,7 +46,8 @@ FOLD_RULES = {
 }
 
 
-def _fold_rule(layer):
+def fold_rule(layer):
+    """`(weight attribute, output-channel axes)` of the weight a BatchNormalization folds into, or None."""
     for klass in type(layer).__mro__:
         if klass in FOLD_RULES:
             return FOLD_RULES[klass]
@@ -55,6 +60,48 @@ def _axes(channel_axis, ndim):
     if not axes or list(axes) != list(range(axes[0], axes[0] + len(axes))):
         raise ConfigError("channel_axis", channel_axis, "channel_axis must be an axis or a run of consecutive axes")
     return axes
+
+
+def factor_shape(kernel_shape, channel_axis):
+    """Shape that broadcasts a `(C,)` per-output-channel factor over a kernel.
+
+    `channel_axis` is the kernel's output-channel axis, or a run of
+    consecutive axes whose row-major product is the `C` channels (a
+    depthwise kernel `(kh, kw, in, multiplier)`: channel `i * multiplier + m`).
+    """
+    ndim = len(kernel_shape)
+    shape = [1] * ndim
+    for a in _axes(channel_axis, ndim):
+        shape[a] = kernel_shape[a]
+    return tuple(shape)
+
+
+def fold_factor_and_bias(bias, gamma, beta, mean, variance, epsilon):
+    """The per-channel kernel factor and the bias of `BN(layer(x))` folded into one layer (`keras.ops`).
+
+    `factor = gamma / sqrt(variance + epsilon)` and
+    `folded_bias = beta + (bias - mean) * factor`. QAT calls it with batch or
+    moving statistics inside the training step; `fold_batch_norm` with the
+    moving ones. None for `bias`, `gamma`, `beta` means 0, 1, 0.
+
+    Returns:
+        `(factor, folded_bias)`, float32 tensors of shape `(C,)`.
+    """
+
+    def f32(v, default=None):
+        return default if v is None else ops.cast(ops.convert_to_tensor(v), "float32")
+
+    mean = f32(mean)
+    zeros = ops.zeros_like(mean)
+    factor = f32(gamma, ops.ones_like(mean)) / ops.sqrt(f32(variance) + float(epsilon))
+    return factor, f32(beta, zeros) + (f32(bias, zeros) - mean) * factor
+
+
+def scale_channels(kernel, factor, channel_axis):
+    """`kernel` times a `(C,)` factor along its output channels (`keras.ops`)."""
+    kernel = ops.convert_to_tensor(kernel)
+    shape = factor_shape(tuple(kernel.shape), channel_axis)
+    return ops.multiply(kernel, ops.cast(ops.reshape(factor, shape), kernel.dtype))
 
 
 def fold_batch_norm(kernel, bias, gamma, beta, moving_mean, moving_variance, epsilon, channel_axis=-1):
@@ -87,23 +134,13 @@ def fold_batch_norm(kernel, bias, gamma, beta, moving_mean, moving_variance, eps
     """
     kernel = np.asarray(kernel)
     dtype = np.result_type(kernel.dtype, np.float32)
-    kernel = kernel.astype(dtype)
-    mean = np.asarray(moving_mean, dtype)
-    channels = mean.shape[0]
-    gamma = np.ones(channels, dtype) if gamma is None else np.asarray(gamma, dtype)
-    beta = np.zeros(channels, dtype) if beta is None else np.asarray(beta, dtype)
-    bias = np.zeros(channels, dtype) if bias is None else np.asarray(bias, dtype)
-    factor = gamma / np.sqrt(np.asarray(moving_variance, dtype) + dtype.type(epsilon))
-
+    channels = np.asarray(moving_mean).shape[0]
     axes = _axes(channel_axis, kernel.ndim)
     if int(np.prod([kernel.shape[a] for a in axes])) != channels:
         raise ShapeMismatchError("kernel", f"{channels} output channels on axes {axes}", kernel.shape)
-    shape = [1] * kernel.ndim
-    for a in axes:
-        shape[a] = kernel.shape[a]
-    folded_kernel = kernel * factor.reshape(shape)  # row-major: channel i * mult + m
-    folded_bias = beta + (bias - mean) * factor
-    return folded_kernel, folded_bias.astype(dtype)
+    factor, folded_bias = fold_factor_and_bias(bias, gamma, beta, moving_mean, moving_variance, epsilon)
+    folded_kernel = scale_channels(kernel.astype(dtype), factor, axes)
+    return np.asarray(ops.convert_to_numpy(folded_kernel), dtype), np.asarray(ops.convert_to_numpy(folded_bias), dtype)
 
 
 def fold_blocker(layer, bn):
@@ -115,7 +152,7 @@ def fold_blocker(layer, bn):
     """
     if not isinstance(bn, L.BatchNormalization):
         return f"{type(bn).__name__} is not a BatchNormalization"
-    if _fold_rule(layer) is None:
+    if fold_rule(layer) is None:
         return f"{type(layer).__name__} has no folding rule"
     activation = getattr(layer, "activation", None)
     if activation is not None and getattr(activation, "__name__", "linear") != "linear":
@@ -156,7 +193,7 @@ def fold_into_layer(layer, bn):
     reason = fold_blocker(layer, bn)
     if reason:
         raise ConfigError("layer", layer.name, f"cannot fold {bn.name} into it: {reason}", layer=layer.name)
-    weight, axes = _fold_rule(layer)
+    weight, axes = fold_rule(layer)
     kernel = getattr(layer, weight)
     folded_kernel, folded_bias = fold_batch_norm(
         _np(kernel), _np(layer.bias) if getattr(layer, "use_bias", False) else None,

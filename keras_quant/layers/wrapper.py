@@ -1,6 +1,12 @@
 """`QuantizeWrapper`: a layer whose weights (and output) are fake-quantized.
 
-The wrapper owns every quantizer variable; the quantizers (`MODES`) hold none.
+Two modes (`MODES`): `"qat"` (the default) trains: `QATQuantizer`s observe,
+learn (LSQ) or freeze their ranges per the wrapper's `Schedule`, and a
+BatchNormalization given as `batch_norm` is folded into the weights as in
+Jacob et al. 2018. `"frozen"` is the post-training model: `FrozenQuantizer`s
+with fixed scales.
+
+The wrapper owns every quantizer variable; the quantizers hold none.
 For each weight its layer rule names (`rules.get_rule`), the wrapper keeps a
 `scale` / `zero_point` pair on the rule's output-channel axis. In `call` the
 wrapped layer runs inside a `keras.StatelessScope` that maps those weights to
@@ -19,18 +25,22 @@ Example:
 """
 
 import keras
+from keras import ops
 
 from keras_quant import ops as kq_ops
 from keras_quant.config import LayerQuantConfig, QuantConfig, QuantSpec
 from keras_quant.errors import ConfigError, UnsupportedLayerError
+from keras_quant.layers import qat_quantizer as qat
 from keras_quant.layers.fake_quant import FrozenQuantizer, assign_qparams
+from keras_quant.layers.folding import fold_blocker, fold_factor_and_bias, fold_rule, scale_channels
 from keras_quant.layers.rules import get_rule
 
 __all__ = ["QuantizeWrapper", "MODES", "weight_specs"]
 
 # Quantizer class of each wrapper mode. A mode's quantizer has
-# `build(layer, shape, name) -> state` and `__call__(x, state, training)`.
-MODES = {"frozen": FrozenQuantizer}
+# `build(layer, shape, name) -> state`, `__call__(x, state, training, observing=, frozen=, seed=)`
+# and `qparams(state)`.
+MODES = {"qat": qat.QATQuantizer, "frozen": FrozenQuantizer}
 
 
 def _layer_config(config, layer):
@@ -93,34 +103,58 @@ class QuantizeWrapper(keras.layers.Wrapper):
     """Fake-quantizes a layer's weights and, optionally, its output.
 
     Weight scales are per channel on the rule's axis by default (the config's
-    weight spec with `axis` set per weight) and are computed from the weights'
-    values when the wrapper is built (`freeze()` recomputes them). The output
-    quantizer, if the config quantizes activations, is applied after the
-    layer, i.e. after its fused activation; its scale and zero point come from
-    calibration (`set_output_qparams`).
+    weight spec with `axis` set per weight). The output quantizer, if the
+    config quantizes activations, is applied after the layer, i.e. after its
+    fused activation.
+
+    In `"qat"` mode each quantizer observes, learns (LSQ, for `learnable`
+    specs) or is frozen, per the wrapper's schedule (`set_mode`,
+    `kq.qat.QATScheduler`): weight ranges follow the weights until frozen;
+    the output range is a moving average of batch ranges (or set from a
+    calibration with `set_output_qparams`). In `"frozen"` mode weight scales
+    are computed when the wrapper is built (`observe_weights()` recomputes
+    them) and the output range is set from calibration.
+
+    With `batch_norm`, the BatchNormalization that follows the layer is folded
+    into it: the quantizer sees `kernel * gamma / sqrt(moving_var + eps)`, the
+    bias is `beta + (bias - mean) * gamma / sqrt(var + eps)`, and in training
+    (until `freeze_batch_norm`) the batch statistics are computed with a float
+    pass, the moving statistics updated, and the output corrected by
+    `sigma_moving / sigma_batch` (Jacob et al. 2018, section 3.2). At
+    inference the wrapper computes exactly the folded layer that export writes.
 
     Args:
-        layer: The layer to wrap (it must have a rule in `kq.layers.RULES`).
+        layer: The layer to wrap (it must have a rule in `kq.layers.RULES`,
+            a `quantization_rule()` method, or a `kq.register_rule` entry).
         config: A `kq.QuantConfig` (resolved with `config.for_layer(layer)`),
             a `kq.LayerQuantConfig`, or a `(weights, activations)` pair of
             specs. None means `kq.QuantConfig()` (int8 per-channel weights,
             int8 activations). An `activations` of None means no output quantizer.
-        mode: Quantizer mode, a key of `MODES` (`"frozen"`).
+        mode: `"qat"` (trainable ranges) or `"frozen"` (post-training).
+        batch_norm: A BatchNormalization applied to the layer's output, to fold.
+        observe_steps: QAT: training steps the ranges are observed before
+            learnable quantizers learn. Default: until changed, or
+            `LSQ_OBSERVE_STEPS` when a spec is learnable.
+        momentum: QAT: momentum of the moving-average output range.
+        seed: Seed of the stochastic rounding of weights.
         **kwargs: Base layer arguments (`name`, ...).
 
     Raises:
-        ConfigError: For an unknown mode or config.
+        ConfigError: For an unknown mode or config, a BatchNormalization that
+            cannot be folded into the layer, or stochastic rounding together
+            with a learnable weight spec.
         UnsupportedLayerError: For a layer type without a rule, or a rule
             weight that is not a variable.
 
     Example:
 
     >>> wrapper = QuantizeWrapper(keras.layers.Conv2D(8, 3), kq.QuantConfig.w4a8())
-    >>> y = wrapper(x)
-    >>> wrapper.set_output_qparams(0.05, -128)
+    >>> y = wrapper(x, training=True)        # observes the output range
+    >>> wrapper.set_mode("frozen")
     """
 
-    def __init__(self, layer, config=None, mode="frozen", **kwargs):
+    def __init__(self, layer, config=None, mode="qat", batch_norm=None, observe_steps=None, momentum=0.99,
+                 seed=None, **kwargs):
         kwargs.setdefault("name", getattr(layer, "name", None))
         super().__init__(layer, **kwargs)
         if mode not in MODES:
@@ -128,15 +162,40 @@ class QuantizeWrapper(keras.layers.Wrapper):
         self.mode = mode
         self.quant_config = _layer_config(config, layer)
         self.weight_specs = weight_specs(layer, self.quant_config.weights)
+        self.batch_norm = batch_norm
+        self._fold = None
+        if batch_norm is not None:
+            reason = fold_blocker(layer, batch_norm)
+            if reason:
+                raise ConfigError("batch_norm", batch_norm.name, f"cannot fold it into {layer.name}: {reason}",
+                                  layer=self.name)
+            self._fold = fold_rule(layer)
+        specs = list(self.weight_specs.values()) + [self.quant_config.activations]
+        if any(s is not None and s.learnable and s.stochastic_rounding for s in self.weight_specs.values()):
+            raise ConfigError("stochastic_rounding", True, "stochastic rounding applies to weights with fixed "
+                              "ranges; it cannot be combined with learnable=True", layer=self.name)
+        if observe_steps is None and any(s is not None and s.learnable for s in specs):
+            observe_steps = qat.LSQ_OBSERVE_STEPS
+        self.observe_steps = observe_steps
+        self.momentum = momentum
+        self.seed = seed
         quantizer = MODES[mode]
-        self.weight_quantizers = {name: quantizer(spec) for name, spec in self.weight_specs.items()}
+        kw = {"momentum": momentum} if mode == "qat" else {}
+        self.weight_quantizers = {
+            name: quantizer(spec, **({"role": "weight"} if mode == "qat" else {})) for name, spec in self.weight_specs.items()
+        }
         spec = self.quant_config.activations
-        self.output_quantizer = None if spec is None else quantizer(spec)
+        self.output_quantizer = None if spec is None else quantizer(spec, **kw)
+        self.seed_generator = (
+            keras.random.SeedGenerator(seed)
+            if any(s.stochastic_rounding for s in self.weight_specs.values()) else None
+        )
+        self.schedule = None
         self._weight_state = {}
         self._output_state = None
         self.supports_masking = getattr(layer, "supports_masking", False)
 
-    # Build / freeze ------------------------------------------------------
+    # Build -------------------------------------------------------------------
     def _variable(self, name):
         var = getattr(self.layer, name, None)
         if not isinstance(var, keras.Variable):
@@ -148,6 +207,10 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
     def build(self, input_shape=None):
         super().build(input_shape)
+        if self.batch_norm is not None and not self.batch_norm.built:
+            self.batch_norm.build(self.layer.compute_output_shape(input_shape))
+        if self.mode == "qat":
+            self.schedule = qat.Schedule(self, self.observe_steps, batch_norm=self.batch_norm is not None)
         for name, quantizer in self.weight_quantizers.items():
             var = self._variable(name)
             self._weight_state[name] = quantizer.build(self, tuple(var.shape), name)
@@ -155,16 +218,24 @@ class QuantizeWrapper(keras.layers.Wrapper):
             shape = self.layer.compute_output_shape(input_shape) if input_shape is not None else ()
             self._output_state = self.output_quantizer.build(self, shape, "output")
         self.built = True
-        self.freeze()
+        self.observe_weights()
 
-    def freeze(self):
-        """Recompute each weight's scale and zero point from its current values (min-max)."""
+    def observe_weights(self):
+        """Set each weight quantizer's range from the weights' current (folded) values (min-max)."""
+        values = self.float_weights()
         for name, state in self._weight_state.items():
-            scale, zero_point = kq_ops.tensor_qparams(self._variable(name).value, self.weight_specs[name])
+            scale, zero_point = kq_ops.tensor_qparams(values[name], self.weight_specs[name])
+            self._set_range(self.weight_quantizers[name], state, scale, zero_point)
+
+    def _set_range(self, quantizer, state, scale, zero_point):
+        if hasattr(quantizer, "set_range"):
+            assign_qparams(state, scale, zero_point, layer=self.name)  # checks the sizes
+            quantizer.set_range(state, scale, zero_point)
+        else:
             assign_qparams(state, scale, zero_point, layer=self.name)
 
     def set_output_qparams(self, scale, zero_point):
-        """Set the frozen scale and zero point of the output quantizer.
+        """Set the output quantizer's range (a QAT quantizer's moving range starts from it).
 
         Raises:
             ConfigError: If the wrapper has no output quantizer or is not built.
@@ -175,36 +246,143 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 "activations", self.quant_config.activations,
                 "this wrapper has no (built) output quantizer", layer=self.name,
             )
-        assign_qparams(self._output_state, scale, zero_point, layer=self.name)
+        self._set_range(self.output_quantizer, self._output_state, scale, zero_point)
+
+    # Modes ---------------------------------------------------------------------
+    def _require_schedule(self, what):
+        if self.schedule is None:
+            raise ConfigError("mode", self.mode, f"{what} needs a built wrapper in 'qat' mode", layer=self.name)
+        return self.schedule
+
+    def set_mode(self, mode):
+        """Move every quantizer of the wrapper to a range mode now: `"observe"`, `"learn"` or `"frozen"`."""
+        self._require_schedule("set_mode").set_mode(mode)
 
     @property
+    def range_mode(self):
+        """The quantizers' current range mode (`"frozen"` for a wrapper in frozen mode)."""
+        return "frozen" if self.schedule is None else self.schedule.mode
+
+    def freeze_batch_norm(self):
+        """Stop using batch statistics (and updating the moving ones) from the next training step."""
+        if self.batch_norm is None:
+            raise ConfigError("batch_norm", None, "this wrapper folds no BatchNormalization", layer=self.name)
+        self._require_schedule("freeze_batch_norm").set(freeze_bn=0)
+
+    def _flags(self):
+        return self.schedule.flags() if self.schedule is not None else (True, False)
+
+    # Qparams -------------------------------------------------------------------
+    @property
     def weight_qparams(self):
-        """`{weight_name: (scale, zero_point)}` variables of the weight quantizers."""
-        return {name: (s["scale"], s["zero_point"]) for name, s in self._weight_state.items()}
+        """`{weight_name: (scale, zero_point)}` of the weight quantizers, as the integer model uses them."""
+        return {name: self.weight_quantizers[name].qparams(s) for name, s in self._weight_state.items()}
 
     @property
     def output_qparams(self):
-        """`(scale, zero_point)` variables of the output quantizer, or None."""
+        """`(scale, zero_point)` of the output quantizer, or None."""
         s = self._output_state
-        return None if s is None else (s["scale"], s["zero_point"])
+        return None if s is None else self.output_quantizer.qparams(s)
 
-    # Call ----------------------------------------------------------------
-    def quantized_weights(self, training=None):
-        """`{weight_name: fake-quantized tensor}` for the quantized weights."""
+    # Folding -------------------------------------------------------------------
+    def _bn_stats(self):
+        """`(moving_mean, moving_variance)` as float32 tensors."""
+        bn = self.batch_norm
+        return ops.cast(bn.moving_mean.value, "float32"), ops.cast(bn.moving_variance.value, "float32")
+
+    def _fold_terms(self, mean, variance):
+        """`fold_factor_and_bias` with this layer's bias and the BatchNormalization's gamma, beta."""
+        bn, layer = self.batch_norm, self.layer
+        bias = layer.bias.value if getattr(layer, "use_bias", False) else None
+        return fold_factor_and_bias(
+            bias, bn.gamma.value if bn.scale else None, bn.beta.value if bn.center else None, mean, variance,
+            bn.epsilon,
+        )
+
+    def folded_weights(self):
+        """`(kernel_name, folded kernel, folded bias)` of a wrapper that folds a BatchNormalization.
+
+        These are the float weights of the single layer the integer model runs
+        (inference form, moving statistics).
+        """
+        if self.batch_norm is None:
+            raise ConfigError("batch_norm", None, "this wrapper folds no BatchNormalization", layer=self.name)
+        name, axes = self._fold
+        factor, bias = self._fold_terms(*self._bn_stats())
+        return name, scale_channels(ops.cast(self._variable(name).value, "float32"), factor, axes), bias
+
+    def float_weights(self):
+        """`{weight_name: float tensor}` the weight quantizers see (the folded kernel with a BatchNormalization)."""
+        values = {name: self._variable(name).value for name in self.weight_specs}
+        if self.batch_norm is not None:
+            name, kernel, _ = self.folded_weights()
+            if name in values:
+                values[name] = kernel
+        return values
+
+    # Call ----------------------------------------------------------------------
+    def _quantize_weights(self, values, training):
+        observing, frozen = self._flags()
         return {
-            name: quantizer(self._variable(name).value, self._weight_state[name], training)
+            name: quantizer(values[name], self._weight_state[name], training, observing=observing, frozen=frozen,
+                            seed=self.seed_generator)
             for name, quantizer in self.weight_quantizers.items()
         }
 
-    def call(self, inputs, training=None, **kwargs):
-        overrides = {id(self._variable(n)): v for n, v in self.quantized_weights(training).items()}
+    def quantized_weights(self, training=None):
+        """`{weight_name: fake-quantized tensor}` for the quantized weights."""
+        return self._quantize_weights(self.float_weights(), training)
+
+    def _run(self, inputs, overrides, kwargs):
+        """The wrapped layer's call with some of its variables replaced by tensors."""
+        overrides = {id(self._variable(n)): v for n, v in overrides.items()}
         # Every variable of the wrapped layer is mapped: a nested StatelessScope
         # does not fall back to an outer one (JAX's stateless training step).
         mapping = [(v, overrides.get(id(v), v.value)) for v in self.layer.variables]
         with keras.StatelessScope(state_mapping=mapping):
-            outputs = self.layer(inputs, **kwargs)
+            return self.layer(inputs, **kwargs)
+
+    def _call_folded(self, inputs, training, kwargs):
+        bn = self.batch_norm
+        name, axes = self._fold
+        mean, var = self._bn_stats()
+        factor, bias = self._fold_terms(mean, var)
+        batch = training and self.schedule is not None
+        if batch:  # batch statistics from a float pass, until the BatchNormalization is frozen
+            bn_frozen = self.schedule.bn_frozen()
+
+            def batch_moments():
+                y = ops.cast(self.layer(inputs, **kwargs), "float32")
+                return ops.moments(y, axes=list(range(len(y.shape) - 1)), synchronized=bn.synchronized)
+
+            b_mean, b_var = ops.cond(bn_frozen, lambda: (mean, var), batch_moments)
+            m = bn.momentum
+            for v, old, new in ((bn.moving_mean, mean, b_mean), (bn.moving_variance, var, b_var)):
+                v.assign(ops.cast(ops.where(bn_frozen, old, old * m + new * (1.0 - m)), v.dtype))
+            _, bias = self._fold_terms(b_mean, b_var)
+            correction = ops.sqrt((var + bn.epsilon) / (b_var + bn.epsilon))  # sigma_moving / sigma_batch
+        values = {n: self._variable(n).value for n in self.weight_specs}
+        values[name] = scale_channels(ops.cast(self._variable(name).value, "float32"), factor, axes)
+        overrides = self._quantize_weights(values, training) if self.weight_specs else {}
+        overrides.setdefault(name, values[name])
+        if getattr(self.layer, "use_bias", False):
+            overrides["bias"] = ops.zeros_like(self.layer.bias.value)
+        y = self._run(inputs, overrides, kwargs)
+        if batch:
+            y = ops.multiply(y, ops.cast(correction, y.dtype))
+        return ops.add(y, ops.cast(bias, y.dtype))
+
+    def call(self, inputs, training=None, **kwargs):
+        training = bool(training)
+        if self.batch_norm is not None:
+            outputs = self._call_folded(inputs, training, kwargs)
+        else:
+            outputs = self._run(inputs, self.quantized_weights(training), kwargs)
         if self.output_quantizer is not None:
-            outputs = self.output_quantizer(outputs, self._output_state, training)
+            observing, frozen = self._flags()
+            outputs = self.output_quantizer(outputs, self._output_state, training, observing=observing, frozen=frozen)
+        if training and self.schedule is not None:
+            self.schedule.advance()
         return outputs
 
     def compute_output_shape(self, input_shape):
@@ -213,7 +391,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
     def compute_mask(self, inputs, mask=None):
         return self.layer.compute_mask(inputs, mask)
 
-    # Serialization ---------------------------------------------------------
+    # Serialization -----------------------------------------------------------------
     def get_config(self):
         config = super().get_config()
         qc = self.quant_config
@@ -221,13 +399,18 @@ class QuantizeWrapper(keras.layers.Wrapper):
             "weights": None if qc.weights is None else qc.weights.get_config(),
             "activations": None if qc.activations is None else qc.activations.get_config(),
         }
-        config["mode"] = self.mode
+        config.update(mode=self.mode, observe_steps=self.observe_steps, momentum=self.momentum, seed=self.seed)
+        if self.batch_norm is not None:
+            config["batch_norm"] = keras.saving.serialize_keras_object(self.batch_norm)
         return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         layer = keras.saving.deserialize_keras_object(config.pop("layer"), custom_objects=custom_objects)
+        if config.get("batch_norm") is not None:
+            config["batch_norm"] = keras.saving.deserialize_keras_object(config["batch_norm"],
+                                                                         custom_objects=custom_objects)
         return cls(layer, **config)
 
     def __repr__(self):

@@ -90,7 +90,7 @@ def test_quant_config_is_resolved_per_layer():
 def test_save_load_round_trip(tmp_path, rng):
     x = rng.normal(size=(4, 6, 6, 3)).astype("float32")
     inp = keras.Input((6, 6, 3))
-    wrapper = QuantizeWrapper(L.DepthwiseConv2D(3, name="dw"), (W8, kq.QuantSpec(bits=8)))
+    wrapper = QuantizeWrapper(L.DepthwiseConv2D(3, name="dw"), (W8, kq.QuantSpec(bits=8)), mode="frozen")
     model = keras.Model(inp, L.Flatten()(wrapper(inp)))
     wrapper.set_output_qparams(0.02, 3)
     model.save(tmp_path / "w.keras")
@@ -114,11 +114,11 @@ def test_trains_with_straight_through_gradient(rng):
     assert not np.allclose(to_np(wrapper.layer.bias), bias)
 
 
-def test_freeze_follows_new_weights(rng):
+def test_observe_weights_follows_new_weights(rng):
     wrapper = QuantizeWrapper(L.Dense(2), (W8, None))
     wrapper(np.zeros((1, 3), "float32"))
     wrapper.layer.kernel.assign(np.full((3, 2), 12.7, "float32"))
-    wrapper.freeze()
+    wrapper.observe_weights()
     np.testing.assert_allclose(to_np(wrapper.weight_qparams["kernel"][0]), [0.1, 0.1], rtol=1e-6)
 
 
