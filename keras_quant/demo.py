@@ -10,6 +10,8 @@ Trains a small CNN on scikit-learn's digits, then quantizes it tensor by tensor:
 4. the PTQ model: `CalibrationCallback` in one `model.predict` on the
    calibration split, then `quantize_model` (W8A8 and W4A8, min-max and MSE
    activation ranges), evaluated in Keras;
+5. quantization-aware training: `quantize_model(..., mode="qat")` fine-tuned
+   with `fit` for `qat_epochs` (W8A8, and W4A4 with LSQ against W4A4 PTQ);
 
 and prints the error tables (`keras-quant demo`, or
 `python examples/quantize_tensors.py`).
@@ -92,15 +94,49 @@ def _forward(model, x, weight_spec=None, act_qparams=None, act_spec=None, batch_
     return np.concatenate(outputs)
 
 
+def _qat_rows(model, calib, train, test, epochs, float_acc, say):
+    """W8A8 QAT, and W4A4 PTQ against W4A4 QAT with LSQ, fine-tuned from the float model."""
+    from keras_quant.config import QuantConfig
+    from keras_quant.quantize import quantize_model
+
+    w4a4 = QuantConfig(weights=QuantSpec(bits=4, symmetric=True, granularity="per_channel"), activations=QuantSpec(bits=4))
+    lsq = QuantConfig(
+        weights=QuantSpec(bits=4, symmetric=True, granularity="per_channel", learnable=True),
+        activations=QuantSpec(bits=4, learnable=True),
+    )
+    calibration = None
+    rows = []
+    if keras.backend.backend() == "tensorflow":
+        from keras_quant.calibration import CalibrationCallback
+
+        callback = CalibrationCallback(config=w4a4, statistics="range")
+        model.predict(calib, batch_size=128, callbacks=[callback], verbose=0)
+        calibration = callback.result
+        acc = _accuracy(quantize_model(model, w4a4, calibration=calibration).predict(test[0], verbose=0), test[1])
+        rows.append({"scheme": "W4A4 PTQ model (minmax)", "accuracy": acc, "drop": float_acc - acc})
+    for label, config, lr in (("W8A8 QAT", QuantConfig.int8(), 1e-4), ("W4A4 QAT + LSQ", lsq, 1e-3)):
+        qat = quantize_model(model, config, mode="qat", calibration=calibration)
+        qat.compile(optimizer=keras.optimizers.Adam(lr),
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        t0 = time.perf_counter()
+        qat.fit(*train, epochs=epochs, batch_size=64, verbose=0)
+        seconds = time.perf_counter() - t0
+        acc = _accuracy(qat.predict(test[0], verbose=0), test[1])
+        rows.append({"scheme": f"{label} ({epochs} epochs, {seconds:.1f}s)", "accuracy": acc, "drop": float_acc - acc})
+        say(f"{label}: fine-tuned {epochs} epochs in {seconds:.1f}s, accuracy {acc:.4f}")
+    return rows
+
+
 def _accuracy(logits, labels):
     return float(np.mean(np.argmax(logits, axis=-1) == labels))
 
 
-def run(epochs=12, seed=0, calibration_samples=512, verbose=True):
+def run(epochs=12, seed=0, calibration_samples=512, verbose=True, qat_epochs=3):
     """Train, quantize tensor by tensor, and return the three tables' rows.
 
     Args:
         epochs: Training epochs on the digits data.
+        qat_epochs: Fine-tuning epochs of the QAT models (0: no QAT rows).
         seed: Seed for data split, initialisation and training.
         calibration_samples: Training samples fed to the observers.
         verbose: Print progress and the tables.
@@ -194,6 +230,10 @@ def run(epochs=12, seed=0, calibration_samples=512, verbose=True):
                 acc = _accuracy(qmodel.predict(x_test, verbose=0), y_test)
                 acc_rows.append({"scheme": f"{wlabel} PTQ model ({method}, calibrated in {seconds:.1f}s)",
                                  "accuracy": acc, "drop": float_acc - acc})
+
+    # 5. Quantization-aware training (any backend; calibration initialises the ranges on TensorFlow).
+    if qat_epochs:
+        acc_rows.extend(_qat_rows(model, calib, (x_train, y_train), (x_test, y_test), qat_epochs, float_acc, say))
 
     say()
     say(text_table(weight_rows, ["layer", "shape", "scheme", "mse", "sqnr_db", "max_error"], "Weights"))
