@@ -286,9 +286,14 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
     # Folding -------------------------------------------------------------------
     def _bn_stats(self):
-        """`(moving_mean, moving_variance)` as float32 tensors."""
+        """`(moving_mean, moving_variance)` as float32 tensors, read now.
+
+        `convert_to_tensor` takes a snapshot: on TensorFlow `Variable.value` is
+        the variable itself, which later reads would see after the training
+        step's moving-statistics update.
+        """
         bn = self.batch_norm
-        return ops.cast(bn.moving_mean.value, "float32"), ops.cast(bn.moving_variance.value, "float32")
+        return tuple(ops.cast(ops.convert_to_tensor(v), "float32") for v in (bn.moving_mean, bn.moving_variance))
 
     def _fold_terms(self, mean, variance):
         """`fold_factor_and_bias` with this layer's bias and the BatchNormalization's gamma, beta."""

@@ -276,6 +276,16 @@ def fake_quant(x, scale, zero_point, spec, seed=None):
                 channels = x32.shape[channel_axis(spec, len(x32.shape))]
                 nudged_min = ops.broadcast_to(ops.reshape(nudged_min, ()), (channels,))
                 nudged_max = ops.broadcast_to(ops.reshape(nudged_max, ()), (channels,))
+        if axis is not None and len(x32.shape) > 4:
+            # TensorFlow's per-channel FakeQuant gradient takes rank <= 4: quantize a
+            # (elements, channels) view (channels last) and restore the layout.
+            ch = channel_axis(spec, len(x32.shape))
+            moved = ops.moveaxis(x32, ch, -1)
+            flat = ops.reshape(moved, (-1, moved.shape[-1]))
+            y = quantizers.fake_quant_with_min_max_vars(
+                flat, nudged_min, nudged_max, num_bits=spec.bits, narrow_range=spec.narrow_range, axis=-1
+            )
+            return ops.cast(ops.moveaxis(ops.reshape(y, ops.shape(moved)), -1, ch), dtype)
         y = quantizers.fake_quant_with_min_max_vars(
             x32, nudged_min, nudged_max, num_bits=spec.bits, narrow_range=spec.narrow_range, axis=axis
         )
