@@ -283,7 +283,7 @@ class _Names:
         return name
 
 
-def _build_step(step, staging, mode, observe_steps):
+def _build_step(step, staging, mode, observe_steps, bn_statistics):
     """Create the new model's layer for one planned step (not yet built)."""
     if step.kind == "wrap":
         lc = step.layer_config
@@ -294,7 +294,7 @@ def _build_step(step, staging, mode, observe_steps):
             if lc.weights is None and lc.activations is None and bn is None:
                 return _clone_unbuilt(staging)
             return QuantizeWrapper(_clone_unbuilt(staging), lc, mode="qat", batch_norm=bn,
-                                   observe_steps=observe_steps, name=staging.name)
+                                   observe_steps=observe_steps, bn_statistics=bn_statistics, name=staging.name)
         inner = fold_into_layer(staging, step.fold) if step.fold is not None else _clone_unbuilt(staging)
         if lc.weights is None and lc.activations is None:
             return inner
@@ -427,7 +427,7 @@ def _union_qparams(group):
     return kq_ops.compute_qparams(min(lows), max(highs), spec)
 
 
-def quantize_model(model, config=None, calibration=None, mode="ptq", observe_steps=None):
+def quantize_model(model, config=None, calibration=None, mode="ptq", observe_steps=None, bn_statistics="quantized"):
     """A new Keras model with fake-quantized weights and activations: post-training or trainable.
 
     `mode="ptq"` gives the frozen post-training model. `mode="qat"` gives a
@@ -456,6 +456,10 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
             from the first step when a calibration is given, else after
             `kq.layers.qat.LSQ_OBSERVE_STEPS`; the others observe (moving
             average) until changed (`kq.qat.set_mode`, `kq.qat.QATScheduler`).
+        bn_statistics: QAT: where a folded BatchNormalization's batch
+            statistics come from in training, `"quantized"` (one pass) or
+            `"float"` (an extra float pass, as in Jacob et al. 2018); see
+            `kq.QuantizeWrapper`.
 
     Returns:
         A new `keras.Model` with the float model's input names, shapes and
@@ -536,7 +540,7 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
             return args[0]
         first = step.layer is None
         if first:
-            step.layer = _build_step(step, staging, mode, observe_steps)
+            step.layer = _build_step(step, staging, mode, observe_steps, bn_statistics)
         outputs = step.layer(*args, **kwargs)
         if first:
             _finish_step(step, staging, mode)

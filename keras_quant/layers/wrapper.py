@@ -41,6 +41,8 @@ __all__ = ["QuantizeWrapper", "MODES", "weight_specs"]
 # `build(layer, shape, name) -> state`, `__call__(x, state, training, observing=, frozen=, seed=)`
 # and `qparams(state)`.
 MODES = {"qat": qat.QATQuantizer, "frozen": FrozenQuantizer}
+# Where a folded BatchNormalization's batch statistics come from in QAT training.
+BN_STATISTICS = ("quantized", "float")
 
 
 def _layer_config(config, layer):
@@ -116,12 +118,17 @@ class QuantizeWrapper(keras.layers.Wrapper):
     them) and the output range is set from calibration.
 
     With `batch_norm`, the BatchNormalization that follows the layer is folded
-    into it: the quantizer sees `kernel * gamma / sqrt(moving_var + eps)`, the
-    bias is `beta + (bias - mean) * gamma / sqrt(var + eps)`, and in training
-    (until `freeze_batch_norm`) the batch statistics are computed with a float
-    pass, the moving statistics updated, and the output corrected by
-    `sigma_moving / sigma_batch` (Jacob et al. 2018, section 3.2). At
-    inference the wrapper computes exactly the folded layer that export writes.
+    into it (Jacob et al. 2018, section 3.2): the quantizer sees
+    `kernel * gamma / sigma_moving`, the bias is
+    `beta + (bias - mean) * gamma / sigma`, and in training (until
+    `freeze_batch_norm`) the output is normalised with batch statistics: it
+    is corrected by `sigma_moving / sigma_batch`, the bias uses the batch
+    mean, and the moving statistics are updated. The batch statistics come
+    from the quantized output divided by the fold factor (`bn_statistics=
+    "quantized"`, one pass, as PyTorch's fused ConvBn QAT modules do) or from
+    an extra float pass of the layer (`"float"`, the paper's graph; a second
+    convolution per step). At inference the wrapper computes exactly the
+    folded layer that export writes.
 
     Args:
         layer: The layer to wrap (it must have a rule in `kq.layers.RULES`,
@@ -137,6 +144,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
             `LSQ_OBSERVE_STEPS` when a spec is learnable.
         momentum: QAT: momentum of the moving-average output range.
         seed: Seed of the stochastic rounding of weights.
+        bn_statistics: Source of a folded BatchNormalization's batch
+            statistics in training: `"quantized"` (default) or `"float"`.
         **kwargs: Base layer arguments (`name`, ...).
 
     Raises:
@@ -154,7 +163,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
     """
 
     def __init__(self, layer, config=None, mode="qat", batch_norm=None, observe_steps=None, momentum=0.99,
-                 seed=None, **kwargs):
+                 seed=None, bn_statistics="quantized", **kwargs):
         kwargs.setdefault("name", getattr(layer, "name", None))
         super().__init__(layer, **kwargs)
         if mode not in MODES:
@@ -163,6 +172,10 @@ class QuantizeWrapper(keras.layers.Wrapper):
         self.quant_config = _layer_config(config, layer)
         self.weight_specs = weight_specs(layer, self.quant_config.weights)
         self.batch_norm = batch_norm
+        if bn_statistics not in BN_STATISTICS:
+            raise ConfigError("bn_statistics", bn_statistics, f"bn_statistics must be one of {BN_STATISTICS}",
+                              layer=self.name)
+        self.bn_statistics = bn_statistics
         self._fold = None
         if batch_norm is not None:
             reason = fold_blocker(layer, batch_norm)
@@ -347,25 +360,21 @@ class QuantizeWrapper(keras.layers.Wrapper):
         with keras.StatelessScope(state_mapping=mapping):
             return self.layer(inputs, **kwargs)
 
+    def _batch_moments(self, y):
+        axes = list(range(len(y.shape) - 1))
+        return ops.moments(ops.cast(y, "float32"), axes=axes, synchronized=self.batch_norm.synchronized)
+
     def _call_folded(self, inputs, training, kwargs):
         bn = self.batch_norm
         name, axes = self._fold
         mean, var = self._bn_stats()
         factor, bias = self._fold_terms(mean, var)
         batch = training and self.schedule is not None
-        if batch:  # batch statistics from a float pass, until the BatchNormalization is frozen
+        if batch:
             bn_frozen = self.schedule.bn_frozen()
-
-            def batch_moments():
-                y = ops.cast(self.layer(inputs, **kwargs), "float32")
-                return ops.moments(y, axes=list(range(len(y.shape) - 1)), synchronized=bn.synchronized)
-
-            b_mean, b_var = ops.cond(bn_frozen, lambda: (mean, var), batch_moments)
-            m = bn.momentum
-            for v, old, new in ((bn.moving_mean, mean, b_mean), (bn.moving_variance, var, b_var)):
-                v.assign(ops.cast(ops.where(bn_frozen, old, old * m + new * (1.0 - m)), v.dtype))
-            _, bias = self._fold_terms(b_mean, b_var)
-            correction = ops.sqrt((var + bn.epsilon) / (b_var + bn.epsilon))  # sigma_moving / sigma_batch
+            if self.bn_statistics == "float":  # Jacob et al.: batch statistics from a float pass
+                b_mean, b_var = ops.cond(bn_frozen, lambda: (mean, var),
+                                         lambda: self._batch_moments(self.layer(inputs, **kwargs)))
         values = {n: self._variable(n).value for n in self.weight_specs}
         values[name] = scale_channels(ops.cast(self._variable(name).value, "float32"), factor, axes)
         overrides = self._quantize_weights(values, training) if self.weight_specs else {}
@@ -373,9 +382,23 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if getattr(self.layer, "use_bias", False):
             overrides["bias"] = ops.zeros_like(self.layer.bias.value)
         y = self._run(inputs, overrides, kwargs)
-        if batch:
-            y = ops.multiply(y, ops.cast(correction, y.dtype))
-        return ops.add(y, ops.cast(bias, y.dtype))
+        if not batch:
+            return ops.add(y, ops.cast(bias, y.dtype))
+        if self.bn_statistics == "quantized":
+            # One pass: the quantized output divided by the fold factor is the unfolded
+            # layer's output (with quantized weights); its moments are the batch statistics.
+            safe = ops.where(ops.equal(factor, 0.0), 1.0, factor)
+            unscaled = ops.cast(y, "float32") / safe
+            if getattr(self.layer, "use_bias", False):
+                unscaled = unscaled + ops.cast(ops.convert_to_tensor(self.layer.bias), "float32")
+            b_mean, b_var = self._batch_moments(unscaled)
+            b_mean, b_var = ops.where(bn_frozen, mean, b_mean), ops.where(bn_frozen, var, b_var)
+        m = bn.momentum
+        for v, old, new in ((bn.moving_mean, mean, b_mean), (bn.moving_variance, var, b_var)):
+            v.assign(ops.cast(ops.where(bn_frozen, old, old * m + ops.stop_gradient(new) * (1.0 - m)), v.dtype))
+        _, bias = self._fold_terms(b_mean, b_var)
+        correction = ops.sqrt((var + bn.epsilon) / (b_var + bn.epsilon))  # sigma_moving / sigma_batch
+        return ops.add(ops.multiply(y, ops.cast(correction, y.dtype)), ops.cast(bias, y.dtype))
 
     def call(self, inputs, training=None, **kwargs):
         training = bool(training)
@@ -404,7 +427,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
             "weights": None if qc.weights is None else qc.weights.get_config(),
             "activations": None if qc.activations is None else qc.activations.get_config(),
         }
-        config.update(mode=self.mode, observe_steps=self.observe_steps, momentum=self.momentum, seed=self.seed)
+        config.update(mode=self.mode, observe_steps=self.observe_steps, momentum=self.momentum, seed=self.seed,
+                      bn_statistics=self.bn_statistics)
         if self.batch_norm is not None:
             config["batch_norm"] = keras.saving.serialize_keras_object(self.batch_norm)
         return config

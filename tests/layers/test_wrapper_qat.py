@@ -71,13 +71,20 @@ def test_qat_model_of_every_layer_type_matches_float_and_trains(name, shape, mak
         assert max(len(np.unique(row)) for row in values) <= 2**spec.bits
 
 
-def test_folded_training_uses_batch_statistics_then_moving_ones():
+@pytest.mark.parametrize("bn_statistics", ["quantized", "float"])
+def test_folded_training_uses_batch_statistics_then_moving_ones(bn_statistics):
     """Until frozen, training output is conv -> BN(batch stats); the moving stats follow the batches."""
     keras.utils.set_random_seed(0)
     model = _model("conv2d", (6, 6, 3), lambda: L.Conv2D(4, 3), batch_norm=True)
     x = _data("conv2d", (6, 6, 3), n=32) * 3.0 + 1.0
     qat = kq.quantize_model(model, kq.QuantConfig(weights=W16, activations=None), mode="qat")
-    wrapper = next(w for w in qat.layers if isinstance(w, QuantizeWrapper))
+    folded = next(w for w in qat.layers if isinstance(w, QuantizeWrapper))
+    config = folded.get_config()
+    config["bn_statistics"] = bn_statistics
+    wrapper = QuantizeWrapper.from_config(config)
+    wrapper.build((None, 6, 6, 3))
+    wrapper.set_weights(folded.get_weights())
+    assert wrapper.bn_statistics == bn_statistics
     conv = model.get_layer(wrapper.name)
     bn = model.get_layer("bn")
     mean0 = to_np(wrapper.batch_norm.moving_mean).copy()
