@@ -92,7 +92,9 @@ class Schedule:
     """
 
     def __init__(self, layer, observe_steps=None, batch_norm=False):
-        if observe_steps is not None and (not isinstance(observe_steps, (int, float)) or observe_steps < 0):
+        if observe_steps is not None and (
+            isinstance(observe_steps, bool) or not isinstance(observe_steps, (int, float)) or observe_steps < 0
+        ):
             raise ConfigError("observe_steps", observe_steps, "observe_steps must be a non-negative number or None",
                               layer=getattr(layer, "name", None))
         self.step = _state_weight(layer, "qat_step", (), 0.0)

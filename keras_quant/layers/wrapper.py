@@ -288,8 +288,20 @@ class QuantizeWrapper(keras.layers.Wrapper):
     # Qparams -------------------------------------------------------------------
     @property
     def weight_qparams(self):
-        """`{weight_name: (scale, zero_point)}` of the weight quantizers, as the integer model uses them."""
-        return {name: self.weight_quantizers[name].qparams(s) for name, s in self._weight_state.items()}
+        """`{weight_name: (scale, zero_point)}` of the weight quantizers, as the integer model uses them.
+
+        A QAT weight range that follows its weights (fixed spec, not frozen) is
+        computed from the current values, not the last training step's.
+        """
+        following = self.schedule is not None and self.schedule.mode != "frozen"
+        values = self.float_weights() if following else {}
+        out = {}
+        for name, state in self._weight_state.items():
+            if following and not self.weight_specs[name].learnable:
+                out[name] = kq_ops.tensor_qparams(values[name], self.weight_specs[name])
+            else:
+                out[name] = self.weight_quantizers[name].qparams(state)
+        return out
 
     @property
     def output_qparams(self):

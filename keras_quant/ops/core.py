@@ -294,7 +294,10 @@ def fake_quant(x, scale, zero_point, spec, seed=None):
     def fq(v, s, z):
         lo = (spec.qmin - z) * s
         hi = (spec.qmax - z) * s
-        clipped = ops.clip(v, lo, hi)  # gradient 1 inside [lo, hi], 0 outside
+        # Gradient 1 on the closed range [lo, hi], 0 outside. `ops.clip` would split the
+        # gradient 0.5 / 0.5 at the bounds on JAX, where a channel's largest weight lies.
+        inside = ops.logical_and(ops.greater_equal(v, lo), ops.less_equal(v, hi))
+        clipped = ops.where(inside, v, ops.stop_gradient(ops.clip(v, lo, hi)))
         y = (_quantize_float(v, s, z, spec, seed) - z) * s
         return clipped + ops.stop_gradient(y - clipped)
 

@@ -86,7 +86,10 @@ def lsq_fake_quant(x, scale, offset, spec, grad_scale=None):
 
     def fq(v, s, beta):
         # Clip before rounding, as in the paper: the gradient boundary is qmin / qmax.
-        q = _round_ste(ops.clip((v - beta) / s, float(spec.qmin), float(spec.qmax)))
+        # Written with `where`, not `ops.clip`, whose gradient JAX splits 0.5 / 0.5 at the bounds.
+        u = (v - beta) / s
+        lo, hi = float(spec.qmin), float(spec.qmax)
+        q = _round_ste(ops.where(ops.less(u, lo), lo, ops.where(ops.greater(u, hi), hi, u)))
         return q * s + beta
 
     return ops.cast(_apply(x32, scale, offset, spec, fq), dtype)
