@@ -84,10 +84,12 @@ class FrozenQuantizer:
         prefix = f"{name}_" if name else ""
         return {
             "scale": layer.add_weight(
-                name=f"{prefix}scale", shape=pshape, initializer="ones", trainable=self.trainable, dtype="float32"
+                name=f"{prefix}scale", shape=pshape, initializer="ones", trainable=self.trainable, dtype="float32",
+                autocast=False,
             ),
             "zero_point": layer.add_weight(
-                name=f"{prefix}zero_point", shape=pshape, initializer="zeros", trainable=False, dtype="float32"
+                name=f"{prefix}zero_point", shape=pshape, initializer="zeros", trainable=False, dtype="float32",
+                autocast=False,
             ),
         }
 

@@ -71,9 +71,11 @@ def sync_range(lo, hi):
 
 
 def _state_weight(layer, name, shape, value, trainable=False, dtype="float32"):
+    # float32 whatever the layer's policy: autocast=False keeps a mixed_float16 layer from
+    # reading the state as float16.
     return layer.add_weight(
         name=name, shape=shape, initializer=keras.initializers.Constant(value), trainable=trainable, dtype=dtype,
-        aggregation="mean" if trainable else "only_first_replica",
+        aggregation="mean" if trainable else "only_first_replica", autocast=False,
     )
 
 

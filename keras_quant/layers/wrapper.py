@@ -385,8 +385,12 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if batch:
             bn_frozen = self.schedule.bn_frozen()
             if self.bn_statistics == "float":  # Jacob et al.: batch statistics from a float pass
-                b_mean, b_var = ops.cond(bn_frozen, lambda: (mean, var),
-                                         lambda: self._batch_moments(self.layer(inputs, **kwargs)))
+                if bn.synchronized:  # the cross-replica all-reduce cannot run inside a cond branch
+                    b_mean, b_var = self._batch_moments(self.layer(inputs, **kwargs))
+                    b_mean, b_var = ops.where(bn_frozen, mean, b_mean), ops.where(bn_frozen, var, b_var)
+                else:  # skip the float pass once the statistics are frozen
+                    b_mean, b_var = ops.cond(bn_frozen, lambda: (mean, var),
+                                             lambda: self._batch_moments(self.layer(inputs, **kwargs)))
         values = {n: self._variable(n).value for n in self.weight_specs}
         values[name] = scale_channels(ops.cast(self._variable(name).value, "float32"), factor, axes)
         overrides = self._quantize_weights(values, training) if self.weight_specs else {}
@@ -397,13 +401,13 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if not batch:
             return ops.add(y, ops.cast(bias, y.dtype))
         if self.bn_statistics == "quantized":
-            # One pass: the quantized output divided by the fold factor is the unfolded
-            # layer's output (with quantized weights); its moments are the batch statistics.
+            # One pass: y = factor * z, with z the unfolded layer's output (quantized weights,
+            # no bias), so z's batch statistics follow from y's per-channel moments.
             safe = ops.where(ops.equal(factor, 0.0), 1.0, factor)
-            unscaled = ops.cast(y, "float32") / safe
+            y_mean, y_var = self._batch_moments(y)
+            b_mean, b_var = y_mean / safe, y_var / (safe * safe)
             if getattr(self.layer, "use_bias", False):
-                unscaled = unscaled + ops.cast(ops.convert_to_tensor(self.layer.bias), "float32")
-            b_mean, b_var = self._batch_moments(unscaled)
+                b_mean = b_mean + ops.cast(ops.convert_to_tensor(self.layer.bias), "float32")
             b_mean, b_var = ops.where(bn_frozen, mean, b_mean), ops.where(bn_frozen, var, b_var)
         m = bn.momentum
         for v, old, new in ((bn.moving_mean, mean, b_mean), (bn.moving_variance, var, b_var)):
