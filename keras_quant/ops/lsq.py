@@ -49,8 +49,41 @@ def scale_gradient(v, factor):
     return scaled + ops.stop_gradient(v - scaled)
 
 
-def _round_ste(v):
-    return v + ops.stop_gradient(round_half_up(v) - v)
+def _sum_to(t, p):
+    """Sum `t` over the axes along which `p` was broadcast against it (to `p`'s shape)."""
+    if len(p.shape) == 0:
+        return ops.sum(t)
+    axes = tuple(i for i, (a, b) in enumerate(zip(p.shape, t.shape)) if a == 1 and b != 1)
+    return ops.sum(t, axis=axes, keepdims=True) if axes else t
+
+
+def _lsq_kernel(lo, hi):
+    """`x_hat = round(clip((v - beta) / s, lo, hi)) * s + beta` with the papers' gradients, written out.
+
+    Autodiff of the straight-through form would build about twice the
+    elementwise ops; the gradient here is the closed form (module docstring):
+    `dv` is the mask of the closed range `[lo, hi]`, `ds` is `round(u) - u`
+    inside and `lo` / `hi` outside, `dbeta` is 1 outside.
+    """
+
+    @ops.custom_gradient
+    def fq(v, s, beta):
+        u = (v - beta) / s
+        c = ops.clip(u, lo, hi)
+        q = round_half_up(c)
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            inside = ops.logical_and(ops.greater_equal(u, lo), ops.less_equal(u, hi))
+            dv = ops.where(inside, upstream, 0.0)
+            ds = _sum_to(upstream * ops.where(inside, q - u, c), s)
+            dbeta = _sum_to(upstream - dv, beta)
+            return dv, ds, dbeta
+
+        return q * s + beta, grad
+
+    return fq
 
 
 def lsq_fake_quant(x, scale, offset, spec, grad_scale=None):
@@ -84,12 +117,5 @@ def lsq_fake_quant(x, scale, offset, spec, grad_scale=None):
     scale = scale_gradient(ops.maximum(scale, EPS), grad_scale)
     offset = scale_gradient(offset, grad_scale)
 
-    def fq(v, s, beta):
-        # Clip before rounding, as in the paper: the gradient boundary is qmin / qmax.
-        # Written with `where`, not `ops.clip`, whose gradient JAX splits 0.5 / 0.5 at the bounds.
-        u = (v - beta) / s
-        lo, hi = float(spec.qmin), float(spec.qmax)
-        q = _round_ste(ops.where(ops.less(u, lo), lo, ops.where(ops.greater(u, hi), hi, u)))
-        return q * s + beta
-
+    fq = _lsq_kernel(float(spec.qmin), float(spec.qmax))
     return ops.cast(_apply(x32, scale, offset, spec, fq), dtype)
