@@ -2,8 +2,8 @@
 
     x_hat = round(clip((x - offset) / s, qmin, qmax)) * s + offset
 
-`round` passes its gradient straight through, so autodiff gives the papers'
-gradients:
+The gradients are the papers' (the straight-through estimator for `round`),
+written out in a custom gradient:
 
     d x_hat / d x      = 1 inside, 0 outside the clip range
     d x_hat / d s      = round(v) - v inside, qmin (below) or qmax (above) outside,
