@@ -22,6 +22,9 @@ Example:
 {'conv': 'frozen', ...}
 """
 
+import inspect
+import warnings
+
 import keras
 
 from keras_quant.config import LayerQuantConfig, QuantConfig
@@ -232,6 +235,12 @@ def quantize_subclassed(model, config=None, calibration=None, observe_steps=None
     from keras_quant.quantize import QuantizationReport
 
     config = QuantConfig() if config is None else config
+    if "training" not in inspect.signature(model.call).parameters:
+        warnings.warn(
+            f"quantize_model: {type(model).__name__}.call has no `training` argument, so Keras does not tell its "
+            "layers whether they train, and the QAT quantizers (like BatchNormalization) act as in inference: "
+            "ranges are not observed. Add `training=None` to call() and pass it to the layers.", stacklevel=3,
+        )
     build_config = model.get_build_config() if model.built else None
     if not build_config:
         raise ConfigError("model", model.name, "the subclassed model is not built; call it on data first")

@@ -373,7 +373,7 @@ def _producer(flat, plan, input_steps, tensor):
         tensor = node.input_tensors[0]
 
 
-def _share_merge_inputs(flat, plan, input_steps):
+def _share_merge_inputs(flat, plan, input_steps, merges=SHARED_INPUT_MERGES):
     """Group the quantizers feeding each Add / Concatenate so that they share one scale (QAT).
 
     Groups are joined across merges (a tensor feeding two merges joins both
@@ -389,7 +389,7 @@ def _share_merge_inputs(flat, plan, input_steps):
 
     members = {}
     for node in flat.nodes:
-        if not isinstance(flat.origin[id(node.operation)], SHARED_INPUT_MERGES):
+        if not merges or not isinstance(flat.origin[id(node.operation)], tuple(merges)):
             continue
         steps = [_producer(flat, plan, input_steps, t) for t in node.input_tensors]
         steps = [st for st in steps if st is not None]
@@ -427,7 +427,8 @@ def _union_qparams(group):
     return kq_ops.compute_qparams(min(lows), max(highs), spec)
 
 
-def quantize_model(model, config=None, calibration=None, mode="ptq", observe_steps=None, bn_statistics="quantized"):
+def quantize_model(model, config=None, calibration=None, mode="ptq", observe_steps=None, bn_statistics="quantized",
+                   shared_merges=SHARED_INPUT_MERGES):
     """A new Keras model with fake-quantized weights and activations: post-training or trainable.
 
     `mode="ptq"` gives the frozen post-training model. `mode="qat"` gives a
@@ -460,6 +461,12 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
             statistics come from in training, `"quantized"` (one pass) or
             `"float"` (an extra float pass, as in Jacob et al. 2018); see
             `kq.QuantizeWrapper`.
+        shared_merges: QAT: merge layer types whose inputs share one
+            activation quantizer (default Add and Concatenate). TFLite's
+            CONCATENATION needs one scale; its ADD rescales its inputs, so
+            `(keras.layers.Concatenate,)` keeps each residual input on its own
+            range, which can matter at 4 bits when a skip tensor also feeds
+            other layers; `()` shares nothing.
 
     Returns:
         A new `keras.Model` with the float model's input names, shapes and
@@ -503,7 +510,7 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
     steps = input_steps + list(plan.values())
     if mode == "ptq" or calibration is not None:
         _fetch_qparams(steps, calibration)
-    groups = _share_merge_inputs(flat, plan, input_steps) if mode == "qat" else []
+    groups = _share_merge_inputs(flat, plan, input_steps, shared_merges) if mode == "qat" else []
     if mode == "qat" and observe_steps is None and calibration is not None:
         observe_steps = 0 if any(s.quant_spec is not None and s.quant_spec.learnable for s in steps) else None
     quantizer_kwargs = {"mode": "qat", "observe_steps": observe_steps} if mode == "qat" else {}

@@ -527,6 +527,35 @@ def test_residual_functional_model_trains_in_qat_mode(w8a8, float_cnn):
         np.testing.assert_array_equal(before, after)
 
 
+def test_merge_input_sharing_can_be_limited_to_concatenate(float_cnn):
+    model, _ = float_cnn
+    config = kq.QuantConfig.int8()
+    assert kq.quantize_model(model, config, mode="qat").quantization_report.shared  # the residual Add
+    only_concat = kq.quantize_model(model, config, mode="qat", shared_merges=(keras.layers.Concatenate,))
+    assert only_concat.quantization_report.shared == ()  # this model has no Concatenate
+    assert not any(isinstance(q, kq.ActivationQuantizer) and q.slots for q in only_concat.layers)
+    none = kq.quantize_model(model, config, mode="qat", shared_merges=())
+    assert none.quantization_report.shared == ()
+
+
+def test_subclassed_model_without_training_argument_warns():
+    class NoTraining(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.dense(x)
+
+    model = NoTraining()
+    model(np.zeros((1, 4), "float32"))
+    with pytest.warns(UserWarning, match="training"):
+        try:
+            kq.quantize_model(model, kq.QuantConfig.int8(), mode="qat")
+        except kq.errors.ConfigError:
+            pass  # copying needs get_config/from_config; the warning comes first
+
+
 # 7. User-defined layers ---------------------------------------------------------------------------
 def test_user_defined_layers_are_wrapped_and_train(data):
     x, y, _, _ = data
