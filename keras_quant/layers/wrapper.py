@@ -351,8 +351,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         return values
 
     # Call ----------------------------------------------------------------------
-    def _quantize_weights(self, values, training):
-        observing, frozen = self._flags()
+    def _quantize_weights(self, values, training, flags=None):
+        observing, frozen = self._flags() if flags is None else flags
         return {
             name: quantizer(values[name], self._weight_state[name], training, observing=observing, frozen=frozen,
                             seed=self.seed_generator)
@@ -376,7 +376,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         axes = list(range(len(y.shape) - 1))
         return ops.moments(ops.cast(y, "float32"), axes=axes, synchronized=self.batch_norm.synchronized)
 
-    def _call_folded(self, inputs, training, kwargs):
+    def _call_folded(self, inputs, training, kwargs, flags):
         bn = self.batch_norm
         name, axes = self._fold
         mean, var = self._bn_stats()
@@ -393,7 +393,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
                                              lambda: self._batch_moments(self.layer(inputs, **kwargs)))
         values = {n: self._variable(n).value for n in self.weight_specs}
         values[name] = scale_channels(ops.cast(self._variable(name).value, "float32"), factor, axes)
-        overrides = self._quantize_weights(values, training) if self.weight_specs else {}
+        overrides = self._quantize_weights(values, training, flags) if self.weight_specs else {}
         overrides.setdefault(name, values[name])
         if getattr(self.layer, "use_bias", False):
             overrides["bias"] = ops.zeros_like(self.layer.bias.value)
@@ -418,12 +418,13 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
     def call(self, inputs, training=None, **kwargs):
         training = bool(training)
+        flags = self._flags()  # read once: weights and output see the same step's mode
         if self.batch_norm is not None:
-            outputs = self._call_folded(inputs, training, kwargs)
+            outputs = self._call_folded(inputs, training, kwargs, flags)
         else:
-            outputs = self._run(inputs, self.quantized_weights(training), kwargs)
+            outputs = self._run(inputs, self._quantize_weights(self.float_weights(), training, flags), kwargs)
         if self.output_quantizer is not None:
-            observing, frozen = self._flags()
+            observing, frozen = flags
             outputs = self.output_quantizer(outputs, self._output_state, training, observing=observing, frozen=frozen)
         if training and self.schedule is not None:
             self.schedule.advance()
