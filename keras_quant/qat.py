@@ -31,6 +31,7 @@ from keras_quant.config import LayerQuantConfig, QuantConfig
 from keras_quant.errors import ConfigError, NoDataError
 from keras_quant.layers import walk
 from keras_quant.layers.fake_quant import ActivationQuantizer
+from keras_quant.layers.qat_quantizer import default_observe_steps
 from keras_quant.layers.rules import get_rule
 from keras_quant.layers.wrapper import QuantizeWrapper
 
@@ -253,10 +254,8 @@ def quantize_subclassed(model, config=None, calibration=None, observe_steps=None
             "model", model.name, "a subclassed model is copied with type(model).from_config(model.get_config()) "
             f"and its build config before its layers are wrapped, and that failed: {type(e).__name__}: {e}",
         ) from e
-    if observe_steps is None and calibration is not None and any(
-        s is not None and s.learnable for s in (config.weights, config.activations)
-    ):
-        observe_steps = 0
+    if calibration is not None:
+        observe_steps = default_observe_steps(observe_steps, (config.weights, config.activations), True)
     keys = {id(layer): key for key, layer in walk.layer_keys(model).items()}
     wrapping = _SubclassedWrapping(config, calibration, observe_steps, keys)
     wrapping.visit(clone, model)

@@ -41,7 +41,7 @@ from keras import tree
 
 from keras_quant.config import LayerQuantConfig, QuantConfig
 from keras_quant.errors import ConfigError, NoDataError, UnsupportedLayerError
-from keras_quant.layers import walk
+from keras_quant.layers import qat_quantizer, walk
 from keras_quant.layers.fake_quant import ActivationQuantizer
 from keras_quant.layers.folding import fold_blocker, fold_into_layer
 from keras_quant.layers.rules import get_rule, is_fusable_activation
@@ -511,8 +511,8 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
     if mode == "ptq" or calibration is not None:
         _fetch_qparams(steps, calibration)
     groups = _share_merge_inputs(flat, plan, input_steps, shared_merges) if mode == "qat" else []
-    if mode == "qat" and observe_steps is None and calibration is not None:
-        observe_steps = 0 if any(s.quant_spec is not None and s.quant_spec.learnable for s in steps) else None
+    if mode == "qat" and calibration is not None:
+        observe_steps = qat_quantizer.default_observe_steps(observe_steps, [s.quant_spec for s in steps], True)
     quantizer_kwargs = {"mode": "qat", "observe_steps": observe_steps} if mode == "qat" else {}
 
     names = _Names(layer.name for layer in flat.model.layers)

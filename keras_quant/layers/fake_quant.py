@@ -158,9 +158,7 @@ class ActivationQuantizer(keras.layers.Layer):
         self.supports_masking = True
         self.mode, self.slots, self.momentum = mode, slots, momentum
         self._initial = None if scale is None else (scale, 0 if zero_point is None else zero_point)
-        if observe_steps is None and self.spec.learnable:
-            observe_steps = 0 if self._initial is not None else qat.LSQ_OBSERVE_STEPS
-        self.observe_steps = observe_steps
+        self.observe_steps = qat.default_observe_steps(observe_steps, [self.spec], self._initial is not None)
         if mode == "qat":
             self.quantizer = qat.QATQuantizer(self.spec, momentum=momentum)
         else:

@@ -43,7 +43,10 @@ from keras_quant import ops as kq_ops
 from keras_quant.errors import ConfigError
 from keras_quant.config import as_spec as _spec
 
-__all__ = ["QATQuantizer", "Schedule", "NEVER", "RANGE_MODES", "LSQ_OBSERVE_STEPS", "effective_qparams", "sync_range"]
+__all__ = [
+    "QATQuantizer", "Schedule", "NEVER", "RANGE_MODES", "LSQ_OBSERVE_STEPS", "default_observe_steps",
+    "effective_qparams", "sync_range",
+]
 
 # Threshold meaning "not at any step".
 NEVER = float("inf")
@@ -51,6 +54,19 @@ ROLES = ("activation", "weight")
 RANGE_MODES = ("observe", "learn", "frozen")
 # Steps a learnable quantizer with no calibration observes before it learns.
 LSQ_OBSERVE_STEPS = 20
+
+
+def default_observe_steps(observe_steps, specs, initialized):
+    """The observe steps a quantizing layer uses when `observe_steps` is None.
+
+    Learnable specs learn from the first step when their range was
+    initialised (a calibration or a given scale), else after
+    `LSQ_OBSERVE_STEPS`; without a learnable spec, observation lasts until
+    changed (None). An explicit `observe_steps` is returned unchanged.
+    """
+    if observe_steps is not None or not any(s is not None and s.learnable for s in specs):
+        return observe_steps
+    return 0 if initialized else LSQ_OBSERVE_STEPS
 
 
 def sync_range(lo, hi):

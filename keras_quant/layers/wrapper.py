@@ -187,9 +187,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if any(s is not None and s.learnable and s.stochastic_rounding for s in self.weight_specs.values()):
             raise ConfigError("stochastic_rounding", True, "stochastic rounding applies to weights with fixed "
                               "ranges; it cannot be combined with learnable=True", layer=self.name)
-        if observe_steps is None and any(s is not None and s.learnable for s in specs):
-            observe_steps = qat.LSQ_OBSERVE_STEPS
-        self.observe_steps = observe_steps
+        self.observe_steps = qat.default_observe_steps(observe_steps, specs, initialized=False)
         self.momentum = momentum
         self.seed = seed
         quantizer = MODES[mode]
