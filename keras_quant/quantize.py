@@ -15,6 +15,11 @@ model's graph (nested models are inlined) in three steps:
    chain, with that layer's calibration statistics. Merge, pool, unfolded
    norm and other activation layers, and every float model input, get an
    `ActivationQuantizer` on their output; passthrough layers get nothing.
+   As in TFLite: an Add / Subtract / Multiply followed by a ReLU / ReLU6 has
+   one quantizer, after the activation (ADD fuses it); an average pool
+   keeps its input's range (AVERAGE_POOL_2D has one scale); and a layer kept
+   in float whose output feeds the integer graph gets a quantizer there (an
+   integer runtime quantizes that tensor, and must not borrow a range).
 3. Rebuild: run the flat graph again over new `keras.Input`s, creating the
    planned layers, with activation scales from `calibration.qparams(key, spec)`.
 
@@ -53,6 +58,8 @@ __all__ = ["quantize_model", "QuantizationReport", "MODES"]
 MODES = ("ptq", "qat")
 # Merge layers whose inputs share one activation quantizer in a QAT model.
 SHARED_INPUT_MERGES = (keras.layers.Add, keras.layers.Concatenate)
+# Merge layers TFLite fuses a following ReLU / ReLU6 into (ADD, SUB, MUL have a fused activation).
+FUSING_MERGES = (keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +181,7 @@ class _Step:
     quantizer: object = None
     slot: Optional[int] = None  # QAT: this step's slot in a shared quantizer
     group: Optional[list] = None  # QAT: the steps sharing one quantizer (merge inputs)
+    fused: bool = False  # a merge whose activation TFLite fuses (the quantizer is after the activation)
 
 
 def _plan(flat, config):
@@ -208,9 +216,92 @@ def _plan(flat, config):
             _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output)
         elif rule.kind == "passthrough":
             plan[id(layer)] = _Step("clone")
+        elif rule.kind == "merge" and isinstance(original, FUSING_MERGES) and _fused_activation(flat, layer, cfg):
+            # TFLite's ADD / SUB / MUL fuse a following ReLU / ReLU6: one quantizer, after it.
+            act = flat.sole_consumer(layer)
+            plan[id(layer)] = _Step("clone", fused=True)
+            plan[id(act)] = quantized_output(_Step("clone"), act, cfg(act).activations,
+                                             f"output quantizer after {key}+{flat.key(act)}")
         else:  # activation, merge, pool, unfolded norm: requantized output
             plan[id(layer)] = quantized_output(_Step("clone"), layer, lc.activations, f"{rule.kind} layer output")
+    _plan_float_boundaries(flat, config, plan, quantized_output)
+    _plan_pool_ranges(flat, plan)
     return plan, report
+
+
+# Pools whose TFLite kernel keeps the input's scale and zero point (AVERAGE_POOL_2D).
+SAME_RANGE_POOLS = (keras.layers.AveragePooling1D, keras.layers.AveragePooling2D, keras.layers.AveragePooling3D)
+
+
+def _plan_pool_ranges(flat, plan):
+    """Average pools take their input's range: TFLite's AVERAGE_POOL_2D has one scale for input and output.
+
+    With its own range the file would need a requantize op after every pool.
+    """
+    for node in flat.nodes:
+        layer = node.operation
+        step = plan.get(id(layer))
+        if step is None or step.quant_spec is None or not isinstance(flat.origin[id(layer)], SAME_RANGE_POOLS):
+            continue
+        source = _producer(flat, plan, [], node.input_tensors[0]) if len(node.input_tensors) == 1 else None
+        if source is not None and source.quant_spec == step.quant_spec and source.quant_key is not None:
+            step.quant_key = source.quant_key
+            step.quant_what += f" (the range of '{source.quant_key}': TFLite's average pool keeps its input's scale)"
+
+
+def _feeds_integer_graph(flat, plan, layer, seen=None):
+    """Whether `layer`'s output reaches a quantized layer, directly or through passthrough layers."""
+    seen = set() if seen is None else seen
+    for out in (t for node in layer._inbound_nodes for t in node.outputs):
+        for node in flat.consumers[id(out)]:
+            if node is None or id(node.operation) in seen:
+                continue
+            consumer = node.operation
+            seen.add(id(consumer))
+            step = plan.get(id(consumer))
+            if step is None:
+                continue
+            if step.kind == "wrap" or step.quant_spec is not None or step.fused:
+                return True
+            rule = get_rule(flat.origin[id(consumer)])
+            if step.kind == "clone" and rule is not None and rule.kind == "passthrough":
+                if _feeds_integer_graph(flat, plan, consumer, seen):
+                    return True
+    return False
+
+
+def _plan_float_boundaries(flat, config, plan, quantized_output):
+    """Quantize the output of a float layer where it enters the integer graph.
+
+    A layer kept in float (config None, or no rule) whose output feeds a
+    quantized layer gets an output quantizer with the config's activation
+    spec: an integer runtime quantizes that tensor there (TFLite writes a
+    QUANTIZE op), and without a range of its own it would borrow one.
+    """
+    spec = config.activations
+    if spec is None:
+        return
+    for node in flat.nodes:
+        layer = node.operation
+        step = plan.get(id(layer))
+        if step is None or step.kind != "clone" or step.quant_spec is not None or step.fused:
+            continue
+        rule = get_rule(flat.origin[id(layer)])
+        if rule is not None and rule.kind == "passthrough":
+            continue
+        if len(layer._inbound_nodes) != 1 or len(layer._inbound_nodes[0].outputs) != 1:
+            continue
+        if _feeds_integer_graph(flat, plan, layer):
+            quantized_output(step, layer, spec, "float layer output entering the integer graph")
+
+
+def _fused_activation(flat, layer, cfg):
+    """The fusable ReLU / ReLU6 that is `layer`'s only consumer and is quantized, else None."""
+    nxt = flat.sole_consumer(layer)
+    rule = get_rule(nxt) if nxt is not None else None
+    if rule is not None and rule.kind == "activation" and is_fusable_activation(nxt) and cfg(nxt) is not None:
+        return nxt
+    return None
 
 
 def _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output):
