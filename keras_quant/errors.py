@@ -26,6 +26,7 @@ __all__ = [
     "IntegrityError",
     "UnsupportedLayerError",
     "NoDataError",
+    "ExportError",
 ]
 
 
@@ -165,3 +166,31 @@ class NoDataError(KerasQuantError, ValueError):
         self.layer = layer
         detail = f": {reason}" if reason else ""
         super().__init__(f"{_where(layer)}{field} has seen no finite data{detail}. Received: num_elements=0")
+
+
+class ExportError(KerasQuantError, ValueError):
+    """A model that cannot be written to the requested format as it is.
+
+    Raised before conversion for what keras_quant knows the target cannot
+    express (a layer, a quantizer's scheme), and after conversion when the
+    converter left a compute op in float that the config quantizes.
+
+    Args:
+        field: The offending field (e.g. `"weights.granularity"`, `"mode"`).
+        value: The value received.
+        reason: What the target needs, as a sentence without the final period.
+        layer: Optional name of the layer.
+        problems: Every `(layer, field, value, reason)` found, when several.
+    """
+
+    def __init__(self, field, value, reason, layer=None, problems=()):
+        self.field = field
+        self.value = value
+        self.layer = layer
+        self.problems = tuple(problems) or ((layer, field, value, reason),)
+        more = ""
+        if len(self.problems) > 1:
+            more = "\n" + "\n".join(
+                f"  - {_where(l)}{r}. Received: {f}={v!r}" for l, f, v, r in self.problems[1:]
+            )
+        super().__init__(f"{_where(layer)}{reason}. Received: {field}={value!r}{more}")

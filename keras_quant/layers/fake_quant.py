@@ -24,7 +24,7 @@ import numpy as np
 from keras_quant import ops as kq_ops
 from keras_quant.config import QuantSpec, as_spec as _spec
 from keras_quant.errors import ConfigError, ShapeMismatchError
-from keras_quant.layers import qat_quantizer as qat
+from keras_quant.layers import inference, qat_quantizer as qat
 
 __all__ = ["FrozenQuantizer", "ActivationQuantizer", "assign_qparams"]
 
@@ -212,6 +212,9 @@ class ActivationQuantizer(keras.layers.Layer):
         return "frozen" if self.schedule is None else self.schedule.mode
 
     def call(self, inputs, slot=None, training=None):
+        plan = inference.active_plan()
+        if plan is not None:  # the traced inference form (kq.layers.inference)
+            return inference.quantize_output(self, inputs, plan)
         if self.schedule is None:
             return self.quantizer(inputs, self._state)
         training = bool(training)

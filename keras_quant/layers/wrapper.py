@@ -25,12 +25,13 @@ Example:
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_quant import ops as kq_ops
 from keras_quant.config import LayerQuantConfig, QuantConfig, QuantSpec
 from keras_quant.errors import ConfigError, UnsupportedLayerError
-from keras_quant.layers import qat_quantizer as qat
+from keras_quant.layers import inference, qat_quantizer as qat
 from keras_quant.layers.fake_quant import FrozenQuantizer, assign_qparams
 from keras_quant.layers.folding import fold_blocker, fold_factor_and_bias, fold_rule, scale_channels
 from keras_quant.layers.rules import get_rule
@@ -361,6 +362,35 @@ class QuantizeWrapper(keras.layers.Wrapper):
         """`{weight_name: fake-quantized tensor}` for the quantized weights."""
         return self._quantize_weights(self.float_weights(), training)
 
+    def inference_weights(self, quantize=True):
+        """The weights the integer model runs with, read now as numpy arrays.
+
+        Args:
+            quantize: Values on the quantization grid (True) or the float
+                (folded) values.
+
+        Returns:
+            `(weights, folded_bias)`: `weights` maps each overridden weight
+            name to a float32 array (the quantized weights; with a folded
+            BatchNormalization also the folded kernel and a zero `"bias"`),
+            and `folded_bias` is the bias added after the layer when a
+            BatchNormalization is folded, else None.
+        """
+
+        def np32(v):
+            return np.asarray(ops.convert_to_numpy(v), dtype="float32")
+
+        values = self.quantized_weights(training=False) if quantize else self.float_weights()
+        out = {n: np32(v) for n, v in values.items() if n in self.weight_specs or not quantize}
+        folded_bias = None
+        if self.batch_norm is not None:
+            name, kernel, bias = self.folded_weights()
+            out.setdefault(name, np32(kernel))
+            if getattr(self.layer, "use_bias", False):
+                out["bias"] = np.zeros(tuple(self.layer.bias.shape), "float32")
+            folded_bias = np32(bias)
+        return out, folded_bias
+
     def _run(self, inputs, overrides, kwargs):
         """The wrapped layer's call with some of its variables replaced by tensors."""
         overrides = {id(self._variable(n)): v for n, v in overrides.items()}
@@ -414,7 +444,20 @@ class QuantizeWrapper(keras.layers.Wrapper):
         correction = ops.sqrt((var + bn.epsilon) / (b_var + bn.epsilon))  # sigma_moving / sigma_batch
         return ops.add(ops.multiply(y, ops.cast(correction, y.dtype)), ops.cast(bias, y.dtype))
 
+    def _inference_call(self, inputs, plan, kwargs):
+        """The traced inference form (`kq.layers.inference`): constant weights, constant-range output."""
+        import tensorflow as tf
+
+        values = plan.weights[id(self)]
+        outputs = self._run(inputs, {n: tf.constant(v) for n, v in values.items()}, kwargs)
+        if id(self) in plan.folded_bias:
+            outputs = ops.add(outputs, tf.constant(plan.folded_bias[id(self)], dtype=outputs.dtype))
+        return inference.quantize_output(self, outputs, plan)
+
     def call(self, inputs, training=None, **kwargs):
+        plan = inference.active_plan()
+        if plan is not None and id(self) in plan.weights:
+            return self._inference_call(inputs, plan, kwargs)
         training = bool(training)
         flags = self._flags()  # read once: weights and output see the same step's mode
         if self.batch_norm is not None:

@@ -1,0 +1,121 @@
+"""The inference form of a quantized model, as export traces it.
+
+Inside `inference_scope(plan)`, `QuantizeWrapper` and `ActivationQuantizer`
+stop computing their quantization from variables and schedules and emit the
+graph an integer runtime executes:
+
+- a wrapper runs its layer with constant weights that already lie on the
+  quantization grid (the folded kernel fake-quantized with the weight
+  quantizer's scales, the folded bias in float), so a converter reads the
+  values and recovers the integers exactly;
+- every activation quantizer becomes one
+  `tf.quantization.fake_quant_with_min_max_args` with the quantizer's own
+  range as constants (the op the TFLite converter turns into a quantized
+  tensor). A grid narrower than the storage type (4-bit activations in an
+  int8 file) is stored on the wide grid, clipped to its range by integer
+  MINIMUM / MAXIMUM ops, and stored again with the same scale and zero
+  point, so the file holds values on the narrow grid.
+
+The plan (`InferencePlan`) is computed eagerly before tracing: constants,
+per-tensor ranges, and the storage width (8 or 16 bits), or `None` to drop
+activation quantizers (dynamic-range and float exports).
+
+Only the TensorFlow backend traces this form.
+"""
+
+import contextlib
+import dataclasses
+import threading
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+__all__ = ["InferencePlan", "inference_scope", "active_plan", "activation_op", "quantize_output"]
+
+_LOCAL = threading.local()
+
+
+@dataclasses.dataclass
+class InferencePlan:
+    """What the traced inference graph uses.
+
+    Attributes:
+        weights: `id(wrapper) -> {weight_name: float32 array}`: the values the
+            wrapped layer runs with (grid values, or float values when
+            `quantize_weights` is False), the folded bias under `"bias"`.
+        folded_bias: `id(wrapper) -> float32 array`: bias added after a
+            layer with a folded BatchNormalization (its own bias set to 0).
+        activations: `id(layer) -> (spec, scale, zero_point)` of each
+            activation quantizer (a wrapper's output quantizer or an
+            `ActivationQuantizer`), per tensor, as Python numbers.
+        storage_bits: Width of the activation integers (8 or 16), or None to
+            leave activations in float.
+    """
+
+    weights: Dict[int, Dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    folded_bias: Dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+    activations: Dict[int, Tuple[object, float, int]] = dataclasses.field(default_factory=dict)
+    storage_bits: Optional[int] = 8
+
+
+@contextlib.contextmanager
+def inference_scope(plan):
+    """Within the block, quantized layers trace their inference form from `plan`."""
+    previous = getattr(_LOCAL, "plan", None)
+    _LOCAL.plan = plan
+    try:
+        yield plan
+    finally:
+        _LOCAL.plan = previous
+
+
+def active_plan():
+    """The `InferencePlan` of the enclosing `inference_scope`, else None."""
+    return getattr(_LOCAL, "plan", None)
+
+
+def storage_range(spec, storage_bits):
+    """`(qmin, qmax)` of the storage grid a spec's integers are written on."""
+    lo, hi = -(2 ** (storage_bits - 1)), 2 ** (storage_bits - 1) - 1
+    if spec.narrow_range and spec.bits == storage_bits:
+        lo += 1
+    return lo, hi
+
+
+def activation_op(x, spec, scale, zero_point, storage_bits):
+    """A per-tensor activation quantizer as constant-range TensorFlow fake-quant ops.
+
+    Args:
+        x: The tensor.
+        spec: The quantizer's `kq.QuantSpec` (per tensor, `bits <= storage_bits`).
+        scale: Python float.
+        zero_point: Python int on the spec's grid.
+        storage_bits: 8 or 16.
+    """
+    import tensorflow as tf
+
+    scale, zero_point = float(scale), int(zero_point)
+    slo, shi = storage_range(spec, storage_bits)
+    narrow = spec.narrow_range and spec.bits == storage_bits
+
+    def store(v):
+        return tf.quantization.fake_quant_with_min_max_args(
+            v, min=(slo - zero_point) * scale, max=(shi - zero_point) * scale, num_bits=storage_bits,
+            narrow_range=narrow,
+        )
+
+    x = store(x)
+    if spec.bits < storage_bits:
+        # A narrower grid: clip the stored integers to it (integer MINIMUM / MAXIMUM ops on the
+        # same scale), and store the result with the same scale and zero point.
+        lo, hi = (spec.qmin - zero_point) * scale, (spec.qmax - zero_point) * scale
+        x = store(tf.minimum(tf.maximum(x, lo), hi))
+    return x
+
+
+def quantize_output(layer, x, plan):
+    """`x` through `layer`'s activation quantizer as the plan has it (unchanged without one)."""
+    if plan.storage_bits is None or id(layer) not in plan.activations:
+        return x
+    spec, scale, zero_point = plan.activations[id(layer)]
+    return activation_op(x, spec, scale, zero_point, plan.storage_bits)
