@@ -1,5 +1,8 @@
 """Error analysis: how far a quantized tensor (or model) is from its float original.
 
+`compare_models` runs two models (Keras, TFLite, ONNX) in their runtimes and
+compares outputs, accuracy, size and latency.
+
 Results are numpy arrays and Python floats, computed in float64.
 
 Example:
@@ -10,7 +13,8 @@ Example:
 True
 """
 
-from keras_quant.analysis import error
+from keras_quant.analysis import compare, error
+from keras_quant.analysis.compare import ModelComparison, compare_models, predicted_classes
 from keras_quant.analysis.error import (
     ErrorStats,
     OutlierImpact,
@@ -23,4 +27,4 @@ from keras_quant.analysis.error import (
     theoretical_sqnr,
 )
 
-__all__ = list(error.__all__)
+__all__ = list(error.__all__) + list(compare.__all__)
