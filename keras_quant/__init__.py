@@ -5,8 +5,9 @@ Import it as `kq`. The public names are those of `__all__`.
 
 __version__ = "0.1.0"
 
-from keras_quant import analysis, calibration, datasets, errors, layers, observers, ops, qat
+from keras_quant import analysis, calibration, datasets, errors, export, layers, observers, ops, qat, runtime
 from keras_quant.calibration import CalibrationCache, CalibrationCallback, CalibrationResult, LayerStatistics
+from keras_quant.export import ExportReport, export_onnx, export_tflite
 from keras_quant.config import LayerQuantConfig, QuantConfig, QuantSpec
 from keras_quant.layers import ActivationQuantizer, QuantizeWrapper, register_rule
 from keras_quant.qat import QATScheduler
@@ -34,4 +35,9 @@ __all__ = [
     "register_rule",
     "qat",
     "QATScheduler",
+    "export",
+    "runtime",
+    "export_tflite",
+    "export_onnx",
+    "ExportReport",
 ]

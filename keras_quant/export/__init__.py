@@ -1,0 +1,15 @@
+"""Export: TFLite / LiteRT and ONNX (QDQ) files with keras_quant's own ranges.
+
+`kq.export_tflite(qmodel, path, mode="int8")` writes a full-integer
+(`"int8"`, `"int16x8"`), dynamic-range or float16 TFLite file;
+`kq.export_onnx(qmodel, path)` writes QuantizeLinear / DequantizeLinear
+(QDQ) ONNX. Each returns an `ExportReport` read back from the file.
+What a target cannot express is reported by layer name before conversion
+(`kq.errors.ExportError`).
+"""
+
+from keras_quant.export.plan import MODES, check
+from keras_quant.export.onnx import export_onnx, onnx_model
+from keras_quant.export.tflite import ExportReport, export_tflite, tflite_bytes
+
+__all__ = ["MODES", "check", "ExportReport", "export_tflite", "tflite_bytes", "export_onnx", "onnx_model"]

@@ -1,0 +1,270 @@
+"""Read and edit TFLite flatbuffers: ops, tensors, quantization, weight buffers.
+
+The TFLite converter quantizes a constant weight from its own min-max, so a
+weight whose grid is not its min-max (a 4-bit grid stored in int8, a clipped
+or learned range) would get the converter's scale, not keras_quant's.
+`set_weight_scales` rewrites such weights (and their int32 / int64 biases)
+with keras_quant's scales; the integers are then exactly keras_quant's grid.
+It also writes 16x8 biases as int64, which the integer kernels require.
+"""
+
+import dataclasses
+import re
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from keras_quant.errors import ExportError
+
+__all__ = ["FlatModel", "TensorInfo", "OpInfo", "WEIGHT_OPS"]
+
+# Op -> (input index of the weights, of the bias, of the activation input).
+WEIGHT_OPS = {
+    "CONV_2D": (1, 2, 0),
+    "DEPTHWISE_CONV_2D": (1, 2, 0),
+    "FULLY_CONNECTED": (1, 2, 0),
+    "TRANSPOSE_CONV": (1, 3, 2),
+}
+_NP = {"FLOAT32": "float32", "FLOAT16": "float16", "INT32": "int32", "INT64": "int64", "INT8": "int8",
+       "UINT8": "uint8", "INT16": "int16", "BOOL": "bool"}
+
+
+def _schema():
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    return schema
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    index: int
+    name: str
+    type: str  # "INT8", "FLOAT32", ...
+    shape: Tuple[int, ...]
+    scales: np.ndarray
+    zero_points: np.ndarray
+    quantized_dimension: int
+    constant: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class OpInfo:
+    index: int
+    name: str  # builtin op name, e.g. "CONV_2D"
+    inputs: Tuple[int, ...]
+    outputs: Tuple[int, ...]
+
+
+class FlatModel:
+    """A TFLite model held as the flatbuffer object API (`tensorflow.lite.tools.flatbuffer_utils`)."""
+
+    def __init__(self, data):
+        from tensorflow.lite.tools import flatbuffer_utils
+
+        self._fu = flatbuffer_utils
+        self.model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+        self.graph = self.model.subgraphs[0]
+        schema = _schema()
+        self._type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+        self._type_codes = {k: v for v, k in self._type_names.items()}
+
+    def to_bytes(self) -> bytes:
+        return bytes(self._fu.convert_object_to_bytearray(self.model))
+
+    # Reading -------------------------------------------------------------------------
+    def op_name(self, op) -> str:
+        return self._fu.opcode_to_name(self.model, op.opcodeIndex)
+
+    def ops(self) -> List[OpInfo]:
+        return [
+            OpInfo(i, self.op_name(op), tuple(int(t) for t in op.inputs), tuple(int(t) for t in op.outputs))
+            for i, op in enumerate(self.graph.operators)
+        ]
+
+    def _data(self, t):
+        buf = self.model.buffers[t.buffer] if t.buffer is not None else None
+        data = None if buf is None else buf.data
+        return None if data is None or len(data) == 0 else data
+
+    def tensor(self, index) -> TensorInfo:
+        t = self.graph.tensors[index]
+        q = t.quantization
+        scales = np.asarray(q.scale if q is not None and q.scale is not None else [], "float32")
+        zps = np.asarray(q.zeroPoint if q is not None and q.zeroPoint is not None else [], "int64")
+        name = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
+        return TensorInfo(int(index), name, self._type_names[t.type], tuple(int(d) for d in t.shape), scales, zps,
+                          int(q.quantizedDimension) if q is not None else 0, self._data(t) is not None)
+
+    def tensors(self) -> List[TensorInfo]:
+        return [self.tensor(i) for i in range(len(self.graph.tensors))]
+
+    def array(self, index) -> Optional[np.ndarray]:
+        """A constant tensor's values in its stored type (None for a non-constant tensor)."""
+        t = self.graph.tensors[index]
+        data = self._data(t)
+        if data is None:
+            return None
+        dtype = _NP[self._type_names[t.type]]
+        return np.frombuffer(bytes(bytearray(data)), dtype=dtype).reshape(tuple(t.shape))
+
+    def dequantized(self, index) -> Optional[np.ndarray]:
+        """A constant quantized tensor's float values (per-axis scales applied)."""
+        info, q = self.tensor(index), self.array(index)
+        if q is None or info.scales.size == 0:
+            return q
+        shape = [1] * len(info.shape)
+        if info.scales.size > 1:
+            shape[info.quantized_dimension] = info.scales.size
+        s, z = info.scales.reshape(shape), info.zero_points.reshape(shape)
+        return (q.astype("float64") - z) * s
+
+    # Writing -------------------------------------------------------------------------
+    def set_constant(self, index, values, type_name, scales=None, zero_points=None, quantized_dimension=None):
+        """Give tensor `index` new values (in a buffer of its own), type and quantization."""
+        schema = _schema()
+        t = self.graph.tensors[index]
+        values = np.ascontiguousarray(values, dtype=_NP[type_name])
+        buf = schema.BufferT()
+        buf.data = np.frombuffer(values.tobytes(), dtype=np.uint8)
+        self.model.buffers.append(buf)
+        t.buffer = len(self.model.buffers) - 1
+        t.type = self._type_codes[type_name]
+        if scales is not None:
+            q = t.quantization or schema.QuantizationParametersT()
+            q.scale = [float(v) for v in np.asarray(scales, "float32").reshape(-1)]
+            q.zeroPoint = [int(v) for v in np.asarray(zero_points, "int64").reshape(-1)]
+            if quantized_dimension is not None:
+                q.quantizedDimension = int(quantized_dimension)
+            t.quantization = q
+
+
+def layer_names_of(tensor_name, layer_names):
+    """The model layers a converted tensor's name mentions (TensorFlow scopes `name` or `name_1`)."""
+    found = []
+    for part in re.split(r"[;/]", tensor_name):
+        base = re.sub(r"_\d+$", "", part)
+        for candidate in (part, base):
+            if candidate in layer_names and candidate not in found:
+                found.append(candidate)
+                break
+    return found
+
+
+def tflite_layout(info, channels_in_file):
+    """keras_quant's grid values and per-channel scales of a weight, in TFLite's layout."""
+    v = info.values
+    scale = np.asarray(info.scale, "float64").reshape(-1)
+    kind = info.layer_type
+    if kind == "Dense":
+        w = v.T
+    elif kind in ("Conv2D",):
+        w = np.transpose(v, (3, 0, 1, 2))
+    elif kind in ("Conv1D",):
+        w = np.transpose(v, (2, 0, 1))[:, None]
+    elif kind in ("DepthwiseConv2D", "DepthwiseConv1D"):
+        if v.ndim == 3:
+            v = v[None]
+        h, wd, cin, mult = v.shape
+        w = v.reshape(1, h, wd, cin * mult)
+        if scale.size == cin:
+            scale = np.repeat(scale, mult)
+    elif kind in ("Conv2DTranspose",):
+        w = np.transpose(v, (2, 0, 1, 3))
+    elif kind in ("Conv1DTranspose",):
+        w = np.transpose(v, (1, 0, 2))[:, None]
+    else:
+        return None, None
+    if scale.size == 1:
+        scale = np.full(channels_in_file, scale[0])
+    return w, scale
+
+
+def set_weight_scales(flat, infos, int16_bias=False):
+    """Write keras_quant's weight scales (and matching biases) into a converted model.
+
+    Each quantized weight of a CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED /
+    TRANSPOSE_CONV op is matched to the `WeightInfo` whose grid values it
+    holds (the converter's dequantized values lie within half a step of
+    them). Where the converter chose another scale, the weight is rewritten
+    as `round(values / scale)` with keras_quant's scales and the bias as
+    `round(bias / (input_scale * weight_scale))`. With `int16_bias`, biases of
+    ops with int16 inputs are written as int64.
+
+    Returns:
+        `(matched, rewritten)`: layer names matched, and those whose scales were rewritten.
+    """
+    matched, rewritten, used = [], [], set()
+    for op in flat.ops():
+        if op.name not in WEIGHT_OPS:
+            continue
+        wi, bi, xi = WEIGHT_OPS[op.name]
+        if wi >= len(op.inputs) or op.inputs[wi] < 0:
+            continue
+        w_info = flat.tensor(op.inputs[wi])
+        if w_info.type not in ("INT8",) or w_info.scales.size == 0:
+            continue
+        file_values = flat.dequantized(op.inputs[wi])
+        channels = w_info.scales.size
+        best = None
+        for k, info in enumerate(infos):
+            if k in used:
+                continue
+            ours, scale = tflite_layout(info, channels)
+            if ours is None or ours.shape != file_values.shape:
+                continue
+            s_file = np.max(w_info.scales)
+            if np.all(np.abs(file_values - ours) <= 0.5 * s_file + 0.5 * np.max(scale) + 1e-12):
+                best = (k, info, ours, scale)
+                break
+        if best is None:
+            continue
+        k, info, ours, scale = best
+        used.add(k)
+        matched.append(info.layer)
+        x_info = flat.tensor(op.inputs[xi])
+        same = scale.size == w_info.scales.size and np.allclose(scale, w_info.scales, rtol=1e-6, atol=0)
+        has_bias = bi < len(op.inputs) and op.inputs[bi] >= 0
+        wants_int64 = int16_bias and x_info.type == "INT16"
+        if same and not (wants_int64 and has_bias and flat.tensor(op.inputs[bi]).type != "INT64"):
+            continue
+        if not same:
+            axis = w_info.quantized_dimension
+            shape = [1] * ours.ndim
+            shape[axis] = scale.size
+            q = np.round(ours / scale.reshape(shape))
+            if np.any(np.abs(q) > 127):
+                raise ExportError("weights", info.name, "a weight lies outside int8 at keras_quant's scale",
+                                  layer=info.layer)
+            flat.set_constant(op.inputs[wi], q.astype("int8"), "INT8", scale, np.zeros(scale.size, "int64"), axis)
+            rewritten.append(info.layer)
+        if has_bias:
+            b_index = op.inputs[bi]
+            b_info = flat.tensor(b_index)
+            bias = info.bias if info.bias is not None else flat.dequantized(b_index)
+            if bias is None:
+                continue
+            in_scale = float(x_info.scales[0]) if x_info.scales.size else None
+            if in_scale is None:
+                continue
+            bscale = in_scale * np.asarray(scale, "float64")
+            q = np.round(np.asarray(bias, "float64").reshape(-1) / bscale)
+            type_name = "INT64" if wants_int64 else "INT32"
+            limit = 2**63 - 1 if wants_int64 else 2**31 - 1
+            if np.any(np.abs(q) > limit):
+                raise ExportError("bias", float(np.max(np.abs(bias))), f"the bias overflows {type_name.lower()} at "
+                                  "input scale x weight scale", layer=info.layer)
+            flat.set_constant(b_index, q.reshape(b_info.shape), type_name, bscale, np.zeros(bscale.size, "int64"), 0)
+    if int16_bias:  # biases of ops keras_quant has no weights for (still int32)
+        for op in flat.ops():
+            if op.name not in WEIGHT_OPS:
+                continue
+            _, bi, xi = WEIGHT_OPS[op.name]
+            if bi >= len(op.inputs) or op.inputs[bi] < 0 or flat.tensor(op.inputs[xi]).type != "INT16":
+                continue
+            b = flat.tensor(op.inputs[bi])
+            if b.type == "INT32":
+                values = flat.array(op.inputs[bi]).astype("int64")
+                if np.any(np.abs(values) >= 2**31 - 1):
+                    raise ExportError("bias", b.name, "a 16x8 bias saturated int32 in conversion")
+                flat.set_constant(op.inputs[bi], values, "INT64", b.scales, b.zero_points, b.quantized_dimension)
+    return matched, rewritten

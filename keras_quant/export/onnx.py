@@ -1,0 +1,194 @@
+"""`export_onnx`: QuantizeLinear / DequantizeLinear (QDQ) ONNX with keras_quant's own ranges.
+
+The model is first written as a full-integer TFLite flatbuffer with float
+input and output (`export_tflite`'s int8 path: keras_quant's scales and zero
+points, BatchNorm folded, narrow-range per-channel int8 weights), and
+tf2onnx turns every quantized tensor of it into QDQ: activations as
+QuantizeLinear -> DequantizeLinear pairs with keras_quant's scale and zero
+point, weights as int8 initializers behind a DequantizeLinear with per-channel
+scales (`axis`). tf2onnx writes no 4-bit type, so for opset 21 and above the
+exporter rewrites the weights of sub-8-bit layers itself (onnx helper) as
+INT4 (or UINT4) initializers, the type the opset has for them; below opset
+21 they stay int8 holding 4-bit values, and the report says so.
+
+The file passes `onnx.checker` and is loaded in onnxruntime before it is
+written.
+
+Example:
+
+>>> report = kq.export_onnx(qmodel, "model.onnx", opset=21)
+>>> print(report)
+"""
+
+import collections
+import os
+import tempfile
+import warnings
+
+import numpy as np
+
+from keras_quant.errors import ConfigError, ExportError
+from keras_quant.export import plan as plan_lib
+from keras_quant.export.tflite import ExportReport, _atomic_write, tflite_bytes
+
+__all__ = ["export_onnx", "onnx_model", "MIN_OPSET", "INT4_OPSET"]
+
+MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
+INT4_OPSET = 21  # INT4 / UINT4 tensors in QuantizeLinear / DequantizeLinear
+_TF2ONNX_MAX_OPSET = 18
+
+
+def _check_opset(opset):
+    if not isinstance(opset, int) or isinstance(opset, bool) or opset < MIN_OPSET:
+        raise ConfigError("opset", opset, f"QDQ with per-channel weight scales needs opset {MIN_OPSET} or later")
+    import onnx
+
+    if opset > onnx.defs.onnx_opset_version():
+        raise ConfigError("opset", opset, f"the installed onnx knows opsets up to {onnx.defs.onnx_opset_version()}")
+
+
+def _initializers(model):
+    return {init.name: init for init in model.graph.initializer}
+
+
+def _int4_weights(model, infos):
+    """Rewrite the int8 initializers holding sub-8-bit weights as INT4 (opset >= 21); returns the layers."""
+    import ml_dtypes
+    from onnx import numpy_helper
+
+    inits = _initializers(model)
+    narrow = [i for i in infos if i.bits <= 4]
+    if not narrow:
+        return []
+    wanted = []
+    for info in narrow:
+        scale = np.asarray(info.scale, "float64")
+        axis = (info.values.ndim - 2) if info.layer_type in ("DepthwiseConv2D", "DepthwiseConv1D", "Conv2DTranspose",
+                                                              "Conv1DTranspose") else info.values.ndim - 1
+        shape = [1] * info.values.ndim
+        if scale.size > 1:
+            shape[axis] = scale.size
+        q = np.round(info.values / scale.reshape(shape)).astype("int64")
+        wanted.append((info, np.sort(q.reshape(-1))))
+    done, used = [], set()
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        x = numpy_helper.to_array(inits[node.input[0]])
+        if x.dtype != np.int8:
+            continue
+        key = np.sort(x.astype("int64").reshape(-1))
+        for k, (info, q) in enumerate(wanted):
+            if k in used or q.size != key.size or not np.array_equal(q, key):
+                continue
+            used.add(k)
+            tensor = numpy_helper.from_array(x.astype(ml_dtypes.int4), node.input[0] + "_int4")  # packed 2 per byte
+            model.graph.initializer.append(tensor)
+            node.input[0] = tensor.name
+            if len(node.input) > 2 and node.input[2]:
+                zp = numpy_helper.to_array(inits[node.input[2]])
+                zt = numpy_helper.from_array(zp.astype(ml_dtypes.int4), node.input[0] + "_zero_point")
+                model.graph.initializer.append(zt)
+                node.input[2] = zt.name
+            done.append(info.layer)
+            break
+    # Drop initializers nothing reads any more.
+    read = {i for n in model.graph.node for i in n.input}
+    keep = [init for init in model.graph.initializer if init.name in read]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return done
+
+
+def onnx_model(model, opset=INT4_OPSET, strict=True):
+    """The QDQ `onnx.ModelProto` of a quantized Keras model, and the report details (see `export_onnx`)."""
+    import onnx
+    import tf2onnx
+
+    _check_opset(opset)
+    data, details = tflite_bytes(model, "int8", input_type="float32", output_type="float32", strict=strict)
+    fd, tmp = tempfile.mkstemp(suffix=".tflite")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        base = min(opset, _TF2ONNX_MAX_OPSET)
+        with warnings.catch_warnings():  # tf2onnx reads the flatbuffer with the deprecated tf.lite.Interpreter
+            warnings.simplefilter("ignore")
+            proto, _ = tf2onnx.convert.from_tflite(tmp, opset=base)
+    except Exception as e:  # tf2onnx raises plain exceptions; name what failed
+        raise ExportError("opset", opset, f"tf2onnx could not convert the integer model: {e}") from e
+    finally:
+        os.remove(tmp)
+    if opset > base:
+        from onnx import version_converter
+
+        proto = version_converter.convert_version(proto, opset)
+        del proto.graph.value_info[:]  # shapes the converter inferred: not needed, and they double small files
+    notes = list(details["notes"])
+    infos = plan_lib.weight_infos(model)
+    if opset >= INT4_OPSET:
+        int4 = _int4_weights(proto, infos)
+        if int4:
+            notes.append("4-bit weights written as INT4 initializers for: " + ", ".join(int4))
+    elif any(i.bits < 8 for i in infos):
+        notes.append(f"opset {opset} has no 4-bit type: sub-8-bit weights are int8 initializers holding values "
+                     f"on their grid (INT4 needs opset {INT4_OPSET})")
+    proto.producer_name = "keras_quant"
+    onnx.checker.check_model(proto)
+    return proto, dict(details, notes=tuple(n for n in notes if "stored as int8" not in n or opset < INT4_OPSET))
+
+
+def _qdq_tables(proto):
+    """Activation `(tensor, scale, zero_point)` of QuantizeLinear nodes, and weight DequantizeLinear layers."""
+    from onnx import numpy_helper
+
+    inits = _initializers(proto)
+    acts, weights = [], []
+    for node in proto.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[1] in inits:
+            s = numpy_helper.to_array(inits[node.input[1]])
+            z = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] in inits else 0
+            if np.size(s) == 1:
+                acts.append((node.output[0], float(np.reshape(s, -1)[0]), int(np.reshape(z, -1)[0])))
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            weights.append(node.input[0])
+    return acts, weights
+
+
+def export_onnx(model, path, opset=INT4_OPSET, strict=True):
+    """Write a quantized Keras model as QDQ ONNX with keras_quant's scales and zero points.
+
+    Args:
+        model: A model from `kq.quantize_model` (PTQ or QAT) whose activations
+            are at most 8 bits.
+        path: Output `.onnx` file (written to a temporary file, then renamed).
+        opset: ONNX opset, at least 13 (per-axis QDQ). From 21, 4-bit weights
+            are INT4 initializers; below, int8 initializers on the 4-bit grid.
+        strict: As for `export_tflite`: a quantized layer left in float is an error.
+
+    Returns:
+        An `ExportReport` (`format="onnx"`, `mode="qdq"`) read back from the model.
+
+    Raises:
+        ExportError: What QDQ cannot express, named by layer, before conversion.
+        ConfigError: For an opset below 13 or above the installed onnx's.
+    """
+    import onnxruntime as ort
+
+    proto, details = onnx_model(model, opset, strict)
+    data = proto.SerializeToString()
+    try:
+        ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ExportError("opset", opset, f"onnxruntime cannot load the exported model: {e}") from e
+    _atomic_write(path, data)
+    ops = dict(collections.Counter(n.op_type for n in proto.graph.node))
+    _, dq_weights = _qdq_tables(proto)
+    elem = {1: "float32", 3: "int8", 2: "uint8", 5: "int16"}
+    in_type = elem.get(proto.graph.input[0].type.tensor_type.elem_type, "other")
+    out_type = elem.get(proto.graph.output[0].type.tensor_type.elem_type, "other")
+    return ExportReport(
+        path=str(path), format="onnx", mode="qdq", size_bytes=len(data), ops=ops, float_ops=details["float_ops"],
+        weights=details["weights"], activations=details["activations"], input_type=in_type, output_type=out_type,
+        notes=details["notes"],
+    )

@@ -1,0 +1,197 @@
+"""What export writes for each quantized layer, and what a target cannot express.
+
+`build_plan(model, mode)` reads the quantized Keras model eagerly (weights on
+their grid, folded biases, every activation quantizer's `(scale, zero_point)`)
+into a `kq.layers.inference.InferencePlan`, and `check(model, mode)` lists,
+before any conversion, what the target format cannot hold: per-group or
+asymmetric weight scales, activation grids wider than the storage type,
+layers whose integer form TFLite does not have.
+"""
+
+import dataclasses
+from typing import Dict, List, Optional, Tuple
+
+import keras
+import numpy as np
+
+from keras_quant.errors import ExportError
+from keras_quant.layers.fake_quant import ActivationQuantizer
+from keras_quant.layers.inference import InferencePlan
+from keras_quant.layers.wrapper import QuantizeWrapper
+
+__all__ = ["MODES", "WeightInfo", "build_plan", "check", "quantizer_layers", "weight_infos"]
+
+# mode -> storage bits of activations (None: activations stay float).
+MODES = {"int8": 8, "int16x8": 16, "dynamic": None, "float16": None}
+
+# Layers whose integer kernels TFLite lacks, or whose quantized form needs a tensor
+# keras_quant does not quantize (the depthwise output inside a separable convolution).
+_INEXPRESSIBLE = {
+    keras.layers.SeparableConv1D: "its depthwise output (inside the layer) has no quantizer, so TFLite would "
+    "run the layer in float; build it as DepthwiseConv1D + Conv1D, or set its config to None",
+    keras.layers.SeparableConv2D: "its depthwise output (inside the layer) has no quantizer, so TFLite would "
+    "run the layer in float; build it as DepthwiseConv2D + Conv2D, or set its config to None",
+    keras.layers.Conv3D: "TFLite has no integer CONV_3D kernel; set its config to None",
+    keras.layers.Conv3DTranspose: "TFLite has no integer CONV_3D_TRANSPOSE kernel; set its config to None",
+    keras.layers.Embedding: "TFLite's integer GATHER keeps one scale per tensor, not per row; "
+    "set its config to None",
+    keras.layers.EinsumDense: "its einsum is not lowered to an integer TFLite kernel; set its config to None",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightInfo:
+    """One quantized weight as the integer model holds it.
+
+    Attributes:
+        layer: The wrapper's name.
+        layer_type: The wrapped layer's class name.
+        name: The weight's name (`"kernel"`).
+        values: Float32 values on the grid (BatchNorm folded), Keras layout.
+        scale: Per-channel (or scalar) scales, float32.
+        zero_point: Integer zero points, same shape.
+        bits: Grid width.
+        bias: The float bias the integer layer adds (folded), or None.
+    """
+
+    layer: str
+    layer_type: str
+    name: str
+    values: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    bits: int
+    bias: Optional[np.ndarray]
+
+
+def _np(x, dtype="float32"):
+    return np.asarray(keras.ops.convert_to_numpy(x), dtype=dtype)
+
+
+def quantizer_layers(model):
+    """Every `QuantizeWrapper` and `ActivationQuantizer` of `model` (nested layers included)."""
+    found = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, (QuantizeWrapper, ActivationQuantizer)):
+            found.append(layer)
+    return found
+
+
+def _activation_qparams(layer):
+    if isinstance(layer, QuantizeWrapper):
+        if layer.output_quantizer is None:
+            return None
+        spec, qp = layer.output_quantizer.spec, layer.output_qparams
+    else:
+        spec, qp = layer.spec, layer.qparams
+    scale, zero_point = (_np(v).reshape(-1) for v in qp)
+    return spec, scale, zero_point
+
+
+def _problems(model, mode):
+    """`[(layer, field, value, reason)]`: what `mode` cannot express."""
+    storage = MODES[mode]
+    out = []
+    for layer in quantizer_layers(model):
+        if isinstance(layer, QuantizeWrapper):
+            inner = layer.layer
+            for cls, reason in _INEXPRESSIBLE.items():
+                if type(inner) is cls and storage is not None:
+                    out.append((layer.name, "layer_type", type(inner).__name__, reason))
+            for wname, spec in layer.weight_specs.items():
+                if mode == "float16":
+                    continue
+                if spec.granularity == "per_group":
+                    out.append((layer.name, f"{wname}.granularity", spec.granularity,
+                                "TFLite and ONNX QDQ keep one weight scale per output channel, not per group"))
+                if not spec.symmetric:
+                    out.append((layer.name, f"{wname}.symmetric", spec.symmetric,
+                                "integer kernels take symmetric weights (zero point 0)"))
+                if spec.bits > 8:
+                    out.append((layer.name, f"{wname}.bits", spec.bits, "weights are stored as int8: at most 8 bits"))
+        if storage is None:
+            continue
+        act = _activation_qparams(layer)
+        if act is None:
+            continue
+        spec, scale, zero_point = act
+        if spec.granularity != "per_tensor" or scale.size != 1:
+            out.append((layer.name, "activations.granularity", spec.granularity,
+                        "activations are quantized per tensor"))
+            continue
+        if spec.bits > storage:
+            hint = "; export with mode='int16x8'" if storage == 8 and spec.bits <= 16 else ""
+            out.append((layer.name, "activations.bits", spec.bits,
+                        f"mode='{mode}' stores activations in {storage} bits{hint}"))
+        if storage == 16 and int(round(float(zero_point[0]))) != 0:
+            out.append((layer.name, "activations.zero_point", int(round(float(zero_point[0]))),
+                        "16x8 files hold symmetric int16 activations (zero point 0); quantize with "
+                        "kq.QuantConfig.int16x8() or a symmetric activation spec"))
+    return out
+
+
+def check(model, mode):
+    """Raise `ExportError` listing everything `mode` cannot express in `model`, before conversion.
+
+    Args:
+        model: A model from `kq.quantize_model` (or any Keras model for `"float16"` / `"dynamic"`).
+        mode: `"int8"`, `"int16x8"`, `"dynamic"` or `"float16"`.
+    """
+    if mode not in MODES:
+        raise ExportError("mode", mode, f"mode must be one of {tuple(MODES)}")
+    if not isinstance(model, keras.Model):
+        raise ExportError("model", type(model).__name__, "expected a keras.Model")
+    if MODES[mode] is not None and not quantizer_layers(model):
+        raise ExportError("model", model.name, f"mode='{mode}' needs a quantized model (kq.quantize_model) with "
+                          "keras_quant quantizers; this model has none")
+    problems = _problems(model, mode)
+    if problems:
+        layer, field, value, reason = problems[0]
+        raise ExportError(field, value, reason, layer=layer, problems=problems)
+
+
+def weight_infos(model, quantize=True) -> List[WeightInfo]:
+    """The quantized weights of every wrapper, read now (grid values, scales, folded bias)."""
+    infos = []
+    for layer in quantizer_layers(model):
+        if not isinstance(layer, QuantizeWrapper) or not layer.weight_specs:
+            continue
+        values, folded_bias = layer.inference_weights(quantize=quantize)
+        qparams = layer.weight_qparams
+        bias = folded_bias
+        if bias is None and getattr(layer.layer, "use_bias", False):
+            bias = _np(layer.layer.bias)
+        for wname, spec in layer.weight_specs.items():
+            scale, zero_point = qparams[wname]
+            infos.append(WeightInfo(layer.name, type(layer.layer).__name__, wname, values[wname], _np(scale),
+                                    _np(zero_point).round().astype("int32"), spec.bits, bias))
+    return infos
+
+
+def build_plan(model, mode):
+    """The `InferencePlan` export traces `model` with in `mode` (see `kq.layers.inference`)."""
+    storage = MODES[mode]
+    plan = InferencePlan(storage_bits=storage)
+    quantize_weights = mode != "float16"
+    for layer in quantizer_layers(model):
+        if isinstance(layer, QuantizeWrapper):
+            values, folded_bias = layer.inference_weights(quantize=quantize_weights)
+            plan.weights[id(layer)] = values
+            if folded_bias is not None:
+                plan.folded_bias[id(layer)] = folded_bias
+        act = _activation_qparams(layer) if storage is not None else None
+        if act is not None:
+            spec, scale, zero_point = act
+            plan.activations[id(layer)] = (spec, float(scale[0]), int(round(float(zero_point[0]))))
+    return plan
+
+
+def activation_table(model) -> Dict[str, Tuple[float, int, int]]:
+    """`{layer_name: (scale, zero_point, bits)}` of every per-tensor activation quantizer."""
+    table = {}
+    for layer in quantizer_layers(model):
+        act = _activation_qparams(layer)
+        if act is not None and act[1].size == 1:
+            spec, scale, zero_point = act
+            table[layer.name] = (float(scale[0]), int(round(float(zero_point[0]))), spec.bits)
+    return table

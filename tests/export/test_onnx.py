@@ -1,0 +1,101 @@
+"""kq.export_onnx: QDQ ONNX with keras_quant's scales, checked by onnx.checker and run in onnxruntime."""
+
+import numpy as np
+import pytest
+
+import keras_quant as kq
+from keras_quant import runtime
+from keras_quant.errors import ConfigError, ExportError
+from tests.export import models
+
+pytestmark = [pytest.mark.tensorflow, pytest.mark.slow]
+
+onnx = pytest.importorskip("onnx")
+from onnx import numpy_helper  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, (x_train, _), (x_test, y_test) = models.trained()
+    calibration = models.calibrate(model, x_train[:512])
+    return model, calibration, x_test, y_test
+
+
+@pytest.fixture(scope="module")
+def ptq(setup):
+    model, calibration, _, _ = setup
+    return kq.quantize_model(model, kq.QuantConfig.int8(), calibration=calibration)
+
+
+def initializers(proto):
+    return {i.name: i for i in proto.graph.initializer}
+
+
+def test_qdq_model_with_per_channel_weights(setup, ptq, tmp_path):
+    model, calibration, x_test, y_test = setup
+    path = tmp_path / "model.onnx"
+    report = kq.export_onnx(ptq, path, opset=17)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    inits = initializers(proto)
+    nodes = list(proto.graph.node)
+    weight_dq = [n for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    per_channel = [n for n in weight_dq if numpy_helper.to_array(inits[n.input[1]]).size > 1]
+    kernels = [n for n in per_channel if numpy_helper.to_array(inits[n.input[0]]).dtype == np.int8]
+    biases = [n for n in per_channel if numpy_helper.to_array(inits[n.input[0]]).dtype == np.int32]
+    assert len(kernels) == 6 and len(biases) == 6  # conv1, dw, pw, conv2, fc, logits
+    for n in kernels:
+        q = numpy_helper.to_array(inits[n.input[0]])
+        assert q.dtype == np.int8 and np.abs(q).max() <= 127  # narrow range
+        assert [a.i for a in n.attribute if a.name == "axis"] in ([0], [1])
+    # Compute ops read dequantized tensors only: every Conv / Gemm input comes from a DequantizeLinear.
+    producers = {o: n for n in nodes for o in n.output}
+    for n in nodes:
+        if n.op_type in ("Conv", "Gemm", "MatMul"):
+            assert all(producers[i].op_type == "DequantizeLinear" for i in n.input[:2]), n.name
+    # Activation scales and zero points are the calibration's.
+    spec = kq.QuantConfig.int8().activations
+    q_params = {
+        (float(numpy_helper.to_array(inits[n.input[1]])), int(numpy_helper.to_array(inits[n.input[2]])))
+        for n in nodes if n.op_type == "QuantizeLinear"
+    }
+    for layer, key in ptq.quantization_report.activation_quantizers:
+        scale, zero_point = (float(np.asarray(v).reshape(-1)[0]) for v in calibration.qparams(key, spec))
+        assert any(z == int(zero_point) and s == pytest.approx(scale, rel=1e-6) for s, z in q_params), layer
+    # onnxruntime agrees with the Keras model.
+    runner = runtime.load(path)
+    got, want = runner.predict(x_test), ptq.predict(x_test, verbose=0)
+    step = runner.output_quantization[0]
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.99
+    assert models.output_steps(want, got, step) <= 2.0 + 1e-4
+    assert report.format == "onnx" and report.size_bytes == path.stat().st_size
+    assert report.input_type == "float32" and report.ops["QuantizeLinear"] >= 7
+
+
+def test_4_bit_weights_use_int4_from_opset_21(setup, tmp_path):
+    model, calibration, x_test, _ = setup
+    qmodel = kq.quantize_model(model, kq.QuantConfig.w4a8(), calibration=calibration)
+    new = kq.export_onnx(qmodel, tmp_path / "w4_21.onnx", opset=21)
+    old = kq.export_onnx(qmodel, tmp_path / "w4_17.onnx", opset=17)
+    proto = onnx.load(str(tmp_path / "w4_21.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    int4 = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT4]
+    assert len(int4) >= 6
+    assert any("INT4" in n for n in new.notes) and any("no 4-bit type" in n for n in old.notes)
+    assert new.size_bytes < old.size_bytes
+    want = qmodel.predict(x_test, verbose=0)
+    for name in ("w4_21", "w4_17"):
+        runner = runtime.load(tmp_path / f"{name}.onnx")
+        got = runner.predict(x_test)
+        assert (got.argmax(1) == want.argmax(1)).mean() >= 0.99, name
+        assert models.output_steps(want, got, runner.output_quantization[0]) <= 2.0 + 1e-4
+
+
+def test_onnx_errors(setup, ptq, tmp_path):
+    model, calibration, _, _ = setup
+    with pytest.raises(ConfigError, match="opset"):
+        kq.export_onnx(ptq, tmp_path / "old.onnx", opset=10)
+    with pytest.raises(ExportError, match="activations.bits"):
+        kq.export_onnx(kq.quantize_model(model, kq.QuantConfig.int16x8(), calibration=calibration),
+                       tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
