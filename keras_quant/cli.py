@@ -1,6 +1,6 @@
 """The `keras-quant` command line.
 
-    keras-quant demo [--epochs N] [--qat-epochs N] [--seed S] [--json]
+    keras-quant demo [--epochs N] [--qat-epochs N] [--seed S] [--out DIR] [--json]
     keras-quant calibrate MODEL --data DATA -o OUT [--bits N] [--method M] [--per-channel]
                           [--symmetric] [--max-samples N] [--sampling S] [--seed S]
                           [--batch-size B] [--normalize {unit,imagenet,none}] [--json]
@@ -34,7 +34,8 @@ def _positive_int(text):
 def _cmd_demo(args):
     from keras_quant import demo
 
-    tables = demo.run(epochs=args.epochs, seed=args.seed, verbose=not args.json, qat_epochs=args.qat_epochs)
+    tables = demo.run(epochs=args.epochs, seed=args.seed, verbose=not args.json, qat_epochs=args.qat_epochs,
+                      out_dir=args.out)
     if args.json:
         print(json.dumps(to_jsonable(tables), indent=2))
     return 0
@@ -167,6 +168,8 @@ def build_parser():
     demo.add_argument("--qat-epochs", type=int, default=3,
                       help="fine-tuning epochs of the QAT models, 0 for none (default: 3)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--out", metavar="DIR", default=None,
+                      help="keep the exported .tflite / .onnx files in DIR (default: a temporary folder)")
     demo.add_argument("--json", action="store_true", help="print the tables as JSON instead of text")
     demo.set_defaults(func=_cmd_demo)
 

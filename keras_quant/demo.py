@@ -12,8 +12,13 @@ Trains a small CNN on scikit-learn's digits, then quantizes it tensor by tensor:
    activation ranges), evaluated in Keras;
 5. quantization-aware training: `quantize_model(..., mode="qat")` fine-tuned
    with `fit` for `qat_epochs` (W8A8, and W4A4 with LSQ against W4A4 PTQ);
+6. export (TensorFlow backend): the W8A8 PTQ model to TFLite int8 and ONNX
+   QDQ, a 16x8 PTQ model to TFLite int16x8, the W8A8 QAT model to TFLite
+   int8, each evaluated in its runtime (LiteRT, onnxruntime) against its
+   Keras model: accuracy, argmax agreement, output difference in
+   quantization steps, size and batch-1 latency;
 
-and prints the error tables (`keras-quant demo`, or
+and prints the tables (`keras-quant demo`, or
 `python examples/quantize_tensors.py`).
 """
 
@@ -94,7 +99,7 @@ def _forward(model, x, weight_spec=None, act_qparams=None, act_spec=None, batch_
     return np.concatenate(outputs)
 
 
-def _qat_rows(model, calib, train, test, epochs, float_acc, say):
+def _qat_rows(model, calib, train, test, epochs, float_acc, say, models):
     """W8A8 QAT, and W4A4 PTQ against W4A4 QAT with LSQ, fine-tuned from the float model."""
     from keras_quant.config import QuantConfig
     from keras_quant.quantize import quantize_model
@@ -124,6 +129,54 @@ def _qat_rows(model, calib, train, test, epochs, float_acc, say):
         acc = _accuracy(qat.predict(test[0], verbose=0), test[1])
         rows.append({"scheme": f"{label} ({epochs} epochs, {seconds:.1f}s)", "accuracy": acc, "drop": float_acc - acc})
         say(f"{label}: fine-tuned {epochs} epochs in {seconds:.1f}s, accuracy {acc:.4f}")
+        models[label] = qat
+    return rows
+
+
+def _deploy_rows(float_model, keras_models, x_test, y_test, float_acc, out_dir, say):
+    """Export the quantized models and run each file in its runtime against its Keras model."""
+    import tempfile
+    from pathlib import Path
+
+    from keras_quant.analysis import compare_models
+    from keras_quant.export import export_onnx, export_tflite
+
+    targets = [
+        ("float -> TFLite float32", float_model, "tflite", "float32", None),
+        ("W8A8 PTQ -> TFLite int8", keras_models.get("W8A8 PTQ"), "tflite", "int8", None),
+        ("W8A8 PTQ -> ONNX QDQ", keras_models.get("W8A8 PTQ"), "onnx", None, None),
+        ("W4A8 PTQ -> TFLite int8", keras_models.get("W4A8 PTQ"), "tflite", "int8", None),
+        ("16x8 PTQ -> TFLite int16x8", keras_models.get("16x8 PTQ"), "tflite", "int16x8", None),
+        ("W8A8 QAT -> TFLite int8", keras_models.get("W8A8 QAT"), "tflite", "int8", "frozen"),
+    ]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(out_dir) if out_dir is not None else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for label, qmodel, fmt, mode, freeze in targets:
+            if qmodel is None:
+                continue
+            if freeze:
+                from keras_quant import qat
+
+                qat.set_mode(qmodel, freeze)
+            name = label.split(" -> ")[-1].lower().replace(" ", "_")
+            path = folder / f"{label.split(' ->')[0].lower().replace(' ', '_')}_{name}.{fmt}"
+            t0 = time.perf_counter()
+            if fmt == "onnx":
+                export_onnx(qmodel, path)
+            else:
+                export_tflite(qmodel, path, mode=mode, input_type="float32", output_type="float32")
+            seconds = time.perf_counter() - t0
+            c = compare_models(qmodel, path, x_test, labels=y_test, latency_runs=30)
+            rows.append({
+                "artifact": label, "runtime": "onnxruntime" if fmt == "onnx" else "LiteRT",
+                "accuracy": c.candidate_accuracy, "drop": float_acc - c.candidate_accuracy,
+                "agreement": c.argmax_agreement, "max_diff_steps": c.max_diff_steps,
+                "size_kib": c.candidate_size_bytes / 1024, "latency_ms": 1e3 * c.candidate_latency_s,
+            })
+            say(f"{label}: exported in {seconds:.1f}s, accuracy {c.candidate_accuracy:.4f} in its runtime, "
+                f"agreement {c.argmax_agreement:.4f} with the Keras model")
     return rows
 
 
@@ -131,7 +184,7 @@ def _accuracy(logits, labels):
     return float(np.mean(np.argmax(logits, axis=-1) == labels))
 
 
-def run(epochs=12, seed=0, calibration_samples=512, verbose=True, qat_epochs=3):
+def run(epochs=12, seed=0, calibration_samples=512, verbose=True, qat_epochs=3, out_dir=None):
     """Train, quantize tensor by tensor, and return the three tables' rows.
 
     Args:
@@ -140,9 +193,10 @@ def run(epochs=12, seed=0, calibration_samples=512, verbose=True, qat_epochs=3):
         seed: Seed for data split, initialisation and training.
         calibration_samples: Training samples fed to the observers.
         verbose: Print progress and the tables.
+        out_dir: Folder for the exported files (default: a temporary folder, removed).
 
     Returns:
-        A dict with `"weights"`, `"activations"` and `"accuracy"` row lists.
+        A dict with `"weights"`, `"activations"`, `"accuracy"` and `"deployed"` row lists.
     """
     say = print if verbose else (lambda *a, **k: None)
     keras.utils.set_random_seed(seed)
@@ -213,6 +267,7 @@ def run(epochs=12, seed=0, calibration_samples=512, verbose=True, qat_epochs=3):
             acc = _accuracy(_forward(model, x_test, wspec, qparams, act_spec), y_test)
             acc_rows.append({"scheme": f"{wlabel}A8 ({method})", "accuracy": acc, "drop": float_acc - acc})
 
+    keras_models = {}  # the quantized Keras models export writes
     # 4. The PTQ model: CalibrationCallback in a predict call, then quantize_model (TensorFlow trainer).
     if keras.backend.backend() == "tensorflow":
         from keras_quant.calibration import CalibrationCallback
@@ -230,10 +285,20 @@ def run(epochs=12, seed=0, calibration_samples=512, verbose=True, qat_epochs=3):
                 acc = _accuracy(qmodel.predict(x_test, verbose=0), y_test)
                 acc_rows.append({"scheme": f"{wlabel} PTQ model ({method}, calibrated in {seconds:.1f}s)",
                                  "accuracy": acc, "drop": float_acc - acc})
+                keras_models.setdefault(f"{wlabel} PTQ", qmodel)
+        callback = CalibrationCallback(config=QuantConfig.int16x8(), statistics="range")
+        model.predict(calib, batch_size=128, callbacks=[callback], verbose=0)
+        keras_models["16x8 PTQ"] = quantize_model(model, QuantConfig.int16x8(), calibration=callback.result)
 
     # 5. Quantization-aware training (any backend; calibration initialises the ranges on TensorFlow).
     if qat_epochs:
-        acc_rows.extend(_qat_rows(model, calib, (x_train, y_train), (x_test, y_test), qat_epochs, float_acc, say))
+        acc_rows.extend(_qat_rows(model, calib, (x_train, y_train), (x_test, y_test), qat_epochs, float_acc, say,
+                                  keras_models))
+
+    # 6. Export, each artifact evaluated in its runtime.
+    deploy_rows = []
+    if keras.backend.backend() == "tensorflow":
+        deploy_rows = _deploy_rows(model, keras_models, x_test, y_test, float_acc, out_dir, say)
 
     say()
     say(text_table(weight_rows, ["layer", "shape", "scheme", "mse", "sqnr_db", "max_error"], "Weights"))
@@ -242,4 +307,9 @@ def run(epochs=12, seed=0, calibration_samples=512, verbose=True, qat_epochs=3):
                      f"Activations (observers on {len(calib)} calibration samples, errors on {len(x_test)} test samples)"))
     say()
     say(text_table(acc_rows, ["scheme", "accuracy", "drop"], "Model accuracy on the test split (simulated in Keras)"))
-    return {"weights": weight_rows, "activations": act_rows, "accuracy": acc_rows}
+    if deploy_rows:
+        say()
+        say(text_table(deploy_rows, ["artifact", "runtime", "accuracy", "drop", "agreement", "max_diff_steps",
+                                     "size_kib", "latency_ms"],
+                       "Deployed artifacts, each run in its runtime against its Keras model (batch 1)"))
+    return {"weights": weight_rows, "activations": act_rows, "accuracy": acc_rows, "deployed": deploy_rows}

@@ -14,7 +14,7 @@ from keras_quant.config import QuantSpec
 def test_demo_runs_end_to_end_and_quantized_models_keep_accuracy(capsys):
     assert cli.main(["demo", "--epochs", "8", "--json"]) == 0
     tables = json.loads(capsys.readouterr().out)
-    assert set(tables) == {"weights", "activations", "accuracy"}
+    assert set(tables) == {"weights", "activations", "accuracy", "deployed"}
 
     acc = {row["scheme"]: row["accuracy"] for row in tables["accuracy"]}
     assert acc["float32"] > 0.85
@@ -33,6 +33,20 @@ def test_demo_runs_end_to_end_and_quantized_models_keep_accuracy(capsys):
     if ptq_w4a4:  # the PTQ rows need the calibration callback (TensorFlow's trainer)
         assert qat["W4A4 QAT + LSQ"] > ptq_w4a4[0]
     assert qat["W4A4 QAT + LSQ"] >= acc["float32"] - 0.03
+
+    # Export (TensorFlow): every artifact, run in its runtime, agrees with its Keras model.
+    if keras.backend.backend() == "tensorflow":
+        deployed = {row["artifact"]: row for row in tables["deployed"]}
+        assert set(deployed) == {"float -> TFLite float32", "W8A8 PTQ -> TFLite int8", "W8A8 PTQ -> ONNX QDQ",
+                                 "W4A8 PTQ -> TFLite int8", "16x8 PTQ -> TFLite int16x8", "W8A8 QAT -> TFLite int8"}
+        for label, row in deployed.items():
+            assert row["agreement"] >= 0.99, label
+            if row["max_diff_steps"] is not None and "int16" not in label:
+                assert row["max_diff_steps"] <= 2.0 + 1e-4, label
+            assert row["accuracy"] >= acc["float32"] - 0.03, label
+        assert deployed["W8A8 PTQ -> TFLite int8"]["size_kib"] < 0.35 * deployed["float -> TFLite float32"]["size_kib"]
+    else:
+        assert tables["deployed"] == []
 
     tensors = {r["tensor"] for r in tables["activations"]}
     assert tensors == {"image", "conv1", "conv2", "pool", "flatten", "fc", "classifier"}

@@ -124,10 +124,15 @@ class FlatModel:
         schema = _schema()
         t = self.graph.tensors[index]
         values = np.ascontiguousarray(values, dtype=_NP[type_name])
-        buf = schema.BufferT()
-        buf.data = np.frombuffer(values.tobytes(), dtype=np.uint8)
-        self.model.buffers.append(buf)
-        t.buffer = len(self.model.buffers) - 1
+        data = np.frombuffer(values.tobytes(), dtype=np.uint8)
+        shared = sum(1 for sub in self.model.subgraphs for other in sub.tensors if other.buffer == t.buffer) > 1
+        if t.buffer and not shared:  # rewrite the tensor's own buffer in place (no orphan left in the file)
+            self.model.buffers[t.buffer].data = data
+        else:
+            buf = schema.BufferT()
+            buf.data = data
+            self.model.buffers.append(buf)
+            t.buffer = len(self.model.buffers) - 1
         t.type = self._type_codes[type_name]
         if scales is not None:
             q = t.quantization or schema.QuantizationParametersT()

@@ -22,7 +22,7 @@ from keras_quant.layers.wrapper import QuantizeWrapper
 __all__ = ["MODES", "WeightInfo", "build_plan", "check", "quantizer_layers", "weight_infos"]
 
 # mode -> storage bits of activations (None: activations stay float).
-MODES = {"int8": 8, "int16x8": 16, "dynamic": None, "float16": None}
+MODES = {"int8": 8, "int16x8": 16, "dynamic": None, "float16": None, "float32": None}
 
 # Layers whose integer kernels TFLite lacks, or whose quantized form needs a tensor
 # keras_quant does not quantize (the depthwise output inside a separable convolution).
@@ -99,7 +99,7 @@ def _problems(model, mode):
                 if type(inner) is cls and storage is not None:
                     out.append((layer.name, "layer_type", type(inner).__name__, reason))
             for wname, spec in layer.weight_specs.items():
-                if mode == "float16":
+                if mode in ("float16", "float32"):
                     continue
                 if spec.granularity == "per_group":
                     out.append((layer.name, f"{wname}.granularity", spec.granularity,
@@ -172,7 +172,7 @@ def build_plan(model, mode):
     """The `InferencePlan` export traces `model` with in `mode` (see `kq.layers.inference`)."""
     storage = MODES[mode]
     plan = InferencePlan(storage_bits=storage)
-    quantize_weights = mode != "float16"
+    quantize_weights = mode not in ("float16", "float32")
     for layer in quantizer_layers(model):
         if isinstance(layer, QuantizeWrapper):
             values, folded_bias = layer.inference_weights(quantize=quantize_weights)

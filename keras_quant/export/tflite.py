@@ -45,6 +45,7 @@ IO_TYPES = {
     "int16x8": ("int16", "float32"),
     "dynamic": ("float32",),
     "float16": ("float32",),
+    "float32": ("float32",),
 }
 # Ops that move data between float and integer, or only shape it.
 _BOUNDARY_OPS = {"QUANTIZE", "DEQUANTIZE"}
@@ -140,6 +141,8 @@ def _converter(cf, mode, input_type, output_type):
 
     types = {"int8": tf.int8, "uint8": tf.uint8, "int16": tf.int16, "float32": tf.float32}
     conv = tf.lite.TFLiteConverter.from_concrete_functions([cf])
+    if mode == "float32":
+        return conv
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode == "int16x8":
         conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
@@ -223,7 +226,7 @@ def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_si
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
         data = _converter(cf, mode, input_type, output_type).convert()
     flat = flatbuffer.FlatModel(data)
-    infos = plan_lib.weight_infos(model) if mode != "float16" else []
+    infos = plan_lib.weight_infos(model) if mode not in ("float16", "float32") else []
     notes = []
     rewritten = []
     if mode in ("int8", "int16x8"):
@@ -306,13 +309,14 @@ def export_tflite(model, path, mode="int8", input_type=None, output_type=None, b
     Args:
         model: A model from `kq.quantize_model` (PTQ or QAT; a QAT model is
             written as it infers now: current ranges, BatchNorm folded with its
-            moving statistics). `"float16"` and `"dynamic"` also take a plain
-            float Keras model.
+            moving statistics). `"float16"`, `"float32"` and `"dynamic"` also
+            take a plain float Keras model.
         path: Output file (written to a temporary file, then renamed).
         mode: `"int8"` (full integer: int8 activations and weights, int32
             biases), `"int16x8"` (int16 activations, int8 weights, int64
             biases), `"dynamic"` (int8 weights, float activations quantized at
-            run time) or `"float16"` (float16 weights of the float folded model).
+            run time), `"float16"` (float16 weights of the float folded model)
+            or `"float32"` (the float folded model, the size and latency baseline).
         input_type: Type of the model input: `"int8"` (default), `"uint8"` or
             `"float32"` for int8; `"int16"` (default) or `"float32"` for
             int16x8; float32 otherwise.
