@@ -178,6 +178,7 @@ def test_sub_8_bit_weights_are_stored_on_their_grid(setup, tmp_path):
     assert models.output_steps(want, got, runner.output_quantization[0]) <= 2.0 + 1e-4
 
 
+@pytest.mark.filterwarnings("ignore:.*experimental_preserve_all_tensors")
 def test_4_bit_activations_are_clipped_to_their_grid(setup, tmp_path):
     model, calibration, _, x_test, _ = setup
     a4 = kq.QuantSpec(bits=4)
