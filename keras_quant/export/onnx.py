@@ -6,7 +6,9 @@ points, BatchNorm folded, narrow-range per-channel int8 weights), and
 tf2onnx turns every quantized tensor of it into QDQ: activations as
 QuantizeLinear -> DequantizeLinear pairs with keras_quant's scale and zero
 point, weights as int8 initializers behind a DequantizeLinear with per-channel
-scales (`axis`). tf2onnx writes no 4-bit type, so for opset 21 and above the
+scales (`axis`). Data-movement ops (Reshape, Transpose, ...) that tf2onnx
+leaves on an int8 tensor get their own QDQ pair (`Q -> DQ -> op -> Q -> DQ`,
+same scale), the form onnxruntime fuses into integer kernels. tf2onnx writes no 4-bit type, so for opset 21 and above the
 exporter rewrites the weights of sub-8-bit layers itself (onnx helper) as
 INT4 (or UINT4) initializers, the type the opset has for them; below opset
 21 they stay int8 holding 4-bit values, and the report says so.
@@ -100,6 +102,45 @@ def _int4_weights(model, infos):
     return done
 
 
+# Ops that only move integers around: tf2onnx writes them on the int8 tensor between a
+# QuantizeLinear and a DequantizeLinear, a pattern onnxruntime does not fuse (the next layer then
+# runs in float, dequantizing its weights on every call).
+_DATA_MOVEMENT = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
+
+
+def _qdq_around_data_movement(proto):
+    """Rewrite `Q -> Reshape(int8) -> DQ` as `Q -> DQ -> Reshape(float) -> Q -> DQ` with the same scale.
+
+    The standard QDQ form of a data-movement op: onnxruntime drops the inner pair and fuses the
+    layers on either side into integer kernels. The values are unchanged (the op moves the
+    integers; requantizing them with the same scale and zero point is exact). Returns the count.
+    """
+    import onnx
+
+    graph = proto.graph
+    nodes, count, producers = [], 0, {}
+    for node in graph.node:  # in topological order: a chain (Transpose -> Reshape) is rewritten link by link
+        q = producers.get(node.input[0]) if node.op_type in _DATA_MOVEMENT and node.input else None
+        if q is None or q.op_type != "QuantizeLinear":
+            nodes.append(node)
+            producers.update((out, node) for out in node.output)
+            continue
+        qparams = list(q.input[1:])
+        dequantized, moved = node.input[0] + "_kq_dq", node.output[0] + "_kq_float"
+        nodes.append(onnx.helper.make_node("DequantizeLinear", [node.input[0]] + qparams, [dequantized],
+                                           name=node.name + "_kq_dq"))
+        output = node.output[0]
+        node.input[0], node.output[0] = dequantized, moved
+        nodes.append(node)
+        requantize = onnx.helper.make_node("QuantizeLinear", [moved] + qparams, [output], name=node.name + "_kq_q")
+        nodes.append(requantize)
+        producers[output] = requantize
+        count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return count
+
+
 def onnx_model(model, opset=INT4_OPSET, strict=True):
     """The QDQ `onnx.ModelProto` of a quantized Keras model, and the report details (see `export_onnx`)."""
     import onnx
@@ -124,6 +165,7 @@ def onnx_model(model, opset=INT4_OPSET, strict=True):
 
         proto = version_converter.convert_version(proto, opset)
         del proto.graph.value_info[:]  # shapes the converter inferred: not needed, and they double small files
+    _qdq_around_data_movement(proto)
     notes = list(details["notes"])
     infos = plan_lib.weight_infos(model)
     if opset >= INT4_OPSET:

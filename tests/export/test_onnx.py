@@ -99,3 +99,34 @@ def test_onnx_errors(setup, ptq, tmp_path):
         kq.export_onnx(kq.quantize_model(model, kq.QuantConfig.int16x8(), calibration=calibration),
                        tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_onnxruntime_fuses_a_flatten_dense_head(tmp_path):
+    """Reshape / Transpose on int8 get their own QDQ pair, so onnxruntime fuses the layers around them.
+
+    tf2onnx writes Flatten as QuantizeLinear -> Transpose / Reshape (int8) -> DequantizeLinear,
+    which onnxruntime does not fuse: the Dense after it ran in float, dequantizing its weights on
+    every call.
+    """
+    import keras
+    import onnxruntime as ort
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((12, 12, 1))
+    x = keras.layers.Conv2D(8, 3, activation="relu")(inp)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(16, activation="relu")(x)
+    model = keras.Model(inp, keras.layers.Dense(4)(x))
+    xs = np.random.default_rng(0).uniform(size=(32, 12, 12, 1)).astype("float32")
+    qmodel = kq.quantize_model(model, kq.QuantConfig.int8(), calibration=models.calibrate(model, xs))
+    path = tmp_path / "head.onnx"
+    kq.export_onnx(qmodel, path)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 1 and ops.count("QLinearMatMul") + ops.count("QGemm") == 2, ops
+    assert not {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm"} & set(ops), ops
+    runner = runtime.load(path)
+    assert models.output_steps(qmodel.predict(xs, verbose=0), runner.predict(xs), runner.output_quantization[0]) <= 1.0 + 1e-4
