@@ -6,7 +6,9 @@ points, BatchNorm folded, narrow-range per-channel int8 weights), and
 tf2onnx turns every quantized tensor of it into QDQ: activations as
 QuantizeLinear -> DequantizeLinear pairs with keras_quant's scale and zero
 point, weights as int8 initializers behind a DequantizeLinear with per-channel
-scales (`axis`). Data-movement ops (Reshape, Transpose, ...) that tf2onnx
+scales (`axis`). Activations are stored as uint8 by default (zero point + 128,
+the same grid; onnxruntime's U8S8 layout, which its CPU kernels fuse), int8 on
+request. Data-movement ops (Reshape, Transpose, ...) that tf2onnx
 leaves on an int8 tensor get their own QDQ pair (`Q -> DQ -> op -> Q -> DQ`,
 same scale), the form onnxruntime fuses into integer kernels. tf2onnx writes no 4-bit type, so for opset 21 and above the
 exporter rewrites the weights of sub-8-bit layers itself (onnx helper) as
@@ -37,6 +39,7 @@ __all__ = ["export_onnx", "onnx_model", "MIN_OPSET", "INT4_OPSET"]
 
 MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
 INT4_OPSET = 21  # INT4 / UINT4 tensors in QuantizeLinear / DequantizeLinear
+ACTIVATION_TYPES = ("uint8", "int8")
 _TF2ONNX_MAX_OPSET = 18
 
 
@@ -141,12 +144,62 @@ def _qdq_around_data_movement(proto):
     return count
 
 
-def onnx_model(model, opset=INT4_OPSET, strict=True):
+def _activations_to_uint8(proto):
+    """Store activations as uint8 (zero point + 128), weights staying int8: onnxruntime's U8S8 layout.
+
+    The same grid and scale: `q_u8 = q_s8 + 128` with `zero_point_u8 = zero_point_s8 + 128`, so every
+    QuantizeLinear -> DequantizeLinear pair computes the same values. onnxruntime's CPU kernels
+    take uint8 activations; given int8 it converts pairs to uint8 itself, but only where a
+    QuantizeLinear feeds a single DequantizeLinear, and a layer whose input and output then
+    differ in type is not fused (it ran in float). Returns the number of QuantizeLinear rewritten.
+    """
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    inits = _initializers(proto)
+    consumers = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    made, count = {}, 0
+
+    def uint8_zero_point(name):
+        if name not in made:
+            zp = numpy_helper.to_array(inits[name]).astype("int16") + 128
+            tensor = numpy_helper.from_array(zp.astype("uint8"), name + "_u8")
+            graph.initializer.append(tensor)
+            made[name] = tensor.name
+        return made[name]
+
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        if numpy_helper.to_array(inits[node.input[2]]).dtype != np.int8 or node.input[0] in inits:
+            continue
+        users = consumers[node.output[0]]
+        if not users or any(u.op_type != "DequantizeLinear" or list(u.input[1:3]) != list(node.input[1:3])
+                            for u in users):
+            continue
+        zp = uint8_zero_point(node.input[2])
+        node.input[2] = zp
+        for u in users:
+            u.input[2] = zp
+        count += 1
+    read = {i for n in graph.node for i in n.input}
+    keep = [init for init in graph.initializer if init.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return count
+
+
+def onnx_model(model, opset=INT4_OPSET, strict=True, activation_type="uint8"):
     """The QDQ `onnx.ModelProto` of a quantized Keras model, and the report details (see `export_onnx`)."""
     import onnx
     import tf2onnx
 
     _check_opset(opset)
+    if activation_type not in ACTIVATION_TYPES:
+        raise ConfigError("activation_type", activation_type, f"activation_type must be one of {ACTIVATION_TYPES}")
     data, details = tflite_bytes(model, "int8", input_type="float32", output_type="float32", strict=strict)
     fd, tmp = tempfile.mkstemp(suffix=".tflite")
     try:
@@ -166,6 +219,8 @@ def onnx_model(model, opset=INT4_OPSET, strict=True):
         proto = version_converter.convert_version(proto, opset)
         del proto.graph.value_info[:]  # shapes the converter inferred: not needed, and they double small files
     _qdq_around_data_movement(proto)
+    if activation_type == "uint8":
+        _activations_to_uint8(proto)
     notes = list(details["notes"])
     infos = plan_lib.weight_infos(model)
     if opset >= INT4_OPSET:
@@ -197,7 +252,7 @@ def _qdq_tables(proto):
     return acts, weights
 
 
-def export_onnx(model, path, opset=INT4_OPSET, strict=True):
+def export_onnx(model, path, opset=INT4_OPSET, strict=True, activation_type="uint8"):
     """Write a quantized Keras model as QDQ ONNX with keras_quant's scales and zero points.
 
     Args:
@@ -207,6 +262,9 @@ def export_onnx(model, path, opset=INT4_OPSET, strict=True):
         opset: ONNX opset, at least 13 (per-axis QDQ). From 21, 4-bit weights
             are INT4 initializers; below, int8 initializers on the 4-bit grid.
         strict: As for `export_tflite`: a quantized layer left in float is an error.
+        activation_type: `"uint8"` (default; onnxruntime's CPU layout, U8S8) or
+            `"int8"` for the activation integers. The same grid either way: uint8
+            zero points are keras_quant's plus 128. Weights are int8.
 
     Returns:
         An `ExportReport` (`format="onnx"`, `mode="qdq"`) read back from the model.
@@ -217,7 +275,7 @@ def export_onnx(model, path, opset=INT4_OPSET, strict=True):
     """
     import onnxruntime as ort
 
-    proto, details = onnx_model(model, opset, strict)
+    proto, details = onnx_model(model, opset, strict, activation_type)
     data = proto.SerializeToString()
     try:
         ort.InferenceSession(data, providers=["CPUExecutionProvider"])

@@ -55,8 +55,11 @@ def test_qdq_model_with_per_channel_weights(setup, ptq, tmp_path):
             assert all(producers[i].op_type == "DequantizeLinear" for i in n.input[:2]), n.name
     # Activation scales and zero points are the calibration's.
     spec = kq.QuantConfig.int8().activations
+    # Activations are uint8 (onnxruntime's U8S8 layout): the same grid, zero point + 128.
+    zero_points = [numpy_helper.to_array(inits[n.input[2]]) for n in nodes if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.dtype == np.uint8 for z in zero_points)
     q_params = {
-        (float(numpy_helper.to_array(inits[n.input[1]])), int(numpy_helper.to_array(inits[n.input[2]])))
+        (float(numpy_helper.to_array(inits[n.input[1]])), int(numpy_helper.to_array(inits[n.input[2]])) - 128)
         for n in nodes if n.op_type == "QuantizeLinear"
     }
     for layer, key in ptq.quantization_report.activation_quantizers:
@@ -101,6 +104,35 @@ def test_onnx_errors(setup, ptq, tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
+def optimized_ops(path, tmp_path):
+    """The op types of the graph onnxruntime runs after its optimizations (QDQ fusion included)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+
+
+def test_onnxruntime_runs_the_cnn_in_integer_kernels(setup, ptq, tmp_path):
+    """Every Conv, the residual Add and both Dense layers are fused into integer kernels."""
+    _, _, x_test, _ = setup
+    kq.export_onnx(ptq, tmp_path / "u8.onnx")
+    ops = optimized_ops(tmp_path / "u8.onnx", tmp_path)
+    assert ops.count("QLinearConv") == 4 and ops.count("QLinearAdd") == 1 and ops.count("QGemm") == 2, ops
+    assert not {"Conv", "Gemm", "MatMul", "Add", "FusedConv", "FusedGemm"} & set(ops), ops
+    # int8 activations compute the same values (onnxruntime fuses less of that layout).
+    kq.export_onnx(ptq, tmp_path / "s8.onnx", activation_type="int8")
+    proto = onnx.load(str(tmp_path / "s8.onnx"))
+    inits = initializers(proto)
+    assert all(numpy_helper.to_array(inits[n.input[2]]).dtype == np.int8
+               for n in proto.graph.node if n.op_type == "QuantizeLinear")
+    np.testing.assert_array_equal(runtime.load(tmp_path / "s8.onnx").predict(x_test[:64]),
+                                  runtime.load(tmp_path / "u8.onnx").predict(x_test[:64]))
+    with pytest.raises(ConfigError, match="activation_type"):
+        kq.export_onnx(ptq, tmp_path / "bad.onnx", activation_type="int16")
+
+
 def test_onnxruntime_fuses_a_flatten_dense_head(tmp_path):
     """Reshape / Transpose on int8 get their own QDQ pair, so onnxruntime fuses the layers around them.
 
@@ -109,7 +141,6 @@ def test_onnxruntime_fuses_a_flatten_dense_head(tmp_path):
     every call.
     """
     import keras
-    import onnxruntime as ort
 
     keras.utils.set_random_seed(0)
     inp = keras.Input((12, 12, 1))
@@ -122,10 +153,7 @@ def test_onnxruntime_fuses_a_flatten_dense_head(tmp_path):
     qmodel = kq.quantize_model(model, kq.QuantConfig.int8(), calibration=models.calibrate(model, xs))
     path = tmp_path / "head.onnx"
     kq.export_onnx(qmodel, path)
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    ops = optimized_ops(path, tmp_path)
     assert ops.count("QLinearConv") == 1 and ops.count("QLinearMatMul") + ops.count("QGemm") == 2, ops
     assert not {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm"} & set(ops), ops
     runner = runtime.load(path)
