@@ -646,16 +646,11 @@ def main(argv=None):
     here = os.path.dirname(os.path.abspath(__file__))
     if os.path.dirname(here) not in sys.path:  # measure this checkout's keras_quant
         sys.path.insert(0, os.path.dirname(here))
-    from keras_quant.formatting import text_table
+    from keras_quant.formatting import result_text
 
     parts = ("timing", "tfmot", "accuracy") if "all" in args.part else tuple(args.part)
     result = run(args.quick, parts=parts)
-    print(text_table(result["rows"], title="Step-time ratios"))
-    for title, rows in result["tables"].items():
-        print()
-        print(text_table(rows, title=title))
-    for note in result["notes"]:
-        print(f"- {note}")
+    print(result_text(result, "Step-time ratios"))
     return 0
 
 

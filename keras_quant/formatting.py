@@ -14,7 +14,7 @@ conv   41.23
 
 import math
 
-__all__ = ["to_jsonable", "format_number", "text_table", "markdown_table"]
+__all__ = ["to_jsonable", "format_number", "text_table", "markdown_table", "result_text"]
 
 
 def _scalar(v):
@@ -91,3 +91,13 @@ def markdown_table(rows, columns=None):
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def result_text(result, title):
+    """A benchmark result (`{"rows", "tables", "notes"}`) as text: the rows, each further table, the notes."""
+    parts = [text_table(result["rows"], title=title)]
+    for name, rows in result.get("tables", {}).items():
+        parts += ["", text_table(rows, title=name)]
+    notes = result.get("notes", [])
+    parts += [f"- {note}" for note in ([notes] if isinstance(notes, str) else notes)]
+    return "\n".join(parts)

@@ -37,3 +37,12 @@ def test_to_jsonable_round_trips_through_json():
     data = {"inf": math.inf, "nan": math.nan, "np": np.float64(1.5), "t": (1, np.int32(2)), 3: [None, True]}
     out = json.loads(json.dumps(to_jsonable(data)))
     assert out == {"inf": "inf", "nan": "nan", "np": 1.5, "t": [1, 2], "3": [None, True]}
+
+
+def test_result_text_prints_rows_tables_and_notes():
+    from keras_quant.formatting import result_text
+
+    text = result_text({"rows": [{"case": "a", "ratio": 1.5}], "tables": {"More": [{"b": 2}]}, "notes": ["n1"]}, "T")
+    lines = text.splitlines()
+    assert lines[0] == "T" and "ratio" in lines[1] and "More" in lines and lines[-1] == "- n1"
+    assert result_text({"rows": [], "notes": "one note"}, "Empty").splitlines()[-1] == "- one note"
