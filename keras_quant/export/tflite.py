@@ -179,10 +179,12 @@ def _check_float_ops(model, float_ops):
     from keras_quant.layers.fake_quant import ActivationQuantizer
     from keras_quant.layers.wrapper import QuantizeWrapper
 
-    layers = {layer.name: layer for layer in model._flatten_layers(include_self=False, recursive=True)}
+    # By name: a wrapper and the layer it wraps share one.
+    quantizing = {layer.name for layer in model._flatten_layers(include_self=False, recursive=True)
+                  if isinstance(layer, (QuantizeWrapper, ActivationQuantizer))}
     problems = []
     for op, name, mentioned in float_ops:
-        quantized = [n for n in mentioned if isinstance(layers.get(n), (QuantizeWrapper, ActivationQuantizer))]
+        quantized = [n for n in mentioned if n in quantizing]
         if quantized or not mentioned:
             who = quantized[0] if quantized else None
             problems.append((who, "op", op, f"the converter left {op} ({name}) in float although keras_quant "
