@@ -19,7 +19,10 @@ model's graph (nested models are inlined) in three steps:
    one quantizer, after the activation (ADD fuses it); an average pool
    keeps its input's range (AVERAGE_POOL_2D has one scale); and a layer kept
    in float whose output feeds the integer graph gets a quantizer there (an
-   integer runtime quantizes that tensor, and must not borrow a range).
+   integer runtime quantizes that tensor, and must not borrow a range). A
+   compute layer with its own softmax / sigmoid / tanh / ... activation
+   (TFLite runs it as a separate op) is also quantized before it, with the
+   statistics the callback keys `"<layer>:preactivation"`.
 3. Rebuild: run the flat graph again over new `keras.Input`s, creating the
    planned layers, with activation scales from `calibration.qparams(key, spec)`.
 
@@ -49,7 +52,9 @@ from keras_quant.errors import ConfigError, NoDataError, UnsupportedLayerError
 from keras_quant.layers import qat_quantizer, walk
 from keras_quant.layers.fake_quant import ActivationQuantizer
 from keras_quant.layers.folding import fold_blocker, fold_into_layer
-from keras_quant.layers.rules import get_rule, is_fusable_activation
+from keras_quant.layers.rules import (
+    PREACTIVATION, get_rule, is_fusable_activation, preactivation_key, split_activation,
+)
 from keras_quant.layers.wrapper import QuantizeWrapper
 
 __all__ = ["quantize_model", "QuantizationReport", "MODES"]
@@ -182,6 +187,9 @@ class _Step:
     slot: Optional[int] = None  # QAT: this step's slot in a shared quantizer
     group: Optional[list] = None  # QAT: the steps sharing one quantizer (merge inputs)
     fused: bool = False  # a merge whose activation TFLite fuses (the quantizer is after the activation)
+    preact_key: Optional[str] = None  # "wrap": calibration key before the layer's own softmax / sigmoid / ...
+    preact_spec: object = None
+    preact_qparams: tuple = None
 
 
 def _plan(flat, config):
@@ -331,6 +339,9 @@ def _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output):
         spec = None
         plan[id(last)] = quantized_output(_Step("clone"), last, cfg(last).activations, what)
     step.layer_config = LayerQuantConfig(weights=lc.weights, activations=spec)
+    if spec is not None and split_activation(flat.origin[id(layer)]) is not None:
+        # The wrapper quantizes before the layer's own activation too (TFLite runs it as its own op).
+        step.preact_key, step.preact_spec = preactivation_key(flat.key(layer)), spec
     plan[id(layer)] = step
 
 
@@ -345,19 +356,24 @@ def _fetch_qparams(steps, calibration):
             "(activations=None)",
         )
     for step in requests:
-        key = step.quant_key
-        if key not in calibration:
-            raise NoDataError(
-                key, reason=f"quantize_model needs activation statistics for layer '{key}' ({step.quant_what}), "
-                "and the calibration result has none for it", layer=key,
-            )
-        try:
-            step.qparams = calibration.qparams(key, step.quant_spec)
-        except NoDataError as e:
-            raise NoDataError(
-                key, reason=f"quantize_model needs activation statistics for layer '{key}' ({step.quant_what}): {e}",
-                layer=key,
-            ) from e
+        step.qparams = _lookup(calibration, step.quant_key, step.quant_spec, step.quant_what)
+        if step.preact_key is not None:
+            step.preact_qparams = _lookup(calibration, step.preact_key, step.preact_spec,
+                                          "the input of the layer's own activation")
+
+
+def _lookup(calibration, key, spec, what):
+    if key not in calibration:
+        raise NoDataError(
+            key, reason=f"quantize_model needs activation statistics for layer '{key}' ({what}), "
+            "and the calibration result has none for it", layer=key,
+        )
+    try:
+        return calibration.qparams(key, spec)
+    except NoDataError as e:
+        raise NoDataError(
+            key, reason=f"quantize_model needs activation statistics for layer '{key}' ({what}): {e}", layer=key,
+        ) from e
 
 
 class _Names:
@@ -405,6 +421,8 @@ def _finish_step(step, staging, mode):
         layer.observe_weights()
         if layer.output_quantizer is not None and step.qparams is not None:
             layer.set_output_qparams(*step.qparams)
+        if layer.preactivation_quantizer is not None and step.preact_qparams is not None:
+            layer.set_preactivation_qparams(*step.preact_qparams)
 
 
 def _input_steps(flat, config):
@@ -439,7 +457,13 @@ def activation_points(model, config=None):
     flat = _Flat(model, graph)
     plan, _ = _plan(flat, config)
     steps = _input_steps(flat, config) + list(plan.values())
-    return {s.quant_key: s.quant_spec for s in steps if s.quant_spec is not None and s.quant_key is not None}
+    points = {}
+    for s in steps:
+        if s.preact_key is not None:
+            points[s.preact_key] = s.preact_spec
+        if s.quant_spec is not None and s.quant_key is not None:
+            points[s.quant_key] = s.quant_spec
+    return points
 
 
 def _producer(flat, plan, input_steps, tensor):
@@ -642,6 +666,8 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
         outputs = step.layer(*args, **kwargs)
         if first:
             _finish_step(step, staging, mode)
+            if isinstance(step.layer, QuantizeWrapper) and step.layer.preactivation_quantizer is not None:
+                quantizers.append((step.layer.name + PREACTIVATION, step.preact_key))
             if isinstance(step.layer, QuantizeWrapper) and step.layer.output_quantizer is not None:
                 quantizers.append((step.layer.name, step.quant_key))
         if step.kind == "wrap" and step.group is None:

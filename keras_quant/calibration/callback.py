@@ -6,7 +6,9 @@ Add the callback to an ordinary `model.fit`, `model.evaluate` or
 1. hooks the `call` of every layer the config quantizes (leaf layers of
    Sequential, Functional, subclassed and nested models alike) so that, inside
    the compiled step, each output is also folded into a `LayerCollector`
-   (fixed-size statistics and the range observer of the layer's spec);
+   (fixed-size statistics and the range observer of the layer's spec); for a
+   layer with its own softmax / sigmoid / tanh / ... activation (an op of its
+   own in TFLite), the activation's input too, keyed `"<layer>:preactivation"`;
 2. wraps the model's `train_step` / `test_step` / `predict_step` so the step
    picks the samples to observe (the sampler and the `max_samples` budget),
    observes the model inputs, and switches the hooks on only for the step of
@@ -48,7 +50,7 @@ from keras_quant.calibration.result import CalibrationResult
 from keras_quant.calibration.stats import STATISTICS, LayerCollector
 from keras_quant.config import QuantConfig
 from keras_quant.errors import ConfigError, MemoryLimitExceededError
-from keras_quant.layers.rules import get_rule
+from keras_quant.layers.rules import get_rule, preactivation_key, split_activation
 from keras_quant.layers.walk import input_keys, leaf_layers, layer_keys
 
 __all__ = ["CalibrationCallback"]
@@ -188,6 +190,9 @@ class CalibrationCallback(keras.callbacks.Callback):
         self._attached = None  # the mode being calibrated, while attached
         self._saved = {}
         self._patched = []
+        self._patched_activations = []
+        self._points = None
+        self._preact_tracked = []
         self._progbar = None
         self._model_name = None
 
@@ -205,6 +210,7 @@ class CalibrationCallback(keras.callbacks.Callback):
             from keras_quant.quantize import activation_points  # the PTQ model's plan
 
             points = activation_points(model, self.config)
+        self._points = points
         paths = {id(layer): path for path, layer in leaf_layers(model)}
         tracked = []
         for key, layer in layer_keys(model).items():
@@ -220,6 +226,19 @@ class CalibrationCallback(keras.callbacks.Callback):
                 continue
             tracked.append((key, layer, layer_config.activations))
         return tracked
+
+    def _preactivations(self, model, tracked):
+        """`[(key, layer, spec)]`: tracked compute layers whose own activation runs as a separate TFLite op."""
+        points = self._points
+        found = []
+        for key, layer, spec in tracked:
+            if split_activation(layer) is None:
+                continue
+            pkey = preactivation_key(key)
+            if points and pkey not in points:
+                continue
+            found.append((pkey, layer, points[pkey] if points else spec))
+        return found
 
     # Collectors -------------------------------------------------------------
     def _collector(self, key, spec, shape=None):
@@ -269,10 +288,14 @@ class CalibrationCallback(keras.callbacks.Callback):
                     self._collector(key, spec, tuple(tensor.shape))
             for key, layer, spec in tracked:
                 self._collector(key, spec, self._output_shape(layer))
+            self._preact_tracked = self._preactivations(model, tracked)
+            for key, layer, spec in self._preact_tracked:
+                self._collector(key, spec, self._output_shape(layer))
         return tracked
 
     # Attaching ----------------------------------------------------------------
-    def _hook(self, key, spec, original):
+    def _hook(self, key, spec, original, observe_input=False):
+        """`original` that also observes its output (or, `observe_input`, its first argument)."""
         callback = self
 
         @functools.wraps(original)
@@ -280,7 +303,7 @@ class CalibrationCallback(keras.callbacks.Callback):
             outputs = original(*args, **kwargs)
             local = callback._local
             if getattr(local, "active", False):
-                tensor = _first_tensor(outputs)
+                tensor = _first_tensor(args[0] if observe_input else outputs)
                 if _batched(tensor):
                     callback._observe(key, spec, _gather(tensor), local.mask)
             return outputs
@@ -351,6 +374,11 @@ class CalibrationCallback(keras.callbacks.Callback):
             own = layer.__dict__.get("call")
             self._patched.append((layer, own))
             layer.call = self._hook(key, spec, layer.call)
+        for key, layer, spec in self._preact_tracked:
+            # The input of a softmax / sigmoid / ... the layer applies itself (its own TFLite op).
+            original = layer.activation
+            self._patched_activations.append((layer, original))
+            layer.activation = self._hook(key, spec, original, observe_input=True)
         step_name, fn_name = _STEPS[mode], _FUNCTIONS[mode]
         self._saved = {
             "step": (step_name, model.__dict__.get(step_name)),
@@ -380,6 +408,9 @@ class CalibrationCallback(keras.callbacks.Callback):
 
     def _detach(self):
         """Remove every hook and restore the model's step and step function."""
+        for layer, original in reversed(self._patched_activations):
+            layer.activation = original
+        self._patched_activations = []
         for layer, own in reversed(self._patched):
             if own is None:
                 layer.__dict__.pop("call", None)

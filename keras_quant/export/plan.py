@@ -16,7 +16,8 @@ import numpy as np
 
 from keras_quant.errors import ExportError
 from keras_quant.layers.fake_quant import ActivationQuantizer
-from keras_quant.layers.inference import InferencePlan
+from keras_quant.layers.inference import PREACTIVATION, InferencePlan
+from keras_quant.layers.rules import PREACTIVATION as PREACTIVATION_KEY
 from keras_quant.layers.wrapper import QuantizeWrapper
 
 __all__ = ["MODES", "WeightInfo", "build_plan", "check", "quantizer_layers", "weight_infos"]
@@ -88,6 +89,19 @@ def _activation_qparams(layer):
     return spec, scale, zero_point
 
 
+def _activation_quantizers(layer):
+    """`[(plan_key, name, (spec, scale, zero_point))]` of a layer's activation quantizers."""
+    found = []
+    if isinstance(layer, QuantizeWrapper) and layer.preactivation_qparams is not None:
+        scale, zero_point = (_np(v).reshape(-1) for v in layer.preactivation_qparams)
+        found.append(((id(layer), PREACTIVATION), f"{layer.name}{PREACTIVATION_KEY}",
+                      (layer.preactivation_quantizer.spec, scale, zero_point)))
+    act = _activation_qparams(layer)
+    if act is not None:
+        found.append((id(layer), layer.name, act))
+    return found
+
+
 def _problems(model, mode):
     """`[(layer, field, value, reason)]`: what `mode` cannot express."""
     storage = MODES[mode]
@@ -111,22 +125,23 @@ def _problems(model, mode):
                     out.append((layer.name, f"{wname}.bits", spec.bits, "weights are stored as int8: at most 8 bits"))
         if storage is None:
             continue
-        act = _activation_qparams(layer)
-        if act is None:
-            continue
-        spec, scale, zero_point = act
-        if spec.granularity != "per_tensor" or scale.size != 1:
-            out.append((layer.name, "activations.granularity", spec.granularity,
-                        "activations are quantized per tensor"))
-            continue
-        if spec.bits > storage:
-            hint = "; export with mode='int16x8'" if storage == 8 and spec.bits <= 16 else ""
-            out.append((layer.name, "activations.bits", spec.bits,
-                        f"mode='{mode}' stores activations in {storage} bits{hint}"))
-        if storage == 16 and int(round(float(zero_point[0]))) != 0:
-            out.append((layer.name, "activations.zero_point", int(round(float(zero_point[0]))),
-                        "16x8 files hold symmetric int16 activations (zero point 0); quantize with "
-                        "kq.QuantConfig.int16x8() or a symmetric activation spec"))
+        for _, _, (spec, scale, zero_point) in _activation_quantizers(layer):
+            out += _activation_problems(layer, mode, storage, spec, scale, zero_point)
+    return out
+
+
+def _activation_problems(layer, mode, storage, spec, scale, zero_point):
+    if spec.granularity != "per_tensor" or scale.size != 1:
+        return [(layer.name, "activations.granularity", spec.granularity, "activations are quantized per tensor")]
+    out = []
+    if spec.bits > storage:
+        hint = "; export with mode='int16x8'" if storage == 8 and spec.bits <= 16 else ""
+        out.append((layer.name, "activations.bits", spec.bits,
+                    f"mode='{mode}' stores activations in {storage} bits{hint}"))
+    if storage == 16 and int(round(float(zero_point[0]))) != 0:
+        out.append((layer.name, "activations.zero_point", int(round(float(zero_point[0]))),
+                    "16x8 files hold symmetric int16 activations (zero point 0); quantize with "
+                    "kq.QuantConfig.int16x8() or a symmetric activation spec"))
     return out
 
 
@@ -179,10 +194,8 @@ def build_plan(model, mode):
             plan.weights[id(layer)] = values
             if folded_bias is not None:
                 plan.folded_bias[id(layer)] = folded_bias
-        act = _activation_qparams(layer) if storage is not None else None
-        if act is not None:
-            spec, scale, zero_point = act
-            plan.activations[id(layer)] = (spec, float(scale[0]), int(round(float(zero_point[0]))))
+        for key, _, (spec, scale, zero_point) in (_activation_quantizers(layer) if storage is not None else ()):
+            plan.activations[key] = (spec, float(scale[0]), int(round(float(zero_point[0]))))
     return plan
 
 
@@ -190,8 +203,7 @@ def activation_table(model) -> Dict[str, Tuple[float, int, int]]:
     """`{layer_name: (scale, zero_point, bits)}` of every per-tensor activation quantizer."""
     table = {}
     for layer in quantizer_layers(model):
-        act = _activation_qparams(layer)
-        if act is not None and act[1].size == 1:
-            spec, scale, zero_point = act
-            table[layer.name] = (float(scale[0]), int(round(float(zero_point[0]))), spec.bits)
+        for _, name, (spec, scale, zero_point) in _activation_quantizers(layer):
+            if scale.size == 1:
+                table[name] = (float(scale[0]), int(round(float(zero_point[0]))), spec.bits)
     return table

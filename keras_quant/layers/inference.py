@@ -30,7 +30,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["InferencePlan", "inference_scope", "active_plan", "activation_op", "quantize_output"]
+__all__ = ["InferencePlan", "inference_scope", "active_plan", "activation_op", "quantize_output", "PREACTIVATION"]
 
 _LOCAL = threading.local()
 
@@ -47,14 +47,15 @@ class InferencePlan:
             layer with a folded BatchNormalization (its own bias set to 0).
         activations: `id(layer) -> (spec, scale, zero_point)` of each
             activation quantizer (a wrapper's output quantizer or an
-            `ActivationQuantizer`), per tensor, as Python numbers.
+            `ActivationQuantizer`), per tensor, as Python numbers; a wrapper's
+            quantizer before its own activation under `(id(layer), PREACTIVATION)`.
         storage_bits: Width of the activation integers (8 or 16), or None to
             leave activations in float.
     """
 
     weights: Dict[int, Dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     folded_bias: Dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
-    activations: Dict[int, Tuple[object, float, int]] = dataclasses.field(default_factory=dict)
+    activations: Dict[object, Tuple[object, float, int]] = dataclasses.field(default_factory=dict)
     storage_bits: Optional[int] = 8
 
 
@@ -113,9 +114,17 @@ def activation_op(x, spec, scale, zero_point, storage_bits):
     return x
 
 
-def quantize_output(layer, x, plan):
-    """`x` through `layer`'s activation quantizer as the plan has it (unchanged without one)."""
-    if plan.storage_bits is None or id(layer) not in plan.activations:
+# Key suffix of a wrapper's quantizer before its own activation in `InferencePlan.activations`.
+PREACTIVATION = "preactivation"
+
+
+def quantize_output(layer, x, plan, which=None):
+    """`x` through `layer`'s activation quantizer as the plan has it (unchanged without one).
+
+    `which=PREACTIVATION` picks a wrapper's quantizer before its own activation.
+    """
+    key = id(layer) if which is None else (id(layer), which)
+    if plan.storage_bits is None or key not in plan.activations:
         return x
-    spec, scale, zero_point = plan.activations[id(layer)]
+    spec, scale, zero_point = plan.activations[key]
     return activation_op(x, spec, scale, zero_point, plan.storage_bits)

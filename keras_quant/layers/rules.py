@@ -37,7 +37,10 @@ import keras
 
 from keras_quant.errors import ConfigError
 
-__all__ = ["LayerRule", "RULES", "get_rule", "register_rule", "KINDS", "FUSABLE_ACTIVATIONS", "is_fusable_activation"]
+__all__ = [
+    "LayerRule", "RULES", "get_rule", "register_rule", "KINDS", "FUSABLE_ACTIVATIONS", "is_fusable_activation",
+    "PREACTIVATION", "preactivation_key", "split_activation",
+]
 
 KINDS = ("compute", "activation", "merge", "pool", "norm", "passthrough")
 
@@ -213,3 +216,29 @@ def is_fusable_activation(layer) -> bool:
     if type(layer) is L.Activation:
         return getattr(layer.activation, "__name__", None) in FUSABLE_ACTIVATIONS
     return False
+
+
+# Calibration key of the tensor before a compute layer's own (non-fused) activation.
+PREACTIVATION = ":preactivation"
+
+
+def preactivation_key(key):
+    """The calibration key of the input of `key`'s own activation (`"dense:preactivation"`)."""
+    return f"{key}{PREACTIVATION}"
+
+
+def split_activation(layer):
+    """A compute layer's own activation when TFLite runs it as a separate op, else None.
+
+    RELU, RELU6 and linear are fused into CONV_2D / FULLY_CONNECTED; softmax,
+    sigmoid, tanh, gelu, ... run as their own op, whose integer kernel reads a
+    quantized input: the layer's output before the activation needs its own
+    quantizer (and calibration statistics).
+    """
+    rule = get_rule(layer)
+    activation = getattr(layer, "activation", None)
+    if rule is None or rule.kind != "compute" or not callable(activation):
+        return None
+    if getattr(activation, "__name__", None) in FUSABLE_ACTIVATIONS:
+        return None
+    return activation

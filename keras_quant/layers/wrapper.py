@@ -34,7 +34,7 @@ from keras_quant.errors import ConfigError, UnsupportedLayerError
 from keras_quant.layers import inference, qat_quantizer as qat
 from keras_quant.layers.fake_quant import FrozenQuantizer, assign_qparams
 from keras_quant.layers.folding import fold_blocker, fold_factor_and_bias, fold_rule, scale_channels
-from keras_quant.layers.rules import get_rule
+from keras_quant.layers.rules import get_rule, split_activation
 
 __all__ = ["QuantizeWrapper", "MODES", "weight_specs"]
 
@@ -164,7 +164,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
     """
 
     def __init__(self, layer, config=None, mode="qat", batch_norm=None, observe_steps=None, momentum=0.99,
-                 seed=None, bn_statistics="quantized", **kwargs):
+                 seed=None, bn_statistics="quantized", activation=None, **kwargs):
         kwargs.setdefault("name", getattr(layer, "name", None))
         super().__init__(layer, **kwargs)
         if mode not in MODES:
@@ -198,6 +198,15 @@ class QuantizeWrapper(keras.layers.Wrapper):
         }
         spec = self.quant_config.activations
         self.output_quantizer = None if spec is None else quantizer(spec, **kw)
+        # A softmax / sigmoid / tanh / ... the layer applies itself: TFLite runs it as its own op on a
+        # quantized input, so the wrapper quantizes the layer's output before it too.
+        if activation is not None:
+            self.activation = keras.activations.get(activation)
+        else:
+            self.activation = split_activation(layer) if spec is not None else None
+            if self.activation is not None:
+                layer.activation = keras.activations.linear  # the wrapped layer computes the pre-activation
+        self.preactivation_quantizer = None if self.activation is None else quantizer(spec, **kw)
         self.seed_generator = (
             keras.random.SeedGenerator(seed)
             if any(s.stochastic_rounding for s in self.weight_specs.values()) else None
@@ -205,6 +214,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         self.schedule = None
         self._weight_state = {}
         self._output_state = None
+        self._preact_state = None
         self.supports_masking = getattr(layer, "supports_masking", False)
 
     # Build -------------------------------------------------------------------
@@ -229,6 +239,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if self.output_quantizer is not None:
             shape = self.layer.compute_output_shape(input_shape) if input_shape is not None else ()
             self._output_state = self.output_quantizer.build(self, shape, "output")
+        if self.preactivation_quantizer is not None:
+            self._preact_state = self.preactivation_quantizer.build(self, shape, "preactivation")
         self.built = True
         self.observe_weights()
 
@@ -259,6 +271,23 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 "this wrapper has no (built) output quantizer", layer=self.name,
             )
         self._set_range(self.output_quantizer, self._output_state, scale, zero_point)
+
+    def set_preactivation_qparams(self, scale, zero_point):
+        """Set the range of the quantizer before the layer's own activation (see `preactivation_qparams`).
+
+        Raises:
+            ConfigError: If the wrapper applies no activation of its own or is not built.
+        """
+        if self._preact_state is None:
+            raise ConfigError("activation", None, "this wrapper has no (built) quantizer before an activation "
+                              "of its own", layer=self.name)
+        self._set_range(self.preactivation_quantizer, self._preact_state, scale, zero_point)
+
+    @property
+    def preactivation_qparams(self):
+        """`(scale, zero_point)` before the layer's own softmax / sigmoid / ... activation, or None."""
+        s = self._preact_state
+        return None if s is None else self.preactivation_quantizer.qparams(s)
 
     # Modes ---------------------------------------------------------------------
     def _require_schedule(self, what):
@@ -452,6 +481,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         outputs = self._run(inputs, {n: tf.constant(v) for n, v in values.items()}, kwargs)
         if id(self) in plan.folded_bias:
             outputs = ops.add(outputs, tf.constant(plan.folded_bias[id(self)], dtype=outputs.dtype))
+        if self.activation is not None:
+            outputs = self.activation(inference.quantize_output(self, outputs, plan, inference.PREACTIVATION))
         return inference.quantize_output(self, outputs, plan)
 
     def call(self, inputs, training=None, **kwargs):
@@ -464,8 +495,12 @@ class QuantizeWrapper(keras.layers.Wrapper):
             outputs = self._call_folded(inputs, training, kwargs, flags)
         else:
             outputs = self._run(inputs, self._quantize_weights(self.float_weights(), training, flags), kwargs)
+        observing, frozen = flags
+        if self.activation is not None:
+            outputs = self.preactivation_quantizer(outputs, self._preact_state, training, observing=observing,
+                                                   frozen=frozen)
+            outputs = self.activation(outputs)
         if self.output_quantizer is not None:
-            observing, frozen = flags
             outputs = self.output_quantizer(outputs, self._output_state, training, observing=observing, frozen=frozen)
         if training and self.schedule is not None:
             self.schedule.advance()
@@ -487,6 +522,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         }
         config.update(mode=self.mode, observe_steps=self.observe_steps, momentum=self.momentum, seed=self.seed,
                       bn_statistics=self.bn_statistics)
+        if self.activation is not None:
+            config["activation"] = keras.activations.serialize(self.activation)
         if self.batch_norm is not None:
             config["batch_norm"] = keras.saving.serialize_keras_object(self.batch_norm)
         return config

@@ -457,3 +457,22 @@ def test_result_is_read_once_until_the_statistics_change():
     assert cb.result is not first and cb.result["fc"].count == 2 * first["fc"].count
     cb.reset()
     assert cb.result["fc"].count == 0
+
+
+@pytest.mark.parametrize("statistics", ["range", "full"])
+def test_preactivation_of_a_layers_own_activation_is_recorded(statistics):
+    """Dense(activation="softmax"): its logits (the softmax's input) are observed as "<layer>:preactivation"."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6,))
+    model = keras.Model(inp, keras.layers.Dense(4, activation="softmax", name="out")(keras.layers.Dense(5)(inp)))
+    x = np.random.default_rng(0).normal(size=(40, 6)).astype("float32")
+    cb = kq.CalibrationCallback(statistics=statistics)
+    model.predict(x, batch_size=8, callbacks=[cb], verbose=0)
+    out = model.get_layer("out")
+    assert out.activation is keras.activations.softmax  # put back
+    hidden = keras.Model(inp, out.input)(x)
+    logits = keras.ops.convert_to_numpy(keras.ops.matmul(hidden, out.kernel) + out.bias)
+    stats = cb.result["out:preactivation"]
+    assert stats.min == pytest.approx(float(logits.min()), abs=1e-5)
+    assert stats.max == pytest.approx(float(logits.max()), abs=1e-5)
+    assert cb.result["out"].max <= 1.0  # the softmax output, as before

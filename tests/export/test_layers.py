@@ -83,3 +83,25 @@ def test_activation_op_is_fake_quant_on_the_spec_grid(bits, symmetric, lo, width
     want = keras.ops.convert_to_numpy(kq.ops.fake_quant(x, np.float32(scale), np.int32(zero_point), spec))
     np.testing.assert_allclose(got, want, atol=1e-6 * max(1.0, abs(lo) + width))
     assert len(np.unique(got)) <= 2**bits
+
+
+@pytest.mark.parametrize("activation,op", [("softmax", "SOFTMAX"), ("sigmoid", "LOGISTIC"), ("tanh", "TANH")])
+def test_a_layer_with_its_own_activation_runs_that_op_in_integers(activation, op, tmp_path):
+    """Dense(activation="softmax"): the wrapper also quantizes the logits, which TFLite's SOFTMAX reads."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6,), name="x")
+    x = L.Dense(8, activation="relu", name="hidden")(inp)
+    model = keras.Model(inp, L.Dense(4, activation=activation, name="out")(x))
+    x_data = np.random.default_rng(0).normal(size=(64, 6)).astype("float32")
+    calibration = models.calibrate(model, x_data)
+    assert "out:preactivation" in calibration.layer_names
+    assert model.get_layer("out").activation.__name__ == activation  # the callback put it back
+    qmodel = kq.quantize_model(model, kq.QuantConfig.int8(), calibration=calibration)
+    assert ("out:preactivation", "out:preactivation") in qmodel.quantization_report.activation_quantizers
+    report = kq.export_tflite(qmodel, tmp_path / "head.tflite")
+    assert report.ops[op] == 1 and report.float_ops == () and "DEQUANTIZE" not in report.ops
+    runner = runtime.load(tmp_path / "head.tflite")
+    got, want = runner.predict(x_data), qmodel.predict(x_data, verbose=0)
+    assert models.output_steps(want, got, runner.output_quantization[0]) <= 1.0 + 1e-4
+    onnx_runner = runtime.load(kq.export_onnx(qmodel, tmp_path / "head.onnx").path)
+    assert models.output_steps(want, onnx_runner.predict(x_data), onnx_runner.output_quantization[0]) <= 1.0 + 1e-4

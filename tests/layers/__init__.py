@@ -6,6 +6,7 @@ import numpy as np
 from keras_quant import ops as kq_ops
 from keras_quant.errors import NoDataError
 from keras_quant.layers import walk
+from keras_quant.layers.rules import preactivation_key, split_activation
 
 
 def _graph(model):
@@ -16,7 +17,9 @@ class ProbeCalibration:
     """TEST HELPER standing in for `kq.CalibrationResult`: min-max ranges of every layer output.
 
     Runs `keras.Model(inputs, [layer outputs])` probes (nested models probed
-    on their own inputs) over `x` and keys each range as `kq.layers.walk` does:
+    on their own inputs) over `x` (and, for a layer with its own softmax /
+    sigmoid / ..., the layer's linear output as `"<key>:preactivation"`) and
+    keys each range as `kq.layers.walk` does:
     a layer's name (its path where names collide), a model input by its input
     layer's name. `drop` removes keys, to simulate a branch no sample reached.
     """
@@ -51,7 +54,16 @@ class ProbeCalibration:
             if isinstance(layer, keras.Model):
                 self._collect(layer, [value])
             elif "float" in str(value.dtype):
-                self._record(self.keys.get(id(layer), layer.name), value)
+                key = self.keys.get(id(layer), layer.name)
+                self._record(key, value)
+                activation = split_activation(layer)
+                if activation is not None:  # the input of the layer's own softmax / sigmoid / ...
+                    inputs = keras.Model(graph.inputs, node.input_tensors[0])(list(xs))
+                    layer.activation = keras.activations.linear
+                    try:
+                        self._record(preactivation_key(key), keras.ops.convert_to_numpy(layer(inputs)))
+                    finally:
+                        layer.activation = activation
 
     def __contains__(self, key):
         return key in self.ranges

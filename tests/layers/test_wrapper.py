@@ -146,3 +146,37 @@ def test_compiled_graph_has_fake_quant_ops():
     graph = tf.function(wrapper).get_concrete_function(tf.TensorSpec((None, 6, 6, 3))).graph
     types = {op.type for op in graph.get_operations()}
     assert {"FakeQuantWithMinMaxVarsPerChannel", "FakeQuantWithMinMaxVars"} <= types
+
+
+@pytest.mark.parametrize("mode", ["frozen", "qat"])
+def test_own_activation_is_quantized_before_and_after(mode, rng, tmp_path):
+    """A softmax / sigmoid / tanh the layer applies itself: quantized input and output, as TFLite runs it."""
+    a8 = kq.QuantSpec(bits=8)
+    wrapper = QuantizeWrapper(L.Dense(4, activation="softmax", name="out"), LayerQuantConfig(W8, a8), mode=mode)
+    x = rng.normal(size=(32, 6)).astype("float32")
+    wrapper(x)
+    assert wrapper.layer.activation is keras.activations.linear and wrapper.activation.__name__ == "softmax"
+    linear = x @ to_np(wrapper.quantized_weights()["kernel"]) + to_np(wrapper.layer.bias)
+    wrapper.set_preactivation_qparams(*kq.ops.compute_qparams(np.float32(linear.min()), np.float32(linear.max()), a8))
+    wrapper.set_output_qparams(*kq.ops.compute_qparams(np.float32(0.0), np.float32(1.0), a8))
+    if mode == "qat":
+        wrapper.set_mode("frozen")
+    pre = to_np(kq.ops.fake_quant(linear, *wrapper.preactivation_qparams, a8))
+    probs = np.exp(pre - pre.max(-1, keepdims=True))
+    want = to_np(kq.ops.fake_quant(probs / probs.sum(-1, keepdims=True), *wrapper.output_qparams, a8))
+    np.testing.assert_allclose(to_np(wrapper(x)), want, atol=1e-6)
+
+    model = keras.Sequential([keras.Input((6,)), wrapper])
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_array_equal(to_np(loaded(x)), to_np(model(x)))
+    assert loaded.layers[-1].activation.__name__ == "softmax"
+
+
+def test_fused_activations_and_weight_only_configs_stay_inside_the_layer():
+    relu = QuantizeWrapper(L.Dense(4, activation="relu"), kq.QuantConfig.int8(), mode="frozen")
+    weights_only = QuantizeWrapper(L.Dense(4, activation="softmax"), LayerQuantConfig(W8, None), mode="frozen")
+    for wrapper in (relu, weights_only):
+        wrapper.build((None, 6))
+        assert wrapper.activation is None and wrapper.preactivation_qparams is None
+        assert wrapper.layer.activation.__name__ in ("relu", "softmax")
