@@ -90,11 +90,7 @@ def load_data(n_train=None, n_test=None):
     """`(x_train, y_train, x_test, y_test, dataset_name)`; digits when Fashion-MNIST is missing."""
     from keras_quant import datasets
 
-    if datasets.fashion_mnist_available():
-        (x, y), (xt, yt) = datasets.load_fashion_mnist(limit_train=n_train, limit_test=n_test)
-        return x, y, xt, yt, "fashion_mnist"
-    (x, y), (xt, yt) = datasets.load_digits()
-    return x[:n_train], y[:n_train], xt[:n_test], yt[:n_test], "digits"
+    return datasets.load_fashion_or_digits(n_train, n_test)
 
 
 def build_model(keras_module, input_shape):

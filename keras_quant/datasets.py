@@ -23,7 +23,7 @@ import numpy as np
 
 from keras_quant.errors import ConfigError, IntegrityError
 
-__all__ = ["load_digits", "load_fashion_mnist", "FASHION_MNIST_DIR", "fashion_mnist_available"]
+__all__ = ["load_digits", "load_fashion_mnist", "FASHION_MNIST_DIR", "fashion_mnist_available", "load_fashion_or_digits"]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _FASHION_FILES = {
@@ -119,3 +119,16 @@ def load_fashion_mnist(directory=FASHION_MNIST_DIR, limit_train=None, limit_test
         return (a.astype("float32") / 255.0)[..., None]
 
     return (images(x_train), y_train.astype("int32")), (images(x_test), y_test.astype("int32"))
+
+
+def load_fashion_or_digits(limit_train=None, limit_test=None):
+    """Fashion-MNIST when Debian's package is installed, else the digits (the benchmarks' data).
+
+    Returns:
+        `(x_train, y_train, x_test, y_test, name)`, `name` being `"fashion_mnist"` or `"digits"`.
+    """
+    if fashion_mnist_available():
+        (x, y), (xt, yt) = load_fashion_mnist(limit_train=limit_train, limit_test=limit_test)
+        return x, y, xt, yt, "fashion_mnist"
+    (x, y), (xt, yt) = load_digits()
+    return x[:limit_train], y[:limit_train], xt[:limit_test], yt[:limit_test], "digits"

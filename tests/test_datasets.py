@@ -59,3 +59,9 @@ def test_debian_fashion_mnist_package():
     (x, y), (xt, yt) = datasets.load_fashion_mnist(limit_train=100, limit_test=100)
     assert x.shape == (100, 28, 28, 1) and xt.shape == (100, 28, 28, 1)
     assert set(np.unique(y)) <= set(range(10))
+
+
+def test_load_fashion_or_digits_names_what_it_loaded():
+    x, y, xt, yt, name = datasets.load_fashion_or_digits(limit_train=20, limit_test=10)
+    assert name in ("fashion_mnist", "digits") and len(x) == len(y) == 20 and len(xt) == len(yt) == 10
+    assert x.shape[1:] == ((28, 28, 1) if name == "fashion_mnist" else (8, 8, 1))
