@@ -53,6 +53,8 @@ class WeightInfo:
         zero_point: Integer zero points, same shape.
         bits: Grid width.
         bias: The float bias the integer layer adds (folded), or None.
+        qmin: Lowest integer of the grid (e.g. -7 for narrow-range 4-bit).
+        qmax: Highest integer of the grid.
     """
 
     layer: str
@@ -63,6 +65,8 @@ class WeightInfo:
     zero_point: np.ndarray
     bits: int
     bias: Optional[np.ndarray]
+    qmin: int = -128
+    qmax: int = 127
 
 
 def _np(x, dtype="float32"):
@@ -179,7 +183,7 @@ def weight_infos(model, quantize=True) -> List[WeightInfo]:
         for wname, spec in layer.weight_specs.items():
             scale, zero_point = qparams[wname]
             infos.append(WeightInfo(layer.name, type(layer.layer).__name__, wname, values[wname], _np(scale),
-                                    _np(zero_point).round().astype("int32"), spec.bits, bias))
+                                    _np(zero_point).round().astype("int32"), spec.bits, bias, spec.qmin, spec.qmax))
     return infos
 
 

@@ -247,9 +247,8 @@ def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_si
         storage = "int8" if mode in ("int8", "int16x8", "dynamic") else "float"
         weights.append((info.layer, info.bits, storage))
         if info.bits < 8 and storage == "int8":
-            qmax = 2 ** (info.bits - 1) - 1
             notes.append(f"{info.layer}.{info.name}: {info.bits}-bit weights stored as int8 holding values in "
-                         f"[-{qmax + 1 if not _narrow(model, info) else qmax}, {qmax}]")
+                         f"[{info.qmin}, {info.qmax}]")
     learning = sorted(layer.name for layer in plan_lib.quantizer_layers(model)
                       if getattr(layer, "range_mode", "frozen") == "learn")
     if learning and mode in ("int8", "int16x8"):
@@ -296,13 +295,6 @@ def _int8_weight_layers(flat, infos):
             if t.type == "INT8":
                 found |= shapes.get(t.shape, set())
     return found
-
-
-def _narrow(model, info):
-    for layer in plan_lib.quantizer_layers(model):
-        if layer.name == info.layer and hasattr(layer, "weight_specs"):
-            return layer.weight_specs[info.name].narrow_range
-    return False
 
 
 def export_tflite(model, path, mode="int8", input_type=None, output_type=None, batch_size=1, strict=True):
