@@ -7,13 +7,16 @@ tf2onnx turns every quantized tensor of it into QDQ: activations as
 QuantizeLinear -> DequantizeLinear pairs with keras_quant's scale and zero
 point, weights as int8 initializers behind a DequantizeLinear with per-channel
 scales (`axis`). Activations are stored as uint8 by default (zero point + 128,
-the same grid; onnxruntime's U8S8 layout, which its CPU kernels fuse), int8 on
-request. Data-movement ops (Reshape, Transpose, ...) that tf2onnx
-leaves on an int8 tensor get their own QDQ pair (`Q -> DQ -> op -> Q -> DQ`,
-same scale), the form onnxruntime fuses into integer kernels. tf2onnx writes no 4-bit type, so for opset 21 and above the
-exporter rewrites the weights of sub-8-bit layers itself (onnx helper) as
-INT4 (or UINT4) initializers, the type the opset has for them; below opset
-21 they stay int8 holding 4-bit values, and the report says so.
+the same grid), int8 on request; 8-bit weights as uint8 with zero point 128
+by default (the same grid: onnxruntime's U8U8 kernels, which never saturate;
+its int8-weight kernels do on x86 CPUs without VNNI), int8 on request.
+Data-movement ops (Reshape, Transpose, ...) that tf2onnx leaves on an int8
+tensor get one QDQ pair around each chain of them (`Q -> DQ -> ops -> Q -> DQ`,
+same scale), the form onnxruntime fuses into integer kernels. tf2onnx writes
+no 4-bit type, so for opset 21 and above the exporter rewrites the weights of
+sub-8-bit layers itself (onnx helper) as INT4 initializers, the type the opset
+has for them; below opset 21 they stay 8-bit initializers holding 4-bit
+values, and the report says so.
 
 The file passes `onnx.checker` and is loaded in onnxruntime before it is
 written.
@@ -40,6 +43,7 @@ __all__ = ["export_onnx", "onnx_model", "MIN_OPSET", "INT4_OPSET"]
 MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
 INT4_OPSET = 21  # INT4 / UINT4 tensors in QuantizeLinear / DequantizeLinear
 ACTIVATION_TYPES = ("uint8", "int8")
+WEIGHT_TYPES = ("uint8", "int8")
 _TF2ONNX_MAX_OPSET = 18
 
 
@@ -116,28 +120,41 @@ def _qdq_around_data_movement(proto):
 
     The standard QDQ form of a data-movement op: onnxruntime drops the inner pair and fuses the
     layers on either side into integer kernels. The values are unchanged (the op moves the
-    integers; requantizing them with the same scale and zero point is exact). Returns the count.
+    integers; requantizing them with the same scale and zero point is exact). A chain of such ops
+    (tf2onnx writes Conv1D as Reshape -> Transpose) gets one pair around the whole chain:
+    onnxruntime's layout optimizer computed wrong values when each link had its own pair.
+    Returns the number of ops rewritten.
     """
     import onnx
 
     graph = proto.graph
+    uses = collections.Counter(name for node in graph.node for name in node.input)
+    uses.update(out.name for out in graph.output)
     nodes, count, producers = [], 0, {}
-    for node in graph.node:  # in topological order: a chain (Transpose -> Reshape) is rewritten link by link
+    chained = {}  # requantized output of a rewritten op -> (its QuantizeLinear, the float value it quantizes)
+    for node in graph.node:  # in topological order: a chain is extended op by op
         q = producers.get(node.input[0]) if node.op_type in _DATA_MOVEMENT and node.input else None
         if q is None or q.op_type != "QuantizeLinear":
             nodes.append(node)
             producers.update((out, node) for out in node.output)
             continue
         qparams = list(q.input[1:])
-        dequantized, moved = node.input[0] + "_kq_dq", node.output[0] + "_kq_float"
-        nodes.append(onnx.helper.make_node("DequantizeLinear", [node.input[0]] + qparams, [dequantized],
-                                           name=node.name + "_kq_dq"))
-        output = node.output[0]
-        node.input[0], node.output[0] = dequantized, moved
+        link = chained.get(node.input[0])
+        if link is not None and uses[node.input[0]] == 1:
+            nodes.remove(link[0])  # the chain goes on in float: no requantize between its ops
+            node.input[0] = link[1]
+        else:
+            dequantized = node.input[0] + "_kq_dq"
+            nodes.append(onnx.helper.make_node("DequantizeLinear", [node.input[0]] + qparams, [dequantized],
+                                               name=node.name + "_kq_dq"))
+            node.input[0] = dequantized
+        output, moved = node.output[0], node.output[0] + "_kq_float"
+        node.output[0] = moved
         nodes.append(node)
         requantize = onnx.helper.make_node("QuantizeLinear", [moved] + qparams, [output], name=node.name + "_kq_q")
         nodes.append(requantize)
         producers[output] = requantize
+        chained[output] = (requantize, moved)
         count += 1
     del graph.node[:]
     graph.node.extend(nodes)
@@ -192,7 +209,48 @@ def _activations_to_uint8(proto):
     return count
 
 
-def onnx_model(model, opset=INT4_OPSET, strict=True, activation_type="uint8"):
+def _weights_to_uint8(proto):
+    """Store 8-bit weights as uint8 (zero point 128): onnxruntime's U8U8 layout, exact on every CPU.
+
+    The same grid (`q_u8 = q_s8 + 128`, zero point `0 + 128`). With int8 weights onnxruntime runs
+    U8S8 kernels, which on x86 CPUs without VNNI (AVX2, AVX-512F) add pairs of u8 * s8 products
+    in saturating int16 (VPMADDUBSW): two large activations against two large weights of one
+    channel overflow, and the output is off by tens of steps. Narrow-range int8 weights reach
+    127 in every channel, so trained layers do hit it. U8U8 kernels widen to int16 first and
+    never saturate. Weights on a grid of 7 bits or fewer (|q| <= 64: no pair of products can
+    reach 32767) keep int8 and its faster kernels; INT4 initializers are left as they are.
+    Returns the number of weight initializers rewritten.
+    """
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    inits = _initializers(proto)
+    made, count = {}, 0
+
+    def shifted(name):
+        if name not in made:
+            q = numpy_helper.to_array(inits[name]).astype("int16") + 128
+            tensor = numpy_helper.from_array(q.astype("uint8"), name + "_u8w")
+            graph.initializer.append(tensor)
+            made[name] = tensor.name
+        return made[name]
+
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits or len(node.input) < 3:
+            continue
+        q = numpy_helper.to_array(inits[node.input[0]])
+        if node.input[2] not in inits or q.dtype != np.int8 or 2 * 255 * int(np.abs(q.astype("int16")).max()) <= 32767:
+            continue  # not an int8 weight, or one that cannot saturate int16 (a 7-bit or narrower grid)
+        node.input[0], node.input[2] = shifted(node.input[0]), shifted(node.input[2])
+        count += 1
+    read = {i for n in graph.node for i in n.input}
+    keep = [init for init in graph.initializer if init.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return count
+
+
+def onnx_model(model, opset=INT4_OPSET, strict=True, activation_type="uint8", weight_type="uint8"):
     """The QDQ `onnx.ModelProto` of a quantized Keras model, and the report details (see `export_onnx`)."""
     import onnx
     import tf2onnx
@@ -200,6 +258,8 @@ def onnx_model(model, opset=INT4_OPSET, strict=True, activation_type="uint8"):
     _check_opset(opset)
     if activation_type not in ACTIVATION_TYPES:
         raise ConfigError("activation_type", activation_type, f"activation_type must be one of {ACTIVATION_TYPES}")
+    if weight_type not in WEIGHT_TYPES:
+        raise ConfigError("weight_type", weight_type, f"weight_type must be one of {WEIGHT_TYPES}")
     data, details = tflite_bytes(model, "int8", input_type="float32", output_type="float32", strict=strict)
     fd, tmp = tempfile.mkstemp(suffix=".tflite")
     try:
@@ -230,6 +290,9 @@ def onnx_model(model, opset=INT4_OPSET, strict=True, activation_type="uint8"):
     elif any(i.bits < 8 for i in infos):
         notes.append(f"opset {opset} has no 4-bit type: sub-8-bit weights are int8 initializers holding values "
                      f"on their grid (INT4 needs opset {INT4_OPSET})")
+    if weight_type == "uint8" and _weights_to_uint8(proto):
+        notes.append("8-bit weights stored as uint8 with zero point 128 (the same grid): onnxruntime's U8U8 "
+                     "kernels, exact on x86 CPUs without VNNI where its int8-weight kernels saturate")
     proto.producer_name = "keras_quant"
     onnx.checker.check_model(proto)
     return proto, dict(details, notes=tuple(n for n in notes if "stored as int8" not in n or opset < INT4_OPSET))
@@ -252,7 +315,7 @@ def _qdq_tables(proto):
     return acts, weights
 
 
-def export_onnx(model, path, opset=INT4_OPSET, strict=True, activation_type="uint8"):
+def export_onnx(model, path, opset=INT4_OPSET, strict=True, activation_type="uint8", weight_type="uint8"):
     """Write a quantized Keras model as QDQ ONNX with keras_quant's scales and zero points.
 
     Args:
@@ -264,7 +327,14 @@ def export_onnx(model, path, opset=INT4_OPSET, strict=True, activation_type="uin
         strict: As for `export_tflite`: a quantized layer left in float is an error.
         activation_type: `"uint8"` (default; onnxruntime's CPU layout, U8S8) or
             `"int8"` for the activation integers. The same grid either way: uint8
-            zero points are keras_quant's plus 128. Weights are int8.
+            zero points are keras_quant's plus 128.
+        weight_type: `"uint8"` (default: zero point 128, the same grid, for
+            weights that reach beyond +-64) or `"int8"` (zero point 0) for 8-bit weights. onnxruntime's int8-weight
+            (U8S8) kernels saturate on x86 CPUs without VNNI (AVX2, AVX-512F)
+            and then differ from Keras by tens of steps; its uint8-weight (U8U8)
+            kernels are exact everywhere, about 2x slower on such CPUs. Choose
+            `"int8"` for runtimes that require signed symmetric weights
+            (TensorRT) or CPUs with VNNI / ARM dot-product instructions.
 
     Returns:
         An `ExportReport` (`format="onnx"`, `mode="qdq"`) read back from the model.
@@ -275,7 +345,7 @@ def export_onnx(model, path, opset=INT4_OPSET, strict=True, activation_type="uin
     """
     import onnxruntime as ort
 
-    proto, details = onnx_model(model, opset, strict, activation_type)
+    proto, details = onnx_model(model, opset, strict, activation_type, weight_type)
     data = proto.SerializeToString()
     try:
         ort.InferenceSession(data, providers=["CPUExecutionProvider"])
