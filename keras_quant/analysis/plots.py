@@ -119,12 +119,12 @@ def activation_histogram(stats, spec=None, clip_range=None, title=None, path=Non
     edges = np.asarray(stats.bin_edges, np.float64)
     fig = _figure(6.4, 3.6)
     ax = fig.add_subplot()
-    lo, hi = edges[0], edges[-1]
-    width = np.diff(edges) if hi > lo else np.full(hist.shape, max(abs(lo), 1.0) * 1e-3)
-    left = edges[:-1] if hi > lo else np.full(hist.shape, lo - width[0] / 2)
-    keep = hist > 0
-    ax.bar(left[keep], hist[keep], width=width[keep], align="edge", color="#4c72b0", linewidth=0,
-           label=f"{stats.name}: {stats.count} values, observer {stats.observer}")
+    if not edges[-1] > edges[0]:  # constant data: one bin of a small width around the value
+        half = max(abs(float(edges[0])), 1.0) * 1e-3
+        hist, edges = np.array([hist.sum()]), np.array([edges[0] - half, edges[0] + half])
+    floor = 0.5 * hist[hist > 0].min() if np.any(hist > 0) else 0.5  # log scale: empty bins drawn at the floor
+    ax.stairs(np.maximum(hist, floor), edges, baseline=floor, fill=True, color="#4c72b0",
+              label=f"{stats.name}: {stats.count} values, observer {stats.observer}")
     ax.set_yscale("log")
     for value, style, label in ((stats.min, "--", "observed min / max"), (stats.max, "--", None)):
         if _finite(value):
