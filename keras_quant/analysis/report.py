@@ -9,7 +9,7 @@ failed save leaves an existing report as it was.
 
 Example:
 
->>> report = kq.analysis.Report("int8 calibration")
+>>> report = kq.analysis.Report("int8 calibration")                              # doctest: +SKIP
 >>> report.add_calibration(result, spec=kq.QuantSpec(bits=8, observer="mse"))   # doctest: +SKIP
 >>> report.add_image(kq.analysis.plots.error_heatmap(table), "SQNR per layer")   # doctest: +SKIP
 >>> report.save("report.html")            # report.html and report_files/*.png  # doctest: +SKIP

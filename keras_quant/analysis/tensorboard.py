@@ -25,7 +25,7 @@ A per-channel activation writes `scale_min` / `scale_mean` / `scale_max` and a
 
 Example:
 
->>> tb = kq.QuantizationTensorBoard("logs/qat", data=x_test[:256])
+>>> tb = kq.QuantizationTensorBoard("logs/qat", data=x_test[:256])    # doctest: +SKIP
 >>> qat.fit(x, y, epochs=5, callbacks=[tb])            # then: tensorboard --logdir logs/qat  # doctest: +SKIP
 """
 
@@ -141,7 +141,9 @@ class _Recorder:
         self.quantizer = quantizer
         self.seen = []
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only called for names the recorder lacks: the quantizer's own
+        if name == "quantizer":
+            raise AttributeError(name)
         return getattr(self.quantizer, name)
 
     def __call__(self, x, *args, **kwargs):
@@ -271,7 +273,7 @@ class QuantizationTensorBoard(keras.callbacks.Callback):
         self._batches = 0
 
     def log(self, step):
-        """Write every summary now at `step` (also usable outside `fit`)."""
+        """Write every summary now at `step` (outside `fit` too, after `set_model(model)`)."""
         import tensorflow as tf
 
         model = self.model
