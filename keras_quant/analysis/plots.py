@@ -38,7 +38,7 @@ def _figure(width, height):
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-    except ImportError as e:  # pragma: no cover - matplotlib is installed in the test environment
+    except ImportError as e:
         raise ImportError(
             "keras_quant.analysis.plots needs matplotlib; install it with pip install 'keras-quant[plot]' "
             "(matplotlib==3.11.2)"

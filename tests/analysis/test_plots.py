@@ -2,6 +2,7 @@
 
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -146,3 +147,9 @@ def test_accuracy_size_chart_errors():
     assert e.value.field == "points[0].size_bytes"
     with pytest.raises(ConfigError):
         plots.accuracy_size_chart({"label": "a"})
+
+
+def test_missing_matplotlib_is_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # what an absent package looks like to import
+    with pytest.raises(ImportError, match=r"matplotlib.*keras-quant\[plot\]"):
+        plots.accuracy_size_chart([{"label": "a", "size_bytes": 1024, "accuracy": 0.5}])
