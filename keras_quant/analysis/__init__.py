@@ -14,6 +14,7 @@ True
 """
 
 from keras_quant.analysis import compare, error
+from keras_quant.analysis import plots, report, tensorboard
 from keras_quant.analysis.compare import ModelComparison, compare_models, predicted_classes
 from keras_quant.analysis.error import (
     ErrorStats,
@@ -27,4 +28,8 @@ from keras_quant.analysis.error import (
     theoretical_sqnr,
 )
 
+from keras_quant.analysis.report import Report
+from keras_quant.analysis.tensorboard import QuantizationTensorBoard
+
 __all__ = list(error.__all__) + list(compare.__all__)
+__all__ += ["plots", "report", "tensorboard", "Report", "QuantizationTensorBoard"]
