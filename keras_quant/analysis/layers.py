@@ -151,11 +151,14 @@ class LayerErrors:
 # Pure functions -----------------------------------------------------------------
 def _cosine(a, b):
     """Mean over samples (axis 0) of the cosine of the flattened activations."""
-    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    dot = np.sum(a * b, axis=1)
-    both_zero, one_zero = (na == 0) & (nb == 0), (na == 0) ^ (nb == 0)
-    cos = np.where(both_zero, 1.0, np.where(one_zero, 0.0, dot / np.where(na * nb == 0, 1.0, na * nb)))
+    a, b = a.reshape(a.shape[0], -1).copy(), b.reshape(b.shape[0], -1).copy()
+    for v in (a, b):  # each row over its largest |value| first: no underflow of tiny activations
+        peak = np.max(np.abs(v), axis=1, keepdims=True) if v.size else np.ones((v.shape[0], 1))
+        v /= np.where(peak == 0, 1.0, peak)
+    norms = np.sqrt(np.sum(a * a, axis=1) * np.sum(b * b, axis=1))
+    zero_a, zero_b = ~np.any(a, axis=1), ~np.any(b, axis=1)
+    cos = np.sum(a * b, axis=1) / np.where(norms == 0, 1.0, norms)
+    cos = np.where(zero_a & zero_b, 1.0, np.where(zero_a | zero_b, 0.0, np.clip(cos, -1.0, 1.0)))
     return float(np.mean(cos))
 
 
@@ -200,13 +203,15 @@ def _graph(model, field):
 
 
 def _node_outputs(graph):
-    """`(layer, i, node, tensor)` in graph order: the single output of each layer's i-th node in this graph."""
-    mine = {id(n) for nodes in graph._nodes_by_depth.values() for n in nodes}
-    for layer in graph.layers:
-        nodes = [n for n in layer._inbound_nodes if id(n) in mine]
-        for i, node in enumerate(nodes):
-            if len(node.outputs) == 1:
-                yield layer, i, node, node.outputs[0]
+    """`(layer, i, node, tensor)` in graph order (deepest node first, then layer order): the single
+    output of each layer's i-th node in this graph (i counts a shared layer's calls in call order)."""
+    depth = {id(n): d for d, nodes in graph._nodes_by_depth.items() for n in nodes}
+    order = {id(layer): k for k, layer in enumerate(graph.layers)}
+    calls = {id(layer): [n for n in layer._inbound_nodes if id(n) in depth] for layer in graph.layers}
+    nodes = [n for nodes in graph._nodes_by_depth.values() for n in nodes if id(n.operation) in order]
+    for node in sorted(nodes, key=lambda n: (-depth[id(n)], order[id(n.operation)])):
+        if len(node.outputs) == 1:
+            yield node.operation, calls[id(node.operation)].index(node), node, node.outputs[0]
 
 
 def _float_tensors(graph):
