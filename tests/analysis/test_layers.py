@@ -1,4 +1,8 @@
-"""Tests for keras_quant.analysis.layer_errors (tiny Keras models on any backend; the CNN and TFLite files marked).
+"""Tests for keras_quant.analysis.layer_errors.
+
+layer_errors itself runs on any backend (the unmarked tests run under JAX too),
+but calibration (kq.CalibrationCallback) hooks TensorFlow's trainer, so every
+test of a PTQ / QAT model is marked `tensorflow`; those on the trained CNN are `slow`.
 
 The metrics are checked against a reference written here on activations
 computed independently (each layer called eagerly), the matching of quantized
@@ -82,6 +86,9 @@ def tiny_data(n=40, seed=1):
     return np.random.default_rng(seed).normal(size=(n, 6)).astype("float32")
 
 
+tf_only = pytest.mark.tensorflow
+
+
 @pytest.fixture(scope="module")
 def tiny():
     model, x = tiny_model(), tiny_data()
@@ -89,6 +96,7 @@ def tiny():
     return model, x, calibration, kq.quantize_model(model, kq.QuantConfig.int8(), calibration=calibration)
 
 
+@tf_only
 def test_rows_match_a_reference_on_activations_computed_layer_by_layer(tiny):
     model, x, _, qmodel = tiny
     errs = layer_errors(model, qmodel, x)
@@ -140,6 +148,7 @@ def test_cosine_of_zero_activations():
     assert activation_error("t", np.ones((2, 3)), np.array([[1.0] * 3, [-2.0] * 3])).cosine_similarity == 0.0
 
 
+@tf_only
 def test_the_container_indexes_ranks_and_serializes(tiny):
     model, x, _, qmodel = tiny
     errs = layer_errors(model, qmodel, x, batch_size=7, max_samples=25)
@@ -167,14 +176,15 @@ def test_the_container_indexes_ranks_and_serializes(tiny):
         errs.num_samples = 3
 
 
-def test_identical_models_have_no_error(tiny):
-    model, x, _, _ = tiny
+def test_identical_models_have_no_error():
+    model, x = tiny_model(), tiny_data()
     errs = layer_errors(model, model, x)
     assert errs.names == ("x", "d1", "bn", "relu", "d2", "add", "head", "<output>")
     assert all(r.mse == 0 and r.sqnr_db == math.inf and r.scale is None for r in errs)
     assert json.loads(json.dumps(errs.to_dict()))["layers"][0]["sqnr_db"] == "inf"
 
 
+@tf_only
 def test_a_qat_model_runs_in_inference(tiny):
     model, x, calibration, qmodel = tiny
     qat = kq.quantize_model(model, kq.QuantConfig.int8(), mode="qat", calibration=calibration)
@@ -190,8 +200,9 @@ def test_a_qat_model_runs_in_inference(tiny):
     assert [r.mse for r in twice] == [r.mse for r in errs]
 
 
-def test_bad_input_is_named(tiny, tmp_path):
-    model, x, _, qmodel = tiny
+def test_bad_input_is_named(tmp_path):
+    model, x = tiny_model(), tiny_data()
+    qmodel = model  # the checks come before anything is run
     with pytest.raises(NoDataError):
         layer_errors(model, qmodel, x[:0])
     with pytest.raises(NoDataError):
@@ -247,6 +258,7 @@ def sqnr_jumps(model, errs):
     return jumps
 
 
+@tf_only
 @pytest.mark.slow
 def test_int8_ptq_keeps_every_layer_close(cnn):
     model, _, x_test, _, errs = cnn
@@ -258,10 +270,12 @@ def test_int8_ptq_keeps_every_layer_close(cnn):
     assert all(r.sqnr_db > 27 and r.cosine_similarity > 0.999 for r in errs), errs.table()
     assert errs["image"].max_error_steps == pytest.approx(0.5, abs=1e-3)  # the input is only rounded
     assert errs["maxpool"].scale == errs["relu_add"].scale  # max pooling keeps its input's grid
-    assert all(r.max_error_steps < 16 for r in errs if r.scale is not None)
+    # The mean error is under a step; the max is not bounded (test values beyond the calibrated range clip).
+    assert all(r.mae < r.scale for r in errs if r.scale is not None), errs.table()
     assert errs["<output>"].mse == errs["logits"].mse and errs.num_samples == len(x_test)
 
 
+@tf_only
 @pytest.mark.slow
 def test_4_bit_is_worse_than_8_bit(cnn):
     model, calibration, x_test, _, errs8 = cnn
@@ -277,6 +291,7 @@ def test_4_bit_is_worse_than_8_bit(cnn):
     assert errs4["image"].max_error_steps == pytest.approx(0.5, abs=1e-3)
 
 
+@tf_only
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["relu_dw", "conv2"])
 def test_a_2_bit_layer_is_where_the_error_enters(cnn, name):
@@ -295,7 +310,7 @@ def test_a_2_bit_layer_is_where_the_error_enters(cnn, name):
     assert all(errs2[n].sqnr_db < errs8[n].sqnr_db - 10 for n in errs2.names[index:]), errs2.table()
 
 
-@pytest.mark.tensorflow
+@tf_only
 @pytest.mark.slow
 def test_the_tflite_file_has_the_keras_models_errors(cnn, tmp_path):
     model, calibration, x_test, qmodel, errs = cnn
@@ -311,10 +326,10 @@ def test_the_tflite_file_has_the_keras_models_errors(cnn, tmp_path):
             assert row.scale == pytest.approx(errs[row.name].scale, rel=1e-6), row.name
         assert row.cosine_similarity > 0.999
     picture = kq.analysis.compare_models(model, path, x_test, latency_runs=0)
-    out = file_errs["<output>"]
-    assert out.max_error == pytest.approx(picture.max_abs_diff, rel=1e-6)
-    assert out.mae == pytest.approx(picture.mean_abs_diff, rel=1e-6)
-    assert out.max_error_steps == pytest.approx(picture.max_diff_steps, rel=1e-6)
+    out = file_errs["<output>"]  # the same, but for float32 rounding in the float model's two graphs
+    assert out.max_error == pytest.approx(picture.max_abs_diff, rel=1e-4)
+    assert out.mae == pytest.approx(picture.mean_abs_diff, rel=1e-4)
+    assert out.max_error_steps == pytest.approx(picture.max_diff_steps, rel=1e-4)
     as_bytes = layer_errors(model, path.read_bytes(), x_test, max_samples=100)
     assert as_bytes.num_samples == 100 and as_bytes.names == file_errs.names
 
@@ -325,7 +340,7 @@ def test_the_tflite_file_has_the_keras_models_errors(cnn, tmp_path):
     assert float_io_errs["<output>"].scale == pytest.approx(out.scale)
 
 
-@pytest.mark.tensorflow
+@tf_only
 @pytest.mark.slow
 def test_an_int16x8_file_is_closer_than_int8(cnn):
     model, calibration, x_test, _, errs8 = cnn
