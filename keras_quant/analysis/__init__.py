@@ -13,7 +13,7 @@ Example:
 True
 """
 
-from keras_quant.analysis import compare, error
+from keras_quant.analysis import compare, error, layers
 from keras_quant.analysis import plots, report, tensorboard
 from keras_quant.analysis.compare import ModelComparison, compare_models, predicted_classes
 from keras_quant.analysis.error import (
@@ -27,9 +27,10 @@ from keras_quant.analysis.error import (
     theoretical_max_error,
     theoretical_sqnr,
 )
+from keras_quant.analysis.layers import LayerError, LayerErrors, activation_error, layer_errors
 
 from keras_quant.analysis.report import Report
 from keras_quant.analysis.tensorboard import QuantizationTensorBoard
 
-__all__ = list(error.__all__) + list(compare.__all__)
+__all__ = list(error.__all__) + list(compare.__all__) + list(layers.__all__)
 __all__ += ["plots", "report", "tensorboard", "Report", "QuantizationTensorBoard"]
