@@ -26,5 +26,13 @@ from keras_quant.analysis.error import (
     theoretical_max_error,
     theoretical_sqnr,
 )
+from keras_quant.analysis.sensitivity import (
+    MixedPrecisionResult,
+    SensitivityRanking,
+    mixed_precision,
+    model_size_bytes,
+    sensitivity,
+)
 
 __all__ = list(error.__all__) + list(compare.__all__)
+__all__ += ["sensitivity", "mixed_precision", "SensitivityRanking", "MixedPrecisionResult", "model_size_bytes"]
