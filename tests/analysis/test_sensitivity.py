@@ -36,6 +36,29 @@ def fragile_model():
     return model
 
 
+def minmax_calibration(model, x):
+    """A min/max `CalibrationResult` of every layer's output, computed with any backend.
+
+    Under TensorFlow the tests calibrate with `kq.CalibrationCallback` (it hooks TensorFlow's
+    trainer); under JAX this gives the same min/max ranges for the flat models here.
+    """
+    layers = [layer for layer in model.layers if not isinstance(layer, L.InputLayer)]
+    outputs = keras.Model(model.inputs, [layer.output for layer in layers]).predict(x, verbose=0)
+    stats = [kq.LayerStatistics(model.inputs[0]._keras_history.operation.name, count=x.size,
+                                min=float(x.min()), max=float(x.max()))]
+    stats += [kq.LayerStatistics(layer.name, count=out.size, min=float(out.min()), max=float(out.max()))
+              for layer, out in zip(layers, outputs)]
+    return kq.CalibrationResult(stats)
+
+
+def calibrate(model, x):
+    if keras.backend.backend() != "tensorflow":
+        return minmax_calibration(model, x)
+    cb = kq.CalibrationCallback()
+    model.predict(x, batch_size=64, callbacks=[cb], verbose=0)
+    return cb.result
+
+
 def accuracy(model, x, y):
     return float(np.mean(np.argmax(model.predict(x, verbose=0), axis=-1) == y))
 
@@ -52,11 +75,9 @@ def setup():
     kernel[ZERO_PIXEL, :] = OUTLIER  # an outlier in every output channel: per-channel scales all blow up
     model.get_layer("fragile").set_weights([kernel, bias])
     after = model.predict(x_test, verbose=0)
-    cb = kq.CalibrationCallback()
-    model.predict(x[:256], batch_size=64, callbacks=[cb], verbose=0)
     return {
         "model": model, "x": x, "y": y, "x_test": x_test, "y_test": y_test, "before": before, "after": after,
-        "calibration": cb.result, "float_accuracy": float(np.mean(np.argmax(after, -1) == y_test)),
+        "calibration": calibrate(model, x[:256]), "float_accuracy": float(np.mean(np.argmax(after, -1) == y_test)),
     }
 
 
@@ -64,7 +85,8 @@ def setup():
 def rankings(setup):
     s = setup
     return {
-        method: kq.analysis.sensitivity(s["model"], s["x"][:256], (s["x_test"], s["y_test"]), method=method)
+        method: kq.analysis.sensitivity(s["model"], None, (s["x_test"], s["y_test"]), method=method,
+                                        calibration=s["calibration"])
         for method in ("quantize_one", "float_one")
     }
 
@@ -95,6 +117,14 @@ def test_fragile_layer_ranks_first(setup, rankings, method):
     # The candidates are the layers quantize_model wraps.
     qmodel = kq.quantize_model(setup["model"], kq.QuantConfig.int8(), calibration=setup["calibration"])
     assert sorted(ranking.layers) == sorted(qmodel.quantization_report.wrapped) == ["dense_a", "fragile", "head"]
+
+
+@pytest.mark.slow
+@pytest.mark.tensorflow
+def test_calibration_data_is_calibrated_once_with_the_callback(setup, rankings):
+    s = setup
+    ranking = kq.analysis.sensitivity(s["model"], s["x"][:256], (s["x_test"], s["y_test"]))
+    assert ranking == rankings["quantize_one"] and ranking.values == rankings["quantize_one"].values
 
 
 @pytest.mark.slow
@@ -165,7 +195,8 @@ def test_loss_metric_uses_the_compiled_loss(setup):
 @pytest.mark.slow
 def test_mixed_precision_meets_the_budget_keeping_the_fragile_layer_float(setup):
     s = setup
-    result = kq.analysis.mixed_precision(s["model"], s["x"][:256], (s["x_test"], s["y_test"]), budget=0.02)
+    result = kq.analysis.mixed_precision(s["model"], None, (s["x_test"], s["y_test"]), budget=0.02,
+                                         calibration=s["calibration"])
     assert result.met and result.metric_change <= 0.02
     assert result.high_precision == ("fragile",)
     assert result.config.for_layer(s["model"].get_layer("fragile")) is None
@@ -239,9 +270,7 @@ def tiny_data(n=32):
 @pytest.fixture(scope="module")
 def tiny_setup():
     model = tiny()
-    cb = kq.CalibrationCallback()
-    model.predict(tiny_data(), callbacks=[cb], verbose=0)
-    return model, cb.result
+    return model, calibrate(model, tiny_data())
 
 
 def test_model_size_bytes_matches_a_hand_count(tiny_setup):
@@ -319,11 +348,11 @@ def test_bad_high_and_ranking(tiny_setup):
 def test_model_with_no_quantizable_layer():
     model = keras.Sequential([keras.Input((4, 2)), L.Flatten(), L.ReLU()], name="no_weights")
     with pytest.raises(ConfigError, match="no layer to quantize") as e:
-        kq.analysis.sensitivity(model, np.zeros((4, 4, 2), "float32"), np.zeros((4, 4, 2), "float32"), metric="mse")
+        kq.analysis.sensitivity(model, None, np.zeros((4, 4, 2), "float32"), metric="mse")
     assert e.value.field == "model" and e.value.value == "no_weights"
     # A config that keeps every layer float leaves nothing to rank either.
     with pytest.raises(ConfigError, match="no layer to quantize"):
-        kq.analysis.sensitivity(tiny(), tiny_data(), tiny_data(), metric="mse",
+        kq.analysis.sensitivity(tiny(), None, tiny_data(), metric="mse",
                                 config=kq.QuantConfig(weights=None, activations=None))
 
 
@@ -341,6 +370,14 @@ def test_eval_data_of_the_wrong_shape(tiny_setup):
     with pytest.raises(NoDataError) as e:
         kq.analysis.sensitivity(model, None, tiny_data(), metric="mse")
     assert e.value.field == "calibration_data"
+
+
+@pytest.mark.tensorflow
+def test_calibration_data_of_the_wrong_shape(tiny_setup):
+    model, _ = tiny_setup
+    with pytest.raises(ShapeMismatchError) as e:
+        kq.analysis.sensitivity(model, np.zeros((8, 3), "float32"), tiny_data(), metric="mse")
+    assert e.value.field == "calibration_data" and e.value.actual == (8, 3)
 
 
 def test_progress_bar_with_verbose(tiny_setup, capsys):
