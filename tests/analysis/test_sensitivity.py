@@ -385,3 +385,20 @@ def test_progress_bar_with_verbose(tiny_setup, capsys):
     ranking = kq.analysis.sensitivity(model, None, tiny_data(), metric="mse", calibration=calibration, verbose=1)
     assert sorted(ranking.layers) == ["d1", "d2"]
     assert "3/3" in capsys.readouterr().out  # the all-quantized model and one per layer
+
+
+@pytest.mark.tensorflow
+def test_nested_models_name_layers_by_their_calibration_key():
+    a = keras.Sequential([keras.Input((4,)), L.Dense(3, name="d")], name="a")
+    b = keras.Sequential([keras.Input((3,)), L.Dense(2, name="d")], name="b")
+    inp = keras.Input((4,), name="x")
+    model = keras.Model(inp, b(a(inp)))
+    calibration = calibrate(model, tiny_data())
+    ranking = kq.analysis.sensitivity(model, None, tiny_data(), metric="mse", calibration=calibration)
+    assert sorted(ranking.layers) == ["a/d", "b/d"]  # the names collide: keyed by path
+    result = kq.analysis.mixed_precision(model, None, tiny_data(), metric="mse", budget=0.0, ranking=["b/d"],
+                                         calibration=calibration)
+    qmodel = kq.quantize_model(model, result.config, calibration=calibration)
+    assert qmodel.quantization_report.float_layers == ("b/d",)
+    assert qmodel.quantization_report.wrapped == ("a_d",)
+    assert [s[2] for s in result.steps] == [38, 56]
