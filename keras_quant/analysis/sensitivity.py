@@ -60,7 +60,7 @@ from keras_quant.analysis.compare import _label_classes, predicted_classes
 from keras_quant.analysis.error import error_stats
 from keras_quant.config import LayerQuantConfig, QuantConfig, QuantSpec
 from keras_quant.errors import ConfigError, NoDataError, ShapeMismatchError
-from keras_quant.formatting import text_table, to_jsonable
+from keras_quant.formatting import format_number, text_table, to_jsonable
 
 __all__ = [
     "sensitivity",
@@ -438,8 +438,8 @@ class SensitivityRanking(list):
         """The ranking as a text table."""
         rows = [{"rank": i + 1, "layer": n, "metric_change": c, self.metric: self.values.get(n)}
                 for i, (n, c) in enumerate(self)]
-        title = (f"sensitivity ({self.method}, {self.metric}): float {self.baseline:.4g}, "
-                 f"all quantized {self.quantized:.4g}")
+        title = (f"sensitivity ({self.method}, {self.metric}): float {format_number(self.baseline)}, "
+                 f"all quantized {format_number(self.quantized)}")
         return text_table(rows, ["rank", "layer", "metric_change", self.metric], title=title)
 
     def __str__(self):
@@ -579,8 +579,9 @@ class MixedPrecisionResult:
              "metric_change": change, "size_bytes": size, "compression": self.float_size_bytes / size if size else None}
             for i, (names, change, size) in enumerate(self.steps)
         ]
+        high = self.high if isinstance(self.high, str) else "custom"
         return text_table(rows, ["step", "added", "num_high", "metric_change", "size_bytes", "compression"],
-                          title=f"mixed precision ({self.metric}, high={self.high if isinstance(self.high, str) else 'custom'})")
+                          title=f"mixed precision ({self.metric}, high={high}, budget {format_number(self.budget)})")
 
     def __str__(self):
         verdict = "met" if self.met else "NOT met"
