@@ -28,9 +28,16 @@ from keras_quant.analysis.error import (
     theoretical_sqnr,
 )
 from keras_quant.analysis.layers import LayerError, LayerErrors, activation_error, layer_errors
-
 from keras_quant.analysis.report import Report
+from keras_quant.analysis.sensitivity import (
+    MixedPrecisionResult,
+    SensitivityRanking,
+    mixed_precision,
+    model_size_bytes,
+    sensitivity,
+)
 from keras_quant.analysis.tensorboard import QuantizationTensorBoard
 
 __all__ = list(error.__all__) + list(compare.__all__) + list(layers.__all__)
 __all__ += ["plots", "report", "tensorboard", "Report", "QuantizationTensorBoard"]
+__all__ += ["sensitivity", "mixed_precision", "SensitivityRanking", "MixedPrecisionResult", "model_size_bytes"]
