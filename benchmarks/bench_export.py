@@ -19,7 +19,8 @@ Six batch-1 artifacts of that one model:
   mode="int8")`, calibrated (`kq.CalibrationCallback`) on the same images, int8 input and output;
 - `kq_int16x8`: the same with `QuantConfig.int16x8()` and `mode="int16x8"` (int16 I/O);
 - `kq_dynamic`: `mode="dynamic"` of the int8 model (int8 weights, float activations);
-- `kq_onnx_qdq`: `kq.export_onnx` of the int8 model, run in onnxruntime.
+- `kq_onnx_qdq`: `kq.export_onnx` of the int8 model (uint8 weights, zero point 128: onnxruntime's U8U8 kernels), run in onnxruntime.
+- `kq_onnx_qdq_s8w`: the same with `weight_type="int8"` (U8S8 kernels: faster, but they saturate on x86 CPUs without VNNI).
 
 Measured, each artifact in its own runtime (`keras_quant.runtime`: the LiteRT interpreter with
 its default XNNPACK delegate, onnxruntime's CPU provider), all with the same `num_threads` (1, and
@@ -60,7 +61,8 @@ FULL = {"train": None, "test": None, "epochs": 2, "calib": 1000, "threads": (1, 
 LATENCY_TARGET = 1.05  # kq_int8 / converter_int8
 SIZE_TARGET = 0.27  # int8 / float32 file size
 TFLITE_ARTIFACTS = ("float32", "converter_int8", "kq_int8", "kq_int16x8", "kq_dynamic")
-ARTIFACTS = TFLITE_ARTIFACTS + ("kq_onnx_qdq",)
+ONNX_ARTIFACTS = ("kq_onnx_qdq", "kq_onnx_qdq_s8w")
+ARTIFACTS = TFLITE_ARTIFACTS + ONNX_ARTIFACTS
 
 
 # Data and model ------------------------------------------------------------------------
@@ -162,7 +164,8 @@ def make_artifacts(model, x_calib, folder):
     jobs = (("kq_int8", lambda p: kq.export_tflite(q8, p, mode="int8")),
             ("kq_int16x8", lambda p: kq.export_tflite(q16, p, mode="int16x8")),
             ("kq_dynamic", lambda p: kq.export_tflite(q8, p, mode="dynamic")),
-            ("kq_onnx_qdq", lambda p: kq.export_onnx(q8, p)))
+            ("kq_onnx_qdq", lambda p: kq.export_onnx(q8, p)),
+            ("kq_onnx_qdq_s8w", lambda p: kq.export_onnx(q8, p, weight_type="int8")))
     for name, export in jobs:
         paths[name] = os.path.join(folder, f"{name}{'.onnx' if 'onnx' in name else '.tflite'}")
         start = time.perf_counter()
@@ -279,7 +282,8 @@ def run(quick: bool) -> dict:
         for name, artifact in list(acc.items()) + list(paths.items()):
             pred = runtime.load(artifact).predict(x_test)
             accuracy[name] = float(np.mean(np.argmax(pred, -1) == y_test))
-        fidelity = kq.analysis.compare_models(q8, paths["kq_int8"], x_test, labels=y_test, latency_runs=0)
+        fidelity = {name: kq.analysis.compare_models(q8, paths[name], x_test, labels=y_test, latency_runs=0)
+                    for name in ("kq_int8",) + ONNX_ARTIFACTS}
         seconds["accuracy + fidelity"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -290,14 +294,16 @@ def run(quick: bool) -> dict:
                                                                   cfg["warmup"])
         seconds["latency"] = time.perf_counter() - start
         ops = {name: op_list(paths[name]) for name in TFLITE_ARTIFACTS}
-        ops["kq_onnx_qdq"] = onnxruntime_op_list(paths["kq_onnx_qdq"], folder)
+        for name in ONNX_ARTIFACTS:
+            ops[name] = onnxruntime_op_list(paths[name], folder)
 
     n_params = model.count_params()
     rows = []
     for threads, times in latency.items():
         for num, den, target in (("kq_int8", "converter_int8", LATENCY_TARGET), ("converter_int8", "float32", None),
                                  ("kq_int8", "float32", None), ("kq_int16x8", "float32", None),
-                                 ("kq_dynamic", "float32", None), ("kq_onnx_qdq", "float32", None)):
+                                 ("kq_dynamic", "float32", None), ("kq_onnx_qdq", "float32", None),
+                                 ("kq_onnx_qdq_s8w", "float32", None)):
             r = paired_ratio(times, num, den)
             rows.append({"case": f"latency {num} / {den}", "threads": threads, "ratio": r,
                          "ratio_q1_q3": paired_quartiles(times, num, den),
@@ -319,13 +325,16 @@ def run(quick: bool) -> dict:
             row[f"latency_ms_{threads}t"] = statistics.median(times[name]) * 1e3 if name in times else None
             row[f"runs_per_round_{threads}t"] = runs[threads].get(name)
         artifact_rows.append(row)
-    fid = fidelity.to_dict()
-    fidelity_rows = [{"reference": "Keras kq int8 model", "candidate": "kq_int8.tflite (LiteRT)",
-                      "samples": fid["num_samples"], "argmax_agreement": fid["argmax_agreement"],
-                      "max_abs_diff": fid["max_abs_diff"], "max_diff_steps": fid["max_diff_steps"],
-                      "keras_accuracy": fid["reference_accuracy"], "tflite_accuracy": fid["candidate_accuracy"]}]
+    fidelity_rows = []
+    for name, runtime_name in (("kq_int8", "kq_int8.tflite (LiteRT)"), ("kq_onnx_qdq", "kq_onnx_qdq.onnx (onnxruntime)"),
+                               ("kq_onnx_qdq_s8w", "kq_onnx_qdq_s8w.onnx (onnxruntime)")):
+        fid = fidelity[name].to_dict()
+        fidelity_rows.append({"reference": "Keras kq int8 model", "candidate": runtime_name,
+                              "samples": fid["num_samples"], "argmax_agreement": fid["argmax_agreement"],
+                              "max_abs_diff": fid["max_abs_diff"], "max_diff_steps": fid["max_diff_steps"],
+                              "keras_accuracy": fid["reference_accuracy"], "file_accuracy": fid["candidate_accuracy"]})
     ops_rows = [{"artifact": name, "ops": _fmt_ops(ops[name])} for name in TFLITE_ARTIFACTS]
-    ops_rows.append({"artifact": "kq_onnx_qdq (as onnxruntime runs it)", "ops": _fmt_ops(ops["kq_onnx_qdq"])})
+    ops_rows += [{"artifact": f"{name} (as onnxruntime runs it)", "ops": _fmt_ops(ops[name])} for name in ONNX_ARTIFACTS]
     same_ops = ops["kq_int8"] == ops["converter_int8"]
 
     headline = {t: paired_ratio(times, "kq_int8", "converter_int8") for t, times in latency.items()}
@@ -356,7 +365,8 @@ def run(quick: bool) -> dict:
         "than float32 on a small CNN on this machine's CPU).",
         "kq_dynamic: mode='dynamic' of the int8 PTQ model (int8 weights, float activations quantized at run time); "
         "kq_int16x8: QuantConfig.int16x8() (int16 activations, int16 I/O); kq_onnx_qdq: kq.export_onnx(opset=21), "
-        "QDQ with float I/O, in onnxruntime.",
+        "QDQ with float I/O and uint8 weights (U8U8), in onnxruntime; kq_onnx_qdq_s8w: weight_type='int8' (U8S8: "
+        "faster, but onnxruntime's U8S8 kernels saturate int16 on x86 CPUs without VNNI; see the fidelity table).",
         "parts took " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()),
     ]
     return {"rows": rows,
