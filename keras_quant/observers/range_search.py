@@ -509,8 +509,8 @@ def auto_range(hist, bin_edges, spec, candidates=AUTO_CANDIDATES, tolerance=AUTO
         range and error) and `tolerance`. Unpacks as `(min, max)`.
 
     Raises:
-        ConfigError: For an unknown or repeated candidate, a bad tolerance or
-            percentile.
+        ConfigError: For an unknown or repeated candidate (`candidates`), a
+            bad `tolerance` or `percentile`.
         NoDataError: If the histogram is empty.
 
     Example:
@@ -524,6 +524,8 @@ def auto_range(hist, bin_edges, spec, candidates=AUTO_CANDIDATES, tolerance=AUTO
     _check_spec(spec)
     names = auto_candidates(candidates)
     tolerance = auto_tolerance(tolerance)
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float, np.number)) or not 0 < percentile <= 100:
+        raise ConfigError("percentile", percentile, "percentile must be a number in (0, 100]")
     hist, edges = _check(hist, bin_edges)
     found = []
     for method in names:
