@@ -13,7 +13,7 @@ Example:
 True
 """
 
-from keras_quant.analysis import compare, error
+from keras_quant.analysis import compare, error, methods
 from keras_quant.analysis.compare import ModelComparison, compare_models, predicted_classes
 from keras_quant.analysis.error import (
     ErrorStats,
@@ -26,5 +26,6 @@ from keras_quant.analysis.error import (
     theoretical_max_error,
     theoretical_sqnr,
 )
+from keras_quant.analysis.methods import MethodComparison, MethodRow, compare_methods
 
-__all__ = list(error.__all__) + list(compare.__all__)
+__all__ = list(error.__all__) + list(compare.__all__) + list(methods.__all__)
