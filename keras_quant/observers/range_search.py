@@ -532,9 +532,10 @@ def auto_range(hist, bin_edges, spec, candidates=AUTO_CANDIDATES, tolerance=AUTO
         lo, hi = _candidate_range(method, hist, edges, spec, percentile)
         found.append((method, float(lo), float(hi)))
     centers, weights = _centers(hist, edges)
-    errors = np.atleast_1d(_mse(centers, weights, np.array([f[1] for f in found]), np.array([f[2] for f in found]),
-                                spec))
-    cands = tuple(Candidate(m, lo, hi, float(e)) for (m, lo, hi), e in zip(found, errors))
+    # One range at a time: the qparams are then bit for bit those the quantizer gets for that range (a
+    # vectorized division may differ in the last bit on some backends, which can move a zero point
+    # sitting on a .5 tie, e.g. a symmetric kl range on an asymmetric grid).
+    cands = tuple(Candidate(m, lo, hi, float(_mse(centers, weights, lo, hi, spec))) for m, lo, hi in found)
     best = min(c.mse for c in cands)
     chosen = next(c for c in cands if c.mse <= best * (1.0 + tolerance))
     return AutoRange(chosen.min, chosen.max, chosen.method, cands, tolerance)

@@ -69,7 +69,7 @@ def test_rows_choices_and_errors(result):
         for c in choice.candidates:
             row = cmp.row(name, c.method)
             assert (row.min, row.max, row.mse) == (c.min, c.max, c.mse) == (c.min, c.max, cmp.error(name, c.method))
-            assert row.sqnr_db == pytest.approx(sqnr_reference(stats, c.min, c.max, spec), abs=1e-9)
+            assert row.sqnr_db == pytest.approx(sqnr_reference(stats, c.min, c.max, spec), rel=1e-6)
             assert row.chosen == (c.method == choice.method)
     # The error of the heavy layer's output with its clipped range is a fraction of min-max's.
     assert cmp.error("heavy", cmp.choices["heavy"]) < 0.5 * cmp.error("heavy", "minmax")
