@@ -25,20 +25,77 @@ True
 """
 
 import dataclasses
+import numbers
 import re
 from typing import Any, Mapping, Optional
 
 from keras_quant.errors import ConfigError
 
-__all__ = ["QuantSpec", "QuantConfig", "LayerQuantConfig", "GRANULARITIES", "OBSERVERS"]
+__all__ = [
+    "QuantSpec", "QuantConfig", "LayerQuantConfig", "GRANULARITIES", "OBSERVERS", "AUTO_CANDIDATES",
+    "AUTO_TOLERANCE", "auto_candidates", "auto_tolerance",
+]
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
-OBSERVERS = ("minmax", "moving_average", "percentile", "mean_std", "mse", "kl")
+OBSERVERS = ("minmax", "moving_average", "percentile", "mean_std", "mse", "kl", "auto")
 MIN_BITS, MAX_BITS = 2, 16
+# `observer="auto"`: the range methods it compares, in order of preference (ties go to the earliest).
+AUTO_CANDIDATES = ("minmax", "percentile", "mse", "kl")
+# Relative MSE within which a candidate counts as tied with the best (see range_search.auto_range).
+AUTO_TOLERANCE = 0.2
 
 
 def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def auto_candidates(value, field="candidates", layer=None):
+    """The candidate methods of `observer="auto"` as a tuple of names.
+
+    Args:
+        value: A comma-separated string (`"minmax,mse"`, as `observer_options`
+            carry it) or a sequence of names; None gives `AUTO_CANDIDATES`.
+        field: Field name for the error.
+        layer: Optional layer name for the error.
+
+    Returns:
+        A non-empty tuple of distinct names from `AUTO_CANDIDATES`, in the given order.
+
+    Raises:
+        ConfigError: For an unknown, repeated or missing name.
+
+    Example:
+
+    >>> auto_candidates("minmax, kl")
+    ('minmax', 'kl')
+    """
+    if value is None:
+        return AUTO_CANDIDATES
+    if isinstance(value, str):
+        names = tuple(n.strip() for n in value.split(","))
+    elif isinstance(value, (list, tuple)):
+        names = tuple(value)
+    else:
+        raise ConfigError(field, value, "candidates must be a comma-separated string or a sequence of method names",
+                          layer=layer)
+    if not names or any(n not in AUTO_CANDIDATES for n in names):
+        raise ConfigError(field, value, f"candidates must name methods among {AUTO_CANDIDATES}", layer=layer)
+    if len(set(names)) != len(names):
+        raise ConfigError(field, value, "candidates must not repeat a method", layer=layer)
+    return names
+
+
+def auto_tolerance(value, field="tolerance", layer=None):
+    """The tie tolerance of `observer="auto"` as a float in `[0, 10]` (None: `AUTO_TOLERANCE`).
+
+    Raises:
+        ConfigError: For anything but a finite number in `[0, 10]`.
+    """
+    if value is None:
+        return AUTO_TOLERANCE
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= float(value) <= 10:
+        raise ConfigError(field, value, "tolerance must be a number in [0, 10] (a relative MSE margin)", layer=layer)
+    return float(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +114,22 @@ class QuantSpec:
             weight schemes.
         narrow_range: Drop the lowest level (`[-127, 127]` at 8 bits).
         observer: Range estimator: `"minmax"`, `"moving_average"`,
-            `"percentile"`, `"mean_std"`, `"mse"` or `"kl"`.
+            `"percentile"`, `"mean_std"`, `"mse"`, `"kl"` or `"auto"` (per
+            layer, the one of minmax / percentile / mse / kl whose range gives
+            the least expected quantization MSE on this spec's grid; see
+            `keras_quant.observers.range_search.auto_range`). The observer
+            sets the calibration (PTQ) range; in QAT every observer, `auto`
+            included, starts from the calibration's range when one is given
+            and then follows the moving min / max of the batches.
         learnable: If True, the step size (and the offset, if asymmetric) is
             trained with LSQ.
         stochastic_rounding: Round up with probability equal to the fractional
             part, instead of to nearest.
         observer_options: Keyword arguments for the observer, e.g.
-            `{"percentile": 99.9}` or `{"num_bins": 1024}`.
+            `{"percentile": 99.9}` or `{"num_bins": 1024}`. For `"auto"`:
+            `candidates` (comma-separated method names, default
+            `"minmax,percentile,mse,kl"`), `tolerance` (default 0.2),
+            `percentile` and `num_bins`.
 
     Raises:
         ConfigError: For any invalid field, naming it and the value received.
@@ -114,6 +180,10 @@ class QuantSpec:
                 "observer_options", self.observer_options, "observer_options must be a mapping of names to scalars"
             ) from None
         object.__setattr__(self, "observer_options", options)
+        if self.observer == "auto":
+            opts = dict(options)
+            auto_candidates(opts.get("candidates"), "observer_options.candidates")
+            auto_tolerance(opts.get("tolerance"), "observer_options.tolerance")
 
     # Integer grid ---------------------------------------------------------
     @property

@@ -163,3 +163,31 @@ def test_config_round_trip_through_json():
 def test_unknown_layer_type_in_file_is_an_error():
     with pytest.raises(ConfigError, match="layer_type"):
         kq.QuantConfig.from_config({"layer_types": [{"layer_type": "os.system", "override": None}]})
+
+
+def test_auto_observer_spec_and_options_round_trip():
+    spec = kq.QuantSpec(bits=4, observer="auto", observer_options={"candidates": "minmax,mse", "tolerance": 0.1})
+    assert spec.options == {"candidates": "minmax,mse", "tolerance": 0.1}
+    assert kq.QuantSpec.from_config(json.loads(json.dumps(spec.get_config()))) == spec
+    assert "auto" in kq.config.OBSERVERS
+    assert kq.config.auto_candidates(" kl , minmax") == ("kl", "minmax")
+    assert kq.config.auto_candidates(None) == ("minmax", "percentile", "mse", "kl")
+    assert kq.config.auto_tolerance(None) == kq.config.AUTO_TOLERANCE == 0.2
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        ({"candidates": "minmax,entropy"}, "observer_options.candidates"),
+        ({"candidates": "mse,mse"}, "observer_options.candidates"),
+        ({"candidates": ""}, "observer_options.candidates"),
+        ({"tolerance": -1.0}, "observer_options.tolerance"),
+        ({"tolerance": "small"}, "observer_options.tolerance"),
+        ({"tolerance": float("inf")}, "observer_options.tolerance"),
+    ],
+)
+def test_auto_observer_options_validated(options, field):
+    with pytest.raises(ConfigError) as info:
+        kq.QuantSpec(observer="auto", observer_options=options)
+    assert info.value.field == field
+    assert f"Received: {field}=" in str(info.value)

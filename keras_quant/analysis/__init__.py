@@ -13,7 +13,7 @@ Example:
 True
 """
 
-from keras_quant.analysis import compare, error, layers
+from keras_quant.analysis import compare, error, layers, methods
 from keras_quant.analysis import plots, report, tensorboard
 from keras_quant.analysis.compare import ModelComparison, compare_models, predicted_classes
 from keras_quant.analysis.error import (
@@ -28,6 +28,7 @@ from keras_quant.analysis.error import (
     theoretical_sqnr,
 )
 from keras_quant.analysis.layers import LayerError, LayerErrors, activation_error, layer_errors
+from keras_quant.analysis.methods import MethodComparison, MethodRow, compare_methods
 from keras_quant.analysis.report import Report
 from keras_quant.analysis.sensitivity import (
     MixedPrecisionResult,
@@ -38,6 +39,6 @@ from keras_quant.analysis.sensitivity import (
 )
 from keras_quant.analysis.tensorboard import QuantizationTensorBoard
 
-__all__ = list(error.__all__) + list(compare.__all__) + list(layers.__all__)
+__all__ = list(error.__all__) + list(compare.__all__) + list(layers.__all__) + list(methods.__all__)
 __all__ += ["plots", "report", "tensorboard", "Report", "QuantizationTensorBoard"]
 __all__ += ["sensitivity", "mixed_precision", "SensitivityRanking", "MixedPrecisionResult", "model_size_bytes"]

@@ -237,7 +237,7 @@ def _spec_matches(a, b):
     same = (a.observer, a.granularity, a.axis, a.group_size, a.options) == (
         b.observer, b.granularity, b.axis, b.group_size, b.options,
     )
-    if same and a.observer in ("mse", "kl"):
+    if same and a.observer in ("mse", "kl", "auto"):
         same = (a.bits, a.symmetric, a.narrow_range) == (b.bits, b.symmetric, b.narrow_range)
     return same
 
@@ -366,7 +366,8 @@ class LayerStatistics:
         Per tensor: `minmax` gives `(min, max)`; `percentile` the histogram's
         percentiles (`spec.options` `percentile`, default 99.99, or
         `low`/`high`); `mse` and `kl` the range search of
-        `keras_quant.observers.range_search` for the spec's grid; `mean_std`
+        `keras_quant.observers.range_search` for the spec's grid; `auto` the
+        range of `choose_method(spec)`; `mean_std`
         `mean +- num_std * std` (option `num_std`, default 3) clipped to
         `[min, max]`; `moving_average` the stored range if the calibration
         used that observer, else `(min, max)`. Per channel: `minmax` along the
@@ -405,7 +406,7 @@ class LayerStatistics:
         name = spec.observer
         if name == "minmax" or hi <= lo:
             return lo, hi
-        if name in ("percentile", "mse", "kl"):
+        if name in ("percentile", "mse", "kl", "auto"):
             self._require("histogram", self.histogram, f"a '{name}' range")
         if name == "mean_std":
             self._require("mean", self.mean, "a 'mean_std' range")
@@ -417,6 +418,8 @@ class LayerStatistics:
             return range_search.mse_range(self.histogram, self.bin_edges, spec)
         if name == "kl":
             return range_search.kl_range(self.histogram, self.bin_edges, spec)
+        if name == "auto":
+            return self._auto(spec).range
         if name == "mean_std":
             k = float(options.get("num_std", 3.0))
             return max(self.mean - k * self.std, lo), min(self.mean + k * self.std, hi)
@@ -424,6 +427,53 @@ class LayerStatistics:
         if self.observer == "moving_average" and self.range_min is not None and np.ndim(self.range_min) == 0:
             return float(self.range_min), float(self.range_max)
         return lo, hi
+
+    def _auto(self, spec, candidates=None):
+        options = spec.options
+        return range_search.auto_range(
+            self.histogram, self.bin_edges, spec,
+            candidates=options.get("candidates") if candidates is None else candidates,
+            tolerance=options.get("tolerance"), percentile=options.get("percentile", 99.99),
+        )
+
+    def choose_method(self, spec, candidates=None):
+        """Which range method `observer="auto"` picks for this tensor, and each candidate's error.
+
+        Every candidate's range is recomputed from the stored histogram and
+        judged by the expected quantization MSE of this tensor on `spec`'s
+        grid (`keras_quant.observers.range_search.auto_range`); `spec`'s
+        options `candidates`, `tolerance` and `percentile` apply, whatever
+        its `observer`. Per tensor only.
+
+        Args:
+            spec: The `kq.QuantSpec` whose grid the ranges are judged on.
+            candidates: Methods to compare (overrides the spec's option).
+
+        Returns:
+            A `range_search.AutoRange`: `method`, `min`, `max`, `errors`
+            (`{method: MSE}`), `ranges` and `candidates`.
+
+        Raises:
+            NoDataError: If no finite value was seen.
+            ConfigError: For a per-channel / per-group spec, a calibration
+                without a histogram, or bad candidates / tolerance.
+
+        Example:
+
+        >>> choice = result["dense"].choose_method(kq.QuantSpec(bits=4))   # doctest: +SKIP
+        >>> choice.method, choice.errors["minmax"] / choice.errors[choice.method]   # doctest: +SKIP
+        """
+        if not isinstance(spec, QuantSpec):
+            raise ConfigError("spec", spec, "spec must be a kq.QuantSpec", layer=self.name)
+        if spec.granularity != "per_tensor":
+            raise ConfigError(
+                "granularity", spec.granularity,
+                "choose_method compares per-tensor ranges; the calibration stores one histogram per tensor",
+                layer=self.name,
+            )
+        self._require_data()
+        self._require("histogram", self.histogram, "choose_method()")
+        return self._auto(spec, candidates)
 
     def qparams(self, spec):
         """Scale and zero point for `spec` from `compute_range(spec)`.

@@ -53,7 +53,7 @@ from keras_quant.calibration.result import LayerStatistics, histogram_outliers
 
 __all__ = ["LayerCollector", "merge_moments", "batch_moments", "moments_to_stats"]
 
-_HISTOGRAM_OBSERVERS = ("percentile", "mse", "kl")
+_HISTOGRAM_OBSERVERS = ("percentile", "mse", "kl", "auto")
 
 
 def batch_moments(x):
@@ -198,7 +198,7 @@ class LayerCollector(Observer):
         statistics: `"full"` (moments, sparsity, per-channel extremes and a
             histogram for percentiles and outliers) or `"range"` (only what
             the spec's observer needs: min/max, plus the histogram for
-            `percentile` / `mse` / `kl`, the moments for `mean_std`): cheaper
+            `percentile` / `mse` / `kl` / `auto`, the moments for `mean_std`): cheaper
             in the step, with fewer fields in the statistics.
         name: Layer name.
         **kwargs: Other Keras layer arguments.

@@ -7,7 +7,8 @@ inside a compiled `predict` / `fit` step (TensorFlow, XLA, JAX):
 - `MinMaxObserver`, `MovingAverageMinMaxObserver`: extremes (also per group).
 - `MeanStdObserver`: `mean +- num_std * std`, merged exactly across batches.
 - `HistogramObserver`: a histogram with an MSE, KL, percentile or min-max
-  range search (`range_search`), and `PercentileObserver` on the same state.
+  range search (`range_search`), or `"auto"`, the one of those with the
+  least expected MSE; and `PercentileObserver` on the same state.
 
 `get(name_or_spec)` builds one from a name or a `kq.QuantSpec`.
 
@@ -50,6 +51,7 @@ REGISTRY = {
     "mse": (HistogramObserver, {"method": "mse"}),
     "kl": (HistogramObserver, {"method": "kl"}),
     "histogram": (HistogramObserver, {}),
+    "auto": (HistogramObserver, {"method": "auto"}),
 }
 
 
@@ -68,13 +70,14 @@ def get(name_or_spec, **kwargs):
     From a name, a default instance (keyword arguments go to the
     constructor). From a spec, the observer its `observer` field names, with
     its granularity, axis and group size and `spec.options` as constructor
-    arguments; `"mse"` and `"kl"` give a `HistogramObserver` with that method
-    whose `spec` is this spec, so the search targets its bit width. An
+    arguments; `"mse"`, `"kl"` and `"auto"` give a `HistogramObserver` with
+    that method whose `spec` is this spec, so the search targets its bit
+    width (`"auto"` also takes `candidates` and `tolerance` options). An
     observer instance is returned as is.
 
     Args:
         name_or_spec: `"minmax"`, `"moving_average"`, `"percentile"`,
-            `"mean_std"`, `"mse"`, `"kl"`, `"histogram"`, a `kq.QuantSpec` or
+            `"mean_std"`, `"mse"`, `"kl"`, `"auto"`, `"histogram"`, a `kq.QuantSpec` or
             an `Observer`.
         **kwargs: More constructor arguments (e.g. `name=`), which override
             the spec's.
@@ -102,7 +105,7 @@ def get(name_or_spec, **kwargs):
         if spec.granularity == "per_group":
             options["group_size"] = spec.group_size
         options.update(spec.options)
-        if name in ("mse", "kl"):
+        if name in ("mse", "kl", "auto"):
             options["spec"] = spec
     elif isinstance(name_or_spec, str):
         name, options = name_or_spec, {}

@@ -27,7 +27,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_quant.config import QuantSpec
+from keras_quant.config import QuantSpec, auto_candidates, auto_tolerance
 from keras_quant.errors import ConfigError
 from keras_quant.observers import range_search
 from keras_quant.observers.base import Observer
@@ -40,6 +40,8 @@ METHODS = {
     "kl": lambda h, e, spec, obs: range_search.kl_range(h, e, spec),
     "percentile": lambda h, e, spec, obs: range_search.percentile_range(h, e, spec, percentile=obs.percentile),
     "minmax": lambda h, e, spec, obs: range_search.minmax_range(h, e, spec),
+    "auto": lambda h, e, spec, obs: range_search.auto_range(
+        h, e, spec, candidates=obs.candidates, tolerance=obs.tolerance, percentile=obs.percentile).range,
 }
 
 
@@ -79,10 +81,13 @@ class HistogramObserver(Observer):
 
     Args:
         num_bins: Number of bins, at least 8.
-        method: Range search: `"mse"`, `"kl"`, `"percentile"` or `"minmax"`
-            (see `keras_quant.observers.range_search`).
-        percentile: For `method="percentile"`: the upper percentile; the lower
-            one is `100 - percentile`.
+        method: Range search: `"mse"`, `"kl"`, `"percentile"`, `"minmax"` or
+            `"auto"` (whichever of those four gives the least expected MSE,
+            `range_search.auto_range`, per tensor or per channel); see
+            `keras_quant.observers.range_search`.
+        percentile: For `method="percentile"` (and the percentile candidate
+            of `"auto"`): the upper percentile; the lower one is
+            `100 - percentile`.
         spec: The `kq.QuantSpec` (or its config dict) whose grid
             `compute_range()` searches for; default `QuantSpec(bits=8)`.
             `compute_qparams(spec)` searches for the spec it is given. Only
@@ -90,6 +95,11 @@ class HistogramObserver(Observer):
         granularity: `"per_tensor"` or `"per_channel"`.
         axis: Channel axis for `per_channel`.
         nan_policy: `"omit"` or `"raise"`.
+        candidates: For `method="auto"`: the methods compared, in order of
+            preference (a comma-separated string or a sequence; default
+            `"minmax,percentile,mse,kl"`).
+        tolerance: For `method="auto"`: relative MSE margin of a tie
+            (default 0.2, see `range_search.auto_range`).
         **kwargs: Keras layer arguments.
 
     Raises:
@@ -103,8 +113,10 @@ class HistogramObserver(Observer):
     """
 
     def __init__(self, num_bins=2048, method="mse", percentile=99.99, spec=None, granularity="per_tensor", axis=-1,
-                 nan_policy="omit", **kwargs):
+                 nan_policy="omit", candidates=None, tolerance=None, **kwargs):
         super().__init__(granularity=granularity, axis=axis, nan_policy=nan_policy, **kwargs)
+        self.candidates = auto_candidates(candidates)
+        self.tolerance = auto_tolerance(tolerance)
         if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)) or num_bins < 8:
             raise ConfigError("num_bins", num_bins, "num_bins must be an integer of at least 8")
         if method not in METHODS:
@@ -239,11 +251,35 @@ class HistogramObserver(Observer):
         self._check_state()
         return self._format(*self._range(spec))
 
+    def auto_ranges(self, spec=None):
+        """What `method="auto"` finds on each slot's histogram (whatever `method` is).
+
+        Args:
+            spec: Target `kq.QuantSpec`; default the observer's `spec`.
+
+        Returns:
+            A tuple of `range_search.AutoRange`, one per tensor (length 1)
+            or per channel: the chosen method, range and each candidate's
+            range and expected MSE.
+
+        Raises:
+            NoDataError: If no finite value has been seen (for some channel).
+        """
+        self._check_state()
+        spec = self.spec if spec is None else spec
+        hist, lo, hi = self._state()
+        self._no_data((lo > hi) | (hist.sum(axis=1) <= 0))
+        return tuple(
+            range_search.auto_range(h, np.linspace(a, b, self.num_bins + 1), spec, candidates=self.candidates,
+                                    tolerance=self.tolerance, percentile=self.percentile)
+            for h, a, b in zip(hist, lo, hi)
+        )
+
     def get_config(self):
         config = super().get_config()
         config.update(
             {"num_bins": self.num_bins, "method": self.method, "percentile": self.percentile,
-             "spec": self.spec.get_config()}
+             "spec": self.spec.get_config(), "candidates": ",".join(self.candidates), "tolerance": self.tolerance}
         )
         return config
 
@@ -291,7 +327,7 @@ class PercentileObserver(HistogramObserver):
 
     def get_config(self):
         config = super().get_config()
-        for key in ("method", "percentile", "spec"):
+        for key in ("method", "percentile", "spec", "candidates", "tolerance"):
             config.pop(key)
         config.update({"low": self.low, "high": self.high})
         return config

@@ -16,6 +16,9 @@ step, in float64 numpy, in the style of NVIDIA ModelOpt's
 - `kl_range`: TensorRT's entropy calibration: the threshold minimising
   KL(P || Q) between the clipped reference distribution and its quantized
   version.
+- `auto_range`: runs the methods above and keeps the range with the least
+  `expected_mse` (the quantization error of the tensor itself), preferring
+  the earliest candidate among near ties.
 
 Ranges returned by the searches lie inside the data range; for a symmetric
 spec the clipped side that matters is `max(|min|, |max|)`.
@@ -29,10 +32,13 @@ Example:
 >>> lo, hi = kq.observers.range_search.mse_range(hist, edges, spec)
 """
 
+import dataclasses
+
 import keras
 import numpy as np
 
 from keras_quant import ops as kq_ops
+from keras_quant.config import AUTO_CANDIDATES, AUTO_TOLERANCE, auto_candidates, auto_tolerance
 from keras_quant.config import QuantSpec  # noqa: F401  (used by the docstring examples)
 from keras_quant.ops.core import _check_spec
 from keras_quant.errors import ConfigError, NoDataError, ShapeMismatchError
@@ -42,7 +48,11 @@ __all__ = [
     "percentile_range",
     "mse_range",
     "kl_range",
+    "auto_range",
+    "AutoRange",
+    "Candidate",
     "expected_mse",
+    "signal_power",
     "magnitude_histogram",
     "qparams",
     "fake_quant",
@@ -367,3 +377,165 @@ def kl_range(hist, bin_edges, spec, num_candidates=256):
     m_hist[0] = m_hist[1]  # ignore the spike of exact zeros (ReLU), as pytorch-quantization does
     t = _entropy_threshold(m_hist, m_edges, levels, num_candidates)
     return float(max(lo, -t)), float(min(hi, t))
+
+
+# --------------------------------------------------------------------------
+# Automatic choice among the methods.
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One method's range and the expected quantization error with it.
+
+    Attributes:
+        method: The method name (`"minmax"`, `"percentile"`, `"mse"`, `"kl"`).
+        min, max: Its range.
+        mse: `expected_mse` of the histogram on the spec's grid for that range.
+    """
+
+    method: str
+    min: float
+    max: float
+    mse: float
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoRange:
+    """What `auto_range` chose, and why.
+
+    Attributes:
+        min, max: The chosen range (that of `method`).
+        method: The chosen method.
+        candidates: A `Candidate` per method tried, in the order tried.
+        tolerance: The relative tie margin used.
+
+    `lo, hi = auto_range(...)` unpacks the range, like the other methods'
+    `(min, max)` tuples.
+    """
+
+    min: float
+    max: float
+    method: str
+    candidates: tuple
+    tolerance: float
+
+    def __iter__(self):
+        return iter((self.min, self.max))
+
+    @property
+    def range(self):
+        """`(min, max)`."""
+        return self.min, self.max
+
+    @property
+    def errors(self):
+        """`{method: expected MSE}` (a new dict)."""
+        return {c.method: c.mse for c in self.candidates}
+
+    @property
+    def ranges(self):
+        """`{method: (min, max)}` (a new dict)."""
+        return {c.method: (c.min, c.max) for c in self.candidates}
+
+
+def signal_power(hist, bin_edges):
+    """Mean square `E[x^2]` of the histogram's bin centers (the SQNR's signal).
+
+    Example:
+
+    >>> signal_power([1, 1], [-2.0, 0.0, 2.0])
+    1.0
+    """
+    hist, edges = _check(hist, bin_edges)
+    centers, weights = _centers(hist, edges)
+    return float(np.sum(weights * np.square(centers)))
+
+
+def _candidate_range(method, hist, edges, spec, percentile):
+    if method == "minmax":
+        return minmax_range(hist, edges)
+    if method == "percentile":
+        return percentile_range(hist, edges, percentile=percentile)
+    if method == "mse":
+        return mse_range(hist, edges, spec)
+    return kl_range(hist, edges, spec)
+
+
+def auto_range(hist, bin_edges, spec, candidates=AUTO_CANDIDATES, tolerance=AUTO_TOLERANCE, percentile=99.99):
+    """Each candidate method's range, and the one with the least quantization error.
+
+    Every candidate's range is judged by the same measure: `expected_mse`,
+    the mean squared error of values distributed as the histogram when
+    fake-quantized on `spec`'s grid with that range (rounding inside the
+    range plus clipping outside it), i.e. the error of the tensor the
+    quantizer outputs. The chosen candidate is the *earliest* in `candidates`
+    whose error is at most `best * (1 + tolerance)`.
+
+    The tolerance makes min-max (first by default) win unless clipping gains
+    clearly. Its default, 0.2 (0.8 dB of SQNR), lies above what clipping
+    gains on bounded, evenly spread data: there a range slightly inside
+    min / max fills the outermost grid steps better, which lowers the MSE by
+    up to 13% at 4 bits (min-max's error is then 1.148x the best: a
+    symmetric grid `[-8, 7] * a / 7` on data in `[-a, a]` leaves half a step
+    empty) and under 1% at 8 bits. Such gains do not pay for clipping values
+    larger than any the calibration set showed. On heavy-tailed data
+    clipping typically lowers the MSE several-fold at 4 bits. At 8 bits the
+    rounding error is small, so MSE favours keeping outliers in range unless
+    they are rare: clipping a fraction `f` of outliers at about `M` costs
+    about `f * M**2` of MSE, keeping them about `(2 * M / 255)**2 / 12` (a
+    range `[-M, M]`), so clipping all of them wins when `f` is below about
+    `1 / (3 * (2**bits - 1)**2)`: 5e-6 at 8 bits, 1.5e-3 at 4 bits.
+
+    The estimate is as fine as the histogram: each bin's mass sits at its
+    center, so when a grid step is much narrower than a bin (a range clipped
+    to a few bins of a histogram spread by far outliers) the rounding part is
+    only statistically right; the clipping part, which then dominates, is
+    accurate.
+
+    Args:
+        hist: Counts, shape `(n,)`.
+        bin_edges: Edges, shape `(n + 1,)`.
+        spec: The target `kq.QuantSpec` (bits, symmetric, narrow_range).
+        candidates: Method names among `"minmax"`, `"percentile"`, `"mse"`,
+            `"kl"`, in order of preference, or a comma-separated string.
+        tolerance: Relative MSE margin in `[0, 10]` within which a candidate
+            ties with the best (0: strictly the least error; ties still go
+            to the earliest).
+        percentile: The `"percentile"` candidate's upper percentile (the
+            lower one is `100 - percentile`).
+
+    Returns:
+        An `AutoRange`: `min`, `max`, `method`, `candidates` (each method's
+        range and error) and `tolerance`. Unpacks as `(min, max)`.
+
+    Raises:
+        ConfigError: For an unknown or repeated candidate (`candidates`), a
+            bad `tolerance` or `percentile`.
+        NoDataError: If the histogram is empty.
+
+    Example:
+
+    >>> rng = np.random.default_rng(0)
+    >>> x = np.r_[rng.laplace(size=100_000), 60.0, -45.0]
+    >>> choice = auto_range(*np.histogram(x, 2048), QuantSpec(bits=4))
+    >>> choice.method != "minmax" and choice.max < 20
+    True
+    """
+    _check_spec(spec)
+    names = auto_candidates(candidates)
+    tolerance = auto_tolerance(tolerance)
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float, np.number)) or not 0 < percentile <= 100:
+        raise ConfigError("percentile", percentile, "percentile must be a number in (0, 100]")
+    hist, edges = _check(hist, bin_edges)
+    found = []
+    for method in names:
+        lo, hi = _candidate_range(method, hist, edges, spec, percentile)
+        found.append((method, float(lo), float(hi)))
+    centers, weights = _centers(hist, edges)
+    # One range at a time: the qparams are then bit for bit those the quantizer gets for that range (a
+    # vectorized division may differ in the last bit on some backends, which can move a zero point
+    # sitting on a .5 tie, e.g. a symmetric kl range on an asymmetric grid).
+    cands = tuple(Candidate(m, lo, hi, float(_mse(centers, weights, lo, hi, spec))) for m, lo, hi in found)
+    best = min(c.mse for c in cands)
+    chosen = next(c for c in cands if c.mse <= best * (1.0 + tolerance))
+    return AutoRange(chosen.min, chosen.max, chosen.method, cands, tolerance)

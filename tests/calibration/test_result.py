@@ -331,3 +331,60 @@ def test_layer_statistics_dict_round_trip_and_unknown_field(sample):
     np.testing.assert_array_equal(back.range_min, stats.range_min)
     with pytest.raises(ConfigError, match="unknown LayerStatistics field"):
         LayerStatistics.from_dict({**stats.to_dict(), "bogus": 1})
+
+
+# --------------------------------------------------------------------------
+# observer="auto": the per-layer choice, from the stored histogram.
+
+
+def test_auto_range_and_choice_from_the_stored_histogram(sample, rng):
+    spec = kq.QuantSpec(bits=4, observer="auto")
+    heavy = make_stats(sample, name="heavy", spec=spec)
+    uniform = make_stats(rng.uniform(-2.0, 3.0, size=(400, 64)), name="uniform", spec=spec)
+    for stats in (heavy, uniform):
+        expected = range_search.auto_range(stats.histogram, stats.bin_edges, spec)
+        choice = stats.choose_method(spec)
+        assert choice == expected
+        assert stats.compute_range(spec) == expected.range == (stats.range_min, stats.range_max)
+        scale, zp = stats.qparams(spec)
+        ref_scale, ref_zp = range_search.qparams(*expected.range, spec)
+        assert (scale, zp) == (ref_scale, ref_zp)
+    assert uniform.choose_method(spec).method == "minmax"
+    assert heavy.choose_method(spec).method in ("percentile", "mse", "kl")
+    # The spec's options apply; `candidates=` overrides them; the spec's observer does not matter.
+    only = kq.QuantSpec(bits=4, observer="auto", observer_options={"candidates": "kl", "tolerance": 0.0})
+    assert heavy.compute_range(only) == range_search.kl_range(heavy.histogram, heavy.bin_edges, only)
+    assert heavy.choose_method(only, candidates=("minmax",)).method == "minmax"
+    assert heavy.choose_method(kq.QuantSpec(bits=4)) == heavy.choose_method(spec)
+
+
+def test_choose_method_errors(sample):
+    stats = make_stats(sample, spec=kq.QuantSpec(observer="auto"))
+    with pytest.raises(ConfigError) as info:
+        stats.choose_method(kq.QuantSpec(granularity="per_channel", observer="auto"))
+    assert (info.value.field, info.value.layer) == ("granularity", "layer")
+    with pytest.raises(ConfigError) as info:
+        stats.choose_method(kq.QuantSpec(), candidates=("minmax", "best"))
+    assert info.value.field == "candidates"
+    with pytest.raises(ConfigError):
+        stats.choose_method("auto")
+    no_hist = LayerStatistics(name="r", count=10, min=-1.0, max=1.0, spec=kq.QuantSpec(observer="auto"))
+    with pytest.raises(ConfigError) as info:
+        no_hist.choose_method(kq.QuantSpec())
+    assert info.value.field == "histogram"
+    with pytest.raises(ConfigError):
+        no_hist.compute_range(kq.QuantSpec(observer="auto"))
+    with pytest.raises(NoDataError):
+        LayerStatistics(name="empty").choose_method(kq.QuantSpec())
+
+
+@pytest.mark.parametrize("suffix", [".json", ".msgpack.zst"])
+def test_auto_calibration_round_trips(sample, tmp_path, suffix):
+    spec = kq.QuantSpec(bits=4, symmetric=True, observer="auto", observer_options={"tolerance": 0.1})
+    result = CalibrationResult([make_stats(sample, name="heavy", spec=spec)])
+    path = tmp_path / f"auto{suffix}"
+    result.save(path)
+    loaded = CalibrationResult.load(path)
+    assert loaded == result and loaded["heavy"].spec == spec
+    assert loaded["heavy"].choose_method(spec) == result["heavy"].choose_method(spec)
+    assert loaded.qparams("heavy", spec) == result.qparams("heavy", spec)

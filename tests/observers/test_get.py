@@ -24,6 +24,7 @@ from keras_quant.observers import (
         ("mse", HistogramObserver, "mse"),
         ("kl", HistogramObserver, "kl"),
         ("histogram", HistogramObserver, "mse"),
+        ("auto", HistogramObserver, "auto"),
     ],
 )
 def test_from_name(name, cls, method):
@@ -85,3 +86,12 @@ def test_invalid_options_and_granularity():
     with pytest.raises(ConfigError) as info:
         get(kq.QuantSpec(granularity="per_group", group_size=8, observer="kl"))
     assert info.value.field == "granularity"
+
+
+def test_auto_from_spec_takes_its_grid_and_options():
+    spec = kq.QuantSpec(bits=4, symmetric=True, observer="auto",
+                        observer_options={"candidates": "minmax,kl", "tolerance": 0.05, "num_bins": 256})
+    obs = get(spec)
+    assert type(obs) is HistogramObserver
+    assert (obs.method, obs.spec, obs.candidates, obs.tolerance, obs.num_bins) == (
+        "auto", spec, ("minmax", "kl"), 0.05, 256)

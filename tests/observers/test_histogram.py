@@ -200,3 +200,41 @@ def test_configs():
     assert {"low": 0.5, "high": 99.5, "num_bins": 256}.items() <= config.items()
     assert "method" not in config and "spec" not in config
     assert PercentileObserver.from_config(config).get_config() == config
+
+
+def test_auto_per_channel_chooses_per_channel(rng):
+    """Per channel, each channel's own histogram picks its method: uniform keeps min-max, outliers clip."""
+    uniform = rng.uniform(-1.0, 1.0, size=4000)
+    outliers = np.concatenate([rng.laplace(size=3997), [40.0, -35.0, 60.0]])
+    x = np.stack([uniform, outliers], axis=1).astype("float32")
+    spec = kq.QuantSpec(bits=4)
+    obs = HistogramObserver(num_bins=512, method="auto", spec=spec, granularity="per_channel").update(x)
+    choices = obs.auto_ranges()
+    assert [c.method for c in choices][0] == "minmax" and choices[1].method in ("percentile", "mse", "kl")
+    hist, edges = obs.histogram()
+    expected = [range_search.auto_range(hist[c], edges[c], spec) for c in range(2)]
+    assert choices == tuple(expected)
+    lo, hi = obs.compute_range()
+    np.testing.assert_allclose(lo, [e.min for e in expected], rtol=1e-6)
+    np.testing.assert_allclose(hi, [e.max for e in expected], rtol=1e-6)
+    assert hi[1] < 30.0  # half the outlier at 60
+
+
+def test_auto_options_and_config_round_trip(rng):
+    spec = kq.QuantSpec(bits=4, symmetric=True)
+    obs = HistogramObserver(num_bins=256, method="auto", spec=spec, candidates="mse,minmax", tolerance=0.5)
+    config = obs.get_config()
+    assert (config["method"], config["candidates"], config["tolerance"]) == ("auto", "mse,minmax", 0.5)
+    clone = HistogramObserver.from_config(config)
+    assert (clone.candidates, clone.tolerance, clone.spec) == (("mse", "minmax"), 0.5, spec)
+    assert clone.get_config() == config
+    x = rng.uniform(-1.0, 1.0, size=5000).astype("float32")
+    obs.update(x)
+    assert obs.auto_ranges()[0].method == "mse"  # the earliest candidate within the tolerance
+    assert obs.compute_range() == pytest.approx(obs.auto_ranges()[0].range, rel=1e-6)
+    # A config written before the auto options existed still loads.
+    old = {k: v for k, v in config.items() if k not in ("candidates", "tolerance")}
+    assert HistogramObserver.from_config(old).tolerance == 0.2
+    with pytest.raises(ConfigError) as info:
+        HistogramObserver(method="auto", candidates="minmax,median")
+    assert info.value.field == "candidates"

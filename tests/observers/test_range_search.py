@@ -236,3 +236,175 @@ def test_more_bits_never_increase_searched_mse(seed, bits):
     err_low = rs.expected_mse(hist, edges, *rs.mse_range(hist, edges, low), low)
     err_high = rs.expected_mse(hist, edges, *rs.mse_range(hist, edges, high), high)
     assert 0.0 <= err_high <= err_low * (1 + 1e-9)
+
+
+# --------------------------------------------------------------------------
+# auto_range: each method's range judged by the error of the quantized tensor.
+
+CLIPPING = ("percentile", "mse", "kl")
+
+
+def heavy(kind, rng):
+    """Heavy-tailed samples, each with a max |x| far beyond where the MSE-best range ends."""
+    if kind == "student_t2":
+        return rng.standard_t(2, size=N)
+    if kind == "relu_laplace_outliers":
+        return np.maximum(data("laplace_outliers", rng), 0.0)
+    if kind == "laplace_rare_outliers":
+        # At 8 bits keeping a fraction f of outliers at M costs about (2M / 255)**2 / 12 of rounding MSE,
+        # clipping them about f * M**2: clipping wins only for f < 1 / (3 * 255**2) = 5e-6 (see auto_range).
+        # 2 in 1M is below that; the 3-in-100k of "laplace_outliers" is not, so at 8 bits MSE rightly keeps them.
+        return np.concatenate([rng.laplace(size=1_000_000), [300.0, -250.0]])
+    return data(kind, rng)
+
+
+def reference_choice(errors, tolerance):
+    """The earliest method whose error is within `tolerance` of the least (errors in preference order)."""
+    best = min(errors.values())
+    return next(m for m, e in errors.items() if e <= best * (1 + tolerance))
+
+
+@pytest.mark.parametrize(
+    "kind, bits, shrink, gain",
+    [
+        # Student-t with 2 degrees of freedom has infinite variance: its tail weighs in the MSE, so the
+        # range shrinks less (2.5x) than for a light bulk with far outliers (9x-64x).
+        ("student_t2", 4, 2.0, 1.3),
+        ("laplace_outliers", 4, 5.0, 5.0),
+        ("relu_laplace_outliers", 4, 5.0, 5.0),
+        ("laplace_rare_outliers", 4, 20.0, 5.0),
+        ("laplace_rare_outliers", 8, 3.0, 2.0),
+    ],
+)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_auto_clips_heavy_tails(kind, bits, shrink, gain, symmetric, rng):
+    x = heavy(kind, rng)
+    hist, edges = np.histogram(x, bins=2048)
+    spec = kq.QuantSpec(bits=bits, symmetric=symmetric)
+    choice = rs.auto_range(hist, edges, spec)
+    assert choice.method in CLIPPING
+    assert max(-choice.min, choice.max) < np.abs(x).max() / shrink
+    # Clipping gains well beyond the tolerance: min-max's error is `gain` times the chosen one's or more.
+    assert choice.errors["minmax"] > gain * choice.errors[choice.method]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("low", [-1.0, 0.0])  # zero-centered, and one-sided (a bounded ReLU-like tensor)
+def test_auto_keeps_minmax_on_uniform_data(bits, symmetric, low, rng):
+    x = rng.uniform(low, 1.0, size=N)
+    hist, edges = np.histogram(x, bins=2048)
+    choice = rs.auto_range(hist, edges, kq.QuantSpec(bits=bits, symmetric=symmetric))
+    assert choice.method == "minmax"
+    assert choice.range == rs.minmax_range(hist, edges)
+    # Other methods gain at most the grid's edge effect (under 13% at 4 bits), which the tolerance absorbs.
+    assert min(choice.errors.values()) >= choice.errors["minmax"] / (1 + rs.AUTO_TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "kind", ["uniform", "gaussian", "laplace", "laplace_outliers", "student_t2", "relu_t", "relu_laplace_outliers"]
+)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_auto_errors_match_the_samples_and_the_choice_is_the_empirical_one(kind, bits, rng):
+    """The histogram's estimate against `kq.ops.fake_quant` on the samples themselves.
+
+    Each bin's mass sits at its center, so the estimate is off by at most what moving every sample to its
+    bin's center changes. That is small (under 1% here) except for the spike of exact zeros of ReLU
+    outputs: 0.0 is on the grid (no error), but its bin's center is not, which adds about
+    `sparsity * (bin_width / 2)**2` to every range's error alike (up to 7% of an 8-bit error): hence 10%.
+    """
+    x = heavy(kind, rng)[:N]
+    hist, edges = np.histogram(x, bins=2048)
+    spec = kq.QuantSpec(bits=bits)
+    choice = rs.auto_range(hist, edges, spec)
+    empirical = {c.method: sample_mse(x, c.min, c.max, spec) for c in choice.candidates}
+    for c in choice.candidates:
+        assert c.mse == pytest.approx(empirical[c.method], rel=0.1), c.method
+    best = reference_choice(empirical, choice.tolerance)
+    # The same method, or (where two are near the tie margin) one within the tolerance of the empirical best.
+    assert choice.method == best or empirical[choice.method] <= (1 + choice.tolerance) * 1.1 * min(empirical.values())
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    kind=st.sampled_from(["gaussian", "laplace", "uniform", "student_t", "relu_t", "laplace_outliers"]),
+    bits=st.integers(2, 8),
+    symmetric=st.booleans(),
+    tolerance=st.sampled_from([0.0, 0.05, 0.2, 1.0]),
+    candidates=st.permutations(rs.AUTO_CANDIDATES).flatmap(lambda p: st.integers(1, 4).map(lambda k: tuple(p[:k]))),
+)
+def test_auto_error_is_within_tolerance_of_every_candidate(seed, kind, bits, symmetric, tolerance, candidates):
+    x = data(kind, np.random.default_rng(seed))[:5000]
+    hist, edges = np.histogram(x, bins=256)
+    spec = kq.QuantSpec(bits=bits, symmetric=symmetric)
+    choice = rs.auto_range(hist, edges, spec, candidates=candidates, tolerance=tolerance)
+    assert tuple(c.method for c in choice.candidates) == candidates
+    chosen = choice.errors[choice.method]
+    for c in choice.candidates:
+        assert chosen <= c.mse * (1 + tolerance)
+        # Each candidate's error is expected_mse of its own method's range.
+        assert c.mse == pytest.approx(rs.expected_mse(hist, edges, c.min, c.max, spec), rel=1e-12)
+    assert choice.range in choice.ranges.values()
+    assert choice.range == choice.ranges[choice.method] and tuple(choice) == choice.range
+    assert choice.method == reference_choice(choice.errors, tolerance)
+
+
+def test_auto_candidate_ranges_are_the_methods_own():
+    x = data("laplace_outliers", np.random.default_rng(1))
+    hist, edges = np.histogram(x, bins=2048)
+    spec = kq.QuantSpec(bits=4, symmetric=True)
+    choice = rs.auto_range(hist, edges, spec, percentile=99.9)
+    assert choice.ranges == {
+        "minmax": rs.minmax_range(hist, edges),
+        "percentile": rs.percentile_range(hist, edges, percentile=99.9),
+        "mse": rs.mse_range(hist, edges, spec),
+        "kl": rs.kl_range(hist, edges, spec),
+    }
+    assert choice.tolerance == rs.AUTO_TOLERANCE == 0.2
+
+
+def test_auto_ties_go_to_the_earliest_candidate(rng):
+    x = rng.uniform(-1.0, 1.0, size=N)
+    hist, edges = np.histogram(x, bins=2048)
+    spec = kq.QuantSpec(bits=8)
+    assert rs.auto_range(hist, edges, spec, candidates="mse,minmax").method == "mse"
+    assert rs.auto_range(hist, edges, spec, candidates=("kl", "minmax")).method == "kl"
+    # Strictly the least error with tolerance=0 (mse shrinks the range a little on uniform data).
+    strict = rs.auto_range(hist, edges, spec, tolerance=0.0)
+    assert strict.errors[strict.method] == min(strict.errors.values())
+
+
+def test_auto_on_a_constant_histogram():
+    choice = rs.auto_range([5.0], [2.0, 2.0], kq.QuantSpec(bits=8))
+    assert (choice.method, choice.range) == ("minmax", (2.0, 2.0))
+
+
+def test_signal_power():
+    assert rs.signal_power([1, 0, 3], [-3.0, -1.0, 1.0, 3.0]) == pytest.approx((1 * 4.0 + 3 * 4.0) / 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"candidates": ("minmax", "entropy")}, "candidates"),
+        ({"candidates": "minmax,,mse"}, "candidates"),
+        ({"candidates": ()}, "candidates"),
+        ({"candidates": ("mse", "mse")}, "candidates"),
+        ({"candidates": 3}, "candidates"),
+        ({"tolerance": -0.1}, "tolerance"),
+        ({"tolerance": float("nan")}, "tolerance"),
+        ({"tolerance": True}, "tolerance"),
+        ({"tolerance": "0.1"}, "tolerance"),
+        ({"percentile": 120.0}, "percentile"),
+    ],
+)
+def test_auto_invalid(kwargs, field):
+    with pytest.raises(ConfigError) as e:
+        rs.auto_range([1, 2, 1], [0.0, 1.0, 2.0, 3.0], kq.QuantSpec(bits=8), **kwargs)
+    assert e.value.field == field
+
+
+def test_auto_empty_histogram():
+    with pytest.raises(NoDataError):
+        rs.auto_range([0, 0], [0.0, 1.0, 2.0], kq.QuantSpec(bits=8))
