@@ -629,7 +629,9 @@ def _infer(path, fmt, compression):
 def write_atomic(path, data):
     """Write `data` to `path` atomically (temp file in the same directory, fsync, `os.replace`).
 
-    On any failure the temporary file is removed and `path` is left as it was.
+    On any failure the temporary file is removed and `path` is left as it was. The file gets the
+    permissions an ordinary `open(path, "wb")` would (0666 less the umask), not the temporary
+    file's private 0600.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -639,6 +641,9 @@ def write_atomic(path, data):
             tmp.write(data)
             tmp.flush()
             os.fsync(tmp.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp.name, 0o666 & ~umask)
         os.replace(tmp.name, path)
     except BaseException:
         try:

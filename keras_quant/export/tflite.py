@@ -24,8 +24,6 @@ Example:
 
 import collections
 import dataclasses
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -33,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 import keras
 import numpy as np
 
+from keras_quant.calibration.result import write_atomic
 from keras_quant.errors import ConfigError, ExportError
 from keras_quant.export import flatbuffer, plan as plan_lib
 from keras_quant.layers.inference import inference_scope
@@ -195,19 +194,9 @@ def _check_float_ops(model, float_ops):
 
 
 def _atomic_write(path, data):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """`write_atomic` (temporary file, fsync, rename), creating the parent folder first."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, data)
 
 
 def _check_backend():

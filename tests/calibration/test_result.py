@@ -388,3 +388,18 @@ def test_auto_calibration_round_trips(sample, tmp_path, suffix):
     assert loaded == result and loaded["heavy"].spec == spec
     assert loaded["heavy"].choose_method(spec) == result["heavy"].choose_method(spec)
     assert loaded.qparams("heavy", spec) == result.qparams("heavy", spec)
+
+
+def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
+    """Not the temporary file's private 0600: what open(path, "wb") would give (0666 less the umask)."""
+    import os
+
+    from keras_quant.calibration.result import write_atomic
+
+    umask = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "a.bin", b"data")
+        assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "a.bin").read_bytes() == b"data" and os.listdir(tmp_path) == ["a.bin"]
+    finally:
+        os.umask(umask)
