@@ -1,9 +1,18 @@
 """The `keras-quant` command line.
 
-    keras-quant demo [--epochs N] [--qat-epochs N] [--seed S] [--out DIR] [--json]
+    keras-quant demo [--dataset auto|fashion|digits] [--epochs N] [--qat-epochs N] [--seed S]
+                     [--out DIR] [--report HTML] [--json]
     keras-quant calibrate MODEL --data DATA -o OUT [--bits N] [--method M] [--per-channel]
                           [--symmetric] [--max-samples N] [--sampling S] [--seed S]
                           [--batch-size B] [--normalize {unit,imagenet,none}] [--json]
+    keras-quant export MODEL -o OUT.tflite|OUT.onnx [--mode M] [--opset N] [--input-type T]
+                       [--output-type T] [--data DATA] [--samples N] [--threads N] [--json]
+    keras-quant analyze MODEL --data DATA [-o REPORT.html] [--calibration CAL] [--quantized QMODEL]
+                        [--artifact FILE ...] [--bits N] [--method M] [--per-tensor] [--budget F]
+                        [--no-sensitivity] [--samples N] [--json]
+
+Long steps draw progress bars on stderr (one line per step when stderr is not a terminal);
+stdout holds the tables, or one JSON object with --json.
 
 Errors are one line on stderr and a non-zero exit code, never a traceback.
 """
@@ -35,7 +44,7 @@ def _cmd_demo(args):
     from keras_quant import demo
 
     tables = demo.run(epochs=args.epochs, seed=args.seed, verbose=not args.json, qat_epochs=args.qat_epochs,
-                      out_dir=args.out)
+                      out_dir=args.out, dataset=args.dataset, report=args.report or None)
     if args.json:
         print(json.dumps(to_jsonable(tables), indent=2))
     return 0
@@ -151,6 +160,118 @@ def _cmd_calibrate(args):
     return 0
 
 
+def _load_eval_data(path, model, samples, normalize="unit"):
+    """`(x, labels or None)`: at most `samples` inputs from DATA, and the `.npz` array 'y' as labels."""
+    import numpy as np
+
+    from keras_quant.data import load_array_file, load_calibration_data
+
+    x = load_calibration_data(path, model, normalize=normalize)
+    labels = None
+    if str(path).lower().endswith(".npz"):
+        arrays = load_array_file(path)
+        if "y" in arrays:
+            labels = np.asarray(arrays["y"])
+            n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+            if len(labels) != n:
+                raise ConfigError("data", path, f"the array 'y' holds {len(labels)} labels for {n} samples")
+    if samples is not None:
+        x = {k: v[:samples] for k, v in x.items()} if isinstance(x, dict) else x[:samples]
+        labels = None if labels is None else labels[:samples]
+    return x, labels
+
+
+_EXPORT_SUFFIXES = (".tflite", ".onnx")
+
+
+def _cmd_export(args):
+    from keras_quant.analysis import compare_models
+    from keras_quant.export import export_onnx, export_tflite
+
+    suffix = os.path.splitext(args.output)[1].lower()
+    if suffix not in _EXPORT_SUFFIXES:
+        raise ConfigError("output", args.output, "the output name must end in .tflite or .onnx")
+    if suffix == ".onnx" and (args.mode is not None or args.input_type or args.output_type):
+        raise ConfigError("mode", args.mode or args.input_type or args.output_type,
+                          "--mode, --input-type and --output-type are for .tflite outputs; ONNX QDQ has float I/O")
+    if suffix == ".tflite" and args.opset is not None:
+        raise ConfigError("opset", args.opset, "--opset is for .onnx outputs")
+    if os.path.isdir(args.output):
+        raise ConfigError("output", args.output, "the output path is a directory; name a file")
+    model = _load_model(args.model)
+    data = labels = None
+    if args.data is not None:
+        data, labels = _load_eval_data(args.data, model, args.samples)
+    if suffix == ".onnx":
+        report = export_onnx(model, args.output, **({} if args.opset is None else {"opset": args.opset}))
+    else:
+        report = export_tflite(model, args.output, mode=args.mode or "int8", input_type=args.input_type,
+                               output_type=args.output_type)
+    comparison = None
+    if data is not None:
+        comparison = compare_models(model, args.output, data, labels=labels, num_threads=args.threads)
+    if args.json:
+        print(json.dumps(to_jsonable({"export": report.to_dict(),
+                                      "comparison": None if comparison is None else comparison.to_dict()}), indent=2))
+    else:
+        print(report)
+        if comparison is not None:
+            print()
+            print(comparison)
+        print(f"wrote {args.output} ({report.size_bytes} bytes)")
+    return 0
+
+
+def analysis_config(bits=8, method="minmax", symmetric=False, per_tensor=False):
+    """The `kq.QuantConfig` of `keras-quant analyze`: int8 per-channel weights (per tensor with
+    `per_tensor`), `bits`-bit per-tensor activations with the `method` observer."""
+    from keras_quant.config import QuantConfig, QuantSpec
+
+    weights = QuantSpec(bits=8, symmetric=True, narrow_range=True,
+                        granularity="per_tensor" if per_tensor else "per_channel")
+    return QuantConfig(weights=weights, activations=QuantSpec(bits=bits, symmetric=symmetric, observer=method))
+
+
+def _cmd_analyze(args):
+    from keras_quant.analysis.workflow import analyze_model
+    from keras_quant.calibration import CalibrationResult
+    from keras_quant.formatting import text_table
+
+    if args.output is not None and not args.output.lower().endswith((".html", ".htm")):
+        raise ConfigError("output", args.output, "the report name must end in .html")
+    for artifact in args.artifact:
+        if not os.path.isfile(artifact):
+            raise ConfigError("artifact", artifact, "no such file")
+    model = _load_model(args.model)
+    data, labels = _load_eval_data(args.data, model, args.samples)
+    calibration = CalibrationResult.load(args.calibration) if args.calibration else None
+    quantized = _load_model(args.quantized) if args.quantized else None
+    config = analysis_config(args.bits, args.method, args.symmetric, args.per_tensor)
+    out = analyze_model(model, data, labels=labels, config=config, calibration=calibration, quantized=quantized,
+                        artifacts=args.artifact, sensitivity=not args.no_sensitivity, budget=args.budget,
+                        report=args.output, batch_size=args.batch_size, verbose=0 if args.json else 1)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(text_table(out["comparisons"], ["source", "candidate_accuracy", "accuracy_drop", "argmax_agreement",
+                                          "max_diff_steps", "candidate_size_bytes"], "Against the float model"))
+    for source, rows in out["layer_errors"].items():
+        print()
+        print(text_table(rows, ["name", "sqnr_db", "mse", "max_error", "mean_error", "cosine_similarity"],
+                         f"Per-layer error: {source}"))
+    if out["sensitivity"] is not None:
+        print()
+        print(text_table(out["sensitivity"]["ranking"], None, "Sensitivity (most sensitive first)"))
+    if out["mixed_precision"] is not None:
+        print()
+        steps = [dict(step, high_precision=", ".join(step["high_precision"]) or "(none)")
+                 for step in out["mixed_precision"]["steps"]]
+        print(text_table(steps, None, "Mixed-precision search (layers kept float, metric change, size)"))
+    if out["report"]:
+        print(f"wrote {out['report']}")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="keras-quant", description="Quantization for Keras 3 models: calibrate, quantize, analyse."
@@ -160,16 +281,22 @@ def build_parser():
 
     demo = sub.add_parser(
         "demo",
-        help="train a small CNN on the digits data and print its quantization error tables",
-        description="Train a small CNN on scikit-learn's digits, quantize its weights and activations "
-        "tensor by tensor with each observer, and print the error and accuracy tables.",
+        help="the main job: train a small CNN, calibrate, quantize (PTQ, QAT), export, evaluate, report",
+        description="Train a small CNN on Fashion-MNIST (Debian's dataset-fashion-mnist) or scikit-learn's digits, "
+        "calibrate it, build PTQ and QAT models, export TFLite and ONNX files, run each in its runtime, print the "
+        "tables and write the HTML analysis report.",
     )
-    demo.add_argument("--epochs", type=_positive_int, default=12, help="training epochs (default: 12)")
+    demo.add_argument("--dataset", choices=("auto", "fashion", "digits"), default="auto",
+                      help="auto: Fashion-MNIST when Debian's dataset-fashion-mnist is installed, else the digits")
+    demo.add_argument("--epochs", type=_positive_int, default=None,
+                      help="training epochs (default: 12 on the digits, 3 on Fashion-MNIST)")
     demo.add_argument("--qat-epochs", type=int, default=3,
                       help="fine-tuning epochs of the QAT models, 0 for none (default: 3)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--out", metavar="DIR", default=None,
                       help="keep the exported .tflite / .onnx files in DIR (default: a temporary folder)")
+    demo.add_argument("--report", metavar="HTML", default="keras_quant_report.html",
+                      help="where to write the HTML analysis report (default: keras_quant_report.html); '' for none")
     demo.add_argument("--json", action="store_true", help="print the tables as JSON instead of text")
     demo.set_defaults(func=_cmd_demo)
 
@@ -229,6 +356,61 @@ def build_parser():
         "config) instead of the progress line and table",
     )
     cal.set_defaults(func=_cmd_calibrate)
+
+    from keras_quant.export.tflite import IO_TYPES
+
+    exp = sub.add_parser(
+        "export",
+        help="write a quantized .keras model as a TFLite or ONNX file and check it in its runtime",
+        description="Export MODEL (from kq.quantize_model, saved with model.save) with keras_quant's own scales: "
+        "OUT.tflite (LiteRT: --mode int8, int16x8, dynamic, float16 or float32) or OUT.onnx (QDQ). With --data "
+        "the file is run in its runtime against the Keras model (accuracy, agreement, steps, size, latency).",
+        epilog="DATA is as for `calibrate`; an .npz array 'y' gives labels for accuracy. Exit status: 0 on "
+        "success, 1 for a bad input or what the target cannot express (named by layer), 2 for bad usage.",
+    )
+    exp.add_argument("model", metavar="MODEL", help="the quantized model, a .keras file (loaded with safe_mode=True)")
+    exp.add_argument("-o", "--output", required=True, metavar="OUT", help="OUT.tflite or OUT.onnx (written atomically)")
+    exp.add_argument("--mode", choices=tuple(IO_TYPES), default=None, help="TFLite mode (default: int8)")
+    exp.add_argument("--input-type", choices=("int8", "uint8", "int16", "float32"), default=None,
+                     help="TFLite input type (default: int8 for int8, int16 for int16x8, else float32)")
+    exp.add_argument("--output-type", choices=("int8", "uint8", "int16", "float32"), default=None,
+                     help="TFLite output type (default as --input-type)")
+    exp.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset, 13 or later (default: 21)")
+    exp.add_argument("--data", default=None, metavar="DATA", help="check the file on this data (.npy, .npz, images)")
+    exp.add_argument("--samples", type=_positive_int, default=1000, metavar="N",
+                     help="samples of DATA to check on (default: 1000)")
+    exp.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="runtime CPU threads")
+    exp.add_argument("--json", action="store_true", help="print the export report and comparison as JSON")
+    exp.set_defaults(func=_cmd_export)
+
+    ana = sub.add_parser(
+        "analyze",
+        help="find where a model loses accuracy when quantized, and write the HTML report",
+        description="Calibrate MODEL (a float .keras model) on DATA, build its PTQ model, and report: accuracy "
+        "against the float model (and of exported files), per-layer SQNR / MSE / cosine, the range methods per "
+        "layer, the layers' sensitivity and, with --budget, a mixed-precision search; written to REPORT.html with "
+        "activation histograms, a per-layer error heatmap and an accuracy-vs-size chart.",
+        epilog="DATA is as for `calibrate`; an .npz array 'y' gives labels (accuracy; without them the metric is "
+        "the output MSE). Exit status: 0 on success, 1 for a bad input, 2 for bad usage.",
+    )
+    ana.add_argument("model", metavar="MODEL", help="the float model, a .keras file (loaded with safe_mode=True)")
+    ana.add_argument("--data", required=True, metavar="DATA", help="evaluation (and calibration) data")
+    ana.add_argument("-o", "--output", default=None, metavar="REPORT", help="the HTML report to write")
+    ana.add_argument("--calibration", default=None, metavar="CAL", help="a saved kq.CalibrationResult to use")
+    ana.add_argument("--quantized", default=None, metavar="QMODEL", help="the quantized .keras model to analyse")
+    ana.add_argument("--artifact", action="append", default=[], metavar="FILE",
+                     help="an exported .tflite / .onnx file of the quantized model (repeatable)")
+    ana.add_argument("--bits", type=int, default=8, metavar="N", help="activation bit width (default: 8)")
+    ana.add_argument("--method", choices=OBSERVERS, default="minmax", help="activation range method (default: minmax)")
+    ana.add_argument("--symmetric", action="store_true", help="symmetric activation grid")
+    ana.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default: per channel)")
+    ana.add_argument("--budget", type=float, default=None, metavar="F",
+                     help="mixed-precision search: the metric change allowed (0.01 = one accuracy point)")
+    ana.add_argument("--no-sensitivity", action="store_true", help="skip the per-layer sensitivity ranking")
+    ana.add_argument("--samples", type=_positive_int, default=1000, metavar="N", help="samples of DATA (default: 1000)")
+    ana.add_argument("--batch-size", type=_positive_int, default=64, metavar="B", help="batch size (default: 64)")
+    ana.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    ana.set_defaults(func=_cmd_analyze)
     return parser
 
 

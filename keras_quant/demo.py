@@ -1,6 +1,8 @@
 """The main job, end to end on shipped data.
 
-Trains a small CNN on scikit-learn's digits, then quantizes it tensor by tensor:
+Trains a small CNN on Fashion-MNIST when Debian's `dataset-fashion-mnist` is
+installed (10,000 training and 2,000 test images, 3 epochs), else on
+scikit-learn's digits (shipped in its wheel), then quantizes it tensor by tensor:
 
 1. every kernel with int8 and 4-bit schemes (per channel, per group);
 2. every activation, with each observer (min-max, percentile, MSE and KL
@@ -17,9 +19,13 @@ Trains a small CNN on scikit-learn's digits, then quantizes it tensor by tensor:
    int8, each evaluated in its runtime (LiteRT, onnxruntime) against its
    Keras model: accuracy, argmax agreement, output difference in
    quantization steps, size and batch-1 latency;
+7. analysis (TensorFlow backend): `kq.analysis.analyze_model` of the W8A8
+   PTQ model and its two files (per-layer errors, range methods, sensitivity,
+   a mixed-precision search), written to the HTML report;
 
 and prints the tables (`keras-quant demo`, or
-`python examples/quantize_tensors.py`).
+`python examples/quantize_tensors.py`), with a progress bar on stderr for
+every long step.
 """
 
 import time
@@ -31,10 +37,39 @@ from keras_quant import analysis, datasets, observers
 from keras_quant import ops as qops
 from keras_quant.config import QuantSpec
 from keras_quant.formatting import text_table
+from keras_quant.progress import ProgressBar, progress_callback, steps
 
 __all__ = ["build_model", "run"]
 
 OBSERVER_NAMES = ("minmax", "percentile", "mse", "kl")
+DATASETS = ("auto", "fashion", "digits")
+# Fashion-MNIST subset and epochs: the main job stays a few minutes on 2 CPU cores.
+FASHION_TRAIN, FASHION_TEST, FASHION_EPOCHS = 10_000, 2_000, 3
+DIGITS_EPOCHS = 12
+
+
+def load_data(dataset="auto", seed=0):
+    """`((x_train, y_train), (x_test, y_test), name)` of the demo's dataset.
+
+    Args:
+        dataset: `"fashion"` (Debian's Fashion-MNIST, a subset), `"digits"`, or
+            `"auto"`: Fashion-MNIST when it is installed, else the digits.
+        seed: Split seed of the digits.
+    """
+    from keras_quant.errors import ConfigError
+
+    if dataset not in DATASETS:
+        raise ConfigError("dataset", dataset, f"dataset must be one of {DATASETS}")
+    if dataset == "auto":
+        dataset = "fashion" if datasets.fashion_mnist_available() else "digits"
+    if dataset == "fashion":
+        if not datasets.fashion_mnist_available():
+            raise ConfigError("dataset", dataset, f"Fashion-MNIST is not installed in {datasets.FASHION_MNIST_DIR} "
+                              "(apt-get install -y dataset-fashion-mnist); use --dataset digits")
+        train, test = datasets.load_fashion_mnist(limit_train=FASHION_TRAIN, limit_test=FASHION_TEST)
+        return train, test, "fashion_mnist"
+    train, test = datasets.load_digits(seed=seed)
+    return train, test, "digits"
 
 
 def build_model(input_shape=(8, 8, 1), num_classes=10):
@@ -46,7 +81,7 @@ def build_model(input_shape=(8, 8, 1), num_classes=10):
     x = keras.layers.Flatten(name="flatten")(x)
     x = keras.layers.Dense(64, activation="relu", name="fc")(x)
     outputs = keras.layers.Dense(num_classes, name="classifier")(x)
-    return keras.Model(inputs, outputs, name="digits_cnn")
+    return keras.Model(inputs, outputs, name="demo_cnn")
 
 
 def _weight_schemes(kernel_shape):
@@ -99,7 +134,7 @@ def _forward(model, x, weight_spec=None, act_qparams=None, act_spec=None, batch_
     return np.concatenate(outputs)
 
 
-def _qat_rows(model, calib, train, test, epochs, float_acc, say, models):
+def _qat_rows(model, calib, train, test, epochs, float_acc, say, models, verbose=True):
     """W8A8 QAT, and W4A4 PTQ against W4A4 QAT with LSQ, fine-tuned from the float model."""
     from keras_quant.config import QuantConfig
     from keras_quant.quantize import quantize_model
@@ -124,7 +159,9 @@ def _qat_rows(model, calib, train, test, epochs, float_acc, say, models):
         qat.compile(optimizer=keras.optimizers.Adam(lr),
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         t0 = time.perf_counter()
-        qat.fit(*train, epochs=epochs, batch_size=64, verbose=0)
+        bar = ProgressBar(steps(len(train[0]), 64, epochs), f"QAT {label}", enabled=verbose)
+        qat.fit(*train, epochs=epochs, batch_size=64, verbose=0, callbacks=[progress_callback(bar)])
+        bar.close()
         seconds = time.perf_counter() - t0
         acc = _accuracy(qat.predict(test[0], verbose=0), test[1])
         rows.append({"scheme": f"{label} ({epochs} epochs, {seconds:.1f}s)", "accuracy": acc, "drop": float_acc - acc})
@@ -133,11 +170,12 @@ def _qat_rows(model, calib, train, test, epochs, float_acc, say, models):
     return rows
 
 
-def _deploy_rows(float_model, keras_models, x_test, y_test, float_acc, out_dir, say):
-    """Export the quantized models and run each file in its runtime against its Keras model."""
-    import tempfile
-    from pathlib import Path
+def _deploy_rows(float_model, keras_models, x_test, y_test, float_acc, folder, say, verbose=True):
+    """Export the quantized models into `folder` and run each file in its runtime against its Keras model.
 
+    Returns:
+        `(rows, paths)`: the table rows, and `{artifact label: path}`.
+    """
     from keras_quant.analysis import compare_models
     from keras_quant.export import export_onnx, export_tflite
 
@@ -149,58 +187,68 @@ def _deploy_rows(float_model, keras_models, x_test, y_test, float_acc, out_dir, 
         ("16x8 PTQ -> TFLite int16x8", keras_models.get("16x8 PTQ"), "tflite", "int16x8", None),
         ("W8A8 QAT -> TFLite int8", keras_models.get("W8A8 QAT"), "tflite", "int8", "frozen"),
     ]
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(out_dir) if out_dir is not None else Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        for label, qmodel, fmt, mode, freeze in targets:
-            if qmodel is None:
-                continue
-            if freeze:
-                from keras_quant import qat
+    targets = [t for t in targets if t[1] is not None]
+    rows, paths = [], {}
+    bar = ProgressBar(len(targets), "export + runtime checks", enabled=verbose)
+    for label, qmodel, fmt, mode, freeze in targets:
+        if freeze:
+            from keras_quant import qat
 
-                qat.set_mode(qmodel, freeze)
-            name = label.split(" -> ")[-1].lower().replace(" ", "_")
-            path = folder / f"{label.split(' ->')[0].lower().replace(' ', '_')}_{name}.{fmt}"
-            t0 = time.perf_counter()
-            if fmt == "onnx":
-                export_onnx(qmodel, path)
-            else:
-                export_tflite(qmodel, path, mode=mode, input_type="float32", output_type="float32")
-            seconds = time.perf_counter() - t0
-            c = compare_models(qmodel, path, x_test, labels=y_test, latency_runs=30)
-            rows.append({
-                "artifact": label, "runtime": "onnxruntime" if fmt == "onnx" else "LiteRT",
-                "accuracy": c.candidate_accuracy, "drop": float_acc - c.candidate_accuracy,
-                "agreement": c.argmax_agreement, "max_diff_steps": c.max_diff_steps,
-                "size_kib": c.candidate_size_bytes / 1024, "latency_ms": 1e3 * c.candidate_latency_s,
-            })
-            say(f"{label}: exported in {seconds:.1f}s, accuracy {c.candidate_accuracy:.4f} in its runtime, "
-                f"agreement {c.argmax_agreement:.4f} with the Keras model")
-    return rows
+            qat.set_mode(qmodel, freeze)
+        name = label.split(" -> ")[-1].lower().replace(" ", "_")
+        path = folder / f"{label.split(' ->')[0].lower().replace(' ', '_')}_{name}.{fmt}"
+        t0 = time.perf_counter()
+        if fmt == "onnx":
+            export_onnx(qmodel, path)
+        else:
+            export_tflite(qmodel, path, mode=mode, input_type="float32", output_type="float32")
+        seconds = time.perf_counter() - t0
+        c = compare_models(qmodel, path, x_test, labels=y_test, latency_runs=30)
+        paths[label] = path
+        rows.append({
+            "artifact": label, "runtime": "onnxruntime" if fmt == "onnx" else "LiteRT",
+            "accuracy": c.candidate_accuracy, "drop": float_acc - c.candidate_accuracy,
+            "agreement": c.argmax_agreement, "max_diff_steps": c.max_diff_steps,
+            "size_kib": c.candidate_size_bytes / 1024, "latency_ms": 1e3 * c.candidate_latency_s,
+        })
+        bar.update()
+        say(f"{label}: exported in {seconds:.1f}s, accuracy {c.candidate_accuracy:.4f} in its runtime, "
+            f"agreement {c.argmax_agreement:.4f} with the Keras model")
+    bar.close()
+    return rows, paths
 
 
 def _accuracy(logits, labels):
     return float(np.mean(np.argmax(logits, axis=-1) == labels))
 
 
-def run(epochs=12, seed=0, calibration_samples=512, verbose=True, qat_epochs=3, out_dir=None):
-    """Train, quantize tensor by tensor, and return the three tables' rows.
+def run(epochs=None, seed=0, calibration_samples=512, verbose=True, qat_epochs=3, out_dir=None, dataset="auto",
+        report=None, analysis_samples=500):
+    """Train, quantize, export, analyse, and return the tables' rows.
 
     Args:
-        epochs: Training epochs on the digits data.
+        epochs: Training epochs (default: 12 on the digits, 3 on Fashion-MNIST).
         qat_epochs: Fine-tuning epochs of the QAT models (0: no QAT rows).
         seed: Seed for data split, initialisation and training.
         calibration_samples: Training samples fed to the observers.
         verbose: Print progress and the tables.
         out_dir: Folder for the exported files (default: a temporary folder, removed).
+        dataset: `"auto"` (Fashion-MNIST when installed, else the digits), `"fashion"` or `"digits"`.
+        report: Path of the HTML analysis report (TensorFlow backend), or None for none.
+        analysis_samples: Test samples the analysis (step 7) runs on.
 
     Returns:
-        A dict with `"weights"`, `"activations"`, `"accuracy"` and `"deployed"` row lists.
+        A dict with `"dataset"`, the `"weights"`, `"activations"`, `"accuracy"` and
+        `"deployed"` row lists, and `"analysis"` (`analyze_model`'s result, or None).
     """
+    import tempfile
+    from pathlib import Path
+
     say = print if verbose else (lambda *a, **k: None)
     keras.utils.set_random_seed(seed)
-    (x_train, y_train), (x_test, y_test) = datasets.load_digits(seed=seed)
+    (x_train, y_train), (x_test, y_test), data_name = load_data(dataset, seed=seed)
+    if epochs is None:
+        epochs = FASHION_EPOCHS if data_name == "fashion_mnist" else DIGITS_EPOCHS
     model = build_model(x_train.shape[1:])
     model.compile(
         optimizer=keras.optimizers.Adam(3e-3),
@@ -208,8 +256,11 @@ def run(epochs=12, seed=0, calibration_samples=512, verbose=True, qat_epochs=3, 
         metrics=["accuracy"],
     )
     t0 = time.perf_counter()
-    model.fit(x_train, y_train, epochs=epochs, batch_size=64, verbose=0)
-    say(f"trained {model.name} on digits ({len(x_train)} samples, {epochs} epochs) in {time.perf_counter() - t0:.1f}s")
+    bar = ProgressBar(steps(len(x_train), 64, epochs), f"training on {data_name}", enabled=verbose)
+    model.fit(x_train, y_train, epochs=epochs, batch_size=64, verbose=0, callbacks=[progress_callback(bar)])
+    bar.close()
+    say(f"trained {model.name} on {data_name} ({len(x_train)} samples, {epochs} epochs) in "
+        f"{time.perf_counter() - t0:.1f}s")
 
     # 1. Weights, tensor by tensor.
     weight_rows = []
@@ -293,12 +344,18 @@ def run(epochs=12, seed=0, calibration_samples=512, verbose=True, qat_epochs=3, 
     # 5. Quantization-aware training (any backend; calibration initialises the ranges on TensorFlow).
     if qat_epochs:
         acc_rows.extend(_qat_rows(model, calib, (x_train, y_train), (x_test, y_test), qat_epochs, float_acc, say,
-                                  keras_models))
+                                  keras_models, verbose))
 
-    # 6. Export, each artifact evaluated in its runtime.
-    deploy_rows = []
+    # 6. Export, each artifact evaluated in its runtime; 7. the analysis report (TensorFlow backend).
+    deploy_rows, analysis_out = [], None
     if keras.backend.backend() == "tensorflow":
-        deploy_rows = _deploy_rows(model, keras_models, x_test, y_test, float_acc, out_dir, say)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(out_dir) if out_dir is not None else Path(tmp)
+            folder.mkdir(parents=True, exist_ok=True)
+            deploy_rows, paths = _deploy_rows(model, keras_models, x_test, y_test, float_acc, folder, say, verbose)
+            analysis_out = _analysis(model, calib, x_test[:analysis_samples], y_test[:analysis_samples],
+                                     [paths[k] for k in ("W8A8 PTQ -> TFLite int8", "W8A8 PTQ -> ONNX QDQ") if k in paths],
+                                     report, verbose)
 
     say()
     say(text_table(weight_rows, ["layer", "shape", "scheme", "mse", "sqnr_db", "max_error"], "Weights"))
@@ -312,4 +369,35 @@ def run(epochs=12, seed=0, calibration_samples=512, verbose=True, qat_epochs=3, 
         say(text_table(deploy_rows, ["artifact", "runtime", "accuracy", "drop", "agreement", "max_diff_steps",
                                      "size_kib", "latency_ms"],
                        "Deployed artifacts, each run in its runtime against its Keras model (batch 1)"))
-    return {"weights": weight_rows, "activations": act_rows, "accuracy": acc_rows, "deployed": deploy_rows}
+    if analysis_out is not None:
+        rows = [{"layer": r["layer"], "w4a4_sensitivity": r["metric_change"]}
+                for r in analysis_out["sensitivity"]["ranking"]]
+        errors = analysis_out["layer_errors"]
+        for source, label in (("keras quantized", "w8a8_keras_sqnr_db"), ("w8a8_ptq_tflite_int8.tflite",
+                                                                          "w8a8_tflite_sqnr_db")):
+            by_name = {e["name"]: e["sqnr_db"] for e in errors.get(source, [])}
+            for row in rows:
+                row[label] = by_name.get(row["layer"])
+        mixed = analysis_out["mixed_precision"]
+        say()
+        say(text_table(rows, None, "Where accuracy goes: per-layer SQNR at W8A8 (Keras and the int8 file), "
+                                   "and the accuracy drop with only that layer at W4A4"))
+        say(f"mixed precision at W4A4 within {mixed['budget']:g}: float layers {mixed['high_precision'] or 'none'}, "
+            f"drop {mixed['metric_change']:.4f} ({'met' if mixed['met'] else 'NOT met'}), "
+            f"{mixed['size_bytes'] / 1024:.1f} KiB of weights ({mixed['float_size_bytes'] / 1024:.1f} KiB float)")
+        if analysis_out["report"]:
+            say(f"wrote the analysis report {analysis_out['report']}")
+    return {"dataset": data_name, "weights": weight_rows, "activations": act_rows, "accuracy": acc_rows,
+            "deployed": deploy_rows, "analysis": analysis_out}
+
+
+def _analysis(model, calib, x, y, artifacts, report, verbose):
+    """`analyze_model` of the W8A8 PTQ model (min-max ranges) and its files; the sensitivity ranking
+    and a half-point mixed-precision search at W4A4, where accuracy does go."""
+    from keras_quant.analysis.workflow import analyze_model
+    from keras_quant.config import QuantConfig
+
+    w4a4 = QuantConfig(weights=QuantSpec(bits=4, symmetric=True, granularity="per_channel"), activations=QuantSpec(bits=4))
+    return analyze_model(model, x, labels=y, config=QuantConfig.int8(), calibration_data=calib, artifacts=artifacts,
+                         budget=0.005, search_config=w4a4, report=report, title=f"keras_quant demo: {model.name}",
+                         verbose=1 if verbose else 0)

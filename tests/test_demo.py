@@ -11,10 +11,12 @@ from keras_quant.config import QuantSpec
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_quantized_models_keep_accuracy(capsys):
-    assert cli.main(["demo", "--epochs", "8", "--json"]) == 0
+def test_demo_runs_end_to_end_and_quantized_models_keep_accuracy(capsys, tmp_path):
+    report = tmp_path / "report.html"
+    assert cli.main(["demo", "--dataset", "digits", "--epochs", "8", "--json", "--report", str(report)]) == 0
     tables = json.loads(capsys.readouterr().out)
-    assert set(tables) == {"weights", "activations", "accuracy", "deployed"}
+    assert set(tables) == {"dataset", "weights", "activations", "accuracy", "deployed", "analysis"}
+    assert tables["dataset"] == "digits"
 
     acc = {row["scheme"]: row["accuracy"] for row in tables["accuracy"]}
     assert acc["float32"] > 0.85
@@ -45,8 +47,16 @@ def test_demo_runs_end_to_end_and_quantized_models_keep_accuracy(capsys):
                 assert row["max_diff_steps"] <= 2.0 + 1e-4, label
             assert row["accuracy"] >= acc["float32"] - 0.03, label
         assert deployed["W8A8 PTQ -> TFLite int8"]["size_kib"] < 0.35 * deployed["float -> TFLite float32"]["size_kib"]
+        # The analysis of the W8A8 PTQ model and its two files, written to the report.
+        analysis = tables["analysis"]
+        assert [c["source"] for c in analysis["comparisons"]] == [
+            "keras quantized", "w8a8_ptq_tflite_int8.tflite", "w8a8_ptq_onnx_qdq.onnx"]
+        assert set(analysis["layer_errors"]) == {"keras quantized", "w8a8_ptq_tflite_int8.tflite"}
+        assert analysis["sensitivity"]["ranking"] and analysis["mixed_precision"]["met"]
+        assert analysis["report"] == str(report) and "data:image/png;base64," in report.read_text()
     else:
-        assert tables["deployed"] == []
+        assert tables["deployed"] == [] and tables["analysis"] is None
+        assert not report.exists()
 
     tensors = {r["tensor"] for r in tables["activations"]}
     assert tensors == {"image", "conv1", "conv2", "pool", "flatten", "fc", "classifier"}
@@ -76,3 +86,20 @@ def test_simulated_forward_leaves_the_model_as_it_found_it(rng):
         demo._forward(model, x, weight_spec=w4)
     for w, b in zip(model.weights, before):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(w), b)
+
+
+def test_demo_data_is_fashion_mnist_when_installed_else_the_digits(monkeypatch):
+    from keras_quant import datasets
+    from keras_quant.errors import ConfigError
+
+    (x, y), (xt, yt), name = demo.load_data("digits")
+    assert name == "digits" and x.shape[1:] == (8, 8, 1) and len(xt) == len(yt)
+    if datasets.fashion_mnist_available():
+        (x, y), (xt, yt), name = demo.load_data("auto")
+        assert name == "fashion_mnist" and x.shape == (demo.FASHION_TRAIN, 28, 28, 1) and len(xt) == demo.FASHION_TEST
+    monkeypatch.setattr(datasets, "fashion_mnist_available", lambda *a, **k: False)
+    assert demo.load_data("auto")[2] == "digits"
+    with pytest.raises(ConfigError, match="dataset-fashion-mnist"):
+        demo.load_data("fashion")
+    with pytest.raises(ConfigError, match="dataset"):
+        demo.load_data("cifar")

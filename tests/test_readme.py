@@ -19,7 +19,8 @@ def test_readme_opens_with_main_job_and_test_commands():
     main, tests = _command("main job"), _command("tests")
     assert main and main in first_block
     assert tests and tests in first_block
-    assert "pip install" in main and "examples/quantize_tensors.py" in main
+    assert "pip install" in main and main.rstrip().endswith("keras-quant demo")
+    assert "dataset-fashion-mnist" in main  # the demo trains on Fashion-MNIST when Debian's package is there
     # .ci/run executes this line verbatim: it must install and then run pytest.
     assert "pip install" in tests and tests.rstrip().endswith("pytest -q")
     assert "dataset-fashion-mnist" in tests

@@ -387,7 +387,7 @@ class _Runner:
         self.models_built += 1
         out = self.evaluator.value(qmodel), model_size_bytes(qmodel)
         if bar is not None:
-            bar.add(1)
+            bar.update()
         return out
 
     def all_quantized(self, bar=None):
@@ -396,8 +396,10 @@ class _Runner:
             self.quantized = self.value(self.config, bar)
         return self.quantized[0]
 
-    def progbar(self, total):
-        return keras.utils.Progbar(total, verbose=self.verbose, unit_name="model") if self.verbose else None
+    def progbar(self, total, label):
+        from keras_quant.progress import ProgressBar
+
+        return ProgressBar(total, label) if self.verbose else None
 
 
 # Sensitivity -----------------------------------------------------------------------------
@@ -498,7 +500,7 @@ def sensitivity(model, calibration_data, eval_data, config=None, metric="accurac
 def _rank(runner, method):
     """The ranking of `runner`'s candidates (one model each, plus the all-quantized one if not yet scored)."""
     ev = runner.evaluator
-    bar = runner.progbar(len(runner.candidates) + (runner.quantized is None))
+    bar = runner.progbar(len(runner.candidates) + (runner.quantized is None), f"sensitivity ({method})")
     full_degradation = ev.degradation(runner.all_quantized(bar))
     values, changes = {}, []
     for i, candidate in enumerate(runner.candidates):
@@ -510,6 +512,8 @@ def _rank(runner, method):
         values[candidate.key] = value
         change = ev.degradation(value) if method == "quantize_one" else full_degradation - ev.degradation(value)
         changes.append((i, candidate.key, float(change)))
+    if bar is not None:
+        bar.close()
     changes.sort(key=lambda t: (-t[2], t[0]))
     return SensitivityRanking(
         [(name, change) for _, name, change in changes], method=method, metric=_metric_name(runner.metric),
@@ -670,7 +674,7 @@ def mixed_precision(model, calibration_data, eval_data, config=None, budget=0.01
         ranking = _rank(runner, "float_one")
     order = _ranking_order(ranking, runner.candidates)
     ev = runner.evaluator
-    bar = runner.progbar(len(order) + (runner.quantized is None))
+    bar = runner.progbar(len(order) + (runner.quantized is None), "mixed-precision search")
     change = ev.degradation(runner.all_quantized(bar))
     steps = [((), float(change), runner.quantized[1])]
     chosen, cfg = [], _copy_config(runner.config)
@@ -683,7 +687,7 @@ def mixed_precision(model, calibration_data, eval_data, config=None, budget=0.01
         change = ev.degradation(value)
         steps.append((tuple(c.key for c in chosen), float(change), size))
     if bar is not None:
-        bar.update(bar.target, finalize=True)
+        bar.close()
     return MixedPrecisionResult(
         config=cfg, high_precision=tuple(c.key for c in chosen), metric_change=float(change), budget=budget,
         met=bool(change <= budget), size_bytes=steps[-1][2], float_size_bytes=model_size_bytes(model),

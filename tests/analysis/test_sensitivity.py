@@ -384,7 +384,7 @@ def test_progress_bar_with_verbose(tiny_setup, capsys):
     model, calibration = tiny_setup
     ranking = kq.analysis.sensitivity(model, None, tiny_data(), metric="mse", calibration=calibration, verbose=1)
     assert sorted(ranking.layers) == ["d1", "d2"]
-    assert "3/3" in capsys.readouterr().out  # the all-quantized model and one per layer
+    assert "3/3" in capsys.readouterr().err  # the all-quantized model and one per layer
 
 
 @pytest.mark.tensorflow
