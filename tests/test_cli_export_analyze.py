@@ -138,8 +138,29 @@ def test_analyze_bad_arguments_are_one_line_errors(files, capsys, args, message)
     assert err.startswith("keras-quant: error:") and message in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("command", ["export", "analyze"])
-def test_help_through_the_installed_script(command):
-    done = subprocess.run([sys.executable, "-m", "keras_quant.cli", command, "--help"], capture_output=True, text=True,
+def test_help_of_both_commands(capsys):
+    """`--help` through the module entry point (a subprocess, as the installed script runs) and in process."""
+    done = subprocess.run([sys.executable, "-m", "keras_quant.cli", "export", "--help"], capture_output=True, text=True,
                           timeout=120)
-    assert done.returncode == 0 and f"usage: keras-quant {command}" in done.stdout
+    assert done.returncode == 0 and "usage: keras-quant export" in done.stdout and "--opset" in done.stdout
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["analyze", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: keras-quant analyze" in text and "--budget" in text and "--artifact" in text
+
+
+def test_calibrate_with_auto_then_analyze_with_that_calibration(files, capsys):
+    paths, folder = files
+    cal = folder / "auto.json"
+    out = run_json(["calibrate", paths["float"], "--data", paths["data"], "-o", str(cal), "--method", "auto",
+                    "--bits", "4"], capsys)
+    assert out["config"]["activations"]["observer"] == "auto"
+    result = kq.CalibrationResult.load(cal)
+    spec = kq.QuantSpec(bits=4, observer="auto")
+    choices = {name: result[name].choose_method(spec).method for name in result.layer_names}
+    assert set(choices.values()) <= {"minmax", "percentile", "mse", "kl"}
+    out = run_json(["analyze", paths["float"], "--data", paths["data"], "--calibration", str(cal), "--bits", "4",
+                    "--method", "auto", "--no-sensitivity"], capsys)
+    assert out["methods"]["choices"] == {k: v for k, v in choices.items() if k in out["methods"]["choices"]}
+    assert out["sensitivity"] is None and out["report"] is None

@@ -114,8 +114,10 @@ def analyze_model(model, data, labels=None, config=None, calibration=None, calib
             out["layer_errors"][name] = errors[name].to_dict()["layers"]
         bar.update()
     bar.close()
+    method_comparison = None
     if methods:
-        out["methods"] = analysis.compare_methods(calibration, spec=config.activations).to_dict()
+        method_comparison = analysis.compare_methods(calibration, spec=config.activations)
+        out["methods"] = method_comparison.to_dict()
     metric = "accuracy" if labels is not None else "mse"
     eval_data = (data, labels) if labels is not None else data
     search_config = config if search_config is None else search_config
@@ -132,12 +134,12 @@ def analyze_model(model, data, labels=None, config=None, calibration=None, calib
                                          verbose=verbose)
         out["mixed_precision"] = mixed.to_dict()
     if report is not None:
-        out["report"] = _write_report(report, title or f"keras_quant analysis of {model.name}", model, calibration,
-                                      config, out, errors, mixed, max_layers)
+        out["report"] = _write_report(report, title or f"keras_quant analysis of {model.name}", calibration, config,
+                                      out, errors, method_comparison, mixed, max_layers)
     return to_jsonable(out)
 
 
-def _write_report(path, title, model, calibration, config, out, errors, mixed, max_layers):
+def _write_report(path, title, calibration, config, out, errors, method_comparison, mixed, max_layers):
     from keras_quant.analysis import plots
     from keras_quant.analysis.report import Report
 
@@ -154,9 +156,14 @@ def _write_report(path, title, model, calibration, config, out, errors, mixed, m
         for source, rows in out["layer_errors"].items():
             report.add_text(source)
             report.add_table(rows)
-    if out["methods"] is not None:
-        report.add_heading("Range methods per layer (auto picks the lowest error)")
-        report.add_table(out["methods"]["layers"])
+    if method_comparison is not None:
+        report.add_heading(f"Range methods per layer at {config.activations.bits} bits (auto picks the lowest error)")
+        table = {m: {layer: method_comparison.sqnr(layer, m) for layer in method_comparison.layers}
+                 for m in method_comparison.methods}
+        report.add_image(plots.error_heatmap(table, title="Expected SQNR of each layer's output (dB)"),
+                         "Each range method's SQNR per layer, from the calibration histograms", name="methods_sqnr")
+        report.add_table([{"layer": d["name"], **{f"{m}_sqnr_db": d[f"{m}_sqnr_db"] for m in method_comparison.methods},
+                           "choice": d["choice"]} for d in out["methods"]["layers"]])
     if out["sensitivity"] is not None:
         report.add_heading("Sensitivity: metric change with only that layer quantized")
         report.add_table(out["sensitivity"]["ranking"])

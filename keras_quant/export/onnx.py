@@ -60,6 +60,31 @@ def _initializers(model):
     return {init.name: init for init in model.graph.initializer}
 
 
+def _drop_unread_initializers(proto):
+    """Remove the initializers no node reads any more (after a rewrite replaced them)."""
+    read = {i for n in proto.graph.node for i in n.input}
+    keep = [init for init in proto.graph.initializer if init.name in read]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+
+
+def _uint8_copies(proto, suffix):
+    """`copy(name)`: the name of a uint8 initializer holding int8 initializer `name` + 128 (made once)."""
+    from onnx import numpy_helper
+
+    inits, made = _initializers(proto), {}
+
+    def copy(name):
+        if name not in made:
+            q = numpy_helper.to_array(inits[name]).astype("int16") + 128
+            tensor = numpy_helper.from_array(q.astype("uint8"), name + suffix)
+            proto.graph.initializer.append(tensor)
+            made[name] = tensor.name
+        return made[name]
+
+    return copy
+
+
 def _int4_weights(model, infos):
     """Rewrite the int8 initializers holding sub-8-bit weights as INT4 (opset >= 21); returns the layers."""
     import ml_dtypes
@@ -101,11 +126,7 @@ def _int4_weights(model, infos):
                 node.input[2] = zt.name
             done.append(info.layer)
             break
-    # Drop initializers nothing reads any more.
-    read = {i for n in model.graph.node for i in n.input}
-    keep = [init for init in model.graph.initializer if init.name in read]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    _drop_unread_initializers(model)
     return done
 
 
@@ -178,15 +199,7 @@ def _activations_to_uint8(proto):
     for node in graph.node:
         for name in node.input:
             consumers[name].append(node)
-    made, count = {}, 0
-
-    def uint8_zero_point(name):
-        if name not in made:
-            zp = numpy_helper.to_array(inits[name]).astype("int16") + 128
-            tensor = numpy_helper.from_array(zp.astype("uint8"), name + "_u8")
-            graph.initializer.append(tensor)
-            made[name] = tensor.name
-        return made[name]
+    uint8_zero_point, count = _uint8_copies(proto, "_u8"), 0
 
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or len(node.input) < 3 or node.input[2] not in inits:
@@ -202,10 +215,7 @@ def _activations_to_uint8(proto):
         for u in users:
             u.input[2] = zp
         count += 1
-    read = {i for n in graph.node for i in n.input}
-    keep = [init for init in graph.initializer if init.name in read]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    _drop_unread_initializers(proto)
     return count
 
 
@@ -225,15 +235,7 @@ def _weights_to_uint8(proto):
 
     graph = proto.graph
     inits = _initializers(proto)
-    made, count = {}, 0
-
-    def shifted(name):
-        if name not in made:
-            q = numpy_helper.to_array(inits[name]).astype("int16") + 128
-            tensor = numpy_helper.from_array(q.astype("uint8"), name + "_u8w")
-            graph.initializer.append(tensor)
-            made[name] = tensor.name
-        return made[name]
+    shifted, count = _uint8_copies(proto, "_u8w"), 0
 
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in inits or len(node.input) < 3:
@@ -243,10 +245,7 @@ def _weights_to_uint8(proto):
             continue  # not an int8 weight, or one that cannot saturate int16 (a 7-bit or narrower grid)
         node.input[0], node.input[2] = shifted(node.input[0]), shifted(node.input[2])
         count += 1
-    read = {i for n in graph.node for i in n.input}
-    keep = [init for init in graph.initializer if init.name in read]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    _drop_unread_initializers(proto)
     return count
 
 
