@@ -38,7 +38,8 @@ from keras_quant.analysis.sensitivity import (
     sensitivity,
 )
 from keras_quant.analysis.tensorboard import QuantizationTensorBoard
+from keras_quant.analysis.workflow import analyze_model
 
 __all__ = list(error.__all__) + list(compare.__all__) + list(layers.__all__) + list(methods.__all__)
-__all__ += ["plots", "report", "tensorboard", "Report", "QuantizationTensorBoard"]
+__all__ += ["plots", "report", "tensorboard", "Report", "QuantizationTensorBoard", "analyze_model"]
 __all__ += ["sensitivity", "mixed_precision", "SensitivityRanking", "MixedPrecisionResult", "model_size_bytes"]
