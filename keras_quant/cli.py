@@ -222,16 +222,6 @@ def _cmd_export(args):
     return 0
 
 
-def analysis_config(bits=8, method="minmax", symmetric=False, per_tensor=False):
-    """The `kq.QuantConfig` of `keras-quant analyze`: int8 per-channel weights (per tensor with
-    `per_tensor`), `bits`-bit per-tensor activations with the `method` observer."""
-    from keras_quant.config import QuantConfig, QuantSpec
-
-    weights = QuantSpec(bits=8, symmetric=True, narrow_range=True,
-                        granularity="per_tensor" if per_tensor else "per_channel")
-    return QuantConfig(weights=weights, activations=QuantSpec(bits=bits, symmetric=symmetric, observer=method))
-
-
 def _cmd_analyze(args):
     from keras_quant.analysis.workflow import analyze_model
     from keras_quant.calibration import CalibrationResult
@@ -246,7 +236,7 @@ def _cmd_analyze(args):
     data, labels = _load_eval_data(args.data, model, args.samples)
     calibration = CalibrationResult.load(args.calibration) if args.calibration else None
     quantized = _load_model(args.quantized) if args.quantized else None
-    config = analysis_config(args.bits, args.method, args.symmetric, args.per_tensor)
+    config = calibration_config(args.bits, args.method, args.symmetric, per_channel=not args.per_tensor)
     out = analyze_model(model, data, labels=labels, config=config, calibration=calibration, quantized=quantized,
                         artifacts=args.artifact, sensitivity=not args.no_sensitivity, budget=args.budget,
                         report=args.output, batch_size=args.batch_size, verbose=0 if args.json else 1)
