@@ -20,7 +20,7 @@ an accuracy-vs-size chart, into one self-contained HTML file (`report=`).
 Example:
 
 >>> out = analyze_model(model, x_val, labels=y_val, report="report.html")  # doctest: +SKIP
->>> out["sensitivity"][0]                                                    # doctest: +SKIP
+>>> out["sensitivity"]["ranking"][0]                                         # doctest: +SKIP
 """
 
 import os
@@ -90,13 +90,17 @@ def analyze_model(model, data, labels=None, config=None, calibration=None, calib
     enabled = bool(verbose)
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0):
         raise ConfigError("budget", budget, "budget must be a number >= 0 (the metric change allowed)")
-    if calibration is None:
-        x_cal = data if calibration_data is None else calibration_data
-        bar = ProgressBar(steps(_num_samples(x_cal), batch_size), "calibrating", enabled=enabled)
-        callback = CalibrationCallback(config=config)
+    x_cal = data if calibration_data is None else calibration_data
+
+    def calibrate(cfg, label):
+        bar = ProgressBar(steps(_num_samples(x_cal), batch_size), label, enabled=enabled)
+        callback = CalibrationCallback(config=cfg)
         model.predict(x_cal, batch_size=batch_size, callbacks=[callback, progress_callback(bar)], verbose=0)
         bar.close()
-        calibration = callback.result
+        return callback.result
+
+    if calibration is None:
+        calibration = calibrate(config, "calibrating")
     if quantized is None:
         quantized = quantize_model(model, config, calibration=calibration)
 
@@ -121,15 +125,16 @@ def analyze_model(model, data, labels=None, config=None, calibration=None, calib
     metric = "accuracy" if labels is not None else "mse"
     eval_data = (data, labels) if labels is not None else data
     search_config = config if search_config is None else search_config
-    search_calibration = calibration if search_config is config else None
-    x_search = data if calibration_data is None else calibration_data
-    if sensitivity or budget is not None:
-        ranking = analysis.sensitivity(model, x_search, eval_data, config=search_config, metric=metric,
+    search_calibration = None
+    if sensitivity or budget is not None:  # one calibration serves the ranking and the search
+        search_calibration = calibration if search_config is config else calibrate(search_config, "calibrating (search)")
+    if sensitivity:
+        ranking = analysis.sensitivity(model, None, eval_data, config=search_config, metric=metric,
                                        calibration=search_calibration, batch_size=batch_size, verbose=verbose)
         out["sensitivity"] = ranking.to_dict()
     mixed = None
     if budget is not None:
-        mixed = analysis.mixed_precision(model, x_search, eval_data, config=search_config, budget=budget,
+        mixed = analysis.mixed_precision(model, None, eval_data, config=search_config, budget=budget,
                                          metric=metric, calibration=search_calibration, batch_size=batch_size,
                                          verbose=verbose)
         out["mixed_precision"] = mixed.to_dict()
