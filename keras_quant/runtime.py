@@ -379,15 +379,19 @@ class TFLiteRunner(Runner):
         name: A label.
         num_threads: Interpreter threads; None lets LiteRT decide.
         path: The file it came from, if any.
+        preserve_all_tensors: Keep every intermediate tensor readable after
+            `invoke` (LiteRT's debugging mode; more memory).
     """
 
     kind = "tflite"
 
-    def __init__(self, content, name="tflite", num_threads=None, path=None):
+    def __init__(self, content, name="tflite", num_threads=None, path=None, preserve_all_tensors=False):
         Interpreter, self._schema = _litert()
         self._content = bytes(content)
         self.path = None if path is None else pathlib.Path(path)
         kwargs = {} if num_threads is None else {"num_threads": int(num_threads)}
+        if preserve_all_tensors:  # every intermediate tensor stays readable (kq.analysis.layer_errors)
+            kwargs["experimental_preserve_all_tensors"] = True
         self.interpreter = Interpreter(model_content=self._content, **kwargs)
         self.interpreter.allocate_tensors()
         self._inputs = self.interpreter.get_input_details()

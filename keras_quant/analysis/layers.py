@@ -274,10 +274,7 @@ class _TensorRunner(runtime.TFLiteRunner):
     """A `TFLiteRunner` whose interpreter keeps every intermediate tensor readable."""
 
     def __init__(self, content, name):
-        super().__init__(content, name=name)
-        interpreter_cls, _ = runtime._litert()
-        self.interpreter = interpreter_cls(model_content=self._content, experimental_preserve_all_tensors=True)
-        self.interpreter.allocate_tensors()
+        super().__init__(content, name=name, preserve_all_tensors=True)
         self.details = {d["index"]: d for d in self.interpreter.get_tensor_details()}
 
     def run_all(self, xs, indices, batch_size):
