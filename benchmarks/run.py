@@ -4,8 +4,9 @@
 
 Discovers `benchmarks/bench_*.py`; each module exposes `run(quick: bool) -> dict`
 with a `"rows"` list of flat dicts (one table row each), optional `"notes"`
-(a string or a list of strings) and optional `"tables"` (`{title: rows}`, more
-tables under the first). Writes `<out>/<YYYY-MM-DD>.json` and
+(a string or a list of strings), optional `"tables"` (`{title: rows}`, more
+tables under the first) and optional `"figures"` (`{title: PNG bytes}`, written
+as `<out>/<YYYY-MM-DD>-<name>-<title>.png` and shown in the markdown). Writes `<out>/<YYYY-MM-DD>.json` and
 `<out>/<YYYY-MM-DD>.md` (one markdown table per benchmark) atomically, with a
 description of the machine. A benchmark that raises is recorded with its error
 and the others still run; the exit status is then 1.
@@ -22,7 +23,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -32,7 +32,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
-from keras_quant.formatting import markdown_table, to_jsonable  # noqa: E402  (after the path set-up)
+from keras_quant.calibration.result import write_atomic as _write_atomic  # noqa: E402  (after the path set-up)
+from keras_quant.formatting import markdown_table, to_jsonable  # noqa: E402
 DEFAULT_OUT = HERE / "results"
 PREFIX = "bench_"
 SCHEMA = 1
@@ -132,26 +133,12 @@ def machine_info():
 
 
 # Output -----------------------------------------------------------------------------
-def write_atomic(path, text):
-    """Write `text` to `path` through a temporary file in the same folder and `os.replace`."""
+def write_atomic(path, data):
+    """Write `data` (text or bytes) to `path` atomically: keras_quant's writer (temp file, fsync,
+    rename), after creating the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    _write_atomic(path, data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def _notes(notes):
@@ -184,6 +171,8 @@ def render_markdown(report):
         out.append(markdown_table(result.get("rows", [])))
         for title, rows in (result.get("tables") or {}).items():
             out += [f"### {title}", "", markdown_table(rows)]
+        for title, filename in (result.get("figures") or {}).items():
+            out += [f"![{title}]({filename})", ""]
         for note in _notes(result.get("notes")):
             out.append(f"- {note}")
         if result.get("seconds") is not None:
@@ -233,6 +222,13 @@ def run_all(only=None, quick=False, out_dir=DEFAULT_OUT, bench_dir=HERE, date=No
         log(f"[{name}] {status} in {result['seconds']:.1f} s")
         if result.get("error"):
             log(result["error"])
+        figures = result.pop("figures", None) or {}
+        if figures:  # PNG bytes -> <date>-<benchmark>-<figure>.png beside the results
+            result["figures"] = {}
+            for title, data in figures.items():
+                filename = f"{date}-{name}-{title}.png"
+                write_atomic(out_dir / filename, data)
+                result["figures"][title] = filename
         benchmarks[name] = result
 
     report = {"schema": SCHEMA, "date": date, "machine": machine_info(), "benchmarks": benchmarks}

@@ -106,3 +106,27 @@ def test_write_atomic_replaces_whole_file(runner, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["f.md"]
 
 
+
+
+FIGURE = '''
+def run(quick):
+    return {"rows": [{"name": "a"}], "figures": {"chart": b"\\x89PNG fake bytes"}}
+'''
+
+
+def test_figures_are_written_beside_the_results_and_linked(runner, bench_dir, tmp_path):
+    (bench_dir / "bench_pic.py").write_text(FIGURE)
+    out = tmp_path / "results"
+    report = runner.run_all(only=["pic"], out_dir=out, bench_dir=bench_dir, date="2000-01-02", log=lambda *a: None)
+    assert report["benchmarks"]["pic"]["figures"] == {"chart": "2000-01-02-pic-chart.png"}
+    assert (out / "2000-01-02-pic-chart.png").read_bytes() == b"\x89PNG fake bytes"
+    data = json.loads((out / "2000-01-02.json").read_text())
+    assert data["benchmarks"]["pic"]["figures"] == {"chart": "2000-01-02-pic-chart.png"}  # the name, not the bytes
+    assert "![chart](2000-01-02-pic-chart.png)" in (out / "2000-01-02.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["2000-01-02-pic-chart.png", "2000-01-02.json", "2000-01-02.md"]
+
+
+def test_write_atomic_takes_bytes(runner, tmp_path):
+    path = tmp_path / "f.bin"
+    runner.write_atomic(path, b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01"
