@@ -121,6 +121,10 @@ class QuantSpec:
             sets the calibration (PTQ) range; in QAT every observer, `auto`
             included, starts from the calibration's range when one is given
             and then follows the moving min / max of the batches.
+            For weights, `"mse"` and `"auto"` search each channel's (group's,
+            tensor's) clipping range for the least quantization MSE
+            (`kq.ops.weight_range`), at quantization and, in QAT, at every
+            step; every other observer takes the weights' min-max.
         learnable: If True, the step size (and the offset, if asymmetric) is
             trained with LSQ.
         stochastic_rounding: Round up with probability equal to the fractional

@@ -286,7 +286,7 @@ class QATQuantizer:
 
     def _base_qparams(self, x, state, training, observe, slot):
         if self.role == "weight":
-            scale, zp = kq_ops.tensor_qparams(ops.stop_gradient(ops.cast(x, "float32")), self.spec)
+            scale, zp = kq_ops.weight_qparams(ops.stop_gradient(ops.cast(x, "float32")), self.spec)
         else:
             scale, zp = self._observed_activation(x, state, training, observe, slot)
         zp = ops.cast(zp, "float32")

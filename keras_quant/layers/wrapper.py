@@ -245,10 +245,14 @@ class QuantizeWrapper(keras.layers.Wrapper):
         self.observe_weights()
 
     def observe_weights(self):
-        """Set each weight quantizer's range from the weights' current (folded) values (min-max)."""
+        """Set each weight quantizer's range from the weights' current (folded) values.
+
+        Min-max, or for a weight spec with `observer="mse"` / `"auto"` the
+        clipped range of least quantization error (`kq.ops.weight_range`).
+        """
         values = self.float_weights()
         for name, state in self._weight_state.items():
-            scale, zero_point = kq_ops.tensor_qparams(values[name], self.weight_specs[name])
+            scale, zero_point = kq_ops.weight_qparams(values[name], self.weight_specs[name])
             self._set_range(self.weight_quantizers[name], state, scale, zero_point)
 
     def _set_range(self, quantizer, state, scale, zero_point):
@@ -326,7 +330,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         out = {}
         for name, state in self._weight_state.items():
             if following and not self.weight_specs[name].learnable:
-                out[name] = kq_ops.tensor_qparams(values[name], self.weight_specs[name])
+                out[name] = kq_ops.weight_qparams(values[name], self.weight_specs[name])
             else:
                 out[name] = self.weight_quantizers[name].qparams(state)
         return out

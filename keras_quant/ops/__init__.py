@@ -17,6 +17,8 @@ from keras_quant.ops.core import (
     tensor_qparams,
     tensor_range,
     to_groups,
+    weight_qparams,
+    weight_range,
 )
 from keras_quant.ops.lsq import lsq_fake_quant, lsq_grad_scale, scale_gradient
 
@@ -31,6 +33,8 @@ __all__ = [
     "scale_gradient",
     "tensor_range",
     "tensor_qparams",
+    "weight_range",
+    "weight_qparams",
     "param_shape",
     "channel_axis",
     "to_groups",

@@ -38,6 +38,10 @@ __all__ = [
     "fake_quant",
     "tensor_range",
     "tensor_qparams",
+    "weight_range",
+    "weight_qparams",
+    "WEIGHT_SEARCH_OBSERVERS",
+    "WEIGHT_SEARCH_RATIOS",
     "round_half_up",
     "param_shape",
     "channel_axis",
@@ -323,5 +327,75 @@ def tensor_range(x, spec):
 
 
 def tensor_qparams(x, spec):
-    """`compute_qparams` on the min-max range of `x` (what weights use)."""
+    """`compute_qparams` on the min-max range of `x`."""
     return compute_qparams(*tensor_range(x, spec), spec)
+
+
+# Weight observers that search the clipping range; every other observer takes
+# the weights' min-max (weights are known exactly: there is no distribution to
+# estimate, and percentile / KL / mean-std ranges are activation estimators).
+WEIGHT_SEARCH_OBSERVERS = ("mse", "auto")
+# Candidate ranges: the min-max range shrunk by these factors, 1.0 first (so a
+# tie keeps min-max), down to 0.22 in steps of 0.02.
+WEIGHT_SEARCH_RATIOS = tuple(round(1.0 - 0.02 * k, 2) for k in range(40))
+
+
+def _mean_per_range(v, spec):
+    """Mean of `v` (shaped like the quantized tensor) over what one range covers."""
+    if spec.granularity == "per_tensor":
+        return ops.mean(v)
+    if spec.granularity == "per_channel":
+        axis = channel_axis(spec, len(v.shape))
+        return ops.mean(v, axis=tuple(i for i in range(len(v.shape)) if i != axis))
+    grouped, _ = to_groups(v, spec)
+    return ops.mean(grouped, axis=-1)
+
+
+def weight_range(x, spec, ratios=WEIGHT_SEARCH_RATIOS):
+    """The range a weight tensor is quantized over, per the spec's `observer`.
+
+    `"mse"` and `"auto"` search, independently for each range of the spec's
+    granularity (tensor, channel or group), the min-max range shrunk by one of
+    `ratios` whose quantize-dequantize has the least mean squared error on `x`
+    (ties keep the wider range; 1.0, min-max itself, is a candidate, so the
+    error is never above min-max's). At 4 bits and below this clips the few
+    largest weights of a channel to give the others finer steps. Every other
+    observer gives the min-max range (`tensor_range`).
+
+    Args:
+        x: The weights.
+        spec: The `kq.QuantSpec`.
+        ratios: The shrink factors tried (each in (0, 1]).
+
+    Returns:
+        `(min, max)`: scalars, `(C,)` or `(C, G)` float32 tensors.
+    """
+    _check_spec(spec)
+    x = ops.cast(_float(x), "float32")
+    lo, hi = tensor_range(x, spec)
+    if spec.observer not in WEIGHT_SEARCH_OBSERVERS:
+        return lo, hi
+    plain = spec.replace(stochastic_rounding=False)
+
+    def error(r):
+        scale, zero_point = compute_qparams(lo * r, hi * r, plain)
+        x_hat = _apply(x, scale, zero_point, plain, lambda v, s, z: (_quantize_float(v, s, z, plain, None) - z) * s)
+        return _mean_per_range(ops.square(x_hat - x), plain)
+
+    best_r, best_err = None, None
+    for r in ratios:
+        if not 0.0 < float(r) <= 1.0:
+            raise ConfigError("ratios", ratios, "every shrink factor must be in (0, 1]")
+        err = error(float(r))
+        if best_err is None:
+            best_r, best_err = ops.full(ops.shape(err), float(r), "float32"), err
+            continue
+        better = ops.less(err, best_err)
+        best_r = ops.where(better, float(r), best_r)
+        best_err = ops.where(better, err, best_err)
+    return lo * best_r, hi * best_r
+
+
+def weight_qparams(x, spec):
+    """`compute_qparams` on `weight_range(x, spec)`: what PTQ and QAT weight quantizers use."""
+    return compute_qparams(*weight_range(x, spec), spec)
