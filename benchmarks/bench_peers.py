@@ -210,12 +210,14 @@ class Artifact(dict):
 
 
 def kq_config(observer, scheme, lsq=False):
-    """keras_quant's specs for `scheme`: per-channel symmetric narrow weights, per-tensor asymmetric activations."""
+    """keras_quant's specs for `scheme` and `observer`: per-channel symmetric narrow weights, per-tensor asymmetric activations."""
     import keras_quant as kq
 
     wbits, abits = SCHEMES[scheme]
+    # The observer applies to the weights too: mse / auto search each channel's clipping range
+    # (`kq.ops.weight_range`); minmax, percentile and kl take the weights' min-max.
     weights = kq.QuantSpec(bits=wbits, symmetric=True, granularity="per_channel", narrow_range=True,
-                           learnable=lsq)
+                           observer=observer, learnable=lsq)
     return kq.QuantConfig(weights=weights, activations=kq.QuantSpec(bits=abits, observer=observer, learnable=lsq))
 
 
@@ -784,8 +786,10 @@ def run(quick: bool, log=None) -> dict:
         "Drops are in accuracy points from the Keras float model on the test split; `*_vs_converter` are ratios "
         "to the TFLite converter's own int8 file of the same model in the same run (latency: median over rounds "
         "of per-round ratios, batch 1, 1 thread).",
-        f"Targets judge {KQ_HEADLINE} (observer='auto') and, beside it, kq's default minmax; weights are "
-        "per-channel min-max for every kq contender (the observer is the activations').",
+        f"Targets judge {KQ_HEADLINE} (observer='auto') and, beside it, kq's default minmax. The observer is "
+        "the weights' too: mse and auto search each channel's clipping range for the least error "
+        "(kq.ops.weight_range), minmax / percentile / kl take the weights' min-max. QAT starts from the minmax "
+        "calibration with min-max weights.",
         "keras_quantize is Keras' model.quantize: Dense layers only (convolutions stay float), activations "
         "quantized at run time, run in Keras, so its latency is Keras' predict_on_batch, not an interpreter's.",
         "ORT W8A8 uses uint8 weights (U8U8): onnxruntime's int8-weight kernels saturate on x86 CPUs without "
