@@ -340,15 +340,21 @@ WEIGHT_SEARCH_OBSERVERS = ("mse", "auto")
 WEIGHT_SEARCH_RATIOS = tuple(round(1.0 - 0.02 * k, 2) for k in range(40))
 
 
-def _mean_per_range(v, spec):
-    """Mean of `v` (shaped like the quantized tensor) over what one range covers."""
+# Elements (candidates x weights) the search evaluates at once: bounds its memory
+# (64 MiB of float32) whatever the layer's size.
+_SEARCH_CHUNK_ELEMENTS = 1 << 24
+
+
+def _columns(x, spec):
+    """`x` as `(N, R)`: one column per range of the spec (R = 1, C or C * G)."""
     if spec.granularity == "per_tensor":
-        return ops.mean(v)
+        return ops.reshape(x, (-1, 1))
     if spec.granularity == "per_channel":
-        axis = channel_axis(spec, len(v.shape))
-        return ops.mean(v, axis=tuple(i for i in range(len(v.shape)) if i != axis))
-    grouped, _ = to_groups(v, spec)
-    return ops.mean(grouped, axis=-1)
+        moved = ops.moveaxis(x, channel_axis(spec, len(x.shape)), -1)
+        return ops.reshape(moved, (-1, moved.shape[-1]))
+    grouped, _ = to_groups(x, spec)  # (C, G, g)
+    channels, groups, size = grouped.shape
+    return ops.transpose(ops.reshape(grouped, (channels * groups, size)))
 
 
 def weight_range(x, spec, ratios=WEIGHT_SEARCH_RATIOS):
@@ -357,10 +363,12 @@ def weight_range(x, spec, ratios=WEIGHT_SEARCH_RATIOS):
     `"mse"` and `"auto"` search, independently for each range of the spec's
     granularity (tensor, channel or group), the min-max range shrunk by one of
     `ratios` whose quantize-dequantize has the least mean squared error on `x`
-    (ties keep the wider range; 1.0, min-max itself, is a candidate, so the
-    error is never above min-max's). At 4 bits and below this clips the few
-    largest weights of a channel to give the others finer steps. Every other
-    observer gives the min-max range (`tensor_range`).
+    (ties go to the earliest ratio; with the default ratios that is the widest,
+    1.0 being min-max itself, so the error is never above min-max's). At 4 bits
+    and below this clips the few largest weights of a channel to give the
+    others finer steps. Every other observer gives the min-max range
+    (`tensor_range`). The candidates are evaluated together, in chunks of
+    bounded size, so the search is a handful of ops in a compiled step.
 
     Args:
         x: The weights.
@@ -375,24 +383,30 @@ def weight_range(x, spec, ratios=WEIGHT_SEARCH_RATIOS):
     lo, hi = tensor_range(x, spec)
     if spec.observer not in WEIGHT_SEARCH_OBSERVERS:
         return lo, hi
-    plain = spec.replace(stochastic_rounding=False)
-
-    def error(r):
-        scale, zero_point = compute_qparams(lo * r, hi * r, plain)
-        x_hat = _apply(x, scale, zero_point, plain, lambda v, s, z: (_quantize_float(v, s, z, plain, None) - z) * s)
-        return _mean_per_range(ops.square(x_hat - x), plain)
-
-    best_r, best_err = None, None
-    for r in ratios:
-        if not 0.0 < float(r) <= 1.0:
-            raise ConfigError("ratios", ratios, "every shrink factor must be in (0, 1]")
-        err = error(float(r))
+    ratios = [float(r) for r in ratios]
+    if not ratios or not all(0.0 < r <= 1.0 for r in ratios):
+        raise ConfigError("ratios", ratios, "shrink factors must be a non-empty list of values in (0, 1]")
+    cols = _columns(x, spec)  # (N, R)
+    n = max(int(cols.shape[0]), 1)
+    flat_lo, flat_hi = ops.reshape(lo, (1, -1)), ops.reshape(hi, (1, -1))  # (1, R)
+    chunk = max(1, _SEARCH_CHUNK_ELEMENTS // (n * max(int(cols.shape[1]), 1)))
+    best_r = best_err = None
+    for start in range(0, len(ratios), chunk):
+        r = ops.convert_to_tensor(np.asarray(ratios[start : start + chunk], "float32")[:, None])  # (k, 1)
+        scale, zero_point = compute_qparams(flat_lo * r, flat_hi * r, spec)  # (k, R)
+        s, z = scale[:, None, :], ops.cast(zero_point, "float32")[:, None, :]
+        q = ops.clip(round_half_up(cols[None] / s) + z, float(spec.qmin), float(spec.qmax))
+        err = ops.mean(ops.square((q - z) * s - cols[None]), axis=1)  # (k, R)
+        low = ops.min(err, axis=0)
+        k = err.shape[0]
+        first = ops.min(ops.where(ops.less_equal(err, low[None]), ops.arange(k, dtype="int32")[:, None], k), axis=0)
+        chunk_r = ops.take(ops.reshape(r, (-1,)), first)
         if best_err is None:
-            best_r, best_err = ops.full(ops.shape(err), float(r), "float32"), err
-            continue
-        better = ops.less(err, best_err)
-        best_r = ops.where(better, float(r), best_r)
-        best_err = ops.where(better, err, best_err)
+            best_r, best_err = chunk_r, low
+        else:  # an earlier chunk wins ties
+            better = ops.less(low, best_err)
+            best_r, best_err = ops.where(better, chunk_r, best_r), ops.where(better, low, best_err)
+    best_r = ops.reshape(best_r, ops.shape(lo))
     return lo * best_r, hi * best_r
 
 
