@@ -304,16 +304,22 @@ def _predict_cb(model, x, observer):
 
 # Memory --------------------------------------------------------------------------------
 class PeakRSS:
-    """Samples the process RSS in a background thread; `peak - start` is the growth."""
+    """Samples the process RSS in a background thread; `peak - start` is the growth.
 
-    def __init__(self, interval=0.005):
+    `collect=False` skips the `gc.collect()` on entry (it takes about a second in a process that
+    holds many TensorFlow graphs; bench_peers measures dozens of files).
+    """
+
+    def __init__(self, interval=0.005, collect=True):
         import psutil
 
         self._proc = psutil.Process()
         self.interval = interval
+        self.collect = collect
 
     def __enter__(self):
-        gc.collect()
+        if self.collect:
+            gc.collect()
         self.start = self.peak = self._proc.memory_info().rss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)

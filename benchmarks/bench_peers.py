@@ -201,7 +201,7 @@ def _error_text(exc, limit=300):
 def peak_rss():
     import bench_calibration
 
-    return bench_calibration.PeakRSS()
+    return bench_calibration.PeakRSS(collect=False)
 
 
 # Contenders ----------------------------------------------------------------------------
