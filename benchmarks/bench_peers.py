@@ -679,7 +679,11 @@ def summary_rows(rows, float_rows):
 
 
 def drop_chart(rows, float_rows):
-    """PNG bytes: accuracy drop per contender (bars) and scheme (colour), one panel per dataset / model."""
+    """PNG bytes: accuracy drop per contender (bars) and scheme (colour), one panel per dataset / model.
+
+    Every bar is labelled with its value; an `x` on the axis marks a scheme the contender ran
+    and failed (its error is in the tables); no mark: the contender does not offer the scheme.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -689,31 +693,56 @@ def drop_chart(rows, float_rows):
     contenders = [c for c in dict.fromkeys(r["contender"] for r in rows) if c not in ("float32", "float_finetuned")]
     schemes = list(SCHEMES)
     colors = {"W8A8": "#4c72b0", "W4A8": "#dd8452", "W4A4": "#c44e52"}
-    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 2.6 * len(panels) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(13, 2.8 * len(panels) + 0.8), squeeze=False)
     width = 0.8 / len(schemes)
     for ax, (d, m) in zip(axes[:, 0], panels):
+        heights = []
         for j, scheme in enumerate(schemes):
             xs, hs = [], []
             for i, c in enumerate(contenders):
-                r = _find(rows, d, m, c, scheme)
-                if r is not None:
-                    xs.append(i + (j - 1) * width)
-                    hs.append(r["drop_pts"])
+                x = i + (j - (len(schemes) - 1) / 2) * width
+                r = next((r for r in rows if (r["dataset"], r["model"], r["contender"], r["scheme"])
+                          == (d, m, c, scheme)), None)
+                if r is None:
+                    continue
+                if "drop_pts" not in r:
+                    ax.plot([x], [0], marker="x", color=colors[scheme], markersize=5)
+                    continue
+                xs.append(x)
+                hs.append(r["drop_pts"])
+                ax.annotate(f"{r['drop_pts']:.2g}", (x, r["drop_pts"]), ha="center", fontsize=5,
+                            va="bottom" if r["drop_pts"] >= 0 else "top", xytext=(0, 1 if r["drop_pts"] >= 0 else -1),
+                            textcoords="offset points")
             ax.bar(xs, hs, width, color=colors[scheme], label=scheme)
+            heights += hs
         ax.axhline(0, color="black", linewidth=0.6)
-        ax.set_title(f"{d} / {m}", fontsize=9)
-        ax.set_ylabel("drop (pts)", fontsize=8)
-        ax.set_xticks(range(len(contenders)))
-        ax.set_xticklabels(contenders, fontsize=7, rotation=20)
-        ax.tick_params(axis="y", labelsize=7)
         ax.set_yscale("symlog", linthresh=1.0)
-    axes[0, 0].legend(fontsize=7, ncol=3, loc="upper left")
-    fig.suptitle("Accuracy drop from float (points; symlog scale; missing bar: scheme not supported)", fontsize=10)
+        low, high = min(heights + [0.0]), max(heights + [0.0])
+        ax.set_ylim(min(-1.0, low * 1.6), max(2.0, high * 1.6))
+        ax.set_title(f"{d} / {m}", fontsize=9)
+        ax.set_ylabel("drop (points)", fontsize=8)
+        ax.set_xticks(range(len(contenders)))
+        ax.set_xticklabels(contenders, fontsize=7, rotation=15)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(axis="y", linewidth=0.3, alpha=0.5)
+    axes[0, 0].legend(fontsize=7, ncol=3, loc="upper right")
+    fig.suptitle("Accuracy drop from float, points (symlog axis; x: the scheme failed; no bar: not offered)",
+                 fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+def chart_from_results(json_path, png_path):
+    """Redraw the chart from a results file's `peers` entry (`run.py` output) into `png_path`."""
+    from keras_quant.calibration.result import write_atomic
+
+    with open(json_path) as f:
+        peers = json.load(f)["benchmarks"]["peers"]
+    tables = peers["tables"]
+    write_atomic(png_path, drop_chart(tables["Every file"], tables["Float models"]))
 
 
 def _strip(artifact_rows):
@@ -815,8 +844,13 @@ def run(quick: bool, log=None) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--chart", nargs=2, metavar=("RESULTS_JSON", "PNG"),
+                        help="only redraw the chart of a results file (benchmarks/results/<date>.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.chart:
+        chart_from_results(*args.chart)
+        return 0
     if args.worker:
         import bench_qat
 

@@ -187,3 +187,12 @@ def test_missing_fashion_mnist_is_left_out_with_a_note(bp, monkeypatch):
     names, notes = bp.available_datasets(("fashion_mnist", "digits"))
     assert names == ["digits"] and "dataset-fashion-mnist" in notes[0]
     assert os.path.basename(bp.__file__) == "bench_peers.py"
+
+
+def test_chart_is_redrawn_from_a_results_file(bp, tmp_path):
+    import json
+
+    results = tmp_path / "2000-01-02.json"
+    results.write_text(json.dumps({"benchmarks": {"peers": {"tables": {"Every file": ROWS, "Float models": FLOAT}}}}))
+    bp.main(["--chart", str(results), str(tmp_path / "chart.png")])
+    assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
