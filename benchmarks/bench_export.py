@@ -119,6 +119,13 @@ def converter_files(model, x_calib):
 
     cf = _concrete_function(model)
     float_bytes = tf.lite.TFLiteConverter.from_concrete_functions([cf]).convert()
+    return float_bytes, converter_int8_bytes(cf, x_calib)
+
+
+def converter_int8_bytes(cf, x_calib):
+    """The converter's full-integer PTQ of a frozen concrete function: `representative_dataset` of
+    `x_calib` one image at a time, `TFLITE_BUILTINS_INT8`, int8 input and output."""
+    import tensorflow as tf
 
     def representative():
         for i in range(len(x_calib)):
@@ -132,7 +139,7 @@ def converter_files(model, x_calib):
     conv.inference_output_type = tf.int8
     with warnings.catch_warnings():  # the converter's note that a float graph has no input statistics
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
-        return float_bytes, conv.convert()
+        return conv.convert()
 
 
 def calibrate(model, config, x_calib):

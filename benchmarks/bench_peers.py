@@ -93,9 +93,9 @@ KQ_HEADLINE = "kq_ptq_auto"  # the kq PTQ contender the targets judge (minmax is
 # Per dataset: float training epochs, fine-tuning samples and epochs (QAT and the float control).
 QAT_VARIANTS = tuple((scheme, lsq) for scheme in SCHEMES for lsq in (False, True))
 # --quick: digits only, the default and the automatic observer, the QAT variants the targets judge.
-QUICK = {"datasets": ("digits",), "calib": 300, "epochs": {"digits": 30}, "observers": ("minmax", "auto"),
+QUICK = {"datasets": ("digits",), "calib": 300, "epochs": {"digits": 20}, "observers": ("minmax", "auto"),
          "qat": (("W8A8", False), ("W4A4", True)),
-         "finetune": {"digits": (None, 2)}, "rounds": 5, "round_s": 0.02, "warmup": 3,
+         "finetune": {"digits": (None, 2)}, "rounds": 3, "round_s": 0.02, "warmup": 3,
          "tfmot_timeout": 600}
 FULL = {"datasets": ("fashion_mnist", "digits"), "calib": 1000, "epochs": {"fashion_mnist": 4, "digits": 40},
         "observers": OBSERVERS, "qat": QAT_VARIANTS,
@@ -167,31 +167,22 @@ def finetune_data(x, y, setting):
     return x[:n], y[:n], epochs
 
 
-def step_timer(keras_module):
-    """A callback keeping `perf_counter()` at every training batch end (step times)."""
-
-    class StepTimer(keras_module.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            self.ends = [time.perf_counter()]
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.ends.append(time.perf_counter())
-
-        def median_step(self, skip=3):
-            steps = np.diff(self.ends)[skip:]  # the first steps hold the trace
-            return float(np.median(steps)) if len(steps) else None
-
-    return StepTimer()
+def median_step(timer, skip=3):
+    """Median step seconds of a `bench_qat` step timer, the first `skip` steps (the trace) left out."""
+    steps = np.diff(timer.ends)[skip:]
+    return float(np.median(steps)) if len(steps) else None
 
 
 def finetune(keras_module, model, x, y, epochs):
     """Adam at `QAT_LR`, batch 64, seeded shuffle; `(seconds, median step seconds)`."""
     keras_module.utils.set_random_seed(SEED)
     compile_model(keras_module, model, QAT_LR)
-    timer = step_timer(keras_module)
+    import bench_qat
+
+    timer = bench_qat._step_timer(keras_module)
     start = time.perf_counter()
     model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=True, verbose=0, callbacks=[timer])
-    return time.perf_counter() - start, timer.median_step()
+    return time.perf_counter() - start, median_step(timer)
 
 
 def _error_text(exc, limit=300):
@@ -222,26 +213,10 @@ def kq_config(observer, scheme, lsq=False):
 
 
 def converter_int8(model, x_calib, path):
-    """The TFLite converter's own full-integer PTQ of the float model (what bench_export measures)."""
-    import tensorflow as tf
-
+    """The TFLite converter's own full-integer PTQ of the float model (as bench_export makes it)."""
     import bench_export
 
-    cf = bench_export._concrete_function(model)
-
-    def representative():
-        for i in range(len(x_calib)):
-            yield [x_calib[i : i + 1]]
-
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([cf])
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = representative
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    conv.inference_input_type = tf.int8
-    conv.inference_output_type = tf.int8
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        data = conv.convert()
+    data = bench_export.converter_int8_bytes(bench_export._concrete_function(model), x_calib)
     with open(path, "wb") as f:
         f.write(data)
 
