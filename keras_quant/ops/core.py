@@ -386,6 +386,7 @@ def weight_range(x, spec, ratios=WEIGHT_SEARCH_RATIOS):
     ratios = [float(r) for r in ratios]
     if not ratios or not all(0.0 < r <= 1.0 for r in ratios):
         raise ConfigError("ratios", ratios, "shrink factors must be a non-empty list of values in (0, 1]")
+    plain = spec.replace(stochastic_rounding=False)  # the search compares deterministic grids
     cols = _columns(x, spec)  # (N, R)
     n = max(int(cols.shape[0]), 1)
     flat_lo, flat_hi = ops.reshape(lo, (1, -1)), ops.reshape(hi, (1, -1))  # (1, R)
@@ -395,7 +396,7 @@ def weight_range(x, spec, ratios=WEIGHT_SEARCH_RATIOS):
         r = ops.convert_to_tensor(np.asarray(ratios[start : start + chunk], "float32")[:, None])  # (k, 1)
         scale, zero_point = compute_qparams(flat_lo * r, flat_hi * r, spec)  # (k, R)
         s, z = scale[:, None, :], ops.cast(zero_point, "float32")[:, None, :]
-        q = ops.clip(round_half_up(cols[None] / s) + z, float(spec.qmin), float(spec.qmax))
+        q = _quantize_float(cols[None], s, z, plain, None)
         err = ops.mean(ops.square((q - z) * s - cols[None]), axis=1)  # (k, R)
         low = ops.min(err, axis=0)
         k = err.shape[0]

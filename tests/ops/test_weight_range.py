@@ -128,3 +128,10 @@ def test_ptq_and_qat_wrappers_use_the_search():
         q = kq.quantize_model(model, config, mode=mode)
         wrapper = next(lay for lay in q.layers if isinstance(lay, kq.QuantizeWrapper))
         np.testing.assert_allclose(to_np(wrapper.weight_qparams["kernel"][0]), want, rtol=1e-6)
+
+
+def test_stochastic_rounding_spec_searches_the_deterministic_grid():
+    w = np.random.default_rng(4).standard_normal((32, 4)).astype("float32")
+    s = spec(4)
+    for a, b in zip(kq.ops.weight_range(w, s.replace(stochastic_rounding=True)), kq.ops.weight_range(w, s)):
+        np.testing.assert_array_equal(to_np(a), to_np(b))
