@@ -626,6 +626,25 @@ def target_rows(rows, float_rows):
     return out
 
 
+RATIO_KEYS = ("drop_minus_converter_pts", "size_vs_converter", "latency_vs_converter", "time_vs_converter",
+              "qat_step_ratio")
+
+
+def ratio_rows(rows):
+    """The headline: per contender and scheme, each ratio to the converter's file (and the drop
+    over the converter's) as its median / min / max over the models it ran on."""
+    out = []
+    for contender, scheme in contender_order(rows):
+        mine = [r for r in rows if (r["contender"], r["scheme"]) == (contender, scheme) and "accuracy" in r]
+        row = {"contender": contender, "scheme": scheme, "models": len(mine)}
+        for key in RATIO_KEYS:
+            vals = [r[key] for r in mine if r.get(key) is not None]
+            if vals:
+                row[key] = f"{statistics.median(vals):.3g} ({min(vals):.3g} .. {max(vals):.3g})"
+        out.append(row)
+    return out
+
+
 def contender_order(rows):
     seen = []
     for r in rows:
@@ -807,6 +826,7 @@ def run(quick: bool, log=None) -> dict:
     return {
         "rows": summary,
         "tables": {
+            "Ratios to the TFLite converter's int8 file (median, min .. max over the models)": ratio_rows(rows),
             "Targets": target_rows(rows, float_rows),
             "Every file": _strip(rows),
             "Float models": float_rows,

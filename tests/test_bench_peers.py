@@ -194,3 +194,13 @@ def test_chart_is_redrawn_from_a_results_file(bp, tmp_path):
     results.write_text(json.dumps({"benchmarks": {"peers": {"tables": {"Every file": ROWS, "Float models": FLOAT}}}}))
     bp.main(["--chart", str(results), str(tmp_path / "chart.png")])
     assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ratio_headline_summarises_each_contender_over_models(bp):
+    rows = [dict(r) for r in ROWS] + [dict(ROWS[4], model="mlp", latency_vs_converter=0.98, size_vs_converter=1.0)]
+    by = {(r["contender"], r["scheme"]): r for r in bp.ratio_rows(rows)}
+    auto = by[("kq_ptq_auto", "W8A8")]
+    assert auto["models"] == 2
+    assert auto["latency_vs_converter"] == "1 (0.98 .. 1.02)"  # median, min .. max
+    assert auto["size_vs_converter"] == "1.04 (1 .. 1.08)"
+    assert by[("ort_minmax", "W4A4")]["models"] == 0 and "size_vs_converter" not in by[("ort_minmax", "W4A4")]
