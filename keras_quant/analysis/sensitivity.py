@@ -141,33 +141,21 @@ def _pattern(key):
 
 def _candidates(model, config):
     """The layers `quantize_model` wraps under `config`, in graph order, each with its fused chain."""
-    from keras_quant.layers.rules import get_rule, is_fusable_activation
-    from keras_quant.quantize import _Flat, _graph_of, _plan
+    from keras_quant.transform.plan import plan_model
 
-    graph = _graph_of(model)
-    if graph is None:
+    plan = plan_model(model, config)
+    if plan is None:
         raise ConfigError("model", getattr(model, "name", model), "sensitivity needs a built Functional or "
                           "Sequential model (kq.quantize_model rewrites their graph only)")
-    flat = _Flat(model, graph)
-    plan, _ = _plan(flat, config)
+    flat = plan.flat
     out, seen = [], set()
     for node in flat.nodes:
         layer = node.operation
-        step = plan.get(id(layer))
+        step = plan.steps.get(id(layer))
         if id(layer) in seen or step is None or step.kind != "wrap":
             continue
         seen.add(id(layer))
-        chain = [layer]
-        last = layer
-        if step.fold is not None:
-            chain.append(step.fold)
-            last = step.fold
-        nxt = flat.sole_consumer(last)
-        own = getattr(getattr(layer, "activation", None), "__name__", "linear")
-        rule = get_rule(flat.origin[id(nxt)]) if nxt is not None else None
-        if (rule is not None and rule.kind == "activation" and is_fusable_activation(nxt) and own == "linear"
-                and config.for_layer(flat.origin[id(nxt)], flat.path(nxt)) is not None):
-            chain.append(nxt)
+        chain = step.chain
         members = tuple((_pattern(flat.key(x)), flat.origin[id(x)], flat.path(x)) for x in chain)
         out.append(_Candidate(flat.key(layer), members))
     return out

@@ -110,6 +110,12 @@ def _trace_once(function):
     return call
 
 
+def _depthwise(layer, x):
+    """The depthwise half of a SeparableConv1D / 2D `layer` applied to `x`."""
+    return keras.ops.depthwise_conv(x, layer.depthwise_kernel, strides=layer.strides, padding=layer.padding,
+                                    data_format=layer.data_format, dilation_rate=layer.dilation_rate)
+
+
 def _first_tensor(outputs):
     flat = keras.tree.flatten(outputs)
     return flat[0] if flat else None
@@ -193,6 +199,8 @@ class CalibrationCallback(keras.callbacks.Callback):
         self._patched_activations = []
         self._points = None
         self._preact_tracked = []
+        self._inner_tracked = []
+        self._planned = {}
         self._progbar = None
         self._model_name = None
 
@@ -205,18 +213,20 @@ class CalibrationCallback(keras.callbacks.Callback):
         folded into BatchNorm and ReLU is not one), each with that quantizer's
         spec; otherwise every layer the config quantizes.
         """
-        points = None
-        if self.statistics == "range":
-            from keras_quant.quantize import activation_points  # the PTQ model's plan
+        from keras_quant.transform.plan import activation_points  # the PTQ model's plan
 
-            points = activation_points(model, self.config)
-        self._points = points
+        planned = activation_points(model, self.config) or {}
+        points = planned if self.statistics == "range" else None
+        self._points, self._planned = points, planned
         paths = {id(layer): path for path, layer in leaf_layers(model)}
         tracked = []
         for key, layer in layer_keys(model).items():
             if points:
                 if key in points:
                     tracked.append((key, layer, points[key]))
+                continue
+            if key in planned:  # a tensor the quantized model reads (float layers entering the integer graph too)
+                tracked.append((key, layer, planned[key]))
                 continue
             rule = get_rule(layer)
             if rule is None or not rule.observe:
@@ -226,6 +236,13 @@ class CalibrationCallback(keras.callbacks.Callback):
                 continue
             tracked.append((key, layer, layer_config.activations))
         return tracked
+
+    def _depthwise_outputs(self, tracked):
+        """`[(key, layer, spec)]`: the depthwise output inside each planned separable convolution."""
+        from keras_quant.transform.plan import SEPARABLE, separable_key
+
+        return [(separable_key(key), layer, self._planned[separable_key(key)]) for key, layer, _ in tracked
+                if isinstance(layer, SEPARABLE) and separable_key(key) in self._planned]
 
     def _preactivations(self, model, tracked):
         """`[(key, layer, spec)]`: tracked compute layers whose own activation runs as a separate TFLite op."""
@@ -291,11 +308,15 @@ class CalibrationCallback(keras.callbacks.Callback):
             self._preact_tracked = self._preactivations(model, tracked)
             for key, layer, spec in self._preact_tracked:
                 self._collector(key, spec, self._output_shape(layer))
+            self._inner_tracked = self._depthwise_outputs(tracked)
+            for key, layer, spec in self._inner_tracked:
+                self._collector(key, spec)
         return tracked
 
     # Attaching ----------------------------------------------------------------
-    def _hook(self, key, spec, original, observe_input=False):
-        """`original` that also observes its output (or, `observe_input`, its first argument)."""
+    def _hook(self, key, spec, original, observe_input=False, transform=None):
+        """`original` that also observes its output (or, `observe_input`, its first argument; or
+        `transform(first argument)`)."""
         callback = self
 
         @functools.wraps(original)
@@ -303,7 +324,10 @@ class CalibrationCallback(keras.callbacks.Callback):
             outputs = original(*args, **kwargs)
             local = callback._local
             if getattr(local, "active", False):
-                tensor = _first_tensor(args[0] if observe_input else outputs)
+                if transform is not None:
+                    tensor = _first_tensor(transform(args[0]))
+                else:
+                    tensor = _first_tensor(args[0] if observe_input else outputs)
                 if _batched(tensor):
                     callback._observe(key, spec, _gather(tensor), local.mask)
             return outputs
@@ -379,6 +403,10 @@ class CalibrationCallback(keras.callbacks.Callback):
             original = layer.activation
             self._patched_activations.append((layer, original))
             layer.activation = self._hook(key, spec, original, observe_input=True)
+        for key, layer, spec in self._inner_tracked:
+            # A separable convolution's depthwise output (a tensor of its own in the integer file).
+            self._patched.append((layer, layer.__dict__.get("call")))
+            layer.call = self._hook(key, spec, layer.call, transform=functools.partial(_depthwise, layer))
         step_name, fn_name = _STEPS[mode], _FUNCTIONS[mode]
         self._saved = {
             "step": (step_name, model.__dict__.get(step_name)),

@@ -34,10 +34,17 @@ _INEXPRESSIBLE = {
     "run the layer in float; build it as DepthwiseConv2D + Conv2D, or set its config to None",
     keras.layers.Conv3D: "TFLite has no integer CONV_3D kernel; set its config to None",
     keras.layers.Conv3DTranspose: "TFLite has no integer CONV_3D_TRANSPOSE kernel; set its config to None",
-    keras.layers.Embedding: "TFLite's integer GATHER keeps one scale per tensor, not per row; "
-    "set its config to None",
+    keras.layers.Embedding: "TFLite's integer GATHER keeps one scale per tensor, not per row; quantize its "
+    "weights per tensor (the default for Embedding) or set its config to None",
     keras.layers.EinsumDense: "its einsum is not lowered to an integer TFLite kernel; set its config to None",
 }
+
+
+def _expressible(wrapper, inner):
+    """Exceptions to `_INEXPRESSIBLE`: an Embedding with one weight scale is an integer GATHER."""
+    if isinstance(inner, keras.layers.Embedding):
+        return all(spec.granularity == "per_tensor" for spec in wrapper.weight_specs.values())
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +121,7 @@ def _problems(model, mode):
         if isinstance(layer, QuantizeWrapper):
             inner = layer.layer
             for cls, reason in _INEXPRESSIBLE.items():
-                if type(inner) is cls and storage is not None:
+                if type(inner) is cls and storage is not None and not _expressible(layer, inner):
                     out.append((layer.name, "layer_type", type(inner).__name__, reason))
             for wname, spec in layer.weight_specs.items():
                 if mode in ("float16", "float32"):

@@ -16,6 +16,14 @@ and what the layer does to activations (its `kind`):
   where possible, otherwise quantized as an affine layer).
 - `"passthrough"`: shape-only layers (Flatten, Reshape, Dropout, MaxPooling,
   ...): the output range is the input's, nothing to observe.
+- `"float"`: layers keras_quant knows and keeps in float by default (the
+  recurrent layers, MultiHeadAttention, ...): their output is observed, and
+  quantized where it enters the integer graph; the report names them.
+
+Bare `keras.ops` operations in a Functional graph (`x + y`, `x * s`,
+`keras.ops.mean`, slicing, reshapes, activations) have rules too
+(`OP_RULES`, by the operation's class name): the ops TFLite runs in int8 are
+merges, pools, activations or passthrough; any other op stays float.
 
 Calibration observes the outputs of every layer whose rule has
 `observe=True`; the PTQ and QAT models use the same table to place weight
@@ -39,10 +47,11 @@ from keras_quant.errors import ConfigError
 
 __all__ = [
     "LayerRule", "RULES", "get_rule", "register_rule", "KINDS", "FUSABLE_ACTIVATIONS", "is_fusable_activation",
-    "PREACTIVATION", "preactivation_key", "split_activation",
+    "PREACTIVATION", "preactivation_key", "split_activation", "OP_KINDS", "OP_RULES", "is_keras_op",
+    "FIXED_GRIDS", "output_function", "fixed_output_qparams",
 ]
 
-KINDS = ("compute", "activation", "merge", "pool", "norm", "passthrough")
+KINDS = ("compute", "activation", "merge", "pool", "norm", "passthrough", "float")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +129,20 @@ def _rules():
             L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D,
         )
     ]
-    rules += [LayerRule(L.BatchNormalization, "norm"), LayerRule(L.LayerNormalization, "norm")]
+    rules += [LayerRule(L.BatchNormalization, "norm")]
+    # Affine per-channel maps: quantized like an unfolded BatchNormalization (one output range).
+    rules += [LayerRule(cls, "norm") for cls in (L.Rescaling, L.Normalization)]
+    # Known layers kept in float by default: no integer TFLite kernel keras_quant can feed exact ranges to
+    # (the converter lowers them to many ops whose inner tensors have no quantizer).
+    rules += [
+        LayerRule(cls, "float")
+        for cls in (
+            L.LayerNormalization, L.GroupNormalization, L.UnitNormalization, L.MultiHeadAttention,
+            L.LSTM, L.GRU, L.SimpleRNN, L.Bidirectional, L.RNN, L.ConvLSTM1D, L.ConvLSTM2D, L.ConvLSTM3D,
+            L.TimeDistributed,
+        )
+        if cls is not None
+    ]
     rules += [
         LayerRule(cls, "passthrough")
         for cls in (
@@ -132,6 +154,32 @@ def _rules():
         )
     ]
     return {r.layer_type: r for r in rules}
+
+
+# Bare keras.ops operations (the class name of a `keras.src.ops` Operation) -> kind, as TFLite runs them:
+# ADD / SUB / MUL / MAXIMUM / MINIMUM / CONCATENATION / PACK requantize their output; MEAN / SUM
+# requantize; activations get their own range; shape ops keep their input's scale.
+OP_KINDS = {
+    "merge": ("Add", "Subtract", "Multiply", "Maximum", "Minimum", "Concatenate", "Stack", "Append"),
+    "pool": ("Mean", "Sum"),
+    "activation": (
+        "Relu", "Relu6", "Sigmoid", "Tanh", "Softmax", "Gelu", "Silu", "HardSigmoid", "HardSilu", "LeakyRelu",
+        "Elu", "LogSoftmax", "Clip", "Softplus",
+    ),
+    "passthrough": (
+        "Reshape", "Transpose", "GetItem", "ExpandDims", "Squeeze", "Tile", "Pad", "Flip", "Split", "Max", "Min",
+        "Repeat", "BroadcastTo", "Ravel", "Take", "Identity", "Copy", "MaxPool", "Roll", "SwapAxes", "MoveAxis",
+    ),
+}
+OP_RULES = {name: kind for kind, names in OP_KINDS.items() for name in names}
+# keras.ops activations TFLite fuses into the op before them.
+FUSABLE_OPS = ("Relu", "Relu6")
+
+
+def is_keras_op(op) -> bool:
+    """Whether `op` is a bare `keras.ops` operation (a graph node that is not a layer)."""
+    cls = op if isinstance(op, type) else type(op)
+    return not issubclass(cls, keras.layers.Layer) and cls.__module__.startswith("keras.src.ops")
 
 
 # Layer class -> LayerRule. Looked up along the MRO: a subclass of Conv2D gets Conv2D's rule.
@@ -173,6 +221,9 @@ def get_rule(layer) -> Optional[LayerRule]:
     returning a `LayerRule` (or the keyword arguments of `register_rule`).
     """
     cls = layer if isinstance(layer, type) else type(layer)
+    if is_keras_op(cls):
+        kind = OP_RULES.get(cls.__name__)
+        return _op_rule(cls, kind) if kind is not None else None
     own = getattr(layer, "quantization_rule", None)
     if callable(own) and not isinstance(layer, type):
         rule = own()
@@ -189,6 +240,16 @@ def get_rule(layer) -> Optional[LayerRule]:
         if klass in RULES:
             return RULES[klass]
     return None
+
+
+_OP_RULE_CACHE = {}
+
+
+def _op_rule(cls, kind):
+    rule = _OP_RULE_CACHE.get(cls)
+    if rule is None:
+        rule = _OP_RULE_CACHE[cls] = LayerRule(cls, kind)
+    return rule
 
 
 # Activation functions TFLite fuses into the compute op before them (RELU, RELU6,
@@ -215,6 +276,8 @@ def is_fusable_activation(layer) -> bool:
         )
     if type(layer) is L.Activation:
         return getattr(layer.activation, "__name__", None) in FUSABLE_ACTIVATIONS
+    if is_keras_op(layer):
+        return type(layer).__name__ in FUSABLE_OPS
     return False
 
 
@@ -242,3 +305,44 @@ def split_activation(layer):
     if getattr(activation, "__name__", None) in FUSABLE_ACTIVATIONS:
         return None
     return activation
+
+
+# TFLite's integer SOFTMAX / LOGISTIC / TANH write a fixed output grid, whatever the calibration says:
+# int8 softmax and logistic 1/256 with zero point -128 ([0, 1)), int8 tanh 1/128 with zero point 0
+# ([-1, 1)); int16 all three 1/32768 with zero point 0. The file requantizes from that grid to the next
+# range, so the Keras model must quantize there too to compute what the file computes.
+FIXED_GRIDS = {
+    ("softmax", 8): (1.0 / 256, -128), ("sigmoid", 8): (1.0 / 256, -128), ("tanh", 8): (1.0 / 128, 0),
+    ("softmax", 16): (1.0 / 32768, 0), ("sigmoid", 16): (1.0 / 32768, 0), ("tanh", 16): (1.0 / 32768, 0),
+}
+_OP_FUNCTIONS = {"Softmax": "softmax", "Sigmoid": "sigmoid", "Tanh": "tanh"}
+
+
+def output_function(layer):
+    """`"softmax"`, `"sigmoid"` or `"tanh"` when `layer`'s output is that function's (an activation layer or
+    op, or a compute layer's own activation), else None."""
+    if is_keras_op(layer):
+        return _OP_FUNCTIONS.get(type(layer).__name__)
+    if isinstance(layer, L.Softmax):
+        return "softmax"
+    name = getattr(getattr(layer, "activation", None), "__name__", None)
+    return name if name in ("softmax", "sigmoid", "tanh") else None
+
+
+def fixed_output_qparams(function, spec):
+    """`(scale, zero_point)` of TFLite's fixed output grid for `function` under `spec`, or None.
+
+    Only where the spec is that grid's storage: 8-bit asymmetric (full range), or 16-bit symmetric.
+
+    Example:
+
+    >>> fixed_output_qparams("softmax", kq.QuantSpec(bits=8))
+    (0.00390625, -128)
+    """
+    if function is None or spec is None or spec.granularity != "per_tensor":
+        return None
+    if spec.bits == 8 and not spec.symmetric and not spec.narrow_range:
+        return FIXED_GRIDS[(function, 8)]
+    if spec.bits == 16 and spec.symmetric:
+        return FIXED_GRIDS[(function, 16)]
+    return None

@@ -1,18 +1,27 @@
-"""Walking a model's layers with stable keys, shared by calibration and quantization.
+"""Walking a model's layers and operations with stable keys, shared by calibration and quantization.
 
 Calibration results are keyed by layer name (a model input by its input
 layer's name); a name used by two layers of different nested models is keyed
 by its path (`outer/inner`) instead. `layer_keys` and `input_keys` are the one
 place that rule is written, so the key a calibration records is the key
 `quantize_model` looks up.
+
+The leaves of a Functional model are its graph's operations: its layers and
+also the bare `keras.ops` operations (`x + y`, `keras.ops.mean`, slicing),
+each keyed by its own name.
 """
 
 import keras
+
+from keras_quant import graph as graph_lib
 
 __all__ = ["leaf_layers", "layer_keys", "input_keys"]
 
 
 def _children(layer):
+    graph = graph_lib.functional(layer) if isinstance(layer, keras.Model) else None
+    if graph is not None:  # its layers and its bare keras.ops operations
+        return graph_lib.operations(graph)
     if isinstance(layer, keras.Model) or hasattr(layer, "layers") and not isinstance(layer, keras.layers.Wrapper):
         try:
             return list(layer.layers)
@@ -22,7 +31,7 @@ def _children(layer):
 
 
 def leaf_layers(model, prefix=""):
-    """`(path, layer)` for every leaf layer of `model`, nested models expanded, in order."""
+    """`(path, layer)` for every leaf layer (and graph operation) of `model`, nested models expanded, in order."""
     out = []
     for layer in _children(model):
         path = f"{prefix}{layer.name}"
@@ -62,8 +71,7 @@ def input_keys(model, count=None):
     if inputs:
         names = []
         for i, t in enumerate(inputs):
-            history = getattr(t, "_keras_history", None)
-            op = getattr(history, "operation", None) if history is not None else None
+            op, _, _ = graph_lib.producer(t)
             names.append(op.name if op is not None else (getattr(t, "name", None) or f"input_{i}"))
         return names
     if count is None:

@@ -1,0 +1,135 @@
+"""The one place that reads Keras' graph internals.
+
+A Keras Functional model is a graph of *nodes*: each node is one call of an
+*operation*, which is either a `keras.layers.Layer` or a bare
+`keras.ops` operation (`x + y`, `keras.ops.mean(x)`, `x[:, 1:]`, a
+reshape, ...). Keras exposes the nodes only through private attributes
+(`_nodes_by_depth`, `_inbound_nodes`, `_keras_history`, `_run_through_graph`,
+...). keras_quant's graph walk, calibration, quantization, export and
+analysis read the graph through this module alone, so a change in Keras
+touches one file, and `tests/test_graph.py` pins every attribute used here.
+
+Example:
+
+>>> graph = functional(model)            # the Functional graph (Sequential's too), or None
+>>> [operation_of(n).name for n in nodes(graph)]
+['conv', 'bn', 'add', ...]
+"""
+
+import copy
+
+import keras
+
+__all__ = [
+    "functional", "nodes", "operations", "is_layer", "calls", "producer", "producer_node", "run",
+    "inputs_structure", "sublayers", "node_inputs", "node_outputs", "operation_of", "copy_operation",
+    "output_shape",
+]
+
+
+def functional(model):
+    """The Functional graph behind a Functional or built Sequential model, else None (subclassed, unbuilt)."""
+    if isinstance(model, keras.Sequential):
+        return getattr(model, "_functional", None)
+    if isinstance(model, keras.Model) and hasattr(model, "_run_through_graph") and hasattr(model, "_nodes_by_depth"):
+        return model
+    return None
+
+
+def nodes(graph):
+    """The graph's call nodes (not its input nodes) in topological order, inputs first."""
+    by_depth = graph._nodes_by_depth
+    return [
+        node
+        for depth in sorted(by_depth, reverse=True)
+        for node in by_depth[depth]
+        if node.operation is not None and not node.is_input
+    ]
+
+
+def operations(graph):
+    """Every operation of the graph (input layers, layers and `keras.ops` operations), in graph order."""
+    return list(graph.operations)
+
+
+def is_layer(op):
+    """Whether a graph operation is a Layer (it may hold weights), not a bare `keras.ops` operation."""
+    return isinstance(op, keras.layers.Layer)
+
+
+def operation_of(node):
+    return node.operation
+
+
+def node_inputs(node):
+    """The symbolic tensors a node reads (constants in its arguments excluded)."""
+    return list(node.input_tensors)
+
+
+def node_outputs(node):
+    return list(node.outputs)
+
+
+def calls(op):
+    """The nodes of every call of `op` (in every graph it was called in)."""
+    return list(getattr(op, "_inbound_nodes", ()))
+
+
+def producer(tensor):
+    """`(operation, node_index, tensor_index)` that made a symbolic tensor, or `(None, None, None)`."""
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None, None, None
+    return history.operation, history.node_index, history.tensor_index
+
+
+def producer_node(tensor):
+    """The node whose output `tensor` is, or None."""
+    op, index, _ = producer(tensor)
+    if op is None:
+        return None
+    return op._inbound_nodes[index]
+
+
+def run(graph, inputs, call_fn):
+    """Run the graph over `inputs` (a flat list), calling `call_fn(operation, *args, **kwargs)` at each node."""
+    return graph._run_through_graph(inputs, call_fn=call_fn)
+
+
+def inputs_structure(graph):
+    """The structure (dict, list, ...) the Functional model was built with for its inputs, or None."""
+    return getattr(graph, "_inputs_struct", None)
+
+
+def sublayers(model):
+    """Every layer inside `model`, nested ones included (Keras' own tracking)."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def copy_operation(op, name=None):
+    """An unbuilt copy of a layer or `keras.ops` operation (same config; weights are not copied)."""
+    config = op.get_config()
+    if name is not None:
+        config["name"] = name
+    try:
+        return type(op).from_config(config)
+    except (TypeError, ValueError):
+        if is_layer(op):
+            raise
+        # A keras.ops operation whose config does not round-trip: it holds no state, so a shallow copy
+        # with its own (empty) call history is the same operation.
+        clone = copy.copy(op)
+        clone._inbound_nodes, clone._outbound_nodes = [], []
+        if name is not None:
+            clone.name = name
+        return clone
+
+
+def output_shape(op):
+    """The symbolic output shape of an operation's (first) call, or None."""
+    try:
+        out = op.output
+    except (AttributeError, ValueError, RuntimeError):
+        return None
+    out = keras.tree.flatten(out)
+    return tuple(out[0].shape) if out else None

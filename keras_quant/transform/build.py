@@ -1,0 +1,401 @@
+"""`quantize_model`: a new Keras model with quantizers placed where TFLite quantizes.
+
+Post-training quantization (`mode="ptq"`) rewrites a Functional or Sequential
+model's graph (nested models are inlined) in three steps:
+
+1. Flatten: run the graph with Keras' own traversal
+   (`Functional._run_through_graph`, as `keras.models.clone_model` does), each
+   leaf layer replaced by a clone with the same weights, nested
+   Functional/Sequential models run inline. The float model is not touched.
+2. Plan, from the layer rules (`kq.layers.RULES`) and the config: each
+   compute layer gets a `QuantizeWrapper` (frozen per-channel weight
+   quantizers). A BatchNormalization that is the compute layer's only
+   consumer is folded into it, and a ReLU/ReLU6 after that is fused (TFLite
+   fuses both), so the output quantizer goes after the last layer of that
+   chain, with that layer's calibration statistics. Merge, pool, unfolded
+   norm and other activation layers, and every float model input, get an
+   `ActivationQuantizer` on their output; passthrough layers get nothing.
+   As in TFLite: an Add / Subtract / Multiply followed by a ReLU / ReLU6 has
+   one quantizer, after the activation (ADD fuses it); an average pool
+   keeps its input's range (AVERAGE_POOL_2D has one scale); and a layer kept
+   in float whose output feeds the integer graph gets a quantizer there (an
+   integer runtime quantizes that tensor, and must not borrow a range). A
+   compute layer with its own softmax / sigmoid / tanh / ... activation
+   (TFLite runs it as a separate op) is also quantized before it, with the
+   statistics the callback keys `"<layer>:preactivation"`.
+3. Rebuild: run the flat graph again over new `keras.Input`s, creating the
+   planned layers, with activation scales from `calibration.qparams(key, spec)`.
+
+Layers the config sets to None stay float. Layers with no rule stay float and
+are listed in `qmodel.quantization_report.unsupported` (with a warning),
+unless the config names them explicitly, which raises `UnsupportedLayerError`.
+
+Example:
+
+>>> cb = kq.CalibrationCallback()
+>>> model.predict(x_calib, callbacks=[cb])
+>>> qmodel = quantize_model(model, kq.QuantConfig.int8(), calibration=cb.result)
+>>> qmodel.quantization_report.folded
+(('bn', 'conv'),)
+"""
+
+import warnings
+
+import keras
+import numpy as np
+from keras import tree
+
+from keras_quant import graph as graph_lib
+from keras_quant.config import LayerQuantConfig, QuantConfig
+from keras_quant.errors import ConfigError, NoDataError
+from keras_quant.layers import qat_quantizer
+from keras_quant.layers.fake_quant import ActivationQuantizer
+from keras_quant.layers.folding import fold_into_layer
+from keras_quant.layers.rules import PREACTIVATION, fixed_output_qparams
+from keras_quant.layers.wrapper import QuantizeWrapper
+from keras_quant.transform.plan import SHARED_INPUT_MERGES, plan_model, share_merge_inputs
+from keras_quant.transform.report import QuantizationReport
+from keras_quant.transform.rewrite import affine_layer, set_affine_weights
+
+__all__ = ["quantize_model", "MODES"]
+
+# The modes this module implements: a frozen post-training model, or a trainable QAT model.
+MODES = ("ptq", "qat")
+
+
+def _fetch_qparams(steps, calibration):
+    """Look up every activation quantizer's scale and zero point before anything is built."""
+    requests = [s for s in steps if s.quant_spec is not None]
+    inner = [s for s in steps if s.inner_key is not None]
+    if (requests or inner) and calibration is None:
+        first = requests[0].quant_key if requests else inner[0].inner_key
+        raise ConfigError(
+            "calibration", None,
+            f"the config quantizes activations (first: '{first}'), so quantize_model needs a kq.CalibrationResult; "
+            "calibrate first with kq.CalibrationCallback, or use a weights-only config (activations=None)",
+        )
+    for step in requests:
+        fixed = fixed_output_qparams(step.fixed, step.quant_spec)
+        if fixed is not None:  # TFLite's integer softmax / logistic / tanh write this grid, not a calibrated one
+            step.qparams = tuple(np.asarray(v, dtype="float32") for v in fixed)
+        else:
+            step.qparams = _lookup(calibration, step.quant_key, step.quant_spec, step.quant_what)
+    for step in steps:  # quantizers inside a layer: before its own activation, between separable halves
+        if step.preact_key is not None and calibration is not None:
+            step.preact_qparams = _lookup(calibration, step.preact_key, step.preact_spec,
+                                          "the input of the layer's own activation")
+        if step.inner_key is not None and calibration is not None:
+            step.inner_qparams = _lookup(calibration, step.inner_key, step.inner_spec,
+                                         "the depthwise output inside the separable convolution")
+
+
+def _lookup(calibration, key, spec, what):
+    if key not in calibration:
+        raise NoDataError(
+            key, reason=f"quantize_model needs activation statistics for layer '{key}' ({what}), "
+            "and the calibration result has none for it", layer=key,
+        )
+    try:
+        return calibration.qparams(key, spec)
+    except NoDataError as e:
+        raise NoDataError(
+            key, reason=f"quantize_model needs activation statistics for layer '{key}' ({what}): {e}", layer=key,
+        ) from e
+
+
+class _Names:
+    """Unique layer names: `base`, else `base_1`, `base_2`, ..."""
+
+    def __init__(self, taken):
+        self.taken = set(taken)
+
+    def __call__(self, base):
+        name, i = base, 1
+        while name in self.taken:
+            name, i = f"{base}_{i}", i + 1
+        self.taken.add(name)
+        return name
+
+
+def _inner(step, staging):
+    """The unbuilt layer a wrap step wraps: a copy of the staging layer, or its integer rewrite."""
+    if step.affine is not None:
+        return affine_layer(step.affine[2], staging.name)
+    return graph_lib.copy_operation(staging)
+
+
+def _build_step(step, staging, mode, observe_steps, bn_statistics):
+    """Create the new model's layer for one planned step (not yet built)."""
+    if step.kind == "wrap":
+        lc = step.layer_config
+        if mode == "qat":
+            if step.group is not None:  # the output goes through the shared quantizer instead
+                lc = LayerQuantConfig(weights=lc.weights, activations=None)
+            bn = graph_lib.copy_operation(step.fold) if step.fold is not None else None
+            if lc.weights is None and lc.activations is None and bn is None:
+                return _inner(step, staging)
+            return QuantizeWrapper(_inner(step, staging), lc, mode="qat", batch_norm=bn,
+                                   observe_steps=observe_steps, bn_statistics=bn_statistics, name=staging.name)
+        inner = fold_into_layer(staging, step.fold) if step.fold is not None else _inner(step, staging)
+        if lc.weights is None and lc.activations is None:
+            return inner
+        return QuantizeWrapper(inner, lc, mode="frozen", name=staging.name)
+    return graph_lib.copy_operation(staging)
+
+
+def _finish_step(step, staging, mode):
+    """Copy weights into a freshly built layer, set weight ranges, set the output range."""
+    layer = step.layer
+    inner = layer.layer if isinstance(layer, QuantizeWrapper) else layer
+    if step.affine is not None:
+        set_affine_weights(inner, *step.affine[:2])
+    elif (step.fold is None or mode == "qat") and graph_lib.is_layer(staging) and staging.weights:
+        inner.set_weights(staging.get_weights())
+    if isinstance(layer, QuantizeWrapper):
+        if layer.batch_norm is not None:
+            layer.batch_norm.set_weights(step.fold.get_weights())
+        layer.observe_weights()
+        if layer.output_quantizer is not None and step.qparams is not None:
+            layer.set_output_qparams(*step.qparams)
+        if layer.preactivation_quantizer is not None and step.preact_qparams is not None:
+            layer.set_preactivation_qparams(*step.preact_qparams)
+
+
+
+def _separable(step, staging, mode, observe_steps, bn_statistics):
+    """`(depthwise, pointwise)` layers computing a SeparableConv, each wrapped per the step (unbuilt).
+
+    The depthwise half quantizes its weights and its output (the step's
+    `inner_key` range); the pointwise 1x1 convolution takes the bias, the
+    activation, a folded BatchNormalization and the step's output quantizer.
+    """
+    rank = 2 if isinstance(staging, keras.layers.SeparableConv2D) else 1
+    depthwise_cls = keras.layers.DepthwiseConv2D if rank == 2 else keras.layers.DepthwiseConv1D
+    conv_cls = keras.layers.Conv2D if rank == 2 else keras.layers.Conv1D
+    depthwise = depthwise_cls(
+        staging.kernel_size, strides=staging.strides, padding=staging.padding,
+        depth_multiplier=staging.depth_multiplier, dilation_rate=staging.dilation_rate,
+        data_format=staging.data_format, use_bias=False, name=f"{staging.name}_depthwise",
+    )
+    use_bias = staging.use_bias or (step.fold is not None and mode != "qat")
+    pointwise = conv_cls(staging.filters, 1, data_format=staging.data_format, use_bias=use_bias,
+                         activation=staging.activation, name=staging.name)
+    lc = step.layer_config
+    inner_lc = LayerQuantConfig(weights=lc.weights, activations=step.inner_spec)
+    kwargs = {"mode": "qat", "observe_steps": observe_steps} if mode == "qat" else {"mode": "frozen"}
+    depthwise = QuantizeWrapper(depthwise, inner_lc, name=f"{staging.name}_depthwise", **kwargs)
+    if mode == "qat":
+        if step.group is not None:
+            lc = LayerQuantConfig(weights=lc.weights, activations=None)
+        bn = graph_lib.copy_operation(step.fold) if step.fold is not None else None
+        pointwise = QuantizeWrapper(pointwise, lc, batch_norm=bn, bn_statistics=bn_statistics, name=staging.name,
+                                    **kwargs)
+    else:
+        pointwise = QuantizeWrapper(pointwise, lc, name=staging.name, **kwargs)
+    return depthwise, pointwise
+
+
+def _finish_separable(step, staging, mode):
+    """Give the depthwise / pointwise halves the separable layer's weights (BatchNorm folded in PTQ) and ranges."""
+    source = fold_into_layer(staging, step.fold) if step.fold is not None and mode != "qat" else staging
+    depthwise, pointwise = step.inner_layer, step.layer
+    depthwise.layer.set_weights([keras.ops.convert_to_numpy(source.depthwise_kernel)])
+    weights = [keras.ops.convert_to_numpy(source.pointwise_kernel)]
+    if pointwise.layer.use_bias:
+        weights.append(keras.ops.convert_to_numpy(source.bias))
+    pointwise.layer.set_weights(weights)
+    if pointwise.batch_norm is not None:
+        pointwise.batch_norm.set_weights(step.fold.get_weights())
+    for layer in (depthwise, pointwise):
+        layer.observe_weights()
+    if step.inner_qparams is not None:
+        depthwise.set_output_qparams(*step.inner_qparams)
+    if pointwise.output_quantizer is not None and step.qparams is not None:
+        pointwise.set_output_qparams(*step.qparams)
+    if pointwise.preactivation_quantizer is not None and step.preact_qparams is not None:
+        pointwise.set_preactivation_qparams(*step.preact_qparams)
+
+
+def _union_qparams(group):
+    """Scale and zero point covering the calibrated ranges of every member of a shared group."""
+    from keras_quant import ops as kq_ops
+
+    spec = group[0].quant_spec
+    lows, highs = [], []
+    for st in group:
+        scale, zp = (float(keras.ops.convert_to_numpy(v)) for v in st.qparams)
+        lows.append((spec.qmin - zp) * scale)
+        highs.append((spec.qmax - zp) * scale)
+    return kq_ops.compute_qparams(min(lows), max(highs), spec)
+
+
+def quantize_model(model, config=None, calibration=None, mode="ptq", observe_steps=None, bn_statistics="quantized",
+                   shared_merges=SHARED_INPUT_MERGES):
+    """A new Keras model with fake-quantized weights and activations: post-training or trainable.
+
+    `mode="ptq"` gives the frozen post-training model. `mode="qat"` gives a
+    model to train with ordinary `fit`: compute layers become
+    `kq.QuantizeWrapper`s in `"qat"` mode (a following BatchNormalization is
+    folded into them as in Jacob et al. 2018, not removed), activation
+    quantizers observe, learn (LSQ, for `learnable` specs) or freeze their
+    ranges, and the inputs of each residual Add and each Concatenate share
+    one quantizer. A subclassed model (no graph to rewrite) is copied and
+    its compute layers wrapped in place of the originals.
+
+    Args:
+        model: A Functional or Sequential Keras model (nested ones are
+            inlined; `"qat"` also takes subclassed models). It is not modified.
+        config: A `kq.QuantConfig`; None means `kq.QuantConfig()` (W8A8:
+            int8 per-channel symmetric weights, int8 per-tensor activations).
+        calibration: A `kq.CalibrationResult` (anything with
+            `qparams(key, spec)` and `key in calibration`). Needed by
+            `"ptq"` when the config quantizes activations; optional for
+            `"qat"`, where it initialises the activation ranges (else the first
+            training batches do).
+        mode: `"ptq"`: frozen quantizers with scales from the weights and the
+            calibration statistics. `"qat"`: trainable quantizers.
+        observe_steps: QAT: training steps the ranges are observed before
+            learnable quantizers learn. Default: learnable quantizers learn
+            from the first step when a calibration is given, else after
+            `kq.layers.qat.LSQ_OBSERVE_STEPS`; the others observe (moving
+            average) until changed (`kq.qat.set_mode`, `kq.qat.QATScheduler`).
+        bn_statistics: QAT: where a folded BatchNormalization's batch
+            statistics come from in training, `"quantized"` (one pass) or
+            `"float"` (an extra float pass, as in Jacob et al. 2018); see
+            `kq.QuantizeWrapper`.
+        shared_merges: QAT: merge layer types whose inputs share one
+            activation quantizer (default Add and Concatenate). TFLite's
+            CONCATENATION needs one scale; its ADD rescales its inputs, so
+            `(keras.layers.Concatenate,)` keeps each residual input on its own
+            range, which can matter at 4 bits when a skip tensor also feeds
+            other layers; `()` shares nothing.
+
+    Returns:
+        A new `keras.Model` with the float model's input names, shapes and
+        dtypes, and a `quantization_report` attribute (`QuantizationReport`).
+
+    Raises:
+        ConfigError: For an unknown mode or config, a subclassed or unbuilt
+            model, or missing calibration when activations are quantized.
+        UnsupportedLayerError: For a rule-less layer the config names explicitly.
+        NoDataError: When the calibration has no statistics for a layer that
+            needs an activation quantizer (the message names the layer).
+
+    Example:
+
+    >>> qmodel = quantize_model(model, kq.QuantConfig.int8(), calibration=result)
+    >>> qmodel.save("model_int8.keras")
+    """
+    if mode not in MODES:
+        raise ConfigError("mode", mode, f"mode must be one of {MODES}")
+    if config is None:
+        config = QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise ConfigError("config", config, "expected a kq.QuantConfig or None")
+    graph = graph_lib.functional(model)
+    if graph is None and mode == "qat" and model.built and not isinstance(model, keras.Sequential):
+        from keras_quant.transform.subclassed import quantize_subclassed
+
+        return quantize_subclassed(model, config, calibration, observe_steps)
+    if graph is None:
+        reason = (
+            "the Sequential model is not built; give it a keras.Input or call build() first"
+            if isinstance(model, keras.Sequential)
+            else "quantize_model rewrites the graph of Functional and Sequential models only; wrap the "
+            f"layers of this subclassed {type(model).__name__} in kq.QuantizeWrapper yourself"
+        )
+        raise ConfigError("model", getattr(model, "name", model), reason)
+
+    planned = plan_model(model, config)
+    flat, plan, report, input_steps = planned.flat, planned.steps, planned.report, planned.inputs
+    steps = input_steps + list(plan.values())
+    if mode == "ptq" or calibration is not None:
+        _fetch_qparams(steps, calibration)
+    groups = share_merge_inputs(flat, plan, input_steps, shared_merges) if mode == "qat" else []
+    if mode == "qat" and calibration is not None:
+        observe_steps = qat_quantizer.default_observe_steps(observe_steps, [s.quant_spec for s in steps], True)
+    quantizer_kwargs = {"mode": "qat", "observe_steps": observe_steps} if mode == "qat" else {}
+
+    names = _Names(op.name for op in graph_lib.operations(flat.model))
+    quantizers = []
+
+    def add_quantizer(step, x, base):
+        if step.quant_spec is None:
+            return x
+        if step.group is not None:  # QAT: one quantizer shared by the inputs of a merge
+            first = step.group[0]
+            if first.quantizer is None:
+                qparams = _union_qparams(step.group) if first.qparams is not None else (None, None)
+                first.quantizer = ActivationQuantizer(
+                    step.quant_spec, *qparams, slots=len(step.group), name=names(f"{first.quant_key}_shared_quant"),
+                    **quantizer_kwargs,
+                )
+            quantizers.append((first.quantizer.name, step.quant_key))
+            return first.quantizer(x, slot=step.slot)
+        if step.quantizer is None:
+            qparams = step.qparams if step.qparams is not None else (None, None)
+            step.quantizer = ActivationQuantizer(step.quant_spec, *qparams, name=names(f"{base}_quant"),
+                                                 **quantizer_kwargs)
+            quantizers.append((step.quantizer.name, step.quant_key))
+        return step.quantizer(x)
+
+    new_inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name) for t in flat.model.inputs]
+    quantized_inputs = [add_quantizer(s, x, s.quant_key) for s, x in zip(input_steps, new_inputs)]
+
+    def call_fn(staging, *args, **kwargs):
+        step = plan[id(staging)]
+        if step.kind == "folded":
+            return args[0]
+        first = step.layer is None
+        if step.affine is not None:  # the 1x1 depthwise conv takes the tensor alone (no mask, ...)
+            args, kwargs = args[:1], {k: v for k, v in kwargs.items() if k == "training"}
+        if first:
+            if step.inner_key is not None:  # a separable convolution: depthwise, quantizer, pointwise
+                step.inner_layer, step.layer = _separable(step, staging, mode, observe_steps, bn_statistics)
+            else:
+                step.layer = _build_step(step, staging, mode, observe_steps, bn_statistics)
+        if step.inner_layer is not None:
+            outputs = step.layer(step.inner_layer(*args, **kwargs), **kwargs)
+        else:
+            outputs = step.layer(*args, **kwargs)
+        if first:
+            if step.inner_layer is not None:
+                _finish_separable(step, staging, mode)
+                quantizers.append((step.inner_layer.name, step.inner_key))
+            else:
+                _finish_step(step, staging, mode)
+            if isinstance(step.layer, QuantizeWrapper) and step.layer.preactivation_quantizer is not None:
+                quantizers.append((step.layer.name + PREACTIVATION, step.preact_key))
+            if isinstance(step.layer, QuantizeWrapper) and step.layer.output_quantizer is not None:
+                quantizers.append((step.layer.name, step.quant_key))
+        if step.kind == "wrap" and step.group is None:
+            return outputs  # the wrapper's own output quantizer, if any
+        return add_quantizer(step, outputs, staging.name)
+
+    outputs = graph_lib.run(flat.model, quantized_inputs, call_fn)
+    inputs = new_inputs
+    if flat.inputs_struct is not None:
+        inputs = tree.pack_sequence_as(flat.inputs_struct, new_inputs)
+    qmodel = keras.Model(inputs, outputs, name=model.name)
+    if getattr(model, "compiled", False):
+        qmodel.compile_from_config(model.get_compile_config())
+
+    wrapped = tuple(layer.name for s in plan.values() for layer in (s.inner_layer, s.layer)
+                    if isinstance(layer, QuantizeWrapper))
+    qmodel.quantization_report = QuantizationReport(
+        wrapped=wrapped,
+        folded=tuple(report["folded"]),
+        activation_quantizers=tuple(quantizers),
+        float_layers=tuple(report["float_layers"]),
+        unsupported=tuple(report["unsupported"]),
+        shared=tuple(tuple(st.quant_key for st in group) for group in groups),
+        float_islands=tuple(report["float_islands"]),
+        rewritten=tuple(report["rewritten"]),
+    )
+    if report["unsupported"]:
+        warnings.warn(
+            f"quantize_model: no quantization rule for layer(s) {report['unsupported']}; they stay in float "
+            "(see qmodel.quantization_report.unsupported, or declare rules with kq.layers.register_rule)",
+            stacklevel=2,
+        )
+    return qmodel

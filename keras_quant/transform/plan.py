@@ -1,0 +1,445 @@
+"""The quantization plan: where `quantize_model` puts each quantizer, read from the layer rules.
+
+`plan_graph(flat, config)` decides, for every node of a `FlatGraph`, what
+the quantized model does there (a `Step`), as TFLite computes it:
+
+- each compute layer gets a `QuantizeWrapper` (frozen per-channel weight
+  quantizers). A BatchNormalization that is the compute layer's only
+  consumer is folded into it, and a ReLU/ReLU6 after that is fused (TFLite
+  fuses both), so the output quantizer goes after the last layer of that
+  chain, with that layer's calibration statistics;
+- merge, pool, unfolded norm and other activation layers (and the
+  `keras.ops` operations of those kinds), and every float model input, get an
+  `ActivationQuantizer` on their output; passthrough layers get nothing;
+- an Add / Subtract / Multiply followed by a ReLU / ReLU6 has one quantizer,
+  after the activation (ADD fuses it); an average pool keeps its input's
+  range (AVERAGE_POOL_2D has one scale); a layer computing in float (kept by
+  the config, by its rule, or for want of one) whose output feeds the integer
+  graph gets a quantizer there (an integer runtime quantizes that tensor);
+- a compute layer with its own softmax / sigmoid / tanh / ... activation
+  (TFLite runs it as a separate op) is also quantized before it, with the
+  statistics keyed `"<layer>:preactivation"`.
+
+`plan_model(model, config)` gives the public `QuantizationPlan`: the points
+calibration must observe (`points`), the float islands and what is folded,
+read by calibration, `quantize_model`, sensitivity and the analysis.
+"""
+
+import collections
+import dataclasses
+from typing import Dict, Optional, Tuple
+
+import keras
+
+from keras_quant import graph as graph_lib
+from keras_quant.config import LayerQuantConfig, QuantConfig
+from keras_quant.errors import UnsupportedLayerError
+from keras_quant.layers.folding import fold_blocker
+from keras_quant.layers.rules import (
+    get_rule, is_fusable_activation, is_keras_op, output_function, preactivation_key, split_activation,
+)
+from keras_quant.transform.graph import FlatGraph
+from keras_quant.transform.rewrite import affine_of
+
+__all__ = [
+    "Step", "plan_graph", "input_steps", "producer", "share_merge_inputs", "QuantizationPlan", "plan_model",
+    "activation_points", "SHARED_INPUT_MERGES", "FUSING_MERGES", "SAME_RANGE_POOLS", "SEPARABLE", "separable_key",
+]
+
+L = keras.layers
+# Merge layers whose inputs share one activation quantizer in a QAT model.
+SHARED_INPUT_MERGES = (L.Add, L.Concatenate)
+# Merge layers TFLite fuses a following ReLU / ReLU6 into (ADD, SUB, MUL have a fused activation).
+FUSING_MERGES = (L.Add, L.Subtract, L.Multiply)
+# The merge layer each bare keras.ops merge operation computes like.
+_OP_MERGES = {"Add": L.Add, "Subtract": L.Subtract, "Multiply": L.Multiply, "Maximum": L.Maximum,
+              "Minimum": L.Minimum, "Concatenate": L.Concatenate}
+SEPARABLE = (L.SeparableConv1D, L.SeparableConv2D)
+# Calibration key of the depthwise output inside a separable convolution.
+SEPARABLE_SUFFIX = ":depthwise"
+
+
+def separable_key(key):
+    """The calibration key of a separable convolution's depthwise output (`"sep:depthwise"`)."""
+    return f"{key}{SEPARABLE_SUFFIX}"
+
+
+# Pools whose TFLite kernel keeps the input's scale and zero point (AVERAGE_POOL_2D).
+SAME_RANGE_POOLS = (L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D)
+
+
+def merge_class(op):
+    """The merge layer class `op` computes like (itself for a layer), or None."""
+    if is_keras_op(op):
+        return _OP_MERGES.get(type(op).__name__)
+    return type(op)
+
+
+def _is_merge(op, merges):
+    cls = merge_class(op)
+    return bool(merges) and cls is not None and issubclass(cls, tuple(merges))
+
+
+def _float_reason(rule, lc, original):
+    if rule is None:
+        return "no quantization rule for this type (declare one with kq.layers.register_rule)"
+    if lc is None:
+        return "the config keeps it in float (None)"
+    return (f"kept in float by default: no integer TFLite kernel takes keras_quant's ranges for "
+            f"{type(original).__name__}; its output is quantized where it enters the integer graph")
+
+
+@dataclasses.dataclass
+class Step:
+    """What the rebuilt graph does at one layer of the flat graph."""
+
+    kind: str  # "clone", "wrap", "folded" (a BatchNormalization folded away) or "input"
+    layer_config: Optional[LayerQuantConfig] = None  # "wrap": the wrapper's specs
+    fold: object = None  # "wrap": the BatchNormalization folded into the layer
+    quant_spec: object = None  # spec of the activation quantizer after the layer
+    quant_key: Optional[str] = None  # calibration key of that quantizer's range
+    quant_what: str = ""  # description for error messages
+    qparams: tuple = None
+    layer: object = None  # the layer built for the new model
+    quantizer: object = None
+    slot: Optional[int] = None  # QAT: this step's slot in a shared quantizer
+    group: Optional[list] = None  # QAT: the steps sharing one quantizer (merge inputs)
+    fused: bool = False  # a merge whose activation TFLite fuses (the quantizer is after the activation)
+    preact_key: Optional[str] = None  # "wrap": calibration key before the layer's own softmax / sigmoid / ...
+    preact_spec: object = None
+    preact_qparams: tuple = None
+    affine: tuple = None  # "wrap": (a, b, rank) of a per-channel affine layer rewritten as a 1x1 depthwise conv
+    inner_key: Optional[str] = None  # "wrap" of a SeparableConv: calibration key of its depthwise output
+    inner_spec: object = None
+    inner_qparams: tuple = None
+    inner_layer: object = None  # the depthwise half built for the new model
+    fixed: Optional[str] = None  # the output is a softmax / sigmoid / tanh's: TFLite's fixed grid may apply
+    chain: tuple = ()  # "wrap": the staging layers TFLite computes as this one op (layer, folded BN, fused ReLU)
+
+
+def plan_graph(flat, config):
+    """`({id(staging layer): Step}, report)` for every node of a `FlatGraph` (see the module docstring)."""
+    plan, report = {}, collections.defaultdict(list)
+
+    def cfg(layer):
+        return config.for_layer(flat.origin[id(layer)], flat.path(layer))
+
+    def quantized_output(step, layer, spec, what):
+        if spec is not None:
+            step.quant_spec, step.quant_key, step.quant_what = spec, flat.key(layer), what
+            step.fixed = output_function(flat.origin[id(layer)])
+        return step
+
+    for node in flat.nodes:
+        layer = node.operation
+        if id(layer) in plan:
+            continue
+        original, key = flat.origin[id(layer)], flat.key(layer)
+        rule, lc = get_rule(original), cfg(layer)
+        if rule is None:
+            if config.names_layer(original, flat.path(layer)):
+                raise UnsupportedLayerError(
+                    key, type(original).__name__, "the config names it, but there is no quantization rule for "
+                    "this layer type; declare one with kq.layers.register_rule or set its config to None",
+                )
+            report["unsupported"].append(key)
+            report["float_islands"].append((key, type(original).__name__, _float_reason(rule, lc, original)))
+            plan[id(layer)] = Step("clone")
+        elif lc is None or rule.kind == "float":
+            report["float_layers" if lc is None else "kept_float"].append(key)
+            report["float_islands"].append((key, type(original).__name__, _float_reason(rule, lc, original)))
+            plan[id(layer)] = Step("clone")
+        elif rule.kind == "compute":
+            _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config)
+        elif rule.kind == "norm" and _affine(flat, layer) is not None:
+            # No integer kernel for a lone BatchNormalization / Rescaling / ...: a 1x1 depthwise conv computes it.
+            _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config, affine=_affine(flat, layer))
+            report["rewritten"].append((key, "per-channel affine as a 1x1 depthwise convolution"))
+        elif rule.kind == "passthrough":
+            plan[id(layer)] = Step("clone")
+        elif rule.kind == "merge" and _is_merge(original, FUSING_MERGES) and _fused_activation(flat, layer, cfg):
+            # TFLite's ADD / SUB / MUL fuse a following ReLU / ReLU6: one quantizer, after it.
+            act = flat.sole_consumer(layer)
+            plan[id(layer)] = Step("clone", fused=True)
+            plan[id(act)] = quantized_output(Step("clone"), act, cfg(act).activations,
+                                             f"output quantizer after {key}+{flat.key(act)}")
+        else:  # activation, merge, pool, unfolded norm: requantized output
+            plan[id(layer)] = quantized_output(Step("clone"), layer, lc.activations, f"{rule.kind} layer output")
+    _plan_float_boundaries(flat, config, plan, quantized_output)
+    _plan_pool_ranges(flat, plan)
+    return plan, report
+
+
+def _plan_pool_ranges(flat, plan):
+    """Average pools take their input's range: TFLite's AVERAGE_POOL_2D has one scale for input and output.
+
+    With its own range the file would need a requantize op after every pool.
+    """
+    for node in flat.nodes:
+        layer = node.operation
+        step = plan.get(id(layer))
+        if step is None or step.quant_spec is None or not isinstance(flat.origin[id(layer)], SAME_RANGE_POOLS):
+            continue
+        inputs = graph_lib.node_inputs(node)
+        source = producer(flat, plan, [], inputs[0]) if len(inputs) == 1 else None
+        if source is not None and source.quant_spec == step.quant_spec and source.quant_key is not None:
+            step.quant_key = source.quant_key
+            step.quant_what += f" (the range of '{source.quant_key}': TFLite's average pool keeps its input's scale)"
+
+
+def _feeds_integer_graph(flat, plan, layer, seen=None):
+    """Whether `layer`'s output reaches a quantized layer, directly or through passthrough layers."""
+    seen = set() if seen is None else seen
+    for out in flat.outputs_of(layer):
+        for node in flat.consumers[id(out)]:
+            if node is None or id(node.operation) in seen:
+                continue
+            consumer = graph_lib.operation_of(node)
+            seen.add(id(consumer))
+            step = plan.get(id(consumer))
+            if step is None:
+                continue
+            if step.kind == "wrap" or step.quant_spec is not None or step.fused:
+                return True
+            rule = get_rule(flat.origin[id(consumer)])
+            if step.kind == "clone" and rule is not None and rule.kind == "passthrough":
+                if _feeds_integer_graph(flat, plan, consumer, seen):
+                    return True
+    return False
+
+
+def _plan_float_boundaries(flat, config, plan, quantized_output):
+    """Quantize the output of a float layer where it enters the integer graph.
+
+    A layer kept in float (config None, its rule, or no rule) whose output feeds a
+    quantized layer gets an output quantizer with the config's activation
+    spec: an integer runtime quantizes that tensor there (TFLite writes a
+    QUANTIZE op), and without a range of its own it would borrow one.
+    """
+    spec = config.activations
+    if spec is None:
+        return
+    for node in flat.nodes:
+        layer = node.operation
+        step = plan.get(id(layer))
+        if step is None or step.kind != "clone" or step.quant_spec is not None or step.fused:
+            continue
+        rule = get_rule(flat.origin[id(layer)])
+        if rule is not None and rule.kind == "passthrough":
+            continue
+        if flat.single_output(layer) is None or "float" not in str(flat.single_output(layer).dtype):
+            continue
+        if _feeds_integer_graph(flat, plan, layer):
+            quantized_output(step, layer, spec, "float layer output entering the integer graph")
+
+
+def _fused_activation(flat, layer, cfg):
+    """The fusable ReLU / ReLU6 that is `layer`'s only consumer and is quantized, else None."""
+    nxt = flat.sole_consumer(layer)
+    rule = get_rule(nxt) if nxt is not None else None
+    if rule is not None and rule.kind == "activation" and is_fusable_activation(nxt) and cfg(nxt) is not None:
+        return nxt
+    return None
+
+
+def _affine(flat, layer):
+    """`(a, b, rank)` when a norm layer is a per-channel affine map a 1x1 depthwise conv can compute, else None."""
+    out = flat.single_output(layer)
+    if out is None or len(out.shape) not in (3, 4) or out.shape[-1] is None:
+        return None
+    found = affine_of(layer, len(out.shape), int(out.shape[-1]))
+    return None if found is None else (*found, len(out.shape))
+
+
+def _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config, affine=None):
+    """Plan a compute layer and the BatchNormalization / activation TFLite fuses into it."""
+    chain, nxt = [layer], flat.sole_consumer(layer)
+    if isinstance(nxt, keras.layers.BatchNormalization) and cfg(nxt) is not None and fold_blocker(layer, nxt) is None:
+        chain.append(nxt)
+        nxt = flat.sole_consumer(nxt)
+    own_activation = getattr(getattr(layer, "activation", None), "__name__", "linear")
+    rule = get_rule(nxt) if nxt is not None else None
+    if (
+        rule is not None and rule.kind == "activation" and is_fusable_activation(nxt)
+        and cfg(nxt) is not None and own_activation == "linear"
+    ):
+        chain.append(nxt)
+    bn = chain[1] if len(chain) > 1 and isinstance(chain[1], keras.layers.BatchNormalization) else None
+    last = chain[-1]
+    what = "output quantizer after " + "+".join(flat.key(x) for x in chain)
+    step = Step("wrap", fold=bn, chain=tuple(chain), affine=affine)
+    if bn is not None:
+        plan[id(bn)] = Step("folded")
+        report["folded"].append((flat.key(bn), flat.key(layer)))
+    if last is layer or last is bn:  # the wrapper's own output quantizer
+        spec = cfg(last).activations
+        quantized_output(step, last, spec, what)
+    else:  # a fused activation layer: the quantizer goes after it
+        spec = None
+        plan[id(last)] = quantized_output(Step("clone"), last, cfg(last).activations, what)
+    weights = lc.weights
+    if (weights is not None and isinstance(flat.origin[id(layer)], L.Embedding) and weights.granularity != "per_tensor"
+            and not config.names_layer(flat.origin[id(layer)], flat.path(layer))):
+        # TFLite's integer GATHER reads one scale for the whole table: per-tensor unless the config asks otherwise.
+        weights = dataclasses.replace(weights, granularity="per_tensor")
+    step.layer_config = LayerQuantConfig(weights=weights, activations=spec)
+    if isinstance(flat.origin[id(layer)], SEPARABLE) and lc.activations is not None:
+        # Written as depthwise + pointwise convolutions with a quantizer between them (TFLite has no separable op).
+        step.inner_key, step.inner_spec = separable_key(flat.key(layer)), lc.activations
+        report["rewritten"].append((flat.key(layer), "depthwise + pointwise convolutions"))
+    if spec is not None and split_activation(flat.origin[id(layer)]) is not None:
+        # The wrapper quantizes before the layer's own activation too (TFLite runs it as its own op).
+        step.preact_key, step.preact_spec = preactivation_key(flat.key(layer)), spec
+    plan[id(layer)] = step
+
+
+
+def input_steps(flat, config):
+    """A `Step` per model input: its quantizer (float inputs only) and calibration key."""
+    steps = []
+    for t, key in zip(flat.model.inputs, flat.input_keys):
+        spec = config.for_layer(key)
+        spec = None if spec is None or "float" not in str(t.dtype) else spec.activations
+        steps.append(Step("input", quant_spec=spec, quant_key=key, quant_what="model input"))
+    return steps
+
+
+def producer(flat, plan, inputs, tensor):
+    """The step whose activation quantizer quantizes `tensor` (through passthrough layers), or None."""
+    while True:
+        op, node_index, _ = graph_lib.producer(tensor)
+        if op is None or isinstance(op, keras.layers.InputLayer):
+            for step, t in zip(inputs, flat.model.inputs):
+                if t is tensor:
+                    return step if step.quant_spec is not None else None
+            return None
+        step = plan.get(id(op))
+        if step is None:
+            return None
+        if step.quant_spec is not None:
+            return step
+        node_inputs = graph_lib.node_inputs(flat.calls(op)[node_index])
+        rule = get_rule(flat.origin[id(op)])
+        if step.kind != "folded" and (rule is None or rule.kind != "passthrough") or len(node_inputs) != 1:
+            return None
+        tensor = node_inputs[0]
+
+
+def share_merge_inputs(flat, plan, inputs, merges=SHARED_INPUT_MERGES):
+    """Group the quantizers feeding each Add / Concatenate so that they share one scale (QAT).
+
+    Groups are joined across merges (a tensor feeding two merges joins both
+    groups). A group whose members' specs differ is left unshared. Returns the
+    groups, each a list of steps; every member gets `step.group` and `step.slot`.
+    """
+    parent = {}
+
+    def find(step):
+        while parent.setdefault(id(step), step) is not step:
+            step = parent[id(step)]
+        return step
+
+    members = {}
+    for node in flat.nodes:
+        if not _is_merge(flat.origin[id(graph_lib.operation_of(node))], merges):
+            continue
+        steps = [producer(flat, plan, inputs, t) for t in graph_lib.node_inputs(node)]
+        steps = [st for st in steps if st is not None]
+        for st in steps:
+            members[id(st)] = st
+            parent.setdefault(id(st), st)
+        for st in steps[1:]:
+            root_a, root_b = find(steps[0]), find(st)
+            if root_a is not root_b:
+                parent[id(root_b)] = root_a
+    groups = collections.defaultdict(list)
+    order = {id(s): i for i, s in enumerate(inputs + list(plan.values()))}
+    for st in sorted(members.values(), key=lambda x: order[id(x)]):
+        groups[id(find(st))].append(st)
+    shared = []
+    for group in groups.values():
+        if len(group) < 2 or any(st.quant_spec != group[0].quant_spec for st in group):
+            continue
+        for slot, st in enumerate(group):
+            st.group, st.slot = group, slot
+        shared.append(group)
+    return shared
+
+
+
+
+@dataclasses.dataclass
+class QuantizationPlan:
+    """The plan of a Functional / Sequential model under a config, as `quantize_model` will carry it out.
+
+    Attributes:
+        flat: The `FlatGraph` planned.
+        steps: `{id(staging layer): Step}` in graph order.
+        inputs: The model inputs' steps.
+        report: `{field: [...]}`: folded pairs, float islands, unsupported keys, ...
+    """
+
+    flat: FlatGraph
+    steps: Dict[int, Step]
+    inputs: list
+    report: dict
+
+    @property
+    def points(self) -> Dict[str, object]:
+        """`{calibration key: QuantSpec}`: every tensor whose statistics the quantized model reads, in graph order."""
+        points = {}
+        for s in self.inputs + list(self.steps.values()):
+            if s.preact_key is not None:
+                points[s.preact_key] = s.preact_spec
+            if s.inner_key is not None:
+                points[s.inner_key] = s.inner_spec
+            if s.quant_spec is not None and s.quant_key is not None:
+                points[s.quant_key] = s.quant_spec
+        return points
+
+    @property
+    def float_islands(self) -> Tuple[Tuple[str, str, str], ...]:
+        """`(key, type, reason)` of every layer or operation left computing in float."""
+        return tuple(self.report.get("float_islands", ()))
+
+    def folded(self) -> Dict[str, str]:
+        """`{batch_norm key: the compute layer's key}` of the folded BatchNormalizations."""
+        return dict(self.report.get("folded", ()))
+
+
+def plan_model(model, config=None) -> Optional[QuantizationPlan]:
+    """The `QuantizationPlan` of a Functional or Sequential model, or None for one with no graph (subclassed).
+
+    Example:
+
+    >>> plan = plan_model(model, kq.QuantConfig.int8())
+    >>> list(plan.points)[:2]
+    ['input_layer', 'conv']
+    """
+    config = QuantConfig() if config is None else config
+    graph = graph_lib.functional(model)
+    if graph is None:
+        return None
+    flat = FlatGraph(model, graph)
+    steps, report = plan_graph(flat, config)
+    return QuantizationPlan(flat, steps, input_steps(flat, config), report)
+
+
+def activation_points(model, config=None):
+    """The calibration keys whose statistics `quantize_model` reads, with their specs.
+
+    These are the places activation quantizers go (model inputs, after fused
+    activations, after merges and average pooling, where float layers enter
+    the integer graph); a calibration restricted to them
+    (`CalibrationCallback(statistics="range")`) is all the PTQ model needs.
+
+    Args:
+        model: A Functional or Sequential model.
+        config: A `kq.QuantConfig` (default `QuantConfig()`).
+
+    Returns:
+        `{key: QuantSpec}` in graph order, or None for a model whose graph
+        `quantize_model` cannot rewrite (subclassed, unbuilt).
+    """
+    plan = plan_model(model, config)
+    return None if plan is None else plan.points

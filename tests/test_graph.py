@@ -1,0 +1,101 @@
+"""keras_quant.graph: pins every Keras graph internal keras_quant relies on.
+
+If a Keras release renames or changes one of these, this file fails first,
+naming the attribute, instead of a crash deep in quantize_model.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_quant import graph as graph_lib
+
+L = keras.layers
+
+
+def _model():
+    inp = keras.Input((6,), name="x")
+    h = L.Dense(4, name="dense")(inp)
+    h = keras.ops.mean(h * 2.0, axis=-1, keepdims=True)
+    return keras.Model(inp, [h, L.Dense(2, name="head")(inp)], name="m")
+
+
+def test_private_attributes_keras_quant_reads_exist():
+    model = _model()
+    assert hasattr(model, "_run_through_graph")
+    assert isinstance(model._nodes_by_depth, dict)
+    dense = model.get_layer("dense")
+    assert len(dense._inbound_nodes) == 1
+    history = dense.output._keras_history
+    assert (history.operation, history.node_index, history.tensor_index) == (dense, 0, 0)
+    seq = keras.Sequential([keras.Input((3,)), L.Dense(2)])
+    assert isinstance(seq._functional, keras.Model)
+    assert list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def test_nodes_in_topological_order_with_ops():
+    model = _model()
+    names = [type(graph_lib.operation_of(n)).__name__ for n in graph_lib.nodes(model)]
+    assert names.index("Dense") < names.index("Multiply") < names.index("Mean")
+    assert "InputLayer" not in names
+    ops = graph_lib.operations(model)
+    assert [type(op).__name__ for op in ops if not graph_lib.is_layer(op)] == ["Multiply", "Mean"]
+
+
+def test_producer_calls_and_node_tensors():
+    model = _model()
+    mean_out = model.outputs[0]
+    op, node_index, tensor_index = graph_lib.producer(mean_out)
+    assert type(op).__name__ == "Mean" and (node_index, tensor_index) == (0, 0)
+    node = graph_lib.producer_node(mean_out)
+    assert graph_lib.node_outputs(node)[0] is mean_out
+    (source,) = graph_lib.node_inputs(node)
+    assert type(graph_lib.producer(source)[0]).__name__ == "Multiply"
+    assert len(graph_lib.calls(op)) == 1
+    assert graph_lib.producer(np.zeros(3)) == (None, None, None)
+
+
+def test_run_calls_every_operation_with_its_arguments():
+    model = _model()
+    seen = []
+
+    def call_fn(op, *args, **kwargs):
+        seen.append(type(op).__name__)
+        return op(*args, **kwargs)
+
+    x = keras.Input((6,))
+    outs = graph_lib.run(model, [x], call_fn)
+    assert sorted(seen) == ["Dense", "Dense", "Mean", "Multiply"]
+    assert seen.index("Multiply") < seen.index("Mean")
+    assert [tuple(o.shape) for o in outs] == [(None, 1), (None, 2)]
+
+
+def test_functional_of_sequential_subclassed_and_inputs_structure():
+    seq = keras.Sequential([keras.Input((3,)), L.Dense(2)])
+    assert graph_lib.functional(seq) is seq._functional
+
+    class Sub(keras.Model):
+        def call(self, x):
+            return x
+
+    assert graph_lib.functional(Sub()) is None
+    a, b = keras.Input((2,), name="a"), keras.Input((2,), name="b")
+    model = keras.Model({"a": a, "b": b}, L.Add()([a, b]))
+    assert isinstance(graph_lib.inputs_structure(model), dict)
+
+
+def test_copy_operation_for_layers_and_ops():
+    dense = L.Dense(3, name="d")
+    copy = graph_lib.copy_operation(dense, name="d2")
+    assert isinstance(copy, L.Dense) and copy.name == "d2" and not copy.built
+    op = graph_lib.producer(keras.ops.mean(keras.Input((4,)), axis=1))[0]
+    clone = graph_lib.copy_operation(op)
+    assert type(clone) is type(op) and list(np.ravel(clone.axis)) == [1] and not graph_lib.calls(clone)
+
+
+@pytest.mark.parametrize("layer", [L.Dense(3), L.Conv2D(2, 1)])
+def test_output_shape(layer):
+    shape = (4,) if isinstance(layer, L.Dense) else (5, 5, 1)
+    layer(keras.Input(shape))
+    assert graph_lib.output_shape(layer)[-1] == (3 if isinstance(layer, L.Dense) else 2)
+    assert graph_lib.output_shape(L.Dense(1)) is None

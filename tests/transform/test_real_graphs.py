@@ -1,0 +1,205 @@
+"""Graphs as people build them: keras.ops nodes, float islands, affine rewrites, nested / shared / dict models.
+
+Each model goes the whole way: calibrate with the default (full statistics)
+callback, PTQ, TFLite int8 in the LiteRT interpreter, and the file is
+compared with its Keras model in output quantization steps.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_quant as kq
+from keras_quant.errors import UnsupportedLayerError
+from keras_quant.transform import plan_model
+
+pytestmark = pytest.mark.tensorflow
+L = keras.layers
+
+
+def _calibrate(model, x):
+    cb = kq.CalibrationCallback()
+    model.predict(x, batch_size=32, callbacks=[cb], verbose=0)
+    return cb.result
+
+
+def _steps(model, qmodel, x, tmp_path, name, **export):
+    """The TFLite file's distance from its Keras model, in output steps (p99, max), and its report."""
+    path = tmp_path / f"{name}.tflite"
+    report = kq.export_tflite(qmodel, path, **export)
+    runner = kq.runtime.load(str(path))
+    got = runner.predict(x)
+    expected = qmodel.predict(x, verbose=0)
+    scale = float(runner.output_quantization[0])
+    per = np.abs(np.asarray(got).reshape(len(x) if not isinstance(x, list) else len(x[0]), -1)
+                 - expected.reshape(len(got), -1)).max(axis=1) / scale
+    return float(np.percentile(per, 99)), float(per.max()), report
+
+
+def conv1d_ops_model():
+    """Conv1D audio-style model whose pooling, scaling and slicing are bare keras.ops."""
+    inp = keras.Input((32, 1), name="signal")
+    h = L.Conv1D(8, 5, activation="relu", name="c1")(inp)
+    h = h[:, 2:]  # GetItem
+    h = L.Conv1D(8, 3, name="c2")(h)
+    h = keras.ops.relu(h)
+    h = keras.ops.mean(h, axis=1)  # MEAN
+    h = h * 0.5 + 0.25  # MUL, ADD with constants
+    return keras.Model(inp, L.Dense(3, name="head")(h), name="conv1d_ops")
+
+
+@pytest.fixture(scope="module")
+def signal():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(96, 32, 1)).astype("float32")
+
+
+def test_keras_ops_nodes_are_quantized_where_tflite_runs_them(signal, tmp_path):
+    keras.utils.set_random_seed(0)
+    model = conv1d_ops_model()
+    result = _calibrate(model, signal)
+    plan = plan_model(model)
+    op_points = [k for k in plan.points if k.startswith(("mean", "multiply", "add", "relu"))]
+    assert len(op_points) >= 3, plan.points  # relu (fused into c2? no: an op after a linear conv), mean, add
+    for key in op_points:
+        assert key in result and result[key].count > 0
+    qmodel = kq.quantize_model(model, calibration=result)
+    assert not qmodel.quantization_report.unsupported
+    assert not qmodel.quantization_report.float_islands
+    p99, worst, report = _steps(model, qmodel, signal, tmp_path, "ops")
+    assert not report.float_ops, report.float_ops
+    assert {"MEAN", "CONV_2D"} <= set(report.ops) or {"MEAN"} <= set(report.ops)
+    assert p99 <= 2.0 and worst <= 6.0, (p99, worst)
+    float_out, q_out = model.predict(signal, verbose=0), qmodel.predict(signal, verbose=0)
+    assert np.corrcoef(float_out.ravel(), q_out.ravel())[0, 1] > 0.99
+
+
+def test_qat_on_ops_graph_trains_and_exports(signal, tmp_path):
+    keras.utils.set_random_seed(0)
+    model = conv1d_ops_model()
+    result = _calibrate(model, signal)
+    qat = kq.quantize_model(model, mode="qat", calibration=result)
+    qat.compile(keras.optimizers.Adam(1e-3), "mse")
+    y = model.predict(signal, verbose=0) + 0.1
+    history = qat.fit(signal, y, epochs=3, batch_size=32, verbose=0).history["loss"]
+    assert np.all(np.isfinite(history)) and history[-1] < history[0]
+    report = kq.export_tflite(qat, tmp_path / "qat.tflite")
+    assert not report.float_ops
+
+
+def text_model(rnn):
+    inp = keras.Input((12,), dtype="int32", name="tokens")
+    h = L.Embedding(50, 8, name="embed")(inp)
+    h = rnn(h)
+    return keras.Model(inp, L.Dense(3, activation="softmax", name="head")(h), name="text")
+
+
+@pytest.mark.parametrize("rnn", [
+    lambda: L.LSTM(8, name="rnn"),
+    lambda: L.Bidirectional(L.GRU(4), name="rnn"),
+    lambda: L.SimpleRNN(8, name="rnn"),
+], ids=["lstm", "bidirectional_gru", "simple_rnn"])
+def test_recurrent_layers_are_float_islands_that_calibrate_and_export(rnn, tmp_path):
+    keras.utils.set_random_seed(0)
+    model = text_model(rnn())
+    tokens = np.random.default_rng(1).integers(0, 50, size=(64, 12)).astype("int32")
+    result = _calibrate(model, tokens)
+    assert result["rnn"].count > 0  # the default full-statistics callback records the RNN output
+    qmodel = kq.quantize_model(model, calibration=result)
+    islands = {key: reason for key, _, reason in qmodel.quantization_report.float_islands}
+    assert "rnn" in islands and "float" in islands["rnn"]
+    assert "rnn" not in qmodel.quantization_report.unsupported
+    assert "embed" in qmodel.quantization_report.wrapped  # the Embedding is quantized (per tensor: GATHER)
+    report = kq.export_tflite(qmodel, tmp_path / "text.tflite")
+    assert "GATHER" in report.ops
+    runner = kq.runtime.load(str(tmp_path / "text.tflite"))
+    agree = (runner.predict(tokens).argmax(-1) == qmodel.predict(tokens, verbose=0).argmax(-1)).mean()
+    assert agree >= 0.95
+
+
+def transformer_block():
+    inp = keras.Input((10,), dtype="int32", name="tokens")
+    h = L.Embedding(40, 16, name="tok")(inp)
+    pos = L.Embedding(10, 16, name="pos")(keras.ops.arange(10))
+    h = h + pos
+    a = L.MultiHeadAttention(2, 8, name="mha")(h, h)
+    h = L.LayerNormalization(name="ln1")(h + a)
+    f = L.Dense(32, activation="gelu", name="ffn1")(h)
+    h = L.LayerNormalization(name="ln2")(h + L.Dense(16, name="ffn2")(f))
+    h = keras.ops.mean(h, axis=1)
+    return keras.Model(inp, L.Dense(4, activation="softmax", name="head")(h), name="encoder")
+
+
+def test_transformer_float_islands_are_named_and_the_rest_is_integer(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = transformer_block()
+    tokens = np.random.default_rng(2).integers(0, 40, size=(64, 10)).astype("int32")
+    qmodel = kq.quantize_model(model, calibration=_calibrate(model, tokens))
+    islands = {key for key, _, _ in qmodel.quantization_report.float_islands}
+    assert {"mha", "ln1", "ln2"} <= islands
+    assert {"ffn1", "ffn2", "head"} <= set(qmodel.quantization_report.wrapped)
+    report = kq.export_tflite(qmodel, tmp_path / "enc.tflite", strict=False)
+    assert report.ops.get("FULLY_CONNECTED", 0) >= 3
+    float_out, q_out = model.predict(tokens, verbose=0), qmodel.predict(tokens, verbose=0)
+    assert np.abs(float_out - q_out).max() < 0.1
+
+
+def affine_model():
+    """A standalone BatchNormalization after a Concatenate (DenseNet) and a Rescaling at the input."""
+    inp = keras.Input((8, 8, 3), name="image")
+    h = L.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(inp)
+    c = L.Conv2D(6, 3, padding="same", name="conv")(h)
+    c = L.Concatenate(name="concat")([c, h])
+    c = L.BatchNormalization(name="bn")(c)
+    c = L.ReLU(name="relu")(c)
+    c = L.Conv2D(4, 1, name="proj")(c)
+    return keras.Model(inp, L.GlobalAveragePooling2D(name="gap")(c), name="affine")
+
+
+def test_standalone_norms_become_integer_depthwise_convs(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = affine_model()
+    rng = np.random.default_rng(3)
+    model.get_layer("bn").set_weights([rng.uniform(0.5, 2, 9), rng.normal(size=9), rng.normal(size=9),
+                                       rng.uniform(0.2, 3, 9)])
+    x = rng.uniform(0, 255, size=(64, 8, 8, 3)).astype("float32")
+    qmodel = kq.quantize_model(model, calibration=_calibrate(model, x))
+    rewritten = dict(qmodel.quantization_report.rewritten)
+    assert set(rewritten) == {"rescale", "bn"}
+    assert {"rescale", "bn"} <= set(qmodel.quantization_report.wrapped)
+    p99, worst, report = _steps(model, qmodel, x, tmp_path, "affine")
+    assert not report.float_ops and report.ops["DEPTHWISE_CONV_2D"] == 2, report.ops
+    assert p99 <= 2.0 and worst <= 6.0
+    err = np.abs(model.predict(x, verbose=0) - qmodel.predict(x, verbose=0)).max()
+    assert err < 0.05 * np.abs(model.predict(x, verbose=0)).max()
+
+
+def test_nested_shared_multi_input_multi_output(tmp_path):
+    keras.utils.set_random_seed(0)
+    block_in = keras.Input((6,))
+    block = keras.Model(block_in, L.Dense(6, activation="relu", name="inner")(block_in) * 2.0, name="block")
+    shared = L.Dense(5, name="shared")
+    a, b = keras.Input((6,), name="a"), keras.Input((6,), name="b")
+    ha, hb = shared(block(a)), shared(b)  # a nested model, and a layer called twice
+    out1 = L.Dense(2, name="out1")(L.Concatenate(name="cat")([ha, hb]))
+    out2 = keras.ops.max(hb, axis=-1, keepdims=True)
+    model = keras.Model({"a": a, "b": b}, [out1, out2], name="multi")
+    rng = np.random.default_rng(4)
+    data = {"a": rng.normal(size=(64, 6)).astype("float32"), "b": rng.normal(size=(64, 6)).astype("float32")}
+    qmodel = kq.quantize_model(model, calibration=_calibrate(model, data))
+    got, expected = qmodel.predict(data, verbose=0), model.predict(data, verbose=0)
+    assert len(got) == 2
+    for g, e in zip(got, expected):
+        assert np.abs(g - e).max() < 0.1 * (np.abs(e).max() + 1e-6)
+    qat = kq.quantize_model(model, mode="qat", calibration=_calibrate(model, data))
+    assert len(qat.predict(data, verbose=0)) == 2
+
+
+def test_a_named_rule_less_operation_is_a_typed_error():
+    inp = keras.Input((4,))
+    model = keras.Model(inp, keras.ops.exp(inp))
+    config = kq.QuantConfig.int8()
+    exp_name = [op.name for op in model.operations if type(op).__name__ == "Exp"][0]
+    config.set_layer_name(exp_name, kq.LayerQuantConfig(weights=None, activations=kq.QuantSpec()))
+    with pytest.raises(UnsupportedLayerError, match="Exp"):
+        kq.quantize_model(model, config, calibration=_calibrate(model, np.ones((4, 4), "float32")))
