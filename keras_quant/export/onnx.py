@@ -143,7 +143,9 @@ def _qdq_around_data_movement(proto):
     layers on either side into integer kernels. The values are unchanged (the op moves the
     integers; requantizing them with the same scale and zero point is exact). A chain of such ops
     (tf2onnx writes Conv1D as Reshape -> Transpose) gets one pair around the whole chain:
-    onnxruntime's layout optimizer computed wrong values when each link had its own pair.
+    onnxruntime's layout optimizer computed wrong values when each link had its own pair. A
+    quantized tensor read by several such ops (a U-Net's skip tensor, transposed once, then read by
+    UpSampling2D and Conv2DTranspose) gets one DequantizeLinear that all of them read.
     Returns the number of ops rewritten.
     """
     import onnx
@@ -153,6 +155,7 @@ def _qdq_around_data_movement(proto):
     uses.update(out.name for out in graph.output)
     nodes, count, producers = [], 0, {}
     chained = {}  # requantized output of a rewritten op -> (its QuantizeLinear, the float value it quantizes)
+    dequantized_of = {}  # quantized tensor -> its one DequantizeLinear output (a tensor read by several ops)
     for node in graph.node:  # in topological order: a chain is extended op by op
         q = producers.get(node.input[0]) if node.op_type in _DATA_MOVEMENT and node.input else None
         if q is None or q.op_type != "QuantizeLinear":
@@ -165,9 +168,11 @@ def _qdq_around_data_movement(proto):
             nodes.remove(link[0])  # the chain goes on in float: no requantize between its ops
             node.input[0] = link[1]
         else:
-            dequantized = node.input[0] + "_kq_dq"
-            nodes.append(onnx.helper.make_node("DequantizeLinear", [node.input[0]] + qparams, [dequantized],
-                                               name=node.name + "_kq_dq"))
+            dequantized = dequantized_of.get(node.input[0])
+            if dequantized is None:  # one DequantizeLinear per tensor: names stay single-assignment (SSA)
+                dequantized = dequantized_of[node.input[0]] = node.input[0] + "_kq_dq"
+                nodes.append(onnx.helper.make_node("DequantizeLinear", [node.input[0]] + qparams, [dequantized],
+                                                   name=node.name + "_kq_dq"))
             node.input[0] = dequantized
         output, moved = node.output[0], node.output[0] + "_kq_float"
         node.output[0] = moved
