@@ -42,7 +42,7 @@ import numpy as np
 
 from keras_quant.errors import ConfigError, ExportError
 from keras_quant.export import plan as plan_lib
-from keras_quant.export.tflite import ExportReport, _atomic_write, tflite_bytes
+from keras_quant.export.tflite import ExportReport, _atomic_write, check_batch_size, tflite_bytes
 
 __all__ = ["export_onnx", "onnx_model", "MIN_OPSET", "INT4_OPSET"]
 
@@ -326,14 +326,6 @@ def _weights_to_uint8(proto):
     return count
 
 
-def _check_batch_size(batch_size):
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-                                   or batch_size < 1):
-        raise ConfigError("batch_size", batch_size, "batch_size must be None (a symbolic batch dimension) or an "
-                          "integer >= 1")
-    return None if batch_size is None else int(batch_size)
-
-
 class _DropTFLGelu:
     """A logging filter: tf2onnx logs an ERROR for each TFL_GELU it leaves, which `_decompose_gelu` converts."""
 
@@ -374,7 +366,7 @@ def onnx_model(model, opset=INT4_OPSET, strict=True, activation_type="uint8", we
         raise ConfigError("activation_type", activation_type, f"activation_type must be one of {ACTIVATION_TYPES}")
     if weight_type not in WEIGHT_TYPES:
         raise ConfigError("weight_type", weight_type, f"weight_type must be one of {WEIGHT_TYPES}")
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     data, details = tflite_bytes(model, "int8", input_type="float32", output_type="float32", strict=strict,
                                  batch_size=batch_size)
     fd, tmp = tempfile.mkstemp(suffix=".tflite")

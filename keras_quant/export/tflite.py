@@ -157,6 +157,15 @@ def _converter(cf, mode, input_type, output_type):
     return conv
 
 
+def check_batch_size(batch_size):
+    """`batch_size` as an int, or None (a dynamic batch dimension); `ConfigError` for anything else."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                   or batch_size < 1):
+        raise ConfigError("batch_size", batch_size, "batch_size must be None (a dynamic batch dimension) or an "
+                          "integer >= 1")
+    return None if batch_size is None else int(batch_size)
+
+
 def _io_type(value, field, mode):
     allowed = IO_TYPES[mode]
     value = allowed[0] if value is None else str(getattr(value, "name", value))
@@ -274,13 +283,20 @@ def _check_float_ops(model, float_ops):
         return
     problems = []
     for layer, ops in by_layer.items():
-        why = quantizing.get(layer, "the op belongs to no layer of the model the config keeps in float")
         counts = collections.Counter(ops)
         value = ", ".join(op if counts[op] == 1 else f"{op} x{counts[op]}" for op in dict.fromkeys(ops))
-        problems.append((layer, "float_ops", value,
-                         f"the file runs {len(ops)} op(s) of this layer in float although {why}; set its config "
-                         "to None to keep it float deliberately (the report then lists it), or export with "
-                         "strict=False"))
+        if layer is None:
+            reason = (f"the file runs {len(ops)} op(s) in float that belong to no layer of the model, so nothing "
+                      "says they may; export with strict=False to accept them (the report lists them)")
+        elif "no rule" in quantizing[layer]:
+            reason = (f"the file runs {len(ops)} op(s) of this layer in float although {quantizing[layer]}; "
+                      "declare a rule for it (kq.layers.register_rule), or export with strict=False to accept "
+                      "the float ops (the report lists them)")
+        else:
+            reason = (f"the file runs {len(ops)} op(s) of this layer in float although {quantizing[layer]}; set "
+                      "its config to None to keep it float deliberately (the report then lists it), or export "
+                      "with strict=False")
+        problems.append((layer, "float_ops", value, reason))
     layer, field, value, reason = problems[0]
     raise ExportError(field, value, reason, layer=layer, problems=problems)
 
@@ -320,8 +336,9 @@ def converter_error(model, mode, error, graph=None):
     if select:
         ops = select.group(1).strip()
         reason = (f"TFLite has no builtin kernel for the TensorFlow op(s) {ops} (the converter would need TF Select "
-                  "ops, which LiteRT does not run by default); build the layer from ops TFLite has (MaxPooling3D: "
-                  "a strided Conv3D), or leave it out of the exported model")
+                  "ops, which LiteRT does not run by default); replace the layer by ops TFLite has (for "
+                  "MaxPooling3D: a strided Conv3D, or 2D pooling over reshaped slices), or leave it out of the "
+                  "exported model")
         field, value = "ops", ops
     else:
         first = next((r.error_message.strip() for r in details if getattr(r, "error_message", "")), None)
@@ -349,6 +366,7 @@ def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_si
     """Convert `model` to TFLite bytes; returns `(bytes, details)` (see `export_tflite`)."""
     _check_backend()
     plan_lib.check(model, mode)
+    batch_size = check_batch_size(batch_size)
     input_type = _io_type(input_type, "input_type", mode)
     output_type = _io_type(output_type, "output_type", mode)
     plan = plan_lib.build_plan(model, mode)
