@@ -6,7 +6,9 @@ fed the same float32 data and compared (`kq.analysis.compare_models`):
 
 - `predict(x, batch_size=None)`: float32 numpy outputs (one array, or a list
   for several outputs). Integer-typed inputs are quantized and integer-typed
-  outputs dequantized by the runner, with the tensor's own scale and zero point.
+  outputs dequantized by the runner, with the tensor's own scale and zero point;
+  integer inputs without one (indices: an Embedding's token ids) take the
+  values as integers, and data with fractions is refused.
 - `output_quantization`: `(scale, zero_point)` of the first output's
   quantization grid, or None (see each runner).
 - `size_bytes`, `latency(x, runs=50, warmup=5)`, `kind`, `name`,
@@ -16,7 +18,8 @@ Inputs are taken in the artifact's input order (a list or tuple of arrays for
 several inputs), batch on axis 0. Where the artifact's batch dimension is fixed
 at `B` (TFLite files are usually exported with batch 1), the data runs in
 chunks of `B`, the last one padded by repeating its last sample; where it is
-dynamic, in chunks of `batch_size` (default 32).
+dynamic, in chunks of `batch_size` (default 32); a TFLite interpreter has every
+input resized to the chunk's batch before it allocates its tensors once.
 
 Quantizing an input: `q = clip(round(x / scale) + zero_point, qmin, qmax)` with
 `x / scale` in float64 and rounding half away from zero, as TFLite's QUANTIZE

@@ -120,6 +120,9 @@ def test_tflite_batch_none_is_resizable(tmp_path):
     got = runtime.dequantize_output(it.get_tensor(out["index"]), *out["quantization"])
     np.testing.assert_array_equal(got, want[:32])
     assert models.output_steps(qmodel.predict(x, verbose=0), want, one.output_quantization[0]) <= 2.0 + 1e-4
+    for bad in (0, 2.5, True):
+        with pytest.raises(ConfigError, match="batch_size"):
+            kq.export_tflite(qmodel, tmp_path / "bad.tflite", batch_size=bad)
 
 
 def test_two_input_tflite_resized_to_batch_32(tmp_path):
