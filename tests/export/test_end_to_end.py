@@ -266,6 +266,26 @@ def test_gelu_exports_to_onnx(where, tmp_path):
     assert models.output_steps(want, tflite_runner.predict(x), step) <= 2.0 + 1e-4
 
 
+@pytest.mark.parametrize("approximate", [0, 1])
+def test_gelu_decomposition_computes_gelu(approximate):
+    """The Erf (exact) and Tanh (approximate) forms written for a TFL_GELU node, run in onnxruntime."""
+    import tensorflow as tf
+    from onnx import TensorProto, helper
+
+    from keras_quant.export.onnx import _decompose_gelu
+
+    node = helper.make_node("TFL_GELU", ["x"], ["y"], name="gelu", approximate=approximate)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert _decompose_gelu(proto) == 1
+    onnx.checker.check_model(proto)
+    assert {n.op_type for n in proto.graph.node} >= ({"Tanh"} if approximate else {"Erf"})
+    x = np.linspace(-4, 4, 40, dtype="float32").reshape(8, 5)
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, tf.nn.gelu(x, approximate=bool(approximate)).numpy(), atol=1e-6)
+
+
 def test_converter_errors_are_export_errors(tmp_path):
     inp = keras.Input((8, 8, 8, 1))
     x = L.Conv3D(4, 3, padding="same", name="c3")(inp)
