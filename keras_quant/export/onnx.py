@@ -482,7 +482,7 @@ def export_onnx(model, path, opset=INT4_OPSET, strict=True, activation_type="uin
     _atomic_write(path, data)
     ops = dict(collections.Counter(n.op_type for n in proto.graph.node))
     _, dq_weights = _qdq_tables(proto)
-    elem = {1: "float32", 3: "int8", 2: "uint8", 5: "int16"}
+    elem = {1: "float32", 3: "int8", 2: "uint8", 5: "int16", 6: "int32", 7: "int64"}
     in_type = elem.get(proto.graph.input[0].type.tensor_type.elem_type, "other")
     out_type = elem.get(proto.graph.output[0].type.tensor_type.elem_type, "other")
     return ExportReport(

@@ -150,8 +150,8 @@ def test_embedding_model_int32_inputs_run_in_both_runtimes(tmp_path):
     config = kq.QuantConfig.int8()
     config.set_layer_name("embed", None)  # TFLite's GATHER has no per-row scales
     qmodel = quantized(model, tokens, config)
-    kq.export_onnx(qmodel, tmp_path / "embed.onnx")
-    kq.export_tflite(qmodel, tmp_path / "embed.tflite", input_type="float32")
+    assert kq.export_onnx(qmodel, tmp_path / "embed.onnx").input_type == "int32"
+    assert kq.export_tflite(qmodel, tmp_path / "embed.tflite").input_type == "int32"  # indices stay int32
     assert onnx.load(str(tmp_path / "embed.onnx")).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT32
     want = qmodel.predict(tokens, verbose=0)
     for name in ("embed.onnx", "embed.tflite"):
