@@ -201,7 +201,6 @@ def _decompose_gelu(proto):
     quantized TFLite GELU as `DequantizeLinear -> TFL_GELU -> QuantizeLinear`, so the decomposition
     runs in float between the same QDQ pair (TFLite's int8 kernel is a table of the same function).
     """
-    import onnx
     from onnx import helper, numpy_helper
 
     graph, nodes, count = proto.graph, [], 0
@@ -334,6 +333,8 @@ class _DropTFLGelu:
 
 
 class _quiet_tf2onnx:
+    """A context manager that keeps tf2onnx's TFL_GELU errors out of the log while it converts."""
+
     def __enter__(self):
         import logging
 

@@ -217,7 +217,8 @@ def float_ops_in_file(path):
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     # Without XNNPack, which would replace the ops it runs by one DELEGATE op.
-    it = Interpreter(model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it = Interpreter(model_path=str(path),
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     it.allocate_tensors()
     tensors = {t["index"]: t for t in it.get_tensor_details()}
     found = []
