@@ -6,7 +6,9 @@ fed the same float32 data and compared (`kq.analysis.compare_models`):
 
 - `predict(x, batch_size=None)`: float32 numpy outputs (one array, or a list
   for several outputs). Integer-typed inputs are quantized and integer-typed
-  outputs dequantized by the runner, with the tensor's own scale and zero point.
+  outputs dequantized by the runner, with the tensor's own scale and zero point;
+  integer inputs without one (indices: an Embedding's token ids) take the
+  values as integers, and data with fractions is refused.
 - `output_quantization`: `(scale, zero_point)` of the first output's
   quantization grid, or None (see each runner).
 - `size_bytes`, `latency(x, runs=50, warmup=5)`, `kind`, `name`,
@@ -16,7 +18,8 @@ Inputs are taken in the artifact's input order (a list or tuple of arrays for
 several inputs), batch on axis 0. Where the artifact's batch dimension is fixed
 at `B` (TFLite files are usually exported with batch 1), the data runs in
 chunks of `B`, the last one padded by repeating its last sample; where it is
-dynamic, in chunks of `batch_size` (default 32).
+dynamic, in chunks of `batch_size` (default 32); a TFLite interpreter has every
+input resized to the chunk's batch before it allocates its tensors once.
 
 Quantizing an input: `q = clip(round(x / scale) + zero_point, qmin, qmax)` with
 `x / scale` in float64 and rounding half away from zero, as TFLite's QUANTIZE
@@ -69,6 +72,8 @@ ONNX_INT_TYPES = {
     "tensor(uint16)": np.uint16,
     "tensor(int32)": np.int32,
 }
+# Integer inputs a runner takes as they are (indices: an Embedding's token ids), besides quantized ones.
+ONNX_INPUT_INT_TYPES = dict(ONNX_INT_TYPES, **{"tensor(int64)": np.int64})
 
 
 # Pure functions ----------------------------------------------------------------
@@ -168,6 +173,29 @@ def _chunks(xs, fixed_batch, batch_size):
 
 def _float32(a):
     return np.asarray(a).astype(np.float32, copy=False)
+
+
+def as_integer_input(a, dtype, field):
+    """`a` as the integer `dtype` of an index input (token ids), refusing values that are not integers in range.
+
+    Args:
+        a: The data (float or integer array).
+        dtype: The input's integer numpy dtype.
+        field: The input's name, for the error.
+
+    Raises:
+        ConfigError: A value with a fraction, not finite, or outside `dtype`.
+    """
+    a = np.asarray(a)
+    if a.dtype == np.dtype(dtype):
+        return np.ascontiguousarray(a)
+    info = np.iinfo(dtype)
+    values = a.astype(np.float64)
+    bad = ~np.isfinite(values) | (values != np.round(values)) | (values < info.min) | (values > info.max)
+    if np.any(bad):
+        raise ConfigError(field, values[bad].reshape(-1)[0], f"this input takes {np.dtype(dtype).name} values "
+                          f"(indices such as token ids) in [{info.min}, {info.max}]; pass integers")
+    return np.ascontiguousarray(values.astype(dtype))
 
 
 # Runners ----------------------------------------------------------------------
@@ -418,14 +446,25 @@ class TFLiteRunner(Runner):
             qparams = _tflite_qparams(detail)
             if qparams is not None:
                 return quantize_input(a, *qparams, dtype)
+            return as_integer_input(a, dtype, detail["name"])
         return np.ascontiguousarray(a, dtype=dtype)
 
     def _set_inputs(self, chunk):
+        """Set the inputs, resizing them to the chunk's shapes first where they differ.
+
+        Every input is resized before the one `allocate_tensors`: allocating after
+        resizing only the first of two inputs makes the interpreter prepare each op
+        for a batch-32 input beside a batch-1 one (XNNPack's reshape then fails on
+        the mismatch), an error of the order of the calls, not of the file.
+        """
+        resized = False
         for detail, a in zip(self._inputs, chunk):
             if tuple(detail["shape"]) != a.shape:
                 self.interpreter.resize_tensor_input(detail["index"], list(a.shape))
-                self.interpreter.allocate_tensors()
-                self._inputs = self.interpreter.get_input_details()
+                resized = True
+        if resized:
+            self.interpreter.allocate_tensors()
+            self._inputs = self.interpreter.get_input_details()
         for detail, a in zip(self._inputs, chunk):
             self.interpreter.set_tensor(detail["index"], a)
 
@@ -495,8 +534,12 @@ def _onnx_output_qparams(model_proto, output_name, op_types=("DequantizeLinear",
 class ONNXRunner(Runner):
     """An ONNX model, run with onnxruntime's CPUExecutionProvider.
 
-    Inputs must be float (float32, float16 or double): QDQ models such as
-    `kq.export_onnx`'s take and give float32. `output_quantization` is the
+    Float inputs (float32, float16 or double; QDQ models such as
+    `kq.export_onnx`'s take and give float32) get the data as it is. Integer
+    inputs: one read by a DequantizeLinear (a quantized input) gets the data
+    quantized with that node's scale and zero point; any other (int32 / int64
+    indices, e.g. an Embedding's token ids, which `kq.export_onnx` writes as
+    int32) gets the values as integers, refusing data with fractions. `output_quantization` is the
     scalar `(scale, zero_point)` of the DequantizeLinear node producing the
     first output (or of the QuantizeLinear node, when the output is integer,
     which `predict` then dequantizes), else None. `size_bytes` is the `.onnx`
@@ -523,28 +566,46 @@ class ONNXRunner(Runner):
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         inputs = self.session.get_inputs()
         for node in inputs:
-            if node.type not in ONNX_FLOAT_TYPES:
+            if node.type not in ONNX_FLOAT_TYPES and node.type not in ONNX_INPUT_INT_TYPES:
                 raise ConfigError(
                     "input_type",
                     node.type,
-                    f"ONNXRunner supports float inputs only, and input '{node.name}' of {self.path.name} is not; "
-                    "export the model with float32 inputs (kq.export_onnx does)",
+                    f"ONNXRunner takes float or integer inputs, and input '{node.name}' of {self.path.name} is "
+                    "neither; export the model with float32 inputs (kq.export_onnx does)",
                 )
-        self._dtypes = [ONNX_FLOAT_TYPES[node.type] for node in inputs]
+        self._dtypes = [ONNX_FLOAT_TYPES.get(node.type) or ONNX_INPUT_INT_TYPES[node.type] for node in inputs]
         self._output_names = [node.name for node in self.session.get_outputs()]
-        self._output_qparams = self._read_output_qparams()
+        proto = self._load_proto()
+        self._output_qparams = self._read_output_qparams(proto)
+        self._input_qparams = self._read_input_qparams(proto, inputs)
         shapes = [tuple(_dim(d) for d in node.shape) for node in inputs]
         super().__init__(self.path.name, [node.name for node in inputs], shapes)
         first = shapes[0] if shapes else ()
         self._fixed_batch = first[0] if first else None
 
-    def _read_output_qparams(self):
-        """Per output: `(scale, zero_point, integer_output)` or None."""
+    def _load_proto(self):
         try:
             import onnx
         except ImportError:
+            return None
+        return onnx.load(str(self.path), load_external_data=False)
+
+    def _read_input_qparams(self, proto, inputs):
+        """Per input: `(scale, zero_point)` of the DequantizeLinear reading an integer input, or None."""
+        result = []
+        for node in inputs:
+            qparams = None
+            if proto is not None and node.type in ONNX_INT_TYPES:
+                readers = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == node.name]
+                if readers:
+                    qparams = _onnx_output_qparams(proto, readers[0].output[0])
+            result.append(qparams)
+        return result
+
+    def _read_output_qparams(self, proto):
+        """Per output: `(scale, zero_point, integer_output)` or None."""
+        if proto is None:
             return [None] * len(self._output_names)
-        proto = onnx.load(str(self.path), load_external_data=False)
         result = []
         for node in self.session.get_outputs():
             integer = node.type in ONNX_INT_TYPES
@@ -563,7 +624,15 @@ class ONNXRunner(Runner):
         return os.path.getsize(self.path)
 
     def _feeds(self, chunk):
-        return {name: np.ascontiguousarray(a, dtype=dt) for name, a, dt in zip(self.input_names, chunk, self._dtypes)}
+        feeds = {}
+        for name, a, dtype, qparams in zip(self.input_names, chunk, self._dtypes, self._input_qparams):
+            if qparams is not None:
+                feeds[name] = quantize_input(a, *qparams, dtype)
+            elif np.issubdtype(dtype, np.integer):
+                feeds[name] = as_integer_input(a, dtype, name)
+            else:
+                feeds[name] = np.ascontiguousarray(a, dtype=dtype)
+        return feeds
 
     def _run(self, chunk):
         outputs = self.session.run(self._output_names, self._feeds(chunk))
@@ -598,7 +667,7 @@ def load(artifact, num_threads=None):
     Raises:
         ConfigError: An unknown suffix or type, a missing file, bytes that are
             not a TFLite flatbuffer, a bad `num_threads`, or an ONNX model with
-            integer inputs.
+            inputs that are neither float nor integer (strings, booleans).
 
     Example:
 

@@ -279,11 +279,25 @@ def test_onnx_integer_output_is_dequantized(tmp_path):
     np.testing.assert_allclose(y, expected, atol=1e-6)
 
 
-def test_onnx_integer_inputs_are_refused(tmp_path):
-    path = onnx_dense(tmp_path / "int_in.onnx", dense_model(), input_type=TensorProto.INT8)
+def test_onnx_integer_index_inputs_take_integers(tmp_path):
+    """An integer input no DequantizeLinear reads (indices) gets the values as integers; fractions are refused."""
+    model = dense_model()
+    path = onnx_dense(tmp_path / "int_in.onnx", model, input_type=TensorProto.INT32)
+    runner = runtime.load(path)
+    x = np.random.default_rng(3).integers(-3, 4, size=(6, IN))
+    want = keras.ops.convert_to_numpy(model(x.astype("float32")))
+    np.testing.assert_allclose(runner.predict(x.astype("float32")), want, atol=1e-5)  # float data, integer values
+    np.testing.assert_allclose(runner.predict(x.astype("int64")), want, atol=1e-5)
+    with pytest.raises(ConfigError) as e:
+        runner.predict(data(2))
+    assert e.value.field == "x" and "int32" in str(e.value)
+
+
+def test_onnx_string_inputs_are_refused(tmp_path):
+    path = onnx_dense(tmp_path / "str_in.onnx", dense_model(), input_type=TensorProto.STRING)
     with pytest.raises(ConfigError) as e:
         runtime.load(path)
-    assert e.value.field == "input_type" and e.value.value == "tensor(int8)"
+    assert e.value.field == "input_type" and e.value.value == "tensor(string)"
     assert "'x'" in str(e.value)
 
 
@@ -488,8 +502,9 @@ def test_tf2onnx_exports_run_like_their_sources(tflite_files, tmp_path):
     # Same grid; the runtimes may round a tie differently, so one step at most.
     assert np.abs(onnx_runner.predict(x) - tflite_runner.predict(x)).max() <= scale * 1.001
 
+    # int8 input and output: the runner quantizes the input with the scale of the DequantizeLinear reading it.
     int_path = tmp_path / "int8_io.onnx"
     tf2onnx.convert.from_tflite(str(files["int8"]), opset=17, output_path=str(int_path))
-    with pytest.raises(ConfigError) as e:
-        runtime.load(int_path)
-    assert e.value.field == "input_type"
+    int_runner, int_tflite = runtime.load(int_path), runtime.load(files["int8"])
+    assert int_runner.output_quantization == pytest.approx(int_tflite.output_quantization)
+    assert np.abs(int_runner.predict(x) - int_tflite.predict(x)).max() <= int_tflite.output_quantization[0] * 1.001

@@ -18,6 +18,12 @@ sub-8-bit layers itself (onnx helper) as INT4 initializers, the type the opset
 has for them; below opset 21 they stay 8-bit initializers holding 4-bit
 values, and the report says so.
 
+The batch dimension is symbolic (`"batch"`) unless `batch_size` fixes it:
+the int8 flatbuffer is converted with a dynamic batch, which tf2onnx keeps.
+GELU, which tf2onnx cannot convert, is written as its Erf (or Tanh)
+formula between the same QDQ pair; any other TFLite op tf2onnx leaves
+unconverted is an `ExportError` naming its layer.
+
 The file passes `onnx.checker` and is loaded in onnxruntime before it is
 written.
 
@@ -36,7 +42,7 @@ import numpy as np
 
 from keras_quant.errors import ConfigError, ExportError
 from keras_quant.export import plan as plan_lib
-from keras_quant.export.tflite import ExportReport, _atomic_write, tflite_bytes
+from keras_quant.export.tflite import ExportReport, _atomic_write, check_batch_size, tflite_bytes
 
 __all__ = ["export_onnx", "onnx_model", "MIN_OPSET", "INT4_OPSET"]
 
@@ -143,7 +149,9 @@ def _qdq_around_data_movement(proto):
     layers on either side into integer kernels. The values are unchanged (the op moves the
     integers; requantizing them with the same scale and zero point is exact). A chain of such ops
     (tf2onnx writes Conv1D as Reshape -> Transpose) gets one pair around the whole chain:
-    onnxruntime's layout optimizer computed wrong values when each link had its own pair.
+    onnxruntime's layout optimizer computed wrong values when each link had its own pair. A
+    quantized tensor read by several such ops (a U-Net's skip tensor, transposed once, then read by
+    UpSampling2D and Conv2DTranspose) gets one DequantizeLinear that all of them read.
     Returns the number of ops rewritten.
     """
     import onnx
@@ -153,6 +161,7 @@ def _qdq_around_data_movement(proto):
     uses.update(out.name for out in graph.output)
     nodes, count, producers = [], 0, {}
     chained = {}  # requantized output of a rewritten op -> (its QuantizeLinear, the float value it quantizes)
+    dequantized_of = {}  # quantized tensor -> its one DequantizeLinear output (a tensor read by several ops)
     for node in graph.node:  # in topological order: a chain is extended op by op
         q = producers.get(node.input[0]) if node.op_type in _DATA_MOVEMENT and node.input else None
         if q is None or q.op_type != "QuantizeLinear":
@@ -165,9 +174,11 @@ def _qdq_around_data_movement(proto):
             nodes.remove(link[0])  # the chain goes on in float: no requantize between its ops
             node.input[0] = link[1]
         else:
-            dequantized = node.input[0] + "_kq_dq"
-            nodes.append(onnx.helper.make_node("DequantizeLinear", [node.input[0]] + qparams, [dequantized],
-                                               name=node.name + "_kq_dq"))
+            dequantized = dequantized_of.get(node.input[0])
+            if dequantized is None:  # one DequantizeLinear per tensor: names stay single-assignment (SSA)
+                dequantized = dequantized_of[node.input[0]] = node.input[0] + "_kq_dq"
+                nodes.append(onnx.helper.make_node("DequantizeLinear", [node.input[0]] + qparams, [dequantized],
+                                                   name=node.name + "_kq_dq"))
             node.input[0] = dequantized
         output, moved = node.output[0], node.output[0] + "_kq_float"
         node.output[0] = moved
@@ -180,6 +191,71 @@ def _qdq_around_data_movement(proto):
     del graph.node[:]
     graph.node.extend(nodes)
     return count
+
+
+def _decompose_gelu(proto):
+    """Write each `TFL_GELU` node tf2onnx left (it has no handler for it) as ONNX ops; returns their count.
+
+    Exact GELU (`approximate=False`, Keras' default) is `0.5 * x * (1 + erf(x / sqrt(2)))`; the tanh
+    approximation `0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))`. tf2onnx reads the
+    quantized TFLite GELU as `DequantizeLinear -> TFL_GELU -> QuantizeLinear`, so the decomposition
+    runs in float between the same QDQ pair (TFLite's int8 kernel is a table of the same function).
+    """
+    from onnx import helper, numpy_helper
+
+    graph, nodes, count = proto.graph, [], 0
+    for node in graph.node:
+        if node.op_type != "TFL_GELU":
+            nodes.append(node)
+            continue
+        approximate = any(a.name == "approximate" and a.i for a in node.attribute)
+        x, y, tag = node.input[0], node.output[0], f"{node.name or 'gelu'}_kq_gelu{count}"
+
+        def const(name, value):
+            graph.initializer.append(numpy_helper.from_array(np.array(value, np.float32), f"{tag}_{name}"))
+            return f"{tag}_{name}"
+
+        if approximate:
+            nodes += [
+                helper.make_node("Mul", [x, x], [f"{tag}_x2"]),
+                helper.make_node("Mul", [f"{tag}_x2", x], [f"{tag}_x3"]),
+                helper.make_node("Mul", [f"{tag}_x3", const("c", 0.044715)], [f"{tag}_cx3"]),
+                helper.make_node("Add", [x, f"{tag}_cx3"], [f"{tag}_inner"]),
+                helper.make_node("Mul", [f"{tag}_inner", const("k", np.sqrt(2.0 / np.pi))], [f"{tag}_arg"]),
+                helper.make_node("Tanh", [f"{tag}_arg"], [f"{tag}_t"]),
+            ]
+        else:
+            nodes += [
+                helper.make_node("Mul", [x, const("k", 1.0 / np.sqrt(2.0))], [f"{tag}_arg"]),
+                helper.make_node("Erf", [f"{tag}_arg"], [f"{tag}_t"]),
+            ]
+        nodes += [
+            helper.make_node("Add", [f"{tag}_t", const("one", 1.0)], [f"{tag}_1t"]),
+            helper.make_node("Mul", [x, const("half", 0.5)], [f"{tag}_hx"]),
+            helper.make_node("Mul", [f"{tag}_hx", f"{tag}_1t"], [y], name=tag),
+        ]
+        count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return count
+
+
+def _unconverted_ops(proto, model):
+    """Raise `ExportError` naming the layers of TFLite ops tf2onnx could not convert (left as `TFL_*` nodes)."""
+    from keras_quant.export.flatbuffer import layer_names_of
+
+    names = {layer.name for layer in model._flatten_layers(include_self=False, recursive=True)}
+    problems = []
+    for node in proto.graph.node:
+        if node.op_type.startswith("TFL_"):
+            layers = layer_names_of(";".join(node.output), names)
+            problems.append((", ".join(layers) or None, "op", node.op_type[4:],
+                             f"tf2onnx has no ONNX conversion for the TFLite op {node.op_type[4:]}; replace the "
+                             "layer's activation or op with one ONNX has (relu, sigmoid, tanh, swish, gelu), or "
+                             "export this model to TFLite only"))
+    if problems:
+        layer, field, value, reason = problems[0]
+        raise ExportError(field, value, reason, layer=layer, problems=problems)
 
 
 def _activations_to_uint8(proto):
@@ -249,7 +325,39 @@ def _weights_to_uint8(proto):
     return count
 
 
-def onnx_model(model, opset=INT4_OPSET, strict=True, activation_type="uint8", weight_type="uint8"):
+class _DropTFLGelu:
+    """A logging filter: tf2onnx logs an ERROR for each TFL_GELU it leaves, which `_decompose_gelu` converts."""
+
+    def filter(self, record):
+        return "TFL_GELU" not in record.getMessage()
+
+
+class _quiet_tf2onnx:
+    """A context manager that keeps tf2onnx's TFL_GELU errors out of the log while it converts."""
+
+    def __enter__(self):
+        import logging
+
+        self._loggers = [logging.getLogger(n) for n in ("tf2onnx", "tf2onnx.tfonnx")]
+        self._filter = _DropTFLGelu()
+        for logger in self._loggers:
+            logger.addFilter(self._filter)
+
+    def __exit__(self, *exc):
+        for logger in self._loggers:
+            logger.removeFilter(self._filter)
+        return False
+
+
+def _name_batch_dimension(proto, name="batch"):
+    """Call the symbolic first dimension of every graph input and output `name` (tf2onnx writes `unk__N`)."""
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = name
+
+
+def onnx_model(model, opset=INT4_OPSET, strict=True, activation_type="uint8", weight_type="uint8", batch_size=None):
     """The QDQ `onnx.ModelProto` of a quantized Keras model, and the report details (see `export_onnx`)."""
     import onnx
     import tf2onnx
@@ -259,7 +367,9 @@ def onnx_model(model, opset=INT4_OPSET, strict=True, activation_type="uint8", we
         raise ConfigError("activation_type", activation_type, f"activation_type must be one of {ACTIVATION_TYPES}")
     if weight_type not in WEIGHT_TYPES:
         raise ConfigError("weight_type", weight_type, f"weight_type must be one of {WEIGHT_TYPES}")
-    data, details = tflite_bytes(model, "int8", input_type="float32", output_type="float32", strict=strict)
+    batch_size = check_batch_size(batch_size)
+    data, details = tflite_bytes(model, "int8", input_type="float32", output_type="float32", strict=strict,
+                                 batch_size=batch_size)
     fd, tmp = tempfile.mkstemp(suffix=".tflite")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -267,20 +377,32 @@ def onnx_model(model, opset=INT4_OPSET, strict=True, activation_type="uint8", we
         base = min(opset, _TF2ONNX_MAX_OPSET)
         with warnings.catch_warnings():  # tf2onnx reads the flatbuffer with the deprecated tf.lite.Interpreter
             warnings.simplefilter("ignore")
-            proto, _ = tf2onnx.convert.from_tflite(tmp, opset=base)
+            with _quiet_tf2onnx():
+                proto, _ = tf2onnx.convert.from_tflite(tmp, opset=base)
     except Exception as e:  # tf2onnx raises plain exceptions; name what failed
-        raise ExportError("opset", opset, f"tf2onnx could not convert the integer model: {e}") from e
+        raise ExportError("opset", opset, f"tf2onnx could not convert the integer model ({type(e).__name__}: "
+                          f"{e})") from e
     finally:
         os.remove(tmp)
+    notes = list(details["notes"])
+    if _decompose_gelu(proto):
+        notes.append("GELU written as ONNX Erf / Tanh ops in float between its QuantizeLinear / DequantizeLinear "
+                     "pair (tf2onnx has no conversion for TFLite's GELU)")
+    _unconverted_ops(proto, model)
     if opset > base:
         from onnx import version_converter
 
-        proto = version_converter.convert_version(proto, opset)
+        try:
+            proto = version_converter.convert_version(proto, opset)
+        except Exception as e:  # the C++ converter's assertions arrive as RuntimeError
+            raise ExportError("opset", opset, f"onnx's version converter could not raise the model from opset "
+                              f"{base} to {opset} ({type(e).__name__}: {e}); pass opset={base}") from e
         del proto.graph.value_info[:]  # shapes the converter inferred: not needed, and they double small files
     _qdq_around_data_movement(proto)
+    if batch_size is None:
+        _name_batch_dimension(proto)
     if activation_type == "uint8":
         _activations_to_uint8(proto)
-    notes = list(details["notes"])
     infos = plan_lib.weight_infos(model)
     if opset >= INT4_OPSET:
         int4 = _int4_weights(proto, infos)
@@ -293,7 +415,11 @@ def onnx_model(model, opset=INT4_OPSET, strict=True, activation_type="uint8", we
         notes.append("8-bit weights stored as uint8 with zero point 128 (the same grid): onnxruntime's U8U8 "
                      "kernels, exact on x86 CPUs without VNNI where its int8-weight kernels saturate")
     proto.producer_name = "keras_quant"
-    onnx.checker.check_model(proto)
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as e:  # a rewrite above wrote an invalid graph: a keras_quant bug, named as such
+        raise ExportError("opset", opset, f"the QDQ model fails onnx.checker ({type(e).__name__}: {e}); please "
+                          "report it to keras_quant with the model") from e
     return proto, dict(details, notes=tuple(n for n in notes if "stored as int8" not in n or opset < INT4_OPSET))
 
 
@@ -314,7 +440,8 @@ def _qdq_tables(proto):
     return acts, weights
 
 
-def export_onnx(model, path, opset=INT4_OPSET, strict=True, activation_type="uint8", weight_type="uint8"):
+def export_onnx(model, path, opset=INT4_OPSET, strict=True, activation_type="uint8", weight_type="uint8",
+                batch_size=None):
     """Write a quantized Keras model as QDQ ONNX with keras_quant's scales and zero points.
 
     Args:
@@ -334,17 +461,20 @@ def export_onnx(model, path, opset=INT4_OPSET, strict=True, activation_type="uin
             kernels are exact everywhere, about 2x slower on such CPUs. Choose
             `"int8"` for runtimes that require signed symmetric weights
             (TensorRT) or CPUs with VNNI / ARM dot-product instructions.
+        batch_size: None (default): a symbolic batch dimension named `"batch"`
+            on every input and output, so one session runs any batch size. An
+            integer fixes it (the file then takes only that batch).
 
     Returns:
         An `ExportReport` (`format="onnx"`, `mode="qdq"`) read back from the model.
 
     Raises:
         ExportError: What QDQ cannot express, named by layer, before conversion.
-        ConfigError: For an opset below 13 or above the installed onnx's.
+        ConfigError: For an opset below 13 or above the installed onnx's, or a bad `batch_size`.
     """
     import onnxruntime as ort
 
-    proto, details = onnx_model(model, opset, strict, activation_type, weight_type)
+    proto, details = onnx_model(model, opset, strict, activation_type, weight_type, batch_size)
     data = proto.SerializeToString()
     try:
         ort.InferenceSession(data, providers=["CPUExecutionProvider"])
@@ -353,7 +483,7 @@ def export_onnx(model, path, opset=INT4_OPSET, strict=True, activation_type="uin
     _atomic_write(path, data)
     ops = dict(collections.Counter(n.op_type for n in proto.graph.node))
     _, dq_weights = _qdq_tables(proto)
-    elem = {1: "float32", 3: "int8", 2: "uint8", 5: "int16"}
+    elem = {1: "float32", 3: "int8", 2: "uint8", 5: "int16", 6: "int32", 7: "int64"}
     in_type = elem.get(proto.graph.input[0].type.tensor_type.elem_type, "other")
     out_type = elem.get(proto.graph.output[0].type.tensor_type.elem_type, "other")
     return ExportReport(

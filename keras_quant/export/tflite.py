@@ -11,9 +11,11 @@ weight scales wherever the converter chose others (sub-8-bit grids, clipped
 or learned ranges) and the int64 biases 16x8 kernels need.
 
 Before conversion, `plan.check` reports by name what the mode cannot express;
-after it, every compute op left in float is traced back to its layer: a
-quantized layer that the converter left in float is an `ExportError`, a
-layer the config kept in float is listed in the report.
+a converter failure becomes an `ExportError` naming the layers its
+diagnostics point at. After conversion, every op that reads or writes a float
+tensor is traced back to its layer: a layer keras_quant quantizes that the
+file runs in float is an `ExportError` (strict), a layer the config kept in
+float is listed in the report.
 
 Example:
 
@@ -62,8 +64,10 @@ class ExportReport:
         mode: The export mode (`"int8"`, `"int16x8"`, `"dynamic"`, `"float16"`, or ONNX `"qdq"`).
         size_bytes: File size.
         ops: `{op_name: count}`.
-        float_ops: `(op_name, tensor_name, layers)` of compute ops left in
-            float (layers the config keeps in float).
+        float_ops: `(op_name, tensor_name, layers)` of every op of an int8 /
+            int16x8 file that reads or writes a float tensor (compute and
+            data-movement ops; not QUANTIZE / DEQUANTIZE, nor data movement on
+            a float input / output), with the model layers it belongs to.
         weights: `(layer, bits, storage)` of every quantized weight; a grid
             narrower than its storage (4-bit values in int8) says so.
         activations: `(layer, scale, zero_point, bits)` of every activation
@@ -153,6 +157,15 @@ def _converter(cf, mode, input_type, output_type):
     return conv
 
 
+def check_batch_size(batch_size):
+    """`batch_size` as an int, or None (a dynamic batch dimension); `ConfigError` for anything else."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                   or batch_size < 1):
+        raise ConfigError("batch_size", batch_size, "batch_size must be None (a dynamic batch dimension) or an "
+                          "integer >= 1")
+    return None if batch_size is None else int(batch_size)
+
+
 def _io_type(value, field, mode):
     allowed = IO_TYPES[mode]
     value = allowed[0] if value is None else str(getattr(value, "name", value))
@@ -161,36 +174,180 @@ def _io_type(value, field, mode):
     return value
 
 
+def _boundary_float_tensors(flat):
+    """Float tensors of the file's float input / output boundary.
+
+    The graph's inputs and outputs, and the tensors linked to them through
+    data-movement ops only (a RESHAPE before the input's QUANTIZE, after the
+    output's DEQUANTIZE): float there is the interface the caller asked for.
+    """
+    ops = flat.ops()
+    boundary = {int(i) for i in flat.graph.inputs} | {int(i) for i in flat.graph.outputs}
+    moving = [op for op in ops if op.name in _COMPUTE_FREE]
+    changed = True
+    while changed:
+        changed = False
+        for op in moving:
+            ins = [i for i in op.inputs if i >= 0 and not flat.tensor(i).constant]
+            if ins and all(i in boundary for i in ins):  # forward from the inputs
+                new = set(op.outputs) - boundary
+            elif op.outputs and all(o in boundary for o in op.outputs):  # backward from the outputs
+                new = set(ins) - boundary
+            else:
+                continue
+            if new:
+                boundary |= new
+                changed = True
+    return boundary
+
+
+def _op_layers(flat, op, layer_names):
+    """The model layers an op belongs to: those its output names mention, else its float inputs'."""
+    found = []
+    for i in op.outputs:
+        found += [n for n in flatbuffer.layer_names_of(flat.tensor(i).name, layer_names) if n not in found]
+    if not found:  # an op the converter named after something else (a fused constant): read its inputs
+        for i in op.inputs:
+            if i >= 0 and not flat.tensor(i).constant:
+                found += [n for n in flatbuffer.layer_names_of(flat.tensor(i).name, layer_names) if n not in found]
+    return found
+
+
 def _float_ops(flat, layer_names):
-    """Compute ops whose inputs or outputs are float, with the layers their names mention."""
+    """`(op, tensor, layers)` of every op that reads or writes a float tensor inside the graph.
+
+    Each op is listed (compute ops, and data-movement ops such as RESHAPE or
+    CONCATENATION on float tensors) but for the QUANTIZE / DEQUANTIZE ops that
+    convert between float and integer (the float op they serve is listed), and
+    data-movement ops on the float input / output boundary (float I/O asked for).
+    Constant tensors (float weights a float op reads) count too.
+    """
+    boundary = _boundary_float_tensors(flat)
     found = []
     for op in flat.ops():
-        if op.name in _BOUNDARY_OPS or op.name in _COMPUTE_FREE:
+        if op.name in _BOUNDARY_OPS:
             continue
-        types = [flat.tensor(i).type for i in op.inputs + op.outputs if i >= 0]
-        if "FLOAT32" in types or "FLOAT16" in types:
-            name = flat.tensor(op.outputs[0]).name if op.outputs else ""
-            found.append((op.name, name, tuple(flatbuffer.layer_names_of(name, layer_names))))
+        tensors = [i for i in op.inputs + op.outputs if i >= 0]
+        floats = [i for i in tensors if flat.tensor(i).type in ("FLOAT32", "FLOAT16")]
+        if not floats:
+            continue
+        if op.name in _COMPUTE_FREE and all(i in boundary or flat.tensor(i).constant for i in floats):
+            continue
+        name = flat.tensor(op.outputs[0]).name if op.outputs else ""
+        found.append((op.name, name, tuple(_op_layers(flat, op, layer_names))))
+    return found
+
+
+def _quantizing_layers(model):
+    """`{name: why}` of the layers keras_quant quantizes, by name.
+
+    A `QuantizeWrapper` and each `ActivationQuantizer` (a wrapper and the
+    layer it wraps share one name), and every layer whose output an
+    `ActivationQuantizer` quantizes (an unfolded BatchNormalization, a
+    LayerNormalization, a merge), but for layers the config keeps in float.
+    """
+    from keras_quant.layers.fake_quant import ActivationQuantizer
+    from keras_quant.layers.wrapper import QuantizeWrapper
+
+    report = getattr(model, "quantization_report", None)
+    kept_float = {key.split("/")[-1] for key in getattr(report, "float_layers", ())}
+    no_rule = {key.split("/")[-1] for key in getattr(report, "unsupported", ())}
+    found = {}
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, QuantizeWrapper):
+            found[layer.name] = "keras_quant quantizes its weights and output"
+        elif isinstance(layer, ActivationQuantizer):
+            found[layer.name] = "an activation quantizer"
+            for node in getattr(layer, "_inbound_nodes", ()):
+                for parent in getattr(node, "parent_nodes", ()):
+                    producer = parent.operation
+                    if isinstance(producer, keras.layers.InputLayer) or producer.name in kept_float:
+                        continue
+                    if producer.name in no_rule:
+                        found.setdefault(producer.name, f"keras_quant has no rule for {type(producer).__name__} "
+                                         f"but quantizes its output ({layer.name})")
+                    else:
+                        found.setdefault(producer.name, f"keras_quant quantizes its output ({layer.name})")
     return found
 
 
 def _check_float_ops(model, float_ops):
-    from keras_quant.layers.fake_quant import ActivationQuantizer
-    from keras_quant.layers.wrapper import QuantizeWrapper
-
-    # By name: a wrapper and the layer it wraps share one.
-    quantizing = {layer.name for layer in model._flatten_layers(include_self=False, recursive=True)
-                  if isinstance(layer, (QuantizeWrapper, ActivationQuantizer))}
-    problems = []
+    """Raise `ExportError` naming every quantized layer the file runs in float (ops grouped by layer)."""
+    quantizing = _quantizing_layers(model)
+    by_layer = collections.OrderedDict()
     for op, name, mentioned in float_ops:
         quantized = [n for n in mentioned if n in quantizing]
         if quantized or not mentioned:
-            who = quantized[0] if quantized else None
-            problems.append((who, "op", op, f"the converter left {op} ({name}) in float although keras_quant "
-                             "quantizes it"))
-    if problems:
-        layer, field, value, reason = problems[0]
-        raise ExportError(field, value, reason, layer=layer, problems=problems)
+            by_layer.setdefault(quantized[0] if quantized else None, []).append(op)
+    if not by_layer:
+        return
+    problems = []
+    for layer, ops in by_layer.items():
+        counts = collections.Counter(ops)
+        value = ", ".join(op if counts[op] == 1 else f"{op} x{counts[op]}" for op in dict.fromkeys(ops))
+        if layer is None:
+            reason = (f"the file runs {len(ops)} op(s) in float that belong to no layer of the model, so nothing "
+                      "says they may; export with strict=False to accept them (the report lists them)")
+        elif "no rule" in quantizing[layer]:
+            reason = (f"the file runs {len(ops)} op(s) of this layer in float although {quantizing[layer]}; "
+                      "declare a rule for it (kq.layers.register_rule), or export with strict=False to accept "
+                      "the float ops (the report lists them)")
+        else:
+            reason = (f"the file runs {len(ops)} op(s) of this layer in float although {quantizing[layer]}; set "
+                      "its config to None to keep it float deliberately (the report then lists it), or export "
+                      "with strict=False")
+        problems.append((layer, "float_ops", value, reason))
+    layer, field, value, reason = problems[0]
+    raise ExportError(field, value, reason, layer=layer, problems=problems)
+
+
+def _layers_running(model, graph, op_types):
+    """Names of `model`'s layers whose traced TensorFlow ops include one of `op_types` (by the op's scope)."""
+    names = {layer.name for layer in model._flatten_layers(include_self=False, recursive=True)}
+    found = []
+    for op in graph.get_operations() if graph is not None else ():
+        if op.type in op_types:
+            found += [n for n in flatbuffer.layer_names_of(op.name, names) if n not in found]
+    return found
+
+
+def converter_error(model, mode, error, graph=None):
+    """An `ExportError` for an exception the TFLite converter raised: what failed, the layers, the remedy.
+
+    Args:
+        model: The model converted.
+        mode: The export mode.
+        error: The converter's exception (its `ConverterError` carries MLIR diagnostics).
+        graph: The traced `tf.Graph`, to find the layers whose ops the converter names.
+    """
+    import re
+
+    text = str(error)
+    details = list(getattr(error, "errors", None) or ())  # converter_error_data_pb2 records: message, location
+    select = re.search(r"TF Select ops: ([^\n]+)", text)
+    op_types = set(re.findall(r"'tf\.(\w+)' op", text))
+    if select:
+        op_types |= {op.strip() for op in select.group(1).split(",")}
+    layers = _layers_running(model, graph, op_types)
+    names = {layer.name for layer in model._flatten_layers(include_self=False, recursive=True)}
+    for record in details:  # the traced op each diagnostic points at (`functional_1/cat_1/concat`)
+        for call in getattr(getattr(record, "location", None), "call", ()):
+            layers += [n for n in flatbuffer.layer_names_of(call.name, names) if call.name and n not in layers]
+    if select:
+        ops = select.group(1).strip()
+        reason = (f"TFLite has no builtin kernel for the TensorFlow op(s) {ops} (the converter would need TF Select "
+                  "ops, which LiteRT does not run by default); replace the layer by ops TFLite has (for "
+                  "MaxPooling3D: a strided Conv3D, or 2D pooling over reshaped slices), or leave it out of the "
+                  "exported model")
+        field, value = "ops", ops
+    else:
+        first = next((r.error_message.strip() for r in details if getattr(r, "error_message", "")), None)
+        if first is None:
+            first = next((line.split("error:", 1)[1].strip() for line in text.splitlines() if "error:" in line),
+                         text.strip()[:300])
+        reason = f"the TFLite converter failed ({type(error).__name__}: {first})"
+        field, value = "mode", mode
+    return ExportError(field, value, reason, layer=", ".join(layers) or None)
 
 
 def _atomic_write(path, data):
@@ -209,13 +366,17 @@ def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_si
     """Convert `model` to TFLite bytes; returns `(bytes, details)` (see `export_tflite`)."""
     _check_backend()
     plan_lib.check(model, mode)
+    batch_size = check_batch_size(batch_size)
     input_type = _io_type(input_type, "input_type", mode)
     output_type = _io_type(output_type, "output_type", mode)
     plan = plan_lib.build_plan(model, mode)
     cf = concrete_function(model, plan, batch_size)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
-        data = _converter(cf, mode, input_type, output_type).convert()
+        try:
+            data = _converter(cf, mode, input_type, output_type).convert()
+        except Exception as e:  # the converter's ConverterError (MLIR diagnostics), or anything it raises
+            raise converter_error(model, mode, e, cf.graph) from e
     flat = flatbuffer.FlatModel(data)
     infos = plan_lib.weight_infos(model) if mode not in ("float16", "float32") else []
     notes = []
@@ -304,15 +465,25 @@ def export_tflite(model, path, mode="int8", input_type=None, output_type=None, b
             `"float32"` for int8; `"int16"` (default) or `"float32"` for
             int16x8; float32 otherwise.
         output_type: Same choices for the model output.
-        batch_size: Batch dimension of the file's input (1 for on-device latency).
-        strict: Raise `ExportError` when the converter leaves a quantized
-            layer in float (otherwise the report lists it).
+        batch_size: Batch dimension of the file's inputs: 1 (default, for
+            on-device latency), another integer, or None for a resizable file
+            (`shape_signature` -1: resize every input with the interpreter's
+            `resize_tensor_input`, then `allocate_tensors` once; `kq.runtime`
+            does, in chunks of its `batch_size`).
+        strict: Raise `ExportError` naming the layers when the file runs in
+            float a layer keras_quant quantizes (a `QuantizeWrapper`, or a layer
+            whose output an `ActivationQuantizer` quantizes: an unfolded
+            BatchNormalization, a LayerNormalization); otherwise the report
+            lists the ops.
 
     Returns:
         An `ExportReport` read back from the file.
 
     Raises:
-        ExportError: What the mode cannot express, named by layer, before conversion.
+        ExportError: What the mode cannot express, named by layer, before
+            conversion; a converter failure (the converter's exception
+            chained), with the layers its diagnostics name; under `strict`, a
+            quantized layer the file runs in float.
     """
     data, details = tflite_bytes(model, mode, input_type, output_type, batch_size, strict)
     _atomic_write(path, data)
