@@ -23,7 +23,7 @@ import keras
 __all__ = [
     "functional", "nodes", "operations", "is_layer", "calls", "producer", "producer_node", "run",
     "inputs_structure", "sublayers", "node_inputs", "node_outputs", "operation_of", "copy_operation",
-    "output_shape",
+    "output_shape", "tracked_layers", "untrack", "track",
 ]
 
 
@@ -133,3 +133,22 @@ def output_shape(op):
         return None
     out = keras.tree.flatten(out)
     return tuple(out[0].shape) if out else None
+
+
+def tracked_layers(layer):
+    """The sublayers a (subclassed) layer or model tracks directly, in attribute order."""
+    return list(getattr(layer, "_layers", ()))
+
+
+def untrack(owner, layer):
+    """Stop `owner` tracking `layer` (Keras' sublayer tracker)."""
+    tracker = getattr(owner, "_tracker", None)
+    if tracker is not None:
+        tracker.untrack(layer)
+
+
+def track(owner, layer):
+    """Make `owner` track `layer` as a sublayer, once."""
+    tracker = getattr(owner, "_tracker", None)
+    if tracker is not None and not tracker.is_in_store("layers", layer):
+        tracker.track(layer)

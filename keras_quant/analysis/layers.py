@@ -41,6 +41,7 @@ from typing import Optional, Tuple
 import keras
 import numpy as np
 
+from keras_quant import graph as graph_lib
 from keras_quant import runtime
 from keras_quant.analysis.error import error_stats
 from keras_quant.errors import ConfigError, NoDataError, ShapeMismatchError
@@ -195,23 +196,24 @@ def activation_error(name, reference, quantized, scale=None) -> LayerError:
 
 # Graph walking -----------------------------------------------------------------
 def _graph(model, field):
-    graph = model._functional if isinstance(model, keras.Sequential) else model
-    if not isinstance(graph, keras.Model) or not hasattr(graph, "_nodes_by_depth"):
+    graph = graph_lib.functional(model)
+    if graph is None:
         raise ConfigError(field, getattr(model, "name", type(model).__name__),
                           f"{field} must be a Functional or built Sequential Keras model")
     return graph
 
 
 def _node_outputs(graph):
-    """`(layer, i, node, tensor)` in graph order (deepest node first, then layer order): the single
-    output of each layer's i-th node in this graph (i counts a shared layer's calls in call order)."""
-    depth = {id(n): d for d, nodes in graph._nodes_by_depth.items() for n in nodes}
-    order = {id(layer): k for k, layer in enumerate(graph.layers)}
-    calls = {id(layer): [n for n in layer._inbound_nodes if id(n) in depth] for layer in graph.layers}
-    nodes = [n for nodes in graph._nodes_by_depth.values() for n in nodes if id(n.operation) in order]
-    for node in sorted(nodes, key=lambda n: (-depth[id(n)], order[id(n.operation)])):
-        if len(node.outputs) == 1:
-            yield node.operation, calls[id(node.operation)].index(node), node, node.outputs[0]
+    """`(operation, i, node, tensor)` in graph order: the single output of each layer's (or keras.ops
+    operation's) i-th node in this graph (i counts a shared layer's calls in call order)."""
+    nodes = graph_lib.nodes(graph)
+    members = {id(n) for n in nodes}
+    for node in nodes:
+        op = graph_lib.operation_of(node)
+        outputs = graph_lib.node_outputs(node)
+        if len(outputs) == 1:
+            calls = [n for n in graph_lib.calls(op) if id(n) in members]
+            yield op, calls.index(node), node, outputs[0]
 
 
 def _float_tensors(graph):
@@ -227,7 +229,7 @@ def _folded(graph, present):
     found = {}
     for layer, _, node, _ in _node_outputs(graph):
         if isinstance(layer, keras.layers.BatchNormalization) and layer.name not in present:
-            source = node.input_tensors[0]._keras_history.operation
+            source = graph_lib.producer(graph_lib.node_inputs(node)[0])[0]
             found[source.name] = layer.name
     return found
 
@@ -256,8 +258,9 @@ def _keras_matches(float_names, folded, qmodel):
         else:
             name = _resolve(layer.name, float_names, folded, translation)
         scale, rule = scales.get(layer.name), get_rule(layer)
-        if scale is None and rule is not None and rule.kind == "passthrough" and len(node.input_tensors) == 1:
-            scale = tensor_scale.get(id(node.input_tensors[0]))
+        inputs = graph_lib.node_inputs(node)
+        if scale is None and rule is not None and rule.kind == "passthrough" and len(inputs) == 1:
+            scale = tensor_scale.get(id(inputs[0]))
         tensor_scale[id(tensor)] = scale
         if name is not None:
             matches[name] = (tensor, scale)

@@ -40,6 +40,7 @@ import warnings
 
 import numpy as np
 
+from keras_quant import graph as graph_lib
 from keras_quant.errors import ConfigError, ExportError
 from keras_quant.export import plan as plan_lib
 from keras_quant.export.tflite import ExportReport, _atomic_write, check_batch_size, tflite_bytes
@@ -244,7 +245,7 @@ def _unconverted_ops(proto, model):
     """Raise `ExportError` naming the layers of TFLite ops tf2onnx could not convert (left as `TFL_*` nodes)."""
     from keras_quant.export.flatbuffer import layer_names_of
 
-    names = {layer.name for layer in model._flatten_layers(include_self=False, recursive=True)}
+    names = {layer.name for layer in graph_lib.sublayers(model)}
     problems = []
     for node in proto.graph.node:
         if node.op_type.startswith("TFL_"):

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import keras
 import numpy as np
 
+from keras_quant import graph as graph_lib
 from keras_quant.errors import ExportError
 from keras_quant.layers.fake_quant import ActivationQuantizer
 from keras_quant.layers.inference import PREACTIVATION, InferencePlan
@@ -83,7 +84,7 @@ def _np(x, dtype="float32"):
 def quantizer_layers(model):
     """Every `QuantizeWrapper` and `ActivationQuantizer` of `model` (nested layers included)."""
     found = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in graph_lib.sublayers(model):
         if isinstance(layer, (QuantizeWrapper, ActivationQuantizer)):
             found.append(layer)
     return found

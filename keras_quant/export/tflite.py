@@ -34,6 +34,7 @@ import keras
 import numpy as np
 
 from keras_quant.calibration.result import write_atomic
+from keras_quant import graph as graph_lib
 from keras_quant.errors import ConfigError, ExportError
 from keras_quant.export import flatbuffer, plan as plan_lib
 from keras_quant.layers.inference import inference_scope
@@ -251,16 +252,21 @@ def _quantizing_layers(model):
 
     report = getattr(model, "quantization_report", None)
     kept_float = {key.split("/")[-1] for key in getattr(report, "float_layers", ())}
+    # Float islands the plan chose and names (recurrent layers, attention, ...): float by design.
+    kept_float |= {key.split("/")[-1] for key, _, _ in getattr(report, "float_islands", ())
+                   if key not in getattr(report, "unsupported", ())}
     no_rule = {key.split("/")[-1] for key in getattr(report, "unsupported", ())}
     found = {}
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in graph_lib.sublayers(model):
         if isinstance(layer, QuantizeWrapper):
             found[layer.name] = "keras_quant quantizes its weights and output"
         elif isinstance(layer, ActivationQuantizer):
             found[layer.name] = "an activation quantizer"
-            for node in getattr(layer, "_inbound_nodes", ()):
-                for parent in getattr(node, "parent_nodes", ()):
-                    producer = parent.operation
+            for node in graph_lib.calls(layer):
+                for tensor in graph_lib.node_inputs(node):
+                    producer = graph_lib.producer(tensor)[0]
+                    if producer is None:
+                        continue
                     if isinstance(producer, keras.layers.InputLayer) or producer.name in kept_float:
                         continue
                     if producer.name in no_rule:
@@ -303,7 +309,7 @@ def _check_float_ops(model, float_ops):
 
 def _layers_running(model, graph, op_types):
     """Names of `model`'s layers whose traced TensorFlow ops include one of `op_types` (by the op's scope)."""
-    names = {layer.name for layer in model._flatten_layers(include_self=False, recursive=True)}
+    names = {layer.name for layer in graph_lib.sublayers(model)}
     found = []
     for op in graph.get_operations() if graph is not None else ():
         if op.type in op_types:
@@ -329,7 +335,7 @@ def converter_error(model, mode, error, graph=None):
     if select:
         op_types |= {op.strip() for op in select.group(1).split(",")}
     layers = _layers_running(model, graph, op_types)
-    names = {layer.name for layer in model._flatten_layers(include_self=False, recursive=True)}
+    names = {layer.name for layer in graph_lib.sublayers(model)}
     for record in details:  # the traced op each diagnostic points at (`functional_1/cat_1/concat`)
         for call in getattr(getattr(record, "location", None), "call", ()):
             layers += [n for n in flatbuffer.layer_names_of(call.name, names) if call.name and n not in layers]
@@ -388,7 +394,7 @@ def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_si
                          + ", ".join(sorted(set(rewritten))))
         data = flat.to_bytes()
         flat = flatbuffer.FlatModel(data)
-    layer_names = {layer.name for layer in model._flatten_layers(include_self=False, recursive=True)}
+    layer_names = {layer.name for layer in graph_lib.sublayers(model)}
     float_ops = _float_ops(flat, layer_names) if mode in ("int8", "int16x8") else []
     if strict and float_ops:
         _check_float_ops(model, float_ops)

@@ -9,6 +9,7 @@ import warnings
 
 import keras
 
+from keras_quant import graph as graph_lib
 from keras_quant.config import LayerQuantConfig, QuantConfig
 from keras_quant.errors import ConfigError, NoDataError
 from keras_quant.layers import walk
@@ -30,13 +31,10 @@ def _input_shape(layer):
 
 
 def _replace(owner, old, new, setter):
-    """Swap a tracked sublayer of `owner` for `new` (Keras tracks sublayers in `owner._tracker`)."""
+    """Swap a tracked sublayer of `owner` for `new`."""
     setter(new)
-    tracker = getattr(owner, "_tracker", None)
-    if tracker is not None:
-        tracker.untrack(old)
-        if not tracker.is_in_store("layers", new):
-            tracker.track(new)
+    graph_lib.untrack(owner, old)
+    graph_lib.track(owner, new)
 
 
 class _SubclassedWrapping:
@@ -48,7 +46,7 @@ class _SubclassedWrapping:
     def wrap(self, layer, original):
         rule = get_rule(layer)
         if rule is None:
-            if not layer._layers:
+            if not graph_lib.tracked_layers(layer):
                 self.unsupported.append(layer.name)
             return None
         lc = self.config.for_layer(layer)
@@ -86,7 +84,7 @@ class _SubclassedWrapping:
     def _visit_one(self, owner, layer, original, setter):
         if isinstance(layer, (QuantizeWrapper, ActivationQuantizer)):
             return
-        if layer._layers and not isinstance(layer, keras.layers.Wrapper):  # a container: recurse
+        if graph_lib.tracked_layers(layer) and not isinstance(layer, keras.layers.Wrapper):  # a container: recurse
             self.visit(layer, original)
             return
         wrapper = self.wrap(layer, original)

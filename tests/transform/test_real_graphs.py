@@ -138,7 +138,7 @@ def test_transformer_float_islands_are_named_and_the_rest_is_integer(tmp_path):
     islands = {key for key, _, _ in qmodel.quantization_report.float_islands}
     assert {"mha", "ln1", "ln2"} <= islands
     assert {"ffn1", "ffn2", "head"} <= set(qmodel.quantization_report.wrapped)
-    report = kq.export_tflite(qmodel, tmp_path / "enc.tflite", strict=False)
+    report = kq.export_tflite(qmodel, tmp_path / "enc.tflite")  # strict: the float islands are named, not silent
     assert report.ops.get("FULLY_CONNECTED", 0) >= 3
     float_out, q_out = model.predict(tokens, verbose=0), qmodel.predict(tokens, verbose=0)
     assert np.abs(float_out - q_out).max() < 0.1
@@ -203,3 +203,44 @@ def test_a_named_rule_less_operation_is_a_typed_error():
     config.set_layer_name(exp_name, kq.LayerQuantConfig(weights=None, activations=kq.QuantSpec()))
     with pytest.raises(UnsupportedLayerError, match="Exp"):
         kq.quantize_model(model, config, calibration=_calibrate(model, np.ones((4, 4), "float32")))
+
+
+def test_separable_convs_are_depthwise_then_pointwise_with_a_calibrated_quantizer(tmp_path):
+    keras.utils.set_random_seed(0)
+    image, signal = keras.Input((12, 12, 3), name="image"), keras.Input((20, 4), name="signal")
+    h = L.SeparableConv2D(8, 3, padding="same", use_bias=False, depth_multiplier=2, name="sep1")(image)
+    h = L.ReLU(name="relu1")(L.BatchNormalization(name="bn1")(h))
+    h = L.SeparableConv2D(6, 3, strides=2, activation="relu", name="sep2")(h)
+    g = L.SeparableConv1D(5, 3, name="sep3")(signal)
+    model = keras.Model([image, signal], [L.GlobalAveragePooling2D()(h), L.GlobalAveragePooling1D()(g)])
+    rng = np.random.default_rng(5)
+    x = [rng.uniform(size=(64, 12, 12, 3)).astype("float32"), rng.normal(size=(64, 20, 4)).astype("float32")]
+    result = _calibrate(model, x)
+    assert {"sep1:depthwise", "sep2:depthwise", "sep3:depthwise"} <= set(result.layer_names)
+    qmodel = kq.quantize_model(model, calibration=result)
+    report = qmodel.quantization_report
+    assert {"sep1", "sep2", "sep3"} == {key for key, _ in report.rewritten}
+    assert {"sep1_depthwise", "sep1", "sep3_depthwise"} <= set(report.wrapped)
+    assert ("bn1", "sep1") in report.folded
+    for got, expected in zip(qmodel.predict(x, verbose=0), model.predict(x, verbose=0)):
+        assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
+    tflite = kq.export_tflite(qmodel, tmp_path / "sep.tflite")
+    assert not tflite.float_ops and tflite.ops["DEPTHWISE_CONV_2D"] == 3 and tflite.ops["CONV_2D"] == 3
+    runner = kq.runtime.load(str(tmp_path / "sep.tflite"))
+    for got, expected in zip(runner.predict(x), qmodel.predict(x, verbose=0)):
+        assert np.abs(got - expected).max() <= 2.5 * float(np.abs(expected).max()) / 127
+
+
+@pytest.mark.parametrize("activation, scale, zero_point", [("softmax", 1 / 256, -128), ("sigmoid", 1 / 256, -128),
+                                                           ("tanh", 1 / 128, 0)])
+def test_softmax_sigmoid_tanh_outputs_take_tflites_fixed_grid(activation, scale, zero_point, tmp_path):
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6,))
+    model = keras.Model(inp, L.Dense(4, activation=activation, name="head")(L.Dense(8, name="hidden")(inp)))
+    x = np.random.default_rng(6).normal(size=(64, 6)).astype("float32")
+    qmodel = kq.quantize_model(model, calibration=_calibrate(model, x))
+    got_scale, got_zp = (float(np.ravel(keras.ops.convert_to_numpy(v))[0]) for v in qmodel.get_layer("head").output_qparams)
+    assert got_scale == pytest.approx(scale) and got_zp == zero_point
+    runner = kq.runtime.load(str(tmp_path / "f.tflite")) if kq.export_tflite(qmodel, tmp_path / "f.tflite") else None
+    assert float(runner.output_quantization[0]) == pytest.approx(scale)
+    assert np.abs(runner.predict(x) - qmodel.predict(x, verbose=0)).max() <= 1.01 * scale
