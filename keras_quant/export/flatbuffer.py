@@ -144,13 +144,20 @@ class FlatModel:
 
 
 def layer_names_of(tensor_name, layer_names):
-    """The model layers a converted tensor's name mentions (TensorFlow scopes `name` or `name_1`)."""
+    """The model layers a converted tensor's name mentions (TensorFlow scopes `name` or `name_1`).
+
+    Each `;`-joined name counts its outermost layer scope only: in
+    `model/layer_normalization/add` the `add` is the op inside the layer, not
+    a layer named `add`.
+    """
     found = []
-    for part in re.split(r"[;/]", tensor_name):
-        base = re.sub(r"_\d+$", "", part)
-        for candidate in (part, base):
-            if candidate in layer_names and candidate not in found:
-                found.append(candidate)
+    for name in tensor_name.split(";"):
+        for part in name.split("/"):
+            base = re.sub(r"_\d+$", "", part)
+            match = next((c for c in (part, base) if c in layer_names), None)
+            if match is not None:
+                if match not in found:
+                    found.append(match)
                 break
     return found
 

@@ -93,6 +93,15 @@ class LayerRule:
 L = keras.layers
 
 
+def _application_affine_layers():
+    """Per-channel scale layers of `keras.applications` (ConvNeXt's LayerScale), where this Keras has them."""
+    try:
+        from keras.src.applications.convnext import LayerScale
+    except ImportError:  # pragma: no cover - another Keras layout
+        return ()
+    return (LayerScale,)
+
+
 def _rules():
     compute = [
         (L.Dense, ("kernel",), (-1,)),
@@ -131,7 +140,7 @@ def _rules():
     ]
     rules += [LayerRule(L.BatchNormalization, "norm")]
     # Affine per-channel maps: quantized like an unfolded BatchNormalization (one output range).
-    rules += [LayerRule(cls, "norm") for cls in (L.Rescaling, L.Normalization)]
+    rules += [LayerRule(cls, "norm") for cls in (L.Rescaling, L.Normalization, *_application_affine_layers())]
     # Known layers kept in float by default: no integer TFLite kernel keras_quant can feed exact ranges to
     # (the converter lowers them to many ops whose inner tensors have no quantizer).
     rules += [
