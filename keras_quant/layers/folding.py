@@ -24,7 +24,7 @@ from keras_quant.errors import ConfigError, ShapeMismatchError
 
 __all__ = [
     "fold_batch_norm", "fold_into_layer", "fold_blocker", "fold_rule", "fold_factor_and_bias", "scale_channels",
-    "factor_shape", "FOLD_RULES",
+    "factor_shape", "bn_axes", "output_rank", "FOLD_RULES",
 ]
 
 L = keras.layers
@@ -143,12 +143,52 @@ def fold_batch_norm(kernel, bias, gamma, beta, moving_mean, moving_variance, eps
     return np.asarray(ops.convert_to_numpy(folded_kernel), dtype), np.asarray(ops.convert_to_numpy(folded_bias), dtype)
 
 
-def fold_blocker(layer, bn):
+def bn_axes(bn):
+    """The axes a BatchNormalization normalizes, as a tuple of ints, however `axis` is spelled.
+
+    Keras 3 stores an int; a layer restored from a tf.keras config (or set by
+    hand) may hold a list or tuple such as `[3]` or `[-1]`.
+    """
+    axis = bn.axis
+    if isinstance(axis, (list, tuple)):
+        return tuple(int(a) for a in axis)
+    return (int(axis),)
+
+
+def _input_rank(layer):
+    """Rank of a built layer's (first) input, or None when the layer is not built."""
+    config = layer.get_build_config() if getattr(layer, "built", False) else None
+    shape = next(iter(config.values()), None) if config else None
+    if isinstance(shape, (list, tuple)) and shape and all(isinstance(d, (int, type(None))) for d in shape):
+        return len(shape)
+    return None
+
+
+def output_rank(layer, bn=None):
+    """Rank of `layer`'s output (= `bn`'s input): from `bn`'s or `layer`'s build shape, a conv's
+    `rank + 2`, else None (an unbuilt Dense)."""
+    for known in (bn, layer):
+        rank = None if known is None else _input_rank(known)
+        if rank is not None:
+            return rank
+    rank = getattr(layer, "rank", None)
+    return rank + 2 if isinstance(rank, int) else None
+
+
+def fold_blocker(layer, bn, rank=None):
     """Why `bn` cannot be folded into `layer`, or None if it can.
 
     Folding needs a layer type in `FOLD_RULES`, no activation between the two
     (`activation="linear"`), channels-last data and a BatchNormalization over
-    the last axis.
+    the last axis, spelled any way (`-1`, `3` or `[3]` on a 4-D tensor).
+
+    Args:
+        layer: The compute layer.
+        bn: The layer after it.
+        rank: Rank of the tensor between the two, when known; else taken from
+            the layers' build shapes or a conv's `rank`. When it cannot be
+            known (unbuilt Dense, non-negative axis) the axis is not judged
+            here; `QuantizeWrapper.build` checks it again with the shape.
     """
     if not isinstance(bn, L.BatchNormalization):
         return f"{type(bn).__name__} is not a BatchNormalization"
@@ -159,9 +199,12 @@ def fold_blocker(layer, bn):
         return f"{layer.name} applies an activation before the BatchNormalization"
     if getattr(layer, "data_format", "channels_last") != "channels_last":
         return f"{layer.name} is not channels_last"
-    shape = (bn.get_build_config() or {}).get("input_shape")
-    if bn.axis != -1 and (shape is None or bn.axis % len(shape) != len(shape) - 1):
-        return f"{bn.name} normalizes axis {bn.axis}, not the last (channel) axis"
+    axes = bn_axes(bn)
+    rank = output_rank(layer, bn) if rank is None else int(rank)
+    if len(axes) != 1:
+        return f"{bn.name} normalizes axes {list(axes)}, not only the last (channel) axis"
+    if axes[0] != -1 and rank is not None and axes[0] % rank != rank - 1:
+        return f"{bn.name} normalizes axis {axes[0]}, not the last (channel) axis of its {rank}-D input"
     return None
 
 

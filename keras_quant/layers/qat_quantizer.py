@@ -5,8 +5,16 @@ no variables; `build(layer, shape, name)` creates them on the layer that owns
 them and returns them as a dict) and adds three range modes:
 
 - **observe**: the range follows the data. Activations keep a moving average
-  of the batch min / max (the first batch, or a calibration result,
-  initialises it); weights take the min / max of their current values.
+  of the batch min / max (the first batch initialises it); weights take the
+  min / max of their current values. A range given before training (a
+  calibration, `set_range`) is widened on the first training batch to cover
+  that batch too: a calibration describes the inference-mode model, and a
+  folded BatchNormalization normalises training outputs with *batch*
+  statistics, which are wider when its moving variance exceeds the batch
+  variance. Clipping them would leave the next folded BatchNormalization a
+  nearly constant input, whose `1 / sqrt(var + eps)` gain then compounds
+  layer after layer (gradients of 1e19 on MobileNetV2, NaN after two Adam
+  steps).
 - **learn** (specs with `learnable=True`): LSQ / LSQ+ (Esser et al. 2019,
   Bhalgat et al. 2020). The step size is `scale + scale_delta`, where `scale`
   is what observation (or calibration) set, now held fixed, and
@@ -54,6 +62,10 @@ ROLES = ("activation", "weight")
 RANGE_MODES = ("observe", "learn", "frozen")
 # Steps a learnable quantizer with no calibration observes before it learns.
 LSQ_OBSERVE_STEPS = 20
+# `seen` of an activation range given by `set_range` (a calibration) that no training batch has
+# updated yet: the first batch takes the union with it (see the module docstring). Counts then
+# go on from 1, so `seen > 0` still means "has a range".
+GIVEN = 0.5
 
 
 def default_observe_steps(observe_steps, specs, initialized):
@@ -259,22 +271,22 @@ class QATQuantizer:
         lo, hi = kq_ops.tensor_range(ops.stop_gradient(ops.cast(x, "float32")), self.spec)
         lo, hi = sync_range(lo, hi)
         mins, maxs, seen = (ops.convert_to_tensor(state[k]) for k in ("min", "max", "seen"))
-        if slot is not None:
-            old_lo, old_hi, first = mins[slot], maxs[slot], ops.equal(seen[slot], 0.0)
-        else:
-            old_lo, old_hi, first = mins, maxs, ops.equal(seen, 0.0)
+        old_seen = seen if slot is None else seen[slot]
+        old_lo, old_hi = (mins, maxs) if slot is None else (mins[slot], maxs[slot])
+        first, given = ops.equal(old_seen, 0.0), ops.equal(old_seen, GIVEN)
         m = self.momentum
-        new_lo = ops.where(first, lo, m * old_lo + (1.0 - m) * lo)
-        new_hi = ops.where(first, hi, m * old_hi + (1.0 - m) * hi)
+        new_lo = ops.where(first, lo, ops.where(given, ops.minimum(old_lo, lo), m * old_lo + (1.0 - m) * lo))
+        new_hi = ops.where(first, hi, ops.where(given, ops.maximum(old_hi, hi), m * old_hi + (1.0 - m) * hi))
         new_lo, new_hi = ops.where(observe, new_lo, old_lo), ops.where(observe, new_hi, old_hi)
+        counted = ops.floor(seen) + 1.0  # a given range (GIVEN) counts as no batch
         if slot is None:
-            new_seen = ops.where(observe, seen + 1.0, seen)
+            new_seen = ops.where(observe, counted, seen)
             lo_all, hi_all = new_lo, new_hi
         else:
             onehot = ops.equal(ops.arange(seen.shape[0]), slot)
             mask = ops.reshape(onehot, (-1,) + (1,) * len(new_lo.shape))
             new_lo, new_hi = ops.where(mask, new_lo[None], mins), ops.where(mask, new_hi[None], maxs)
-            new_seen = ops.where(ops.logical_and(onehot, observe), seen + 1.0, seen)
+            new_seen = ops.where(ops.logical_and(onehot, observe), counted, seen)
             # The union of the ranges of the tensors seen so far.
             valid = ops.reshape(ops.greater(new_seen, 0.0), (-1,) + (1,) * (len(new_lo.shape) - 1))
             lo_all = ops.min(ops.where(valid, new_lo, float("inf")), axis=0)
@@ -337,7 +349,11 @@ class QATQuantizer:
         return effective_qparams(state, self.spec)
 
     def set_range(self, state, scale, zero_point):
-        """Initialise the range from `(scale, zero_point)` (e.g. a calibration), for every slot."""
+        """Initialise the range from `(scale, zero_point)` (e.g. a calibration), for every slot.
+
+        An observing activation quantizer widens it to cover its first
+        training batch, then keeps the moving average (module docstring).
+        """
         spec = self.spec
         scale = ops.reshape(ops.cast(ops.convert_to_tensor(scale), "float32"), state["scale"].shape)
         zero_point = ops.reshape(ops.cast(ops.convert_to_tensor(zero_point), "float32"), state["zero_point"].shape)
@@ -348,7 +364,7 @@ class QATQuantizer:
             hi = (spec.qmax - zero_point) * scale
             state["min"].assign(ops.broadcast_to(lo, state["min"].shape))
             state["max"].assign(ops.broadcast_to(hi, state["max"].shape))
-            state["seen"].assign(ops.ones(state["seen"].shape))
+            state["seen"].assign(ops.full(state["seen"].shape, GIVEN))
         for key in ("scale_delta", "offset_delta"):
             if key in state:
                 state[key].assign(ops.zeros(state[key].shape))

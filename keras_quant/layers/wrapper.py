@@ -33,7 +33,7 @@ from keras_quant.config import LayerQuantConfig, QuantConfig, QuantSpec
 from keras_quant.errors import ConfigError, UnsupportedLayerError
 from keras_quant.layers import inference, qat_quantizer as qat
 from keras_quant.layers.fake_quant import FrozenQuantizer, assign_qparams
-from keras_quant.layers.folding import fold_blocker, fold_factor_and_bias, fold_rule, scale_channels
+from keras_quant.layers.folding import bn_axes, fold_blocker, fold_factor_and_bias, fold_rule, scale_channels
 from keras_quant.layers.rules import get_rule, split_activation
 
 __all__ = ["QuantizeWrapper", "MODES", "weight_specs"]
@@ -229,8 +229,17 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
     def build(self, input_shape=None):
         super().build(input_shape)
-        if self.batch_norm is not None and not self.batch_norm.built:
-            self.batch_norm.build(self.layer.compute_output_shape(input_shape))
+        if self.batch_norm is not None:
+            out_shape = self.layer.compute_output_shape(input_shape)
+            # The constructor could not judge a non-negative axis without the rank (an unbuilt Dense).
+            reason = fold_blocker(self.layer, self.batch_norm, rank=len(out_shape))
+            if reason:
+                raise ConfigError("batch_norm", self.batch_norm.name,
+                                  f"cannot fold it into {self.layer.name}: {reason}", layer=self.name)
+            if not self.batch_norm.built:
+                if isinstance(self.batch_norm.axis, (list, tuple)):  # Keras 3's build indexes with an int
+                    self.batch_norm.axis = bn_axes(self.batch_norm)[0]
+                self.batch_norm.build(out_shape)
         if self.mode == "qat":
             self.schedule = qat.Schedule(self, self.observe_steps, batch_norm=self.batch_norm is not None)
         for name, quantizer in self.weight_quantizers.items():

@@ -75,3 +75,100 @@ def test_blockers():
     bn_axis1(conv(x))
     assert "axis" in fold_blocker(conv, bn_axis1)
     assert fold_blocker(L.Dense(3), L.LayerNormalization()) is not None
+
+
+# Issue "Real models end to end": keras.applications write BatchNormalization(axis=3) on 4-D tensors
+# (ResNet50's conv1_bn); tf.keras configs may hold [3] or [-1]. Each spelling of the last axis folds.
+AXIS_LAYERS = [
+    ("conv2d", lambda: L.Conv2D(5, 3, padding="same", use_bias=False), (2, 6, 6, 3)),
+    ("depthwise", lambda: L.DepthwiseConv2D(3, depth_multiplier=2), (2, 6, 6, 3)),
+    ("dense", lambda: L.Dense(5), (2, 7)),
+    ("conv1d", lambda: L.Conv1D(4, 3), (2, 9, 3)),
+]
+SPELLINGS = ["-1", "last", "[last]", "[-1]"]
+
+
+def _spelled_bn(spelling, rank):
+    """A BatchNormalization over the last axis of a `rank`-D tensor, its axis spelled as given."""
+    last = rank - 1
+    axis = {"-1": -1, "last": last, "[last]": [last], "[-1]": [-1]}[spelling]
+    bn = L.BatchNormalization(axis=axis if isinstance(axis, int) else axis[0], name="bn")
+    return bn, axis
+
+
+def _built_pair(make, shape, spelling, rng):
+    x = rng.normal(size=shape).astype("float32")
+    layer = make()
+    bn, axis = _spelled_bn(spelling, len(shape))
+    bn(layer(x), training=False)
+    randomize_bn(bn, rng)
+    bn.axis = axis  # Keras 3's constructor casts to int; a restored tf.keras layer keeps a list
+    return x, layer, bn
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+@pytest.mark.parametrize("kind, make, shape", AXIS_LAYERS, ids=[c[0] for c in AXIS_LAYERS])
+def test_every_spelling_of_the_last_axis_folds_ptq(kind, make, shape, spelling, rng):
+    x, layer, bn = _built_pair(make, shape, spelling, rng)
+    bn.axis = -1
+    expected = to_np(bn(layer(x), training=False))
+    bn.axis = _spelled_bn(spelling, len(shape))[1]
+    assert fold_blocker(layer, bn) is None
+    folded = fold_into_layer(layer, bn)
+    np.testing.assert_allclose(to_np(folded(x)), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+@pytest.mark.parametrize("kind, make, shape", AXIS_LAYERS, ids=[c[0] for c in AXIS_LAYERS])
+def test_every_spelling_of_the_last_axis_folds_qat(kind, make, shape, spelling, rng):
+    """The QAT wrapper gets an *unbuilt* layer and BatchNormalization (as `quantize_model` clones them)."""
+    from keras_quant.config import LayerQuantConfig, QuantSpec
+    from keras_quant.layers import QuantizeWrapper
+
+    x, layer, bn = _built_pair(make, shape, spelling, rng)
+    bn.axis = -1
+    expected = to_np(bn(layer(x), training=False))
+    w16 = QuantSpec(bits=16, symmetric=True, granularity="per_channel")
+    fresh_bn, axis = _spelled_bn(spelling, len(shape))
+    fresh_bn.axis = axis
+    wrapper = QuantizeWrapper(type(layer).from_config(layer.get_config()), LayerQuantConfig(w16, None),
+                              mode="qat", batch_norm=fresh_bn)
+    wrapper.build(shape)
+    wrapper.layer.set_weights(layer.get_weights())
+    for var, value in zip(fresh_bn.weights, bn.weights):
+        var.assign(value)
+    wrapper.observe_weights()
+    got = to_np(wrapper(x, training=False))
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+    y = to_np(wrapper(x, training=True))  # batch statistics over every axis but the last
+    assert y.shape == expected.shape and np.isfinite(y).all()
+
+
+@pytest.mark.parametrize("kind, make, shape", AXIS_LAYERS, ids=[c[0] for c in AXIS_LAYERS])
+@pytest.mark.parametrize("mode", ["ptq", "qat"])
+def test_quantize_model_folds_a_positive_last_axis(kind, make, shape, mode, rng):
+    import keras_quant as kq
+
+    inp = keras.Input(shape[1:])
+    layer = make()
+    bn = L.BatchNormalization(axis=len(shape) - 1, name="bn")
+    model = keras.Model(inp, bn(layer(inp)))
+    randomize_bn(bn, rng)
+    w16 = kq.QuantSpec(bits=16, symmetric=True, granularity="per_channel")
+    q = kq.quantize_model(model, kq.QuantConfig(weights=w16, activations=None), mode=mode)
+    assert q.quantization_report.folded == (("bn", layer.name),)
+    x = rng.normal(size=shape).astype("float32")
+    expected = to_np(model(x))
+    np.testing.assert_allclose(to_np(q(x)), expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+
+
+def test_axis_blockers_name_the_axis():
+    x = np.zeros((1, 6, 6, 3), "float32")
+    conv, bn = L.Conv2D(4, 3), L.BatchNormalization(axis=2)
+    bn(conv(x))
+    assert "axis 2" in fold_blocker(conv, bn) and "4-D" in fold_blocker(conv, bn)
+    bn.axis = [1, 3]
+    assert "axes [1, 3]" in fold_blocker(conv, bn)
+    # An unbuilt conv knows its rank: axis 2 of its 4-D output is not the channel axis.
+    assert "axis 2" in fold_blocker(L.Conv2D(4, 3), L.BatchNormalization(axis=2))
+    assert fold_blocker(L.Conv2D(4, 3), L.BatchNormalization(axis=3)) is None

@@ -409,9 +409,12 @@ def test_learn_mode_uses_unrounded_offset_and_switches_back():
     q.set_mode("observe")
     assert q.range_mode == "observe"
     lo_before, = values(q, "min")
-    q(x, training=True)
+    q(x, training=True)  # the first observed batch after a given range: their union
     lo_after, = values(q, "min")
-    assert float(lo_after) == pytest.approx(0.99 * float(lo_before) + 0.01 * -5.0, rel=1e-6)
+    assert float(lo_after) == min(float(lo_before), -5.0)
+    q(x * 0.5, training=True)  # then the moving average
+    lo_next, = values(q, "min")
+    assert float(lo_next) == pytest.approx(0.99 * float(lo_after) + 0.01 * -2.5, rel=1e-6)
 
 
 def test_schedule_observes_exactly_n_steps_then_learns():
@@ -574,7 +577,7 @@ def test_shared_quantizer_set_qparams_initialises_every_slot():
     lo, hi, seen = values(q, "min", "max", "seen")
     np.testing.assert_array_equal(lo, [-2.5] * 3)
     np.testing.assert_array_equal(hi, [5.0] * 3)
-    np.testing.assert_array_equal(seen, [1.0] * 3)
+    np.testing.assert_array_equal(seen, [0.5] * 3)  # given, no training batch yet (qat.GIVEN)
 
 
 # --------------------------------------------------------------------------
@@ -730,3 +733,17 @@ def test_errors_name_the_field():
     frozen.build((None, 3))
     assert _field(lambda: frozen.set_mode("learn")) == "mode"
     assert frozen.range_mode == "frozen"
+
+
+def test_given_range_is_widened_by_the_first_training_batch_then_averaged():
+    """A calibrated range (inference mode) covers the first training batch, then the moving average runs."""
+    q = ActivationQuantizer(kq.QuantSpec(bits=8), scale=4.0 / 255, zero_point=-64, mode="qat", momentum=0.75)
+    q.build((None, 3))
+    lo0, hi0 = (-128 + 64) * 4.0 / 255, (127 + 64) * 4.0 / 255  # about [-1.004, 2.996]
+    q(np.array([[-0.5, 0.0, 9.0]], "float32"), training=True)  # wider above, narrower below
+    lo, hi, seen = values(q, "min", "max", "seen")
+    assert float(lo) == pytest.approx(lo0, rel=1e-6) and float(hi) == 9.0 and float(seen) == 1.0
+    q(np.array([[-1.0, 0.0, 1.0]], "float32"), training=True)
+    lo, hi, seen = values(q, "min", "max", "seen")
+    assert float(lo) == pytest.approx(0.75 * lo0 + 0.25 * -1.0, rel=1e-6)
+    assert float(hi) == pytest.approx(0.75 * 9.0 + 0.25 * 1.0) and float(seen) == 2.0
