@@ -80,13 +80,18 @@ QUICK = {"models": zoo_models.QUICK_MODELS, "train": {"image": (1000, 1), "mask"
                                                        "signal": (2000, 2)},
          "test": 200, "calib": 64, "fid": 64, "qat_samples": 96, "qat_epochs": 3, "rounds": 3, "round_s": 0.03,
          "warmup": 3, "timeout": 900}
-FULL = {"models": tuple(zoo_models.MODELS), "train": {"image": (3000, 1), "mask": (3000, 1), "tokens": (None, 15),
-                                                       "signal": (4000, 3)},
-        "test": 500, "calib": 200, "fid": 200, "qat_samples": 192, "qat_epochs": 3, "rounds": 7, "round_s": 0.1,
+# The full run goes from the cheapest models to the dearest (a run cut short has the most rows).
+FULL_ORDER = ("Conv1D_audio", "UNet", "Transformer", "LSTM_GRU", "MobileNet", "MobileNetV2", "MobileNetV3Small",
+              "MobileNetV3Large", "EfficientNetB0", "EfficientNetV2B0", "NASNetMobile", "DenseNet121", "ResNet50",
+              "ResNet50V2", "ConvNeXtTiny", "InceptionV3", "Xception")
+FULL = {"models": FULL_ORDER, "train": {"image": (2000, 1), "mask": (3000, 1), "tokens": (None, 15),
+                                        "signal": (4000, 3)},
+        "test": 300, "calib": 100, "fid": 100, "qat_samples": 128, "qat_epochs": 3, "rounds": 5, "round_s": 0.1,
         "warmup": 5, "timeout": 1800}
 TARGETS = {"all_stages": 17, "fully_integer": 13, "fid_p99": 2.0, "fid_max": 6.0, "latency": 1.05, "size": 1.05,
            "time": 2.0}
 LOG_PREFIX = "[zoo]"
+ROW_PREFIX = "[zoo-row] "  # each finished row, as JSON, in the log (a run cut short can still be read)
 
 
 def _error_text(exc, limit=300):
@@ -613,7 +618,9 @@ def run(quick: bool, log=None, models=None) -> dict:
             log(f"  [zoo] {name} ...")
             row = run_in_subprocess(name, quick, folder, cfg["timeout"], log)
             rows.append(row)
-            log(f"  [zoo] {name}: {row['stages_ok']}/{len(STAGES)} stages ok in {row['worker_s']:.0f} s")
+            log(f"  [zoo] {name}: {row['stages_ok']}/{len(STAGES)} stages ok in {row['worker_s']:.0f} s: "
+                + ", ".join(f"{s}={row.get(s)}" for s in STAGES + ("converter",)))
+            log(ROW_PREFIX + json.dumps({k: v for k, v in row.items() if k != "tracebacks"}, default=str))
     per_model, summary = judge(rows)
     notes = [
         f"{len(names)} models, {time.perf_counter() - start:.0f} s in all; each in its own worker process.",
