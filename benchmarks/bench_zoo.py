@@ -597,6 +597,28 @@ def error_rows(rows):
     return out
 
 
+def rows_from_log(text):
+    """The finished rows a run logged (`ROW_PREFIX` lines): a run cut short can still be tabulated."""
+    rows = []
+    for line in text.splitlines():
+        i = line.find(ROW_PREFIX)
+        if i >= 0:
+            rows.append(json.loads(line[i + len(ROW_PREFIX):]))
+    return rows
+
+
+def tables_for(rows):
+    """`(stage rows, {title: rows})`: the stage table, then targets, figures, failures and seconds."""
+    per_model, summary = judge(rows)
+    return stage_rows(rows), {
+        "Targets per model": per_model,
+        "Targets": summary,
+        "Figures per model": figure_rows(rows),
+        "Failures": error_rows(rows),
+        "Seconds per stage": timing_rows(rows),
+    }
+
+
 def run(quick: bool, log=None, models=None) -> dict:
     """Every zoo model through every stage, each in a worker process.
 
@@ -621,7 +643,7 @@ def run(quick: bool, log=None, models=None) -> dict:
             log(f"  [zoo] {name}: {row['stages_ok']}/{len(STAGES)} stages ok in {row['worker_s']:.0f} s: "
                 + ", ".join(f"{s}={row.get(s)}" for s in STAGES + ("converter",)))
             log(ROW_PREFIX + json.dumps({k: v for k, v in row.items() if k != "tracebacks"}, default=str))
-    per_model, summary = judge(rows)
+    stage_table, tables = tables_for(rows)
     notes = [
         f"{len(names)} models, {time.perf_counter() - start:.0f} s in all; each in its own worker process.",
         "Stage cells: `ok`, the exception (type: message, cut; see 'Failures'), `skipped (<stage> failed)` or "
@@ -638,20 +660,14 @@ def run(quick: bool, log=None, models=None) -> dict:
         "time_vs_converter: (calibrate + quantize + export) / (concrete function + converter PTQ).",
         f"Config: {json.dumps({k: v for k, v in cfg.items() if k != 'models'})}",
     ]
-    tables = {
-        "Targets per model": per_model,
-        "Targets": summary,
-        "Figures per model": figure_rows(rows),
-        "Failures": error_rows(rows),
-        "Seconds per stage": timing_rows(rows),
-    }
-    return {"rows": stage_rows(rows), "tables": tables, "notes": notes, "models": rows}
+    return {"rows": stage_table, "tables": tables, "notes": notes, "models": rows}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", nargs="+", help="run only these zoo models")
+    parser.add_argument("--from-log", metavar="LOG", help="only tabulate the rows a (cut short) run logged")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     parser.add_argument("--worker-dir", help=argparse.SUPPRESS)
@@ -661,7 +677,13 @@ def main(argv=None):
         return 0
     from keras_quant.formatting import markdown_table
 
-    result = run(args.quick, models=args.models)
+    if args.from_log:
+        with open(args.from_log, errors="replace") as f:
+            rows = rows_from_log(f.read())
+        stage_table, tables = tables_for(rows)
+        result = {"rows": stage_table, "tables": tables, "notes": [f"{len(rows)} models read from {args.from_log}"]}
+    else:
+        result = run(args.quick, models=args.models)
     print(markdown_table(result["rows"]))
     for title, rows in result["tables"].items():
         print(f"\n### {title}\n\n{markdown_table(rows)}")

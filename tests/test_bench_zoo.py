@@ -202,3 +202,14 @@ def test_zoo_has_the_seventeen_models():
     assert len(zoo_models.MODELS) == 17
     assert set(zoo_models.QUICK_MODELS) <= set(zoo_models.MODELS)
     assert zoo_models.MODELS["Xception"].size >= 71 and zoo_models.MODELS["InceptionV3"].size >= 75
+
+
+def test_rows_from_log_reads_finished_rows(bz):
+    import json
+
+    row = _good_row(bz, "m")
+    text = "noise\n  " + bz.ROW_PREFIX + json.dumps(row) + "\n[zoo] other\n"
+    rows = bz.rows_from_log(text)
+    assert rows == [row]
+    stage_table, tables = bz.tables_for(rows)
+    assert stage_table[0]["model"] == "m" and tables["Targets"][0]["value"] == "1/1"
