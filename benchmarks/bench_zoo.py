@@ -281,6 +281,60 @@ def converter_file(model, x_calib, path):
     return data
 
 
+class ConverterCrashed(RuntimeError):
+    """The TFLite converter's process died (it segfaults on some graphs)."""
+
+
+def converter_file_isolated(zm, size, model, x_calib, path, timeout=1200):
+    """`converter_file` in a process of its own: the converter segfaults on some graphs (the
+    recurrent model), which would take the kq stages down with it. The child rebuilds the model
+    (`zm.build(size)`, the same seeded builder) and loads the float weights; returns
+    `(file bytes, seconds of concrete function + conversion, as timed in the child)`."""
+    stem = path + ".job"
+    model.save_weights(stem + ".weights.h5")
+    np.save(stem + ".calib.npy", x_calib)
+    cmd = [sys.executable, os.path.abspath(__file__), "--converter-worker", zm.name, "--worker-out", stem + ".json",
+           "--converter-path", path] + (["--size", str(size)] if size else [])
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.path.dirname(HERE) + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ConverterCrashed(f"converter timed out after {timeout} s") from None
+    if proc.returncode != 0:
+        tail = " | ".join(line for line in proc.stderr.strip().splitlines()[-3:])[-300:]
+        sig = f", signal {-proc.returncode}" if proc.returncode < 0 else ""
+        try:
+            with open(stem + ".json") as f:
+                err = json.load(f).get("error")
+        except (OSError, ValueError):
+            err = None
+        raise ConverterCrashed(err or f"converter process died (exit {proc.returncode}{sig}): {tail}")
+    with open(stem + ".json") as f:
+        info = json.load(f)
+    with open(path, "rb") as f:
+        return f.read(), info["seconds"]
+
+
+def converter_worker(name, size, path, out_path):
+    """The child of `converter_file_isolated`: rebuild, load the weights, convert, time it."""
+    stem = path + ".job"
+    zm = zoo_models.MODELS[name]
+    model = zm.build(size)
+    model.load_weights(stem + ".weights.h5")
+    x_calib = np.load(stem + ".calib.npy")
+    try:
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converter_file(model, x_calib, path)
+        _write_json(out_path, {"seconds": time.perf_counter() - start})
+    except Exception as e:  # noqa: BLE001 - the parent reports it
+        _write_json(out_path, {"error": _error_text(e)})
+        return 1
+    return 0
+
+
 def _load_runner(path):
     from keras_quant import runtime
 
@@ -365,12 +419,8 @@ def _run_model(zm, cfg, folder, log, size, data, row, stage, t, progress):
     conv_path = os.path.join(folder, f"{zm.name}_converter.tflite")
     row["converter"] = "running"
     progress(row)
-    start = time.perf_counter()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            conv_bytes = converter_file(model, x_calib, conv_path)
-        t["converter"] = time.perf_counter() - start
+        conv_bytes, t["converter"] = converter_file_isolated(zm, size, model, x_calib, conv_path)
         row["converter"] = "ok"
         row["time_converter_s"] = t["converter"]
         conv_runner = _load_runner(conv_path)
@@ -671,7 +721,12 @@ def main(argv=None):
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     parser.add_argument("--worker-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--converter-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--converter-path", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.converter_worker:
+        return converter_worker(args.converter_worker, args.size, args.converter_path, args.worker_out)
     if args.worker:
         worker(args.worker, args.quick, args.worker_out, args.worker_dir)
         return 0
