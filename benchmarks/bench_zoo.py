@@ -44,7 +44,7 @@ files fully integer; every file within 2 output steps of its Keras model at p99 
 where the converter converts, kq's int8 file at least as accurate as the converter's, within
 1.05x its latency and size, and the time to file within 2x the converter's.
 
-`--quick`: the cheap models (MobileNet, MobileNetV2, MobileNetV3Small, Transformer, UNet,
+`--quick`: the cheap models (MobileNet, MobileNetV3Small, Transformer, UNet,
 Conv1D_audio), fewer samples, epochs and latency rounds.
 """
 

@@ -181,7 +181,7 @@ def conv1d_audio(size):
 APP = "keras.applications"
 MODELS = {m.name: m for m in [
     ZooModel("MobileNet", APP, "image", 32, _app("MobileNet", alpha=0.25), cheap=True),
-    ZooModel("MobileNetV2", APP, "image", 32, _app("MobileNetV2", alpha=0.35), cheap=True),
+    ZooModel("MobileNetV2", APP, "image", 32, _app("MobileNetV2", alpha=0.35)),
     ZooModel("MobileNetV3Small", APP, "image", 32, _app("MobileNetV3Small", alpha=0.75), scale=255.0, cheap=True),
     ZooModel("MobileNetV3Large", APP, "image", 32, _app("MobileNetV3Large", alpha=0.75), scale=255.0),
     ZooModel("EfficientNetB0", APP, "image", 32, _app("EfficientNetB0"), scale=255.0),
