@@ -302,14 +302,15 @@ def converter_file_isolated(zm, size, model, x_calib, path, timeout=1200):
     except subprocess.TimeoutExpired:
         raise ConverterCrashed(f"converter timed out after {timeout} s") from None
     if proc.returncode != 0:
-        tail = " | ".join(line for line in proc.stderr.strip().splitlines()[-3:])[-300:]
+        lines = [ln for ln in proc.stderr.strip().splitlines() if "Error" in ln or "error" in ln]
+        tail = "" if proc.returncode < 0 else ": " + " | ".join(lines[-2:])[-300:]  # a signal has no message
         sig = f", signal {-proc.returncode}" if proc.returncode < 0 else ""
         try:
             with open(stem + ".json") as f:
                 err = json.load(f).get("error")
         except (OSError, ValueError):
             err = None
-        raise ConverterCrashed(err or f"converter process died (exit {proc.returncode}{sig}): {tail}")
+        raise ConverterCrashed(err or f"converter process died (exit {proc.returncode}{sig}){tail}")
     with open(stem + ".json") as f:
         info = json.load(f)
     with open(path, "rb") as f:
@@ -648,13 +649,15 @@ def error_rows(rows):
 
 
 def rows_from_log(text):
-    """The finished rows a run logged (`ROW_PREFIX` lines): a run cut short can still be tabulated."""
-    rows = []
+    """The finished rows a run logged (`ROW_PREFIX` lines): a run cut short can still be tabulated.
+    A model logged twice (a rerun appended) keeps its place and its last row."""
+    rows = {}
     for line in text.splitlines():
         i = line.find(ROW_PREFIX)
         if i >= 0:
-            rows.append(json.loads(line[i + len(ROW_PREFIX):]))
-    return rows
+            row = json.loads(line[i + len(ROW_PREFIX):])
+            rows[row["model"]] = row
+    return list(rows.values())
 
 
 def tables_for(rows):
@@ -717,7 +720,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", nargs="+", help="run only these zoo models")
-    parser.add_argument("--from-log", metavar="LOG", help="only tabulate the rows a (cut short) run logged")
+    parser.add_argument("--from-log", nargs="+", metavar="LOG",
+                        help="only tabulate the rows (cut short) runs logged; a later log's row of a model wins")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     parser.add_argument("--worker-dir", help=argparse.SUPPRESS)
@@ -733,10 +737,14 @@ def main(argv=None):
     from keras_quant.formatting import markdown_table
 
     if args.from_log:
-        with open(args.from_log, errors="replace") as f:
-            rows = rows_from_log(f.read())
+        text = ""
+        for path in args.from_log:
+            with open(path, errors="replace") as f:
+                text += f.read() + "\n"
+        rows = rows_from_log(text)
         stage_table, tables = tables_for(rows)
-        result = {"rows": stage_table, "tables": tables, "notes": [f"{len(rows)} models read from {args.from_log}"]}
+        result = {"rows": stage_table, "tables": tables,
+                  "notes": [f"{len(rows)} models read from {', '.join(args.from_log)}"]}
     else:
         result = run(args.quick, models=args.models)
     print(markdown_table(result["rows"]))

@@ -211,5 +211,9 @@ def test_rows_from_log_reads_finished_rows(bz):
     text = "noise\n  " + bz.ROW_PREFIX + json.dumps(row) + "\n[zoo] other\n"
     rows = bz.rows_from_log(text)
     assert rows == [row]
+    rerun = dict(row, qat="ok", params=5)
+    other = _good_row(bz, "n")
+    text2 = text + bz.ROW_PREFIX + json.dumps(other) + "\n" + bz.ROW_PREFIX + json.dumps(rerun) + "\n"
+    assert bz.rows_from_log(text2) == [rerun, other]  # the rerun's row, in the first run's place
     stage_table, tables = bz.tables_for(rows)
     assert stage_table[0]["model"] == "m" and tables["Targets"][0]["value"] == "1/1"
