@@ -592,7 +592,7 @@ def run_in_subprocess(name, quick, folder, timeout, log):
     if status:
         for key in STAGES + ("converter",):
             if row.get(key) == "running":
-                row[key] = f"crashed: {status}"
+                row[key] = status if rc is None else f"crashed: {status}"
         row["error"] = row.get("error") or status
         try:
             with open(log_path) as f:
@@ -700,7 +700,7 @@ def run(quick: bool, log=None, models=None) -> dict:
     notes = [
         f"{len(names)} models, {time.perf_counter() - start:.0f} s in all; each in its own worker process.",
         "Stage cells: `ok`, the exception (type: message, cut; see 'Failures'), `skipped (<stage> failed)` or "
-        "`crashed: ...` when the worker died or timed out in that stage.",
+        "`crashed: ...` / `timed out ...` when the worker died or ran out of time in that stage.",
         "int_mac_share: MACs of CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED / BATCH_MATMUL / TRANSPOSE_CONV / "
         "fused sequence ops whose activation input is int8 / int16, over all of them, every subgraph (WHILE "
         "bodies counted once); float_ops: compute ops touching a float32 activation. From kq's strict int8 file, "
