@@ -51,6 +51,7 @@ def test_models_build_for_both_image_sizes(bp, kind, shape):
         assert any(isinstance(layer, keras.layers.DepthwiseConv2D) for layer in model.layers)
 
 
+@pytest.mark.slow
 def test_every_contender_writes_a_file_its_runtime_runs(bp, digits_mlp, tmp_path):
     model, x, y, xt, yt = digits_mlp
     x_calib = x[-200:]

@@ -73,6 +73,7 @@ def assert_trained(qat, history):
     assert len(scales) == 5 and all(0 < float(v) < 0.5 for v in scales.values()), scales
 
 
+@pytest.mark.slow
 def test_qat_model_structure(w8a8):
     qat, _ = w8a8
     report = qat.quantization_report
@@ -102,6 +103,7 @@ def fit_in_mode(float_cnn, data, w8a8):
     return fit
 
 
+@pytest.mark.slow
 @pytest.mark.tensorflow
 @pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
 def test_trains_in_every_tensorflow_execution_mode(fit_in_mode, mode):
@@ -113,6 +115,7 @@ def test_trains_in_every_tensorflow_execution_mode(fit_in_mode, mode):
         np.testing.assert_allclose(history["loss"], fit_in_mode("graph")[1]["loss"], rtol=0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.tensorflow
 def test_trains_under_mixed_precision(data):
     """Regression: the QAT state was autocast to float16 inside mixed_float16 layers (float32/float16 AddV2)."""
@@ -257,11 +260,13 @@ def test_mirrored_strategy_with_float_pass_batch_statistics(mirrored):
 
 
 # 2. The same code trains with the JAX trainer (and TensorFlow's) -----------------------------------
+@pytest.mark.slow
 def test_w8a8_qat_trains(w8a8):
     """Runs in the JAX CI pass too: the QAT training step works on JAX (jitted, stateless) and TensorFlow."""
     assert_trained(*w8a8)
 
 
+@pytest.mark.slow
 def test_float_model_is_left_unchanged(float_cnn, w8a8):
     model, weights = float_cnn
     for before, after in zip(weights, model.get_weights()):
@@ -277,6 +282,7 @@ def assert_same_variables(a, b):
         np.testing.assert_array_equal(to_np(x), to_np(y), err_msg=x.path)
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_and_continue_training(w8a8, data, tmp_path):
     qat, history = w8a8
     x, y, x_test, _ = data
@@ -334,6 +340,7 @@ def scheduled(float_cnn, data):
     return qat, recorder
 
 
+@pytest.mark.slow
 def test_scheduler_switches_modes_at_exactly_the_given_steps(scheduled):
     qat, rec = scheduled
     assert len(rec.modes) == SCHEDULED_STEPS + 1
@@ -344,6 +351,7 @@ def test_scheduler_switches_modes_at_exactly_the_given_steps(scheduled):
         assert set(rec.steps[done].values()) == {float(done)}
 
 
+@pytest.mark.slow
 def test_scheduler_freezes_batch_norm_statistics_and_ranges(scheduled):
     _, rec = scheduled
     for step in range(1, SCHEDULED_STEPS + 1):  # what training step `step` (1-based) changed
@@ -368,6 +376,7 @@ def test_scheduler_freezes_batch_norm_statistics_and_ranges(scheduled):
             assert weight == [], (step, weight)
 
 
+@pytest.mark.slow
 def test_set_mode_and_freeze_batch_norm_act_from_the_next_step(scheduled, data):
     """Continues training the scheduled model: the scheduler re-opens observation, the switch closes it."""
     qat, _ = scheduled
@@ -405,6 +414,7 @@ def test_schedule_arguments_are_checked():
 
 
 # 5. BatchNormalization folding ------------------------------------------------------------------
+@pytest.mark.slow
 def test_folded_wrapper_is_one_quantized_conv_at_inference(scheduled, rng):
     """After QAT with BN frozen: conv3's wrapper == Conv2D(fq(folded kernel), folded bias), then fq(output)."""
     qat, _ = scheduled
@@ -471,6 +481,7 @@ def test_folding_matches_conv_then_batch_norm_without_quantization_effects(bn_st
     np.testing.assert_allclose(to_np(wrapper(z, training=True)), reference(False), atol=tol)
 
 
+@pytest.mark.slow
 def test_weight_qparams_are_those_inference_uses_while_observing(w8a8):
     """Not frozen, weight ranges follow the weights: `weight_qparams` must be the current ones, not the last step's."""
     qat, _ = w8a8
@@ -485,6 +496,7 @@ def test_weight_qparams_are_those_inference_uses_while_observing(w8a8):
 
 
 # 6. Subclassed and Functional models ------------------------------------------------------------
+@pytest.mark.slow
 def test_subclassed_model_trains_in_qat_mode(data):
     x, y, x_test, _ = data
     keras.utils.set_random_seed(0)
@@ -514,6 +526,7 @@ def test_subclassed_model_trains_in_qat_mode(data):
     np.testing.assert_array_equal(to_np(model(x_test[:8])), before)
 
 
+@pytest.mark.slow
 def test_residual_functional_model_trains_in_qat_mode(w8a8, float_cnn):
     """The residual Functional CNN (Add with a shared input quantizer) trained; the float model is unchanged."""
     qat, history = w8a8
@@ -557,6 +570,7 @@ def test_subclassed_model_without_training_argument_warns():
 
 
 # 7. User-defined layers ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_user_defined_layers_are_wrapped_and_train(data):
     x, y, _, _ = data
     model = qm.custom_mlp()

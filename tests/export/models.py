@@ -1,10 +1,12 @@
-"""The model and data every export test uses (trained once per module, in seconds).
+"""The model and data every export test uses (trained once per process, in seconds).
 
 A CNN with the parts the export issue names: Conv+BN+ReLU, a depthwise-
 separable block (DepthwiseConv2D+BN+ReLU6, 1x1 Conv+BN), a residual Add with
 a ReLU, max pooling, global average pooling, Dense layers (optionally an
 AveragePooling2D before the global pool); on scikit-learn's digits.
 """
+
+import functools
 
 import keras
 import numpy as np
@@ -43,11 +45,25 @@ def compile_model(model, lr=0.003):
     return model
 
 
-def trained(epochs=12, average_pool=False):
-    """`(model, (x_train, y_train), (x_test, y_test))`: the CNN trained on the digits."""
-    (x_train, y_train), (x_test, y_test) = kq.datasets.load_digits()
+@functools.lru_cache(maxsize=None)
+def _trained_weights(epochs, average_pool):
+    """The CNN's weights after training, computed once per process (the export and analysis tests share it)."""
+    (x_train, y_train), _ = kq.datasets.load_digits()
     model = compile_model(cnn(average_pool=average_pool))
     model.fit(x_train, y_train, epochs=epochs, batch_size=32, verbose=0)
+    return tuple(model.get_weights())
+
+
+def trained(epochs=12, average_pool=False):
+    """`(model, (x_train, y_train), (x_test, y_test))`: the CNN trained on the digits.
+
+    A new compiled model each call, with the trained weights: trained once per process (one
+    pytest-xdist worker), however many test modules ask, and no caller sees another's changes.
+    """
+    weights = _trained_weights(epochs, average_pool)
+    (x_train, y_train), (x_test, y_test) = kq.datasets.load_digits()
+    model = compile_model(cnn(average_pool=average_pool))
+    model.set_weights([w.copy() for w in weights])
     return model, (x_train, y_train), (x_test, y_test)
 
 

@@ -44,6 +44,7 @@ def _model(name, shape, make, batch_norm):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,shape,make", LAYER_CASES, ids=[c[0] for c in LAYER_CASES])
 def test_qat_model_of_every_layer_type_matches_float_and_trains(name, shape, make):
     fold = _foldable(make())
