@@ -36,14 +36,14 @@ def functional(model):
     return None
 
 
-def nodes(graph):
-    """The graph's call nodes (not its input nodes) in topological order, inputs first."""
+def nodes(graph, include_inputs=False):
+    """The graph's call nodes in topological order (its input nodes first, when asked for)."""
     by_depth = graph._nodes_by_depth
     return [
         node
         for depth in sorted(by_depth, reverse=True)
         for node in by_depth[depth]
-        if node.operation is not None and not node.is_input
+        if node.operation is not None and (include_inputs or not node.is_input)
     ]
 
 

@@ -206,7 +206,7 @@ def _graph(model, field):
 def _node_outputs(graph):
     """`(operation, i, node, tensor)` in graph order: the single output of each layer's (or keras.ops
     operation's) i-th node in this graph (i counts a shared layer's calls in call order)."""
-    nodes = graph_lib.nodes(graph)
+    nodes = graph_lib.nodes(graph, include_inputs=True)
     members = {id(n) for n in nodes}
     for node in nodes:
         op = graph_lib.operation_of(node)

@@ -180,6 +180,19 @@ def concat_bn_model():
     return model
 
 
+def dense_bn_model():
+    """A BatchNormalization on a rank-2 tensor after a Concatenate: no 1x1 depthwise rewrite, so float MUL/ADD."""
+    keras.utils.set_random_seed(7)
+    inp = keras.Input((8,))
+    x = L.Concatenate(name="cat")([L.Dense(4, name="a")(inp), L.Dense(4, name="b")(inp)])
+    x = L.ReLU(name="relu")(L.BatchNormalization(name="bn")(x))
+    model = keras.Model(inp, L.Dense(4, name="head")(x))
+    rng = np.random.default_rng(0)
+    model.get_layer("bn").set_weights([rng.uniform(0.5, 1.5, 8), rng.normal(size=8), rng.normal(size=8),
+                                       rng.uniform(0.5, 1.5, 8)])
+    return model
+
+
 def layer_norm_model():
     keras.utils.set_random_seed(6)
     inp = keras.Input((6, 8))
@@ -188,10 +201,15 @@ def layer_norm_model():
 
 
 @pytest.mark.parametrize("build, shape, layer, ops, modes", [
-    (concat_bn_model, (8, 8, 3), "bn", {"MUL", "ADD"}, ("int8",)),  # int16x8: see test_converter_errors...
+    (dense_bn_model, (8,), "bn", {"MUL", "ADD"}, ("int8",)),  # int16x8: see test_converter_errors...
     (layer_norm_model, (6, 8), "ln", {"MEAN", "RSQRT", "SQUARED_DIFFERENCE"}, ("int8", "int16x8")),
 ])
-def test_a_quantized_layer_running_float_is_an_error(build, shape, layer, ops, modes, tmp_path):
+def test_a_quantized_layer_running_float_is_an_error(build, shape, layer, ops, modes, tmp_path, monkeypatch):
+    from keras_quant.layers.rules import RULES, LayerRule
+
+    # LayerNormalization is a float island by default; a rule that quantizes it (as a user's could) must not
+    # let the file run it in float silently.
+    monkeypatch.setitem(RULES, L.LayerNormalization, LayerRule(L.LayerNormalization, "norm"))
     model = build()
     x = rand((32,) + shape)
     qmodel = quantized(model, x)
@@ -210,6 +228,19 @@ def test_a_quantized_layer_running_float_is_an_error(build, shape, layer, ops, m
         # Every op the interpreter runs on a float tensor inside the graph is in the report.
         flat_ops = float_ops_in_file(tmp_path / f"{mode}.tflite")
         assert sorted(flat_ops) == sorted(op for op, _, _ in report.float_ops), mode
+
+
+def test_densenet_batch_norm_is_integer_and_layer_norm_a_named_island(tmp_path):
+    model = concat_bn_model()
+    qmodel = quantized(model, rand((32, 8, 8, 3)))
+    assert ("bn", "per-channel affine as a 1x1 depthwise convolution") in qmodel.quantization_report.rewritten
+    report = kq.export_tflite(qmodel, tmp_path / "bn.tflite")
+    assert not report.float_ops and report.ops["DEPTHWISE_CONV_2D"] == 1
+    ln_model = layer_norm_model()
+    qln = quantized(ln_model, rand((32, 6, 8)))
+    assert "ln" in {key for key, _, _ in qln.quantization_report.float_islands}
+    report = kq.export_tflite(qln, tmp_path / "ln.tflite")  # strict: the island is named in the report
+    assert report.float_ops and all(layers == ("ln",) for _, _, layers in report.float_ops)
 
 
 def float_ops_in_file(path):

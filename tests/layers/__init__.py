@@ -64,6 +64,13 @@ class ProbeCalibration:
                         self._record(preactivation_key(key), keras.ops.convert_to_numpy(layer(inputs)))
                     finally:
                         layer.activation = activation
+                if isinstance(layer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
+                    # The depthwise half's output, a tensor of its own once the layer is split.
+                    inputs = keras.Model(graph.inputs, node.input_tensors[0])(list(xs))
+                    depthwise = keras.ops.depthwise_conv(
+                        inputs, layer.depthwise_kernel, strides=layer.strides, padding=layer.padding,
+                        data_format=layer.data_format, dilation_rate=layer.dilation_rate)
+                    self._record(f"{key}:depthwise", keras.ops.convert_to_numpy(depthwise))
 
     def __contains__(self, key):
         return key in self.ranges
