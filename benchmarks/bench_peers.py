@@ -852,14 +852,11 @@ def main(argv=None):
         result = tfmot_worker(args.worker)
         print(bench_qat.JSON_MARK + json.dumps(result))
         return 0
-    from keras_quant.formatting import markdown_table
 
     result = run(args.quick)
-    print(markdown_table(result["rows"]))
-    for title, rows in result["tables"].items():
-        print(f"\n### {title}\n\n{markdown_table(rows)}")
-    for n in result["notes"]:
-        print(f"- {n}")
+    from common import print_result
+
+    print_result(result)
     return 0
 
 

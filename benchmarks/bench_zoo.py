@@ -734,7 +734,6 @@ def main(argv=None):
     if args.worker:
         worker(args.worker, args.quick, args.worker_out, args.worker_dir)
         return 0
-    from keras_quant.formatting import markdown_table
 
     if args.from_log:
         text = ""
@@ -747,11 +746,9 @@ def main(argv=None):
                   "notes": [f"{len(rows)} models read from {', '.join(args.from_log)}"]}
     else:
         result = run(args.quick, models=args.models)
-    print(markdown_table(result["rows"]))
-    for title, rows in result["tables"].items():
-        print(f"\n### {title}\n\n{markdown_table(rows)}")
-    for n in result["notes"]:
-        print(f"- {n}")
+    from common import print_result
+
+    print_result(result)
     return 0
 
 

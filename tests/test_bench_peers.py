@@ -3,26 +3,17 @@
 No timing assertions: the figures are checked for presence and consistency, not speed.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.tensorflow
+from tests.benchmarks import load_benchmark
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+pytestmark = pytest.mark.tensorflow
 
 
 @pytest.fixture(scope="module")
 def bp():
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("_kq_bench_peers", BENCH / "bench_peers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_peers")
 
 
 @pytest.fixture(scope="module")

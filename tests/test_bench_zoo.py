@@ -5,24 +5,16 @@ shows), it must only never raise.
 """
 
 import collections
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bz():
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("_kq_bench_zoo", BENCH / "bench_zoo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_zoo")
 
 
 T = collections.namedtuple("T", "shape type constant")
@@ -195,9 +187,7 @@ def test_one_model_through_the_stages(bz, tmp_path, name, size):
 
 
 def test_zoo_has_the_seventeen_models():
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    import zoo_models
+    zoo_models = load_benchmark("zoo_models")
 
     assert len(zoo_models.MODELS) == 17
     assert set(zoo_models.QUICK_MODELS) <= set(zoo_models.MODELS)
