@@ -369,8 +369,21 @@ def onnx_model(model, opset=INT4_OPSET, strict=True, activation_type="uint8", we
     if weight_type not in WEIGHT_TYPES:
         raise ConfigError("weight_type", weight_type, f"weight_type must be one of {WEIGHT_TYPES}")
     batch_size = check_batch_size(batch_size)
-    data, details = tflite_bytes(model, "int8", input_type="float32", output_type="float32", strict=strict,
-                                 batch_size=batch_size)
+    batch_note = None
+    try:
+        data, details = tflite_bytes(model, "int8", input_type="float32", output_type="float32", strict=strict,
+                                     batch_size=batch_size)
+    except ExportError as e:
+        if batch_size is not None:
+            raise
+        # Some graphs convert only with a static batch (a recurrent loop's TensorList, a Dense on a rank-3
+        # tensor whose reshapes then stay float): write batch 1 rather than nothing, and say so.
+        data, details = tflite_bytes(model, "int8", input_type="float32", output_type="float32", strict=strict,
+                                     batch_size=1)
+        batch_size = 1
+        batch_note = ("written with batch 1: with a symbolic batch the TFLite converter " +
+                      ("fails" if e.field != "float_ops" else f"leaves {e.layer} in float") +
+                      f" ({str(e).splitlines()[0][:200]})")
     fd, tmp = tempfile.mkstemp(suffix=".tflite")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -385,7 +398,7 @@ def onnx_model(model, opset=INT4_OPSET, strict=True, activation_type="uint8", we
                           f"{e})") from e
     finally:
         os.remove(tmp)
-    notes = list(details["notes"])
+    notes = list(details["notes"]) + ([batch_note] if batch_note else [])
     if _decompose_gelu(proto):
         notes.append("GELU written as ONNX Erf / Tanh ops in float between its QuantizeLinear / DequantizeLinear "
                      "pair (tf2onnx has no conversion for TFLite's GELU)")

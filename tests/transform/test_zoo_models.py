@@ -1,0 +1,60 @@
+"""A handful of the benchmark's zoo models, at tiny sizes, through every stage (the full zoo is
+`python benchmarks/run.py --only zoo`).
+
+Each: calibrate with the default callback, PTQ, strict TFLite int8 in the LiteRT interpreter
+(within a few output steps of its Keras model), ONNX in onnxruntime, QAT from the calibration (a
+finite, falling loss) and the QAT model's export.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_quant as kq
+from tests.benchmarks import load_benchmark
+
+pytestmark = [pytest.mark.tensorflow, pytest.mark.slow]
+
+ZOO = load_benchmark("zoo_models")
+# name -> input size: the cheapest members of each family the zoo has.
+CASES = {"MobileNetV3Small": 32, "Transformer": 16, "LSTM_GRU": 12, "UNet": 16, "Conv1D_audio": 64}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_zoo_model_passes_every_stage(name, tmp_path):
+    zoo = ZOO.MODELS[name]
+    model = zoo.build(CASES[name])
+    x, y = ZOO.synthetic(zoo, 64, CASES[name])
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0)  # moving statistics that are not the initial ones
+    cb = kq.CalibrationCallback()
+    model.predict(x, batch_size=32, callbacks=[cb], verbose=0)
+    qmodel = kq.quantize_model(model, calibration=cb.result)
+    assert not qmodel.quantization_report.unsupported, qmodel.quantization_report.unsupported
+
+    report = kq.export_tflite(qmodel, tmp_path / "int8.tflite")
+    runner = kq.runtime.load(str(tmp_path / "int8.tflite"))
+    got, expected = runner.predict(x), qmodel.predict(x, verbose=0)
+    steps = np.abs(got - expected).reshape(len(x), -1).max(axis=1) / float(runner.output_quantization[0])
+    assert np.percentile(steps, 99) <= 2.0 + 1e-6 and steps.max() <= 6.0 + 1e-6, (name, steps.max(), report)
+    islands = {key for key, _, _ in qmodel.quantization_report.float_islands}
+    assert all(set(layers) <= islands for _, _, layers in report.float_ops), (report.float_ops, islands)
+
+    if name == "LSTM_GRU":
+        # Known gap: tf2onnx writes the recurrent loop's carried state with mismatched element types, which
+        # onnxruntime refuses; export says so with a typed error instead of writing a broken file.
+        with pytest.raises(kq.errors.ExportError, match="onnxruntime cannot load"):
+            kq.export_onnx(qmodel, tmp_path / "int8.onnx")
+    else:
+        report = kq.export_onnx(qmodel, tmp_path / "int8.onnx")
+        onnx_out = kq.runtime.load(str(tmp_path / "int8.onnx")).predict(x)
+        assert onnx_out.shape == expected.shape and np.all(np.isfinite(onnx_out))
+        onnx_steps = np.abs(onnx_out - expected).reshape(len(x), -1).max(axis=1) / float(runner.output_quantization[0])
+        assert np.percentile(onnx_steps, 99) <= 3.0, (name, onnx_steps.max(), report.notes)
+        # A Dense on a rank-3 tensor converts to integer only with a static batch: batch 1, and the note says so.
+        assert any("written with batch 1" in n for n in report.notes) == (name == "Transformer"), report.notes
+
+    qat = kq.quantize_model(model, mode="qat", calibration=cb.result)
+    qat.compile(keras.optimizers.Adam(1e-4), model.loss)
+    losses = qat.fit(x, y, epochs=3, batch_size=32, verbose=0).history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    kq.export_tflite(qat, tmp_path / "qat.tflite")
