@@ -173,7 +173,11 @@ def concat_bn_model():
     x = L.Concatenate(name="cat")([a, b])
     x = L.BatchNormalization(name="bn")(x)
     x = L.ReLU(name="relu")(x)
-    model = keras.Model(inp, L.Conv2D(4, 3, name="head")(x))
+    return _with_trained_bn(keras.Model(inp, L.Conv2D(4, 3, name="head")(x)))
+
+
+def _with_trained_bn(model):
+    """`model` with its BatchNormalization 'bn' given non-trivial statistics (8 channels)."""
     rng = np.random.default_rng(0)
     model.get_layer("bn").set_weights([rng.uniform(0.5, 1.5, 8), rng.normal(size=8), rng.normal(size=8),
                                        rng.uniform(0.5, 1.5, 8)])
@@ -186,11 +190,7 @@ def dense_bn_model():
     inp = keras.Input((8,))
     x = L.Concatenate(name="cat")([L.Dense(4, name="a")(inp), L.Dense(4, name="b")(inp)])
     x = L.ReLU(name="relu")(L.BatchNormalization(name="bn")(x))
-    model = keras.Model(inp, L.Dense(4, name="head")(x))
-    rng = np.random.default_rng(0)
-    model.get_layer("bn").set_weights([rng.uniform(0.5, 1.5, 8), rng.normal(size=8), rng.normal(size=8),
-                                       rng.uniform(0.5, 1.5, 8)])
-    return model
+    return _with_trained_bn(keras.Model(inp, L.Dense(4, name="head")(x)))
 
 
 def layer_norm_model():
