@@ -21,7 +21,7 @@ import copy
 import keras
 
 __all__ = [
-    "functional", "nodes", "operations", "is_layer", "calls", "producer", "producer_node", "run",
+    "functional", "nodes", "operations", "is_layer", "calls", "producer", "run",
     "inputs_structure", "sublayers", "node_inputs", "node_outputs", "operation_of", "copy_operation",
     "output_shape", "tracked_layers", "untrack", "track",
 ]
@@ -81,14 +81,6 @@ def producer(tensor):
     if history is None:
         return None, None, None
     return history.operation, history.node_index, history.tensor_index
-
-
-def producer_node(tensor):
-    """The node whose output `tensor` is, or None."""
-    op, index, _ = producer(tensor)
-    if op is None:
-        return None
-    return op._inbound_nodes[index]
 
 
 def run(graph, inputs, call_fn):

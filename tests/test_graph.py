@@ -47,7 +47,7 @@ def test_producer_calls_and_node_tensors():
     mean_out = model.outputs[0]
     op, node_index, tensor_index = graph_lib.producer(mean_out)
     assert type(op).__name__ == "Mean" and (node_index, tensor_index) == (0, 0)
-    node = graph_lib.producer_node(mean_out)
+    node = graph_lib.calls(op)[node_index]
     assert graph_lib.node_outputs(node)[0] is mean_out
     (source,) = graph_lib.node_inputs(node)
     assert type(graph_lib.producer(source)[0]).__name__ == "Multiply"

@@ -45,6 +45,7 @@ import time
 import keras
 
 from keras_quant import __version__
+from keras_quant import graph as graph_lib
 from keras_quant.calibration import sampling as sampling_lib
 from keras_quant.calibration.result import CalibrationResult
 from keras_quant.calibration.stats import STATISTICS, LayerCollector
@@ -282,13 +283,6 @@ class CalibrationCallback(keras.callbacks.Callback):
         if used + needed > self.memory_limit:
             raise MemoryLimitExceededError(used + needed, self.memory_limit, field=f"calibration statistics of '{key}'")
 
-    @staticmethod
-    def _output_shape(layer):
-        try:
-            return tuple(layer.output.shape)
-        except (AttributeError, ValueError, RuntimeError):
-            return None
-
     def _create_state(self, model):
         strategy = getattr(model, "distribute_strategy", None)
         scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
@@ -304,10 +298,10 @@ class CalibrationCallback(keras.callbacks.Callback):
                 if spec is not None:
                     self._collector(key, spec, tuple(tensor.shape))
             for key, layer, spec in tracked:
-                self._collector(key, spec, self._output_shape(layer))
+                self._collector(key, spec, graph_lib.output_shape(layer))
             self._preact_tracked = self._preactivations(model, tracked)
             for key, layer, spec in self._preact_tracked:
-                self._collector(key, spec, self._output_shape(layer))
+                self._collector(key, spec, graph_lib.output_shape(layer))
             self._inner_tracked = self._depthwise_outputs(tracked)
             for key, layer, spec in self._inner_tracked:
                 self._collector(key, spec)

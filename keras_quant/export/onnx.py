@@ -374,8 +374,8 @@ def onnx_model(model, opset=INT4_OPSET, strict=True, activation_type="uint8", we
         data, details = tflite_bytes(model, "int8", input_type="float32", output_type="float32", strict=strict,
                                      batch_size=batch_size)
     except ExportError as e:
-        if batch_size is not None:
-            raise
+        if batch_size is not None or (e.field != "float_ops" and e.__cause__ is None):
+            raise  # a fixed batch asked for, or what the mode cannot express: batch 1 would fail the same
         # Some graphs convert only with a static batch (a recurrent loop's TensorList, a Dense on a rank-3
         # tensor whose reshapes then stay float): write batch 1 rather than nothing, and say so.
         data, details = tflite_bytes(model, "int8", input_type="float32", output_type="float32", strict=strict,

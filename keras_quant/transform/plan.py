@@ -151,9 +151,9 @@ def plan_graph(flat, config):
             plan[id(layer)] = Step("clone")
         elif rule.kind == "compute":
             _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config)
-        elif rule.kind == "norm" and _affine(flat, layer) is not None:
+        elif rule.kind == "norm" and (affine := _affine(flat, layer)) is not None:
             # No integer kernel for a lone BatchNormalization / Rescaling / ...: a 1x1 depthwise conv computes it.
-            _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config, affine=_affine(flat, layer))
+            _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config, affine=affine)
             report["rewritten"].append((key, "per-channel affine as a 1x1 depthwise convolution"))
         elif rule.kind == "passthrough":
             plan[id(layer)] = Step("clone")
@@ -227,7 +227,8 @@ def _plan_float_boundaries(flat, config, plan, quantized_output):
         rule = get_rule(flat.origin[id(layer)])
         if rule is not None and rule.kind == "passthrough":
             continue
-        if flat.single_output(layer) is None or "float" not in str(flat.single_output(layer).dtype):
+        out = flat.single_output(layer)
+        if out is None or "float" not in str(out.dtype):
             continue
         if _feeds_integer_graph(flat, plan, layer):
             quantized_output(step, layer, spec, "float layer output entering the integer graph")
@@ -402,9 +403,6 @@ class QuantizationPlan:
         """`(key, type, reason)` of every layer or operation left computing in float."""
         return tuple(self.report.get("float_islands", ()))
 
-    def folded(self) -> Dict[str, str]:
-        """`{batch_norm key: the compute layer's key}` of the folded BatchNormalizations."""
-        return dict(self.report.get("folded", ()))
 
 
 def plan_model(model, config=None) -> Optional[QuantizationPlan]:
