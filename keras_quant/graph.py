@@ -16,6 +16,7 @@ Example:
 ['conv', 'bn', 'add', ...]
 """
 
+import contextlib
 import copy
 
 import keras
@@ -23,7 +24,7 @@ import keras
 __all__ = [
     "functional", "nodes", "operations", "is_layer", "calls", "producer", "run",
     "inputs_structure", "sublayers", "node_inputs", "node_outputs", "operation_of", "copy_operation",
-    "output_shape", "tracked_layers", "untrack", "track",
+    "output_shape", "tracked_layers", "untrack", "track", "declared_only",
 ]
 
 
@@ -144,3 +145,21 @@ def track(owner, layer):
     tracker = getattr(owner, "_tracker", None)
     if tracker is not None and not tracker.is_in_store("layers", layer):
         tracker.track(layer)
+
+
+@contextlib.contextmanager
+def declared_only():
+    """Variables created inside are declared (shape, dtype) but never allocated nor initialised.
+
+    For throw-away copies of layers that are only read for their structure
+    (a plan): building them costs no initialiser runs and no memory. Their
+    values must not be read. Keras keeps such variables in a global list and
+    initialises them when an outer `StatelessScope` exits; ours are taken off
+    that list, so they are never initialised and are freed with their layers.
+    """
+    from keras.src.backend.common import global_state
+
+    before = list(global_state.get_global_attribute("uninitialized_variables", []) or [])
+    with keras.StatelessScope(initialize_variables=False):
+        yield
+    global_state.set_global_attribute("uninitialized_variables", before)

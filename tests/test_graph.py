@@ -99,3 +99,14 @@ def test_output_shape(layer):
     layer(keras.Input(shape))
     assert graph_lib.output_shape(layer)[-1] == (3 if isinstance(layer, L.Dense) else 2)
     assert graph_lib.output_shape(L.Dense(1)) is None
+
+
+def test_declared_only_variables_are_never_initialised():
+    from keras.src.backend.common import global_state
+
+    with graph_lib.declared_only():
+        layer = L.Dense(3)
+        layer.build((None, 4))
+    assert layer.kernel._value is None  # declared, not allocated
+    assert not global_state.get_global_attribute("uninitialized_variables", [])
+    assert keras.ops.convert_to_numpy(L.Dense(2)(np.ones((1, 2), "float32"))).shape == (1, 2)  # later ones work

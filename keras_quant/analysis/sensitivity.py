@@ -143,7 +143,7 @@ def _candidates(model, config):
     """The layers `quantize_model` wraps under `config`, in graph order, each with its fused chain."""
     from keras_quant.transform.plan import plan_model
 
-    plan = plan_model(model, config)
+    plan = plan_model(model, config, weights=False)  # read only: the chains, not a model to build
     if plan is None:
         raise ConfigError("model", getattr(model, "name", model), "sensitivity needs a built Functional or "
                           "Sequential model (kq.quantize_model rewrites their graph only)")

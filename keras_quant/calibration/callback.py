@@ -274,12 +274,7 @@ class CalibrationCallback(keras.callbacks.Callback):
         if self.memory_limit is None:
             return
         used = sum(c.state_bytes for c in self._collectors.values() if c.built)
-        # Built inside a StatelessScope, Keras variables are declared but not
-        # allocated: the exact size of the state, before any of it exists.
-        with keras.StatelessScope():
-            probe = LayerCollector(spec=collector.spec, num_bins=self.num_bins, statistics=self.statistics)
-            probe.build(shape)
-            needed = probe.state_bytes
+        needed = collector.planned_bytes(shape)
         if used + needed > self.memory_limit:
             raise MemoryLimitExceededError(used + needed, self.memory_limit, field=f"calibration statistics of '{key}'")
 
@@ -334,7 +329,9 @@ class CalibrationCallback(keras.callbacks.Callback):
             collector = self._collector(key, spec)
         if not collector.built:
             self._check_memory(key, collector, tuple(tensor.shape))
-        collector(tensor, sample_mask=mask)
+            collector(tensor, sample_mask=mask)
+        else:  # built: its update alone, without Keras' per-call layer machinery (hundreds per step)
+            collector.call(tensor, sample_mask=mask)
 
     def _wrap_step(self, mode, original):
         callback = self

@@ -1,15 +1,17 @@
 """Activation statistics in the graph: the `LayerCollector` layer and its moment merge.
 
 A `LayerCollector` is an observer (`keras_quant.observers.Observer`) that
-watches one tensor and keeps, in fixed-size float32 variables,
+watches one tensor and keeps, in a few fixed-size float32 variables,
 
-- per tensor: count, mean and the central moments `M2`, `M3`, `M4` (merged
-  exactly across batches, below), the number of exact zeros, the number of
-  samples and the non-finite count;
-- a per-tensor `HistogramObserver` (whose `[hist_min, hist_max]` is also the
-  running min / max, so no separate min/max reduction runs), used for
-  percentiles, outlier counts and the `percentile` / `mse` / `kl` searches;
-- per channel (along `channel_axis`): a `MinMaxObserver`;
+- per tensor (one packed `scalars` vector): count, mean and the central
+  moments `M2`, `M3`, `M4` (merged exactly across batches, below), the
+  number of exact zeros, the number of samples, the non-finite count and
+  the running min / max;
+- a per-tensor histogram over the running `[min, max]` (`hist`, rebinned as
+  the range widens, with the kernels of `keras_quant.observers.histogram`),
+  used for percentiles, outlier counts and the `percentile` / `mse` / `kl`
+  searches;
+- per channel (along `channel_axis`): `channel_min`, `channel_max`;
 - only when the spec's range cannot be read from the above: the spec's own
   observer (`moving_average`, or a per-channel non-`minmax` spec).
 
@@ -37,6 +39,7 @@ Example:
 """
 
 import dataclasses
+import math
 
 import keras
 import numpy as np
@@ -47,13 +50,18 @@ from keras_quant import ops as kq_ops
 from keras_quant.config import QuantSpec
 from keras_quant.errors import ConfigError
 from keras_quant.observers.base import Observer
-from keras_quant.observers.histogram import HistogramObserver
-from keras_quant.observers.minmax import MinMaxObserver
+from keras_quant.errors import NoDataError
+from keras_quant.observers.histogram import bin_counts, rebin_counts
 from keras_quant.calibration.result import LayerStatistics, histogram_outliers
 
 __all__ = ["LayerCollector", "merge_moments", "batch_moments", "moments_to_stats"]
 
 _HISTOGRAM_OBSERVERS = ("percentile", "mse", "kl", "auto")
+
+# The per-tensor statistics, packed in one `(len(_SCALARS),)` variable, and their empty values.
+_SCALARS = ("non_finite_count", "samples", "count", "min_val", "max_val", "mean", "m2", "m3", "m4", "zeros")
+_SCALAR_INITIAL = dict.fromkeys(_SCALARS, 0.0) | {"min_val": float("inf"), "max_val": float("-inf")}
+_VARIABLES = ("scalars", "hist", "channel_min", "channel_max")
 
 
 def batch_moments(x):
@@ -153,28 +161,33 @@ def _read(variable):
 _SHARED_STEPS = {}
 
 
-def _shared_step(collector):
+def _shared_step(collector, masked=False):
     """The collector's `_pure_step`, as one shared `tf.function` per kind on TensorFlow.
 
     Collectors of one kind run the same computation on their own state, so
-    the function is traced once per input shape (batch dimension relaxed)
-    and reused by every collector, callback and predict call, instead of
-    every collector adding its own copy of the ops to every trace of a step.
-    Only static settings of the collector it is first made for are read.
+    the function is traced once, for every batch size, spatial size and
+    channel count (its signature leaves them unknown), and reused by every
+    collector, callback and predict call, instead of every collector adding
+    its own copy of the ops to every trace of a step. Only static settings
+    of the collector it is first made for are read.
     """
-    key = collector._step_key()
+    key = collector._step_key() + (masked,)
     fn = _SHARED_STEPS.get(key)
     if fn is None:
         fn = collector._pure_step
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
 
+            state = {name: tf.TensorSpec((None,) * len(v.shape), "float32") for name, v in collector._state().items()}
+            signature = [state, tf.TensorSpec((None,) * len(collector._batch_shape), "float32")]
+            if masked:
+                signature.append(tf.TensorSpec((None,), "bool"))
             # Not inlined: the runtime instantiates (and optimises) the body once, not again inside
             # every step graph that calls it, which halves the first run of a new step function.
-            fn = tf.function(fn, reduce_retracing=True, autograph=False, experimental_attributes={"_noinline": True})
+            fn = tf.function(fn, input_signature=signature, autograph=False,
+                             experimental_attributes={"_noinline": True})
         _SHARED_STEPS[key] = fn
     return fn
-
 
 
 @keras.saving.register_keras_serializable(package="keras_quant")
@@ -236,10 +249,12 @@ class LayerCollector(Observer):
         self._with_moments = full or (per_tensor and spec.observer == "mean_std")
         self._with_zeros = full
         self._with_channels = full or (spec.granularity == "per_channel" and spec.observer == "minmax")
-        self._hist = None
-        if full or (per_tensor and spec.observer in _HISTOGRAM_OBSERVERS):
-            self._hist = HistogramObserver(num_bins=num_bins, method="minmax", name="histogram")
-        self._channel = None  # built when the channel size is known
+        self._with_hist = full or (per_tensor and spec.observer in _HISTOGRAM_OBSERVERS)
+        if self._with_hist and (isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer))
+                                or num_bins < 8):
+            raise ConfigError("num_bins", num_bins, "num_bins must be an integer of at least 8", layer=name)
+        self._scalars_var = self._hist_var = self._channel_min_var = self._channel_max_var = None
+        self._with_channel_state = False
         self._extra = None
         reusable = per_tensor and spec.observer != "moving_average"
         if not reusable and not (spec.granularity == "per_channel" and spec.observer == "minmax"):
@@ -248,33 +263,78 @@ class LayerCollector(Observer):
         self._batch_shape = None
 
     # Building ---------------------------------------------------------------
-    def build(self, input_shape):
-        input_shape = tuple(input_shape)
-        self._batch_shape = (None,) + input_shape[1:]
-        if self._hist is not None:
-            self._hist.build(input_shape)
+    def _state_shapes(self, input_shape):
+        """`{name: shape}` of the state variables for inputs of `input_shape` (nothing is created)."""
+        shapes = {"scalars": (len(_SCALARS),)}
+        if self._with_hist:
+            shapes["hist"] = (self.num_bins,)
         ndim = len(input_shape)
         axis = self.channel_axis % ndim if ndim else 0
-        self._channel_index = axis
         if self._with_channels and ndim >= 2 and axis != 0 and input_shape[axis] is not None:
-            self._channel = MinMaxObserver(granularity="per_channel", axis=self.channel_axis, name="channel_minmax")
-            self._channel.build(input_shape)
+            shapes["channel_min"] = shapes["channel_max"] = (int(input_shape[axis]),)
+        return shapes
+
+    def planned_bytes(self, input_shape):
+        """Bytes of state the collector will hold once built for `input_shape` (before building it)."""
+        total = 4 * sum(math.prod(shape) for shape in self._state_shapes(tuple(input_shape)).values())
+        if self._extra is not None:
+            # Built inside a StatelessScope, Keras variables are declared but not allocated.
+            with keras.StatelessScope():
+                probe = observers.get(self.spec, name="range_observer_probe")
+                probe.build(tuple(input_shape))
+                total += probe.state_bytes
+        return total
+
+    def build(self, input_shape):
+        # The state is a few packed variables (not one per statistic): creating a variable costs
+        # about a millisecond and every one is read and written in the step, and a model has
+        # hundreds of collectors.
+        input_shape = tuple(input_shape)
+        self._batch_shape = (None,) + input_shape[1:]
+        ndim = len(input_shape)
+        self._channel_index = self.channel_axis % ndim if ndim else 0
+        self.state_shape = ()
+        self.num_slots = 1
+        for name, shape in self._state_shapes(input_shape).items():
+            var = self.add_weight(shape=shape, initializer="zeros", dtype="float32", trainable=False,
+                                  autocast=False, aggregation="only_first_replica", name=name)
+            setattr(self, f"_{name}_var", var)
+        self._with_channel_state = self._channel_min_var is not None
+        self.reset()
         if self._extra is not None:
             self._extra.build(input_shape)
-        super().build(input_shape)
+        self.built = True
 
-    def _build_state(self, shape):
-        for name, value in (("count", 0.0), ("mean", 0.0), ("m2", 0.0), ("m3", 0.0), ("m4", 0.0),
-                            ("zeros", 0.0), ("samples", 0.0), ("min_val", float("inf")),
-                            ("max_val", float("-inf"))):
-            self._state_variable(name, (), value)
+    # The packed state --------------------------------------------------------
+    def _initial(self, name):
+        shape = getattr(self, f"_{name}_var").shape
+        if name == "scalars":
+            return ops.convert_to_tensor(np.asarray([_SCALAR_INITIAL[k] for k in _SCALARS], np.float32))
+        fill = {"hist": 0.0, "channel_min": float("inf"), "channel_max": float("-inf")}[name]
+        return ops.full(shape, fill, dtype="float32")
+
+    def _state(self):
+        """The state variables this collector updates, by name."""
+        return {name: var for name in _VARIABLES if (var := getattr(self, f"_{name}_var")) is not None}
+
+    def _scalar(self, name):
+        """One of the packed statistics (`count`, `min_val`, ...) as a Python float."""
+        values = np.asarray(ops.convert_to_numpy(self._scalars_var), np.float64)
+        return float(values[_SCALARS.index(name)])
+
+    def _step_key(self):
+        channel = self._channel_index if self._with_channel_state else None
+        # The rank is part of the key: a relaxed trace keeps the rank, only dimensions become None.
+        rank = len(self._batch_shape)
+        return (rank, self.num_bins, self._with_moments, self._with_zeros, self._with_hist, channel)
 
     # Graph-side update ------------------------------------------------------
     def _channel_rows(self, x):
         """`x` as `(N, C)` with the channel axis last (a free reshape when it already is)."""
         if self._channel_index != len(x.shape) - 1:
             x = ops.moveaxis(x, self._channel_index, -1)
-        return ops.reshape(x, (-1, self._channel.num_slots))
+        # The channel size is read from the tensor, not fixed: one shared trace serves every width.
+        return ops.reshape(x, (-1, ops.shape(x)[-1]))
 
     def _summary(self, rows, chan, valid, valid_chan, total):
         """The batch's `(n, mean, M2, M3, M4, zeros, min, max, channel_min, channel_max)`.
@@ -313,37 +373,14 @@ class LayerCollector(Observer):
                            ops.max(ops.where(valid_chan, chan, float("-inf")), axis=0))
         return moments + (zeros, lo, hi) + channel
 
-    # The update is a pure function of (state, batch) ----------------------------
-    def _state_names(self):
-        names = ["non_finite_count", "samples", "count", "min_val", "max_val"]
-        if self._with_moments:
-            names += ["mean", "m2", "m3", "m4"]
-        if self._with_zeros:
-            names.append("zeros")
-        return names
-
-    def _state(self):
-        """The state variables this collector updates, by name."""
-        state = {name: getattr(self, name) for name in self._state_names()}
-        if self._hist is not None:
-            state["hist"] = self._hist.hist
-        if self._channel is not None:
-            state["channel_min"], state["channel_max"] = self._channel.min_val, self._channel.max_val
-        return state
-
-    def _step_key(self):
-        channel = None if self._channel is None else (self._channel_index, self._channel.num_slots)
-        # The rank is part of the key: a relaxed trace keeps the rank, only dimensions become None.
-        rank = len(self._batch_shape)
-        return (rank, self.num_bins, self._with_moments, self._with_zeros, self._hist is not None, channel)
-
     def call(self, inputs, sample_mask=None):
         """Fold `inputs` into the statistics and return them unchanged.
 
         The update itself is `_pure_step(state, x, sample_mask) -> new state`,
         shared by every collector of the same kind: on TensorFlow it is one
-        `tf.function` (batch dimension relaxed), so a model's collectors are
-        traced once per activation shape, not once per layer and per call.
+        `tf.function` (batch, spatial and channel dimensions relaxed), so a
+        model's collectors are traced a handful of times, not once per layer,
+        shape and call.
 
         Args:
             inputs: The tensor (batch first).
@@ -354,12 +391,12 @@ class LayerCollector(Observer):
         variables = self._state()
         state = {name: _read(v) for name, v in variables.items()}
         x = ops.cast(inputs, "float32")
-        new = _shared_step(self)(state, x) if sample_mask is None else _shared_step(self)(state, x, sample_mask)
+        if sample_mask is None:
+            new = _shared_step(self)(state, x)
+        else:
+            new = _shared_step(self, masked=True)(state, x, ops.cast(sample_mask, "bool"))
         for name, var in variables.items():
             var.assign(new[name])  # `_pure_step` returns each value in its variable's shape
-        if self._hist is not None:  # the histogram's range is the running min / max
-            self._hist.hist_min.assign(new["min_val"])
-            self._hist.hist_max.assign(new["max_val"])
         if self._extra is not None:
             self._extra.call(inputs, sample_mask=sample_mask)
         return inputs
@@ -367,7 +404,7 @@ class LayerCollector(Observer):
     def _pure_step(self, state, x, sample_mask=None):
         """The new state after folding `x` in: only `self`'s static settings are read."""
         rows = ops.reshape(x, (-1,))
-        chan = self._channel_rows(x) if self._channel is not None else None
+        chan = self._channel_rows(x) if self._with_channel_state else None
         zero = ops.zeros((), "float32")
         if sample_mask is None:
             total = ops.sum(rows)
@@ -393,29 +430,32 @@ class LayerCollector(Observer):
             fast = None
         n_b, mean_b, m2_b, m3_b, m4_b, zeros_b, lo_b, hi_b, clo_b, chi_b, bad_b = summary
 
-        new = {"non_finite_count": state["non_finite_count"] + bad_b, "samples": state["samples"] + seen}
+        old = dict(zip(_SCALARS, ops.unstack(state["scalars"], num=len(_SCALARS))))
+        new = dict(old)
+        new["non_finite_count"] = old["non_finite_count"] + bad_b
+        new["samples"] = old["samples"] + seen
         if self._with_moments:
             names = ("count", "mean", "m2", "m3", "m4")
-            merged = merge_moments(tuple(state[k] for k in names), (n_b, mean_b, m2_b, m3_b, m4_b),
-                                   maximum=ops.maximum)
+            merged = merge_moments(tuple(old[k] for k in names), (n_b, mean_b, m2_b, m3_b, m4_b), maximum=ops.maximum)
             new.update(zip(names, merged))
         else:
-            new["count"] = state["count"] + n_b
+            new["count"] = old["count"] + n_b
         if self._with_zeros:
-            new["zeros"] = state["zeros"] + zeros_b
-        old_lo, old_hi = state["min_val"], state["max_val"]
+            new["zeros"] = old["zeros"] + zeros_b
+        old_lo, old_hi = old["min_val"], old["max_val"]
         has_batch = lo_b <= hi_b
         new["min_val"] = ops.where(has_batch, ops.minimum(old_lo, lo_b), old_lo)
         new["max_val"] = ops.where(has_batch, ops.maximum(old_hi, hi_b), old_hi)
-        if self._hist is not None:
+        out = {"scalars": ops.stack([new[k] for k in _SCALARS])}
+        if self._with_hist:
             # Masked: the mask already computed; unmasked: the fast path, or (NaN/Inf) `isfinite` again.
             valid_col = None if sample_mask is None else ops.reshape(valid_rows, (-1, 1))
-            new["hist"] = self._histogram_step(state["hist"], rows, x, valid_col, fast, old_lo, old_hi,
+            out["hist"] = self._histogram_step(state["hist"], rows, x, valid_col, fast, old_lo, old_hi,
                                                new["min_val"], new["max_val"])
         if chan is not None:
-            new["channel_min"] = ops.minimum(state["channel_min"], clo_b)
-            new["channel_max"] = ops.maximum(state["channel_max"], chi_b)
-        return new
+            out["channel_min"] = ops.minimum(state["channel_min"], clo_b)
+            out["channel_max"] = ops.maximum(state["channel_max"], chi_b)
+        return out
 
     def _histogram_step(self, hist, rows, x, valid, fast, old_lo, old_hi, new_lo, new_hi):
         """The histogram widened to `[new_lo, new_hi]` with the batch binned in.
@@ -423,29 +463,36 @@ class LayerCollector(Observer):
         `valid` is the `(N, 1)` mask of a masked batch (then `fast` is None);
         otherwise `fast` says whether the batch is all finite.
         """
-        h = self._hist
+        bins = self.num_bins
         lo1, hi1 = ops.reshape(new_lo, (1,)), ops.reshape(new_hi, (1,))
-        hist = h._rebin(ops.reshape(hist, (1, self.num_bins)), ops.reshape(old_lo, (1,)), ops.reshape(old_hi, (1,)),
-                        lo1, hi1)
+        hist = rebin_counts(ops.reshape(hist, (1, bins)), ops.reshape(old_lo, (1,)), ops.reshape(old_hi, (1,)),
+                            lo1, hi1, bins, 1)
         col = ops.reshape(rows, (-1, 1))
         if fast is None:
-            counts = h._bin(col, valid, lo1, hi1)
+            counts = bin_counts(col, valid, lo1, hi1, bins, 1)
         else:
-            counts = ops.cond(fast, lambda: h._bin(col, None, lo1, hi1),
-                              lambda: h._bin(col, ops.reshape(ops.isfinite(x), (-1, 1)), lo1, hi1))
-        return ops.reshape(hist + counts, (self.num_bins,))
+            counts = ops.cond(fast, lambda: bin_counts(col, None, lo1, hi1, bins, 1),
+                              lambda: bin_counts(col, ops.reshape(ops.isfinite(x), (-1, 1)), lo1, hi1, bins, 1))
+        return ops.reshape(hist + counts, (bins,))
 
     def _update_state(self, rows, finite, all_finite):
         """Not used: `call` replaces the base class's update flow, since the
         per-channel extremes need the tensor before it is flattened."""
 
+    def _build_state(self, shape):
+        """Not used: `build` creates the packed state."""
+
     # Eager API -------------------------------------------------------------
     def reset(self):
-        """Restore the empty state (of the sub-observers too)."""
-        super().reset()
-        for obs in (self._hist, self._channel, self._extra):
-            if obs is not None and obs.built:
-                obs.reset()
+        """Restore the empty state (of the range observer too). A collector not yet built is left as is."""
+        for name, var in self._state().items():
+            var.assign(self._initial(name))
+        if self._extra is not None and self._extra.built:
+            self._extra.reset()
+
+    def _check_state(self):
+        if not self.built:
+            raise NoDataError(self.name, reason="the collector was never called")
 
     def _range(self, spec=None):
         stats = self.to_statistics()
@@ -477,30 +524,28 @@ class LayerCollector(Observer):
                     channel_axis=self.channel_axis)
         if not self.built:
             return LayerStatistics(**base)
-        read = lambda v: float(np.asarray(ops.convert_to_numpy(v), np.float64))  # noqa: E731
-        count = int(round(read(self.count)))
-        base.update(num_samples=int(round(read(self.samples))), non_finite_count=int(round(read(self.non_finite_count))))
+        values = dict(zip(_SCALARS, np.asarray(ops.convert_to_numpy(self._scalars_var), np.float64).tolist()))
+        count = int(round(values["count"]))
+        base.update(num_samples=int(round(values["samples"])), non_finite_count=int(round(values["non_finite_count"])))
         if count == 0:
             return LayerStatistics(count=0, **base)
-        lo, hi = read(self.min_val), read(self.max_val)
+        lo, hi = values["min_val"], values["max_val"]
         mean = std = skew = kurt = None
         if self._with_moments:
-            mean, std, skew, kurt = moments_to_stats(
-                count, read(self.mean), read(self.m2), read(self.m3), read(self.m4)
-            )
+            mean, std, skew, kurt = moments_to_stats(count, values["mean"], values["m2"], values["m3"], values["m4"])
         hist = edges = outliers = None
-        if self._hist is not None:
-            hist = self._hist._state()[0][0]
+        if self._with_hist:
+            hist = np.asarray(ops.convert_to_numpy(self._hist_var), np.float64).copy()
             edges = np.linspace(lo, hi, self.num_bins + 1)
             if mean is not None:
                 outliers = histogram_outliers(hist, edges, mean, std)
         channel_min = channel_max = None
-        if self._channel is not None:
-            channel_min = np.asarray(ops.convert_to_numpy(self._channel.min_val), np.float32).copy()
-            channel_max = np.asarray(ops.convert_to_numpy(self._channel.max_val), np.float32).copy()
+        if self._with_channel_state:
+            channel_min = np.asarray(ops.convert_to_numpy(self._channel_min_var), np.float32).copy()
+            channel_max = np.asarray(ops.convert_to_numpy(self._channel_max_var), np.float32).copy()
         stats = LayerStatistics(
             count=count, min=lo, max=hi, mean=mean, std=std, skewness=skew, kurtosis=kurt,
-            sparsity=read(self.zeros) / count if self._with_zeros else None, channel_min=channel_min,
+            sparsity=values["zeros"] / count if self._with_zeros else None, channel_min=channel_min,
             channel_max=channel_max, histogram=hist, bin_edges=edges, outliers=outliers, **base,
         )
         if self._extra is not None:

@@ -67,6 +67,59 @@ def _weighted_counts(ids, weights, length):
     return ops.segment_sum(weights, ids, num_segments=length)
 
 
+def rebin_counts(hist, old_lo, old_hi, new_lo, new_hi, bins, slots):
+    """Move `(K, B)` counts from bins over `[old_lo, old_hi]` to bins over the wider `[new_lo, new_hi]`.
+
+    A pure `keras.ops` kernel (`bins` and `slots` static): each old bin's count
+    is split between the (at most two) new bins it overlaps, in proportion.
+    Ranges are `(K,)`; an empty old range (`old_lo > old_hi`) or an unchanged
+    one leaves the counts as they are.
+    """
+    changed = ops.logical_and(old_lo <= old_hi, ops.logical_or(new_lo < old_lo, new_hi > old_hi))
+    new_width = ops.where(changed, new_hi - new_lo, 1.0)
+    old_width = ops.where(changed, old_hi - old_lo, 0.0)
+    offset = ops.where(changed, (old_lo - new_lo) / new_width * bins, 0.0)  # in new-bin units
+    ratio = old_width / new_width  # old bin width / new bin width, in [0, 1]
+    start = offset[:, None] + ops.arange(bins, dtype="float32")[None, :] * ratio[:, None]
+    start = ops.clip(start, 0.0, bins - 1.0)
+    first = ops.floor(start)
+    safe_ratio = ops.where(ratio > 0, ratio, 1.0)[:, None]
+    frac = ops.where(ratio[:, None] > 0, ops.clip((first + 1.0 - start) / safe_ratio, 0.0, 1.0), 1.0)
+    first = ops.cast(first, "int32")
+    second = ops.minimum(first + 1, bins - 1)
+    base = (ops.arange(slots, dtype="int32") * bins)[:, None]
+    data = ops.concatenate([hist * frac, hist * (1.0 - frac)], axis=1)
+    segments = ops.concatenate([first + base, second + base], axis=1)
+    moved = _weighted_counts(ops.reshape(segments, (-1,)), ops.reshape(data, (-1,)), slots * bins)
+    return ops.where(changed[:, None], ops.reshape(moved, (slots, bins)), hist)
+
+
+def bin_counts(rows, finite, lo, hi, bins, slots):
+    """`(K, B)` counts of the finite values of `rows` `(N, K)` in bins over `[lo, hi]`.
+
+    A pure `keras.ops` kernel (`bins` and `slots` static); `lo`, `hi` are
+    `(K,)`. `finite=None` means every value is finite and inside `[lo, hi]`
+    (the common case), which skips the masking passes over the batch.
+    """
+    valid = lo <= hi
+    lo = ops.where(valid, lo, 0.0)
+    width = ops.where(valid, hi - lo, 0.0)
+    inv_width = ops.where(width > 0, bins / ops.where(width > 0, width, 1.0), 0.0)  # 0: everything in bin 0
+    if finite is None:
+        pos = ops.clip((rows - lo) * inv_width, 0.0, bins - 1.0)
+        weights = None
+    else:
+        x = ops.where(finite, rows, lo)
+        pos = (x - lo) * inv_width
+        pos = ops.where(pos >= 0, ops.minimum(pos, bins - 1.0), 0.0)  # also maps NaN to 0
+        weights = ops.reshape(ops.cast(finite, "float32"), (-1,))
+    index = ops.cast(pos, "int32")  # truncation is floor for pos >= 0
+    if slots > 1:
+        index = index + (ops.arange(slots, dtype="int32") * bins)[None, :]
+    counts = _weighted_counts(ops.reshape(index, (-1,)), weights, slots * bins)
+    return ops.reshape(counts, (slots, bins))
+
+
 def _is_number(v):
     return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
 
@@ -142,49 +195,11 @@ class HistogramObserver(Observer):
     # Graph-side update ------------------------------------------------------
     def _rebin(self, hist, old_lo, old_hi, new_lo, new_hi):
         """Move `(K, B)` counts from bins over `[old_lo, old_hi]` to bins over the wider `[new_lo, new_hi]`."""
-        bins, slots = self.num_bins, self.num_slots
-        changed = ops.logical_and(old_lo <= old_hi, ops.logical_or(new_lo < old_lo, new_hi > old_hi))
-        new_width = ops.where(changed, new_hi - new_lo, 1.0)
-        old_width = ops.where(changed, old_hi - old_lo, 0.0)
-        offset = ops.where(changed, (old_lo - new_lo) / new_width * bins, 0.0)  # in new-bin units
-        ratio = old_width / new_width  # old bin width / new bin width, in [0, 1]
-        start = offset[:, None] + ops.arange(bins, dtype="float32")[None, :] * ratio[:, None]
-        start = ops.clip(start, 0.0, bins - 1.0)
-        first = ops.floor(start)
-        safe_ratio = ops.where(ratio > 0, ratio, 1.0)[:, None]
-        frac = ops.where(ratio[:, None] > 0, ops.clip((first + 1.0 - start) / safe_ratio, 0.0, 1.0), 1.0)
-        first = ops.cast(first, "int32")
-        second = ops.minimum(first + 1, bins - 1)
-        base = (ops.arange(slots, dtype="int32") * bins)[:, None]
-        data = ops.concatenate([hist * frac, hist * (1.0 - frac)], axis=1)
-        segments = ops.concatenate([first + base, second + base], axis=1)
-        moved = _weighted_counts(ops.reshape(segments, (-1,)), ops.reshape(data, (-1,)), slots * bins)
-        return ops.where(changed[:, None], ops.reshape(moved, (slots, bins)), hist)
+        return rebin_counts(hist, old_lo, old_hi, new_lo, new_hi, self.num_bins, self.num_slots)
 
     def _bin(self, rows, finite, lo, hi):
-        """`(K, B)` counts of the finite values of `rows` `(N, K)` in bins over `[lo, hi]`.
-
-        `finite=None` means every value is finite and inside `[lo, hi]` (the
-        common case), which skips the masking passes over the batch.
-        """
-        bins, slots = self.num_bins, self.num_slots
-        valid = lo <= hi
-        lo = ops.where(valid, lo, 0.0)
-        width = ops.where(valid, hi - lo, 0.0)
-        inv_width = ops.where(width > 0, bins / ops.where(width > 0, width, 1.0), 0.0)  # 0: everything in bin 0
-        if finite is None:
-            pos = ops.clip((rows - lo) * inv_width, 0.0, bins - 1.0)
-            weights = None
-        else:
-            x = ops.where(finite, rows, lo)
-            pos = (x - lo) * inv_width
-            pos = ops.where(pos >= 0, ops.minimum(pos, bins - 1.0), 0.0)  # also maps NaN to 0
-            weights = ops.reshape(ops.cast(finite, "float32"), (-1,))
-        index = ops.cast(pos, "int32")  # truncation is floor for pos >= 0
-        if slots > 1:
-            index = index + (ops.arange(slots, dtype="int32") * bins)[None, :]
-        counts = _weighted_counts(ops.reshape(index, (-1,)), weights, slots * bins)
-        return ops.reshape(counts, (slots, bins))
+        """`(K, B)` counts of the finite values of `rows` `(N, K)` in bins over `[lo, hi]` (see `bin_counts`)."""
+        return bin_counts(rows, finite, lo, hi, self.num_bins, self.num_slots)
 
     def _update_state(self, rows, finite, all_finite):
         lo_b, hi_b = self._masked_min_max(rows, finite, all_finite)

@@ -7,6 +7,7 @@ remembers its original (`origin`), its calibration key (`key`) and its path.
 """
 
 import collections
+import contextlib
 
 import keras
 from keras import tree
@@ -23,6 +24,10 @@ class FlatGraph:
     Args:
         model: A Functional or built Sequential model.
         graph: Its Functional graph (`keras_quant.graph.functional(model)`).
+        weights: Give the copies the originals' weights (what a rebuild
+            needs). False makes a graph for reading only (a plan for
+            calibration): the copies' variables are declared, not allocated,
+            and must not be read.
 
     Attributes:
         model: The flat `keras.Model` of staging copies.
@@ -32,16 +37,20 @@ class FlatGraph:
         input_keys: Calibration key of each model input.
     """
 
-    def __init__(self, model, graph):
+    def __init__(self, model, graph, weights=True):
         self.keys = {id(layer): key for key, layer in walk.layer_keys(model).items()}
         self.paths = {id(layer): path for path, layer in walk.leaf_layers(model)}
         self.input_keys = walk.input_keys(model) or [t.name for t in graph.inputs]
         self._clones = {}  # id(original) -> staging copy
         self.origin = {}  # id(staging copy) -> original
+        self.with_weights = weights
         inputs = [
             keras.Input(batch_shape=t.shape, dtype=t.dtype, name=name) for t, name in zip(graph.inputs, self.input_keys)
         ]
-        outputs = self._run(graph, inputs)
+        # Building a copy creates (and initialises) its variables; for a read-only graph they are only
+        # declared, which makes planning a large model several times cheaper.
+        with contextlib.nullcontext() if weights else graph_lib.declared_only():
+            outputs = self._run(graph, inputs)
         self.model = keras.Model(inputs, outputs, name=model.name)
         self.inputs_struct = graph_lib.inputs_structure(graph)
         self.nodes = graph_lib.nodes(self.model)
@@ -68,7 +77,7 @@ class FlatGraph:
             self._clones[id(op)] = clone
             self.origin[id(clone)] = op
         outputs = clone(*args, **kwargs)
-        if first and graph_lib.is_layer(op) and op.weights:
+        if first and self.with_weights and graph_lib.is_layer(op) and op.weights:
             clone.set_weights(op.get_weights())
         return outputs
 

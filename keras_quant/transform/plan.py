@@ -248,7 +248,7 @@ def _affine(flat, layer):
     out = flat.single_output(layer)
     if out is None or len(out.shape) not in (3, 4) or out.shape[-1] is None:
         return None
-    found = affine_of(layer, len(out.shape), int(out.shape[-1]))
+    found = affine_of(flat.origin[id(layer)], len(out.shape), int(out.shape[-1]))  # the original's weights
     return None if found is None else (*found, len(out.shape))
 
 
@@ -405,8 +405,11 @@ class QuantizationPlan:
 
 
 
-def plan_model(model, config=None) -> Optional[QuantizationPlan]:
+def plan_model(model, config=None, weights=True) -> Optional[QuantizationPlan]:
     """The `QuantizationPlan` of a Functional or Sequential model, or None for one with no graph (subclassed).
+
+    `weights=False` plans on a read-only graph (see `FlatGraph`): the points,
+    chains and float islands are the same, but the plan cannot be built.
 
     Example:
 
@@ -418,7 +421,7 @@ def plan_model(model, config=None) -> Optional[QuantizationPlan]:
     graph = graph_lib.functional(model)
     if graph is None:
         return None
-    flat = FlatGraph(model, graph)
+    flat = FlatGraph(model, graph, weights=weights)
     steps, report = plan_graph(flat, config)
     return QuantizationPlan(flat, steps, input_steps(flat, config), report)
 
@@ -439,5 +442,5 @@ def activation_points(model, config=None):
         `{key: QuantSpec}` in graph order, or None for a model whose graph
         `quantize_model` cannot rewrite (subclassed, unbuilt).
     """
-    plan = plan_model(model, config)
+    plan = plan_model(model, config, weights=False)
     return None if plan is None else plan.points
