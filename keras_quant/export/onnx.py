@@ -19,7 +19,15 @@ has for them; below opset 21 they stay 8-bit initializers holding 4-bit
 values, and the report says so.
 
 The batch dimension is symbolic (`"batch"`) unless `batch_size` fixes it:
-the int8 flatbuffer is converted with a dynamic batch, which tf2onnx keeps.
+the int8 flatbuffer is converted with a dynamic batch, which tf2onnx keeps
+(a Dense on a rank-3 input is traced as reshape -> 2-D matmul -> reshape, so
+it stays one integer FULLY_CONNECTED). A model with LSTM / GRU / SimpleRNN
+layers converts only with a fixed batch (their while loops' TensorLists need
+a static element shape): it is written with batch 1 and the report says so;
+`kq.runtime` runs such a file sample by sample. The recurrent layers stay
+float ONNX Loops; the quantized tensor a loop reads is dequantized before it
+(`flatbuffer.float_loop_carries`: tf2onnx would otherwise feed the Loop a
+float tensor its body declares int8, which onnxruntime refuses).
 GELU, which tf2onnx cannot convert, is written as its Erf (or Tanh)
 formula between the same QDQ pair; any other TFLite op tf2onnx leaves
 unconverted is an `ExportError` naming its layer.
@@ -42,7 +50,7 @@ import numpy as np
 
 from keras_quant import graph as graph_lib
 from keras_quant.errors import ConfigError, ExportError
-from keras_quant.export import plan as plan_lib
+from keras_quant.export import flatbuffer, plan as plan_lib
 from keras_quant.export.tflite import ExportReport, _atomic_write, check_batch_size, tflite_bytes
 
 __all__ = ["export_onnx", "onnx_model", "MIN_OPSET", "INT4_OPSET"]
@@ -376,14 +384,15 @@ def onnx_model(model, opset=INT4_OPSET, strict=True, activation_type="uint8", we
     except ExportError as e:
         if batch_size is not None or (e.field != "float_ops" and e.__cause__ is None):
             raise  # a fixed batch asked for, or what the mode cannot express: batch 1 would fail the same
-        # Some graphs convert only with a static batch (a recurrent loop's TensorList, a Dense on a rank-3
-        # tensor whose reshapes then stay float): write batch 1 rather than nothing, and say so.
+        # Some graphs convert only with a static batch (a recurrent layer's while loop: the converter lowers
+        # its TensorList only with a static element shape): write batch 1 rather than nothing, and say so.
         data, details = tflite_bytes(model, "int8", input_type="float32", output_type="float32", strict=strict,
                                      batch_size=1)
         batch_size = 1
         batch_note = ("written with batch 1: with a symbolic batch the TFLite converter " +
                       ("fails" if e.field != "float_ops" else f"leaves {e.layer} in float") +
                       f" ({str(e).splitlines()[0][:200]})")
+    data, _ = flatbuffer.float_loop_carries(data)  # recurrent loops: tf2onnx types int8 loop carries wrongly
     fd, tmp = tempfile.mkstemp(suffix=".tflite")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -454,6 +463,22 @@ def _qdq_tables(proto):
     return acts, weights
 
 
+def _load_error(model, opset, error):
+    """An `ExportError` for a model onnxruntime refuses: the layers of the nodes it names, and the remedy."""
+    import re
+
+    from keras_quant.export.flatbuffer import layer_names_of
+
+    text = str(error)
+    names = {layer.name for layer in graph_lib.sublayers(model)}
+    layers = []
+    for node in re.findall(r"Node:?\s*\(?([^\s()]+)", text):
+        layers += [n for n in layer_names_of(node, names) if n not in layers]
+    return ExportError("opset", opset, f"onnxruntime cannot load the exported model ({text.strip()[:400]}); "
+                       f"try another opset (tf2onnx writes up to {_TF2ONNX_MAX_OPSET}), or export this model to "
+                       "TFLite (kq.export_tflite), which runs the named layers", layer=", ".join(layers) or None)
+
+
 def export_onnx(model, path, opset=INT4_OPSET, strict=True, activation_type="uint8", weight_type="uint8",
                 batch_size=None):
     """Write a quantized Keras model as QDQ ONNX with keras_quant's scales and zero points.
@@ -493,7 +518,7 @@ def export_onnx(model, path, opset=INT4_OPSET, strict=True, activation_type="uin
     try:
         ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise ExportError("opset", opset, f"onnxruntime cannot load the exported model: {e}") from e
+        raise _load_error(model, opset, e) from e
     _atomic_write(path, data)
     ops = dict(collections.Counter(n.op_type for n in proto.graph.node))
     _, dq_weights = _qdq_tables(proto)

@@ -412,6 +412,11 @@ def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_si
                      "points rounded, as frozen; kq.qat.set_mode(model, 'frozen') makes Keras compute the same")
     if mode == "dynamic":
         kept = sorted({info.layer for info in infos} - _int8_weight_layers(flat, infos))
+        looped = flatbuffer.loop_weights(flat, layer_names)
+        int8_loops = sorted(n for n, types in looped.items() if all(t == "INT8" for t in types))
+        kept += sorted(n for n, types in looped.items() if n not in int8_loops and n not in kept)
+        if int8_loops:
+            notes.append("int8 weights inside the recurrent loops of: " + ", ".join(int8_loops))
         if kept:
             notes.append("the converter keeps small weights (under 1024 elements) in float in dynamic-range "
                          "mode: " + ", ".join(kept))

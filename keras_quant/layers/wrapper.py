@@ -46,6 +46,19 @@ MODES = {"qat": qat.QATQuantizer, "frozen": FrozenQuantizer}
 BN_STATISTICS = ("quantized", "float")
 
 
+def _flattens(layer, inputs):
+    """Whether the inference form writes `layer` as a 2-D matmul between reshapes (`_flat_dense`).
+
+    A plain `keras.layers.Dense` (no LoRA, not Keras-quantized) on a float input of rank > 2 whose
+    leading dimensions are not all static (a symbolic batch).
+    """
+    shape = getattr(inputs, "shape", None)
+    return (type(layer) is keras.layers.Dense and shape is not None and len(shape) > 2
+            and any(d is None for d in shape[:-1]) and shape[-1] is not None
+            and not getattr(layer, "lora_enabled", False) and getattr(layer, "quantization_mode", None) is None
+            and "float" in str(getattr(inputs, "dtype", "")))
+
+
 def _layer_config(config, layer):
     """Resolve `config` to the `LayerQuantConfig` of `layer`."""
     if config is None:
@@ -491,12 +504,47 @@ class QuantizeWrapper(keras.layers.Wrapper):
         import tensorflow as tf
 
         values = plan.weights[id(self)]
-        outputs = self._run(inputs, {n: tf.constant(v) for n, v in values.items()}, kwargs)
-        if id(self) in plan.folded_bias:
-            outputs = ops.add(outputs, tf.constant(plan.folded_bias[id(self)], dtype=outputs.dtype))
+        if _flattens(self.layer, inputs):
+            outputs = self._flat_dense(inputs, values, plan.folded_bias.get(id(self)))
+        else:
+            outputs = self._run(inputs, {n: tf.constant(v) for n, v in values.items()}, kwargs)
+            if id(self) in plan.folded_bias:
+                outputs = ops.add(outputs, tf.constant(plan.folded_bias[id(self)], dtype=outputs.dtype))
         if self.activation is not None:
             outputs = self.activation(inference.quantize_output(self, outputs, plan, inference.PREACTIVATION))
         return inference.quantize_output(self, outputs, plan)
+
+    def _flat_dense(self, inputs, values, folded_bias):
+        """A Dense on a rank > 2 input with a symbolic leading dimension, as the converters want it.
+
+        `reshape(x, [-1, d_in]) -> matmul + bias -> reshape(y, [-1, ..., units])`. Keras' matmul of
+        a rank-3 tensor traces `tf.tensordot`, whose reshape targets are computed from `tf.shape`
+        when the batch is symbolic: the TFLite converter then cannot fuse the bias into its
+        FULLY_CONNECTED (input shape `[-1, -1]`) and runs the layer in float. Here the first
+        reshape's target is static but for the batch, so FULLY_CONNECTED takes `[-1, d_in]` with
+        its bias, in int8, and the reshapes only move integers.
+        """
+        import tensorflow as tf
+
+        layer = self.layer
+        kernel = tf.constant(values["kernel"]) if "kernel" in values else ops.convert_to_tensor(layer.kernel)
+        d_in, units = int(kernel.shape[0]), int(kernel.shape[1])
+        y = tf.matmul(tf.reshape(inputs, [-1, d_in]), tf.cast(kernel, inputs.dtype))
+        bias = None
+        if getattr(layer, "use_bias", False):  # the plan's bias, else the layer's (a variable, frozen at export)
+            bias = tf.constant(values["bias"]) if "bias" in values else tf.convert_to_tensor(layer.bias.value)
+        if folded_bias is not None:
+            folded = tf.constant(np.asarray(folded_bias, "float32"))
+            bias = folded if bias is None else bias + folded
+        if bias is not None:
+            y = tf.nn.bias_add(y, tf.cast(bias, y.dtype))
+        inner = list(inputs.shape[1:-1])
+        if all(d is not None for d in inner):
+            target = [-1] + [int(d) for d in inner] + [units]
+        else:
+            target = tf.concat([tf.shape(inputs)[:-1], [units]], axis=0)
+        y = tf.reshape(y, target)
+        return layer.activation(y) if layer.activation is not None else y
 
     def call(self, inputs, training=None, **kwargs):
         plan = inference.active_plan()
