@@ -23,7 +23,7 @@ import keras
 
 __all__ = [
     "functional", "nodes", "operations", "is_layer", "calls", "producer", "run",
-    "inputs_structure", "sublayers", "node_inputs", "node_outputs", "operation_of", "copy_operation",
+    "inputs_structure", "sublayers", "node_inputs", "node_outputs", "operation_of", "node_arguments", "copy_operation",
     "output_shape", "tracked_layers", "untrack", "track", "declared_only",
 ]
 
@@ -65,6 +65,11 @@ def operation_of(node):
 def node_inputs(node):
     """The symbolic tensors a node reads (constants in its arguments excluded)."""
     return list(node.input_tensors)
+
+
+def node_arguments(node):
+    """`(args, kwargs)` a node's operation was called with (symbolic tensors and constants)."""
+    return tuple(node.arguments.args), dict(node.arguments.kwargs)
 
 
 def node_outputs(node):

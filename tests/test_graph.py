@@ -110,3 +110,13 @@ def test_declared_only_variables_are_never_initialised():
     assert layer.kernel._value is None  # declared, not allocated
     assert not global_state.get_global_attribute("uninitialized_variables", [])
     assert keras.ops.convert_to_numpy(L.Dense(2)(np.ones((1, 2), "float32"))).shape == (1, 2)  # later ones work
+
+
+def test_node_arguments_keep_constants():
+    inp = keras.Input((3,))
+    out = keras.ops.subtract(L.Dense(2, name="d")(inp), np.ones(2, "float32")) + 3.0
+    model = keras.Model(inp, out)
+    ops_nodes = [n for n in graph_lib.nodes(model) if not graph_lib.is_layer(graph_lib.operation_of(n))]
+    (sub_args, _), (add_args, _) = (graph_lib.node_arguments(n) for n in ops_nodes)
+    np.testing.assert_array_equal(sub_args[1], np.ones(2))
+    assert add_args[1] == 3.0 and add_args[0] is graph_lib.node_outputs(ops_nodes[0])[0]

@@ -207,10 +207,16 @@ def set_weight_scales(flat, infos, int16_bias=False):
     `round(bias / (input_scale * weight_scale))`. With `int16_bias`, biases of
     ops with int16 inputs are written as int64.
 
+    A bias too large for its integer type at `input_scale * weight_scale` (a
+    tiny input range meeting a large bias, e.g. a folded `+ 3` after an
+    almost silent layer) widens the weight scale of those channels until it
+    fits, as the TFLite converter does; `widened` lists those layers.
+
     Returns:
-        `(matched, rewritten)`: layer names matched, and those whose scales were rewritten.
+        `(matched, rewritten, widened)`: layer names matched, those whose
+        scales were rewritten, and those whose scales were widened for a bias.
     """
-    matched, rewritten, used = [], [], set()
+    matched, rewritten, widened, used = [], [], [], set()
     for op in flat.ops():
         if op.name not in WEIGHT_OPS:
             continue
@@ -239,9 +245,10 @@ def set_weight_scales(flat, infos, int16_bias=False):
         used.add(k)
         matched.append(info.layer)
         x_info = flat.tensor(op.inputs[xi])
-        same = scale.size == w_info.scales.size and np.allclose(scale, w_info.scales, rtol=1e-6, atol=0)
         has_bias = bi < len(op.inputs) and op.inputs[bi] >= 0
         wants_int64 = int16_bias and x_info.type == "INT16"
+        scale = _fit_bias(flat, op, bi, xi, info, scale, has_bias, wants_int64, widened)
+        same = scale.size == w_info.scales.size and np.allclose(scale, w_info.scales, rtol=1e-6, atol=0)
         if same and not (wants_int64 and has_bias and flat.tensor(op.inputs[bi]).type != "INT64"):
             continue
         if not same:
@@ -284,7 +291,27 @@ def set_weight_scales(flat, infos, int16_bias=False):
                 if np.any(np.abs(values) >= 2**31 - 1):
                     raise ExportError("bias", b.name, "a 16x8 bias saturated int32 in conversion")
                 flat.set_constant(op.inputs[bi], values, "INT64", b.scales, b.zero_points, b.quantized_dimension)
-    return matched, rewritten
+    return matched, rewritten, widened
+
+
+def _fit_bias(flat, op, bi, xi, info, scale, has_bias, wants_int64, widened):
+    """`scale` (per weight channel), widened where a channel's bias would overflow its integer type."""
+    if not has_bias or wants_int64:
+        return scale
+    x_info = flat.tensor(op.inputs[xi])
+    bias = info.bias if info.bias is not None else flat.dequantized(op.inputs[bi])
+    if bias is None or not x_info.scales.size:
+        return scale
+    bias = np.abs(np.asarray(bias, "float64").reshape(-1))
+    scale = np.asarray(scale, "float64")
+    # Half the int32 range: rounding and later requantization keep their headroom.
+    needed = bias / (float(x_info.scales[0]) * 2.0**30)
+    if scale.size != needed.size:  # one scale for the whole weight
+        needed = np.full(scale.shape, needed.max())
+    if np.all(needed <= scale):
+        return scale
+    widened.append(info.layer)
+    return np.maximum(scale, needed)
 
 
 # Ops that only move values (same scale and zero point in and out): a quantized tensor's value read

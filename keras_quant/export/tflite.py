@@ -388,7 +388,11 @@ def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_si
     notes = []
     rewritten = []
     if mode in ("int8", "int16x8"):
-        _, rewritten = flatbuffer.set_weight_scales(flat, infos, int16_bias=mode == "int16x8")
+        _, rewritten, widened = flatbuffer.set_weight_scales(flat, infos, int16_bias=mode == "int16x8")
+        if widened:
+            notes.append("weight scales widened so the bias fits int32 at input scale x weight scale (as the TFLite "
+                         "converter does; those channels differ from the Keras model by the coarser grid) for: "
+                         + ", ".join(sorted(set(widened))))
         if rewritten:
             notes.append("weight scales set to keras_quant's (the converter's min-max differs) for: "
                          + ", ".join(sorted(set(rewritten))))

