@@ -17,7 +17,11 @@ model's graph (nested models are inlined) in three steps:
    `ActivationQuantizer` on their output; passthrough layers get nothing.
    As in TFLite: an Add / Subtract / Multiply followed by a ReLU / ReLU6 has
    one quantizer, after the activation (ADD fuses it); an average pool
-   keeps its input's range (AVERAGE_POOL_2D has one scale); and a layer kept
+   keeps its input's range (AVERAGE_POOL_2D has one scale); a Concatenate's
+   inputs take its range where the converter writes them on its scale (an
+   input only the Concatenate reads, and a pooled / padded tensor with no
+   quantizer of its own, requantized for all its readers:
+   `plan.plan_concat_ranges`); and a layer kept
    in float whose output feeds the integer graph gets a quantizer there (an
    integer runtime quantizes that tensor, and must not borrow a range). A
    compute layer with its own softmax / sigmoid / tanh / ... activation
@@ -53,7 +57,9 @@ from keras_quant.layers.fake_quant import ActivationQuantizer
 from keras_quant.layers.folding import fold_into_layer
 from keras_quant.layers.rules import PREACTIVATION, fixed_output_qparams
 from keras_quant.layers.wrapper import QuantizeWrapper
-from keras_quant.transform.plan import SHARED_INPUT_MERGES, plan_model, share_merge_inputs
+from keras_quant.transform.plan import (
+    SHARED_INPUT_MERGES, plan_concat_ranges, plan_model, resolve_ranges, share_merge_inputs,
+)
 from keras_quant.transform.report import QuantizationReport
 from keras_quant.transform.rewrite import affine_layer, set_affine_weights
 
@@ -65,7 +71,7 @@ MODES = ("ptq", "qat")
 
 def _fetch_qparams(steps, calibration):
     """Look up every activation quantizer's scale and zero point before anything is built."""
-    requests = [s for s in steps if s.quant_spec is not None]
+    requests = [s for s in steps if s.quant_spec is not None and s.range_from is None]
     inner = [s for s in steps if s.inner_key is not None]
     if (requests or inner) and calibration is None:
         first = requests[0].quant_key if requests else inner[0].inner_key
@@ -87,6 +93,7 @@ def _fetch_qparams(steps, calibration):
         if step.inner_key is not None and calibration is not None:
             step.inner_qparams = _lookup(calibration, step.inner_key, step.inner_spec,
                                          "the depthwise output inside the separable convolution")
+    resolve_ranges(steps)
 
 
 def _lookup(calibration, key, spec, what):
@@ -316,6 +323,8 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
 
     planned = plan_model(model, config)
     flat, plan, report, input_steps = planned.flat, planned.steps, planned.report, planned.inputs
+    if mode == "ptq":
+        plan_concat_ranges(flat, plan)
     steps = input_steps + list(plan.values())
     if mode == "ptq" or calibration is not None:
         _fetch_qparams(steps, calibration)

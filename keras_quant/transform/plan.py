@@ -44,7 +44,8 @@ from keras_quant.transform.rewrite import affine_of
 
 __all__ = [
     "Step", "plan_graph", "input_steps", "producer", "share_merge_inputs", "QuantizationPlan", "plan_model",
-    "activation_points", "SHARED_INPUT_MERGES", "FUSING_MERGES", "SAME_RANGE_POOLS", "SEPARABLE", "separable_key",
+    "activation_points", "plan_concat_ranges", "resolve_ranges", "SHARED_INPUT_MERGES", "FUSING_MERGES",
+    "SAME_RANGE_POOLS", "SEPARABLE", "separable_key",
 ]
 
 L = keras.layers
@@ -117,6 +118,7 @@ class Step:
     inner_layer: object = None  # the depthwise half built for the new model
     fixed: Optional[str] = None  # the output is a softmax / sigmoid / tanh's: TFLite's fixed grid may apply
     chain: tuple = ()  # "wrap": the staging layers TFLite computes as this one op (layer, folded BN, fused ReLU)
+    range_from: object = None  # PTQ: the step whose range this quantizer takes (a Concatenate it feeds)
 
 
 def plan_graph(flat, config):
@@ -187,6 +189,78 @@ def _plan_pool_ranges(flat, plan):
         if source is not None and source.quant_spec == step.quant_spec and source.quant_key is not None:
             step.quant_key = source.quant_key
             step.quant_what += f" (the range of '{source.quant_key}': TFLite's average pool keeps its input's scale)"
+
+
+def _concat_source(flat, plan, tensor):
+    """`(layer, step, tensor)` that computes `tensor` in the integer graph: a folded BatchNormalization's
+    compute layer, else the tensor's own producer; None for a model input or an unplanned producer."""
+    while True:
+        op, node_index, _ = graph_lib.producer(tensor)
+        step = None if op is None or isinstance(op, keras.layers.InputLayer) else plan.get(id(op))
+        if step is None:
+            return None
+        if step.kind != "folded":
+            return op, step, tensor
+        tensor = graph_lib.node_inputs(flat.calls(op)[node_index])[0]
+
+
+def plan_concat_ranges(flat, plan):
+    """PTQ: quantize each Concatenate input on the Concatenate's own range, where TFLite does.
+
+    TFLite's CONCATENATION has one scale for its inputs and its output: the
+    converter gives each input the output's scale. An input computed by a
+    layer with its own output quantizer and read by nothing else is written
+    on that scale directly (the converter folds the requantize into the
+    producing op: one rounding of the accumulator, not two); an input that a
+    passthrough layer (MaxPool, ZeroPadding, ...) produces, with no
+    quantizer of its own, is requantized to that scale for every reader (a
+    DenseNet block's BatchNormalization reads the pooled tensor the
+    Concatenate reads). Each such step gets `range_from`, the Concatenate's
+    step, and takes its range once the ranges are known (`resolve_ranges`).
+    Inputs that other layers also read keep their own range (TFLite
+    requantizes them for the Concatenate alone, as the Concatenate's own
+    quantizer does here).
+    """
+    concats = []
+    for node in flat.nodes:
+        op = graph_lib.operation_of(node)
+        step = plan.get(id(op))
+        if (step is not None and step.quant_spec is not None and step.kind == "clone"
+                and _is_merge(flat.origin[id(op)], (L.Concatenate,))):
+            concats.append((node, step))
+    for node, target in reversed(concats):  # a Concatenate feeding another takes the later one's range first
+        for tensor in graph_lib.node_inputs(node):
+            found = _concat_source(flat, plan, tensor)
+            if found is None:
+                continue
+            op, step, out = found
+            if step.range_from is not None or step is target:
+                continue
+            readers = flat.consumers[id(out)]
+            if step.quant_spec is not None:
+                sole = len(readers) == 1 and readers[0] is node and len(flat.calls(op)) == 1
+                if (sole and step.quant_spec == target.quant_spec and step.fixed is None
+                        and not isinstance(flat.origin[id(op)], SAME_RANGE_POOLS)):
+                    step.range_from = target
+                    step.quant_what += f" (the range of '{target.quant_key}': TFLite writes it on the " \
+                                       "Concatenate's scale)"
+            elif step.kind == "clone" and not step.fused and len(flat.calls(op)) == 1:
+                rule = get_rule(flat.origin[id(op)])
+                if rule is not None and rule.kind == "passthrough" and len(graph_lib.node_inputs(
+                        flat.calls(op)[0])) == 1 and "float" in str(out.dtype):
+                    step.quant_spec, step.quant_key, step.range_from = target.quant_spec, flat.key(op), target
+                    step.quant_what = (f"{flat.key(op)} requantized to the range of '{target.quant_key}' "
+                                       "(TFLite's Concatenate inputs take its scale)")
+
+
+def resolve_ranges(steps):
+    """Give every step with `range_from` the qparams of the step it takes its range from."""
+    for step in steps:
+        source = step.range_from
+        while source is not None and source.range_from is not None:
+            source = source.range_from
+        if source is not None:
+            step.qparams = source.qparams
 
 
 def _feeds_integer_graph(flat, plan, layer, seen=None):

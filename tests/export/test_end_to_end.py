@@ -354,3 +354,44 @@ def test_unet_exports_to_tflite_and_onnx(tmp_path):
         got = runner.predict(x)
         assert got.shape == (16, 32, 32, 2)
         assert models.output_steps(want, got, runner.output_quantization[0]) <= 2.0 + 1e-4, name
+
+
+# 9. Concatenate inputs take the Concatenate's scale, as the converter writes them -------------------
+def dense_block_model():
+    """DenseNet's stem and first block: a pooled tensor read by a BatchNormalization and a Concatenate."""
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((16, 16, 3))
+    x = L.Conv2D(8, 3, padding="same", activation="relu", name="stem")(inp)
+    pool = L.MaxPooling2D(name="pool")(x)
+    y = L.BatchNormalization(name="bn0")(pool)
+    y = L.ReLU(name="relu0")(y)
+    y = L.Conv2D(8, 1, activation="relu", name="conv1")(y)
+    y = L.Conv2D(4, 3, padding="same", name="conv2")(y)
+    cat = L.Concatenate(name="cat")([pool, y])
+    z = L.BatchNormalization(name="bn1")(cat)
+    z = L.ReLU(name="relu1")(z)
+    model = keras.Model(inp, L.Conv2D(4, 1, name="head")(z))
+    rng = np.random.default_rng(1)
+    for name, channels in (("bn0", 8), ("bn1", 12)):  # gains of 2-4: a one-step input difference shows
+        model.get_layer(name).set_weights([rng.uniform(2.0, 4.0, channels), rng.normal(size=channels),
+                                           rng.normal(0.2, 0.1, channels), rng.uniform(0.5, 1.0, channels)])
+    return model
+
+
+def test_concatenate_inputs_are_quantized_on_its_scale(tmp_path):
+    model = dense_block_model()
+    x = rand((64, 16, 16, 3))
+    qmodel = quantized(model, x[:32])
+    cat = [float(np.asarray(v)) for v in qmodel.get_layer("cat_quant").qparams]
+    # The pooled tensor (read by bn0 and the Concatenate) is requantized to the Concatenate's range, and
+    # conv2 (read by the Concatenate alone) writes its output on it directly, as the converter writes them.
+    for got in (qmodel.get_layer("pool_quant").qparams, qmodel.get_layer("conv2").output_qparams):
+        np.testing.assert_allclose([float(np.asarray(v)) for v in got], cat)
+    assert ("pool_quant", "pool") in qmodel.quantization_report.activation_quantizers
+    path = tmp_path / "dense.tflite"
+    kq.export_tflite(qmodel, path)
+    runner = runtime.load(path, num_threads=1)
+    steps = np.abs(runner.predict(x) - qmodel.predict(x, verbose=0)) / runner.output_quantization[0]
+    # Each input on its own range: 2 steps at p99 (the BatchNormalization read the pooled tensor on a
+    # finer grid than the file's, the conv output was rounded twice).
+    assert float(np.percentile(steps, 99)) <= 1.0 + 1e-4 and float(steps.max()) <= 3.0 + 1e-4
