@@ -117,6 +117,44 @@ def test_plan_records_the_range_an_average_pool_keeps():
     assert steps["pool2"].same_as is steps["concat"] and steps["pool2"].quant_key == "concat"
 
 
+@pytest.mark.slow
+def test_fixed_output_grids_stay_frozen_in_qat_training():
+    qat = _qat(densenet_like())  # no calibration: the fixed grids are set from the start
+    _assert_fixed(qat)
+    head = qat.get_layer("head")
+    before = _np(head.preactivation_qparams[0])
+    x, y = _data()
+    qat.fit(x, y, epochs=2, batch_size=32, verbose=0)
+    _assert_fixed(qat)
+    assert _np(head.preactivation_qparams[0]) != before  # the range before the softmax follows the data
+    assert _after(qat, "gate").mode == "frozen"
+    assert _after(qat, "gate") not in kq.qat.quantizer_layers(qat)
+
+
+@pytest.mark.slow
+def test_fixed_output_grids_with_learnable_activations_survive_save_and_load(tmp_path):
+    config = kq.QuantConfig(activations=kq.QuantSpec(bits=8, learnable=True))
+    qat = _qat(densenet_like(), config=config)
+    x, y = _data()
+    qat.fit(x, y, epochs=1, batch_size=32, verbose=0)
+    _assert_fixed(qat)
+    trainable = [v.path for v in qat.trainable_weights]
+    assert any(p.startswith("head/preactivation_") for p in trainable), trainable  # learned (LSQ) ...
+    assert not any(p.startswith(("head/output_", "fc/output_", "gate_quant/")) for p in trainable)  # ... fixed
+    kq.qat.set_mode(qat, "learn")
+    qat.fit(x, y, epochs=1, batch_size=32, verbose=0)
+    _assert_fixed(qat)
+    path = tmp_path / "qat.keras"
+    qat.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    _assert_fixed(loaded)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), qat.predict(x, verbose=0), atol=1e-6)
+    loaded.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+    kq.qat.set_mode(loaded, "observe")
+    loaded.fit(x, y, epochs=1, batch_size=32, verbose=0)
+    _assert_fixed(loaded)
+
+
 @pytest.mark.tensorflow  # kq.CalibrationCallback hooks TensorFlow's trainer; export converts with TFLite
 @pytest.mark.slow
 def test_calibrated_qat_model_with_average_pools_exports_to_integer_tflite(tmp_path):
@@ -127,7 +165,9 @@ def test_calibrated_qat_model_with_average_pools_exports_to_integer_tflite(tmp_p
     cb = kq.CalibrationCallback()
     model.predict(x, batch_size=32, callbacks=[cb], verbose=0)
     qat = _qat(model, calibration=cb.result)
+    _assert_fixed(qat)
     qat.fit(x, y, epochs=2, batch_size=32, verbose=0)
+    _assert_fixed(qat)
     assert _after(qat, "pool").slots == 3  # pool_conv, pool and block_conv: one quantizer
     path = tmp_path / "qat.tflite"
     report = kq.export_tflite(qat, path)
@@ -135,6 +175,7 @@ def test_calibrated_qat_model_with_average_pools_exports_to_integer_tflite(tmp_p
     runner = kq.runtime.load(str(path))
     got, want = runner.predict(x), qat.predict(x, verbose=0)
     scale, zero_point = runner.output_quantization
+    assert (float(scale), int(zero_point)) == SOFTMAX
     steps = np.abs(got - want).max(axis=1) / float(scale)
     assert np.percentile(steps, 99) <= 2.0 + 1e-6 and steps.max() <= 4.0 + 1e-6, steps.max()
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
