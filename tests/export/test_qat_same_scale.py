@@ -8,6 +8,10 @@
 - TFLite's integer SOFTMAX / LOGISTIC / TANH write a fixed output grid
   (`kq.layers.rules.FIXED_GRIDS`): in QAT those quantizers start on it and
   stay there (not observed, not learned), also after a save / load.
+- ConvNeXt's last stage at 1x1 spatial: the converter squeezes each
+  LayerScale output with a RESHAPE (same scale in and out) before the
+  residual ADD; with the LayerScale's degenerate range (about 1e-6, shared
+  with the residual stream or on its own) the QAT model still exports.
 
 The export tests convert with the real TFLite converter and run the file in
 the LiteRT interpreter.
@@ -179,3 +183,58 @@ def test_calibrated_qat_model_with_average_pools_exports_to_integer_tflite(tmp_p
     steps = np.abs(got - want).max(axis=1) / float(scale)
     assert np.percentile(steps, 99) <= 2.0 + 1e-6 and steps.max() <= 4.0 + 1e-6, steps.max()
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
+
+
+def convnext_like(seed=0):
+    """ConvNeXt's last stage in miniature: a stride-4 conv to 1x1 spatial, then two blocks (depthwise conv,
+    LayerNormalization, Dense-gelu-Dense, LayerScale at 1e-6, Activation("linear"), residual `+`).
+
+    At 1x1 spatial the converter writes each residual ADD with the LayerScale output squeezed by a RESHAPE
+    (a same-scale op), as in ConvNeXtTiny at 32x32; the LayerScale output's own range is about 1e-7.
+    """
+    from keras.src.applications.convnext import LayerScale
+
+    keras.utils.set_random_seed(seed)
+    c = 16
+    inp = keras.Input((4, 4, 3), name="image")
+    x = L.Conv2D(c, 4, strides=4, name="down")(inp)
+    for b in range(2):
+        h = L.Conv2D(c, 7, padding="same", groups=c, name=f"b{b}_dw")(x)
+        h = L.LayerNormalization(epsilon=1e-6, name=f"b{b}_ln")(h)
+        h = L.Dense(4 * c, name=f"b{b}_pw1")(h)
+        h = L.Activation("gelu", name=f"b{b}_gelu")(h)
+        h = L.Dense(c, name=f"b{b}_pw2")(h)
+        h = LayerScale(1e-6, c, name=f"b{b}_layer_scale")(h)
+        x = x + L.Activation("linear", name=f"b{b}_identity")(h)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    x = L.LayerNormalization(epsilon=1e-6, name="head_ln")(x)
+    return keras.Model(inp, L.Dense(10, activation="softmax", name="head")(x), name="convnext_like")
+
+
+@pytest.mark.tensorflow
+@pytest.mark.slow
+@pytest.mark.parametrize("shared_merges", [None, ()], ids=["shared", "unshared"])
+def test_qat_layer_scale_blocks_export_at_one_pixel(shared_merges, tmp_path):
+    model = convnext_like()
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 255, size=(64, 4, 4, 3)).astype("float32"), rng.integers(0, 10, size=64)
+    cb = kq.CalibrationCallback()
+    model.predict(x, batch_size=32, callbacks=[cb], verbose=0)
+    stats = cb.result["b0_identity"]
+    assert max(abs(stats.min), abs(stats.max)) < 1e-5  # the LayerScale output: a range of about 1e-6
+    kwargs = {} if shared_merges is None else {"shared_merges": shared_merges}
+    qat = kq.quantize_model(model, mode="qat", calibration=cb.result, **kwargs)
+    # A step small enough that the LayerScale keeps its degenerate range through QAT, as at initialisation.
+    qat.compile(keras.optimizers.Adam(1e-7), "sparse_categorical_crossentropy")
+    qat.fit(x, y, epochs=2, batch_size=32, verbose=0)
+    shared = _after(qat, "b0_identity").slots
+    assert shared == (2 if shared_merges is None else None)  # with the residual stream, or its own range
+    path = tmp_path / "qat.tflite"
+    report = kq.export_tflite(qat, path)
+    assert "RESHAPE" in report.ops, report.ops  # the squeezed LayerScale outputs (same scale in and out)
+    assert {op for op, _, _ in report.float_ops} <= {"MEAN", "SQUARED_DIFFERENCE", "ADD", "RSQRT", "MUL", "NEG"}
+    assert all(set(layers) <= {"b0_ln", "b1_ln", "head_ln"} for _, _, layers in report.float_ops), report
+    runner = kq.runtime.load(str(path))
+    got, want = runner.predict(x), qat.predict(x, verbose=0)
+    steps = np.abs(got - want).max(axis=1) / float(runner.output_quantization[0])
+    assert np.percentile(steps, 99) <= 2.0 + 1e-6 and steps.max() <= 4.0 + 1e-6, steps.max()
