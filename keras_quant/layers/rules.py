@@ -48,7 +48,7 @@ from keras_quant.errors import ConfigError
 __all__ = [
     "LayerRule", "RULES", "get_rule", "register_rule", "KINDS", "FUSABLE_ACTIVATIONS", "is_fusable_activation",
     "PREACTIVATION", "preactivation_key", "split_activation", "OP_KINDS", "OP_RULES", "is_keras_op",
-    "FIXED_GRIDS", "output_function", "fixed_output_qparams",
+    "FIXED_GRIDS", "output_function", "activation_function", "fixed_output_qparams",
 ]
 
 KINDS = ("compute", "activation", "merge", "pool", "norm", "passthrough", "float")
@@ -334,7 +334,12 @@ def output_function(layer):
         return _OP_FUNCTIONS.get(type(layer).__name__)
     if isinstance(layer, L.Softmax):
         return "softmax"
-    name = getattr(getattr(layer, "activation", None), "__name__", None)
+    return activation_function(getattr(layer, "activation", None))
+
+
+def activation_function(activation):
+    """`"softmax"`, `"sigmoid"` or `"tanh"` when the activation function `activation` is one of those, else None."""
+    name = getattr(activation, "__name__", None)
     return name if name in ("softmax", "sigmoid", "tanh") else None
 
 

@@ -34,7 +34,7 @@ from keras_quant.errors import ConfigError, UnsupportedLayerError
 from keras_quant.layers import inference, qat_quantizer as qat
 from keras_quant.layers.fake_quant import FrozenQuantizer, assign_qparams
 from keras_quant.layers.folding import bn_axes, fold_blocker, fold_factor_and_bias, fold_rule, scale_channels
-from keras_quant.layers.rules import get_rule, split_activation
+from keras_quant.layers.rules import activation_function, fixed_output_qparams, get_rule, split_activation
 
 __all__ = ["QuantizeWrapper", "MODES", "weight_specs"]
 
@@ -144,6 +144,12 @@ class QuantizeWrapper(keras.layers.Wrapper):
     convolution per step). At inference the wrapper computes exactly the
     folded layer that export writes.
 
+    A layer whose own activation is a softmax, sigmoid or tanh (run by TFLite
+    as its own op) is quantized before it too, and its output, in either mode,
+    by a frozen quantizer on TFLite's fixed grid for that function
+    (`kq.layers.rules.FIXED_GRIDS`, `fixed_output`): the integer op writes that
+    grid whatever the data, so QAT neither observes nor learns it.
+
     Args:
         layer: The layer to wrap (it must have a rule in `kq.layers.RULES`,
             a `quantization_rule()` method, or a `kq.register_rule` entry).
@@ -210,7 +216,6 @@ class QuantizeWrapper(keras.layers.Wrapper):
             name: quantizer(spec, **({"role": "weight"} if mode == "qat" else {})) for name, spec in self.weight_specs.items()
         }
         spec = self.quant_config.activations
-        self.output_quantizer = None if spec is None else quantizer(spec, **kw)
         # A softmax / sigmoid / tanh / ... the layer applies itself: TFLite runs it as its own op on a
         # quantized input, so the wrapper quantizes the layer's output before it too.
         if activation is not None:
@@ -220,6 +225,15 @@ class QuantizeWrapper(keras.layers.Wrapper):
             if self.activation is not None:
                 layer.activation = keras.activations.linear  # the wrapped layer computes the pre-activation
         self.preactivation_quantizer = None if self.activation is None else quantizer(spec, **kw)
+        # TFLite's integer softmax / logistic / tanh write a fixed output grid: a frozen quantizer on that
+        # grid in either mode (QAT neither observes nor learns it).
+        self.fixed_output = None
+        if self.activation is not None:
+            self.fixed_output = fixed_output_qparams(activation_function(self.activation), spec)
+        if spec is None:
+            self.output_quantizer = None
+        else:
+            self.output_quantizer = FrozenQuantizer(spec) if self.fixed_output is not None else quantizer(spec, **kw)
         self.seed_generator = (
             keras.random.SeedGenerator(seed)
             if any(s.stochastic_rounding for s in self.weight_specs.values()) else None
@@ -261,6 +275,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if self.output_quantizer is not None:
             shape = self.layer.compute_output_shape(input_shape) if input_shape is not None else ()
             self._output_state = self.output_quantizer.build(self, shape, "output")
+            if self.fixed_output is not None:
+                assign_qparams(self._output_state, *self.fixed_output, layer=self.name)
         if self.preactivation_quantizer is not None:
             self._preact_state = self.preactivation_quantizer.build(self, shape, "preactivation")
         self.built = True

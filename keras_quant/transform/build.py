@@ -58,7 +58,7 @@ from keras_quant.layers.folding import fold_into_layer
 from keras_quant.layers.rules import PREACTIVATION, fixed_output_qparams
 from keras_quant.layers.wrapper import QuantizeWrapper
 from keras_quant.transform.plan import (
-    SHARED_INPUT_MERGES, plan_concat_ranges, plan_model, resolve_ranges, share_merge_inputs,
+    SHARED_INPUT_MERGES, has_fixed_grid, plan_concat_ranges, plan_model, resolve_ranges, share_merge_inputs,
 )
 from keras_quant.transform.report import QuantizationReport
 from keras_quant.transform.rewrite import affine_layer, set_affine_weights
@@ -69,9 +69,22 @@ __all__ = ["quantize_model", "MODES"]
 MODES = ("ptq", "qat")
 
 
+def _fixed_qparams(steps):
+    """Give each quantizer of a softmax / sigmoid / tanh output TFLite's fixed grid (PTQ and QAT alike).
+
+    TFLite's integer SOFTMAX / LOGISTIC / TANH write that grid whatever the
+    calibration says; a QAT model keeps it frozen (it is neither observed
+    nor learned), or the file would requantize where the Keras model did not.
+    """
+    for step in steps:
+        fixed = fixed_output_qparams(step.fixed, step.quant_spec)
+        if fixed is not None:
+            step.qparams = tuple(np.asarray(v, dtype="float32") for v in fixed)
+
+
 def _fetch_qparams(steps, calibration):
     """Look up every activation quantizer's scale and zero point before anything is built."""
-    requests = [s for s in steps if s.quant_spec is not None and s.range_from is None]
+    requests = [s for s in steps if s.quant_spec is not None and s.range_from is None and not has_fixed_grid(s)]
     inner = [s for s in steps if s.inner_key is not None]
     if (requests or inner) and calibration is None:
         first = requests[0].quant_key if requests else inner[0].inner_key
@@ -81,11 +94,7 @@ def _fetch_qparams(steps, calibration):
             "calibrate first with kq.CalibrationCallback, or use a weights-only config (activations=None)",
         )
     for step in requests:
-        fixed = fixed_output_qparams(step.fixed, step.quant_spec)
-        if fixed is not None:  # TFLite's integer softmax / logistic / tanh write this grid, not a calibrated one
-            step.qparams = tuple(np.asarray(v, dtype="float32") for v in fixed)
-        else:
-            step.qparams = _lookup(calibration, step.quant_key, step.quant_spec, step.quant_what)
+        step.qparams = _lookup(calibration, step.quant_key, step.quant_spec, step.quant_what)
     for step in steps:  # quantizers inside a layer: before its own activation, between separable halves
         if step.preact_key is not None and calibration is not None:
             step.preact_qparams = _lookup(calibration, step.preact_key, step.preact_spec,
@@ -254,8 +263,11 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
     folded into them as in Jacob et al. 2018, not removed), activation
     quantizers observe, learn (LSQ, for `learnable` specs) or freeze their
     ranges, and the inputs of each residual Add and each Concatenate share
-    one quantizer. A subclassed model (no graph to rewrite) is copied and
-    its compute layers wrapped in place of the originals.
+    one quantizer, as do an average pool's input and output (TFLite's
+    AVERAGE_POOL_2D keeps one scale). The output of a softmax / sigmoid /
+    tanh keeps TFLite's fixed grid (`kq.layers.rules.FIXED_GRIDS`), frozen:
+    neither observed nor learned. A subclassed model (no graph to rewrite)
+    is copied and its compute layers wrapped in place of the originals.
 
     Args:
         model: A Functional or Sequential Keras model (nested ones are
@@ -283,7 +295,8 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
             CONCATENATION needs one scale; its ADD rescales its inputs, so
             `(keras.layers.Concatenate,)` keeps each residual input on its own
             range, which can matter at 4 bits when a skip tensor also feeds
-            other layers; `()` shares nothing.
+            other layers; `()` shares no merge inputs. An average pool
+            shares its input's quantizer whatever this says.
 
     Returns:
         A new `keras.Model` with the float model's input names, shapes and
@@ -326,6 +339,7 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
     if mode == "ptq":
         plan_concat_ranges(flat, plan)
     steps = input_steps + list(plan.values())
+    _fixed_qparams(steps)
     if mode == "ptq" or calibration is not None:
         _fetch_qparams(steps, calibration)
     groups = share_merge_inputs(flat, plan, input_steps, shared_merges) if mode == "qat" else []
@@ -351,8 +365,9 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
             return first.quantizer(x, slot=step.slot)
         if step.quantizer is None:
             qparams = step.qparams if step.qparams is not None else (None, None)
-            step.quantizer = ActivationQuantizer(step.quant_spec, *qparams, name=names(f"{base}_quant"),
-                                                 **quantizer_kwargs)
+            # A fixed softmax / sigmoid / tanh grid is a frozen quantizer in QAT too: never observed or learned.
+            kwargs = {} if has_fixed_grid(step) else quantizer_kwargs
+            step.quantizer = ActivationQuantizer(step.quant_spec, *qparams, name=names(f"{base}_quant"), **kwargs)
             quantizers.append((step.quantizer.name, step.quant_key))
         return step.quantizer(x)
 

@@ -13,7 +13,8 @@ the quantized model does there (a `Step`), as TFLite computes it:
   `ActivationQuantizer` on their output; passthrough layers get nothing;
 - an Add / Subtract / Multiply followed by a ReLU / ReLU6 has one quantizer,
   after the activation (ADD fuses it); an average pool keeps its input's
-  range (AVERAGE_POOL_2D has one scale); a layer computing in float (kept by
+  range (AVERAGE_POOL_2D has one scale; `Step.same_as`, and a QAT model
+  shares the quantizer); a layer computing in float (kept by
   the config, by its rule, or for want of one) whose output feeds the integer
   graph gets a quantizer there (an integer runtime quantizes that tensor);
 - a compute layer with its own softmax / sigmoid / tanh / ... activation
@@ -37,15 +38,16 @@ from keras_quant.config import LayerQuantConfig, QuantConfig
 from keras_quant.errors import UnsupportedLayerError
 from keras_quant.layers.folding import fold_blocker
 from keras_quant.layers.rules import (
-    get_rule, is_fusable_activation, is_keras_op, output_function, preactivation_key, split_activation,
+    fixed_output_qparams, get_rule, is_fusable_activation, is_keras_op, output_function, preactivation_key,
+    split_activation,
 )
 from keras_quant.transform.graph import FlatGraph
 from keras_quant.transform.rewrite import affine_of
 
 __all__ = [
-    "Step", "plan_graph", "input_steps", "producer", "share_merge_inputs", "QuantizationPlan", "plan_model",
-    "activation_points", "plan_concat_ranges", "resolve_ranges", "SHARED_INPUT_MERGES", "FUSING_MERGES",
-    "SAME_RANGE_POOLS", "SEPARABLE", "separable_key",
+    "Step", "plan_graph", "input_steps", "producer", "share_merge_inputs", "has_fixed_grid", "QuantizationPlan",
+    "plan_model", "activation_points", "plan_concat_ranges", "resolve_ranges", "SHARED_INPUT_MERGES",
+    "FUSING_MERGES", "SAME_RANGE_POOLS", "SEPARABLE", "separable_key",
 ]
 
 L = keras.layers
@@ -117,6 +119,7 @@ class Step:
     inner_qparams: tuple = None
     inner_layer: object = None  # the depthwise half built for the new model
     fixed: Optional[str] = None  # the output is a softmax / sigmoid / tanh's: TFLite's fixed grid may apply
+    same_as: object = None  # a same-scale op (average pool): the Step whose range it keeps (QAT: its quantizer)
     chain: tuple = ()  # "wrap": the staging layers TFLite computes as this one op (layer, folded BN, fused ReLU)
     range_from: object = None  # PTQ: the step whose range this quantizer takes (a Concatenate it feeds)
 
@@ -177,7 +180,12 @@ def plan_graph(flat, config):
 def _plan_pool_ranges(flat, plan):
     """Average pools take their input's range: TFLite's AVERAGE_POOL_2D has one scale for input and output.
 
-    With its own range the file would need a requantize op after every pool.
+    With its own range the file would need a requantize op after every pool (the
+    converter refuses a QAT graph whose pool output range differs from its
+    input's). The pool's step reads its source's calibration key (and fixed
+    grid, after a sigmoid), and `same_as` names that step: a QAT model gives
+    both one shared quantizer (`share_merge_inputs`), so the ranges stay
+    equal while they train.
     """
     for node in flat.nodes:
         layer = node.operation
@@ -187,7 +195,7 @@ def _plan_pool_ranges(flat, plan):
         inputs = graph_lib.node_inputs(node)
         source = producer(flat, plan, [], inputs[0]) if len(inputs) == 1 else None
         if source is not None and source.quant_spec == step.quant_spec and source.quant_key is not None:
-            step.quant_key = source.quant_key
+            step.quant_key, step.same_as, step.fixed = source.quant_key, source, source.fixed
             step.quant_what += f" (the range of '{source.quant_key}': TFLite's average pool keeps its input's scale)"
 
 
@@ -459,13 +467,13 @@ def producer(flat, plan, inputs, tensor):
         tensor = node_inputs[0]
 
 
-def share_merge_inputs(flat, plan, inputs, merges=SHARED_INPUT_MERGES):
-    """Group the quantizers feeding each Add / Concatenate so that they share one scale (QAT).
+def has_fixed_grid(step):
+    """Whether a step's output quantizer is TFLite's fixed softmax / sigmoid / tanh grid (never learned)."""
+    return fixed_output_qparams(step.fixed, step.quant_spec) is not None
 
-    Groups are joined across merges (a tensor feeding two merges joins both
-    groups). A group whose members' specs differ is left unshared. Returns the
-    groups, each a list of steps; every member gets `step.group` and `step.slot`.
-    """
+
+def _components(links, order):
+    """The connected components of `links` (pairs of steps), each a list of steps in graph `order`."""
     parent = {}
 
     def find(step):
@@ -474,31 +482,56 @@ def share_merge_inputs(flat, plan, inputs, merges=SHARED_INPUT_MERGES):
         return step
 
     members = {}
+    for a, b in links:
+        members[id(a)], members[id(b)] = a, b
+        root_a, root_b = find(a), find(b)
+        if root_a is not root_b:
+            parent[id(root_b)] = root_a
+    groups = collections.defaultdict(list)
+    for st in sorted(members.values(), key=lambda x: order[id(x)]):
+        groups[id(find(st))].append(st)
+    return list(groups.values())
+
+
+def share_merge_inputs(flat, plan, inputs, merges=SHARED_INPUT_MERGES):
+    """Group the quantizers that share one scale in a QAT model.
+
+    Two kinds of link join quantizers: an average pool's output and its input
+    (`Step.same_as`: TFLite's AVERAGE_POOL_2D keeps one scale, and the
+    converter refuses a graph whose two ranges differ), always; and the
+    inputs of each Add / Concatenate among `merges`. Groups are joined across
+    links (a tensor feeding two merges joins both groups, a pool joins its
+    input's). A group whose members' specs differ is not shared as a whole:
+    only its pool links are kept. A quantizer on TFLite's fixed softmax /
+    sigmoid / tanh grid joins nothing: it stays on that grid (a pool after it
+    has the same one). Returns the groups, each a list of steps in graph
+    order; every member gets `step.group` and `step.slot`.
+    """
+    order = {id(s): i for i, s in enumerate(inputs + list(plan.values()))}
+    same = [(st.same_as, st) for st in plan.values() if st.same_as is not None]
+    merged = []
     for node in flat.nodes:
         if not _is_merge(flat.origin[id(graph_lib.operation_of(node))], merges):
             continue
         steps = [producer(flat, plan, inputs, t) for t in graph_lib.node_inputs(node)]
-        steps = [st for st in steps if st is not None]
-        for st in steps:
-            members[id(st)] = st
-            parent.setdefault(id(st), st)
-        for st in steps[1:]:
-            root_a, root_b = find(steps[0]), find(st)
-            if root_a is not root_b:
-                parent[id(root_b)] = root_a
-    groups = collections.defaultdict(list)
-    order = {id(s): i for i, s in enumerate(inputs + list(plan.values()))}
-    for st in sorted(members.values(), key=lambda x: order[id(x)]):
-        groups[id(find(st))].append(st)
+        steps = [st for st in steps if st is not None and not has_fixed_grid(st)]
+        merged += [(steps[0], st) for st in steps[1:]]
+    same = [(a, b) for a, b in same if not has_fixed_grid(a) and not has_fixed_grid(b)]
+    groups = []
+    for group in _components(same + merged, order):
+        if all(st.quant_spec == group[0].quant_spec for st in group):
+            groups.append(group)
+        else:  # mixed specs: the pools still share their input's quantizer
+            ids = {id(st) for st in group}
+            groups += _components([(a, b) for a, b in same if id(a) in ids], order)
     shared = []
-    for group in groups.values():
+    for group in sorted(groups, key=lambda g: order[id(g[0])]):
         if len(group) < 2 or any(st.quant_spec != group[0].quant_spec for st in group):
             continue
         for slot, st in enumerate(group):
             st.group, st.slot = group, slot
         shared.append(group)
     return shared
-
 
 
 

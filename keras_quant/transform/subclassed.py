@@ -58,7 +58,7 @@ class _SubclassedWrapping:
         lc = LayerQuantConfig(weights=lc.weights, activations=lc.activations)
         wrapper = QuantizeWrapper(layer, lc, mode="qat", observe_steps=self.observe_steps, name=layer.name)
         wrapper.build(_input_shape(layer))
-        if wrapper.output_quantizer is not None and self.calibration is not None:
+        if wrapper.output_quantizer is not None and wrapper.fixed_output is None and self.calibration is not None:
             key = self.keys.get(id(original), layer.name)
             if key not in self.calibration:
                 raise NoDataError(key, reason=f"quantize_model needs activation statistics for layer '{key}' "
