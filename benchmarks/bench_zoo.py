@@ -152,7 +152,6 @@ def mac_figures(data):
         `{"macs", "int_macs", "int_mac_share", "float_ops", "float_op_names"}`; `float_ops` counts
         compute ops reading or writing a non-constant float32 tensor, QUANTIZE / DEQUANTIZE aside.
     """
-    import copy
     import collections
 
     from keras_quant.export.flatbuffer import FlatModel
@@ -160,11 +159,9 @@ def mac_figures(data):
     flat = FlatModel(data)
     macs = int_macs = 0
     float_ops = collections.Counter()
-    for sub in flat.model.subgraphs:
-        view = copy.copy(flat)  # FlatModel reads `graph`: a shallow copy per subgraph
-        view.graph = sub
-        tensors = {t.index: t for t in view.tensors()}
-        for i, op in enumerate(view.ops()):
+    for index, sub in enumerate(flat.model.subgraphs):
+        tensors = {i: flat.tensor(i, index) for i in range(len(sub.tensors))}
+        for i, op in enumerate(flat.ops(index)):
             options = getattr(sub.operators[i], "builtinOptions", None)
             m, act = op_macs(op.name, tensors, op.inputs, op.outputs, options)
             macs += m

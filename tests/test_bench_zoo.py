@@ -88,6 +88,19 @@ def test_mac_figures_of_a_float_file(bz, tiny_files):
     assert "CONV_2D" in figs["float_op_names"]
 
 
+@pytest.mark.tensorflow
+def test_mac_figures_count_the_ops_inside_loop_bodies(bz):
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5, 3), batch_size=1), keras.layers.GRU(4), keras.layers.Dense(2)])
+    data = tf.lite.TFLiteConverter.from_concrete_functions([bz._concrete_function(model)]).convert()
+    figs = bz.mac_figures(data)  # a WHILE loop: its body is a second subgraph
+    assert figs["macs"] >= 4 * 2  # the head at least; the recurrent FULLY_CONNECTEDs inside the body too
+    assert figs["float_ops"] > 1 and "WHILE" not in figs["float_op_names"]
+
+
 # Fidelity -----------------------------------------------------------------------------------
 def test_fidelity_steps_on_known_arrays(bz):
     keras_out = np.zeros((100, 2))
