@@ -227,7 +227,9 @@ def test_looser_budget_keeps_fewer_layers_high_and_sizes_grow(setup, rankings):
                                                       ("dense_a", "head", "fragile")]
     sizes = [size for _, _, size in tight.steps]
     assert all(a < b for a, b in zip(sizes, sizes[1:]))
-    assert tight.steps[1][1] > 0.6 and tight.steps[-1][1] == pytest.approx(0.0, abs=1e-9)
+    # Every layer high: only the input and the Concatenate stay 8-bit (the flattened image requantized to
+    # the Concatenate's range, as TFLite writes it), at most one test image changes.
+    assert tight.steps[1][1] > 0.6 and tight.steps[-1][1] == pytest.approx(0.0, abs=1.0 / len(s["y_test"]) + 1e-9)
     assert tight.met == (tight.metric_change <= 0.0)
     assert len(loose.high_precision) < len(tight.high_precision)
     assert tight.to_dict()["steps"][2]["high_precision"] == ["dense_a", "head"]
