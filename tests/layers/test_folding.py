@@ -97,22 +97,23 @@ def _spelled_bn(spelling, rank):
 
 
 def _built_pair(make, shape, spelling, rng):
+    """`(x, layer, bn, expected)`: a built layer and a BatchNormalization whose axis has `spelling`, and
+    `bn(layer(x))` computed with the plain last axis."""
     x = rng.normal(size=shape).astype("float32")
     layer = make()
     bn, axis = _spelled_bn(spelling, len(shape))
     bn(layer(x), training=False)
     randomize_bn(bn, rng)
+    bn.axis = -1
+    expected = to_np(bn(layer(x), training=False))
     bn.axis = axis  # Keras 3's constructor casts to int; a restored tf.keras layer keeps a list
-    return x, layer, bn
+    return x, layer, bn, expected
 
 
 @pytest.mark.parametrize("spelling", SPELLINGS)
 @pytest.mark.parametrize("kind, make, shape", AXIS_LAYERS, ids=[c[0] for c in AXIS_LAYERS])
 def test_every_spelling_of_the_last_axis_folds_ptq(kind, make, shape, spelling, rng):
-    x, layer, bn = _built_pair(make, shape, spelling, rng)
-    bn.axis = -1
-    expected = to_np(bn(layer(x), training=False))
-    bn.axis = _spelled_bn(spelling, len(shape))[1]
+    x, layer, bn, expected = _built_pair(make, shape, spelling, rng)
     assert fold_blocker(layer, bn) is None
     folded = fold_into_layer(layer, bn)
     np.testing.assert_allclose(to_np(folded(x)), expected, rtol=1e-5, atol=1e-5)
@@ -125,9 +126,7 @@ def test_every_spelling_of_the_last_axis_folds_qat(kind, make, shape, spelling, 
     from keras_quant.config import LayerQuantConfig, QuantSpec
     from keras_quant.layers import QuantizeWrapper
 
-    x, layer, bn = _built_pair(make, shape, spelling, rng)
-    bn.axis = -1
-    expected = to_np(bn(layer(x), training=False))
+    x, layer, bn, expected = _built_pair(make, shape, spelling, rng)
     w16 = QuantSpec(bits=16, symmetric=True, granularity="per_channel")
     fresh_bn, axis = _spelled_bn(spelling, len(shape))
     fresh_bn.axis = axis
