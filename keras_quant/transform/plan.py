@@ -384,36 +384,27 @@ def _bias_offset(flat, layer, op, cfg):
 def _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config, affine=None):
     """Plan a compute layer and the BatchNormalization / activation TFLite fuses into it."""
     chain, nxt = [layer], flat.sole_consumer(layer)
+    bn = offset = None
     if isinstance(nxt, keras.layers.BatchNormalization) and cfg(nxt) is not None and fold_blocker(layer, nxt) is None:
-        chain.append(nxt)
-        nxt = flat.sole_consumer(nxt)
-    own_activation = getattr(getattr(layer, "activation", None), "__name__", "linear")
-    rule = get_rule(nxt) if nxt is not None else None
-    if (
-        rule is not None and rule.kind == "activation" and is_fusable_activation(nxt)
-        and cfg(nxt) is not None and own_activation == "linear"
-    ):
-        chain.append(nxt)
-    bn = chain[1] if len(chain) > 1 and isinstance(chain[1], keras.layers.BatchNormalization) else None
-    offset = None
-    if bn is None and affine is None and len(chain) == 1:
+        bn = nxt
+    elif affine is None:
         offset = _bias_offset(flat, layer, nxt, cfg)
-        if offset is not None:  # `conv(x) + c`: TFLite folds the constant into the bias (one op, no ADD)
-            chain.append(nxt)
-            plan[id(nxt)] = Step("folded")
-            report["folded"].append((flat.key(nxt), flat.key(layer)))
-            nxt = flat.sole_consumer(nxt)
-            rule = get_rule(nxt) if nxt is not None else None
-            if (rule is not None and rule.kind == "activation" and is_fusable_activation(nxt)
-                    and cfg(nxt) is not None and own_activation == "linear"):
-                chain.append(nxt)
+    if bn is not None or offset is not None:  # folded into the layer's weights / bias (TFLite: one op)
+        chain.append(nxt)
+    if offset is not None:  # `conv(x) + c`
+        plan[id(nxt)] = Step("folded")
+        report["folded"].append((flat.key(nxt), flat.key(layer)))
+    own_activation = getattr(getattr(layer, "activation", None), "__name__", "linear")
+    activation = _fused_activation(flat, chain[-1], cfg) if own_activation == "linear" else None
+    if activation is not None:
+        chain.append(activation)
     last = chain[-1]
     what = "output quantizer after " + "+".join(flat.key(x) for x in chain)
     step = Step("wrap", fold=bn, chain=tuple(chain), affine=affine, bias_offset=offset)
     if bn is not None:
         plan[id(bn)] = Step("folded")
         report["folded"].append((flat.key(bn), flat.key(layer)))
-    if last is layer or last is bn or (offset is not None and last is chain[1]):  # the wrapper's own quantizer
+    if activation is None:  # the wrapper's own output quantizer
         spec = cfg(last).activations
         quantized_output(step, last, spec, what)
     else:  # a fused activation layer: the quantizer goes after it
