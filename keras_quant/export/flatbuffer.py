@@ -247,7 +247,15 @@ def set_weight_scales(flat, infos, int16_bias=False):
         x_info = flat.tensor(op.inputs[xi])
         has_bias = bi < len(op.inputs) and op.inputs[bi] >= 0
         wants_int64 = int16_bias and x_info.type == "INT16"
-        scale = _fit_bias(flat, op, bi, xi, info, scale, has_bias, wants_int64, widened)
+        bias = in_scale = None
+        if has_bias:
+            bias = info.bias if info.bias is not None else flat.dequantized(op.inputs[bi])
+            in_scale = float(x_info.scales[0]) if x_info.scales.size else None
+        if bias is not None and in_scale is not None and not wants_int64:
+            fitted = _fit_bias(bias, in_scale, scale)
+            if fitted is not None:
+                widened.append(info.layer)
+                scale = fitted
         same = scale.size == w_info.scales.size and np.allclose(scale, w_info.scales, rtol=1e-6, atol=0)
         if same and not (wants_int64 and has_bias and flat.tensor(op.inputs[bi]).type != "INT64"):
             continue
@@ -261,15 +269,9 @@ def set_weight_scales(flat, infos, int16_bias=False):
                                   layer=info.layer)
             flat.set_constant(op.inputs[wi], q.astype("int8"), "INT8", scale, np.zeros(scale.size, "int64"), axis)
             rewritten.append(info.layer)
-        if has_bias:
+        if bias is not None and in_scale is not None:
             b_index = op.inputs[bi]
             b_info = flat.tensor(b_index)
-            bias = info.bias if info.bias is not None else flat.dequantized(b_index)
-            if bias is None:
-                continue
-            in_scale = float(x_info.scales[0]) if x_info.scales.size else None
-            if in_scale is None:
-                continue
             bscale = in_scale * np.asarray(scale, "float64")
             q = np.round(np.asarray(bias, "float64").reshape(-1) / bscale)
             type_name = "INT64" if wants_int64 else "INT32"
@@ -294,24 +296,14 @@ def set_weight_scales(flat, infos, int16_bias=False):
     return matched, rewritten, widened
 
 
-def _fit_bias(flat, op, bi, xi, info, scale, has_bias, wants_int64, widened):
-    """`scale` (per weight channel), widened where a channel's bias would overflow its integer type."""
-    if not has_bias or wants_int64:
-        return scale
-    x_info = flat.tensor(op.inputs[xi])
-    bias = info.bias if info.bias is not None else flat.dequantized(op.inputs[bi])
-    if bias is None or not x_info.scales.size:
-        return scale
-    bias = np.abs(np.asarray(bias, "float64").reshape(-1))
+def _fit_bias(bias, in_scale, scale):
+    """A widened copy of `scale` (per weight channel) where a channel's bias would overflow int32, else None."""
     scale = np.asarray(scale, "float64")
     # Half the int32 range: rounding and later requantization keep their headroom.
-    needed = bias / (float(x_info.scales[0]) * 2.0**30)
+    needed = np.abs(np.asarray(bias, "float64").reshape(-1)) / (in_scale * 2.0**30)
     if scale.size != needed.size:  # one scale for the whole weight
         needed = np.full(scale.shape, needed.max())
-    if np.all(needed <= scale):
-        return scale
-    widened.append(info.layer)
-    return np.maximum(scale, needed)
+    return None if np.all(needed <= scale) else np.maximum(scale, needed)
 
 
 # Ops that only move values (same scale and zero point in and out): a quantized tensor's value read
