@@ -45,6 +45,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_quant import graph as graph_lib
 from keras_quant import observers
 from keras_quant import ops as kq_ops
 from keras_quant.config import QuantSpec
@@ -62,6 +63,14 @@ _HISTOGRAM_OBSERVERS = ("percentile", "mse", "kl", "auto")
 _SCALARS = ("non_finite_count", "samples", "count", "min_val", "max_val", "mean", "m2", "m3", "m4", "zeros")
 _SCALAR_INITIAL = dict.fromkeys(_SCALARS, 0.0) | {"min_val": float("inf"), "max_val": float("-inf")}
 _VARIABLES = ("scalars", "hist", "channel_min", "channel_max")
+_FILLS = {"hist": 0.0, "channel_min": float("inf"), "channel_max": float("-inf")}
+
+
+def _initial(name, shape):
+    """The empty value of the state variable `name` (numpy float32)."""
+    if name == "scalars":
+        return np.asarray([_SCALAR_INITIAL[k] for k in _SCALARS], np.float32)
+    return np.full(tuple(shape), _FILLS[name], np.float32)
 
 
 def batch_moments(x):
@@ -254,7 +263,6 @@ class LayerCollector(Observer):
                                 or num_bins < 8):
             raise ConfigError("num_bins", num_bins, "num_bins must be an integer of at least 8", layer=name)
         self._scalars_var = self._hist_var = self._channel_min_var = self._channel_max_var = None
-        self._with_channel_state = False
         self._extra = None
         reusable = per_tensor and spec.observer != "moving_average"
         if not reusable and not (spec.granularity == "per_channel" and spec.observer == "minmax"):
@@ -278,8 +286,7 @@ class LayerCollector(Observer):
         """Bytes of state the collector will hold once built for `input_shape` (before building it)."""
         total = 4 * sum(math.prod(shape) for shape in self._state_shapes(tuple(input_shape)).values())
         if self._extra is not None:
-            # Built inside a StatelessScope, Keras variables are declared but not allocated.
-            with keras.StatelessScope():
+            with graph_lib.declared_only():  # the probe's variables are declared, never allocated
                 probe = observers.get(self.spec, name="range_observer_probe")
                 probe.build(tuple(input_shape))
                 total += probe.state_bytes
@@ -296,34 +303,25 @@ class LayerCollector(Observer):
         self.state_shape = ()
         self.num_slots = 1
         for name, shape in self._state_shapes(input_shape).items():
-            var = self.add_weight(shape=shape, initializer="zeros", dtype="float32", trainable=False,
-                                  autocast=False, aggregation="only_first_replica", name=name)
+            var = self.add_weight(shape=shape, initializer=keras.initializers.Constant(_initial(name, shape)),
+                                  dtype="float32", trainable=False, autocast=False,
+                                  aggregation="only_first_replica", name=name)
             setattr(self, f"_{name}_var", var)
-        self._with_channel_state = self._channel_min_var is not None
-        self.reset()
         if self._extra is not None:
             self._extra.build(input_shape)
         self.built = True
 
     # The packed state --------------------------------------------------------
-    def _initial(self, name):
-        shape = getattr(self, f"_{name}_var").shape
-        if name == "scalars":
-            return ops.convert_to_tensor(np.asarray([_SCALAR_INITIAL[k] for k in _SCALARS], np.float32))
-        fill = {"hist": 0.0, "channel_min": float("inf"), "channel_max": float("-inf")}[name]
-        return ops.full(shape, fill, dtype="float32")
-
     def _state(self):
         """The state variables this collector updates, by name."""
         return {name: var for name in _VARIABLES if (var := getattr(self, f"_{name}_var")) is not None}
 
-    def _scalar(self, name):
-        """One of the packed statistics (`count`, `min_val`, ...) as a Python float."""
-        values = np.asarray(ops.convert_to_numpy(self._scalars_var), np.float64)
-        return float(values[_SCALARS.index(name)])
+    def _with_channel_state(self):
+        """Whether the per-channel extremes are kept (the channel axis' size was known at build)."""
+        return self._channel_min_var is not None
 
     def _step_key(self):
-        channel = self._channel_index if self._with_channel_state else None
+        channel = self._channel_index if self._with_channel_state() else None
         # The rank is part of the key: a relaxed trace keeps the rank, only dimensions become None.
         rank = len(self._batch_shape)
         return (rank, self.num_bins, self._with_moments, self._with_zeros, self._with_hist, channel)
@@ -404,7 +402,7 @@ class LayerCollector(Observer):
     def _pure_step(self, state, x, sample_mask=None):
         """The new state after folding `x` in: only `self`'s static settings are read."""
         rows = ops.reshape(x, (-1,))
-        chan = self._channel_rows(x) if self._with_channel_state else None
+        chan = self._channel_rows(x) if self._with_channel_state() else None
         zero = ops.zeros((), "float32")
         if sample_mask is None:
             total = ops.sum(rows)
@@ -486,7 +484,7 @@ class LayerCollector(Observer):
     def reset(self):
         """Restore the empty state (of the range observer too). A collector not yet built is left as is."""
         for name, var in self._state().items():
-            var.assign(self._initial(name))
+            var.assign(_initial(name, var.shape))
         if self._extra is not None and self._extra.built:
             self._extra.reset()
 
@@ -540,7 +538,7 @@ class LayerCollector(Observer):
             if mean is not None:
                 outliers = histogram_outliers(hist, edges, mean, std)
         channel_min = channel_max = None
-        if self._with_channel_state:
+        if self._with_channel_state():
             channel_min = np.asarray(ops.convert_to_numpy(self._channel_min_var), np.float32).copy()
             channel_max = np.asarray(ops.convert_to_numpy(self._channel_max_var), np.float32).copy()
         stats = LayerStatistics(
