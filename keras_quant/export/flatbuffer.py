@@ -13,8 +13,10 @@ import re
 from typing import List, Optional, Tuple
 
 import numpy as np
+import keras
 
 from keras_quant.errors import ExportError
+from keras_quant.layers.integer import bias_integers
 
 __all__ = ["FlatModel", "TensorInfo", "OpInfo", "WEIGHT_OPS"]
 
@@ -257,7 +259,7 @@ def set_weight_scales(flat, infos, int16_bias=False):
                 widened.append(info.layer)
                 scale = fitted
         same = scale.size == w_info.scales.size and np.allclose(scale, w_info.scales, rtol=1e-6, atol=0)
-        if same and not (wants_int64 and has_bias and flat.tensor(op.inputs[bi]).type != "INT64"):
+        if same and not has_bias:
             continue
         if not same:
             axis = w_info.quantized_dimension
@@ -273,7 +275,12 @@ def set_weight_scales(flat, infos, int16_bias=False):
             b_index = op.inputs[bi]
             b_info = flat.tensor(b_index)
             bscale = in_scale * np.asarray(scale, "float64")
-            q = np.round(np.asarray(bias, "float64").reshape(-1) / bscale)
+            if wants_int64:
+                q = np.round(np.asarray(bias, "float64").reshape(-1) / bscale)
+            else:  # the int32 the frozen Keras model adds (kq.layers.integer), float32 arithmetic
+                q = keras.ops.convert_to_numpy(bias_integers(np.asarray(bias, "float32").reshape(-1), in_scale,
+                                                             np.asarray(scale, "float32").reshape(-1)))
+                q = np.asarray(q, "float64")
             type_name = "INT64" if wants_int64 else "INT32"
             limit = 2**63 - 1 if wants_int64 else 2**31 - 1
             if np.any(np.abs(q) > limit):

@@ -24,6 +24,8 @@ Example:
 >>> layer.layer                     # the wrapped Dense
 """
 
+import math
+
 import keras
 import numpy as np
 from keras import ops
@@ -31,7 +33,7 @@ from keras import ops
 from keras_quant import ops as kq_ops
 from keras_quant.config import LayerQuantConfig, QuantConfig, QuantSpec
 from keras_quant.errors import ConfigError, UnsupportedLayerError
-from keras_quant.layers import inference, qat_quantizer as qat
+from keras_quant.layers import inference, integer, qat_quantizer as qat
 from keras_quant.layers.fake_quant import FrozenQuantizer, assign_qparams
 from keras_quant.layers.folding import bn_axes, fold_blocker, fold_factor_and_bias, fold_rule, scale_channels
 from keras_quant.layers.rules import activation_function, fixed_output_qparams, get_rule, split_activation
@@ -183,12 +185,19 @@ class QuantizeWrapper(keras.layers.Wrapper):
     """
 
     def __init__(self, layer, config=None, mode="qat", batch_norm=None, observe_steps=None, momentum=0.99,
-                 seed=None, bn_statistics="quantized", activation=None, **kwargs):
+                 seed=None, bn_statistics="quantized", activation=None, input_scale=None, fused_output_scale=None,
+                 **kwargs):
         kwargs.setdefault("name", getattr(layer, "name", None))
         super().__init__(layer, **kwargs)
         if mode not in MODES:
             raise ConfigError("mode", mode, f"mode must be one of {tuple(MODES)}", layer=self.name)
         self.mode = mode
+        if (input_scale is not None or fused_output_scale is not None) and mode != "frozen":
+            raise ConfigError("input_scale", input_scale, "input and fused output scales (integer arithmetic) are "
+                              "for frozen wrappers; a QAT wrapper trains through the float form", layer=self.name)
+        self.input_scale = None if input_scale is None else integer.check_scale(input_scale, "input_scale", self.name)
+        self.fused_output_scale = (None if fused_output_scale is None
+                                   else integer.check_scale(fused_output_scale, "fused_output_scale", self.name))
         self.quant_config = _layer_config(config, layer)
         self.weight_specs = weight_specs(layer, self.quant_config.weights)
         self.batch_norm = batch_norm
@@ -239,6 +248,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
             if any(s.stochastic_rounding for s in self.weight_specs.values()) else None
         )
         self.schedule = None
+        self._integer_op = None  # set in build where the frozen form runs the integer arithmetic
+        self._fused_scale = None
         self._weight_state = {}
         self._output_state = None
         self._preact_state = None
@@ -279,6 +290,15 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 assign_qparams(self._output_state, *self.fixed_output, layer=self.name)
         if self.preactivation_quantizer is not None:
             self._preact_state = self.preactivation_quantizer.build(self, shape, "preactivation")
+        self._integer_op = self._integer_accumulator()
+        self._fused_scale = None
+        if self._integer_op is not None and self.quant_config.activations is None:
+            # A variable, not a constant: graph optimizers turn a division by a constant into a multiplication
+            # by its reciprocal, which rounds the requantization multiplier differently from the kernel's.
+            self._fused_scale = self.add_weight(
+                name="fused_output_scale", shape=(), trainable=False, dtype="float32", autocast=False,
+                initializer=keras.initializers.Constant(self.fused_output_scale),
+            )
         self.built = True
         self.observe_weights()
 
@@ -330,6 +350,57 @@ class QuantizeWrapper(keras.layers.Wrapper):
         """`(scale, zero_point)` before the layer's own softmax / sigmoid / ... activation, or None."""
         s = self._preact_state
         return None if s is None else self.preactivation_quantizer.qparams(s)
+
+    # Integer arithmetic ------------------------------------------------------------
+    def _integer_accumulator(self):
+        """The accumulator op of the frozen integer form (`kq.layers.integer`), or None for the float form.
+
+        It needs the input's scale (`input_scale`, set by `kq.quantize_model`),
+        symmetric 8-bit weights per tensor or per output channel, an 8-bit
+        per-tensor output quantizer and a layer `integer.accumulator_op` knows.
+        """
+        if self.input_scale is None or self.batch_norm is not None or set(self.weight_specs) != {"kernel"}:
+            return None
+        w, a = self.weight_specs["kernel"], self.quant_config.activations
+        if a is None and self.fused_output_scale is None or a is not None and (a.granularity != "per_tensor"
+                                                                              or a.bits > 8):
+            return None
+        if w.granularity not in ("per_tensor", "per_channel") or not w.symmetric or w.bits > 8 \
+                or w.stochastic_rounding:
+            return None
+        return integer.accumulator_op(self.layer)
+
+    def _integer_call(self, inputs):
+        """The frozen layer as the int8 kernel computes it: exact integer sums, int32 bias, fp32 requantization.
+
+        Returns the dequantized output of the quantizer after the layer (before
+        the wrapper's own activation, if any), with the layer's fused activation
+        applied to it; the quantizers that follow find it on their grid.
+        """
+        layer = self.layer
+        dtype = inputs.dtype
+        s_in = ops.convert_to_tensor(self.input_scale, "float32")
+        x_int = ops.round(ops.divide(ops.cast(inputs, "float32"), s_in))
+        spec, state = self.weight_specs["kernel"], self._weight_state["kernel"]
+        w = self._quantize_weights(self.float_weights(), False)["kernel"]
+        scale, zero_point = self.weight_quantizers["kernel"].qparams(state)
+        w_scales = kq_ops.dequantize(ops.ones(ops.shape(w), "float32"), scale, ops.zeros_like(zero_point), spec)
+        w_int = ops.where(w_scales > 0, ops.round(ops.divide(w, ops.where(w_scales > 0, w_scales, 1.0))), 0.0)
+        acc = self._integer_op(x_int, w_int)
+        channel_scales = integer.output_channel_scales(layer, w_scales)
+        if getattr(layer, "use_bias", False):
+            acc = ops.add(acc, integer.bias_integers(layer.bias, s_in, channel_scales))
+        if self.quant_config.activations is None:  # the quantizer after a fused activation layer sets the grid
+            s_out = self._fused_scale
+        else:
+            quantizer, out_state = ((self.preactivation_quantizer, self._preact_state)
+                                    if self.activation is not None else (self.output_quantizer, self._output_state))
+            s_out = quantizer.qparams(out_state)[0]
+        s_out = ops.cast(s_out, "float32")
+        q = integer.requantize(acc, ops.divide(ops.multiply(s_in, channel_scales), s_out))
+        y = ops.cast(ops.multiply(q, s_out), dtype)
+        activation = getattr(layer, "activation", None)
+        return y if activation is None else activation(y)
 
     # Modes ---------------------------------------------------------------------
     def _require_schedule(self, what):
@@ -568,7 +639,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
             return self._inference_call(inputs, plan, kwargs)
         training = bool(training)
         flags = self._flags()  # read once: weights and output see the same step's mode
-        if self.batch_norm is not None:
+        if not training and self._integer_op is not None:
+            outputs = self._integer_call(inputs)
+        elif self.batch_norm is not None:
             outputs = self._call_folded(inputs, training, kwargs, flags)
         else:
             outputs = self._run(inputs, self._quantize_weights(self.float_weights(), training, flags), kwargs)
@@ -599,6 +672,10 @@ class QuantizeWrapper(keras.layers.Wrapper):
         }
         config.update(mode=self.mode, observe_steps=self.observe_steps, momentum=self.momentum, seed=self.seed,
                       bn_statistics=self.bn_statistics)
+        if self.input_scale is not None:
+            config["input_scale"] = self.input_scale
+        if self.fused_output_scale is not None:
+            config["fused_output_scale"] = self.fused_output_scale
         if self.activation is not None:
             config["activation"] = keras.activations.serialize(self.activation)
         if self.batch_norm is not None:

@@ -54,8 +54,9 @@ from keras_quant.config import LayerQuantConfig, QuantConfig
 from keras_quant.errors import ConfigError, NoDataError
 from keras_quant.layers import qat_quantizer
 from keras_quant.layers.fake_quant import ActivationQuantizer
+from keras_quant.layers.integer import IntegerAdd
 from keras_quant.layers.folding import fold_into_layer
-from keras_quant.layers.rules import PREACTIVATION, fixed_output_qparams
+from keras_quant.layers.rules import PREACTIVATION, fixed_output_qparams, get_rule
 from keras_quant.layers.wrapper import QuantizeWrapper
 from keras_quant.transform.plan import (
     SHARED_INPUT_MERGES, has_fixed_grid, plan_concat_ranges, plan_model, resolve_ranges, share_merge_inputs,
@@ -144,8 +145,13 @@ def _inner(step, staging):
     return graph_lib.copy_operation(staging)
 
 
-def _build_step(step, staging, mode, observe_steps, bn_statistics):
-    """Create the new model's layer for one planned step (not yet built)."""
+def _build_step(step, staging, mode, observe_steps, bn_statistics, input_scale=None, fused_scale=None):
+    """Create the new model's layer for one planned step (not yet built).
+
+    `input_scale`: PTQ, the scale of the quantized tensor the layer reads, for
+    the frozen wrapper's integer arithmetic (`kq.layers.integer`); `fused_scale`:
+    the scale of the quantizer after a fused activation layer that follows it.
+    """
     if step.kind == "wrap":
         lc = step.layer_config
         if mode == "qat":
@@ -159,7 +165,8 @@ def _build_step(step, staging, mode, observe_steps, bn_statistics):
         inner = fold_into_layer(staging, step.fold) if step.fold is not None else _inner(step, staging)
         if lc.weights is None and lc.activations is None:
             return inner
-        return QuantizeWrapper(inner, lc, mode="frozen", name=staging.name)
+        return QuantizeWrapper(inner, lc, mode="frozen", input_scale=input_scale, fused_output_scale=fused_scale,
+                               name=staging.name)
     return graph_lib.copy_operation(staging)
 
 
@@ -186,7 +193,7 @@ def _finish_step(step, staging, mode):
 
 
 
-def _separable(step, staging, mode, observe_steps, bn_statistics):
+def _separable(step, staging, mode, observe_steps, bn_statistics, input_scale=None):
     """`(depthwise, pointwise)` layers computing a SeparableConv, each wrapped per the step (unbuilt).
 
     The depthwise half quantizes its weights and its output (the step's
@@ -207,7 +214,8 @@ def _separable(step, staging, mode, observe_steps, bn_statistics):
     lc = step.layer_config
     inner_lc = LayerQuantConfig(weights=lc.weights, activations=step.inner_spec)
     kwargs = {"mode": "qat", "observe_steps": observe_steps} if mode == "qat" else {"mode": "frozen"}
-    depthwise = QuantizeWrapper(depthwise, inner_lc, name=f"{staging.name}_depthwise", **kwargs)
+    frozen_scale = {} if mode == "qat" else {"input_scale": input_scale}
+    depthwise = QuantizeWrapper(depthwise, inner_lc, name=f"{staging.name}_depthwise", **kwargs, **frozen_scale)
     if mode == "qat":
         if step.group is not None:
             lc = LayerQuantConfig(weights=lc.weights, activations=None)
@@ -215,7 +223,8 @@ def _separable(step, staging, mode, observe_steps, bn_statistics):
         pointwise = QuantizeWrapper(pointwise, lc, batch_norm=bn, bn_statistics=bn_statistics, name=staging.name,
                                     **kwargs)
     else:
-        pointwise = QuantizeWrapper(pointwise, lc, name=staging.name, **kwargs)
+        pointwise = QuantizeWrapper(pointwise, lc, name=staging.name, input_scale=_tensor_scale(
+            step.inner_qparams, step.inner_spec), **kwargs)
     return depthwise, pointwise
 
 
@@ -238,6 +247,38 @@ def _finish_separable(step, staging, mode):
         pointwise.set_output_qparams(*step.qparams)
     if pointwise.preactivation_quantizer is not None and step.preact_qparams is not None:
         pointwise.set_preactivation_qparams(*step.preact_qparams)
+
+
+def _tensor_scale(qparams, spec):
+    """The float32 scale of a per-tensor int8 (or narrower) quantizer's qparams, else None.
+
+    The integer arithmetic (`kq.layers.integer`) is the int8 kernels'; 16-bit activations keep the float form.
+    """
+    if qparams is None or spec is None or spec.granularity != "per_tensor" or spec.bits > 8 or qparams[0] is None:
+        return None
+    scale = np.asarray(qparams[0], "float32").reshape(-1)
+    return float(scale[0]) if scale.size == 1 else None
+
+
+def _fused_scale(step, plan):
+    """PTQ: the scale of the int8 quantizer after the activation fused into a wrap step, else None."""
+    if step.kind != "wrap" or step.quant_spec is not None or len(step.chain) < 2:
+        return None
+    after = plan.get(id(step.chain[-1]))
+    return None if after is None else _tensor_scale(after.qparams, after.quant_spec)
+
+
+def _integer_add(step, staging, args, tensor_scales, flat, plan):
+    """PTQ: an `IntegerAdd` for a two-input Add whose inputs and output grid are known, else None."""
+    inputs = args[0] if args and isinstance(args[0], (list, tuple)) else ()
+    scales = [tensor_scales.get(id(t)) for t in inputs]
+    if len(scales) != 2 or None in scales:
+        return None
+    after = step
+    if step.quant_spec is None and step.fused:  # the quantizer follows the activation TFLite fuses into the ADD
+        after = plan.get(id(flat.sole_consumer(staging)))
+    scale = None if after is None else _tensor_scale(after.qparams, after.quant_spec)
+    return None if scale is None else IntegerAdd(scales, scale, name=staging.name)
 
 
 def _union_qparams(group):
@@ -349,6 +390,9 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
 
     names = _Names(op.name for op in graph_lib.operations(flat.model))
     quantizers = []
+    # PTQ: id(Keras tensor) -> the scale its values lie on (a per-tensor quantizer's output, or a tensor read
+    # through layers that keep their input's scale): the input scale of the wrappers that read it.
+    tensor_scales = {}
 
     def add_quantizer(step, x, base):
         if step.quant_spec is None:
@@ -369,7 +413,10 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
             kwargs = {} if has_fixed_grid(step) else quantizer_kwargs
             step.quantizer = ActivationQuantizer(step.quant_spec, *qparams, name=names(f"{base}_quant"), **kwargs)
             quantizers.append((step.quantizer.name, step.quant_key))
-        return step.quantizer(x)
+        out = step.quantizer(x)
+        if mode == "ptq":
+            tensor_scales[id(out)] = _tensor_scale(step.qparams, step.quant_spec)
+        return out
 
     new_inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name) for t in flat.model.inputs]
     quantized_inputs = [add_quantizer(s, x, s.quant_key) for s, x in zip(input_steps, new_inputs)]
@@ -379,13 +426,19 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
         if step.kind == "folded":  # a BatchNormalization, or `+ c` folded into a bias: its tensor passes through
             return next(a for a in args if keras.backend.is_keras_tensor(a))
         first = step.layer is None
+        source = args[0] if args and keras.backend.is_keras_tensor(args[0]) else None
+        in_scale = tensor_scales.get(id(source)) if mode == "ptq" and source is not None else None
         if step.affine is not None:  # the 1x1 depthwise conv takes the tensor alone (no mask, ...)
             args, kwargs = args[:1], {k: v for k, v in kwargs.items() if k == "training"}
-        if first:
+        if (first and mode == "ptq" and step.kind == "clone" and type(staging) is keras.layers.Add
+                and config.for_layer(flat.origin[id(staging)], flat.path(staging)) is not None):
+            step.layer = _integer_add(step, staging, args, tensor_scales, flat, plan)
+        if first and step.layer is None:
             if step.inner_key is not None:  # a separable convolution: depthwise, quantizer, pointwise
-                step.inner_layer, step.layer = _separable(step, staging, mode, observe_steps, bn_statistics)
+                step.inner_layer, step.layer = _separable(step, staging, mode, observe_steps, bn_statistics, in_scale)
             else:
-                step.layer = _build_step(step, staging, mode, observe_steps, bn_statistics)
+                step.layer = _build_step(step, staging, mode, observe_steps, bn_statistics, in_scale,
+                                         _fused_scale(step, plan) if mode == "ptq" else None)
         if step.inner_layer is not None:
             outputs = step.layer(step.inner_layer(*args, **kwargs), **kwargs)
         else:
@@ -401,7 +454,13 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
             if isinstance(step.layer, QuantizeWrapper) and step.layer.output_quantizer is not None:
                 quantizers.append((step.layer.name, step.quant_key))
         if step.kind == "wrap" and step.group is None:
+            if mode == "ptq" and getattr(step.layer, "output_quantizer", None) is not None:
+                tensor_scales[id(outputs)] = _tensor_scale(step.qparams, step.quant_spec)
             return outputs  # the wrapper's own output quantizer, if any
+        if step.quant_spec is None and source is not None and keras.backend.is_keras_tensor(outputs):
+            rule = get_rule(staging)
+            if rule is not None and rule.kind == "passthrough":  # max pool, padding, reshape: the same scale
+                tensor_scales[id(outputs)] = tensor_scales.get(id(source))
         return add_quantizer(step, outputs, staging.name)
 
     outputs = graph_lib.run(flat.model, quantized_inputs, call_fn)

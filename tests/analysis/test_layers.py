@@ -293,18 +293,20 @@ def test_4_bit_is_worse_than_8_bit(cnn):
 
 @tf_only
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["relu_dw", "conv2"])
-def test_a_2_bit_layer_is_where_the_error_enters(cnn, name):
+@pytest.mark.parametrize("name, entry", [("relu_dw", "bn_dw"), ("conv2", "conv2")])
+def test_a_2_bit_layer_is_where_the_error_enters(cnn, name, entry):
     model, calibration, x_test, _, errs8 = cnn
     config = kq.QuantConfig.int8()
     config.set_layer_name(name, activations=kq.QuantSpec(bits=2))
     errs2 = layer_errors(model, kq.quantize_model(model, config, calibration=calibration), x_test)
     jumps = sqnr_jumps(model, errs2)
-    # The SQNR lost at the 2-bit layer is the largest jump (measured 27-31 dB; at bn1, after the
+    # The SQNR lost at the 2-bit layer is the largest jump (measured 27-38 dB; at bn1, after the
     # input, 13 dB; elsewhere under 3 dB). Downstream layers lose little more: the error is inherited.
-    assert max(jumps, key=jumps.get) == name and jumps[name] > 20, jumps
-    assert all(j < jumps[name] - 10 for n, j in jumps.items() if n != name), jumps
-    index = errs2.names.index(name)  # in this graph, every row before the 2-bit layer is upstream of it
+    # relu_dw's ReLU is fused into the depthwise convolution, which writes its 2-bit grid as the
+    # file's DEPTHWISE_CONV_2D does: the error enters at the convolution's row (bn_dw).
+    assert max(jumps, key=jumps.get) == entry and jumps[entry] > 20, jumps
+    assert all(j < jumps[entry] - 10 for n, j in jumps.items() if n != entry), jumps
+    index = errs2.names.index(entry)  # in this graph, every row before the 2-bit layer is upstream of it
     for n in errs2.names[:index]:  # the same computation up to the 2-bit layer
         assert errs2[n].mse == pytest.approx(errs8[n].mse, rel=1e-6), n
     assert all(errs2[n].sqnr_db < errs8[n].sqnr_db - 10 for n in errs2.names[index:]), errs2.table()

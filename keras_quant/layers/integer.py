@@ -1,0 +1,170 @@
+"""The integer arithmetic of TFLite's int8 kernels, written with `keras.ops`.
+
+A post-training model that fake-quantizes in float (dequantized input times
+dequantized weight, summed in float32, then rounded) disagrees with the
+integer file on about 1 output in 5,000 per layer: float accumulation and an
+unrounded bias put values that lie within 1e-4 of a rounding boundary on the
+other side. Each such element changes its neighbours' inputs in the next
+layer, so over 50 layers the disagreement grows to several output steps
+(ResNet50: 6 steps at p99 at the softmax). The frozen `QuantizeWrapper` of a
+convolution, depthwise convolution or Dense therefore computes what
+LiteRT's XNNPACK kernels compute, bit for bit:
+
+- the input's integers `x_q - zp` (recovered as `round(x / input_scale)`)
+  and the weights' integers are multiplied and summed exactly (float32 holds
+  every integer below 2**24; int8 accumulators of the zoo stay under 2**20);
+- the bias is `round(bias / (input_scale * weight_scale))`, the value
+  `bias_integers` also gives the exporter, so the file holds the same int32;
+- the sum is requantized as XNNPACK's "fp32" requantization does it:
+  `round_half_to_even(float32(acc) * (input_scale * weight_scale / output_scale))`
+  with that multiplier computed in float32 in this order (the quantizer
+  that follows clamps it).
+
+`add_integers` is XNNPACK's int8 ADD: 20-bit fixed-point multipliers per
+input, a rounding bias, an arithmetic right shift.
+
+Nothing here runs in QAT training: the straight-through estimator needs the
+float form's gradients.
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+__all__ = ["accumulator_op", "bias_integers", "requantize", "add_integers", "add_multipliers", "check_scale", "IntegerAdd"]
+
+
+def accumulator_op(layer):
+    """`fn(x_int, kernel_int) -> accumulator` for a layer whose int8 TFLite kernel this module simulates, or None.
+
+    Conv1D / Conv2D (with groups), DepthwiseConv1D / 2D and Dense; not the
+    transposed or 3-D convolutions (other kernels), nor Dense layers that are
+    LoRA-enabled or Keras-quantized.
+    """
+    from keras.src.layers.convolutional.base_conv import BaseConv
+    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
+
+    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None) is not None:
+        return None
+    if isinstance(layer, BaseConv) and type(layer).__name__ in ("Conv1D", "Conv2D"):
+        return layer.convolution_op
+    if isinstance(layer, BaseDepthwiseConv) and type(layer).__name__ in ("DepthwiseConv1D", "DepthwiseConv2D"):
+        return lambda x, kernel: ops.depthwise_conv(
+            x, kernel, strides=layer.strides, padding=layer.padding, dilation_rate=layer.dilation_rate,
+            data_format=layer.data_format,
+        )
+    if type(layer) is keras.layers.Dense:
+        return ops.matmul
+    return None
+
+
+def output_channel_scales(layer, kernel_scales):
+    """The weight scale of each output channel, from scales broadcast to the kernel's shape.
+
+    Convolutions and Dense: the last kernel axis. Depthwise convolutions
+    (`(..., in, multiplier)` kernels): channel `c * multiplier + m` of the output.
+    """
+    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
+
+    rank = len(kernel_scales.shape)
+    if isinstance(layer, BaseDepthwiseConv):
+        return ops.reshape(kernel_scales[(0,) * (rank - 2)], (-1,))
+    return kernel_scales[(0,) * (rank - 1)]
+
+
+def bias_integers(bias, input_scale, weight_scale):
+    """`round(bias / (input_scale * weight_scale))` in float32: the int32 bias of the integer op.
+
+    The exporter writes this value and the frozen wrapper adds it, so both use
+    this one function (float32 throughout, ties to even).
+    """
+    product = ops.multiply(ops.cast(input_scale, "float32"), ops.cast(weight_scale, "float32"))
+    return ops.round(ops.divide(ops.cast(bias, "float32"), product))
+
+
+def requantize(acc, multiplier):
+    """XNNPACK's fp32 requantization, `round_half_to_even(float32(acc) * multiplier)`, in float32.
+
+    Returns the output's integers less its zero point, not clamped: a
+    quantizer on the same grid follows (after the fused activation, if any),
+    and clamps as the kernel's output range does. The pre-activation tensor
+    keeps its negative values for analysis.
+    """
+    return ops.round(ops.multiply(ops.cast(acc, "float32"), ops.cast(multiplier, "float32")))
+
+
+def add_multipliers(a_scale, b_scale, out_scale):
+    """`(a_multiplier, b_multiplier, shift)` of XNNPACK's int8 ADD for these float32 scales.
+
+    The larger of `a_scale / out_scale` and `b_scale / out_scale` becomes a
+    21-bit multiplier; both share one right shift (`xnn_init_qs8_add_minmax_*_params`).
+    """
+    a_ratio = np.float32(np.float32(a_scale) / np.float32(out_scale))
+    b_ratio = np.float32(np.float32(b_scale) / np.float32(out_scale))
+    exponent = math.frexp(float(max(a_ratio, b_ratio)))[1] - 1  # floor(log2), as the float's exponent bits
+    shift = 20 - exponent
+    factor = np.float32(2.0**shift)
+    a_mult = int(np.rint(np.float32(factor * a_ratio)))
+    b_mult = int(np.rint(np.float32(factor * b_ratio)))
+    return a_mult, b_mult, shift
+
+
+def add_integers(a_int, b_int, a_mult, b_mult, shift):
+    """XNNPACK's int8 ADD on the inputs' integers less their zero points (float tensors holding integers).
+
+    `(a * a_mult + b * b_mult + 2**(shift - 1)) >> shift`: the output's
+    integers less its zero point (float32), not clamped (see `requantize`).
+    """
+    a = ops.cast(a_int, "int32")
+    b = ops.cast(b_int, "int32")
+    acc = a * a_mult + b * b_mult + (1 << (shift - 1))
+    return ops.cast(ops.floor_divide(acc, 1 << shift), "float32")  # an arithmetic right shift
+
+
+def check_scale(scale, field, name):
+    """A positive finite scale as the float32 value it is stored as (ConfigError names the field)."""
+    from keras_quant.errors import ConfigError
+
+    ok = not isinstance(scale, bool) and isinstance(scale, (int, float, np.floating))
+    if not ok or not math.isfinite(scale) or scale <= 0:
+        raise ConfigError(field, scale, f"{field} must be a positive finite number", layer=name)
+    return float(np.float32(scale))
+
+
+@keras.saving.register_keras_serializable(package="keras_quant")
+class IntegerAdd(keras.layers.Add):
+    """A frozen model's two-input `Add` computed as LiteRT's int8 ADD computes it (`add_integers`).
+
+    `kq.quantize_model` puts it where a post-training model adds two int8
+    tensors; it keeps the original layer's name. Its inputs lie on grids of
+    step `input_scales`; the sum is written on the grid of step `output_scale`
+    (the quantizer after it, or after the activation TFLite fuses into the
+    ADD), which clamps it. In training, in the export trace and for other
+    inputs it is a plain `Add`.
+    """
+
+    def __init__(self, input_scales, output_scale, **kwargs):
+        super().__init__(**kwargs)
+        from keras_quant.errors import ConfigError
+
+        if not isinstance(input_scales, (list, tuple)) or len(input_scales) != 2:
+            raise ConfigError("input_scales", input_scales, "expected the scales of the two inputs", layer=self.name)
+        self.input_scales = [check_scale(s, "input_scales", self.name) for s in input_scales]
+        self.output_scale = check_scale(output_scale, "output_scale", self.name)
+        self._params = add_multipliers(*self.input_scales, self.output_scale)
+
+    def call(self, inputs, training=None):
+        from keras_quant.layers import inference
+
+        if training or inference.active_plan() is not None or len(inputs) != 2:
+            return super().call(inputs)
+        a, b = (ops.round(ops.divide(ops.cast(x, "float32"), s)) for x, s in zip(inputs, self.input_scales))
+        q = add_integers(a, b, *self._params)
+        return ops.cast(ops.multiply(q, self.output_scale), inputs[0].dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(input_scales=list(self.input_scales), output_scale=self.output_scale)
+        return config

@@ -1,0 +1,148 @@
+"""The frozen model's integer arithmetic (`kq.layers.integer`) against numpy references and LiteRT's file.
+
+A post-training model computes its convolutions, Dense layers and two-input Adds as LiteRT's
+int8 (XNNPACK) kernels do, so its outputs equal the exported file's bit for bit: before, float
+accumulation and an unrounded bias made them differ by several output steps on deep residual nets.
+"""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import keras_quant as kq
+from keras_quant.errors import ConfigError
+from keras_quant.layers import integer
+
+L = keras.layers
+tf_only = pytest.mark.tensorflow
+
+scales = st.floats(min_value=1e-3, max_value=0.5, allow_nan=False, allow_infinity=False).map(np.float32)
+
+
+# References ------------------------------------------------------------------------------
+def xnnpack_add_reference(a, b, a_scale, b_scale, out_scale):
+    """XNNPACK's int8 ADD (`xnn_init_qs8_add_minmax_scalar_params` and its scalar kernel), in Python integers."""
+    a_ratio = np.float32(a_scale) / np.float32(out_scale)
+    b_ratio = np.float32(b_scale) / np.float32(out_scale)
+    bits = np.array([max(a_ratio, b_ratio)], np.float32).view(np.uint32)[0]
+    shift = 20 - (int(bits >> 23) - 127)
+    two_to_shift = np.array([(shift + 127) << 23], np.uint32).view(np.float32)[0]
+    a_mult = int(np.rint(np.float32(two_to_shift * a_ratio)))
+    b_mult = int(np.rint(np.float32(two_to_shift * b_ratio)))
+    rounding = 1 << (shift - 1)
+    return [(int(x) * a_mult + int(y) * b_mult + rounding) >> shift for x, y in zip(a, b)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(a_scale=scales, b_scale=scales, out_scale=scales, seed=st.integers(0, 2**31 - 1))
+def test_add_integers_is_xnnpacks_fixed_point_add(a_scale, b_scale, out_scale, seed):
+    if max(a_scale, b_scale) / out_scale >= 256 or max(a_scale, b_scale) / out_scale < 2**-10:
+        return  # outside the ratios XNNPACK accepts
+    rng = np.random.default_rng(seed)
+    a = rng.integers(-255, 256, 64)
+    b = rng.integers(-255, 256, 64)
+    params = integer.add_multipliers(a_scale, b_scale, out_scale)
+    got = keras.ops.convert_to_numpy(integer.add_integers(a.astype("float32"), b.astype("float32"), *params))
+    assert got.tolist() == xnnpack_add_reference(a, b, a_scale, b_scale, out_scale)
+    # and it is the rounded sum, to within the 21-bit multipliers' precision
+    exact = (a * np.float64(a_scale) + b * np.float64(b_scale)) / np.float64(out_scale)
+    assert np.all(np.abs(got - exact) <= 0.5 + 1e-4 * (np.abs(exact) + 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(in_scale=scales, w_scale=scales, out_scale=scales, seed=st.integers(0, 2**31 - 1))
+def test_requantize_and_bias_are_float32_as_the_kernel_computes_them(in_scale, w_scale, out_scale, seed):
+    rng = np.random.default_rng(seed)
+    acc = rng.integers(-2**20, 2**20, 256).astype("float32")
+    multiplier = (np.float32(in_scale) * np.float32(w_scale)) / np.float32(out_scale)  # float32, in this order
+    got = keras.ops.convert_to_numpy(integer.requantize(acc, keras.ops.convert_to_tensor(multiplier)))
+    np.testing.assert_array_equal(got, np.round(acc * multiplier))  # ties to even, as the fp32 kernels round
+    bias = rng.normal(0, 1, 16).astype("float32")
+    got = keras.ops.convert_to_numpy(integer.bias_integers(bias, in_scale, np.full(16, w_scale, "float32")))
+    np.testing.assert_array_equal(got, np.round(bias / (np.float32(in_scale) * np.float32(w_scale))))
+
+
+def test_bad_scales_are_config_errors():
+    with pytest.raises(ConfigError, match="input_scales"):
+        integer.IntegerAdd([0.1], 0.1, name="add")
+    with pytest.raises(ConfigError, match="output_scale"):
+        integer.IntegerAdd([0.1, 0.2], -1.0, name="add")
+    with pytest.raises(ConfigError, match="input_scale"):
+        kq.QuantizeWrapper(L.Dense(4), mode="frozen", input_scale=math.nan)
+    with pytest.raises(ConfigError, match="frozen"):
+        kq.QuantizeWrapper(L.Dense(4), mode="qat", input_scale=0.1)
+
+
+# The model and its file ------------------------------------------------------------------
+def residual_cnn():
+    """Conv+BN+ReLU, depthwise+BN+ReLU6, 1x1 conv+BN, residual Add+ReLU, max pool, Dense: no MEAN or softmax."""
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((8, 8, 1), name="image")
+    x = L.Conv2D(16, 3, padding="same", use_bias=False, name="conv1")(inp)
+    x = L.BatchNormalization(momentum=0.9, name="bn1")(x)
+    x = L.ReLU(name="relu1")(x)
+    for i in range(3):
+        y = L.DepthwiseConv2D(3, padding="same", use_bias=False, name=f"dw{i}")(x)
+        y = L.BatchNormalization(momentum=0.9, name=f"bn_dw{i}")(y)
+        y = L.ReLU(6.0, name=f"relu_dw{i}")(y)
+        y = L.Conv2D(16, 1, name=f"pw{i}")(y)
+        y = L.BatchNormalization(momentum=0.9, name=f"bn_pw{i}")(y)
+        x = L.Add(name=f"add{i}")([x, y])
+        x = L.ReLU(name=f"relu_add{i}")(x)
+    x = L.MaxPooling2D(2, name="maxpool")(x)
+    x = L.Conv2D(24, 3, padding="same", activation="relu", name="conv2")(x)
+    x = L.Flatten(name="flatten")(x)
+    x = L.Dense(10, name="logits")(x)
+    model = keras.Model(inp, x, name="residual_cnn")
+    model.compile(keras.optimizers.Adam(0.003), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+@pytest.fixture(scope="module")
+def ptq():
+    (x_train, y_train), (x_test, _) = kq.datasets.load_digits()
+    model = residual_cnn()
+    model.fit(x_train, y_train, epochs=3, batch_size=32, verbose=0)
+    cb = kq.CalibrationCallback()
+    model.predict(x_train[:256], batch_size=64, callbacks=[cb], verbose=0)
+    return model, kq.quantize_model(model, calibration=cb.result), x_test
+
+
+@tf_only
+def test_the_frozen_model_runs_the_integer_kernels(ptq):
+    _, qmodel, _ = ptq
+    wrappers = [layer for layer in qmodel.layers if isinstance(layer, kq.QuantizeWrapper)]
+    assert wrappers and all(w._integer_op is not None for w in wrappers), [w.name for w in wrappers]
+    assert all(w.input_scale > 0 for w in wrappers)
+    assert sorted(layer.name for layer in qmodel.layers if isinstance(layer, integer.IntegerAdd)) == [
+        "add0", "add1", "add2"]
+
+
+@tf_only
+def test_the_file_equals_the_keras_model_bit_for_bit(ptq, tmp_path):
+    _, qmodel, x_test = ptq
+    path = tmp_path / "residual.tflite"
+    kq.export_tflite(qmodel, path)
+    runner = kq.runtime.load(str(path))
+    scale = runner.output_quantization[0]
+    got = np.asarray(runner.predict(x_test[:200]))
+    want = qmodel.predict(x_test[:200], verbose=0)
+    steps = np.abs(got - want) / scale
+    assert float(steps.max()) < 1e-3, np.percentile(steps, [50, 99, 100])
+    # Per layer too: the file's tensors are the Keras model's.
+    errs = kq.analysis.layer_errors(qmodel, path, x_test[:100])
+    assert all(r.max_error_steps is None or r.max_error_steps < 1e-3 for r in errs), errs.table()
+
+
+@tf_only
+def test_integer_layers_survive_safe_mode_loading(ptq, tmp_path):
+    _, qmodel, x_test = ptq
+    path = tmp_path / "ptq.keras"
+    qmodel.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(loaded.predict(x_test[:64], verbose=0), qmodel.predict(x_test[:64], verbose=0))
+    assert loaded.get_layer("add1").input_scales == qmodel.get_layer("add1").input_scales
+    assert loaded.get_layer("pw1").input_scale == qmodel.get_layer("pw1").input_scale
