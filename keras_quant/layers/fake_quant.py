@@ -19,6 +19,7 @@ Example:
 """
 
 import keras
+from keras import ops
 import numpy as np
 
 from keras_quant import ops as kq_ops
@@ -130,6 +131,10 @@ class ActivationQuantizer(keras.layers.Layer):
             (default: until changed; `LSQ_OBSERVE_STEPS` for a learnable spec
             with no initial range, 0 with one).
         momentum: QAT: momentum of the moving-average range.
+        input_scale: Frozen mode: the scale of the int8 grid the input already
+            lies on (a max pool or reshape of a quantized tensor). The layer then
+            requantizes as LiteRT's int8 QUANTIZE op does
+            (`kq.layers.integer.convert_integers`), not in float.
         **kwargs: Base layer arguments (`name`, ...).
 
     Raises:
@@ -143,9 +148,17 @@ class ActivationQuantizer(keras.layers.Layer):
     """
 
     def __init__(self, spec=None, scale=None, zero_point=None, mode="frozen", slots=None, observe_steps=None,
-                 momentum=0.99, **kwargs):
+                 momentum=0.99, input_scale=None, **kwargs):
         super().__init__(**kwargs)
         self.spec = _spec(spec, layer=self.name)
+        if input_scale is not None:
+            from keras_quant.layers.integer import check_scale
+
+            if mode != "frozen" or self.spec.granularity != "per_tensor" or self.spec.bits > 8:
+                raise ConfigError("input_scale", input_scale, "an input scale (integer requantization) is for frozen "
+                                  "per-tensor quantizers of at most 8 bits", layer=self.name)
+            input_scale = check_scale(input_scale, "input_scale", self.name)
+        self.input_scale = input_scale
         if self.spec.granularity == "per_group":
             raise ConfigError(
                 "granularity", self.spec.granularity,
@@ -216,6 +229,8 @@ class ActivationQuantizer(keras.layers.Layer):
         if plan is not None:  # the traced inference form (kq.layers.inference)
             return inference.quantize_output(self, inputs, plan)
         if self.schedule is None:
+            if self.input_scale is not None and not training:
+                inputs = self._requantized(inputs)
             return self.quantizer(inputs, self._state)
         training = bool(training)
         observing, frozen = self.schedule.flags()
@@ -224,12 +239,24 @@ class ActivationQuantizer(keras.layers.Layer):
             self.schedule.advance()
         return outputs
 
+    def _requantized(self, inputs):
+        """The input (on the `input_scale` grid) moved to this quantizer's grid as the int8 QUANTIZE op does."""
+        from keras_quant.layers.integer import convert_integers
+
+        scale = ops.cast(self._state["scale"], "float32")
+        x_int = ops.round(ops.divide(ops.cast(inputs, "float32"), self.input_scale))
+        multiplier = ops.cast(ops.round(256.0 * ops.divide(ops.convert_to_tensor(self.input_scale, "float32"), scale)),
+                              "int32")
+        return ops.cast(ops.multiply(convert_integers(x_int, multiplier), scale), inputs.dtype)
+
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def get_config(self):
         config = super().get_config()
         config["spec"] = self.spec.get_config()
+        if self.input_scale is not None:
+            config["input_scale"] = self.input_scale
         if self.mode == "qat":
             config.update(mode=self.mode, slots=self.slots, observe_steps=self.observe_steps, momentum=self.momentum)
         return config

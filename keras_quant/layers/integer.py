@@ -21,7 +21,9 @@ LiteRT's XNNPACK kernels compute, bit for bit:
   that follows clamps it).
 
 `add_integers` is XNNPACK's int8 ADD: 20-bit fixed-point multipliers per
-input, a rounding bias, an arithmetic right shift.
+input, a rounding bias, an arithmetic right shift. `convert_integers` is its
+int8-to-int8 QUANTIZE (a requantization, e.g. of a Concatenate's input on
+another scale): an 8-bit multiplier, `(x * round(256 * s_in / s_out) + 128) >> 8`.
 
 Nothing here runs in QAT training: the straight-through estimator needs the
 float form's gradients.
@@ -33,7 +35,9 @@ import keras
 import numpy as np
 from keras import ops
 
-__all__ = ["accumulator_op", "bias_integers", "requantize", "add_integers", "add_multipliers", "check_scale", "IntegerAdd"]
+__all__ = ["accumulator_op", "bias_integers", "requantize", "add_integers", "add_multipliers", "check_scale", "convert_integers",
+           "convert_multiplier", "IntegerAdd", "IntegerAveragePooling2D",
+           "IntegerConcatenate", "average_pool_integers"]
 
 
 def accumulator_op(layer):
@@ -123,6 +127,36 @@ def add_integers(a_int, b_int, a_mult, b_mult, shift):
     return ops.cast(ops.floor_divide(acc, 1 << shift), "float32")  # an arithmetic right shift
 
 
+def convert_multiplier(in_scale, out_scale):
+    """XNNPACK's int8 QUANTIZE multiplier: `round(256 * float32(in_scale / out_scale))` (ties to even)."""
+    return int(np.rint(np.float32(256.0) * np.float32(np.float32(in_scale) / np.float32(out_scale))))
+
+
+def convert_integers(x_int, multiplier):
+    """XNNPACK's int8-to-int8 QUANTIZE on integers less the zero point: `(x * multiplier + 128) >> 8` (float32)."""
+    acc = ops.cast(x_int, "int32") * multiplier + 128
+    return ops.cast(ops.floor_divide(acc, 256), "float32")
+
+
+def average_pool_integers(q, pool_size, strides, padding):
+    """TFLite's int8 AVERAGE_POOL_2D on raw int8 values `q` (NHWC, float tensors holding integers).
+
+    The window's integer sum over the valid (unpadded) positions, divided by
+    their count rounding half away from zero: `(acc + n/2) / n` for a
+    positive sum, `(acc - n/2) / n` otherwise, with C's truncating division.
+    """
+    channels = q.shape[-1]
+    kernel = ops.ones(tuple(pool_size) + (channels, 1), "float32")
+    acc = ops.depthwise_conv(q, kernel, strides=strides, padding=padding)
+    ones = ops.ones((1,) + tuple(q.shape[1:3]) + (1,), "float32")
+    count = ops.conv(ones, ops.ones(tuple(pool_size) + (1, 1), "float32"), strides=strides, padding=padding)
+    acc, count = ops.cast(ops.round(acc), "int32"), ops.cast(ops.round(count), "int32")
+    half = ops.floor_divide(count, 2)
+    positive = ops.floor_divide(acc + half, count)
+    negative = -ops.floor_divide(half - acc, count)
+    return ops.cast(ops.where(acc > 0, positive, negative), "float32")
+
+
 def check_scale(scale, field, name):
     """A positive finite scale as the float32 value it is stored as (ConfigError names the field)."""
     from keras_quant.errors import ConfigError
@@ -167,4 +201,86 @@ class IntegerAdd(keras.layers.Add):
     def get_config(self):
         config = super().get_config()
         config.update(input_scales=list(self.input_scales), output_scale=self.output_scale)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_quant")
+class IntegerConcatenate(keras.layers.Concatenate):
+    """A frozen model's `Concatenate` whose inputs are requantized as LiteRT's int8 QUANTIZE does it.
+
+    TFLite's int8 CONCATENATION needs one scale; the converter puts a QUANTIZE
+    op (int8 to int8, `convert_integers`) before each input on another scale.
+    `kq.quantize_model` puts this layer where a post-training model concatenates
+    int8 tensors of steps `input_scales` onto the grid of step `output_scale`
+    (the quantizer after it, which clamps). In training, in the export trace
+    and for other inputs it is a plain `Concatenate`.
+    """
+
+    def __init__(self, input_scales, output_scale, **kwargs):
+        super().__init__(**kwargs)
+        from keras_quant.errors import ConfigError
+
+        if not isinstance(input_scales, (list, tuple)) or len(input_scales) < 1:
+            raise ConfigError("input_scales", input_scales, "expected one scale per input", layer=self.name)
+        self.input_scales = [check_scale(s, "input_scales", self.name) for s in input_scales]
+        self.output_scale = check_scale(output_scale, "output_scale", self.name)
+        self._multipliers = [None if s == self.output_scale else convert_multiplier(s, self.output_scale)
+                             for s in self.input_scales]
+
+    def call(self, inputs, training=None):
+        from keras_quant.layers import inference
+
+        if training or inference.active_plan() is not None or len(inputs) != len(self.input_scales):
+            return super().call(inputs)
+        converted = []
+        for x, scale, multiplier in zip(inputs, self.input_scales, self._multipliers):
+            if multiplier is not None:
+                x_int = ops.round(ops.divide(ops.cast(x, "float32"), scale))
+                x = ops.cast(ops.multiply(convert_integers(x_int, multiplier), self.output_scale), x.dtype)
+            converted.append(x)
+        return super().call(converted)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(input_scales=list(self.input_scales), output_scale=self.output_scale)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_quant")
+class IntegerAveragePooling2D(keras.layers.AveragePooling2D):
+    """A frozen model's `AveragePooling2D` computed as TFLite's int8 AVERAGE_POOL_2D (`average_pool_integers`).
+
+    TFLite's integer average pool keeps its input's scale and zero point:
+    `grid` is that `(scale, zero_point)`. `kq.quantize_model` puts it where a
+    post-training model pools an int8 tensor (channels last, static spatial
+    size). In training, in the export trace and elsewhere it is a plain
+    `AveragePooling2D`.
+    """
+
+    def __init__(self, grid, **kwargs):
+        super().__init__(**kwargs)
+        from keras_quant.errors import ConfigError
+
+        if not isinstance(grid, (list, tuple)) or len(grid) != 2:
+            raise ConfigError("grid", grid, "expected (scale, zero_point)", layer=self.name)
+        zero_point = grid[1]
+        if isinstance(zero_point, bool) or not float(zero_point).is_integer():
+            raise ConfigError("grid", grid, "the zero point must be an integer", layer=self.name)
+        self.grid = (check_scale(grid[0], "grid", self.name), int(zero_point))
+
+    def call(self, inputs, training=None):
+        from keras_quant.layers import inference
+
+        static = all(d is not None for d in inputs.shape[1:])
+        if (training or inference.active_plan() is not None or self.data_format != "channels_last"
+                or len(inputs.shape) != 4 or not static):
+            return super().call(inputs)
+        scale, zero_point = self.grid
+        q = ops.add(ops.round(ops.divide(ops.cast(inputs, "float32"), scale)), float(zero_point))
+        out = average_pool_integers(q, self.pool_size, self.strides, self.padding)
+        return ops.cast(ops.multiply(out - float(zero_point), scale), inputs.dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config["grid"] = list(self.grid)
         return config

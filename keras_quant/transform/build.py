@@ -54,7 +54,7 @@ from keras_quant.config import LayerQuantConfig, QuantConfig
 from keras_quant.errors import ConfigError, NoDataError
 from keras_quant.layers import qat_quantizer
 from keras_quant.layers.fake_quant import ActivationQuantizer
-from keras_quant.layers.integer import IntegerAdd
+from keras_quant.layers.integer import IntegerAdd, IntegerAveragePooling2D, IntegerConcatenate
 from keras_quant.layers.folding import fold_into_layer
 from keras_quant.layers.rules import PREACTIVATION, fixed_output_qparams, get_rule
 from keras_quant.layers.wrapper import QuantizeWrapper
@@ -260,6 +260,12 @@ def _tensor_scale(qparams, spec):
     return float(scale[0]) if scale.size == 1 else None
 
 
+def _tensor_grid(qparams, spec):
+    """`(scale, zero_point)` of a per-tensor int8 (or narrower) quantizer's qparams, else None."""
+    scale = _tensor_scale(qparams, spec)
+    return None if scale is None else (scale, int(np.asarray(qparams[1]).reshape(-1)[0]))
+
+
 def _fused_scale(step, plan):
     """PTQ: the scale of the int8 quantizer after the activation fused into a wrap step, else None."""
     if step.kind != "wrap" or step.quant_spec is not None or len(step.chain) < 2:
@@ -268,17 +274,24 @@ def _fused_scale(step, plan):
     return None if after is None else _tensor_scale(after.qparams, after.quant_spec)
 
 
-def _integer_add(step, staging, args, tensor_scales, flat, plan):
-    """PTQ: an `IntegerAdd` for a two-input Add whose inputs and output grid are known, else None."""
+def _integer_merge(step, staging, args, tensor_grids, flat, plan):
+    """PTQ: an `IntegerAdd` (two inputs) or `IntegerConcatenate` whose input and output grids are int8, else None."""
     inputs = args[0] if args and isinstance(args[0], (list, tuple)) else ()
-    scales = [tensor_scales.get(id(t)) for t in inputs]
-    if len(scales) != 2 or None in scales:
+    grids = [tensor_grids.get(id(t)) for t in inputs]
+    if not grids or None in grids:
         return None
+    scales = [g[0] for g in grids]
     after = step
     if step.quant_spec is None and step.fused:  # the quantizer follows the activation TFLite fuses into the ADD
         after = plan.get(id(flat.sole_consumer(staging)))
     scale = None if after is None else _tensor_scale(after.qparams, after.quant_spec)
-    return None if scale is None else IntegerAdd(scales, scale, name=staging.name)
+    if scale is None:
+        return None
+    if type(staging) is keras.layers.Add and len(scales) == 2:
+        return IntegerAdd(scales, scale, name=staging.name)
+    if type(staging) is keras.layers.Concatenate:
+        return IntegerConcatenate(scales, scale, axis=staging.axis, name=staging.name)
+    return None
 
 
 def _union_qparams(group):
@@ -390,11 +403,11 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
 
     names = _Names(op.name for op in graph_lib.operations(flat.model))
     quantizers = []
-    # PTQ: id(Keras tensor) -> the scale its values lie on (a per-tensor quantizer's output, or a tensor read
-    # through layers that keep their input's scale): the input scale of the wrappers that read it.
-    tensor_scales = {}
+    # PTQ: id(Keras tensor) -> `(scale, zero_point)` of the int8 grid its values lie on (a per-tensor quantizer's
+    # output, or a tensor read through layers that keep their input's grid): the integer layers that read it.
+    tensor_grids = {}
 
-    def add_quantizer(step, x, base):
+    def add_quantizer(step, x, base, input_scale=None):
         if step.quant_spec is None:
             return x
         if step.group is not None:  # QAT: one quantizer shared by the inputs of a merge
@@ -411,11 +424,13 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
             qparams = step.qparams if step.qparams is not None else (None, None)
             # A fixed softmax / sigmoid / tanh grid is a frozen quantizer in QAT too: never observed or learned.
             kwargs = {} if has_fixed_grid(step) else quantizer_kwargs
+            if input_scale is not None and _tensor_scale(step.qparams, step.quant_spec) is not None:
+                kwargs = {"input_scale": input_scale}  # PTQ: a requantization of an int8 tensor (QUANTIZE)
             step.quantizer = ActivationQuantizer(step.quant_spec, *qparams, name=names(f"{base}_quant"), **kwargs)
             quantizers.append((step.quantizer.name, step.quant_key))
         out = step.quantizer(x)
         if mode == "ptq":
-            tensor_scales[id(out)] = _tensor_scale(step.qparams, step.quant_spec)
+            tensor_grids[id(out)] = _tensor_grid(step.qparams, step.quant_spec)
         return out
 
     new_inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name) for t in flat.model.inputs]
@@ -427,12 +442,16 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
             return next(a for a in args if keras.backend.is_keras_tensor(a))
         first = step.layer is None
         source = args[0] if args and keras.backend.is_keras_tensor(args[0]) else None
-        in_scale = tensor_scales.get(id(source)) if mode == "ptq" and source is not None else None
+        in_grid = tensor_grids.get(id(source)) if mode == "ptq" and source is not None else None
+        in_scale = None if in_grid is None else in_grid[0]
         if step.affine is not None:  # the 1x1 depthwise conv takes the tensor alone (no mask, ...)
             args, kwargs = args[:1], {k: v for k, v in kwargs.items() if k == "training"}
-        if (first and mode == "ptq" and step.kind == "clone" and type(staging) is keras.layers.Add
+        if (first and mode == "ptq" and step.kind == "clone" and type(staging) in (keras.layers.Add, keras.layers.Concatenate)
                 and config.for_layer(flat.origin[id(staging)], flat.path(staging)) is not None):
-            step.layer = _integer_add(step, staging, args, tensor_scales, flat, plan)
+            step.layer = _integer_merge(step, staging, args, tensor_grids, flat, plan)
+        elif (first and mode == "ptq" and step.kind == "clone" and type(staging) is keras.layers.AveragePooling2D
+              and in_grid is not None and _tensor_grid(step.qparams, step.quant_spec) == in_grid):
+            step.layer = IntegerAveragePooling2D(in_grid, **staging.get_config())
         if first and step.layer is None:
             if step.inner_key is not None:  # a separable convolution: depthwise, quantizer, pointwise
                 step.inner_layer, step.layer = _separable(step, staging, mode, observe_steps, bn_statistics, in_scale)
@@ -455,13 +474,14 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
                 quantizers.append((step.layer.name, step.quant_key))
         if step.kind == "wrap" and step.group is None:
             if mode == "ptq" and getattr(step.layer, "output_quantizer", None) is not None:
-                tensor_scales[id(outputs)] = _tensor_scale(step.qparams, step.quant_spec)
+                tensor_grids[id(outputs)] = _tensor_grid(step.qparams, step.quant_spec)
             return outputs  # the wrapper's own output quantizer, if any
-        if step.quant_spec is None and source is not None and keras.backend.is_keras_tensor(outputs):
-            rule = get_rule(staging)
-            if rule is not None and rule.kind == "passthrough":  # max pool, padding, reshape: the same scale
-                tensor_scales[id(outputs)] = tensor_scales.get(id(source))
-        return add_quantizer(step, outputs, staging.name)
+        passthrough = (source is not None and keras.backend.is_keras_tensor(outputs)
+                       and getattr(get_rule(staging), "kind", None) == "passthrough")  # max pool, padding, reshape
+        if step.quant_spec is None and passthrough:
+            tensor_grids[id(outputs)] = tensor_grids.get(id(source))  # the same grid
+        requantized = in_grid[0] if passthrough and in_grid is not None and mode == "ptq" else None
+        return add_quantizer(step, outputs, staging.name, requantized)
 
     outputs = graph_lib.run(flat.model, quantized_inputs, call_fn)
     inputs = new_inputs

@@ -65,6 +65,45 @@ def test_requantize_and_bias_are_float32_as_the_kernel_computes_them(in_scale, w
     np.testing.assert_array_equal(got, np.round(bias / (np.float32(in_scale) * np.float32(w_scale))))
 
 
+@settings(max_examples=60, deadline=None)
+@given(in_scale=scales, out_scale=scales, seed=st.integers(0, 2**31 - 1))
+def test_convert_integers_is_xnnpacks_int8_requantize(in_scale, out_scale, seed):
+    if not 2**-8 <= in_scale / out_scale < 2**7:
+        return  # outside the ratios XNNPACK's int8 QUANTIZE accepts
+    x = np.random.default_rng(seed).integers(-255, 256, 128)
+    multiplier = int(np.rint(np.float32(256.0) * (np.float32(in_scale) / np.float32(out_scale))))
+    assert integer.convert_multiplier(in_scale, out_scale) == multiplier
+    got = keras.ops.convert_to_numpy(integer.convert_integers(x.astype("float32"), multiplier))
+    assert got.tolist() == [(int(v) * multiplier + 128) >> 8 for v in x]
+
+
+def average_pool_reference(q, pool, stride, padding):
+    """TFLite's reference int8 AVERAGE_POOL_2D (NHWC), in Python integers."""
+    n, h, w, c = q.shape
+    if padding == "same":
+        oh, ow = -(-h // stride), -(-w // stride)
+        top = max((oh - 1) * stride + pool - h, 0) // 2
+        left = max((ow - 1) * stride + pool - w, 0) // 2
+    else:
+        oh, ow, top, left = (h - pool) // stride + 1, (w - pool) // stride + 1, 0, 0
+    out = np.zeros((n, oh, ow, c), "int64")
+    for i in range(oh):
+        for j in range(ow):
+            r0, c0 = i * stride - top, j * stride - left
+            window = q[:, max(r0, 0):min(r0 + pool, h), max(c0, 0):min(c0 + pool, w), :].astype("int64")
+            acc, count = window.sum(axis=(1, 2)), window.shape[1] * window.shape[2]
+            out[:, i, j, :] = np.where(acc > 0, (acc + count // 2) // count, -((-acc + count // 2) // count))
+    return out
+
+
+@pytest.mark.parametrize("pool, stride, padding", [(3, 1, "same"), (2, 2, "valid"), (3, 2, "same")])
+def test_average_pool_integers_is_tflites_int8_average_pool(pool, stride, padding):
+    q = np.random.default_rng(pool + stride).integers(-128, 128, (2, 7, 6, 3))
+    got = integer.average_pool_integers(keras.ops.convert_to_tensor(q.astype("float32")), (pool, pool),
+                                        (stride, stride), padding)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), average_pool_reference(q, pool, stride, padding))
+
+
 def test_bad_scales_are_config_errors():
     with pytest.raises(ConfigError, match="input_scales"):
         integer.IntegerAdd([0.1], 0.1, name="add")
@@ -74,6 +113,10 @@ def test_bad_scales_are_config_errors():
         kq.QuantizeWrapper(L.Dense(4), mode="frozen", input_scale=math.nan)
     with pytest.raises(ConfigError, match="frozen"):
         kq.QuantizeWrapper(L.Dense(4), mode="qat", input_scale=0.1)
+    with pytest.raises(ConfigError, match="zero point"):
+        integer.IntegerAveragePooling2D((0.1, 0.5), pool_size=2, name="pool")
+    with pytest.raises(ConfigError, match="input_scales"):
+        integer.IntegerConcatenate([], 0.1, name="concat")
 
 
 # The model and its file ------------------------------------------------------------------
@@ -101,14 +144,42 @@ def residual_cnn():
     return model
 
 
-@pytest.fixture(scope="module")
-def ptq():
+def inception_block():
+    """A stem, then 1x1 / 3x3-average-pool+1x1 / 3x3-max-pool branches concatenated (the max pool branch is on
+    the stem's scale and is requantized to the concatenation's), average pool, Flatten, Dense."""
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((8, 8, 1), name="image")
+    stem = L.Conv2D(12, 3, padding="same", activation="relu", name="stem")(inp)
+    a = L.Conv2D(8, 1, activation="relu", name="branch_1x1")(stem)
+    b = L.AveragePooling2D(3, strides=1, padding="same", name="branch_pool")(stem)
+    b = L.Conv2D(8, 1, activation="relu", name="branch_pool_1x1")(b)
+    c = L.MaxPooling2D(3, strides=1, padding="same", name="branch_max")(stem)
+    x = L.Concatenate(name="mixed")([a, b, c])
+    x = L.AveragePooling2D(2, name="reduce")(x)
+    x = L.Flatten(name="flatten")(x)
+    x = L.Dense(10, name="logits")(x)
+    model = keras.Model(inp, x, name="inception_block")
+    model.compile(keras.optimizers.Adam(0.003), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def _ptq(build):
     (x_train, y_train), (x_test, _) = kq.datasets.load_digits()
-    model = residual_cnn()
+    model = build()
     model.fit(x_train, y_train, epochs=3, batch_size=32, verbose=0)
     cb = kq.CalibrationCallback()
     model.predict(x_train[:256], batch_size=64, callbacks=[cb], verbose=0)
     return model, kq.quantize_model(model, calibration=cb.result), x_test
+
+
+@pytest.fixture(scope="module")
+def ptq_inception():
+    return _ptq(inception_block)
+
+
+@pytest.fixture(scope="module")
+def ptq():
+    return _ptq(residual_cnn)
 
 
 @tf_only
@@ -122,8 +193,9 @@ def test_the_frozen_model_runs_the_integer_kernels(ptq):
 
 
 @tf_only
-def test_the_file_equals_the_keras_model_bit_for_bit(ptq, tmp_path):
-    _, qmodel, x_test = ptq
+@pytest.mark.parametrize("which", ["ptq", "ptq_inception"])
+def test_the_file_equals_the_keras_model_bit_for_bit(which, request, tmp_path):
+    _, qmodel, x_test = request.getfixturevalue(which)
     path = tmp_path / "residual.tflite"
     kq.export_tflite(qmodel, path)
     runner = kq.runtime.load(str(path))
@@ -146,3 +218,16 @@ def test_integer_layers_survive_safe_mode_loading(ptq, tmp_path):
     np.testing.assert_array_equal(loaded.predict(x_test[:64], verbose=0), qmodel.predict(x_test[:64], verbose=0))
     assert loaded.get_layer("add1").input_scales == qmodel.get_layer("add1").input_scales
     assert loaded.get_layer("pw1").input_scale == qmodel.get_layer("pw1").input_scale
+
+
+@tf_only
+def test_pools_and_concatenations_run_the_integer_kernels(ptq_inception):
+    _, qmodel, _ = ptq_inception
+    kinds = {layer.name: type(layer).__name__ for layer in qmodel.layers}
+    assert kinds["branch_pool"] == kinds["reduce"] == "IntegerAveragePooling2D"
+    assert kinds["mixed"] == "IntegerConcatenate"
+    # The max pool branch is on the stem's scale: its quantizer requantizes it (LiteRT's QUANTIZE) onto the
+    # concatenation's, which the 1x1 branches write directly.
+    stem_scale = float(qmodel.get_layer("stem").output_qparams[0])
+    assert qmodel.get_layer("branch_max_quant").input_scale == pytest.approx(stem_scale)
+    assert qmodel.get_layer("mixed")._multipliers == [None, None, None]
