@@ -296,6 +296,10 @@ class _TensorRunner(runtime.TFLiteRunner):
         return runtime.dequantize_output(out, *qparams) if qparams else out.astype(np.float32)
 
 
+# TFLite ops that apply an activation a Keras layer can carry itself.
+_ACTIVATION_OPS = ("SOFTMAX", "LOGISTIC", "TANH", "HARD_SWISH", "GELU", "LOG_SOFTMAX", "ELU", "LEAKY_RELU")
+
+
 def _tflite_matches(float_names, graph, runner):
     """`{float_name: (tensor_index, scale)}` of a TFLite file's activation tensors."""
     it, details = runner.interpreter, runner.details
@@ -312,6 +316,20 @@ def _tflite_matches(float_names, graph, runner):
             continue  # an integer tensor is kept over a later float one (the dequantized input, the output)
         scale = runtime._tflite_qparams(d)
         matches[name] = (d["index"], scale[0] if integer and scale else None, integer)
+    # A layer's own activation (`Dense(10, activation="softmax")`) is an op after its matmul whose output names
+    # that layer or none (the model's output): the layer's output is that op's, not the matmul's. (With a
+    # delegate the op list is not in graph order, so the activation's output may come first.)
+    named = {d["index"]: set(mentioned) for d, mentioned in mentions}
+    by_index = {index: name for name, (index, _, _) in matches.items()}
+    for op in it._get_ops_details():
+        if op["op_name"] not in _ACTIVATION_OPS or op["inputs"][0] not in by_index:
+            continue
+        layer = by_index[op["inputs"][0]]
+        if not named.get(op["outputs"][0]) or layer in named[op["outputs"][0]]:
+            d = details.get(op["outputs"][0])
+            if d is not None and np.issubdtype(d["dtype"], np.integer):
+                scale = runtime._tflite_qparams(d)
+                matches[layer] = (d["index"], scale[0] if scale else None, True)
     return {name: (index, scale) for name, (index, scale, _) in matches.items()}, mentions
 
 

@@ -353,3 +353,26 @@ def test_an_int16x8_file_is_closer_than_int8(cnn):
     assert errs16["image"].sqnr_db > errs8["image"].sqnr_db + 40  # 8 more bits of input: ~48 dB
     # Measured +3 dB or more on every layer (the int8 weights' error remains).
     assert all(r.sqnr_db > errs8[r.name].sqnr_db + 1 for r in errs16), errs16.table()
+
+
+@tf_only
+def test_a_layers_own_softmax_is_its_row_in_the_file(tmp_path):
+    # Dense(..., activation="softmax"): the file writes a matmul, then a SOFTMAX whose output (the model's
+    # output tensor) names no layer. The layer's row is the softmax's output on both sides, not the logits.
+    (x_train, y_train), (x_test, _) = kq.datasets.load_digits()
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 1))
+    x = keras.layers.Flatten(name="flat")(inp)
+    x = keras.layers.Dense(32, activation="relu", name="hidden")(x)
+    model = keras.Model(inp, keras.layers.Dense(10, activation="softmax", name="probs")(x))
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(x_train, y_train, epochs=2, verbose=0)
+    cb = kq.CalibrationCallback()
+    model.predict(x_train[:256], callbacks=[cb], verbose=0)
+    qmodel = kq.quantize_model(model, calibration=cb.result)
+    path = tmp_path / "probs.tflite"
+    kq.export_tflite(qmodel, path)
+    errs = layer_errors(model, path, x_test[:100])
+    assert errs["probs"].scale == pytest.approx(1 / 256)
+    assert errs["probs"].max_error_steps <= 2, errs.table()
+    assert errs["probs"].mse == pytest.approx(errs[errs.names[-1]].mse)  # the same tensor as the output row
