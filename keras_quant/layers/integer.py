@@ -37,7 +37,11 @@ from keras import ops
 
 __all__ = ["accumulator_op", "bias_integers", "requantize", "add_integers", "add_multipliers", "check_scale", "convert_integers",
            "convert_multiplier", "IntegerAdd", "IntegerAveragePooling2D",
-           "IntegerConcatenate", "average_pool_integers"]
+           "IntegerConcatenate", "average_pool_integers", "logistic_table", "multiply_integers", "IntegerActivation",
+           "IntegerMultiply", "IntegerGlobalAveragePooling2D", "SIGMOID_GRID"]
+
+# TFLite's int8 LOGISTIC writes this grid whatever the calibration says: (scale, zero point).
+SIGMOID_GRID = (1.0 / 256, -128)
 
 
 def accumulator_op(layer):
@@ -157,6 +161,32 @@ def average_pool_integers(q, pool_size, strides, padding):
     return ops.cast(ops.where(acc > 0, positive, negative), "float32")
 
 
+def logistic_table(in_scale, in_zero_point, out_scale=1.0 / 256, out_zero_point=-128):
+    """TFLite's int8 LOGISTIC lookup table (256 float32 entries holding int8 values; index `q + 128`).
+
+    As its kernel builds it in float32: `x = in_scale * (q - zp)`,
+    `round_half_away(1 / (1 + exp(-x)) * (1 / out_scale)) + out_zp`, clamped.
+    The scales may be tensors (the frozen wrapper's variables).
+    """
+    v = ops.arange(-128, 128, dtype="float32")
+    x = ops.multiply(ops.cast(in_scale, "float32"), v - ops.cast(in_zero_point, "float32"))
+    sig = ops.divide(1.0, ops.add(1.0, ops.exp(ops.negative(x))))
+    scaled = ops.multiply(sig, ops.divide(1.0, ops.cast(out_scale, "float32")))
+    q = ops.multiply(ops.sign(scaled), ops.floor(ops.abs(scaled) + 0.5))  # std::round: half away from zero
+    return ops.clip(q + ops.cast(out_zero_point, "float32"), -128.0, 127.0)
+
+
+def lookup(table, x_int, zero_point):
+    """`table[q + 128]` for the raw int8 values `q = x_int + zero_point`."""
+    index = ops.cast(ops.add(x_int, ops.cast(zero_point, "float32")), "int32") + 128
+    return ops.take(table, ops.clip(index, 0, 255))
+
+
+def multiply_integers(a_int, b_int, multiplier):
+    """XNNPACK's int8 MUL: `round_half_to_even(float32(a * b) * multiplier)` on integers less their zero points."""
+    return ops.round(ops.multiply(ops.multiply(a_int, b_int), ops.cast(multiplier, "float32")))
+
+
 def check_scale(scale, field, name):
     """A positive finite scale as the float32 value it is stored as (ConfigError names the field)."""
     from keras_quant.errors import ConfigError
@@ -190,9 +220,7 @@ class IntegerAdd(keras.layers.Add):
         self._params = add_multipliers(*self.input_scales, self.output_scale)
 
     def call(self, inputs, training=None):
-        from keras_quant.layers import inference
-
-        if training or inference.active_plan() is not None or len(inputs) != 2:
+        if _float_form(self, training, inputs) or len(inputs) != 2:
             return super().call(inputs)
         a, b = (ops.round(ops.divide(ops.cast(x, "float32"), s)) for x, s in zip(inputs, self.input_scales))
         q = add_integers(a, b, *self._params)
@@ -228,9 +256,7 @@ class IntegerConcatenate(keras.layers.Concatenate):
                              for s in self.input_scales]
 
     def call(self, inputs, training=None):
-        from keras_quant.layers import inference
-
-        if training or inference.active_plan() is not None or len(inputs) != len(self.input_scales):
+        if _float_form(self, training, inputs) or len(inputs) != len(self.input_scales):
             return super().call(inputs)
         converted = []
         for x, scale, multiplier in zip(inputs, self.input_scales, self._multipliers):
@@ -259,21 +285,11 @@ class IntegerAveragePooling2D(keras.layers.AveragePooling2D):
 
     def __init__(self, grid, **kwargs):
         super().__init__(**kwargs)
-        from keras_quant.errors import ConfigError
-
-        if not isinstance(grid, (list, tuple)) or len(grid) != 2:
-            raise ConfigError("grid", grid, "expected (scale, zero_point)", layer=self.name)
-        zero_point = grid[1]
-        if isinstance(zero_point, bool) or not float(zero_point).is_integer():
-            raise ConfigError("grid", grid, "the zero point must be an integer", layer=self.name)
-        self.grid = (check_scale(grid[0], "grid", self.name), int(zero_point))
+        self.grid = check_grid(grid, "grid", self.name)
 
     def call(self, inputs, training=None):
-        from keras_quant.layers import inference
-
-        static = all(d is not None for d in inputs.shape[1:])
-        if (training or inference.active_plan() is not None or self.data_format != "channels_last"
-                or len(inputs.shape) != 4 or not static):
+        static = len(inputs.shape) == 4 and all(d is not None for d in inputs.shape[1:])
+        if _float_form(self, training, inputs) or self.data_format != "channels_last" or not static:
             return super().call(inputs)
         scale, zero_point = self.grid
         q = ops.add(ops.round(ops.divide(ops.cast(inputs, "float32"), scale)), float(zero_point))
@@ -283,4 +299,132 @@ class IntegerAveragePooling2D(keras.layers.AveragePooling2D):
     def get_config(self):
         config = super().get_config()
         config["grid"] = list(self.grid)
+        return config
+
+
+def check_grid(grid, field, name):
+    """`(scale, zero_point)` checked: a positive finite scale stored as float32, an integer zero point."""
+    from keras_quant.errors import ConfigError
+
+    if not isinstance(grid, (list, tuple)) or len(grid) != 2:
+        raise ConfigError(field, grid, "expected (scale, zero_point)", layer=name)
+    zero_point = grid[1]
+    if isinstance(zero_point, bool) or not isinstance(zero_point, (int, float, np.number)) \
+            or not float(zero_point).is_integer():
+        raise ConfigError(field, grid, "the zero point must be an integer", layer=name)
+    return check_scale(grid[0], field, name), int(zero_point)
+
+
+def _float_form(layer, training, inputs):
+    """Whether an integer layer runs its plain Keras computation (training, the export trace)."""
+    from keras_quant.layers import inference
+
+    return bool(training) or inference.active_plan() is not None
+
+
+def activation_integers(kind, x_int, in_grid, out_scale):
+    """The int8 kernels of `kind` (`"sigmoid"`: LOGISTIC; `"silu"`: LOGISTIC then MUL, as the converter writes
+    swish) on the input's integers less its zero point; returns the output's integers less its zero point."""
+    in_scale, in_zero_point = in_grid
+    table = logistic_table(in_scale, in_zero_point)
+    sig = lookup(table, x_int, in_zero_point) - SIGMOID_GRID[1]  # on the fixed grid, less its zero point
+    if kind == "sigmoid":
+        return sig
+    multiplier = ops.divide(ops.multiply(ops.cast(in_scale, "float32"), SIGMOID_GRID[0]), ops.cast(out_scale, "float32"))
+    return multiply_integers(x_int, sig, multiplier)
+
+
+# Activations `activation_integers` computes, by the Keras function's name.
+INTEGER_ACTIVATIONS = ("sigmoid", "silu")
+
+
+@keras.saving.register_keras_serializable(package="keras_quant")
+class IntegerActivation(keras.layers.Activation):
+    """A frozen model's sigmoid or swish computed as LiteRT's int8 LOGISTIC (and MUL) do it.
+
+    The input lies on `input_grid` (`(scale, zero_point)`), the output is
+    written on the grid of step `output_scale` (sigmoid: TFLite's fixed
+    1/256 grid). In training and in the export trace it is a plain `Activation`.
+    """
+
+    def __init__(self, activation, input_grid, output_scale, **kwargs):
+        super().__init__(activation, **kwargs)
+        from keras_quant.errors import ConfigError
+
+        self.kind = getattr(self.activation, "__name__", None)
+        if self.kind not in INTEGER_ACTIVATIONS:
+            raise ConfigError("activation", self.kind, f"integer activations are {INTEGER_ACTIVATIONS}",
+                              layer=self.name)
+        self.input_grid = check_grid(input_grid, "input_grid", self.name)
+        self.output_scale = check_scale(output_scale, "output_scale", self.name)
+
+    def call(self, inputs, training=None):
+        if _float_form(self, training, inputs):
+            return super().call(inputs)
+        x_int = ops.round(ops.divide(ops.cast(inputs, "float32"), self.input_grid[0]))
+        q = activation_integers(self.kind, x_int, self.input_grid, self.output_scale)
+        return ops.cast(ops.multiply(q, self.output_scale), inputs.dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(input_grid=list(self.input_grid), output_scale=self.output_scale)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_quant")
+class IntegerMultiply(keras.layers.Multiply):
+    """A frozen model's two-input `Multiply` computed as XNNPACK's int8 MUL (`multiply_integers`)."""
+
+    def __init__(self, input_scales, output_scale, **kwargs):
+        super().__init__(**kwargs)
+        from keras_quant.errors import ConfigError
+
+        if not isinstance(input_scales, (list, tuple)) or len(input_scales) != 2:
+            raise ConfigError("input_scales", input_scales, "expected the scales of the two inputs", layer=self.name)
+        self.input_scales = [check_scale(s, "input_scales", self.name) for s in input_scales]
+        self.output_scale = check_scale(output_scale, "output_scale", self.name)
+        a, b = (np.float32(v) for v in self.input_scales)
+        self._multiplier = float(np.float32(np.float32(a * b) / np.float32(self.output_scale)))
+
+    def call(self, inputs, training=None):
+        if _float_form(self, training, inputs) or len(inputs) != 2:
+            return super().call(inputs)
+        a, b = (ops.round(ops.divide(ops.cast(x, "float32"), s)) for x, s in zip(inputs, self.input_scales))
+        q = multiply_integers(a, b, self._multiplier)
+        return ops.cast(ops.multiply(q, self.output_scale), inputs[0].dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(input_scales=list(self.input_scales), output_scale=self.output_scale)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_quant")
+class IntegerGlobalAveragePooling2D(keras.layers.GlobalAveragePooling2D):
+    """A frozen model's global average pool computed as LiteRT's int8 MEAN over the spatial axes.
+
+    `round_half_to_even(float32(sum) * (float32(in_scale / out_scale) / n))`
+    on the input's integers less its zero point (channels last, static size).
+    """
+
+    def __init__(self, input_scale, output_scale, **kwargs):
+        super().__init__(**kwargs)
+        self.input_scale = check_scale(input_scale, "input_scale", self.name)
+        self.output_scale = check_scale(output_scale, "output_scale", self.name)
+
+    def call(self, inputs, training=None):
+        static = len(inputs.shape) == 4 and all(d is not None for d in inputs.shape[1:])
+        if _float_form(self, training, inputs) or self.data_format != "channels_last" or not static:
+            return super().call(inputs)
+        n = int(inputs.shape[1]) * int(inputs.shape[2])
+        multiplier = float(np.float32(np.float32(np.float32(self.input_scale) / np.float32(self.output_scale))
+                                      / np.float32(n)))
+        x_int = ops.round(ops.divide(ops.cast(inputs, "float32"), self.input_scale))
+        total = ops.sum(x_int, axis=(1, 2), keepdims=self.keepdims)
+        q = ops.round(ops.multiply(total, multiplier))
+        return ops.cast(ops.multiply(q, self.output_scale), inputs.dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(input_scale=self.input_scale, output_scale=self.output_scale)
         return config

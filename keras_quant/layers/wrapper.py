@@ -402,6 +402,15 @@ class QuantizeWrapper(keras.layers.Wrapper):
         activation = getattr(layer, "activation", None)
         return y if activation is None else activation(y)
 
+    def _integer_activation(self, inputs, kind):
+        """The wrapper's own sigmoid / swish on the pre-activation grid, as the int8 LOGISTIC (and MUL) compute it."""
+        s_pre, zp_pre = self.preactivation_quantizer.qparams(self._preact_state)
+        s_pre = ops.cast(s_pre, "float32")
+        s_out = ops.cast(self.output_quantizer.qparams(self._output_state)[0], "float32")
+        x_int = ops.round(ops.divide(ops.cast(inputs, "float32"), s_pre))
+        q = integer.activation_integers(kind, x_int, (s_pre, zp_pre), s_out)
+        return ops.cast(ops.multiply(q, s_out), inputs.dtype)
+
     # Modes ---------------------------------------------------------------------
     def _require_schedule(self, what):
         if self.schedule is None:
@@ -649,7 +658,11 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if self.activation is not None:
             outputs = self.preactivation_quantizer(outputs, self._preact_state, training, observing=observing,
                                                    frozen=frozen)
-            outputs = self.activation(outputs)
+            kind = getattr(self.activation, "__name__", None)
+            if not training and self._integer_op is not None and kind in integer.INTEGER_ACTIVATIONS:
+                outputs = self._integer_activation(outputs, kind)  # LOGISTIC (and MUL), as the file runs them
+            else:
+                outputs = self.activation(outputs)
         if self.output_quantizer is not None:
             outputs = self.output_quantizer(outputs, self._output_state, training, observing=observing, frozen=frozen)
         if training and self.schedule is not None:

@@ -54,7 +54,10 @@ from keras_quant.config import LayerQuantConfig, QuantConfig
 from keras_quant.errors import ConfigError, NoDataError
 from keras_quant.layers import qat_quantizer
 from keras_quant.layers.fake_quant import ActivationQuantizer
-from keras_quant.layers.integer import IntegerAdd, IntegerAveragePooling2D, IntegerConcatenate
+from keras_quant.layers.integer import (
+    INTEGER_ACTIVATIONS, IntegerActivation, IntegerAdd, IntegerAveragePooling2D, IntegerConcatenate,
+    IntegerGlobalAveragePooling2D, IntegerMultiply,
+)
 from keras_quant.layers.folding import fold_into_layer
 from keras_quant.layers.rules import PREACTIVATION, fixed_output_qparams, get_rule
 from keras_quant.layers.wrapper import QuantizeWrapper
@@ -291,6 +294,25 @@ def _integer_merge(step, staging, args, tensor_grids, flat, plan):
         return IntegerAdd(scales, scale, name=staging.name)
     if type(staging) is keras.layers.Concatenate:
         return IntegerConcatenate(scales, scale, axis=staging.axis, name=staging.name)
+    if type(staging) is keras.layers.Multiply and len(scales) == 2 and not step.fused:
+        return IntegerMultiply(scales, scale, name=staging.name)
+    return None
+
+
+def _integer_layer(step, staging, in_grid, config, flat):
+    """PTQ: the integer form (`kq.layers.integer`) of a one-input layer on an int8 grid, else None."""
+    out_grid = _tensor_grid(step.qparams, step.quant_spec)
+    if out_grid is None or config.for_layer(flat.origin[id(staging)], flat.path(staging)) is None:
+        return None
+    kind = type(staging)
+    if kind is keras.layers.AveragePooling2D and out_grid == in_grid:
+        return IntegerAveragePooling2D(in_grid, **staging.get_config())
+    if kind is keras.layers.GlobalAveragePooling2D:
+        return IntegerGlobalAveragePooling2D(in_grid[0], out_grid[0], **staging.get_config())
+    if kind is keras.layers.Activation and getattr(staging.activation, "__name__", None) in INTEGER_ACTIVATIONS:
+        config = staging.get_config()
+        activation = config.pop("activation")
+        return IntegerActivation(activation, in_grid, out_grid[0], **config)
     return None
 
 
@@ -446,12 +468,12 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
         in_scale = None if in_grid is None else in_grid[0]
         if step.affine is not None:  # the 1x1 depthwise conv takes the tensor alone (no mask, ...)
             args, kwargs = args[:1], {k: v for k, v in kwargs.items() if k == "training"}
-        if (first and mode == "ptq" and step.kind == "clone" and type(staging) in (keras.layers.Add, keras.layers.Concatenate)
+        if (first and mode == "ptq" and step.kind == "clone"
+                and type(staging) in (keras.layers.Add, keras.layers.Concatenate, keras.layers.Multiply)
                 and config.for_layer(flat.origin[id(staging)], flat.path(staging)) is not None):
             step.layer = _integer_merge(step, staging, args, tensor_grids, flat, plan)
-        elif (first and mode == "ptq" and step.kind == "clone" and type(staging) is keras.layers.AveragePooling2D
-              and in_grid is not None and _tensor_grid(step.qparams, step.quant_spec) == in_grid):
-            step.layer = IntegerAveragePooling2D(in_grid, **staging.get_config())
+        elif first and mode == "ptq" and step.kind == "clone" and in_grid is not None:
+            step.layer = _integer_layer(step, staging, in_grid, config, flat)
         if first and step.layer is None:
             if step.inner_key is not None:  # a separable convolution: depthwise, quantizer, pointwise
                 step.inner_layer, step.layer = _separable(step, staging, mode, observe_steps, bn_statistics, in_scale)
