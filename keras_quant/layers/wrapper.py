@@ -384,7 +384,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         spec, state = self.weight_specs["kernel"], self._weight_state["kernel"]
         w = self._quantize_weights(self.float_weights(), False)["kernel"]
         scale, zero_point = self.weight_quantizers["kernel"].qparams(state)
-        w_scales = kq_ops.dequantize(ops.ones(ops.shape(w), "float32"), scale, ops.zeros_like(zero_point), spec)
+        zeros = ops.zeros(ops.shape(zero_point))  # weights are symmetric; zeros_like needs a tensor on JAX
+        w_scales = kq_ops.dequantize(ops.ones(ops.shape(w), "float32"), scale, zeros, spec)
         w_int = ops.where(w_scales > 0, ops.round(ops.divide(w, ops.where(w_scales > 0, w_scales, 1.0))), 0.0)
         acc = self._integer_op(x_int, w_int)
         channel_scales = integer.output_channel_scales(layer, w_scales)
