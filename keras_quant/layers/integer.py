@@ -197,8 +197,35 @@ def check_scale(scale, field, name):
     return float(np.float32(scale))
 
 
+class _TwoInputMerge:
+    """What the two-input integer merges share: their scales, the integer call and the config.
+
+    A subclass sets `_combine(a_int, b_int)`: the output's integers less its
+    zero point from the inputs' integers less theirs.
+    """
+
+    def _set_scales(self, input_scales, output_scale):
+        from keras_quant.errors import ConfigError
+
+        if not isinstance(input_scales, (list, tuple)) or len(input_scales) != 2:
+            raise ConfigError("input_scales", input_scales, "expected the scales of the two inputs", layer=self.name)
+        self.input_scales = [check_scale(s, "input_scales", self.name) for s in input_scales]
+        self.output_scale = check_scale(output_scale, "output_scale", self.name)
+
+    def call(self, inputs, training=None):
+        if _float_form(training) or len(inputs) != 2:
+            return super().call(inputs)
+        a, b = (ops.round(ops.divide(ops.cast(x, "float32"), s)) for x, s in zip(inputs, self.input_scales))
+        return ops.cast(ops.multiply(self._combine(a, b), self.output_scale), inputs[0].dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(input_scales=list(self.input_scales), output_scale=self.output_scale)
+        return config
+
+
 @keras.saving.register_keras_serializable(package="keras_quant")
-class IntegerAdd(keras.layers.Add):
+class IntegerAdd(_TwoInputMerge, keras.layers.Add):
     """A frozen model's two-input `Add` computed as LiteRT's int8 ADD computes it (`add_integers`).
 
     `kq.quantize_model` puts it where a post-training model adds two int8
@@ -211,25 +238,11 @@ class IntegerAdd(keras.layers.Add):
 
     def __init__(self, input_scales, output_scale, **kwargs):
         super().__init__(**kwargs)
-        from keras_quant.errors import ConfigError
-
-        if not isinstance(input_scales, (list, tuple)) or len(input_scales) != 2:
-            raise ConfigError("input_scales", input_scales, "expected the scales of the two inputs", layer=self.name)
-        self.input_scales = [check_scale(s, "input_scales", self.name) for s in input_scales]
-        self.output_scale = check_scale(output_scale, "output_scale", self.name)
+        self._set_scales(input_scales, output_scale)
         self._params = add_multipliers(*self.input_scales, self.output_scale)
 
-    def call(self, inputs, training=None):
-        if _float_form(self, training, inputs) or len(inputs) != 2:
-            return super().call(inputs)
-        a, b = (ops.round(ops.divide(ops.cast(x, "float32"), s)) for x, s in zip(inputs, self.input_scales))
-        q = add_integers(a, b, *self._params)
-        return ops.cast(ops.multiply(q, self.output_scale), inputs[0].dtype)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(input_scales=list(self.input_scales), output_scale=self.output_scale)
-        return config
+    def _combine(self, a, b):
+        return add_integers(a, b, *self._params)
 
 
 @keras.saving.register_keras_serializable(package="keras_quant")
@@ -256,7 +269,7 @@ class IntegerConcatenate(keras.layers.Concatenate):
                              for s in self.input_scales]
 
     def call(self, inputs, training=None):
-        if _float_form(self, training, inputs) or len(inputs) != len(self.input_scales):
+        if _float_form(training) or len(inputs) != len(self.input_scales):
             return super().call(inputs)
         converted = []
         for x, scale, multiplier in zip(inputs, self.input_scales, self._multipliers):
@@ -289,7 +302,7 @@ class IntegerAveragePooling2D(keras.layers.AveragePooling2D):
 
     def call(self, inputs, training=None):
         static = len(inputs.shape) == 4 and all(d is not None for d in inputs.shape[1:])
-        if _float_form(self, training, inputs) or self.data_format != "channels_last" or not static:
+        if _float_form(training) or self.data_format != "channels_last" or not static:
             return super().call(inputs)
         scale, zero_point = self.grid
         q = ops.add(ops.round(ops.divide(ops.cast(inputs, "float32"), scale)), float(zero_point))
@@ -315,7 +328,7 @@ def check_grid(grid, field, name):
     return check_scale(grid[0], field, name), int(zero_point)
 
 
-def _float_form(layer, training, inputs):
+def _float_form(training):
     """Whether an integer layer runs its plain Keras computation (training, the export trace)."""
     from keras_quant.layers import inference
 
@@ -359,7 +372,7 @@ class IntegerActivation(keras.layers.Activation):
         self.output_scale = check_scale(output_scale, "output_scale", self.name)
 
     def call(self, inputs, training=None):
-        if _float_form(self, training, inputs):
+        if _float_form(training):
             return super().call(inputs)
         x_int = ops.round(ops.divide(ops.cast(inputs, "float32"), self.input_grid[0]))
         q = activation_integers(self.kind, x_int, self.input_grid, self.output_scale)
@@ -372,31 +385,17 @@ class IntegerActivation(keras.layers.Activation):
 
 
 @keras.saving.register_keras_serializable(package="keras_quant")
-class IntegerMultiply(keras.layers.Multiply):
+class IntegerMultiply(_TwoInputMerge, keras.layers.Multiply):
     """A frozen model's two-input `Multiply` computed as XNNPACK's int8 MUL (`multiply_integers`)."""
 
     def __init__(self, input_scales, output_scale, **kwargs):
         super().__init__(**kwargs)
-        from keras_quant.errors import ConfigError
-
-        if not isinstance(input_scales, (list, tuple)) or len(input_scales) != 2:
-            raise ConfigError("input_scales", input_scales, "expected the scales of the two inputs", layer=self.name)
-        self.input_scales = [check_scale(s, "input_scales", self.name) for s in input_scales]
-        self.output_scale = check_scale(output_scale, "output_scale", self.name)
+        self._set_scales(input_scales, output_scale)
         a, b = (np.float32(v) for v in self.input_scales)
         self._multiplier = float(np.float32(np.float32(a * b) / np.float32(self.output_scale)))
 
-    def call(self, inputs, training=None):
-        if _float_form(self, training, inputs) or len(inputs) != 2:
-            return super().call(inputs)
-        a, b = (ops.round(ops.divide(ops.cast(x, "float32"), s)) for x, s in zip(inputs, self.input_scales))
-        q = multiply_integers(a, b, self._multiplier)
-        return ops.cast(ops.multiply(q, self.output_scale), inputs[0].dtype)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(input_scales=list(self.input_scales), output_scale=self.output_scale)
-        return config
+    def _combine(self, a, b):
+        return multiply_integers(a, b, self._multiplier)
 
 
 @keras.saving.register_keras_serializable(package="keras_quant")
@@ -414,7 +413,7 @@ class IntegerGlobalAveragePooling2D(keras.layers.GlobalAveragePooling2D):
 
     def call(self, inputs, training=None):
         static = len(inputs.shape) == 4 and all(d is not None for d in inputs.shape[1:])
-        if _float_form(self, training, inputs) or self.data_format != "channels_last" or not static:
+        if _float_form(training) or self.data_format != "channels_last" or not static:
             return super().call(inputs)
         n = int(inputs.shape[1]) * int(inputs.shape[2])
         multiplier = float(np.float32(np.float32(np.float32(self.input_scale) / np.float32(self.output_scale))
