@@ -12,8 +12,8 @@ import dataclasses
 import re
 from typing import List, Optional, Tuple
 
-import numpy as np
 import keras
+import numpy as np
 
 from keras_quant.errors import ExportError
 from keras_quant.layers.integer import bias_integers

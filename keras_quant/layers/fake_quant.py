@@ -134,7 +134,7 @@ class ActivationQuantizer(keras.layers.Layer):
         input_scale: Frozen mode: the scale of the int8 grid the input already
             lies on (a max pool or reshape of a quantized tensor). The layer then
             requantizes as LiteRT's int8 QUANTIZE op does
-            (`kq.layers.integer.convert_integers`), not in float.
+            (`kq.layers.integer.convert`), not in float.
         **kwargs: Base layer arguments (`name`, ...).
 
     Raises:
@@ -229,8 +229,10 @@ class ActivationQuantizer(keras.layers.Layer):
         if plan is not None:  # the traced inference form (kq.layers.inference)
             return inference.quantize_output(self, inputs, plan)
         if self.schedule is None:
-            if self.input_scale is not None and not training:
-                inputs = self._requantized(inputs)
+            if self.input_scale is not None and not training:  # an int8 tensor moved to this grid (QUANTIZE)
+                from keras_quant.layers.integer import convert
+
+                inputs = convert(inputs, self.input_scale, self._state["scale"])
             return self.quantizer(inputs, self._state)
         training = bool(training)
         observing, frozen = self.schedule.flags()
@@ -238,16 +240,6 @@ class ActivationQuantizer(keras.layers.Layer):
         if training and (slot is None or slot == self.slots - 1):
             self.schedule.advance()
         return outputs
-
-    def _requantized(self, inputs):
-        """The input (on the `input_scale` grid) moved to this quantizer's grid as the int8 QUANTIZE op does."""
-        from keras_quant.layers.integer import convert_integers
-
-        scale = ops.cast(self._state["scale"], "float32")
-        x_int = ops.round(ops.divide(ops.cast(inputs, "float32"), self.input_scale))
-        multiplier = ops.cast(ops.round(256.0 * ops.divide(ops.convert_to_tensor(self.input_scale, "float32"), scale)),
-                              "int32")
-        return ops.cast(ops.multiply(convert_integers(x_int, multiplier), scale), inputs.dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -21,7 +21,7 @@ LiteRT's XNNPACK kernels compute, bit for bit:
   that follows clamps it).
 
 `add_integers` is XNNPACK's int8 ADD: 20-bit fixed-point multipliers per
-input, a rounding bias, an arithmetic right shift. `convert_integers` is its
+input, a rounding bias, an arithmetic right shift. `convert` is its
 int8-to-int8 QUANTIZE (a requantization, e.g. of a Concatenate's input on
 another scale): an 8-bit multiplier, `(x * round(256 * s_in / s_out) + 128) >> 8`.
 
@@ -35,10 +35,12 @@ import keras
 import numpy as np
 from keras import ops
 
-__all__ = ["accumulator_op", "bias_integers", "requantize", "add_integers", "add_multipliers", "check_scale", "convert_integers",
-           "convert_multiplier", "IntegerAdd", "IntegerAveragePooling2D",
-           "IntegerConcatenate", "average_pool_integers", "logistic_table", "multiply_integers", "IntegerActivation",
-           "IntegerMultiply", "IntegerGlobalAveragePooling2D", "SIGMOID_GRID"]
+__all__ = [
+    "accumulator_op", "bias_integers", "requantize", "add_integers", "add_multipliers", "check_scale", "convert",
+    "convert_integers", "IntegerAdd", "IntegerAveragePooling2D", "IntegerConcatenate", "average_pool_integers",
+    "logistic_table", "multiply_integers", "IntegerActivation", "IntegerMultiply", "IntegerGlobalAveragePooling2D",
+    "SIGMOID_GRID",
+]
 
 # TFLite's int8 LOGISTIC writes this grid whatever the calibration says: (scale, zero point).
 SIGMOID_GRID = (1.0 / 256, -128)
@@ -131,15 +133,24 @@ def add_integers(a_int, b_int, a_mult, b_mult, shift):
     return ops.cast(ops.floor_divide(acc, 1 << shift), "float32")  # an arithmetic right shift
 
 
-def convert_multiplier(in_scale, out_scale):
-    """XNNPACK's int8 QUANTIZE multiplier: `round(256 * float32(in_scale / out_scale))` (ties to even)."""
-    return int(np.rint(np.float32(256.0) * np.float32(np.float32(in_scale) / np.float32(out_scale))))
-
-
 def convert_integers(x_int, multiplier):
     """XNNPACK's int8-to-int8 QUANTIZE on integers less the zero point: `(x * multiplier + 128) >> 8` (float32)."""
     acc = ops.cast(x_int, "int32") * multiplier + 128
     return ops.cast(ops.floor_divide(acc, 256), "float32")
+
+
+def convert(x, in_scale, out_scale):
+    """Values on the grid of step `in_scale` moved to the grid of step `out_scale` as the int8 QUANTIZE op does.
+
+    The multiplier is `round(256 * float32(in_scale / out_scale))`; the result
+    is dequantized and not clamped (the quantizer it feeds clamps). The scales
+    may be numbers or tensors (a frozen quantizer's variable).
+    """
+    in_scale = ops.convert_to_tensor(in_scale, "float32")
+    out_scale = ops.cast(out_scale, "float32")
+    x_int = ops.round(ops.divide(ops.cast(x, "float32"), in_scale))
+    multiplier = ops.cast(ops.round(256.0 * ops.divide(in_scale, out_scale)), "int32")
+    return ops.cast(ops.multiply(convert_integers(x_int, multiplier), out_scale), x.dtype)
 
 
 def average_pool_integers(q, pool_size, strides, padding):
@@ -250,7 +261,7 @@ class IntegerConcatenate(keras.layers.Concatenate):
     """A frozen model's `Concatenate` whose inputs are requantized as LiteRT's int8 QUANTIZE does it.
 
     TFLite's int8 CONCATENATION needs one scale; the converter puts a QUANTIZE
-    op (int8 to int8, `convert_integers`) before each input on another scale.
+    op (int8 to int8, `convert`) before each input on another scale.
     `kq.quantize_model` puts this layer where a post-training model concatenates
     int8 tensors of steps `input_scales` onto the grid of step `output_scale`
     (the quantizer after it, which clamps). In training, in the export trace
@@ -265,19 +276,12 @@ class IntegerConcatenate(keras.layers.Concatenate):
             raise ConfigError("input_scales", input_scales, "expected one scale per input", layer=self.name)
         self.input_scales = [check_scale(s, "input_scales", self.name) for s in input_scales]
         self.output_scale = check_scale(output_scale, "output_scale", self.name)
-        self._multipliers = [None if s == self.output_scale else convert_multiplier(s, self.output_scale)
-                             for s in self.input_scales]
 
     def call(self, inputs, training=None):
         if _float_form(training) or len(inputs) != len(self.input_scales):
             return super().call(inputs)
-        converted = []
-        for x, scale, multiplier in zip(inputs, self.input_scales, self._multipliers):
-            if multiplier is not None:
-                x_int = ops.round(ops.divide(ops.cast(x, "float32"), scale))
-                x = ops.cast(ops.multiply(convert_integers(x_int, multiplier), self.output_scale), x.dtype)
-            converted.append(x)
-        return super().call(converted)
+        return super().call([x if scale == self.output_scale else convert(x, scale, self.output_scale)
+                             for x, scale in zip(inputs, self.input_scales)])
 
     def get_config(self):
         config = super().get_config()

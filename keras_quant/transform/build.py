@@ -269,12 +269,18 @@ def _tensor_grid(qparams, spec):
     return None if scale is None else (scale, int(np.asarray(qparams[1]).reshape(-1)[0]))
 
 
+def _output_scale(step, fused_into):
+    """PTQ: the scale of the int8 grid a step's op writes: its own quantizer's, or (`fused_into`: the step of
+    the activation TFLite fuses into the op) the quantizer's after that activation; else None."""
+    after = fused_into if step.quant_spec is None else step
+    return None if after is None else _tensor_scale(after.qparams, after.quant_spec)
+
+
 def _fused_scale(step, plan):
     """PTQ: the scale of the int8 quantizer after the activation fused into a wrap step, else None."""
     if step.kind != "wrap" or step.quant_spec is not None or len(step.chain) < 2:
         return None
-    after = plan.get(id(step.chain[-1]))
-    return None if after is None else _tensor_scale(after.qparams, after.quant_spec)
+    return _output_scale(step, plan.get(id(step.chain[-1])))
 
 
 def _integer_merge(step, staging, args, tensor_grids, flat, plan):
@@ -284,10 +290,8 @@ def _integer_merge(step, staging, args, tensor_grids, flat, plan):
     if not grids or None in grids:
         return None
     scales = [g[0] for g in grids]
-    after = step
-    if step.quant_spec is None and step.fused:  # the quantizer follows the activation TFLite fuses into the ADD
-        after = plan.get(id(flat.sole_consumer(staging)))
-    scale = None if after is None else _tensor_scale(after.qparams, after.quant_spec)
+    # A fused merge's quantizer follows the activation TFLite fuses into the ADD.
+    scale = _output_scale(step, plan.get(id(flat.sole_consumer(staging))) if step.fused else None)
     if scale is None:
         return None
     if type(staging) is keras.layers.Add and len(scales) == 2:

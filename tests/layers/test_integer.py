@@ -72,9 +72,8 @@ def test_convert_integers_is_xnnpacks_int8_requantize(in_scale, out_scale, seed)
         return  # outside the ratios XNNPACK's int8 QUANTIZE accepts
     x = np.random.default_rng(seed).integers(-255, 256, 128)
     multiplier = int(np.rint(np.float32(256.0) * (np.float32(in_scale) / np.float32(out_scale))))
-    assert integer.convert_multiplier(in_scale, out_scale) == multiplier
-    got = keras.ops.convert_to_numpy(integer.convert_integers(x.astype("float32"), multiplier))
-    assert got.tolist() == [(int(v) * multiplier + 128) >> 8 for v in x]
+    got = keras.ops.convert_to_numpy(integer.convert(x.astype("float32") * in_scale, in_scale, out_scale))
+    assert np.round(got / out_scale).tolist() == [(int(v) * multiplier + 128) >> 8 for v in x]
 
 
 def average_pool_reference(q, pool, stride, padding):
@@ -131,6 +130,12 @@ def test_bad_scales_are_config_errors():
 
 
 # The model and its file ------------------------------------------------------------------
+def _compiled(inp, out, name):
+    model = keras.Model(inp, out, name=name)
+    model.compile(keras.optimizers.Adam(0.003), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
 def residual_cnn():
     """Conv+BN+ReLU, depthwise+BN+ReLU6, 1x1 conv+BN, residual Add+ReLU, max pool, Dense: no MEAN or softmax."""
     keras.utils.set_random_seed(1)
@@ -150,9 +155,7 @@ def residual_cnn():
     x = L.Conv2D(24, 3, padding="same", activation="relu", name="conv2")(x)
     x = L.Flatten(name="flatten")(x)
     x = L.Dense(10, name="logits")(x)
-    model = keras.Model(inp, x, name="residual_cnn")
-    model.compile(keras.optimizers.Adam(0.003), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    return model
+    return _compiled(inp, x, "residual_cnn")
 
 
 def inception_block():
@@ -169,9 +172,7 @@ def inception_block():
     x = L.AveragePooling2D(2, name="reduce")(x)
     x = L.Flatten(name="flatten")(x)
     x = L.Dense(10, name="logits")(x)
-    model = keras.Model(inp, x, name="inception_block")
-    model.compile(keras.optimizers.Adam(0.003), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    return model
+    return _compiled(inp, x, "inception_block")
 
 
 def squeeze_excite_block():
@@ -190,9 +191,7 @@ def squeeze_excite_block():
     x = L.Add(name="add")([x, y])
     x = L.Flatten(name="flatten")(x)
     x = L.Dense(10, name="logits")(x)
-    model = keras.Model(inp, x, name="squeeze_excite")
-    model.compile(keras.optimizers.Adam(0.003), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    return model
+    return _compiled(inp, x, "squeeze_excite")
 
 
 def _ptq(build):
@@ -270,7 +269,7 @@ def test_pools_and_concatenations_run_the_integer_kernels(ptq_inception):
     # concatenation's, which the 1x1 branches write directly.
     stem_scale = float(qmodel.get_layer("stem").output_qparams[0])
     assert qmodel.get_layer("branch_max_quant").input_scale == pytest.approx(stem_scale)
-    assert qmodel.get_layer("mixed")._multipliers == [None, None, None]
+    assert qmodel.get_layer("mixed").input_scales == [qmodel.get_layer("mixed").output_scale] * 3
 
 
 @tf_only
