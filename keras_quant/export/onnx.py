@@ -23,8 +23,11 @@ the int8 flatbuffer is converted with a dynamic batch, which tf2onnx keeps
 (a Dense on a rank-3 input is traced as reshape -> 2-D matmul -> reshape, so
 it stays one integer FULLY_CONNECTED). A model with LSTM / GRU / SimpleRNN
 layers converts only with a fixed batch (their while loops' TensorLists need
-a static element shape): it is written with batch 1 and the report says so;
-`kq.runtime` runs such a file sample by sample. The recurrent layers stay
+a static element shape): with a symbolic batch, the recurrent layers are
+traced unrolled over their (static) time steps, float ops with no loop, and
+the report says so; where that fails too (an unknown sequence length), the
+file is written with batch 1 and the report says so (`kq.runtime` runs such a
+file sample by sample). With `batch_size` set, the recurrent layers stay
 float ONNX Loops; the quantized tensor a loop reads is dequantized before it
 (`flatbuffer.float_loop_carries`: tf2onnx would otherwise feed the Loop a
 float tensor its body declares int8, which onnxruntime refuses).
@@ -42,10 +45,12 @@ Example:
 """
 
 import collections
+import contextlib
 import os
 import tempfile
 import warnings
 
+import keras
 import numpy as np
 
 from keras_quant import graph as graph_lib
@@ -358,6 +363,23 @@ class _quiet_tf2onnx:
         return False
 
 
+@contextlib.contextmanager
+def _unrolled_recurrent(model):
+    """Every recurrent layer of `model` unrolled while the block runs (an export trace), then as it was.
+
+    Yields the names of the layers it unrolled (empty: nothing recurrent, or already unrolled).
+    """
+    layers = [layer for layer in graph_lib.sublayers(model)
+              if isinstance(layer, keras.layers.RNN) and not layer.unroll]
+    for layer in layers:
+        layer.unroll = True
+    try:
+        yield [layer.name for layer in layers]
+    finally:
+        for layer in layers:
+            layer.unroll = False
+
+
 def _name_batch_dimension(proto, name="batch"):
     """Call the symbolic first dimension of every graph input and output `name` (tf2onnx writes `unk__N`)."""
     for value in list(proto.graph.input) + list(proto.graph.output):
@@ -385,13 +407,24 @@ def onnx_model(model, opset=INT4_OPSET, strict=True, activation_type="uint8", we
         if batch_size is not None or (e.field != "float_ops" and e.__cause__ is None):
             raise  # a fixed batch asked for, or what the mode cannot express: batch 1 would fail the same
         # Some graphs convert only with a static batch (a recurrent layer's while loop: the converter lowers
-        # its TensorList only with a static element shape): write batch 1 rather than nothing, and say so.
-        data, details = tflite_bytes(model, "int8", input_type="float32", output_type="float32", strict=strict,
-                                     batch_size=1)
-        batch_size = 1
-        batch_note = ("written with batch 1: with a symbolic batch the TFLite converter " +
-                      ("fails" if e.field != "float_ops" else f"leaves {e.layer} in float") +
-                      f" ({str(e).splitlines()[0][:200]})")
+        # its TensorList only with a static element shape). Unrolled, the loops are plain float ops that take
+        # any batch; where that fails too, write batch 1 rather than nothing. The report says which.
+        why = (("fails" if e.field != "float_ops" else f"leaves {e.layer} in float") +
+               f" ({str(e).splitlines()[0][:200]})")
+        try:
+            with _unrolled_recurrent(model) as unrolled:
+                if not unrolled:
+                    raise e
+                data, details = tflite_bytes(model, "int8", input_type="float32", output_type="float32",
+                                             strict=strict, batch_size=None)
+            batch_note = (f"recurrent layers traced unrolled over their time steps ({', '.join(unrolled)}), "
+                          f"float ops with no loop, for a symbolic batch: with their loops the TFLite converter "
+                          f"{why}")
+        except (ExportError, ValueError):  # ValueError: Keras cannot unroll an unknown sequence length
+            data, details = tflite_bytes(model, "int8", input_type="float32", output_type="float32",
+                                         strict=strict, batch_size=1)
+            batch_size = 1
+            batch_note = f"written with batch 1: with a symbolic batch the TFLite converter {why}"
     data, _ = flatbuffer.float_loop_carries(data)  # recurrent loops: tf2onnx types int8 loop carries wrongly
     fd, tmp = tempfile.mkstemp(suffix=".tflite")
     try:

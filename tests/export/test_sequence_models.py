@@ -67,16 +67,15 @@ def test_onnx_export_of_recurrent_float_islands(tmp_path):
     x = tokens(64)
     qmodel = ptq(model, x)
     report = kq.export_onnx(qmodel, tmp_path / "rnn.onnx")
-    assert any("written with batch 1" in n for n in report.notes), report.notes  # the loops need a fixed batch
+    # A symbolic batch: the loops are traced unrolled (float ops, no Loop), the report says so.
+    assert any("unrolled" in n and "forward_lstm" in n and "gru" in n for n in report.notes), report.notes
+    assert not any("batch 1" in n for n in report.notes), report.notes
     proto = onnx.load(str(tmp_path / "rnn.onnx"))
     onnx.checker.check_model(proto)
-    loops = [n for n in proto.graph.node if n.op_type == "Loop"]
-    assert len(loops) == 3, [n.op_type for n in proto.graph.node]  # forward, backward, GRU: float
-    for loop in loops:  # no loop carries an integer tensor: each body input is float, int32/int64 or bool
-        body = next(a.g for a in loop.attribute if a.name == "body")
-        types = {i.type.tensor_type.elem_type for i in body.input}
-        assert types <= {onnx.TensorProto.FLOAT, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
-                         onnx.TensorProto.BOOL}, (loop.name, types)
+    assert not [n for n in proto.graph.node if n.op_type == "Loop"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert all(model.get_layer(name).unroll is False for name in ("gru",))  # put back after the trace
+    assert qmodel.get_layer("bilstm").forward_layer.unroll is False
     # The Embedding and the head stay quantized around the islands: an int8 table the Gather reads (then
     # DequantizeLinear), and the head's 8-bit kernel behind a DequantizeLinear.
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
@@ -87,24 +86,47 @@ def test_onnx_export_of_recurrent_float_islands(tmp_path):
     assert (VOCAB, 8) in tables and sorted((8, 4)) in [sorted(k) for k in kernels], (tables, kernels)
 
     expected = qmodel.predict(x, verbose=0)
-    runner = kq.runtime.load(str(tmp_path / "rnn.onnx"))
-    got = runner.predict(x)
+    session = ort.InferenceSession(str(tmp_path / "rnn.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]  # one run, batch 64
     step = 1.0 / 256  # softmax output grid
     assert np.abs(got - expected).max() <= 2 * step + 1e-6, np.abs(got - expected).max()
     kq.export_tflite(qmodel, tmp_path / "rnn.tflite")  # the same integers as the TFLite file
     tflite = kq.runtime.load(str(tmp_path / "rnn.tflite")).predict(x)
     assert np.abs(got - tflite).max() <= step + 1e-6
 
+    # A fixed batch keeps the loops: float ONNX Loops, none carrying an integer tensor.
+    kq.export_onnx(qmodel, tmp_path / "rnn1.onnx", batch_size=1)
+    proto = onnx.load(str(tmp_path / "rnn1.onnx"))
+    loops = [n for n in proto.graph.node if n.op_type == "Loop"]
+    assert len(loops) == 3, [n.op_type for n in proto.graph.node]  # forward, backward, GRU: float
+    for loop in loops:  # each body input is float, int32/int64 or bool
+        body = next(a.g for a in loop.attribute if a.name == "body")
+        types = {i.type.tensor_type.elem_type for i in body.input}
+        assert types <= {onnx.TensorProto.FLOAT, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+                         onnx.TensorProto.BOOL}, (loop.name, types)
+    looped = kq.runtime.load(str(tmp_path / "rnn1.onnx")).predict(x)
+    np.testing.assert_allclose(looped, got, atol=step + 1e-6)
 
-def test_onnx_export_of_a_sequence_simple_rnn_is_a_typed_error(tmp_path):
-    """Known gap: the TFLite converter quantizes a SimpleRNN's sequence output inside its loop (tanh's fixed
-    1/128 grid), and the ONNX tf2onnx writes for that loop gives the next loop an input onnxruntime refuses.
-    Export says so with an `ExportError` naming layers and the remedy, and writes nothing."""
-    qmodel = ptq(recurrent_model(simple_rnn=True), tokens(64))
+
+def test_onnx_export_of_a_sequence_simple_rnn(tmp_path):
+    """With a symbolic batch the loops are unrolled, and a SimpleRNN feeding a GRU exports and runs.
+
+    Known gap with a fixed batch (the loop form): the TFLite converter quantizes a SimpleRNN's sequence
+    output inside its loop (tanh's fixed 1/128 grid), and the ONNX tf2onnx writes for that loop gives the
+    next loop an input onnxruntime refuses. Export says so with an `ExportError` naming layers and the
+    remedy, and writes nothing."""
+    x = tokens(64)
+    qmodel = ptq(recurrent_model(simple_rnn=True), x)
+    report = kq.export_onnx(qmodel, tmp_path / "srnn.onnx")
+    assert any("unrolled" in n and "srnn" in n for n in report.notes), report.notes
+    session = ort.InferenceSession(str(tmp_path / "srnn.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    assert np.abs(got - qmodel.predict(x, verbose=0)).max() <= 2 / 256 + 1e-6
+
     with pytest.raises(kq.errors.ExportError, match="onnxruntime cannot load.*kq.export_tflite") as info:
-        kq.export_onnx(qmodel, tmp_path / "srnn.onnx")
+        kq.export_onnx(qmodel, tmp_path / "srnn1.onnx", batch_size=1)
     assert info.value.layer, info.value
-    assert not (tmp_path / "srnn.onnx").exists()
+    assert not (tmp_path / "srnn1.onnx").exists()
 
 
 def test_float_loop_carries_keeps_the_tflite_values(tmp_path):
