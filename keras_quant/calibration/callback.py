@@ -238,11 +238,16 @@ class CalibrationCallback(keras.callbacks.Callback):
             tracked.append((key, layer, layer_config.activations))
         return tracked
 
-    def _depthwise_outputs(self, tracked):
-        """`[(key, layer, spec)]`: the depthwise output inside each planned separable convolution."""
+    def _depthwise_outputs(self, model):
+        """`[(key, layer, spec)]`: the depthwise output inside each planned separable convolution.
+
+        Every separable layer of the plan, whether or not its own output is observed (with
+        `statistics="range"`, one followed by BatchNormalization and ReLU has no quantizer of its own).
+        """
         from keras_quant.transform.plan import SEPARABLE, separable_key
 
-        return [(separable_key(key), layer, self._planned[separable_key(key)]) for key, layer, _ in tracked
+        return [(separable_key(key), layer, self._planned[separable_key(key)])
+                for key, layer in layer_keys(model).items()
                 if isinstance(layer, SEPARABLE) and separable_key(key) in self._planned]
 
     def _preactivations(self, model, tracked):
@@ -297,7 +302,7 @@ class CalibrationCallback(keras.callbacks.Callback):
             self._preact_tracked = self._preactivations(model, tracked)
             for key, layer, spec in self._preact_tracked:
                 self._collector(key, spec, graph_lib.output_shape(layer))
-            self._inner_tracked = self._depthwise_outputs(tracked)
+            self._inner_tracked = self._depthwise_outputs(model)
             for key, layer, spec in self._inner_tracked:
                 self._collector(key, spec)
         return tracked

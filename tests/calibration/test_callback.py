@@ -403,6 +403,27 @@ def test_range_statistics_give_the_same_qparams():
         CalibrationCallback(statistics="everything")
 
 
+def test_range_statistics_of_a_separable_conv_folded_into_batchnorm_and_relu():
+    """Xception / NASNet: SeparableConv2D -> BatchNormalization -> ReLU has no quantizer at the conv's own
+    output, but its depthwise half writes a tensor of its own in the file: range statistics record it."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 3), name="image")
+    h = keras.layers.SeparableConv2D(6, 3, padding="same", use_bias=False, name="sep")(inp)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.ReLU(name="relu")(h)
+    out = keras.layers.Dense(2, name="fc")(keras.layers.GlobalAveragePooling2D(name="gap")(h))
+    model = keras.Model(inp, out)
+    x = np.random.default_rng(0).normal(size=(32, 8, 8, 3)).astype("float32")
+    full, lean = CalibrationCallback(), CalibrationCallback(statistics="range")
+    model.predict(x, callbacks=[full], verbose=0)
+    model.predict(x, callbacks=[lean], verbose=0)
+    assert "sep" not in lean.result.layer_names and "sep:depthwise" in lean.result.layer_names
+    assert lean.result["sep:depthwise"].scale == pytest.approx(full.result["sep:depthwise"].scale, rel=1e-6)
+    q_full = kq.quantize_model(model, calibration=full.result)
+    q_lean = kq.quantize_model(model, calibration=lean.result)
+    np.testing.assert_array_equal(q_full.predict(x, verbose=0), q_lean.predict(x, verbose=0))
+
+
 def test_detach_after_an_interrupted_call():
     x, _ = data(64)
     model = small_model()
