@@ -12,12 +12,14 @@ model, a U-Net and a Conv1D model with `keras.ops` nodes. Each trains briefly on
 (`zoo_models.py` says which task), then goes through the stages, each recorded as `ok` or the
 exception's type and message, a failed stage skipping those that need it:
 
-1. `calibrate`: `kq.CalibrationCallback()` during `model.predict` on the calibration samples;
+1. `calibrate`: `kq.CalibrationCallback(statistics="range")` during `model.predict` on the
+   calibration samples (only what `quantize_model` reads: the quickest way to a file);
 2. `ptq`: `kq.quantize_model(model, calibration=cb.result)`;
 3. `tflite`: `kq.export_tflite(qmodel, path)` (int8, strict). When the strict export refuses a
    float layer, the file is written again with `strict=False` for the figures (`figures_from`);
 4. `onnx`: `kq.export_onnx(qmodel, path)`, and the file opened in onnxruntime;
-5. `qat`: `kq.quantize_model(model, mode="qat", calibration=cb.result)`, compiled (Adam 1e-4),
+5. `qat`: `kq.quantize_model(model, mode="qat", calibration=full)`, from the default callback's
+   full statistics (`calibrate_full`, timed as `calibrate_full_s`), compiled (Adam 1e-4),
    fitted a few epochs on a few batches; the loss must be finite and fall (last epoch < first);
 6. `qat_export`: `kq.export_tflite` of the QAT model (int8).
 
@@ -36,8 +38,9 @@ or a timeout is recorded in its row and the other models still run. Figures per 
   `TFLITE_BUILTINS_INT8`, int8 I/O; `converter` records whether it converts at all); size and
   batch-1 latency of kq's file over the converter's (LiteRT interpreter, 1 thread, the two files
   taking turns in rounds: `bench_export.round_robin_latency`); time from the float model to the
-  file (kq: calibrate + quantize + export; converter: concrete function + convert) over the
-  converter's.
+  file (kq: calibrate with `statistics="range"` + quantize + export; converter: concrete function +
+  convert) over the converter's. `calibrate_full_s` is the default callback's full statistics
+  (moments, histograms, per-channel extremes of every layer) on the same samples, for the record.
 
 Targets (judged per model, reported, not asserted): every model passes every stage; at least 13
 files fully integer; every file within 2 output steps of its Keras model at p99 and 6 at most;
@@ -433,8 +436,8 @@ def _run_model(zm, cfg, folder, log, size, data, row, stage, t, progress):
     progress(row)
 
     # kq: calibrate, PTQ, TFLite, ONNX.
-    def calibrate():
-        cb = kq.CalibrationCallback()
+    def calibrate(statistics="range"):
+        cb = kq.CalibrationCallback(statistics=statistics)
         model.predict(x_calib, batch_size=32, verbose=0, callbacks=[cb])
         return cb.result
 
@@ -472,9 +475,20 @@ def _run_model(zm, cfg, folder, log, size, data, row, stage, t, progress):
 
     stage("onnx", onnx)
 
+    # The default callback's full statistics on the same samples (QAT starts from them).
+    start = time.perf_counter()
+    try:
+        full = calibrate("full")
+        row["calibrate_full"] = "ok"
+    except Exception as e:  # noqa: BLE001 - recorded; QAT falls back to the range statistics
+        full = result
+        row["calibrate_full"] = _error_text(e)
+    row["calibrate_full_s"] = time.perf_counter() - start
+    progress(row)
+
     # QAT from the same calibration, then its export.
     def qat():
-        qat_model = kq.quantize_model(model, mode="qat", calibration=result)
+        qat_model = kq.quantize_model(model, mode="qat", calibration=full)
         loss = "binary_crossentropy" if zm.segmentation else "sparse_categorical_crossentropy"
         qat_model.compile(optimizer=keras.optimizers.Adam(QAT_LR), loss=loss)
         n = cfg["qat_samples"]
@@ -616,7 +630,8 @@ def _short(v, limit=90):
     return v if not isinstance(v, str) or len(v) <= limit else v[: limit - 3] + "..."
 
 
-TIMING_COLUMNS = ("model", "train_s") + tuple(f"{s}_s" for s in STAGES) + ("time_converter_s", "worker_s")
+TIMING_COLUMNS = (("model", "train_s") + tuple(f"{s}_s" for s in STAGES)
+                  + ("calibrate_full_s", "time_converter_s", "worker_s"))
 
 
 def timing_rows(rows):
