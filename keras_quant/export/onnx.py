@@ -33,7 +33,9 @@ float ONNX Loops; the quantized tensor a loop reads is dequantized before it
 float tensor its body declares int8, which onnxruntime refuses).
 GELU, which tf2onnx cannot convert, is written as its Erf (or Tanh)
 formula between the same QDQ pair; any other TFLite op tf2onnx leaves
-unconverted is an `ExportError` naming its layer.
+unconverted is an `ExportError` naming its layer. tf2onnx's transpose optimizer
+runs with one fix (`_squared_mul_handler`): a LayerNormalization on a 1x1 feature
+map (ConvNeXt's last stage at small inputs) was written with a wrong Reshape.
 
 The file passes `onnx.checker` and is loaded in onnxruntime before it is
 written.
@@ -48,6 +50,7 @@ import collections
 import contextlib
 import os
 import tempfile
+import threading
 import warnings
 
 import keras
@@ -380,6 +383,60 @@ def _unrolled_recurrent(model):
             layer.unroll = False
 
 
+_TF2ONNX_LOCK = threading.Lock()
+
+
+def _squared_mul_handler(handler):
+    """tf2onnx's TransposeOptimizer `_mul_handler`, also transposing the shape it records for `Mul(t, t)`.
+
+    When both inputs of a Mul are one NHWC Transpose `t` (TFLite's SQUARED_DIFFERENCE, as in
+    LayerNormalization's variance, becomes `Sub` then `Mul(d, d)`), tf2onnx 1.17 moves the Transpose
+    after the Mul but keeps the Mul's NHWC shape on what is now an NCHW tensor (its other branches
+    transpose it back: `_switch_transpose_and_node`). `post_optimize_action` then replaces a
+    Transpose of that tensor whose spatial size is 1x1 by a Reshape to the wrong shape
+    (`[-1, 1, C, 1]` instead of `[-1, 1, 1, C]`): the file loads, and a later op fails at run time
+    or broadcasts to a wrong result (ConvNeXt's last stage at 1x1: its residual QLinearAdd of
+    `(batch, C, 1, 1)` and `(batch * C, C, 1, 1)`). This records the shape the Mul really has.
+    """
+    from tf2onnx.optimizer.transpose_optimizer import invert_perm
+
+    def mul_handler(self, trans, node):
+        squared = all(name == trans.output[0] for name in node.input)
+        shape = self._g.get_shape(node.output[0])
+        handled = handler(self, trans, node)
+        if handled and squared and shape:
+            perm_inv = invert_perm(trans.get_attr_value("perm"))
+            self._g.set_shape(node.output[0], [shape[i] for i in perm_inv])
+        return handled
+
+    return mul_handler
+
+
+class _tf2onnx_fixes:
+    """A context manager: tf2onnx's TransposeOptimizer with `_squared_mul_handler` while it converts.
+
+    Held under a lock (the handler is a class attribute); the original is restored on exit.
+    """
+
+    def __enter__(self):
+        from tf2onnx.optimizer.transpose_optimizer import TransposeOptimizer
+
+        _TF2ONNX_LOCK.acquire()
+        try:
+            self._original = TransposeOptimizer.__dict__["_mul_handler"]
+            TransposeOptimizer._mul_handler = _squared_mul_handler(self._original)
+        except BaseException:
+            _TF2ONNX_LOCK.release()
+            raise
+
+    def __exit__(self, *exc):
+        from tf2onnx.optimizer.transpose_optimizer import TransposeOptimizer
+
+        TransposeOptimizer._mul_handler = self._original
+        _TF2ONNX_LOCK.release()
+        return False
+
+
 def _name_batch_dimension(proto, name="batch"):
     """Call the symbolic first dimension of every graph input and output `name` (tf2onnx writes `unk__N`)."""
     for value in list(proto.graph.input) + list(proto.graph.output):
@@ -433,7 +490,7 @@ def onnx_model(model, opset=INT4_OPSET, strict=True, activation_type="uint8", we
         base = min(opset, _TF2ONNX_MAX_OPSET)
         with warnings.catch_warnings():  # tf2onnx reads the flatbuffer with the deprecated tf.lite.Interpreter
             warnings.simplefilter("ignore")
-            with _quiet_tf2onnx():
+            with _quiet_tf2onnx(), _tf2onnx_fixes():
                 proto, _ = tf2onnx.convert.from_tflite(tmp, opset=base)
     except Exception as e:  # tf2onnx raises plain exceptions; name what failed
         raise ExportError("opset", opset, f"tf2onnx could not convert the integer model ({type(e).__name__}: "

@@ -165,6 +165,38 @@ def test_onnxruntime_fuses_a_flatten_dense_head(tmp_path):
     assert models.output_steps(qmodel.predict(xs, verbose=0), runner.predict(xs), runner.output_quantization[0]) <= 1.0 + 1e-4
 
 
+def test_layer_norm_at_1x1_spatial_runs_in_onnxruntime(tmp_path):
+    """LayerNormalization on a 1x1 feature map, then a residual Add (ConvNeXt's last stage at 32x32 input).
+
+    TFLite's SQUARED_DIFFERENCE becomes `Sub` then `Mul(d, d)` in tf2onnx, whose transpose optimizer
+    left that Mul's NHWC shape on its NCHW output and then replaced a 1x1 Transpose by a Reshape to
+    the wrong shape: the file loaded, and onnxruntime's QLinearAdd failed at run time
+    ("Attempting to broadcast an axis by a dimension other than 1").
+    """
+    import keras
+    import onnxruntime as ort
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4, 4, 3))
+    x = keras.layers.Conv2D(8, 4, name="stem")(inp)  # 1x1 spatial
+    y = keras.layers.LayerNormalization(epsilon=1e-6, name="ln")(x)
+    y = keras.layers.Dense(8, name="pw")(y)
+    x = keras.layers.Add(name="residual")([x, y])
+    model = keras.Model(inp, keras.layers.Dense(4, name="head")(keras.layers.Flatten()(x)))
+    xs = np.random.default_rng(0).normal(size=(32, 4, 4, 3)).astype("float32")
+    qmodel = kq.quantize_model(model, kq.QuantConfig.int8(), calibration=models.calibrate(model, xs))
+    path = tmp_path / "layer_norm_1x1.onnx"
+    kq.export_onnx(qmodel, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: xs})
+    assert got.shape == (32, 4)
+    assert "QLinearAdd" in optimized_ops(path, tmp_path)  # the residual Add stays integer
+    runner = runtime.load(path)
+    want = qmodel.predict(xs, verbose=0)
+    assert models.output_steps(want, got, runner.output_quantization[0]) <= 2.0 + 1e-4
+    np.testing.assert_array_equal(runner.predict(xs), got)
+
+
 def test_full_range_weights_do_not_saturate_onnxruntime(tmp_path):
     """Large activations against large weights: exact with uint8 weights on every CPU.
 
