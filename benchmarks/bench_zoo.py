@@ -35,7 +35,9 @@ or a timeout is recorded in its row and the other models still run. Figures per 
   p99 and max over the fidelity samples and outputs;
 - accuracy of the Keras float model, kq's int8 file and the TFLite converter's own full-integer
   PTQ of the same float model (`representative_dataset` of the same calibration samples,
-  `TFLITE_BUILTINS_INT8`, int8 I/O; `converter` records whether it converts at all); size and
+  `TFLITE_BUILTINS_INT8`, int8 I/O; `converter` records whether it converts at all), and the
+  paired counts behind their difference (`kq_only_right`: test samples kq's file gets right and
+  the converter's wrong; `converter_only_right`: the reverse); size and
   batch-1 latency of kq's file over the converter's (LiteRT interpreter, 1 thread, the two files
   taking turns in rounds: `bench_export.round_robin_latency`); time from the float model to the
   file (kq: calibrate with `statistics="range"` + quantize + export; converter: concrete function +
@@ -89,7 +91,7 @@ FULL_ORDER = ("Conv1D_audio", "UNet", "Transformer", "LSTM_GRU", "MobileNet", "M
               "ResNet50V2", "ConvNeXtTiny", "InceptionV3", "Xception")
 FULL = {"models": FULL_ORDER, "train": {"image": (2000, 1), "mask": (3000, 1), "tokens": (None, 15),
                                         "signal": (4000, 3)},
-        "test": 300, "calib": 100, "fid": 100, "qat_samples": 128, "qat_epochs": 3, "rounds": 5, "round_s": 0.1,
+        "test": 1000, "calib": 100, "fid": 100, "qat_samples": 128, "qat_epochs": 3, "rounds": 5, "round_s": 0.1,
         "warmup": 5, "timeout": 1800}
 TARGETS = {"all_stages": 17, "fully_integer": 13, "fid_p99": 2.0, "fid_max": 6.0, "latency": 1.05, "size": 1.05,
            "time": 2.0}
@@ -425,14 +427,15 @@ def _run_model(zm, cfg, folder, log, size, data, row, stage, t, progress):
         row["converter"] = "ok"
         row["time_converter_s"] = t["converter"]
         conv_runner = _load_runner(conv_path)
-        row["acc_converter"] = zoo_models.accuracy(zm, _predict(conv_runner, xt), yt)
+        conv_pred = _predict(conv_runner, xt)
+        row["acc_converter"] = zoo_models.accuracy(zm, conv_pred, yt)
         row["size_converter_kb"] = len(conv_bytes) / 1024
         conv_figs = mac_figures(conv_bytes)
         row["converter_int_mac_share"] = conv_figs["int_mac_share"]
         row["converter_float_ops"] = conv_figs["float_ops"]
     except Exception as e:  # noqa: BLE001
         row["converter"] = _error_text(e)
-        conv_runner = None
+        conv_runner = conv_pred = None
     progress(row)
 
     # kq: calibrate, PTQ, TFLite, ONNX.
@@ -459,7 +462,7 @@ def _run_model(zm, cfg, folder, log, size, data, row, stage, t, progress):
     if row.get("time_kq_s") is not None and t.get("converter"):
         row["time_vs_converter"] = row["time_kq_s"] / t["converter"]
     if row.get("figures_from", "").endswith("export"):
-        _measure_kq_file(zm, cfg, row, kq_path, qmodel, conv_runner, x_fid, xt, yt, log)
+        _measure_kq_file(zm, cfg, row, kq_path, qmodel, conv_runner, conv_pred, x_fid, xt, yt, log)
     progress(row)
 
     def onnx():
@@ -514,7 +517,21 @@ def _run_model(zm, cfg, folder, log, size, data, row, stage, t, progress):
     log(f"{LOG_PREFIX} {zm.name}: {row['stages_ok']}/{len(STAGES)} stages ok")
 
 
-def _measure_kq_file(zm, cfg, row, kq_path, qmodel, conv_runner, x_fid, xt, yt, log):
+def paired_counts(zm, pred_a, pred_b, y):
+    """`(a right where b is wrong, b right where a is wrong)` over the test samples (classifiers only).
+
+    The accuracy difference of two files is the difference of these counts over the sample count;
+    when both are a handful, the files differ on a handful of borderline samples (an exact binomial
+    test on the disagreements, McNemar's, would call it chance)."""
+    if zm.segmentation:
+        return None
+    y = np.asarray(y)
+    right_a = np.argmax(np.asarray(pred_a), axis=-1) == y
+    right_b = np.argmax(np.asarray(pred_b), axis=-1) == y
+    return int(np.sum(right_a & ~right_b)), int(np.sum(right_b & ~right_a))
+
+
+def _measure_kq_file(zm, cfg, row, kq_path, qmodel, conv_runner, conv_pred, x_fid, xt, yt, log):
     """Figures of kq's int8 file: MACs, float ops, fidelity, accuracy, size and latency vs the converter's."""
     import bench_export
 
@@ -528,9 +545,13 @@ def _measure_kq_file(zm, cfg, row, kq_path, qmodel, conv_runner, x_fid, xt, yt, 
         row["float_op_names"] = figs["float_op_names"]
         row["size_kq_kb"] = len(data) / 1024
         runner = _load_runner(kq_path)
-        row["acc_kq"] = zoo_models.accuracy(zm, _predict(runner, xt), yt)
+        kq_pred = _predict(runner, xt)
+        row["acc_kq"] = zoo_models.accuracy(zm, kq_pred, yt)
         if row.get("acc_converter") is not None:
             row["acc_kq_minus_converter"] = row["acc_kq"] - row["acc_converter"]
+            counts = paired_counts(zm, kq_pred, conv_pred, yt) if conv_pred is not None else None
+            if counts is not None:
+                row["kq_only_right"], row["converter_only_right"] = counts
         if row.get("size_converter_kb"):
             row["size_vs_converter"] = row["size_kq_kb"] / row["size_converter_kb"]
     except Exception as e:  # noqa: BLE001
@@ -621,7 +642,8 @@ def run_in_subprocess(name, quick, folder, timeout, log):
 # Tables --------------------------------------------------------------------------------------
 STAGE_COLUMNS = ("model", "input", "params") + STAGES + ("converter",)
 FIGURE_COLUMNS = ("model", "int_mac_share", "float_ops", "fid_p99_steps", "fid_max_steps", "acc_float", "acc_kq",
-                  "acc_converter", "acc_kq_onnx", "acc_kq_qat_file", "size_kq_kb", "size_vs_converter",
+                  "acc_converter", "kq_only_right", "converter_only_right", "acc_kq_onnx", "acc_kq_qat_file",
+                  "size_kq_kb", "size_vs_converter",
                   "latency_kq_ms", "latency_vs_converter", "time_kq_s", "time_converter_s", "time_vs_converter",
                   "converter_int_mac_share", "figures_from", "float_op_names")
 

@@ -102,6 +102,15 @@ def test_mac_figures_count_the_ops_inside_loop_bodies(bz):
 
 
 # Fidelity -----------------------------------------------------------------------------------
+def test_paired_counts(bz):
+    """Which test samples one file gets right and the other wrong: the difference of accuracies, paired."""
+    y = np.array([0, 1, 2, 1])
+    a = np.eye(3)[[0, 1, 0, 0]]  # right, right, wrong, wrong
+    b = np.eye(3)[[0, 0, 2, 0]]  # right, wrong, right, wrong
+    assert bz.paired_counts(bz.zoo_models.get("MobileNet"), a, b, y) == (1, 1)
+    assert bz.paired_counts(bz.zoo_models.get("UNet"), a, b, y) is None  # pixel accuracy: not paired per sample
+
+
 def test_fidelity_steps_on_known_arrays(bz):
     keras_out = np.zeros((100, 2))
     file_out = np.zeros((100, 2))
