@@ -38,8 +38,8 @@ from keras import ops
 __all__ = [
     "accumulator_op", "bias_integers", "requantize", "add_integers", "add_multipliers", "check_scale", "convert",
     "convert_integers", "IntegerAdd", "IntegerAveragePooling2D", "IntegerConcatenate", "average_pool_integers",
-    "logistic_table", "multiply_integers", "IntegerActivation", "IntegerMultiply", "IntegerGlobalAveragePooling2D",
-    "SIGMOID_GRID",
+    "logistic_table", "multiply_integers", "multiply_multiplier", "IntegerActivation", "IntegerMultiply",
+    "IntegerBinaryOp", "IntegerGlobalAveragePooling2D", "SIGMOID_GRID",
 ]
 
 # TFLite's int8 LOGISTIC writes this grid whatever the calibration says: (scale, zero point).
@@ -195,7 +195,10 @@ def lookup(table, x_int, zero_point):
 
 def multiply_integers(a_int, b_int, multiplier):
     """XNNPACK's int8 MUL: `round_half_to_even(float32(a * b) * multiplier)` on integers less their zero points."""
-    return ops.round(ops.multiply(ops.multiply(a_int, b_int), ops.cast(multiplier, "float32")))
+    # The product in int32, then float32: grappler reassociates a float `(a * b) * constant` into
+    # `a * (b * constant)`, which rounds differently.
+    product = ops.cast(ops.multiply(ops.cast(a_int, "int32"), ops.cast(b_int, "int32")), "float32")
+    return ops.round(ops.multiply(product, ops.cast(multiplier, "float32")))
 
 
 def check_scale(scale, field, name):
@@ -226,8 +229,12 @@ class _TwoInputMerge:
     def call(self, inputs, training=None):
         if _float_form(training) or len(inputs) != 2:
             return super().call(inputs)
-        a, b = (ops.round(ops.divide(ops.cast(x, "float32"), s)) for x, s in zip(inputs, self.input_scales))
-        return ops.cast(ops.multiply(self._combine(a, b), self.output_scale), inputs[0].dtype)
+        return self._integer_call(*inputs, dtype=inputs[0].dtype)
+
+    def _integer_call(self, x1, x2, dtype):
+        """The two inputs (on their grids; a constant too) combined as the int8 kernel does, unclamped."""
+        a, b = (ops.round(ops.divide(ops.cast(x, "float32"), s)) for x, s in zip((x1, x2), self.input_scales))
+        return ops.cast(ops.multiply(self._combine(a, b), self.output_scale), dtype)
 
     def get_config(self):
         config = super().get_config()
@@ -395,11 +402,87 @@ class IntegerMultiply(_TwoInputMerge, keras.layers.Multiply):
     def __init__(self, input_scales, output_scale, **kwargs):
         super().__init__(**kwargs)
         self._set_scales(input_scales, output_scale)
-        a, b = (np.float32(v) for v in self.input_scales)
-        self._multiplier = float(np.float32(np.float32(a * b) / np.float32(self.output_scale)))
+        self._multiplier = multiply_multiplier(*self.input_scales, self.output_scale)
 
     def _combine(self, a, b):
         return multiply_integers(a, b, self._multiplier)
+
+
+def multiply_multiplier(scale_a, scale_b, output_scale):
+    """XNNPACK's fp32 MUL multiplier: `float32(float32(scale_a * scale_b) / output_scale)`."""
+    a, b = np.float32(scale_a), np.float32(scale_b)
+    return float(np.float32(np.float32(a * b) / np.float32(output_scale)))
+
+
+# The keras.ops nodes `IntegerBinaryOp` computes: name -> (float op, whether it adds).
+_BINARY_OPS = {"add": (ops.add, True), "multiply": (ops.multiply, False)}
+
+
+@keras.saving.register_keras_serializable(package="keras_quant")
+class IntegerBinaryOp(_TwoInputMerge, keras.layers.Layer):
+    """A frozen model's `keras.ops.add` / `keras.ops.multiply` node (`x + y`, `h + pos`) as LiteRT's int8 ADD / MUL.
+
+    The graph's bare `x + y` between int8 tensors, called like the op,
+    `layer(x1, x2)`; or with a constant operand (a positional embedding
+    `h + pos`), which the layer holds as its non-trainable weight `constant`
+    (`constant_shape`, on the left when `constant_first`) and is called
+    `layer(x)`. The converter quantizes a constant operand on a grid of its
+    own (asymmetric 8-bit over its min / max and 0), whose scale
+    `kq.quantize_model` passes in `input_scales`. The output is on the grid of
+    step `output_scale` (the quantizer after it clamps). In training and in
+    the export trace it is the plain op. The constant is a variable so that
+    its integers are divided out at run time, as the converter does, rather
+    than constant-folded (grappler folds a division by a constant into a
+    multiplication by its reciprocal, which rounds differently).
+
+    Args:
+        op: `"add"` or `"multiply"`.
+        input_scales: The two operands' scales (in call order, the constant's included).
+        output_scale: The output grid's step.
+        constant_shape: The constant operand's shape, or None (two tensor operands).
+        constant_first: Whether the constant is the left operand.
+    """
+
+    def __init__(self, op, input_scales, output_scale, constant_shape=None, constant_first=False, **kwargs):
+        super().__init__(**kwargs)
+        from keras_quant.errors import ConfigError
+
+        if op not in _BINARY_OPS:
+            raise ConfigError("op", op, f"op must be one of {tuple(_BINARY_OPS)}", layer=self.name)
+        self.op = op
+        self._set_scales(input_scales, output_scale)
+        self.constant_shape = None if constant_shape is None else tuple(int(d) for d in constant_shape)
+        self.constant_first = bool(constant_first)
+        self.constant = None
+        if _BINARY_OPS[op][1]:
+            self._params = add_multipliers(*self.input_scales, self.output_scale)
+        else:
+            self._multiplier = multiply_multiplier(*self.input_scales, self.output_scale)
+
+    def build(self, *shapes):
+        if self.constant_shape is not None:
+            self.constant = self.add_weight(name="constant", shape=self.constant_shape, initializer="zeros",
+                                            trainable=False, autocast=False)
+        self.built = True
+
+    def _combine(self, a, b):
+        if _BINARY_OPS[self.op][1]:
+            return add_integers(a, b, *self._params)
+        return multiply_integers(a, b, self._multiplier)
+
+    def call(self, x1, x2=None, training=None):
+        dtype = x1.dtype
+        if self.constant is not None:
+            x1, x2 = (ops.cast(self.constant, dtype), x1) if self.constant_first else (x1, ops.cast(self.constant, dtype))
+        if _float_form(training):
+            return _BINARY_OPS[self.op][0](x1, x2)
+        return self._integer_call(x1, x2, dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(op=self.op, constant_shape=None if self.constant_shape is None else list(self.constant_shape),
+                      constant_first=self.constant_first)
+        return config
 
 
 @keras.saving.register_keras_serializable(package="keras_quant")

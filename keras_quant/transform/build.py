@@ -43,6 +43,7 @@ Example:
 (('bn', 'conv'),)
 """
 
+import math
 import warnings
 
 import keras
@@ -50,16 +51,16 @@ import numpy as np
 from keras import tree
 
 from keras_quant import graph as graph_lib
-from keras_quant.config import LayerQuantConfig, QuantConfig
+from keras_quant.config import LayerQuantConfig, QuantConfig, QuantSpec
 from keras_quant.errors import ConfigError, NoDataError
 from keras_quant.layers import qat_quantizer
 from keras_quant.layers.fake_quant import ActivationQuantizer
 from keras_quant.layers.integer import (
-    INTEGER_ACTIVATIONS, IntegerActivation, IntegerAdd, IntegerAveragePooling2D, IntegerConcatenate,
+    INTEGER_ACTIVATIONS, IntegerActivation, IntegerAdd, IntegerAveragePooling2D, IntegerBinaryOp, IntegerConcatenate,
     IntegerGlobalAveragePooling2D, IntegerMultiply,
 )
 from keras_quant.layers.folding import fold_into_layer
-from keras_quant.layers.rules import PREACTIVATION, fixed_output_qparams, get_rule
+from keras_quant.layers.rules import PREACTIVATION, fixed_output_qparams, get_rule, is_keras_op
 from keras_quant.layers.wrapper import QuantizeWrapper
 from keras_quant.transform.plan import (
     SHARED_INPUT_MERGES, has_fixed_grid, plan_concat_ranges, plan_model, resolve_ranges, share_merge_inputs,
@@ -303,6 +304,71 @@ def _integer_merge(step, staging, args, tensor_grids, flat, plan):
     return None
 
 
+# keras.ops nodes with an integer form (`IntegerBinaryOp`), by operation class name.
+_BINARY_OP_NAMES = {"Add": "add", "Multiply": "multiply"}
+
+
+def _constant_grid(value):
+    """`(scale, zero_point)` the TFLite converter gives a float constant operand of an int8 ADD, else None.
+
+    As its quantizer does (`GetUniformQuantizedTypeForWeight`, `getNudgedScaleAndZeroPoint`), in double:
+    8-bit asymmetric over the constant's min / max widened to 0, `scale = (max - min) / 255`, the zero point
+    from the end with the smaller rounding error, nudged into [-128, 127]; the scale is stored as float32.
+    """
+    array = np.asarray(keras.ops.convert_to_numpy(value))
+    if array.size == 0 or not np.issubdtype(array.dtype, np.floating) or not np.all(np.isfinite(array)):
+        return None
+    rmin, rmax = min(float(array.min()), 0.0), max(float(array.max()), 0.0)
+    if abs(rmax - rmin) < np.finfo(np.float64).eps:
+        return None  # an all-zero constant: the converter writes scale 1
+    qmin, qmax = -128.0, 127.0
+    scale = (rmax - rmin) / (qmax - qmin)
+    from_min, from_max = qmin - rmin / scale, qmax - rmax / scale
+    zero_point = from_min if abs(qmin) + abs(rmin / scale) < abs(qmax) + abs(rmax / scale) else from_max
+    zero_point = (int(min(max(zero_point, qmin), qmax)) if not qmin <= zero_point <= qmax
+                  else int(math.copysign(math.floor(abs(zero_point) + 0.5), zero_point)))  # C's round
+    return float(np.float32(scale)), zero_point
+
+
+def _integer_binary_op(step, staging, args, kwargs, tensor_grids, flat, plan):
+    """PTQ: an `IntegerBinaryOp` for a keras.ops `x + y` node between int8 tensors, or with a constant
+    operand (which the converter quantizes on its own grid), else None."""
+    op = _BINARY_OP_NAMES.get(type(staging).__name__)
+    if op is None or len(args) != 2 or kwargs or not any(keras.backend.is_keras_tensor(a) for a in args):
+        return None
+    grids, constants = [], [i for i, a in enumerate(args) if not keras.backend.is_keras_tensor(a)]
+    for a in args:
+        if keras.backend.is_keras_tensor(a):
+            grids.append(tensor_grids.get(id(a)))
+        elif op == "add":  # a constant: the converter's grid for it (a MUL's constant is quantized otherwise)
+            grids.append(_constant_grid(a))
+        else:
+            return None
+    if None in grids:
+        return None
+    scale = _output_scale(step, plan.get(id(flat.sole_consumer(staging))) if step.fused else None)
+    if scale is None or op == "multiply" and step.fused:
+        return None
+    constant = np.asarray(keras.ops.convert_to_numpy(args[constants[0]]), "float32") if constants else None
+    layer = IntegerBinaryOp(op, [g[0] for g in grids], scale, name=staging.name,
+                            constant_shape=None if constant is None else constant.shape,
+                            constant_first=constants == [0])
+    layer.constant_value = constant  # assigned once built (`_call_binary_op`)
+    return layer
+
+
+def _call_binary_op(layer, args):
+    """Call an `IntegerBinaryOp` on a node's arguments: the tensor alone when it holds the constant."""
+    if layer.constant_shape is None:
+        return layer(*args)
+    outputs = layer(next(a for a in args if keras.backend.is_keras_tensor(a)))
+    value = getattr(layer, "constant_value", None)
+    if value is not None:
+        layer.constant.assign(value)
+        layer.constant_value = None
+    return outputs
+
+
 def _integer_layer(step, staging, in_grid, config, flat):
     """PTQ: the integer form (`kq.layers.integer`) of a one-input layer on an int8 grid, else None."""
     out_grid = _tensor_grid(step.qparams, step.quant_spec)
@@ -476,6 +542,9 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
                 and type(staging) in (keras.layers.Add, keras.layers.Concatenate, keras.layers.Multiply)
                 and config.for_layer(flat.origin[id(staging)], flat.path(staging)) is not None):
             step.layer = _integer_merge(step, staging, args, tensor_grids, flat, plan)
+        elif (first and mode == "ptq" and step.kind == "clone" and is_keras_op(staging)
+              and config.for_layer(flat.origin[id(staging)], flat.path(staging)) is not None):
+            step.layer = _integer_binary_op(step, staging, args, kwargs, tensor_grids, flat, plan)
         elif first and mode == "ptq" and step.kind == "clone" and in_grid is not None:
             step.layer = _integer_layer(step, staging, in_grid, config, flat)
         if first and step.layer is None:
@@ -486,6 +555,8 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
                                          _fused_scale(step, plan) if mode == "ptq" else None)
         if step.inner_layer is not None:
             outputs = step.layer(step.inner_layer(*args, **kwargs), **kwargs)
+        elif isinstance(step.layer, IntegerBinaryOp):
+            outputs = _call_binary_op(step.layer, args)
         else:
             outputs = step.layer(*args, **kwargs)
         if first:

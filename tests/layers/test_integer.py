@@ -194,6 +194,22 @@ def squeeze_excite_block():
     return _compiled(inp, x, "squeeze_excite")
 
 
+def ops_graph():
+    """Bare keras.ops nodes between int8 tensors: a constant added on the left (`pos + h`, as a positional
+    embedding; the converter quantizes the constant on a grid of its own), `h + d` and `s * gate`."""
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((8, 8, 1), name="image")
+    h = L.Conv2D(8, 3, padding="same", activation="relu", name="conv")(inp)
+    pos = np.random.default_rng(4).normal(0.2, 0.3, (8, 8, 8)).astype("float32")
+    h = keras.ops.add(pos, h)
+    d = L.Conv2D(8, 1, name="pw")(h)
+    s = h + d
+    gate = L.Conv2D(8, 1, activation="sigmoid", name="gate")(s)
+    x = L.Flatten(name="flatten")(s * gate)
+    x = L.Dense(10, name="logits")(x)
+    return _compiled(inp, x, "ops_graph")
+
+
 def _ptq(build):
     (x_train, y_train), (x_test, _) = kq.datasets.load_digits()
     model = build()
@@ -214,6 +230,11 @@ def ptq_inception():
 
 
 @pytest.fixture(scope="module")
+def ptq_ops():
+    return _ptq(ops_graph)
+
+
+@pytest.fixture(scope="module")
 def ptq():
     return _ptq(residual_cnn)
 
@@ -229,7 +250,7 @@ def test_the_frozen_model_runs_the_integer_kernels(ptq):
 
 
 @tf_only
-@pytest.mark.parametrize("which", ["ptq", "ptq_inception", "ptq_se"])
+@pytest.mark.parametrize("which", ["ptq", "ptq_inception", "ptq_se", "ptq_ops"])
 def test_the_file_equals_the_keras_model_bit_for_bit(which, request, tmp_path):
     _, qmodel, x_test = request.getfixturevalue(which)
     path = tmp_path / "residual.tflite"
@@ -279,3 +300,20 @@ def test_swish_sigmoid_and_squeeze_excite_run_the_integer_kernels(ptq_se):
     assert kinds["stem_swish"] == "IntegerActivation" and kinds["squeeze"] == "IntegerGlobalAveragePooling2D"
     assert kinds["excite"] == "IntegerMultiply" and kinds["add"] == "IntegerAdd"
     assert all(qmodel.get_layer(n)._integer_op is not None for n in ("reduce", "expand", "project"))
+
+
+@tf_only
+def test_keras_ops_adds_and_multiplies_run_the_integer_kernels(ptq_ops, tmp_path):
+    model, qmodel, x_test = ptq_ops
+    ops = [layer for layer in qmodel.layers if isinstance(layer, integer.IntegerBinaryOp)]
+    assert sorted((layer.op, layer.constant_shape or (), layer.constant_first) for layer in ops) == [
+        ("add", (), False), ("add", (8, 8, 8), True), ("multiply", (), False)]
+    const = next(layer for layer in ops if layer.constant_shape is not None)
+    # The constant's grid is the converter's: asymmetric 8-bit over its min / max, computed in double.
+    pos = keras.ops.convert_to_numpy(const.constant)
+    lo, hi = min(float(pos.min()), 0.0), max(float(pos.max()), 0.0)
+    assert const.input_scales[0] == pytest.approx((hi - lo) / 255, rel=1e-6)  # the left operand
+    path = tmp_path / "ops.keras"
+    qmodel.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(loaded.predict(x_test[:64], verbose=0), qmodel.predict(x_test[:64], verbose=0))

@@ -45,10 +45,11 @@ def test_zoo_model_passes_every_stage(name, tmp_path):
     assert onnx_out.shape == expected.shape and np.all(np.isfinite(onnx_out))
     onnx_steps = np.abs(onnx_out - expected).reshape(len(x), -1).max(axis=1) / float(runner.output_quantization[0])
     assert np.percentile(onnx_steps, 99) <= 3.0, (name, onnx_steps.max(), report.notes)
-    # Recurrent loops convert only with a static batch: batch 1, and the note says so. Every other model
-    # (the Transformer's Dense layers on rank-3 tensors too) keeps a symbolic batch.
-    assert any("written with batch 1" in n for n in report.notes) == (name == "LSTM_GRU"), report.notes
-    if name == "Transformer":
+    # Recurrent loops convert only with a static batch: they are traced unrolled, and the note says so. Every
+    # model (the Transformer's Dense layers on rank-3 tensors too) keeps a symbolic batch.
+    assert not any("batch 1" in n for n in report.notes), report.notes
+    assert any("unrolled" in n for n in report.notes) == (name == "LSTM_GRU"), report.notes
+    if name in ("Transformer", "LSTM_GRU"):
         np.testing.assert_allclose(onnx_runner.predict(x, batch_size=100), onnx_out, atol=1e-6)
 
     qat = kq.quantize_model(model, mode="qat", calibration=cb.result)
