@@ -292,7 +292,7 @@ def _integer_merge(step, staging, args, tensor_grids, flat, plan):
         return None
     scales = [g[0] for g in grids]
     # A fused merge's quantizer follows the activation TFLite fuses into the ADD.
-    scale = _output_scale(step, plan.get(id(flat.sole_consumer(staging))) if step.fused else None)
+    scale = _output_scale(step, plan.get(id(step.chain[-1])) if step.fused else None)
     if scale is None:
         return None
     if type(staging) is keras.layers.Add and len(scales) == 2:
