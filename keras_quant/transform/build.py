@@ -197,12 +197,13 @@ def _finish_step(step, staging, mode):
 
 
 
-def _separable(step, staging, mode, observe_steps, bn_statistics, input_scale=None):
+def _separable(step, staging, mode, observe_steps, bn_statistics, input_scale=None, fused_scale=None):
     """`(depthwise, pointwise)` layers computing a SeparableConv, each wrapped per the step (unbuilt).
 
     The depthwise half quantizes its weights and its output (the step's
     `inner_key` range); the pointwise 1x1 convolution takes the bias, the
-    activation, a folded BatchNormalization and the step's output quantizer.
+    activation, a folded BatchNormalization and the step's output quantizer
+    (PTQ: or writes on `fused_scale`, the grid after a fused ReLU).
     """
     rank = 2 if isinstance(staging, keras.layers.SeparableConv2D) else 1
     depthwise_cls = keras.layers.DepthwiseConv2D if rank == 2 else keras.layers.DepthwiseConv1D
@@ -228,7 +229,7 @@ def _separable(step, staging, mode, observe_steps, bn_statistics, input_scale=No
                                     **kwargs)
     else:
         pointwise = QuantizeWrapper(pointwise, lc, name=staging.name, input_scale=_tensor_scale(
-            step.inner_qparams, step.inner_spec), **kwargs)
+            step.inner_qparams, step.inner_spec), fused_output_scale=fused_scale, **kwargs)
     return depthwise, pointwise
 
 
@@ -292,7 +293,7 @@ def _integer_merge(step, staging, args, tensor_grids, flat, plan):
         return None
     scales = [g[0] for g in grids]
     # A fused merge's quantizer follows the activation TFLite fuses into the ADD.
-    scale = _output_scale(step, plan.get(id(flat.sole_consumer(staging))) if step.fused else None)
+    scale = _output_scale(step, plan.get(id(step.chain[-1])) if step.fused else None)
     if scale is None:
         return None
     if type(staging) is keras.layers.Add and len(scales) == 2:
@@ -549,7 +550,8 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
             step.layer = _integer_layer(step, staging, in_grid, config, flat)
         if first and step.layer is None:
             if step.inner_key is not None:  # a separable convolution: depthwise, quantizer, pointwise
-                step.inner_layer, step.layer = _separable(step, staging, mode, observe_steps, bn_statistics, in_scale)
+                step.inner_layer, step.layer = _separable(step, staging, mode, observe_steps, bn_statistics, in_scale,
+                                                          _fused_scale(step, plan) if mode == "ptq" else None)
             else:
                 step.layer = _build_step(step, staging, mode, observe_steps, bn_statistics, in_scale,
                                          _fused_scale(step, plan) if mode == "ptq" else None)

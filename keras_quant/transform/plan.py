@@ -120,7 +120,7 @@ class Step:
     inner_layer: object = None  # the depthwise half built for the new model
     fixed: Optional[str] = None  # the output is a softmax / sigmoid / tanh's: TFLite's fixed grid may apply
     same_as: object = None  # a same-scale op (average pool): the Step whose range it keeps (QAT: its quantizer)
-    chain: tuple = ()  # "wrap": the staging layers TFLite computes as this one op (layer, folded BN, fused ReLU)
+    chain: tuple = ()  # "wrap", fused merge: the staging layers TFLite computes as one op (layer, folded BN, ReLU)
     range_from: object = None  # PTQ: the step whose range this quantizer takes (a Concatenate it feeds)
 
 
@@ -166,10 +166,9 @@ def plan_graph(flat, config):
             plan[id(layer)] = Step("clone")
         elif rule.kind == "merge" and _is_merge(original, FUSING_MERGES) and _fused_activation(flat, layer, cfg):
             # TFLite's ADD / SUB / MUL fuse a following ReLU / ReLU6: one quantizer, after it.
-            act = flat.sole_consumer(layer)
-            plan[id(layer)] = Step("clone", fused=True)
-            plan[id(act)] = quantized_output(Step("clone"), act, cfg(act).activations,
-                                             f"output quantizer after {key}+{flat.key(act)}")
+            acts = _fused_activations(flat, layer, cfg)
+            plan[id(layer)] = Step("clone", fused=True, chain=(layer, acts[0]))
+            _plan_fused(flat, acts, cfg, plan, quantized_output, f"output quantizer after {key}+{flat.key(acts[0])}")
         else:  # activation, merge, pool, unfolded norm: requantized output
             plan[id(layer)] = quantized_output(Step("clone"), layer, lc.activations, f"{rule.kind} layer output")
     _plan_float_boundaries(flat, config, plan, quantized_output)
@@ -318,13 +317,58 @@ def _plan_float_boundaries(flat, config, plan, quantized_output):
             quantized_output(step, layer, spec, "float layer output entering the integer graph")
 
 
+def _fused_activations(flat, layer, cfg):
+    """The fusable ReLU / ReLU6 layers TFLite fuses into `layer`'s op, all quantized, else ().
+
+    `layer`'s only output has one such consumer, or several identical ones
+    (same type and config, each called once, on the same activation spec):
+    the converter merges identical ops reading one tensor, and their
+    identical quantizers, then fuses the activation left into the op. (NASNet
+    applies `Activation("relu")` to a cell's input once per branch.) The
+    first one is the fused activation; the others compute the same tensor.
+    """
+    out = flat.single_output(layer)
+    users = flat.consumers[id(out)] if out is not None else []
+    if not users or any(u is None or len(flat.calls(u.operation)) != 1 for u in users):
+        return ()
+    acts = [u.operation for u in users]
+    if len({id(a) for a in acts}) != len(acts):  # one layer reading the tensor twice
+        return ()
+    first = acts[0]
+    rule = get_rule(first)
+    if rule is None or rule.kind != "activation" or not is_fusable_activation(first) or cfg(first) is None:
+        return ()
+    spec, config = cfg(first).activations, _anonymous_config(first)
+    if any(type(a) is not type(first) or cfg(a) is None or cfg(a).activations != spec
+           or _anonymous_config(a) != config for a in acts[1:]):
+        return ()
+    return tuple(acts)
+
+
+def _anonymous_config(layer):
+    config = dict(layer.get_config()) if graph_lib.is_layer(layer) else {}
+    config.pop("name", None)
+    return config
+
+
 def _fused_activation(flat, layer, cfg):
-    """The fusable ReLU / ReLU6 that is `layer`'s only consumer and is quantized, else None."""
-    nxt = flat.sole_consumer(layer)
-    rule = get_rule(nxt) if nxt is not None else None
-    if rule is not None and rule.kind == "activation" and is_fusable_activation(nxt) and cfg(nxt) is not None:
-        return nxt
-    return None
+    """The fusable ReLU / ReLU6 TFLite fuses into `layer`'s op (`_fused_activations`' first), else None."""
+    acts = _fused_activations(flat, layer, cfg)
+    return acts[0] if acts else None
+
+
+def _plan_fused(flat, acts, cfg, plan, quantized_output, what):
+    """Plan the quantizer after a fused activation and its duplicates: one range, the first one's (QAT: one
+    shared quantizer, as for an average pool and its input). Returns the first one's step."""
+    first = quantized_output(Step("clone"), acts[0], cfg(acts[0]).activations, what)
+    plan[id(acts[0])] = first
+    for act in acts[1:]:
+        step = quantized_output(Step("clone"), act, cfg(act).activations, what)
+        if step.quant_spec is not None:
+            step.quant_key, step.same_as = first.quant_key, first
+            step.quant_what += f" (the range of '{first.quant_key}': TFLite computes both as one op)"
+        plan[id(act)] = step
+    return first
 
 
 def _affine(flat, layer):
@@ -395,7 +439,8 @@ def _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config, 
         plan[id(nxt)] = Step("folded")
         report["folded"].append((flat.key(nxt), flat.key(layer)))
     own_activation = getattr(getattr(layer, "activation", None), "__name__", "linear")
-    activation = _fused_activation(flat, chain[-1], cfg) if own_activation == "linear" else None
+    activations = _fused_activations(flat, chain[-1], cfg) if own_activation == "linear" else ()
+    activation = activations[0] if activations else None
     if activation is not None:
         chain.append(activation)
     last = chain[-1]
@@ -409,7 +454,7 @@ def _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config, 
         quantized_output(step, last, spec, what)
     else:  # a fused activation layer: the quantizer goes after it
         spec = None
-        plan[id(last)] = quantized_output(Step("clone"), last, cfg(last).activations, what)
+        _plan_fused(flat, activations, cfg, plan, quantized_output, what)
     weights = lc.weights
     if (weights is not None and isinstance(flat.origin[id(layer)], L.Embedding) and weights.granularity != "per_tensor"
             and not config.names_layer(flat.origin[id(layer)], flat.path(layer))):

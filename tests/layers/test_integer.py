@@ -210,6 +210,52 @@ def ops_graph():
     return _compiled(inp, x, "ops_graph")
 
 
+def nasnet_reduction_cell():
+    """NASNet's first reduction cell, small: a stem conv+BN read by one `Activation("relu")` per branch (TFLite
+    merges the identical ReLUs and fuses the one left into the conv); a 1x1 conv+BN `h` read by a ReLU and a
+    ZeroPadding2D; ReLU + ZeroPadding2D + strided valid SeparableConv2D + BN + ReLU (fused into the pointwise
+    half) + SeparableConv2D; ZeroPadding2D + Cropping2D + strided 1x1 average pool; an average pool of the
+    padded `h`; Adds, two ReLUs of an Add (fused into the ADD as one), and a Concatenate. (Not NASNet's max
+    pool of the padded `h` added to a branch: in a model this small the converter leaves that ADD in float.)"""
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((8, 8, 1), name="image")
+    x = L.Conv2D(16, 3, use_bias=False, name="stem")(inp)
+    x = L.BatchNormalization(momentum=0.9, name="stem_bn")(x)
+    h = L.Activation("relu", name="relu_h")(x)
+    h = L.Conv2D(8, 1, use_bias=False, name="conv_h")(h)
+    h = L.BatchNormalization(momentum=0.9, name="conv_h_bn")(h)
+    h3 = L.ZeroPadding2D(((1, 1), (1, 1)), name="pad_h")(h)
+    a = L.Activation("relu", name="relu_a")(h)
+    a = L.ZeroPadding2D(((1, 1), (1, 1)), name="pad_a")(a)
+    a = L.SeparableConv2D(8, 3, strides=2, use_bias=False, name="sep_a")(a)
+    a = L.BatchNormalization(momentum=0.9, name="sep_a_bn")(a)
+    a = L.Activation("relu", name="sep_a_relu")(a)
+    a = L.SeparableConv2D(8, 3, padding="same", use_bias=False, name="sep_a2")(a)
+    a = L.BatchNormalization(momentum=0.9, name="sep_a2_bn")(a)
+    b = L.Activation("relu", name="relu_b")(x)
+    b = L.ZeroPadding2D(((0, 1), (0, 1)), name="pad_b")(b)
+    b = L.Cropping2D(((1, 0), (1, 0)), name="crop_b")(b)
+    b = L.AveragePooling2D(1, strides=2, name="pool_b")(b)
+    b = L.Conv2D(8, 1, use_bias=False, name="conv_b")(b)
+    b = L.BatchNormalization(momentum=0.9, name="conv_b_bn")(b)
+    c = L.Activation("relu", name="relu_c")(x)
+    c = L.ZeroPadding2D(((1, 1), (1, 1)), name="pad_c")(c)
+    c = L.SeparableConv2D(8, 3, strides=2, use_bias=False, name="sep_c")(c)
+    c = L.BatchNormalization(momentum=0.9, name="sep_c_bn")(c)
+    x1 = L.Add(name="add1")([a, b])
+    x2 = L.Add(name="add2")([c, b])
+    x3 = L.Add(name="add3")([L.AveragePooling2D(3, strides=2, name="avg_h")(h3), a])
+    x4 = L.Add(name="add4")([x2, L.AveragePooling2D(3, strides=1, padding="same", name="avg_x1")(x1)])
+    r1 = L.Activation("relu", name="relu_x4a")(x4)
+    r2 = L.Activation("relu", name="relu_x4b")(x4)
+    r1 = L.SeparableConv2D(8, 3, padding="same", use_bias=False, name="sep_x4")(r1)
+    r2 = L.Conv2D(8, 1, name="conv_x4")(r2)
+    x = L.Concatenate(name="concat")([x2, x3, r1, r2])
+    x = L.Flatten(name="flatten")(x)
+    x = L.Dense(10, name="logits")(x)
+    return _compiled(inp, x, "nasnet_reduction_cell")
+
+
 def _ptq(build):
     (x_train, y_train), (x_test, _) = kq.datasets.load_digits()
     model = build()
@@ -235,6 +281,11 @@ def ptq_ops():
 
 
 @pytest.fixture(scope="module")
+def ptq_nasnet():
+    return _ptq(nasnet_reduction_cell)
+
+
+@pytest.fixture(scope="module")
 def ptq():
     return _ptq(residual_cnn)
 
@@ -250,7 +301,7 @@ def test_the_frozen_model_runs_the_integer_kernels(ptq):
 
 
 @tf_only
-@pytest.mark.parametrize("which", ["ptq", "ptq_inception", "ptq_se", "ptq_ops"])
+@pytest.mark.parametrize("which", ["ptq", "ptq_inception", "ptq_se", "ptq_ops", "ptq_nasnet"])
 def test_the_file_equals_the_keras_model_bit_for_bit(which, request, tmp_path):
     _, qmodel, x_test = request.getfixturevalue(which)
     path = tmp_path / "residual.tflite"
@@ -317,3 +368,20 @@ def test_keras_ops_adds_and_multiplies_run_the_integer_kernels(ptq_ops, tmp_path
     qmodel.save(path)
     loaded = keras.models.load_model(path, safe_mode=True)
     np.testing.assert_array_equal(loaded.predict(x_test[:64], verbose=0), qmodel.predict(x_test[:64], verbose=0))
+
+
+@tf_only
+def test_identical_relus_of_one_tensor_are_fused_as_one(ptq_nasnet):
+    # TFLite's converter merges the ReLUs (and their identical quantizers) that read one tensor and fuses the
+    # ReLU left into the conv / ADD: one rounding of the accumulator onto the ReLU's grid, not two.
+    _, qmodel, _ = ptq_nasnet
+    assert qmodel.get_layer("stem").output_quantizer is None
+    keys = dict(qmodel.quantization_report.activation_quantizers)
+    assert keys["relu_h_quant"] == keys["relu_b_quant"] == keys["relu_c_quant"] in ("relu_h", "relu_b", "relu_c")
+    assert keys["relu_x4a_quant"] == keys["relu_x4b_quant"] in ("relu_x4a", "relu_x4b")
+    assert qmodel.get_layer("stem").fused_output_scale == pytest.approx(float(qmodel.get_layer("relu_b_quant").scale))
+    add4 = qmodel.get_layer("add4")
+    assert isinstance(add4, integer.IntegerAdd)
+    assert add4.output_scale == pytest.approx(float(qmodel.get_layer("relu_x4b_quant").scale))
+    # The pointwise half of a separable conv with a fused ReLU runs the integer kernel too.
+    assert qmodel.get_layer("sep_a").fused_output_scale is not None and qmodel.get_layer("sep_a")._integer_op
