@@ -138,9 +138,17 @@ def fold_batch_norm(kernel, bias, gamma, beta, moving_mean, moving_variance, eps
     axes = _axes(channel_axis, kernel.ndim)
     if int(np.prod([kernel.shape[a] for a in axes])) != channels:
         raise ShapeMismatchError("kernel", f"{channels} output channels on axes {axes}", kernel.shape)
-    factor, folded_bias = fold_factor_and_bias(bias, gamma, beta, moving_mean, moving_variance, epsilon)
-    folded_kernel = scale_channels(kernel.astype(dtype), factor, axes)
-    return np.asarray(ops.convert_to_numpy(folded_kernel), dtype), np.asarray(ops.convert_to_numpy(folded_bias), dtype)
+    # `fold_factor_and_bias` and `scale_channels` in numpy: the same float32 operations in the same order.
+    def f32(v, default):
+        return default if v is None else np.asarray(v).astype(np.float32)
+
+    mean = np.asarray(moving_mean).astype(np.float32)
+    zeros = np.zeros_like(mean)
+    factor = f32(gamma, np.ones_like(mean)) / np.sqrt(f32(moving_variance, None) + np.float32(epsilon))
+    folded_bias = f32(beta, zeros) + (f32(bias, zeros) - mean) * factor
+    shape = factor_shape(kernel.shape, axes)
+    folded_kernel = kernel.astype(dtype) * factor.reshape(shape).astype(dtype)
+    return np.asarray(folded_kernel, dtype), np.asarray(folded_bias, dtype)
 
 
 def bn_axes(bn):
