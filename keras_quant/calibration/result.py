@@ -51,7 +51,6 @@ import os
 import tempfile
 from typing import Any, Optional
 
-import keras
 import numpy as np
 
 from keras_quant import ops as kq_ops
@@ -489,11 +488,7 @@ class LayerStatistics:
             ConfigError: As `compute_range`.
         """
         lo, hi = self.compute_range(spec)
-        scale, zero_point = kq_ops.compute_qparams(np.asarray(lo, np.float32), np.asarray(hi, np.float32), spec)
-        return (
-            np.asarray(keras.ops.convert_to_numpy(scale), np.float32),
-            np.asarray(keras.ops.convert_to_numpy(zero_point), np.int32),
-        )
+        return kq_ops.numpy_qparams(np.asarray(lo, np.float32), np.asarray(hi, np.float32), spec)
 
     # Serialization ------------------------------------------------------------
     def _tree(self):

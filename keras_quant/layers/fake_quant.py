@@ -44,11 +44,25 @@ def assign_qparams(state, scale, zero_point, layer=None):
     """
     for field, value in (("scale", scale), ("zero_point", zero_point)):
         var = state[field]
-        value = np.asarray(keras.ops.convert_to_numpy(value), dtype="float32")
-        want = tuple(var.shape)
-        if value.size != int(np.prod(want)):
-            raise ShapeMismatchError(field, want, value.shape, layer=layer)
-        var.assign(value.reshape(want))
+        var.assign(_qparam_array(field, value, tuple(var.shape), layer))
+
+
+def _qparam_array(field, value, want, layer):
+    """`value` as a float32 array of shape `want`, or ShapeMismatchError when its size differs."""
+    value = np.asarray(keras.ops.convert_to_numpy(value), dtype="float32")
+    if value.size != int(np.prod(want)):
+        raise ShapeMismatchError(field, want, value.shape, layer=layer)
+    return value.reshape(want)
+
+
+class _Value:
+    """An initializer giving one known float32 array (not serialized: variables do not keep their initializers)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, shape, dtype=None):
+        return self.value
 
 
 class FrozenQuantizer:
@@ -69,7 +83,7 @@ class FrozenQuantizer:
     def __init__(self, spec):
         self.spec = _spec(spec)
 
-    def build(self, layer, shape, name):
+    def build(self, layer, shape, name, initial=None):
         """Create this quantizer's variables on `layer`.
 
         Args:
@@ -77,20 +91,29 @@ class FrozenQuantizer:
             shape: Shape of the tensor this quantizer sees (for per-channel sizes).
             name: Prefix of the variable names (`"kernel"`, `"output"`); empty
                 for plain `scale` / `zero_point`.
+            initial: Optional `(scale, zero_point)` the variables are created
+                with (as `assign_qparams` would write them), instead of 1 and 0.
 
         Returns:
             `{"scale": Variable, "zero_point": Variable}` (float32, non-trainable).
+
+        Raises:
+            ShapeMismatchError: When an initial value's size differs from the variable's.
         """
         pshape = kq_ops.param_shape(shape, self.spec)
         prefix = f"{name}_" if name else ""
+        inits = {"scale": "ones", "zero_point": "zeros"}
+        if initial is not None:  # created with their values: no fill, no assignment after
+            for field, value in zip(("scale", "zero_point"), initial):
+                inits[field] = _Value(_qparam_array(field, value, tuple(pshape), getattr(layer, "name", None)))
         return {
             "scale": layer.add_weight(
-                name=f"{prefix}scale", shape=pshape, initializer="ones", trainable=self.trainable, dtype="float32",
-                autocast=False,
+                name=f"{prefix}scale", shape=pshape, initializer=inits["scale"], trainable=self.trainable,
+                dtype="float32", autocast=False,
             ),
             "zero_point": layer.add_weight(
-                name=f"{prefix}zero_point", shape=pshape, initializer="zeros", trainable=False, dtype="float32",
-                autocast=False,
+                name=f"{prefix}zero_point", shape=pshape, initializer=inits["zero_point"], trainable=False,
+                dtype="float32", autocast=False,
             ),
         }
 
@@ -183,10 +206,10 @@ class ActivationQuantizer(keras.layers.Layer):
         if self.mode == "qat":
             self.schedule = qat.Schedule(self, self.observe_steps)
             self._state = self.quantizer.build(self, input_shape, "", slots=self.slots)
-        else:
-            self._state = self.quantizer.build(self, input_shape, "")
-        if self._initial is not None:
-            self.set_qparams(*self._initial)
+            if self._initial is not None:
+                self.set_qparams(*self._initial)
+        else:  # created with the initial scale and zero point, if any
+            self._state = self.quantizer.build(self, input_shape, "", initial=self._initial)
         self.built = True
 
     @property

@@ -23,7 +23,7 @@ from keras import ops
 from keras_quant.errors import ConfigError, ShapeMismatchError
 
 __all__ = [
-    "fold_batch_norm", "fold_into_layer", "fold_blocker", "fold_rule", "fold_factor_and_bias", "scale_channels",
+    "fold_batch_norm", "fold_into_layer", "fold_weights", "fold_blocker", "fold_rule", "fold_factor_and_bias", "scale_channels",
     "factor_shape", "bn_axes", "output_rank", "FOLD_RULES",
 ]
 
@@ -138,9 +138,17 @@ def fold_batch_norm(kernel, bias, gamma, beta, moving_mean, moving_variance, eps
     axes = _axes(channel_axis, kernel.ndim)
     if int(np.prod([kernel.shape[a] for a in axes])) != channels:
         raise ShapeMismatchError("kernel", f"{channels} output channels on axes {axes}", kernel.shape)
-    factor, folded_bias = fold_factor_and_bias(bias, gamma, beta, moving_mean, moving_variance, epsilon)
-    folded_kernel = scale_channels(kernel.astype(dtype), factor, axes)
-    return np.asarray(ops.convert_to_numpy(folded_kernel), dtype), np.asarray(ops.convert_to_numpy(folded_bias), dtype)
+    # `fold_factor_and_bias` and `scale_channels` in numpy: the same float32 operations in the same order.
+    def f32(v, default):
+        return default if v is None else np.asarray(v).astype(np.float32)
+
+    mean = np.asarray(moving_mean).astype(np.float32)
+    zeros = np.zeros_like(mean)
+    factor = f32(gamma, np.ones_like(mean)) / np.sqrt(f32(moving_variance, None) + np.float32(epsilon))
+    folded_bias = f32(beta, zeros) + (f32(bias, zeros) - mean) * factor
+    shape = factor_shape(kernel.shape, axes)
+    folded_kernel = kernel.astype(dtype) * factor.reshape(shape).astype(dtype)
+    return np.asarray(folded_kernel, dtype), np.asarray(folded_bias, dtype)
 
 
 def bn_axes(bn):
@@ -212,16 +220,37 @@ def _np(var):
     return None if var is None else np.asarray(keras.ops.convert_to_numpy(var))
 
 
-def fold_into_layer(layer, bn):
+def fold_weights(layer, bn):
+    """`{weight attribute: folded array}` of `bn(layer(x))` as one layer: the folded kernel and `"bias"` (numpy).
+
+    The arrays `fold_into_layer` gives its new layer, before they are cast to its variables' dtypes.
+
+    Raises:
+        ConfigError: If the pair cannot be folded (see `fold_blocker`).
+    """
+    reason = fold_blocker(layer, bn)
+    if reason:
+        raise ConfigError("layer", layer.name, f"cannot fold {bn.name} into it: {reason}", layer=layer.name)
+    weight, axes = fold_rule(layer)
+    folded_kernel, folded_bias = fold_batch_norm(
+        _np(getattr(layer, weight)), _np(layer.bias) if getattr(layer, "use_bias", False) else None,
+        _np(bn.gamma) if bn.scale else None, _np(bn.beta) if bn.center else None,
+        _np(bn.moving_mean), _np(bn.moving_variance), bn.epsilon, axes,
+    )
+    return {weight: folded_kernel, "bias": folded_bias}
+
+
+def fold_into_layer(layer, bn, name=None):
     """A new layer computing `bn(layer(x))` (inference mode) in one compute layer.
 
     The clone is made with `type(layer).from_config(layer.get_config())`,
-    `use_bias=True` and the same name, built from `layer`'s build config, and
-    given `layer`'s weights with the folded kernel and bias.
+    `use_bias=True` and the same name (or `name`), built from `layer`'s build
+    config, and given `layer`'s weights with the folded kernel and bias.
 
     Args:
         layer: A built compute layer (Dense, Conv*, DepthwiseConv*, SeparableConv*, Conv*Transpose).
         bn: A built BatchNormalization that follows it.
+        name: The new layer's name; default `layer`'s.
 
     Returns:
         The new, built layer.
@@ -233,24 +262,20 @@ def fold_into_layer(layer, bn):
 
     >>> folded = fold_into_layer(model.get_layer("conv"), model.get_layer("bn"))
     """
-    reason = fold_blocker(layer, bn)
-    if reason:
-        raise ConfigError("layer", layer.name, f"cannot fold {bn.name} into it: {reason}", layer=layer.name)
-    weight, axes = fold_rule(layer)
-    kernel = getattr(layer, weight)
-    folded_kernel, folded_bias = fold_batch_norm(
-        _np(kernel), _np(layer.bias) if getattr(layer, "use_bias", False) else None,
-        _np(bn.gamma) if bn.scale else None, _np(bn.beta) if bn.center else None,
-        _np(bn.moving_mean), _np(bn.moving_variance), bn.epsilon, axes,
-    )
+    folded = fold_weights(layer, bn)
+    weight, _ = fold_rule(layer)
     config = layer.get_config()
     config["use_bias"] = True
+    if name is not None:
+        config["name"] = name
     new = type(layer).from_config(config)
     new.build_from_config(layer.get_build_config())
+    kernel = getattr(new, weight)
     for new_var, old_var in zip(_without_bias(new), _without_bias(layer)):
-        new_var.assign(_np(old_var))
-    getattr(new, weight).assign(folded_kernel.astype(getattr(new, weight).dtype))
-    new.bias.assign(folded_bias.astype(new.bias.dtype))
+        if new_var is not kernel:  # the kernel takes its folded value
+            new_var.assign(_np(old_var))
+    kernel.assign(folded[weight].astype(kernel.dtype))
+    new.bias.assign(folded["bias"].astype(new.bias.dtype))
     return new
 
 

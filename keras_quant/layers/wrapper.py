@@ -61,6 +61,27 @@ def _flattens(layer, inputs):
             and "float" in str(getattr(inputs, "dtype", "")))
 
 
+def _concrete(values):
+    """`{name: numpy array}` of tensors whose values are known now (eager TensorFlow, JAX arrays), else None.
+
+    None inside a `tf.function` or a JAX trace, where the values are symbolic.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if not tf.executing_eagerly():
+            return None
+    elif backend == "jax":
+        import jax
+
+        if any(isinstance(v, jax.core.Tracer) for v in values.values()):
+            return None
+    else:
+        return None
+    return {name: np.asarray(ops.convert_to_numpy(v)) for name, v in values.items()}
+
+
 def _layer_config(config, layer):
     """Resolve `config` to the `LayerQuantConfig` of `layer`."""
     if config is None:
@@ -280,14 +301,18 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 self.batch_norm.build(out_shape)
         if self.mode == "qat":
             self.schedule = qat.Schedule(self, self.observe_steps, batch_norm=self.batch_norm is not None)
+        # Frozen: the weight ranges are known now, and the variables are created holding them.
+        initial = self._numpy_weight_qparams() if self.mode == "frozen" else None
         for name, quantizer in self.weight_quantizers.items():
             var = self._variable(name)
-            self._weight_state[name] = quantizer.build(self, tuple(var.shape), name)
+            kwargs = {} if initial is None else {"initial": initial[name]}
+            self._weight_state[name] = quantizer.build(self, tuple(var.shape), name, **kwargs)
         if self.output_quantizer is not None:
             shape = self.layer.compute_output_shape(input_shape) if input_shape is not None else ()
-            self._output_state = self.output_quantizer.build(self, shape, "output")
-            if self.fixed_output is not None:
-                assign_qparams(self._output_state, *self.fixed_output, layer=self.name)
+            if self.fixed_output is not None:  # TFLite's fixed grid, frozen in either mode
+                self._output_state = self.output_quantizer.build(self, shape, "output", initial=self.fixed_output)
+            else:
+                self._output_state = self.output_quantizer.build(self, shape, "output")
         if self.preactivation_quantizer is not None:
             self._preact_state = self.preactivation_quantizer.build(self, shape, "preactivation")
         self._integer_op = self._integer_accumulator()
@@ -300,7 +325,16 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 initializer=keras.initializers.Constant(self.fused_output_scale),
             )
         self.built = True
-        self.observe_weights()
+        if initial is None:
+            self.observe_weights()
+
+    def _numpy_weight_qparams(self):
+        """`{weight_name: (scale, zero_point)}` of the current (float) weights computed in numpy, or None when
+        the weights are not concrete now (a traced build)."""
+        concrete = _concrete(self.float_weights())
+        if concrete is None:
+            return None
+        return {name: kq_ops.numpy_weight_qparams(concrete[name], spec) for name, spec in self.weight_specs.items()}
 
     def observe_weights(self):
         """Set each weight quantizer's range from the weights' current (folded) values.
@@ -308,9 +342,13 @@ class QuantizeWrapper(keras.layers.Wrapper):
         Min-max, or for a weight spec with `observer="mse"` / `"auto"` the
         clipped range of least quantization error (`kq.ops.weight_range`).
         """
-        values = self.float_weights()
+        numpy_qparams = self._numpy_weight_qparams() if self.mode == "frozen" else None
+        values = self.float_weights() if numpy_qparams is None else None
         for name, state in self._weight_state.items():
-            scale, zero_point = kq_ops.weight_qparams(values[name], self.weight_specs[name])
+            if numpy_qparams is not None:  # the same ranges, computed in numpy (no eager op per reduction)
+                scale, zero_point = numpy_qparams[name]
+            else:
+                scale, zero_point = kq_ops.weight_qparams(values[name], self.weight_specs[name])
             self._set_range(self.weight_quantizers[name], state, scale, zero_point)
 
     def _set_range(self, quantizer, state, scale, zero_point):

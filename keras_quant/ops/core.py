@@ -40,6 +40,8 @@ __all__ = [
     "tensor_qparams",
     "weight_range",
     "weight_qparams",
+    "numpy_qparams",
+    "numpy_weight_qparams",
     "WEIGHT_SEARCH_OBSERVERS",
     "WEIGHT_SEARCH_RATIOS",
     "round_half_up",
@@ -414,3 +416,69 @@ def weight_range(x, spec, ratios=WEIGHT_SEARCH_RATIOS):
 def weight_qparams(x, spec):
     """`compute_qparams` on `weight_range(x, spec)`: what PTQ and QAT weight quantizers use."""
     return compute_qparams(*weight_range(x, spec), spec)
+
+
+# Build-time forms: the same float32 arithmetic in numpy, for values known now (a model being built, a
+# calibration being read). Each numpy op is correctly rounded float32 as the backend's is, in the same order,
+# so the results are the same bits; many small eager backend ops cost far more than the arithmetic.
+
+
+def numpy_qparams(min_val, max_val, spec):
+    """`compute_qparams` on concrete values, computed in numpy: the same scale and zero point, bit for bit.
+
+    Args:
+        min_val: Minimum, a number or an array.
+        max_val: Maximum, same shape.
+        spec: The `kq.QuantSpec`.
+
+    Returns:
+        `(scale, zero_point)`: float32 and int32 numpy arrays of `min_val`'s shape.
+    """
+    _check_spec(spec)
+    lo, hi = np.asarray(min_val), np.asarray(max_val)
+    if lo.dtype.kind in "fiub" and hi.dtype.kind in "fiub":
+        with np.errstate(over="ignore"):
+            lo, hi = lo.astype(np.float32), hi.astype(np.float32)
+    if lo.dtype != np.float32 or hi.dtype != np.float32 or not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        scale, zero_point = compute_qparams(min_val, max_val, spec)  # NaN / inf: the backend's min / max semantics
+        return np.asarray(ops.convert_to_numpy(scale), np.float32), np.asarray(ops.convert_to_numpy(zero_point), np.int32)
+    lo, hi = np.minimum(lo, np.float32(0.0)), np.maximum(hi, np.float32(0.0))
+    if spec.symmetric:
+        scale = np.maximum(np.maximum(-lo, hi) / np.float32(spec.qmax), np.float32(EPS))
+        zero_point = np.zeros(np.shape(scale), np.int32)
+    else:
+        scale = np.maximum((hi - lo) / np.float32(spec.qmax - spec.qmin), np.float32(EPS))
+        v = np.floor((np.float32(spec.qmin) - lo / scale) + np.float32(0.5))
+        zero_point = np.clip(v, np.float32(spec.qmin), np.float32(spec.qmax)).astype(np.int32)
+    return np.asarray(scale, np.float32), np.asarray(zero_point, np.int32)
+
+
+def _numpy_range(x, spec):
+    """`tensor_range` of a float32 numpy array."""
+    if spec.granularity == "per_tensor":
+        return x.min(), x.max()
+    axis = channel_axis(spec, x.ndim)
+    if spec.granularity == "per_channel":
+        axes = tuple(i for i in range(x.ndim) if i != axis)
+        return x.min(axis=axes), x.max(axis=axes)
+    channels, groups = param_shape(x.shape, spec)
+    grouped = np.moveaxis(x, axis, 0).reshape(channels, groups, spec.group_size)
+    return grouped.min(axis=-1), grouped.max(axis=-1)
+
+
+def numpy_weight_qparams(x, spec):
+    """`weight_qparams` of concrete weights (a numpy array), min-max ranges computed in numpy: the same bits.
+
+    The searching observers (`WEIGHT_SEARCH_OBSERVERS`) and weights that are not all finite go through
+    `weight_qparams` itself.
+
+    Returns:
+        `(scale, zero_point)`: float32 and int32 numpy arrays.
+    """
+    _check_spec(spec)
+    x = np.asarray(x)
+    if (spec.observer in WEIGHT_SEARCH_OBSERVERS or x.size == 0 or x.dtype.kind not in "fiub"
+            or not np.isfinite(x).all()):
+        scale, zero_point = weight_qparams(x, spec)
+        return np.asarray(ops.convert_to_numpy(scale), np.float32), np.asarray(ops.convert_to_numpy(zero_point), np.int32)
+    return numpy_qparams(*_numpy_range(x.astype(np.float32), spec), spec)

@@ -43,6 +43,7 @@ Example:
 (('bn', 'conv'),)
 """
 
+import contextlib
 import math
 import warnings
 
@@ -59,7 +60,7 @@ from keras_quant.layers.integer import (
     INTEGER_ACTIVATIONS, IntegerActivation, IntegerAdd, IntegerAveragePooling2D, IntegerBinaryOp, IntegerConcatenate,
     IntegerGlobalAveragePooling2D, IntegerMultiply,
 )
-from keras_quant.layers.folding import fold_into_layer
+from keras_quant.layers.folding import fold_into_layer, fold_weights
 from keras_quant.layers.rules import PREACTIVATION, fixed_output_qparams, get_rule, is_keras_op
 from keras_quant.layers.wrapper import QuantizeWrapper
 from keras_quant.transform.plan import (
@@ -149,8 +150,60 @@ def _inner(step, staging):
     return graph_lib.copy_operation(staging)
 
 
-def _build_step(step, staging, mode, observe_steps, bn_statistics, input_scale=None, fused_scale=None):
-    """Create the new model's layer for one planned step (not yet built).
+def _original(flat, staging):
+    """The float model's layer a staging copy stands for: the plan's copies hold no weights, it does."""
+    return flat.origin[id(staging)]
+
+
+def _built_with(layer, staging, weights, scope):
+    """Build an unbuilt copy as `staging` was built, then give it `weights`; False when it cannot be built so.
+
+    `scope`: the name scope the layer is built in (a wrapper's name, so the variable paths are those the
+    wrapper's own build would give, `wrapper/layer/kernel`), or None.
+    """
+    config = staging.get_build_config()
+    if not config:
+        return False
+    with keras.name_scope(scope) if scope else contextlib.nullcontext():
+        layer.build_from_config(config)
+    if not layer.built:
+        return False
+    layer.set_weights(weights)
+    return True
+
+
+def _ptq_inner(step, staging, flat, scope):
+    """PTQ: the layer a wrap step wraps, and whether it is built and holds its final weights already.
+
+    Built before the wrapper is, its weights are final when the wrapper's build observes their ranges, so
+    `_finish_step` has nothing left to set (a BatchNormalization folded in, a constant folded into the bias).
+    """
+    if step.fold is not None:
+        return fold_into_layer(_original(flat, staging), _original(flat, step.fold), name=staging.name), True
+    inner = _inner(step, staging)
+    if step.affine is not None or not graph_lib.is_layer(staging):
+        return inner, False
+    weights = _original(flat, staging).get_weights()
+    if step.bias_offset is not None:
+        if not weights:
+            return inner, False
+        bias = weights[1] if staging.use_bias else None
+        weights = [weights[0], _offset_bias(bias, step.bias_offset, inner, staging)] + weights[2:]
+    elif not weights:
+        return inner, False
+    return inner, _built_with(inner, staging, weights, scope)
+
+
+def _offset_bias(bias, offset, inner, staging):
+    """The bias of `layer(x) + c`: the layer's bias (zeros without one) plus `c`, float32."""
+    if bias is None:
+        channels = staging.compute_output_shape(staging.get_build_config()["input_shape"])[-1]
+        bias = np.zeros((channels,), "float32")
+    return (np.asarray(keras.ops.convert_to_numpy(bias)) + offset).astype("float32")
+
+
+def _build_step(step, staging, mode, observe_steps, bn_statistics, flat, input_scale=None, fused_scale=None):
+    """Create the new model's layer for one planned step (not yet built); and whether its weights are final.
 
     `input_scale`: PTQ, the scale of the quantized tensor the layer reads, for
     the frozen wrapper's integer arithmetic (`kq.layers.integer`); `fused_scale`:
@@ -163,33 +216,40 @@ def _build_step(step, staging, mode, observe_steps, bn_statistics, input_scale=N
                 lc = LayerQuantConfig(weights=lc.weights, activations=None)
             bn = graph_lib.copy_operation(step.fold) if step.fold is not None else None
             if lc.weights is None and lc.activations is None and bn is None:
-                return _inner(step, staging)
+                return _inner(step, staging), False
             return QuantizeWrapper(_inner(step, staging), lc, mode="qat", batch_norm=bn,
-                                   observe_steps=observe_steps, bn_statistics=bn_statistics, name=staging.name)
-        inner = fold_into_layer(staging, step.fold) if step.fold is not None else _inner(step, staging)
-        if lc.weights is None and lc.activations is None:
-            return inner
+                                   observe_steps=observe_steps, bn_statistics=bn_statistics, name=staging.name), False
+        wrapped = not (lc.weights is None and lc.activations is None)
+        inner, final = _ptq_inner(step, staging, flat, staging.name if wrapped else None)
+        if not wrapped:
+            return inner, final
         return QuantizeWrapper(inner, lc, mode="frozen", input_scale=input_scale, fused_output_scale=fused_scale,
-                               name=staging.name)
-    return graph_lib.copy_operation(staging)
+                               name=staging.name), final
+    return graph_lib.copy_operation(staging), False
 
 
-def _finish_step(step, staging, mode):
-    """Copy weights into a freshly built layer, set weight ranges, set the output range."""
+def _finish_step(step, staging, mode, flat, final):
+    """Copy weights into a freshly built layer, set weight ranges, set the output range.
+
+    `final`: the layer was given its weights before it was built (the wrapper's build observed their ranges).
+    """
     layer = step.layer
     inner = layer.layer if isinstance(layer, QuantizeWrapper) else layer
-    if step.affine is not None:
+    if final:
+        pass
+    elif step.affine is not None:
         set_affine_weights(inner, *step.affine[:2])
     elif step.bias_offset is not None:  # `layer(x) + c`: c goes into the bias
-        weights = [keras.ops.convert_to_numpy(w) for w in staging.get_weights()]
-        bias = weights[1] if staging.use_bias else np.zeros(inner.get_weights()[1].shape, "float32")
-        inner.set_weights([weights[0], (bias + step.bias_offset).astype("float32")] + weights[2:])
-    elif (step.fold is None or mode == "qat") and graph_lib.is_layer(staging) and staging.weights:
-        inner.set_weights(staging.get_weights())
+        weights = [keras.ops.convert_to_numpy(w) for w in _original(flat, staging).get_weights()]
+        bias = weights[1] if staging.use_bias else None
+        inner.set_weights([weights[0], _offset_bias(bias, step.bias_offset, inner, staging)] + weights[2:])
+    elif (step.fold is None or mode == "qat") and graph_lib.is_layer(staging) and _original(flat, staging).weights:
+        inner.set_weights(_original(flat, staging).get_weights())
     if isinstance(layer, QuantizeWrapper):
         if layer.batch_norm is not None:
-            layer.batch_norm.set_weights(step.fold.get_weights())
-        layer.observe_weights()
+            layer.batch_norm.set_weights(_original(flat, step.fold).get_weights())
+        if not final:
+            layer.observe_weights()
         if layer.output_quantizer is not None and step.qparams is not None:
             layer.set_output_qparams(*step.qparams)
         if layer.preactivation_quantizer is not None and step.preact_qparams is not None:
@@ -197,13 +257,14 @@ def _finish_step(step, staging, mode):
 
 
 
-def _separable(step, staging, mode, observe_steps, bn_statistics, input_scale=None, fused_scale=None):
-    """`(depthwise, pointwise)` layers computing a SeparableConv, each wrapped per the step (unbuilt).
+def _separable(step, staging, mode, observe_steps, bn_statistics, flat, input_scale=None, fused_scale=None):
+    """`(depthwise, pointwise, final)`: the layers computing a SeparableConv, each wrapped per the step (unbuilt).
 
     The depthwise half quantizes its weights and its output (the step's
     `inner_key` range); the pointwise 1x1 convolution takes the bias, the
     activation, a folded BatchNormalization and the step's output quantizer
     (PTQ: or writes on `fused_scale`, the grid after a fused ReLU).
+    PTQ builds both halves with their weights before they are wrapped (`final`).
     """
     rank = 2 if isinstance(staging, keras.layers.SeparableConv2D) else 1
     depthwise_cls = keras.layers.DepthwiseConv2D if rank == 2 else keras.layers.DepthwiseConv1D
@@ -216,6 +277,9 @@ def _separable(step, staging, mode, observe_steps, bn_statistics, input_scale=No
     use_bias = staging.use_bias or (step.fold is not None and mode != "qat")
     pointwise = conv_cls(staging.filters, 1, data_format=staging.data_format, use_bias=use_bias,
                          activation=staging.activation, name=staging.name)
+    final = False
+    if mode != "qat":
+        final = _build_separable(step, staging, flat, depthwise, pointwise)
     lc = step.layer_config
     inner_lc = LayerQuantConfig(weights=lc.weights, activations=step.inner_spec)
     kwargs = {"mode": "qat", "observe_steps": observe_steps} if mode == "qat" else {"mode": "frozen"}
@@ -230,22 +294,52 @@ def _separable(step, staging, mode, observe_steps, bn_statistics, input_scale=No
     else:
         pointwise = QuantizeWrapper(pointwise, lc, name=staging.name, input_scale=_tensor_scale(
             step.inner_qparams, step.inner_spec), fused_output_scale=fused_scale, **kwargs)
-    return depthwise, pointwise
+    return depthwise, pointwise, final
 
 
-def _finish_separable(step, staging, mode):
+def _separable_weights(step, staging, flat, mode, use_bias):
+    """`(depthwise weights, pointwise weights)` of a separable layer's halves (BatchNorm folded in PTQ)."""
+    source = _original(flat, staging)
+    arrays = {"depthwise_kernel": source.depthwise_kernel, "pointwise_kernel": source.pointwise_kernel}
+    if source.use_bias:
+        arrays["bias"] = source.bias
+    arrays = {k: keras.ops.convert_to_numpy(v) for k, v in arrays.items()}
+    if step.fold is not None and mode != "qat":
+        dtypes = {"pointwise_kernel": source.pointwise_kernel.dtype,
+                  "bias": source.bias.dtype if source.use_bias else source.pointwise_kernel.dtype}
+        for name, value in fold_weights(source, _original(flat, step.fold)).items():
+            arrays[name] = value.astype(dtypes[name])
+    return [arrays["depthwise_kernel"]], [arrays["pointwise_kernel"]] + ([arrays["bias"]] if use_bias else [])
+
+
+def _build_separable(step, staging, flat, depthwise, pointwise):
+    """PTQ: build a separable layer's halves with their weights, in their wrappers' name scopes; False if not built."""
+    config = staging.get_build_config()
+    if not config or "input_shape" not in config:
+        return False
+    shape = config["input_shape"]
+    dw_weights, pw_weights = _separable_weights(step, staging, flat, "ptq", pointwise.use_bias)
+    with keras.name_scope(depthwise.name):
+        depthwise.build(shape)
+    with keras.name_scope(pointwise.name):
+        pointwise.build(depthwise.compute_output_shape(shape))
+    depthwise.set_weights(dw_weights)
+    pointwise.set_weights(pw_weights)
+    return True
+
+
+def _finish_separable(step, staging, mode, flat, final):
     """Give the depthwise / pointwise halves the separable layer's weights (BatchNorm folded in PTQ) and ranges."""
-    source = fold_into_layer(staging, step.fold) if step.fold is not None and mode != "qat" else staging
     depthwise, pointwise = step.inner_layer, step.layer
-    depthwise.layer.set_weights([keras.ops.convert_to_numpy(source.depthwise_kernel)])
-    weights = [keras.ops.convert_to_numpy(source.pointwise_kernel)]
-    if pointwise.layer.use_bias:
-        weights.append(keras.ops.convert_to_numpy(source.bias))
-    pointwise.layer.set_weights(weights)
+    if not final:
+        dw_weights, pw_weights = _separable_weights(step, staging, flat, mode, pointwise.layer.use_bias)
+        depthwise.layer.set_weights(dw_weights)
+        pointwise.layer.set_weights(pw_weights)
     if pointwise.batch_norm is not None:
-        pointwise.batch_norm.set_weights(step.fold.get_weights())
-    for layer in (depthwise, pointwise):
-        layer.observe_weights()
+        pointwise.batch_norm.set_weights(_original(flat, step.fold).get_weights())
+    if not final:
+        for layer in (depthwise, pointwise):
+            layer.observe_weights()
     if step.inner_qparams is not None:
         depthwise.set_output_qparams(*step.inner_qparams)
     if pointwise.output_quantizer is not None and step.qparams is not None:
@@ -481,7 +575,7 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
         )
         raise ConfigError("model", getattr(model, "name", model), reason)
 
-    planned = plan_model(model, config)
+    planned = plan_model(model, config, weights=False)  # the copies' weights are read from the originals
     flat, plan, report, input_steps = planned.flat, planned.steps, planned.report, planned.inputs
     if mode == "ptq":
         plan_concat_ranges(flat, plan)
@@ -533,7 +627,7 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
         step = plan[id(staging)]
         if step.kind == "folded":  # a BatchNormalization, or `+ c` folded into a bias: its tensor passes through
             return next(a for a in args if keras.backend.is_keras_tensor(a))
-        first = step.layer is None
+        first, final = step.layer is None, False
         source = args[0] if args and keras.backend.is_keras_tensor(args[0]) else None
         in_grid = tensor_grids.get(id(source)) if mode == "ptq" and source is not None else None
         in_scale = None if in_grid is None else in_grid[0]
@@ -550,11 +644,12 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
             step.layer = _integer_layer(step, staging, in_grid, config, flat)
         if first and step.layer is None:
             if step.inner_key is not None:  # a separable convolution: depthwise, quantizer, pointwise
-                step.inner_layer, step.layer = _separable(step, staging, mode, observe_steps, bn_statistics, in_scale,
-                                                          _fused_scale(step, plan) if mode == "ptq" else None)
+                step.inner_layer, step.layer, final = _separable(
+                    step, staging, mode, observe_steps, bn_statistics, flat, in_scale,
+                    _fused_scale(step, plan) if mode == "ptq" else None)
             else:
-                step.layer = _build_step(step, staging, mode, observe_steps, bn_statistics, in_scale,
-                                         _fused_scale(step, plan) if mode == "ptq" else None)
+                step.layer, final = _build_step(step, staging, mode, observe_steps, bn_statistics, flat, in_scale,
+                                                _fused_scale(step, plan) if mode == "ptq" else None)
         if step.inner_layer is not None:
             outputs = step.layer(step.inner_layer(*args, **kwargs), **kwargs)
         elif isinstance(step.layer, IntegerBinaryOp):
@@ -563,10 +658,10 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
             outputs = step.layer(*args, **kwargs)
         if first:
             if step.inner_layer is not None:
-                _finish_separable(step, staging, mode)
+                _finish_separable(step, staging, mode, flat, final)
                 quantizers.append((step.inner_layer.name, step.inner_key))
             else:
-                _finish_step(step, staging, mode)
+                _finish_step(step, staging, mode, flat, final)
             if isinstance(step.layer, QuantizeWrapper) and step.layer.preactivation_quantizer is not None:
                 quantizers.append((step.layer.name + PREACTIVATION, step.preact_key))
             if isinstance(step.layer, QuantizeWrapper) and step.layer.output_quantizer is not None:
