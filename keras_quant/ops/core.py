@@ -366,7 +366,9 @@ def weight_range(x, spec, ratios=WEIGHT_SEARCH_RATIOS):
     granularity (tensor, channel or group), the min-max range shrunk by one of
     `ratios` whose quantize-dequantize has the least mean squared error on `x`
     (ties go to the earliest ratio; with the default ratios that is the widest,
-    1.0 being min-max itself, so the error is never above min-max's). At 4 bits
+    1.0 being min-max itself, so the error is never above min-max's; a range
+    whose errors are not numbers, from NaN or infinite weights, keeps the first
+    ratio, so it is min-max's with its NaN / inf semantics). At 4 bits
     and below this clips the few largest weights of a channel to give the
     others finer steps. Every other observer gives the min-max range
     (`tensor_range`). The candidates are evaluated together, in chunks of
@@ -403,6 +405,7 @@ def weight_range(x, spec, ratios=WEIGHT_SEARCH_RATIOS):
         low = ops.min(err, axis=0)
         k = err.shape[0]
         first = ops.min(ops.where(ops.less_equal(err, low[None]), ops.arange(k, dtype="int32")[:, None], k), axis=0)
+        first = ops.where(ops.equal(first, k), 0, first)  # no error is a number (NaN weights): the first ratio
         chunk_r = ops.take(ops.reshape(r, (-1,)), first)
         if best_err is None:
             best_r, best_err = chunk_r, low
