@@ -441,9 +441,12 @@ class IntegerBinaryOp(_TwoInputMerge, keras.layers.Layer):
         output_scale: The output grid's step.
         constant_shape: The constant operand's shape, or None (two tensor operands).
         constant_first: Whether the constant is the left operand.
+        constant: The constant's value, the weight's initial value (a saved model restores it from its
+            weights; the config keeps only its shape).
     """
 
-    def __init__(self, op, input_scales, output_scale, constant_shape=None, constant_first=False, **kwargs):
+    def __init__(self, op, input_scales, output_scale, constant_shape=None, constant_first=False, constant=None,
+                 **kwargs):
         super().__init__(**kwargs)
         from keras_quant.errors import ConfigError
 
@@ -451,6 +454,9 @@ class IntegerBinaryOp(_TwoInputMerge, keras.layers.Layer):
             raise ConfigError("op", op, f"op must be one of {tuple(_BINARY_OPS)}", layer=self.name)
         self.op = op
         self._set_scales(input_scales, output_scale)
+        self._initial = None if constant is None else np.asarray(keras.ops.convert_to_numpy(constant), "float32")
+        if self._initial is not None:
+            constant_shape = self._initial.shape
         self.constant_shape = None if constant_shape is None else tuple(int(d) for d in constant_shape)
         self.constant_first = bool(constant_first)
         self.constant = None
@@ -461,7 +467,8 @@ class IntegerBinaryOp(_TwoInputMerge, keras.layers.Layer):
 
     def build(self, *shapes):
         if self.constant_shape is not None:
-            self.constant = self.add_weight(name="constant", shape=self.constant_shape, initializer="zeros",
+            initializer = "zeros" if self._initial is None else keras.initializers.Constant(self._initial)
+            self.constant = self.add_weight(name="constant", shape=self.constant_shape, initializer=initializer,
                                             trainable=False, autocast=False)
         self.built = True
 

@@ -444,24 +444,15 @@ def _integer_binary_op(step, staging, args, kwargs, tensor_grids, flat, plan):
     scale = _output_scale(step, plan.get(id(flat.sole_consumer(staging))) if step.fused else None)
     if scale is None or op == "multiply" and step.fused:
         return None
-    constant = np.asarray(keras.ops.convert_to_numpy(args[constants[0]]), "float32") if constants else None
-    layer = IntegerBinaryOp(op, [g[0] for g in grids], scale, name=staging.name,
-                            constant_shape=None if constant is None else constant.shape,
-                            constant_first=constants == [0])
-    layer.constant_value = constant  # assigned once built (`_call_binary_op`)
-    return layer
+    return IntegerBinaryOp(op, [g[0] for g in grids], scale, name=staging.name,
+                           constant=args[constants[0]] if constants else None, constant_first=constants == [0])
 
 
 def _call_binary_op(layer, args):
     """Call an `IntegerBinaryOp` on a node's arguments: the tensor alone when it holds the constant."""
     if layer.constant_shape is None:
         return layer(*args)
-    outputs = layer(next(a for a in args if keras.backend.is_keras_tensor(a)))
-    value = getattr(layer, "constant_value", None)
-    if value is not None:
-        layer.constant.assign(value)
-        layer.constant_value = None
-    return outputs
+    return layer(next(a for a in args if keras.backend.is_keras_tensor(a)))
 
 
 def _integer_layer(step, staging, in_grid, config, flat):
