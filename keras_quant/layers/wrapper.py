@@ -24,7 +24,6 @@ Example:
 >>> layer.layer                     # the wrapped Dense
 """
 
-import math
 
 import keras
 import numpy as np

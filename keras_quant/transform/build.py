@@ -52,7 +52,7 @@ import numpy as np
 from keras import tree
 
 from keras_quant import graph as graph_lib
-from keras_quant.config import LayerQuantConfig, QuantConfig, QuantSpec
+from keras_quant.config import LayerQuantConfig, QuantConfig
 from keras_quant.errors import ConfigError, NoDataError
 from keras_quant.layers import qat_quantizer
 from keras_quant.layers.fake_quant import ActivationQuantizer
