@@ -29,6 +29,7 @@ Example:
 >>> qat.fit(x, y, epochs=5, callbacks=[tb])            # then: tensorboard --logdir logs/qat  # doctest: +SKIP
 """
 
+import importlib.util
 import math
 import os
 
@@ -260,6 +261,9 @@ class QuantizationTensorBoard(keras.callbacks.Callback):
 
     def __init__(self, log_dir, data=None, update_freq="epoch", max_samples=256):
         super().__init__()
+        if importlib.util.find_spec("tensorflow") is None:  # as keras.callbacks.TensorBoard: tf.summary writes the files
+            raise ImportError("kq.QuantizationTensorBoard writes TensorBoard event files with tf.summary, under any "
+                              "Keras backend: install tensorflow (`pip install tensorflow`)")
         if update_freq != "epoch" and (isinstance(update_freq, bool) or not isinstance(update_freq, int)
                                        or update_freq < 1):
             raise ConfigError("update_freq", update_freq, "update_freq must be 'epoch' or a positive int of batches")

@@ -13,6 +13,10 @@ from keras_quant.analysis import tensorboard as tb
 from keras_quant.errors import ConfigError
 from keras_quant.export.plan import quantizer_layers
 
+# The callback writes TensorBoard event files with `tf.summary` (as keras.callbacks.TensorBoard does),
+# under any Keras backend: it needs the tensorflow package installed, not the TensorFlow backend.
+pytest.importorskip("tensorflow")
+
 N, BATCH, EPOCHS = 192, 32, 2
 BATCHES = N // BATCH * EPOCHS
 

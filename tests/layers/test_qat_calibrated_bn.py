@@ -14,11 +14,11 @@ gets through the clipped ranges); after it the loss falls and gradients stay sma
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_quant as kq
 
 pytestmark = pytest.mark.tensorflow  # calibrates with kq.CalibrationCallback (TensorFlow's trainer)
+tf = pytest.importorskip("tensorflow")  # collected (and skipped) under JAX where TensorFlow is absent
 
 L = keras.layers
 
