@@ -34,7 +34,6 @@ Example:
 
 import dataclasses
 
-import keras
 import numpy as np
 
 from keras_quant import ops as kq_ops
@@ -79,8 +78,10 @@ def _check(hist, bin_edges):
 def qparams(min_val, max_val, spec):
     """`kq.ops.compute_qparams` on numpy arrays: float32 scale, int32 zero point.
 
-    The search simulates exactly the grid the ops will use, so it calls the
-    ops' own function (vectorized over all candidate ranges at once).
+    The search simulates exactly the grid the built model will use, so it calls
+    the function `quantize_model` computes concrete ranges' grids with
+    (`kq.ops.numpy_qparams`, vectorized over all candidate ranges at once): on a
+    GPU the backend's float32 division may differ from numpy's in the last bit.
 
     Args:
         min_val: Minimum (scalar or array).
@@ -92,11 +93,7 @@ def qparams(min_val, max_val, spec):
     """
     _check_spec(spec)
     lo, hi = np.broadcast_arrays(np.asarray(min_val, np.float32), np.asarray(max_val, np.float32))
-    scale, zero_point = kq_ops.compute_qparams(lo, hi, spec)
-    return (
-        np.asarray(keras.ops.convert_to_numpy(scale), np.float32),
-        np.asarray(keras.ops.convert_to_numpy(zero_point), np.int32),
-    )
+    return kq_ops.numpy_qparams(lo, hi, spec)
 
 
 def fake_quant(x, scale, zero_point, spec):
