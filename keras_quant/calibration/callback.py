@@ -117,6 +117,21 @@ def _depthwise(layer, x):
                                     data_format=layer.data_format, dilation_rate=layer.dilation_rate)
 
 
+def _depthwise_shape(layer):
+    """The shape of `_depthwise(layer, x)` for the layer's own (first) input, or None if unknown.
+
+    Known up front, the collector is built before the step is traced: a variable made inside
+    the trace makes TensorFlow trace the whole step a second time.
+    """
+    try:
+        spec = keras.ops.depthwise_conv(keras.KerasTensor(layer.input.shape, layer.input.dtype), layer.depthwise_kernel,
+                                        strides=layer.strides, padding=layer.padding,
+                                        data_format=layer.data_format, dilation_rate=layer.dilation_rate)
+    except (AttributeError, ValueError, TypeError):
+        return None
+    return tuple(spec.shape)
+
+
 def _first_tensor(outputs):
     flat = keras.tree.flatten(outputs)
     return flat[0] if flat else None
@@ -304,7 +319,7 @@ class CalibrationCallback(keras.callbacks.Callback):
                 self._collector(key, spec, graph_lib.output_shape(layer))
             self._inner_tracked = self._depthwise_outputs(model)
             for key, layer, spec in self._inner_tracked:
-                self._collector(key, spec)
+                self._collector(key, spec, _depthwise_shape(layer))
         return tracked
 
     # Attaching ----------------------------------------------------------------

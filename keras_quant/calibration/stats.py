@@ -552,9 +552,7 @@ class LayerCollector(Observer):
                 rmin, rmax = float(rmin), float(rmax)
             stats = dataclasses.replace(stats, range_min=rmin, range_max=rmax)
         rmin, rmax = stats.compute_range(self.spec)
-        scale, zero_point = kq_ops.compute_qparams(np.asarray(rmin, np.float32), np.asarray(rmax, np.float32), self.spec)
-        scale = np.asarray(ops.convert_to_numpy(scale), np.float32)
-        zero_point = np.asarray(ops.convert_to_numpy(zero_point), np.int32)
+        scale, zero_point = kq_ops.numpy_qparams(np.asarray(rmin, np.float32), np.asarray(rmax, np.float32), self.spec)
         if np.ndim(rmin) == 0:
             rmin, rmax, scale, zero_point = float(rmin), float(rmax), float(scale), int(zero_point)
         return dataclasses.replace(stats, range_min=rmin, range_max=rmax, scale=scale, zero_point=zero_point)

@@ -28,6 +28,8 @@ read by calibration, `quantize_model`, sensitivity and the analysis.
 
 import collections
 import dataclasses
+import threading
+import weakref
 from typing import Dict, Optional, Tuple
 
 import keras
@@ -623,9 +625,49 @@ def plan_model(model, config=None, weights=True) -> Optional[QuantizationPlan]:
     graph = graph_lib.functional(model)
     if graph is None:
         return None
-    flat = FlatGraph(model, graph, weights=weights)
+    flat = _read_only_graph(model, graph) if not weights else FlatGraph(model, graph, weights=True)
     steps, report = plan_graph(flat, config)
     return QuantizationPlan(flat, steps, input_steps(flat, config), report)
+
+
+# model -> (fingerprint, read-only FlatGraph): calibration and quantize_model plan the same model in turn
+# (`activation_points`, then `plan_model(weights=False)`), and copying a large graph is most of a plan's cost
+# (about 1 s of NASNetMobile's 770 operations). Nothing writes to a read-only FlatGraph; each plan is made
+# afresh from it (the config and the rules may have changed). Weakly keyed: the model's lifetime, no longer.
+_READ_ONLY_GRAPHS = weakref.WeakKeyDictionary()
+_READ_ONLY_LOCK = threading.Lock()
+
+
+def _graph_fingerprint(graph):
+    """What a read-only FlatGraph of `graph` depends on: each operation (nested graphs too) and its config."""
+    parts = []
+    for op in graph_lib.operations(graph):
+        sub = graph_lib.functional(op) if isinstance(op, keras.Model) else None
+        try:
+            config = repr(op.get_config())
+        except (NotImplementedError, TypeError, ValueError):  # no config: the operation itself must not change
+            config = None
+        parts.append((id(op), type(op), config, None if sub is None else _graph_fingerprint(sub)))
+    return (id(graph), tuple(parts))
+
+
+def _read_only_graph(model, graph):
+    """The read-only `FlatGraph` of `model`, reused while the model's graph and layer configs are unchanged."""
+    fingerprint = _graph_fingerprint(graph)
+    with _READ_ONLY_LOCK:
+        try:
+            cached = _READ_ONLY_GRAPHS.get(model)
+        except TypeError:  # not weakly referenceable
+            cached = None
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    flat = FlatGraph(model, graph, weights=False)
+    with _READ_ONLY_LOCK:
+        try:
+            _READ_ONLY_GRAPHS[model] = (fingerprint, flat)
+        except TypeError:
+            pass
+    return flat
 
 
 def activation_points(model, config=None):

@@ -289,3 +289,28 @@ def test_a_bias_too_large_for_int32_widens_the_weight_scale_as_the_converter_doe
     got = kq.runtime.load(str(path)).predict(x)
     expected = model.predict(x, verbose=0)
     assert np.abs(np.asarray(got) - expected).max() < 0.02 * np.abs(expected).max()
+
+
+def test_read_only_plans_share_one_staging_copy_until_the_model_changes():
+    """Calibration (`activation_points`) and `quantize_model` plan the same model in turn; the read-only
+    staging copy is made once and reused while the graph and the layer configs are unchanged."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(4, 3, name="conv")(inp)
+    h = keras.layers.ReLU(name="relu")(h)
+    model = keras.Model(inp, keras.layers.Dense(2, name="fc")(keras.layers.GlobalAveragePooling2D()(h)))
+    first = plan_model(model, weights=False)
+    again = plan_model(model, kq.QuantConfig.int8(), weights=False)
+    assert again.flat is first.flat and again.steps is not first.steps  # each plan is made afresh
+    model.get_layer("relu").max_value = 6.0  # a config change: a new copy, and the plan sees it
+    changed = plan_model(model, weights=False)
+    assert changed.flat is not first.flat
+    relu_copy = next(op for op in changed.flat.model.layers if op.name == "relu")
+    assert relu_copy.max_value == 6.0
+    assert plan_model(model, weights=True).flat is not changed.flat  # a buildable plan is never shared
+    x = np.random.default_rng(0).normal(size=(16, 8, 8, 3)).astype("float32")
+    cb = kq.CalibrationCallback(statistics="range")
+    model.predict(x, callbacks=[cb], verbose=0)
+    q1 = kq.quantize_model(model, calibration=cb.result)
+    q2 = kq.quantize_model(model, calibration=cb.result)
+    np.testing.assert_array_equal(q1.predict(x, verbose=0), q2.predict(x, verbose=0))
