@@ -169,8 +169,8 @@ def layer_names_of(tensor_name, layer_names):
     return found
 
 
-def tflite_layout(info, channels_in_file):
-    """keras_quant's grid values and per-channel scales of a weight, in TFLite's layout."""
+def tflite_layout(info):
+    """keras_quant's grid values and scales (one, or one per output channel) of a weight, in TFLite's layout."""
     v = info.values
     scale = np.asarray(info.scale, "float64").reshape(-1)
     kind = info.layer_type
@@ -193,9 +193,7 @@ def tflite_layout(info, channels_in_file):
         w = np.transpose(v, (1, 0, 2))[:, None]
     else:
         return None, None
-    if scale.size == 1:
-        scale = np.full(channels_in_file, scale[0])
-    return w, scale
+    return w, scale  # one scale for a per-tensor weight: written so (the converter would repeat it per channel)
 
 
 def set_weight_scales(flat, infos, int16_bias=False):
@@ -229,12 +227,11 @@ def set_weight_scales(flat, infos, int16_bias=False):
         if w_info.type not in ("INT8",) or w_info.scales.size == 0:
             continue
         file_values = flat.dequantized(op.inputs[wi])
-        channels = w_info.scales.size
         best = None
         for k, info in enumerate(infos):
             if k in used:
                 continue
-            ours, scale = tflite_layout(info, channels)
+            ours, scale = tflite_layout(info)
             if ours is None or ours.shape != file_values.shape:
                 continue
             s_file = np.max(w_info.scales)

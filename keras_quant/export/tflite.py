@@ -450,7 +450,7 @@ def _int8_weight_layers(flat, infos):
     """Layers whose weights the file holds as int8 (matched by shape in TFLite's layout)."""
     shapes = {}
     for info in infos:
-        layout, _ = flatbuffer.tflite_layout(info, 1)
+        layout, _ = flatbuffer.tflite_layout(info)
         if layout is not None:
             shapes.setdefault(layout.shape, set()).add(info.layer)
     found = set()

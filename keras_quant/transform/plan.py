@@ -462,6 +462,13 @@ def _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config, 
             and not config.names_layer(flat.origin[id(layer)], flat.path(layer))):
         # TFLite's integer GATHER reads one scale for the whole table: per-tensor unless the config asks otherwise.
         weights = dataclasses.replace(weights, granularity="per_tensor")
+    elif (weights is not None and affine is not None and weights.granularity != "per_tensor"
+          and not config.names_layer(flat.origin[id(layer)], flat.path(layer))):
+        # A lone BatchNormalization / LayerScale / Rescaling: the converter writes it as MUL and ADD by one
+        # per-tensor int8 constant each; a 1x1 depthwise conv with a per-tensor kernel is as fine and as small
+        # (per-channel, each channel also stores a weight and a bias scale and zero point: DenseNet121's 62
+        # BatchNormalizations after a Concatenate made its file 1.13x the converter's). Per-channel if named.
+        weights = dataclasses.replace(weights, granularity="per_tensor")
     step.layer_config = LayerQuantConfig(weights=weights, activations=spec)
     if isinstance(flat.origin[id(layer)], SEPARABLE) and lc.activations is not None:
         # Written as depthwise + pointwise convolutions with a quantizer between them (TFLite has no separable op).

@@ -172,6 +172,27 @@ def test_standalone_norms_become_integer_depthwise_convs(tmp_path):
     assert p99 <= 2.01 and worst <= 6.01
     err = np.abs(model.predict(x, verbose=0) - qmodel.predict(x, verbose=0)).max()
     assert err < 0.05 * np.abs(model.predict(x, verbose=0)).max()
+    # One int8 scale per kernel (as the converter's MUL constant), written as one scale in the file: per
+    # channel, every channel also stores a weight and a bias scale and zero point (DenseNet121: 1.13x the size).
+    assert qmodel.get_layer("bn").quant_config.weights.granularity == "per_tensor"
+    assert _depthwise_scale_counts(tmp_path / "affine.tflite") == [1, 1]
+    named = kq.QuantConfig()
+    named.set_layer_name("bn", weights=kq.QuantSpec(bits=8, symmetric=True, granularity="per_channel",
+                                                    narrow_range=True))
+    q_named = kq.quantize_model(model, named, calibration=_calibrate(model, x))
+    assert q_named.get_layer("bn").quant_config.weights.granularity == "per_channel"
+    _steps(model, q_named, x, tmp_path, "affine_named")
+    assert sorted(_depthwise_scale_counts(tmp_path / "affine_named.tflite")) == [1, 9]
+
+
+def _depthwise_scale_counts(path):
+    """The number of weight scales of each DEPTHWISE_CONV_2D kernel in a TFLite file."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(str(path))
+    details = {t["index"]: t for t in interpreter.get_tensor_details()}
+    return [len(details[op["inputs"][1]]["quantization_parameters"]["scales"])
+            for op in interpreter._get_ops_details() if op["op_name"] == "DEPTHWISE_CONV_2D"]
 
 
 def test_nested_shared_multi_input_multi_output(tmp_path):
