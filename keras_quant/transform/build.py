@@ -63,6 +63,7 @@ from keras_quant.layers.integer import (
 from keras_quant.layers.folding import fold_into_layer, fold_weights
 from keras_quant.layers.rules import PREACTIVATION, fixed_output_qparams, get_rule, is_keras_op
 from keras_quant.layers.wrapper import QuantizeWrapper
+from keras_quant.layers.weight_only import WeightOnlyMultiHeadAttention
 from keras_quant.transform.plan import (
     SHARED_INPUT_MERGES, has_fixed_grid, plan_concat_ranges, plan_model, resolve_ranges, share_merge_inputs,
 )
@@ -225,6 +226,9 @@ def _build_step(step, staging, mode, observe_steps, bn_statistics, flat, input_s
             return inner, final
         return QuantizeWrapper(inner, lc, mode="frozen", input_scale=input_scale, fused_output_scale=fused_scale,
                                name=staging.name), final
+    if step.weight_only is not None:  # a float MultiHeadAttention with int8 kernels
+        return WeightOnlyMultiHeadAttention.from_config({**staging.get_config(),
+                                                         "weight_spec": step.weight_only.get_config()}), False
     return graph_lib.copy_operation(staging), False
 
 

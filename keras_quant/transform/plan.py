@@ -43,6 +43,7 @@ from keras_quant.layers.rules import (
     fixed_output_qparams, get_rule, is_fusable_activation, is_keras_op, output_function, preactivation_key,
     split_activation,
 )
+from keras_quant.layers.weight_only import weight_only_spec
 from keras_quant.transform.graph import FlatGraph
 from keras_quant.transform.rewrite import affine_of
 
@@ -122,6 +123,7 @@ class Step:
     inner_layer: object = None  # the depthwise half built for the new model
     fixed: Optional[str] = None  # the output is a softmax / sigmoid / tanh's: TFLite's fixed grid may apply
     same_as: object = None  # a same-scale op (average pool): the Step whose range it keeps (QAT: its quantizer)
+    weight_only: object = None  # "clone" of a float MultiHeadAttention: the QuantSpec of its int8 kernels
     chain: tuple = ()  # "wrap", fused merge: the staging layers TFLite computes as one op (layer, folded BN, ReLU)
     range_from: object = None  # PTQ: the step whose range this quantizer takes (a Concatenate it feeds)
 
@@ -156,8 +158,13 @@ def plan_graph(flat, config):
             plan[id(layer)] = Step("clone")
         elif lc is None or rule.kind == "float":
             report["float_layers" if lc is None else "kept_float"].append(key)
-            report["float_islands"].append((key, type(original).__name__, _float_reason(rule, lc, original)))
-            plan[id(layer)] = Step("clone")
+            reason = _float_reason(rule, lc, original)
+            weight_only = None
+            if lc is not None and lc.weights is not None and type(original) is L.MultiHeadAttention:
+                weight_only = weight_only_spec(lc.weights)
+                reason += f"; its kernels are stored as {weight_only.bits}-bit integers (weight-only)"
+            report["float_islands"].append((key, type(original).__name__, reason))
+            plan[id(layer)] = Step("clone", weight_only=weight_only)
         elif rule.kind == "compute":
             _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config)
         elif rule.kind == "norm" and (affine := _affine(flat, layer)) is not None:

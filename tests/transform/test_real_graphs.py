@@ -144,6 +144,77 @@ def test_transformer_float_islands_are_named_and_the_rest_is_integer(tmp_path):
     assert np.abs(float_out - q_out).max() < 0.1
 
 
+def test_attention_keeps_float_compute_with_int8_kernels(tmp_path):
+    """MultiHeadAttention stays a float island, but its four projection kernels lie on an int8 grid
+    (one scale each), which the file stores as int8 constants read through DEQUANTIZE (the zoo's
+    transformer file was 1.30x the converter's with float32 kernels)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from keras_quant.layers.weight_only import WeightOnlyMultiHeadAttention
+
+    keras.utils.set_random_seed(0)
+    model = transformer_block()
+    tokens = np.random.default_rng(2).integers(0, 40, size=(64, 10)).astype("int32")
+    qmodel = kq.quantize_model(model, calibration=_calibrate(model, tokens))
+    mha = qmodel.get_layer("mha")
+    assert isinstance(mha, WeightOnlyMultiHeadAttention) and mha.weight_spec.granularity == "per_tensor"
+    reason = dict((k, r) for k, _, r in qmodel.quantization_report.float_islands)["mha"]
+    assert "8-bit integers (weight-only)" in reason
+    # Reference: a plain MultiHeadAttention given the kernels on their grid (round half up, one scale each).
+    original = model.get_layer("mha")
+    reference = L.MultiHeadAttention.from_config(original.get_config())
+    h = np.random.default_rng(5).normal(size=(4, 10, 16)).astype("float32")
+    reference(h, h)
+    grids = {}
+    for name in ("_query_dense", "_key_dense", "_value_dense", "_output_dense"):
+        kernel = keras.ops.convert_to_numpy(getattr(original, name).kernel)
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(getattr(mha, name).kernel), kernel)  # unchanged
+        scale = np.float32(np.abs(kernel).max()) / np.float32(127)
+        grids[id(getattr(original, name).kernel)] = np.floor(kernel / scale + np.float32(0.5)) * scale
+    reference.set_weights([grids.get(id(v), keras.ops.convert_to_numpy(v)) for v in original.weights])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(mha(h, h)), keras.ops.convert_to_numpy(reference(h, h)),
+                               atol=1e-5)
+    q_out = qmodel.predict(tokens, verbose=0)
+    float_mha = kq.quantize_model(model, _float_attention(), calibration=_calibrate(model, tokens))
+    assert not np.array_equal(float_mha.predict(tokens, verbose=0), q_out)  # the grid changes the outputs a little
+    assert np.abs(model.predict(tokens, verbose=0) - q_out).max() < 0.1
+    path = tmp_path / "enc.keras"
+    qmodel.save(path)
+    np.testing.assert_array_equal(keras.saving.load_model(path, safe_mode=True).predict(tokens, verbose=0), q_out)
+    p99, worst, report = _steps(model, qmodel, tokens, tmp_path, "enc_wo")
+    assert p99 <= 2.01 and worst <= 6.01
+    assert report.ops.get("DEQUANTIZE", 0) >= 4
+    interpreter = Interpreter(str(tmp_path / "enc_wo.tflite"))
+    float_kernels = [t for t in interpreter.get_tensor_details() if "mha" in t["name"] and t["dtype"] == np.float32
+                     and len(t["shape"]) == 2 and t["shape"].min() >= 8 and _is_constant(interpreter, t)]
+    assert not float_kernels, [t["name"] for t in float_kernels]
+    kq.export_onnx(qmodel, tmp_path / "enc.onnx")
+    got = kq.runtime.load(str(tmp_path / "enc.onnx")).predict(tokens)
+    assert np.abs(np.asarray(got) - q_out).max() < 0.05
+    qat = kq.quantize_model(model, mode="qat", calibration=_calibrate(model, tokens))
+    assert isinstance(qat.get_layer("mha"), WeightOnlyMultiHeadAttention)
+    qat.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    labels = tokens[:, 0] % 4
+    history = qat.fit(tokens, labels, epochs=2, batch_size=16, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert np.abs(keras.ops.convert_to_numpy(qat.get_layer("mha")._query_dense.kernel)
+                  - keras.ops.convert_to_numpy(original._query_dense.kernel)).max() > 0  # the kernels train
+
+
+def _float_attention():
+    config = kq.QuantConfig()
+    config.set_layer_name("mha", None)
+    return config
+
+
+def _is_constant(interpreter, detail):
+    try:
+        interpreter.get_tensor(detail["index"])
+    except ValueError:
+        return False
+    return True
+
+
 def affine_model():
     """A standalone BatchNormalization after a Concatenate (DenseNet) and a Rescaling at the input."""
     inp = keras.Input((8, 8, 3), name="image")

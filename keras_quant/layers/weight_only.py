@@ -1,0 +1,77 @@
+"""Weight-only quantization of float islands: float compute, kernels on an integer grid.
+
+A `MultiHeadAttention` has no integer TFLite kernel that takes keras_quant's
+ranges, so PTQ and QAT keep its compute in float (a float island the report
+names). Its four projection kernels still lie on an int8 grid here: each
+`EinsumDense` reads `fake_quant(kernel)` with one symmetric scale per kernel,
+which the TFLite converter writes as an int8 constant and a DEQUANTIZE that
+LiteRT evaluates once, at load (the file's weights are a quarter of the size;
+the arithmetic is the float model's).
+
+Example:
+
+>>> mha = WeightOnlyMultiHeadAttention(num_heads=2, key_dim=8, weight_spec=kq.QuantSpec(bits=8))
+"""
+
+import dataclasses
+
+import keras
+from keras import ops
+
+from keras_quant import ops as kq_ops
+from keras_quant.config import QuantSpec, as_spec
+
+__all__ = ["WeightOnlyMultiHeadAttention", "weight_only_spec"]
+
+_PROJECTIONS = ("_query_dense", "_key_dense", "_value_dense", "_output_dense")
+
+
+def weight_only_spec(spec):
+    """The per-tensor symmetric form of a weight spec that weight-only kernels use (one scale per kernel)."""
+    return dataclasses.replace(spec, granularity="per_tensor", symmetric=True, group_size=None)
+
+
+def _weight_only_call(layer, spec):
+    """`EinsumDense.call` with the kernel fake-quantized: one scale from its largest magnitude."""
+
+    def call(inputs, training=None):
+        kernel = layer.kernel
+        amax = ops.max(ops.abs(kernel))
+        scale, zero_point = kq_ops.compute_qparams(ops.negative(amax), amax, spec)
+        x = ops.einsum(layer.equation, inputs, kq_ops.fake_quant(kernel, scale, zero_point, spec))
+        if layer.bias is not None:
+            x = ops.add(x, layer.bias)
+        if layer.activation is not None:
+            x = layer.activation(x)
+        return x
+
+    return call
+
+
+@keras.saving.register_keras_serializable(package="keras_quant")
+class WeightOnlyMultiHeadAttention(keras.layers.MultiHeadAttention):
+    """`keras.layers.MultiHeadAttention` whose query, key, value and output kernels are fake-quantized.
+
+    Args:
+        weight_spec: The `kq.QuantSpec` of the kernels (made per-tensor and
+            symmetric; default 8 bits, narrow range).
+        **kwargs: `MultiHeadAttention`'s arguments.
+    """
+
+    def __init__(self, *args, weight_spec=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        spec = as_spec(weight_spec, layer=self.name) if weight_spec is not None else QuantSpec(
+            bits=8, symmetric=True, narrow_range=True)
+        self.weight_spec = weight_only_spec(spec)
+
+    def build(self, query_shape, value_shape, key_shape=None):  # Keras maps call arguments to these names
+        super().build(query_shape, value_shape, key_shape)
+        for name in _PROJECTIONS:
+            dense = getattr(self, name, None)
+            if dense is not None:
+                dense.call = _weight_only_call(dense, self.weight_spec)
+
+    def get_config(self):
+        config = super().get_config()
+        config["weight_spec"] = self.weight_spec.get_config()
+        return config
