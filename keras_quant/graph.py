@@ -20,6 +20,7 @@ import contextlib
 import copy
 
 import keras
+import numpy as np
 
 __all__ = [
     "functional", "nodes", "operations", "is_layer", "calls", "producer", "run",
@@ -168,3 +169,51 @@ def declared_only():
     with keras.StatelessScope(initialize_variables=False):
         yield
     global_state.set_global_attribute("uninitialized_variables", before)
+
+
+class _Initial:
+    """An initializer giving one known array (used while building only; never serialized)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, shape, dtype=None):
+        return self.value if dtype is None else self.value.astype(keras.backend.standardize_dtype(dtype))
+
+
+def build_with_weights(layer, build_config, weights):
+    """Build an unbuilt leaf layer from its build config with `weights` (in `get_weights()` order) as
+    the initial values of its variables, instead of running its initializers and assigning after.
+
+    A layer's build creates one variable per `add_weight` call in `weights` order; running the
+    initializers (a random kernel) and assigning was most of the cost of folding and rebuilding a
+    large model's layers. Falls back to build-then-assign when the layer creates its variables
+    otherwise (another order or shape, sublayers). Returns whether the layer is built.
+    """
+    values = [np.asarray(w) for w in weights]
+    pending = list(values)
+    mismatch = []
+    original = layer.add_weight
+
+    def add_weight(*args, **kwargs):
+        shape = kwargs.get("shape", args[0] if args else None)
+        if pending and shape is not None and tuple(shape) == pending[0].shape:
+            value = pending.pop(0)
+            if len(args) > 1:
+                args = (args[0], _Initial(value)) + tuple(args[2:])
+            else:
+                kwargs["initializer"] = _Initial(value)
+        else:
+            mismatch.append(shape)
+        return original(*args, **kwargs)
+
+    object.__setattr__(layer, "add_weight", add_weight)  # not tracked: a plain instance attribute
+    try:
+        layer.build_from_config(build_config)
+    finally:
+        object.__delattr__(layer, "add_weight")
+    if not layer.built:
+        return False
+    if mismatch or pending or len(layer.weights) != len(values):
+        layer.set_weights(values)
+    return True

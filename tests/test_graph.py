@@ -120,3 +120,30 @@ def test_node_arguments_keep_constants():
     (sub_args, _), (add_args, _) = (graph_lib.node_arguments(n) for n in ops_nodes)
     np.testing.assert_array_equal(sub_args[1], np.ones(2))
     assert add_args[1] == 3.0 and add_args[0] is graph_lib.node_outputs(ops_nodes[0])[0]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: keras.layers.Conv2D(4, 3, use_bias=True),
+    lambda: keras.layers.SeparableConv2D(5, 3, depth_multiplier=2),
+    lambda: keras.layers.BatchNormalization(),
+    lambda: keras.layers.MultiHeadAttention(2, 4),  # sublayers: built, then assigned
+])
+def test_build_with_weights_gives_exactly_the_values(make):
+    from keras_quant.graph import build_with_weights
+
+    keras.utils.set_random_seed(0)
+    source = make()
+    x = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype("float32")
+    if isinstance(source, keras.layers.MultiHeadAttention):
+        x = x.reshape(2, 36, 3)
+        source(x, x)
+    else:
+        source(x)
+    rng = np.random.default_rng(1)
+    values = [rng.normal(size=w.shape).astype("float32") for w in source.weights]
+    target = make()
+    assert build_with_weights(target, source.get_build_config(), values)
+    assert target.built
+    for got, want in zip(target.get_weights(), values):
+        np.testing.assert_array_equal(got, want)
+    assert "add_weight" not in target.__dict__  # the build-time hook is gone

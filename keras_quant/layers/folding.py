@@ -20,6 +20,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_quant import graph as graph_lib
 from keras_quant.errors import ConfigError, ShapeMismatchError
 
 __all__ = [
@@ -269,13 +270,14 @@ def fold_into_layer(layer, bn, name=None):
     if name is not None:
         config["name"] = name
     new = type(layer).from_config(config)
-    new.build_from_config(layer.get_build_config())
-    kernel = getattr(new, weight)
-    for new_var, old_var in zip(_without_bias(new), _without_bias(layer)):
-        if new_var is not kernel:  # the kernel takes its folded value
-            new_var.assign(_np(old_var))
-    kernel.assign(folded[weight].astype(kernel.dtype))
-    new.bias.assign(folded["bias"].astype(new.bias.dtype))
+    kernel = getattr(layer, weight)
+    values = []  # the new layer's weights in creation order: the original's, the bias added after the kernel
+    for var in _without_bias(layer):
+        values.append(folded[weight] if var is kernel else _np(var))
+        if var is kernel:
+            values.append(folded["bias"])
+    if not graph_lib.build_with_weights(new, layer.get_build_config(), values):
+        raise ConfigError("layer", layer.name, "cannot rebuild it from its build config", layer=layer.name)
     return new
 
 

@@ -166,11 +166,7 @@ def _built_with(layer, staging, weights, scope):
     if not config:
         return False
     with keras.name_scope(scope) if scope else contextlib.nullcontext():
-        layer.build_from_config(config)
-    if not layer.built:
-        return False
-    layer.set_weights(weights)
-    return True
+        return graph_lib.build_with_weights(layer, config, weights)
 
 
 def _ptq_inner(step, staging, flat, scope):
