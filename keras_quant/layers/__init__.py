@@ -3,6 +3,7 @@
 from keras_quant.layers.fake_quant import ActivationQuantizer, FrozenQuantizer
 from keras_quant.layers.folding import fold_batch_norm, fold_into_layer
 from keras_quant.layers.rules import KINDS, RULES, LayerRule, get_rule, is_fusable_activation, register_rule
+from keras_quant.layers.weight_only import WeightOnlyMultiHeadAttention
 from keras_quant.layers.wrapper import QuantizeWrapper
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "ActivationQuantizer",
     "FrozenQuantizer",
     "QuantizeWrapper",
+    "WeightOnlyMultiHeadAttention",
     "fold_batch_norm",
     "fold_into_layer",
     "quantize_model",
