@@ -171,8 +171,8 @@ def declared_only():
     global_state.set_global_attribute("uninitialized_variables", before)
 
 
-class _Initial:
-    """An initializer giving one known array (used while building only; never serialized)."""
+class ValueInitializer:
+    """An initializer giving one known array (for a variable created with its value; never serialized)."""
 
     def __init__(self, value):
         self.value = value
@@ -200,9 +200,9 @@ def build_with_weights(layer, build_config, weights):
         if pending and shape is not None and tuple(shape) == pending[0].shape:
             value = pending.pop(0)
             if len(args) > 1:
-                args = (args[0], _Initial(value)) + tuple(args[2:])
+                args = (args[0], ValueInitializer(value)) + tuple(args[2:])
             else:
-                kwargs["initializer"] = _Initial(value)
+                kwargs["initializer"] = ValueInitializer(value)
         else:
             mismatch.append(shape)
         return original(*args, **kwargs)

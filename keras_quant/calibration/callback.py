@@ -124,12 +124,9 @@ def _depthwise_shape(layer):
     the trace makes TensorFlow trace the whole step a second time.
     """
     try:
-        spec = keras.ops.depthwise_conv(keras.KerasTensor(layer.input.shape, layer.input.dtype), layer.depthwise_kernel,
-                                        strides=layer.strides, padding=layer.padding,
-                                        data_format=layer.data_format, dilation_rate=layer.dilation_rate)
-    except (AttributeError, ValueError, TypeError):
+        return tuple(_depthwise(layer, keras.KerasTensor(layer.input.shape, layer.input.dtype)).shape)
+    except (AttributeError, ValueError, TypeError):  # no single input (a layer called twice), unknown shape
         return None
-    return tuple(spec.shape)
 
 
 def _first_tensor(outputs):

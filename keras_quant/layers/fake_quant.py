@@ -22,7 +22,7 @@ import keras
 from keras import ops
 import numpy as np
 
-from keras_quant import ops as kq_ops
+from keras_quant import graph as graph_lib, ops as kq_ops
 from keras_quant.config import QuantSpec, as_spec as _spec
 from keras_quant.errors import ConfigError, ShapeMismatchError
 from keras_quant.layers import inference, qat_quantizer as qat
@@ -53,16 +53,6 @@ def _qparam_array(field, value, want, layer):
     if value.size != int(np.prod(want)):
         raise ShapeMismatchError(field, want, value.shape, layer=layer)
     return value.reshape(want)
-
-
-class _Value:
-    """An initializer giving one known float32 array (not serialized: variables do not keep their initializers)."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def __call__(self, shape, dtype=None):
-        return self.value
 
 
 class FrozenQuantizer:
@@ -105,7 +95,7 @@ class FrozenQuantizer:
         inits = {"scale": "ones", "zero_point": "zeros"}
         if initial is not None:  # created with their values: no fill, no assignment after
             for field, value in zip(("scale", "zero_point"), initial):
-                inits[field] = _Value(_qparam_array(field, value, tuple(pshape), getattr(layer, "name", None)))
+                inits[field] = graph_lib.ValueInitializer(_qparam_array(field, value, tuple(pshape), getattr(layer, "name", None)))
         return {
             "scale": layer.add_weight(
                 name=f"{prefix}scale", shape=pshape, initializer=inits["scale"], trainable=self.trainable,

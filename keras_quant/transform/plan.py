@@ -657,11 +657,8 @@ def _graph_fingerprint(graph):
     parts = []
     for op in graph_lib.operations(graph):
         sub = graph_lib.functional(op) if isinstance(op, keras.Model) else None
-        try:
-            config = repr(op.get_config())
-        except (NotImplementedError, TypeError, ValueError):  # no config: the operation itself must not change
-            config = None
-        parts.append((id(op), type(op), config, None if sub is None else _graph_fingerprint(sub)))
+        # `FlatGraph` copies every operation from its config (`copy_operation`), so each has one.
+        parts.append((id(op), type(op), repr(op.get_config()), None if sub is None else _graph_fingerprint(sub)))
     return (id(graph), tuple(parts))
 
 
@@ -669,18 +666,12 @@ def _read_only_graph(model, graph):
     """The read-only `FlatGraph` of `model`, reused while the model's graph and layer configs are unchanged."""
     fingerprint = _graph_fingerprint(graph)
     with _READ_ONLY_LOCK:
-        try:
-            cached = _READ_ONLY_GRAPHS.get(model)
-        except TypeError:  # not weakly referenceable
-            cached = None
+        cached = _READ_ONLY_GRAPHS.get(model)
     if cached is not None and cached[0] == fingerprint:
         return cached[1]
     flat = FlatGraph(model, graph, weights=False)
     with _READ_ONLY_LOCK:
-        try:
-            _READ_ONLY_GRAPHS[model] = (fingerprint, flat)
-        except TypeError:
-            pass
+        _READ_ONLY_GRAPHS[model] = (fingerprint, flat)
     return flat
 
 
