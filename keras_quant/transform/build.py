@@ -425,7 +425,7 @@ def _constant_grid(value):
     return float(np.float32(scale)), zero_point
 
 
-def _integer_binary_op(step, staging, args, kwargs, tensor_grids, flat, plan):
+def _integer_binary_op(step, staging, args, kwargs, tensor_grids, plan):
     """PTQ: an `IntegerBinaryOp` for a keras.ops `x + y` node between int8 tensors, or with a constant
     operand (which the converter quantizes on its own grid), else None."""
     op = _BINARY_OP_NAMES.get(type(staging).__name__)
@@ -441,7 +441,7 @@ def _integer_binary_op(step, staging, args, kwargs, tensor_grids, flat, plan):
             return None
     if None in grids:
         return None
-    scale = _output_scale(step, plan.get(id(flat.sole_consumer(staging))) if step.fused else None)
+    scale = _output_scale(step, plan.get(id(step.chain[-1])) if step.fused else None)
     if scale is None or op == "multiply" and step.fused:
         return None
     return IntegerBinaryOp(op, [g[0] for g in grids], scale, name=staging.name,
@@ -630,7 +630,7 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
             step.layer = _integer_merge(step, staging, args, tensor_grids, flat, plan)
         elif (first and mode == "ptq" and step.kind == "clone" and is_keras_op(staging)
               and config.for_layer(flat.origin[id(staging)], flat.path(staging)) is not None):
-            step.layer = _integer_binary_op(step, staging, args, kwargs, tensor_grids, flat, plan)
+            step.layer = _integer_binary_op(step, staging, args, kwargs, tensor_grids, plan)
         elif first and mode == "ptq" and step.kind == "clone" and in_grid is not None:
             step.layer = _integer_layer(step, staging, in_grid, config, flat)
         if first and step.layer is None:

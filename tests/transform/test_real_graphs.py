@@ -406,3 +406,23 @@ def test_read_only_plans_share_one_staging_copy_until_the_model_changes():
     q1 = kq.quantize_model(model, calibration=cb.result)
     q2 = kq.quantize_model(model, calibration=cb.result)
     np.testing.assert_array_equal(q1.predict(x, verbose=0), q2.predict(x, verbose=0))
+
+
+def test_keras_ops_add_with_identical_fused_relus_is_integer(tmp_path):
+    """A bare `a + b` read by two identical ReLUs (NASNet's cells): the converter merges the ReLUs and
+    fuses the one left into its ADD; the Keras model computes that ADD in integer on the ReLU's grid."""
+    from keras_quant.layers.integer import IntegerBinaryOp
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 3))
+    s = L.Conv2D(4, 3, padding="same", name="c1")(inp) + L.Conv2D(4, 3, padding="same", name="c2")(inp)
+    r1, r2 = L.ReLU(name="r1")(s), L.ReLU(name="r2")(s)
+    out = L.Concatenate(name="cat")([L.Conv2D(2, 1, name="p1")(r1), L.Conv2D(2, 1, name="p2")(r2)])
+    model = keras.Model(inp, out)
+    x = np.random.default_rng(0).normal(size=(64, 8, 8, 3)).astype("float32")
+    qmodel = kq.quantize_model(model, calibration=_calibrate(model, x))
+    adds = [layer for layer in qmodel.layers if isinstance(layer, IntegerBinaryOp)]
+    assert len(adds) == 1 and adds[0].op == "add"
+    p99, worst, report = _steps(model, qmodel, x, tmp_path, "fused_add")
+    assert not report.float_ops
+    assert p99 == 0 and worst == 0
