@@ -262,15 +262,13 @@ class LossNotFalling(RuntimeError):
 
 
 def _concrete_function(model):
-    """The float model's batch-1 inference as a frozen concrete function, in the input's dtype
-    (bench_export's is float32 images only; the token models take int32)."""
+    """The float model's batch-1 inference as a concrete function in the input's dtype
+    (bench_export's is float32 images only; the token models take int32); the converter freezes it."""
     import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     inp = model.inputs[0]
     spec = tf.TensorSpec((1,) + tuple(inp.shape[1:]), tf.as_dtype(inp.dtype), name="input")
-    cf = tf.function(lambda x: model(x, training=False), autograph=False).get_concrete_function(spec)
-    return convert_variables_to_constants_v2(cf)
+    return tf.function(lambda x: model(x, training=False), autograph=False).get_concrete_function(spec)
 
 
 def converter_file(model, x_calib, path):
