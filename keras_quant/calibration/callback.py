@@ -401,7 +401,8 @@ class CalibrationCallback(keras.callbacks.Callback):
             )
         self._detach()
         self._model_name = model.name
-        tracked = self._create_state(model)
+        with graph_lib.fast_variable_creation():
+            tracked = self._create_state(model)
         for key, layer, spec in tracked:
             own = layer.__dict__.get("call")
             self._patched.append((layer, own))

@@ -612,7 +612,8 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
         return out
 
     new_inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name) for t in flat.model.inputs]
-    quantized_inputs = [add_quantizer(s, x, s.quant_key) for s, x in zip(input_steps, new_inputs)]
+    with graph_lib.fast_variable_creation():
+        quantized_inputs = [add_quantizer(s, x, s.quant_key) for s, x in zip(input_steps, new_inputs)]
 
     def call_fn(staging, *args, **kwargs):
         step = plan[id(staging)]
@@ -668,13 +669,16 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
         requantized = in_grid[0] if passthrough and in_grid is not None and mode == "ptq" else None
         return add_quantizer(step, outputs, staging.name, requantized)
 
-    outputs = graph_lib.run(flat.model, quantized_inputs, call_fn)
+    with graph_lib.fast_variable_creation():
+        outputs = graph_lib.run(flat.model, quantized_inputs, call_fn)
     inputs = new_inputs
     if flat.inputs_struct is not None:
         inputs = tree.pack_sequence_as(flat.inputs_struct, new_inputs)
     qmodel = keras.Model(inputs, outputs, name=model.name)
     if getattr(model, "compiled", False):
-        qmodel.compile_from_config(model.get_compile_config())
+        # `compile`, not `compile_from_config`: that also creates the optimizer's slot variables now
+        # (a tenth of a small model's quantize_model); `fit` creates them when it first needs them.
+        qmodel.compile(**keras.saving.deserialize_keras_object(model.get_compile_config()))
 
     wrapped = tuple(layer.name for s in plan.values() for layer in (s.inner_layer, s.layer)
                     if isinstance(layer, QuantizeWrapper))
