@@ -147,3 +147,19 @@ def test_build_with_weights_gives_exactly_the_values(make):
     for got, want in zip(target.get_weights(), values):
         np.testing.assert_array_equal(got, want)
     assert "add_weight" not in target.__dict__  # the build-time hook is gone
+
+
+def test_fast_variable_creation_keeps_keras_names_values_and_saving(tmp_path):
+    with graph_lib.fast_variable_creation():
+        layer = keras.layers.Dense(3, name="fc")
+        model = keras.Sequential([keras.Input((4,)), layer])
+        extra = keras.Variable(np.arange(3.0, dtype="float32"), name="extra", trainable=False)
+    assert [v.name for v in layer.weights] == ["kernel", "bias"] and extra.name == "extra"
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(extra), [0.0, 1.0, 2.0])
+    if keras.backend.backend() == "tensorflow":  # one backend name: no new kernel per variable
+        assert {v.value.name.split("/")[-1] for v in (*layer.weights, extra)} == {"keras_quant:0"}
+    x = np.ones((2, 4), "float32")
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
