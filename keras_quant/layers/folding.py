@@ -221,28 +221,59 @@ def _np(var):
     return None if var is None else np.asarray(keras.ops.convert_to_numpy(var))
 
 
-def fold_weights(layer, bn):
+def fold_input_affine(kernel, bias, a, b, depthwise=False):
+    """`(kernel, bias)` of `layer(a * x + b)` as one layer, `a` and `b` per input channel (numpy float32).
+
+    `kernel` is channels-last with the input channels on axis -2: Dense
+    `(in, out)`, Conv `(..., in, out)`, DepthwiseConv `(..., in, multiplier)`
+    (output channel `c * multiplier + m`). The kernel takes `a` per input
+    channel and the bias gains the kernel applied to `b`; exact where no
+    padding reads the input (zeros padded after `a * x + b` are not `b`).
+    `bias` None: the layer had none (zeros).
+    """
+    kernel = np.asarray(kernel, np.float64)
+    a = np.asarray(a, np.float64).reshape(-1)
+    b = np.asarray(b, np.float64).reshape(-1)
+    shape = [1] * kernel.ndim
+    shape[-2] = kernel.shape[-2]
+    weighted = kernel * b.reshape(shape)
+    if depthwise:  # each input channel feeds its own `multiplier` outputs
+        shift = weighted.sum(axis=tuple(range(kernel.ndim - 2))).reshape(-1)
+    else:
+        shift = weighted.sum(axis=tuple(range(kernel.ndim - 1)))
+    bias = np.zeros(shift.shape) if bias is None else np.asarray(bias, np.float64)
+    return (kernel * a.reshape(shape)).astype("float32"), (bias + shift).astype("float32")
+
+
+def fold_weights(layer, bn, input_affine=None):
     """`{weight attribute: folded array}` of `bn(layer(x))` as one layer: the folded kernel and `"bias"` (numpy).
 
     The arrays `fold_into_layer` gives its new layer, before they are cast to its variables' dtypes.
+    `bn` may be None when `input_affine`, the `(a, b)` of `layer(a * x + b)`, is given (`fold_input_affine`).
 
     Raises:
         ConfigError: If the pair cannot be folded (see `fold_blocker`).
     """
-    reason = fold_blocker(layer, bn)
+    reason = fold_blocker(layer, bn) if bn is not None else None
     if reason:
         raise ConfigError("layer", layer.name, f"cannot fold {bn.name} into it: {reason}", layer=layer.name)
     weight, axes = fold_rule(layer)
+    kernel = _np(getattr(layer, weight))
+    bias = _np(layer.bias) if getattr(layer, "use_bias", False) else None
+    if input_affine is not None:
+        depthwise = isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D))
+        kernel, bias = fold_input_affine(kernel, bias, *input_affine, depthwise=depthwise)
+    if bn is None:
+        return {weight: kernel, "bias": bias}
     folded_kernel, folded_bias = fold_batch_norm(
-        _np(getattr(layer, weight)), _np(layer.bias) if getattr(layer, "use_bias", False) else None,
-        _np(bn.gamma) if bn.scale else None, _np(bn.beta) if bn.center else None,
+        kernel, bias, _np(bn.gamma) if bn.scale else None, _np(bn.beta) if bn.center else None,
         _np(bn.moving_mean), _np(bn.moving_variance), bn.epsilon, axes,
     )
     return {weight: folded_kernel, "bias": folded_bias}
 
 
-def fold_into_layer(layer, bn, name=None):
-    """A new layer computing `bn(layer(x))` (inference mode) in one compute layer.
+def fold_into_layer(layer, bn, name=None, input_affine=None, bias_offset=None):
+    """A new layer computing `bn(layer(a * x + b)) + c` (inference mode) in one compute layer.
 
     The clone is made with `type(layer).from_config(layer.get_config())`,
     `use_bias=True` and the same name (or `name`), built from `layer`'s build
@@ -250,8 +281,10 @@ def fold_into_layer(layer, bn, name=None):
 
     Args:
         layer: A built compute layer (Dense, Conv*, DepthwiseConv*, SeparableConv*, Conv*Transpose).
-        bn: A built BatchNormalization that follows it.
+        bn: A built BatchNormalization that follows it, or None.
         name: The new layer's name; default `layer`'s.
+        input_affine: `(a, b)`, per input channel, of an affine map before the layer (`fold_input_affine`).
+        bias_offset: `c`, a constant added to the output (scalar or per channel).
 
     Returns:
         The new, built layer.
@@ -263,7 +296,9 @@ def fold_into_layer(layer, bn, name=None):
 
     >>> folded = fold_into_layer(model.get_layer("conv"), model.get_layer("bn"))
     """
-    folded = fold_weights(layer, bn)
+    folded = fold_weights(layer, bn, input_affine)
+    if bias_offset is not None:
+        folded["bias"] = (folded["bias"] + np.asarray(bias_offset, np.float32)).astype("float32")
     weight, _ = fold_rule(layer)
     config = layer.get_config()
     config["use_bias"] = True

@@ -8,6 +8,10 @@ the quantized model does there (a `Step`), as TFLite computes it:
   consumer is folded into it, and a ReLU/ReLU6 after that is fused (TFLite
   fuses both), so the output quantizer goes after the last layer of that
   chain, with that layer's calibration statistics;
+- a per-channel affine layer (Rescaling, Normalization, a lone
+  BatchNormalization, LayerScale) folds into the next affine layer or into
+  the Dense / Conv / DepthwiseConv that reads it where that is exact
+  (`_affine_absorber`); otherwise it is wrapped as a 1x1 depthwise conv;
 - merge, pool, unfolded norm and other activation layers (and the
   `keras.ops` operations of those kinds), and every float model input, get an
   `ActivationQuantizer` on their output; passthrough layers get nothing;
@@ -100,7 +104,7 @@ def _float_reason(rule, lc, original):
 class Step:
     """What the rebuilt graph does at one layer of the flat graph."""
 
-    kind: str  # "clone", "wrap", "folded" (a BatchNormalization folded away) or "input"
+    kind: str  # "clone", "wrap", "folded" (a BatchNormalization, constant or affine layer folded away) or "input"
     layer_config: Optional[LayerQuantConfig] = None  # "wrap": the wrapper's specs
     fold: object = None  # "wrap": the BatchNormalization folded into the layer
     bias_offset: object = None  # "wrap": a constant added to the output (`conv(x) + 3.0`), folded into the bias
@@ -117,6 +121,7 @@ class Step:
     preact_spec: object = None
     preact_qparams: tuple = None
     affine: tuple = None  # "wrap": (a, b, rank) of a per-channel affine layer rewritten as a 1x1 depthwise conv
+    input_affine: tuple = None  # "wrap": (a, b) of the affine layers before it, folded into its kernel and bias
     inner_key: Optional[str] = None  # "wrap" of a SeparableConv: calibration key of its depthwise output
     inner_spec: object = None
     inner_qparams: tuple = None
@@ -131,6 +136,7 @@ class Step:
 def plan_graph(flat, config):
     """`({id(staging layer): Step}, report)` for every node of a `FlatGraph` (see the module docstring)."""
     plan, report = {}, collections.defaultdict(list)
+    pending = {}  # id(staging layer) -> (a, b): the affine layers before it, folded into it
 
     def cfg(layer):
         return config.for_layer(flat.origin[id(layer)], flat.path(layer))
@@ -166,8 +172,15 @@ def plan_graph(flat, config):
             report["float_islands"].append((key, type(original).__name__, reason))
             plan[id(layer)] = Step("clone", weight_only=weight_only)
         elif rule.kind == "compute":
-            _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config)
-        elif rule.kind == "norm" and (affine := _affine(flat, layer)) is not None:
+            _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config,
+                          input_affine=pending.get(id(layer)))
+        elif rule.kind == "norm" and (absorber := _affine_absorber(flat, layer, cfg, pending)) is not None:
+            # A Rescaling / Normalization / ... whose one reader computes `a * x + b` into its own weights.
+            consumer, affine = absorber
+            pending[id(consumer)] = affine
+            plan[id(layer)] = Step("folded")
+            report["folded"].append((key, flat.key(consumer)))
+        elif rule.kind == "norm" and (affine := _affine(flat, layer, pending.get(id(layer)))) is not None:
             # No integer kernel for a lone BatchNormalization / Rescaling / ...: a 1x1 depthwise conv computes it.
             _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config, affine=affine)
             report["rewritten"].append((key, "per-channel affine as a 1x1 depthwise convolution"))
@@ -380,13 +393,67 @@ def _plan_fused(flat, acts, cfg, plan, quantized_output, what):
     return first
 
 
-def _affine(flat, layer):
-    """`(a, b, rank)` when a norm layer is a per-channel affine map a 1x1 depthwise conv can compute, else None."""
+def _affine(flat, layer, before=None):
+    """`(a, b, rank)` when a norm layer is a per-channel affine map a 1x1 depthwise conv can compute, else None.
+
+    `before`: `(a, b)` of affine layers folded into this one (composed first).
+    """
     out = flat.single_output(layer)
-    if out is None or len(out.shape) not in (3, 4) or out.shape[-1] is None:
+    if out is None or len(out.shape) not in (3, 4):
+        return None
+    found = _layer_affine(flat, layer, before)
+    return None if found is None else (*found, len(out.shape))
+
+
+def _layer_affine(flat, layer, before=None):
+    """`(a, b)` (float32, per channel) of a norm layer that is `a * x + b` on its last axis (after `before`'s)."""
+    out = flat.single_output(layer)
+    if out is None or len(out.shape) < 2 or out.shape[-1] is None:
         return None
     found = affine_of(flat.origin[id(layer)], len(out.shape), int(out.shape[-1]))  # the original's weights
-    return None if found is None else (*found, len(out.shape))
+    if found is None or before is None:
+        return found
+    a, b = found
+    return (a * before[0]).astype("float32"), (a * before[1] + b).astype("float32")
+
+
+# Layers that can take a per-channel affine map of their input into their kernel and bias exactly.
+_INPUT_AFFINE_LAYERS = (L.Dense, L.Conv1D, L.Conv2D, L.DepthwiseConv1D, L.DepthwiseConv2D)
+_ZERO_PADDING = (L.ZeroPadding1D, L.ZeroPadding2D)
+
+
+def _affine_absorber(flat, layer, cfg, pending):
+    """`(consumer, (a, b))` when the affine norm layer `layer` folds into the one layer reading it, else None.
+
+    TFLite runs `a * x + b` (a Rescaling or Normalization of the input, a
+    lone BatchNormalization) as its own op; the converter folds it into the
+    convolution that follows. Folded here where that is exact: the reader is
+    the next affine layer (the two compose), or a channels-last Dense /
+    Conv1D / Conv2D / DepthwiseConv with no groups, whose kernel takes `a`
+    per input channel and whose bias takes the kernel applied to `b`. Zero
+    padding breaks `b` (padded zeros would become `b`): through a ZeroPadding
+    layer, or into a convolution that pads itself, only `b = 0` folds.
+    """
+    affine = _layer_affine(flat, layer, pending.get(id(layer)))
+    if affine is None or not (np.all(np.isfinite(affine[0])) and np.all(np.isfinite(affine[1]))):
+        return None
+    zero_offset = not np.any(affine[1])
+    consumer = flat.sole_consumer(layer)
+    while isinstance(consumer, _ZERO_PADDING) and zero_offset and cfg(consumer) is not None:
+        consumer = flat.sole_consumer(consumer)
+    if consumer is None or cfg(consumer) is None:
+        return None
+    original = flat.origin[id(consumer)]
+    kind = getattr(get_rule(original), "kind", None)
+    if kind == "norm":  # planned as an affine map itself (it is one, of a rank a depthwise conv takes)
+        return (consumer, affine) if _affine(flat, consumer) is not None else None
+    if kind != "compute" or not isinstance(original, _INPUT_AFFINE_LAYERS):
+        return None
+    if getattr(original, "data_format", "channels_last") != "channels_last" or getattr(original, "groups", 1) != 1:
+        return None
+    if not zero_offset and getattr(original, "padding", "valid") != "valid":
+        return None
+    return consumer, affine
 
 
 # Compute layers whose output a constant can be folded into: a bias on the last (channel) axis, no activation.
@@ -434,8 +501,9 @@ def _bias_offset(flat, layer, op, cfg):
     return -c if op_type == "Subtract" else c
 
 
-def _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config, affine=None):
-    """Plan a compute layer and the BatchNormalization / activation TFLite fuses into it."""
+def _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config, affine=None, input_affine=None):
+    """Plan a compute layer and the BatchNormalization / activation TFLite fuses into it (and `input_affine`,
+    the `(a, b)` of affine layers before it, see `_affine_absorber`)."""
     chain, nxt = [layer], flat.sole_consumer(layer)
     bn = offset = None
     if isinstance(nxt, keras.layers.BatchNormalization) and cfg(nxt) is not None and fold_blocker(layer, nxt) is None:
@@ -454,7 +522,7 @@ def _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config, 
         chain.append(activation)
     last = chain[-1]
     what = "output quantizer after " + "+".join(flat.key(x) for x in chain)
-    step = Step("wrap", fold=bn, chain=tuple(chain), affine=affine, bias_offset=offset)
+    step = Step("wrap", fold=bn, chain=tuple(chain), affine=affine, bias_offset=offset, input_affine=input_affine)
     if bn is not None:
         plan[id(bn)] = Step("folded")
         report["folded"].append((flat.key(bn), flat.key(layer)))

@@ -12,7 +12,9 @@ class QuantizationReport:
 
     Attributes:
         wrapped: Names of the `QuantizeWrapper` layers.
-        folded: `(batch_norm, into)` name pairs of folded BatchNormalizations.
+        folded: `(layer, into)` name pairs: BatchNormalizations folded into the
+            layer before them, constants into its bias, and affine layers
+            (Rescaling, Normalization, ...) into the layer that reads them.
         activation_quantizers: `(layer, stats_key)`: every activation quantizer
             (an `ActivationQuantizer` layer, or a wrapper's output quantizer)
             and the calibration key its range came from.
@@ -48,7 +50,7 @@ class QuantizationReport:
         """A few lines for a person: counts, and each float island with its reason."""
         lines = [
             f"{len(self.wrapped)} layers with quantized weights, {len(self.activation_quantizers)} activation "
-            f"quantizers, {len(self.folded)} BatchNormalizations folded",
+            f"quantizers, {len(self.folded)} layers folded into others",
         ]
         lines += [f"rewritten: {key} ({how})" for key, how in self.rewritten]
         lines += [f"float: {key} ({kind}): {reason}" for key, kind, reason in self.float_islands]

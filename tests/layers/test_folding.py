@@ -3,9 +3,10 @@
 import keras
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from keras_quant.errors import ConfigError, ShapeMismatchError
-from keras_quant.layers.folding import fold_batch_norm, fold_blocker, fold_into_layer
+from keras_quant.layers.folding import fold_batch_norm, fold_blocker, fold_input_affine, fold_into_layer
 from tests.layers import to_np
 
 L = keras.layers
@@ -171,3 +172,63 @@ def test_axis_blockers_name_the_axis():
     # An unbuilt conv knows its rank: axis 2 of its 4-D output is not the channel axis.
     assert "axis 2" in fold_blocker(L.Conv2D(4, 3), L.BatchNormalization(axis=2))
     assert fold_blocker(L.Conv2D(4, 3), L.BatchNormalization(axis=3)) is None
+
+
+INPUT_AFFINE_LAYERS = [
+    (lambda: L.Dense(5), (6, 7)),
+    (lambda: L.Dense(5, use_bias=False), (2, 4, 7)),
+    (lambda: L.Conv2D(5, 3), (2, 6, 6, 3)),
+    (lambda: L.Conv2D(5, 3, strides=2, use_bias=False), (2, 7, 7, 3)),
+    (lambda: L.DepthwiseConv2D(3, depth_multiplier=2), (2, 6, 6, 3)),
+    (lambda: L.DepthwiseConv1D(3, depth_multiplier=3, use_bias=False), (2, 9, 2)),
+    (lambda: L.Conv1D(4, 3), (2, 9, 3)),
+]
+
+
+@pytest.mark.parametrize("make, shape", INPUT_AFFINE_LAYERS)
+@pytest.mark.parametrize("with_bn", [False, True])
+def test_layer_with_folded_input_affine_matches_affine_then_layer(make, shape, with_bn, rng):
+    x = rng.normal(size=shape).astype("float32")
+    a = rng.uniform(0.2, 3, size=shape[-1]).astype("float32") * rng.choice([-1, 1], size=shape[-1])
+    b = rng.normal(size=shape[-1]).astype("float32")
+    layer = make()
+    bn = L.BatchNormalization(epsilon=1e-3) if with_bn else None
+    y = layer(a * x + b)
+    if bn is not None:
+        bn(y, training=False)
+        randomize_bn(bn, rng)
+        y = bn(y, training=False)
+    folded = fold_into_layer(layer, bn, input_affine=(a, b), bias_offset=np.float32(0.5))
+    assert folded.use_bias and folded.name == layer.name
+    np.testing.assert_allclose(to_np(folded(x)), to_np(y) + 0.5, rtol=1e-4, atol=1e-4)
+
+
+def _reference_input_affine(kernel, bias, a, b, depthwise):
+    """`layer(a * x + b) = layer'(x)`, written out one output channel at a time."""
+    k = np.asarray(kernel, np.float64)
+    cin = k.shape[-2]
+    spatial = k.reshape(-1, cin, k.shape[-1])  # (taps, in, out or multiplier)
+    new_k = spatial * np.asarray(a, np.float64)[None, :, None]
+    if depthwise:
+        shift = [sum(spatial[t, c, m] * b[c] for t in range(spatial.shape[0]))
+                 for c in range(cin) for m in range(k.shape[-1])]
+    else:
+        shift = [sum(spatial[t, c, o] * b[c] for t in range(spatial.shape[0]) for c in range(cin))
+                 for o in range(k.shape[-1])]
+    bias = np.zeros(len(shift)) if bias is None else np.asarray(bias, np.float64)
+    return new_k.reshape(k.shape), bias + np.asarray(shift)
+
+
+@settings(max_examples=40, deadline=None)
+@given(taps=st.integers(1, 4), cin=st.integers(1, 4), cout=st.integers(1, 4), depthwise=st.booleans(),
+       has_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_fold_input_affine_against_reference(taps, cin, cout, depthwise, has_bias, seed):
+    r = np.random.default_rng(seed)
+    kernel = r.normal(size=(taps, cin, cout)).astype("float32")
+    bias = r.normal(size=cin * cout if depthwise else cout).astype("float32") if has_bias else None
+    a, b = r.normal(size=cin).astype("float32"), r.normal(size=cin).astype("float32")
+    got_k, got_b = fold_input_affine(kernel, bias, a, b, depthwise=depthwise)
+    want_k, want_b = _reference_input_affine(kernel, bias, a, b, depthwise)
+    assert got_k.dtype == np.float32 and got_b.dtype == np.float32
+    np.testing.assert_allclose(got_k, want_k, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got_b, want_b, rtol=1e-5, atol=1e-5)

@@ -256,6 +256,46 @@ def test_standalone_norms_become_integer_depthwise_convs(tmp_path):
     assert sorted(_depthwise_scale_counts(tmp_path / "affine_named.tflite")) == [1, 9]
 
 
+def input_affine_model(mean):
+    """EfficientNet's stem: Rescaling, Normalization, ZeroPadding, a valid strided conv, its BatchNorm, swish."""
+    inp = keras.Input((12, 12, 3), name="image")
+    h = L.Rescaling(1 / 255, name="rescale")(inp)
+    h = L.Normalization(mean=mean, variance=[0.04, 0.05, 0.06], name="norm")(h)
+    h = L.ZeroPadding2D(1, name="pad")(h)
+    h = L.Conv2D(6, 3, strides=2, use_bias=False, name="stem")(h)
+    h = L.Activation("swish", name="act")(L.BatchNormalization(name="stem_bn")(h))
+    d = L.DepthwiseConv2D(3, depth_multiplier=2, name="dw")(L.Rescaling(0.5, offset=-1.0, name="half")(h))
+    return keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="gap")(d)), name="stem")
+
+
+@pytest.mark.parametrize("mode", ["ptq", "qat"])
+def test_affine_layers_fold_into_the_layer_reading_them_where_exact(mode, tmp_path):
+    """As the converter folds an input Rescaling / Normalization into the first convolution, where the
+    result is exact: the next affine layer composes with it; a Dense / Conv / DepthwiseConv takes `a` in its
+    kernel and `b` in its bias, but zero padding in between (or the conv's own) only when `b` is 0."""
+    x = np.random.default_rng(5).uniform(0, 255, size=(64, 12, 12, 3)).astype("float32")
+    keras.utils.set_random_seed(0)
+    offset_model = input_affine_model([0.4, 0.5, 0.6])  # b != 0: the Normalization cannot cross the padding
+    keras.utils.set_random_seed(0)
+    zero_model = input_affine_model([0.0, 0.0, 0.0])
+    for model, folded, depthwise in ((offset_model, {"rescale": "norm", "half": "dw"}, 1),
+                                     (zero_model, {"rescale": "norm", "norm": "stem", "half": "dw"}, 0)):
+        qmodel = kq.quantize_model(model, calibration=_calibrate(model, x), mode=mode)
+        report = qmodel.quantization_report
+        assert {k: v for k, v in report.folded if k != "stem_bn"} == folded
+        assert [k for k, _ in report.rewritten] == (["norm"] if depthwise else [])
+        names = {layer.name for layer in qmodel.layers}
+        assert not names & set(folded)
+        want = model.predict(x, verbose=0)
+        err = np.abs(qmodel.predict(x, verbose=0) - want).max()
+        assert err < 0.05 * np.abs(want).max(), err
+        if mode == "qat":
+            kq.qat.set_mode(qmodel, "frozen")
+        p99, worst, export = _steps(model, qmodel, x, tmp_path, f"{model.name}_{depthwise}_{mode}")
+        assert not export.float_ops and export.ops.get("DEPTHWISE_CONV_2D", 0) == 1 + depthwise, export.ops
+        assert p99 <= 2.01 and worst <= 6.01
+
+
 def _depthwise_scale_counts(path):
     """The number of weight scales of each DEPTHWISE_CONV_2D kernel in a TFLite file."""
     from ai_edge_litert.interpreter import Interpreter
