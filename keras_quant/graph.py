@@ -172,8 +172,11 @@ def declared_only():
 
 
 def _one_backend_name(next_creator, **kwargs):
+    import tensorflow as tf
+
     kwargs["name"] = "keras_quant"
-    return next_creator(**kwargs)
+    with tf.name_scope("keras_quant/"):  # absolute: the layer's name scope would make the name unique again
+        return next_creator(**kwargs)
 
 
 @contextlib.contextmanager
@@ -181,7 +184,7 @@ def fast_variable_creation():
     """Variables created inside share one backend-level name (TensorFlow; elsewhere no effect).
 
     TensorFlow creates an eager variable with a `VarHandleOp` whose
-    `debug_name` attribute is the variable's name, and an attribute value it
+    `debug_name` attribute is the variable's name in its name scope, and an attribute value it
     has not seen makes the runtime build and cache a new kernel: about half a
     millisecond per variable, most of the cost of creating the hundreds of
     variables of a quantized model or a calibration. Keras' own names and
