@@ -445,8 +445,9 @@ def _affine_absorber(flat, layer, cfg, pending):
         return None
     original = flat.origin[id(consumer)]
     kind = getattr(get_rule(original), "kind", None)
-    if kind == "norm":  # planned as an affine map itself (it is one, of a rank a depthwise conv takes)
-        return (consumer, affine) if _affine(flat, consumer) is not None else None
+    if kind == "norm":  # composes, if the next one is planned as an affine map or folds on in turn
+        after = _affine(flat, consumer) is not None or _affine_absorber(flat, consumer, cfg, {id(consumer): affine})
+        return (consumer, affine) if after else None
     if kind != "compute" or not isinstance(original, _INPUT_AFFINE_LAYERS):
         return None
     if getattr(original, "data_format", "channels_last") != "channels_last" or getattr(original, "groups", 1) != 1:

@@ -296,6 +296,23 @@ def test_affine_layers_fold_into_the_layer_reading_them_where_exact(mode, tmp_pa
         assert p99 <= 2.01 and worst <= 6.01
 
 
+def test_tabular_normalization_chain_folds_into_the_dense(tmp_path):
+    """Rank 2 (no 1x1 depthwise form): Normalization then Rescaling compose and fold into the Dense."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(3.0, 2.0, size=(64, 5)).astype("float32")
+    inp = keras.Input((5,), name="features")
+    h = L.Normalization(mean=x.mean(0), variance=x.var(0), name="norm")(inp)
+    h = L.Rescaling(0.5, offset=0.25, name="rescale")(h)
+    model = keras.Model(inp, L.Dense(3, name="head")(h))
+    qmodel = kq.quantize_model(model, calibration=_calibrate(model, x))
+    assert dict(qmodel.quantization_report.folded) == {"norm": "rescale", "rescale": "head"}
+    want = model.predict(x, verbose=0)
+    assert np.abs(qmodel.predict(x, verbose=0) - want).max() < 0.02 * np.abs(want).max()
+    p99, worst, report = _steps(model, qmodel, x, tmp_path, "tabular")
+    assert not report.float_ops and set(report.ops) <= {"FULLY_CONNECTED", "QUANTIZE", "DEQUANTIZE"}, report.ops
+    assert p99 <= 2.01 and worst <= 6.01
+
+
 def _depthwise_scale_counts(path):
     """The number of weight scales of each DEPTHWISE_CONV_2D kernel in a TFLite file."""
     from ai_edge_litert.interpreter import Interpreter
