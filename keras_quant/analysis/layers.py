@@ -12,7 +12,9 @@ matched to float layers by name:
 - Keras: an activation quantizer stands for the layer its calibration key
   names (`qmodel.quantization_report.activation_quantizers`); a wrapper with
   a folded BatchNormalization stands for that BatchNormalization's output;
-  any other layer for the float layer of the same name. Where several tensors
+  any other layer for the float layer of the same name (a layer that took the
+  Rescaling / Normalization before it into its weights, `input_folds`, still
+  for its own). Where several tensors
   stand for one layer (`relu` and then `relu_quant`), the last one is used.
 - TFLite: a tensor stands for the first layer its name mentions (`X_quant`
   for `X`; a layer followed by a BatchNormalization the file has no op for,
@@ -225,12 +227,14 @@ def _float_tensors(graph):
 
 
 def _folded(graph, present):
-    """`{producer: bn}` for BatchNormalizations the quantized model has no layer / op for (folded)."""
+    """`{producer: bn}` for BatchNormalizations the quantized model has no layer / op for, folded into the
+    compute layer before them (a lone one folded into the layer after it stands for nothing: no row)."""
     found = {}
     for layer, _, node, _ in _node_outputs(graph):
         if isinstance(layer, keras.layers.BatchNormalization) and layer.name not in present:
             source = graph_lib.producer(graph_lib.node_inputs(node)[0])[0]
-            found[source.name] = layer.name
+            if getattr(get_rule(source), "kind", None) == "compute":
+                found[source.name] = layer.name
     return found
 
 

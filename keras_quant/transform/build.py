@@ -697,6 +697,7 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
         shared=tuple(tuple(st.quant_key for st in group) for group in groups),
         float_islands=tuple(report["float_islands"]),
         rewritten=tuple(report["rewritten"]),
+        input_folds=tuple(report["input_folds"]),
     )
     if report["unsupported"]:
         warnings.warn(

@@ -179,7 +179,7 @@ def plan_graph(flat, config):
             consumer, affine = absorber
             pending[id(consumer)] = affine
             plan[id(layer)] = Step("folded")
-            report["folded"].append((key, flat.key(consumer)))
+            report["input_folds"].append((key, flat.key(consumer)))
         elif rule.kind == "norm" and (affine := _affine(flat, layer, pending.get(id(layer)))) is not None:
             # No integer kernel for a lone BatchNormalization / Rescaling / ...: a 1x1 depthwise conv computes it.
             _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config, affine=affine)

@@ -13,8 +13,12 @@ class QuantizationReport:
     Attributes:
         wrapped: Names of the `QuantizeWrapper` layers.
         folded: `(layer, into)` name pairs: BatchNormalizations folded into the
-            layer before them, constants into its bias, and affine layers
-            (Rescaling, Normalization, ...) into the layer that reads them.
+            layer before them, and constants added to its output folded into
+            its bias (the output of `into` stands for `layer`'s).
+        input_folds: `(layer, into)` name pairs: per-channel affine layers
+            (Rescaling, Normalization, a lone BatchNormalization) folded into
+            the layer that reads them, or into the next such layer (`into`
+            computes `into(layer(x))` from `x`).
         activation_quantizers: `(layer, stats_key)`: every activation quantizer
             (an `ActivationQuantizer` layer, or a wrapper's output quantizer)
             and the calibration key its range came from.
@@ -45,12 +49,13 @@ class QuantizationReport:
     shared: Tuple[Tuple[str, ...], ...] = ()
     float_islands: Tuple[Tuple[str, str, str], ...] = ()
     rewritten: Tuple[Tuple[str, str], ...] = ()
+    input_folds: Tuple[Tuple[str, str], ...] = ()
 
     def summary(self) -> str:
         """A few lines for a person: counts, and each float island with its reason."""
         lines = [
             f"{len(self.wrapped)} layers with quantized weights, {len(self.activation_quantizers)} activation "
-            f"quantizers, {len(self.folded)} layers folded into others",
+            f"quantizers, {len(self.folded) + len(self.input_folds)} layers folded into others",
         ]
         lines += [f"rewritten: {key} ({how})" for key, how in self.rewritten]
         lines += [f"float: {key} ({kind}): {reason}" for key, kind, reason in self.float_islands]

@@ -376,3 +376,30 @@ def test_a_layers_own_softmax_is_its_row_in_the_file(tmp_path):
     assert errs["probs"].scale == pytest.approx(1 / 256)
     assert errs["probs"].max_error_steps <= 2, errs.table()
     assert errs["probs"].mse == pytest.approx(errs[errs.names[-1]].mse)  # the same tensor as the output row
+
+
+@tf_only
+def test_layers_with_folded_input_affines_keep_their_own_rows(tmp_path):
+    """A Rescaling / lone BatchNormalization folded into the layer reading it has no row; that layer's row
+    compares its own outputs (not the folded layer's), in the Keras model and in the file."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 6, 3), name="img")
+    h = keras.layers.Rescaling(1 / 255, name="rescale")(inp)
+    h = keras.layers.Conv2D(4, 3, name="conv")(h)
+    p = keras.layers.MaxPooling2D(name="pool")(h)
+    b = keras.layers.BatchNormalization(name="lone_bn")(p)
+    out = keras.layers.Dense(3, name="head")(keras.layers.Flatten(name="flat")(keras.layers.Conv2D(2, 1, name="pw")(b)))
+    model = keras.Model(inp, out)
+    bn = model.get_layer("lone_bn")
+    bn.set_weights([np.full(4, 1.5, "float32"), np.full(4, 0.2, "float32"), np.full(4, 0.1, "float32"),
+                    np.full(4, 2.0, "float32")])
+    x = np.random.default_rng(0).uniform(0, 255, (40, 6, 6, 3)).astype("float32")
+    qmodel = kq.quantize_model(model, calibration=models.calibrate(model, x))
+    assert dict(qmodel.quantization_report.input_folds) == {"rescale": "conv", "lone_bn": "pw"}
+    path = str(tmp_path / "folds.tflite")
+    kq.export_tflite(qmodel, path)
+    for artifact in (qmodel, path):
+        errs = layer_errors(model, artifact, x)
+        assert "rescale" not in errs.names and "lone_bn" not in errs.names
+        assert {"conv", "pw", "head"} <= set(errs.names), errs.names
+        assert all(errs[n].sqnr_db > 25 for n in ("conv", "pool", "pw", "head")), [errs[n].sqnr_db for n in errs.names]
