@@ -572,7 +572,8 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
         )
         raise ConfigError("model", getattr(model, "name", model), reason)
 
-    planned = plan_model(model, config, weights=False)  # the copies' weights are read from the originals
+    # The copies' weights are read from the originals. QAT trains the affine layers' float form (not folded).
+    planned = plan_model(model, config, weights=False, fold_inputs=mode == "ptq")
     flat, plan, report, input_steps = planned.flat, planned.steps, planned.report, planned.inputs
     if mode == "ptq":
         plan_concat_ranges(flat, plan)

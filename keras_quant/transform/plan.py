@@ -133,8 +133,12 @@ class Step:
     range_from: object = None  # PTQ: the step whose range this quantizer takes (a Concatenate it feeds)
 
 
-def plan_graph(flat, config):
-    """`({id(staging layer): Step}, report)` for every node of a `FlatGraph` (see the module docstring)."""
+def plan_graph(flat, config, fold_inputs=True):
+    """`({id(staging layer): Step}, report)` for every node of a `FlatGraph` (see the module docstring).
+
+    `fold_inputs=False` keeps every affine layer as its own (1x1 depthwise) step: QAT, where folding
+    `Rescaling(1 / 255)` into a kernel would shrink it 255 times and change what a learning rate does to it.
+    """
     plan, report = {}, collections.defaultdict(list)
     pending = {}  # id(staging layer) -> (a, b): the affine layers before it, folded into it
 
@@ -174,7 +178,8 @@ def plan_graph(flat, config):
         elif rule.kind == "compute":
             _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config,
                           input_affine=pending.get(id(layer)))
-        elif rule.kind == "norm" and (absorber := _affine_absorber(flat, layer, cfg, pending)) is not None:
+        elif (rule.kind == "norm" and fold_inputs
+              and (absorber := _affine_absorber(flat, layer, cfg, pending)) is not None):
             # A Rescaling / Normalization / ... whose one reader computes `a * x + b` into its own weights.
             consumer, affine = absorber
             pending[id(consumer)] = affine
@@ -692,11 +697,13 @@ class QuantizationPlan:
 
 
 
-def plan_model(model, config=None, weights=True) -> Optional[QuantizationPlan]:
+def plan_model(model, config=None, weights=True, fold_inputs=True) -> Optional[QuantizationPlan]:
     """The `QuantizationPlan` of a Functional or Sequential model, or None for one with no graph (subclassed).
 
     `weights=False` plans on a read-only graph (see `FlatGraph`): the points,
     chains and float islands are the same, but the plan cannot be built.
+    `fold_inputs`: fold affine layers into the layer reading them where exact
+    (the PTQ plan); False keeps them as their own steps (QAT's).
 
     Example:
 
@@ -709,7 +716,7 @@ def plan_model(model, config=None, weights=True) -> Optional[QuantizationPlan]:
     if graph is None:
         return None
     flat = _read_only_graph(model, graph) if not weights else FlatGraph(model, graph, weights=True)
-    steps, report = plan_graph(flat, config)
+    steps, report = plan_graph(flat, config, fold_inputs)
     return QuantizationPlan(flat, steps, input_steps(flat, config), report)
 
 
@@ -760,5 +767,6 @@ def activation_points(model, config=None):
         `{key: QuantSpec}` in graph order, or None for a model whose graph
         `quantize_model` cannot rewrite (subclassed, unbuilt).
     """
-    plan = plan_model(model, config, weights=False)
+    # QAT's plan: its points include the outputs of the affine layers PTQ folds, so one calibration serves both.
+    plan = plan_model(model, config, weights=False, fold_inputs=False)
     return None if plan is None else plan.points

@@ -282,10 +282,15 @@ def test_affine_layers_fold_into_the_layer_reading_them_where_exact(mode, tmp_pa
                                      (zero_model, {"rescale": "norm", "norm": "stem", "half": "dw"}, 0)):
         qmodel = kq.quantize_model(model, calibration=_calibrate(model, x), mode=mode)
         report = qmodel.quantization_report
-        assert dict(report.input_folds) == folded and report.folded == (("stem_bn", "stem"),)
-        assert [k for k, _ in report.rewritten] == (["norm"] if depthwise else [])
+        assert report.folded == (("stem_bn", "stem"),)
         names = {layer.name for layer in qmodel.layers}
-        assert not names & set(folded)
+        if mode == "qat":  # trained in their float form: each its own 1x1 depthwise conv, none folded
+            assert report.input_folds == () and {k for k, _ in report.rewritten} == {"rescale", "norm", "half"}
+            depthwise = 3
+        else:
+            assert dict(report.input_folds) == folded
+            assert [k for k, _ in report.rewritten] == (["norm"] if depthwise else [])
+            assert not names & set(folded)
         want = model.predict(x, verbose=0)
         err = np.abs(qmodel.predict(x, verbose=0) - want).max()
         assert err < 0.05 * np.abs(want).max(), err
