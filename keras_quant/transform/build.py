@@ -140,14 +140,10 @@ class _Names:
         return name
 
 
-def _inner(step, staging, flat):
-    """The layer a wrap step wraps: a copy of the staging layer (unbuilt), or its integer rewrite; a layer
-    taking the affine layers before it (`step.input_affine`) comes built with its folded weights."""
+def _inner(step, staging):
+    """The unbuilt layer a wrap step wraps: a copy of the staging layer, or its integer rewrite."""
     if step.affine is not None:
         return affine_layer(step.affine[2], staging.name)
-    if step.input_affine is not None:
-        return fold_into_layer(_original(flat, staging), None, name=staging.name, input_affine=step.input_affine,
-                               bias_offset=step.bias_offset)
     if step.bias_offset is not None and not staging.use_bias:  # the folded constant needs a bias
         config = staging.get_config()
         config["use_bias"] = True
@@ -177,13 +173,14 @@ def _ptq_inner(step, staging, flat, scope):
     """PTQ: the layer a wrap step wraps, and whether it is built and holds its final weights already.
 
     Built before the wrapper is, its weights are final when the wrapper's build observes their ranges, so
-    `_finish_step` has nothing left to set (a BatchNormalization folded in, a constant folded into the bias).
+    `_finish_step` has nothing left to set (a BatchNormalization folded in, a constant folded into the bias,
+    the affine layers before it folded in: `step.input_affine`, planned for PTQ only).
     """
     if step.fold is not None or step.input_affine is not None:
         bn = _original(flat, step.fold) if step.fold is not None else None
         return fold_into_layer(_original(flat, staging), bn, name=staging.name, input_affine=step.input_affine,
                                bias_offset=step.bias_offset), True
-    inner = _inner(step, staging, flat)
+    inner = _inner(step, staging)
     if step.affine is not None or not graph_lib.is_layer(staging):
         return inner, False
     weights = _original(flat, staging).get_weights()
@@ -219,8 +216,8 @@ def _build_step(step, staging, mode, observe_steps, bn_statistics, flat, input_s
                 lc = LayerQuantConfig(weights=lc.weights, activations=None)
             bn = graph_lib.copy_operation(step.fold) if step.fold is not None else None
             if lc.weights is None and lc.activations is None and bn is None:
-                return _inner(step, staging, flat), False
-            return QuantizeWrapper(_inner(step, staging, flat), lc, mode="qat", batch_norm=bn,
+                return _inner(step, staging), False
+            return QuantizeWrapper(_inner(step, staging), lc, mode="qat", batch_norm=bn,
                                    observe_steps=observe_steps, bn_statistics=bn_statistics, name=staging.name), False
         wrapped = not (lc.weights is None and lc.activations is None)
         inner, final = _ptq_inner(step, staging, flat, staging.name if wrapped else None)
@@ -241,7 +238,7 @@ def _finish_step(step, staging, mode, flat, final):
     """
     layer = step.layer
     inner = layer.layer if isinstance(layer, QuantizeWrapper) else layer
-    if final or step.input_affine is not None:  # built with its weights (`_ptq_inner`, `_inner`)
+    if final:
         pass
     elif step.affine is not None:
         set_affine_weights(inner, *step.affine[:2])
