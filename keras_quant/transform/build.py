@@ -248,6 +248,8 @@ def _finish_step(step, staging, mode, flat, final):
         inner.set_weights([weights[0], _offset_bias(bias, step.bias_offset, inner, staging)] + weights[2:])
     elif (step.fold is None or mode == "qat") and graph_lib.is_layer(staging) and _original(flat, staging).weights:
         inner.set_weights(_original(flat, staging).get_weights())
+    if mode == "ptq" and isinstance(inner, WeightOnlyMultiHeadAttention):
+        inner.freeze()  # its kernels' grids held as constants: no range reduction in every predict step
     if isinstance(layer, QuantizeWrapper):
         if layer.batch_norm is not None:
             layer.batch_norm.set_weights(_original(flat, step.fold).get_weights())

@@ -52,3 +52,30 @@ def test_config_round_trip_keeps_the_spec_and_the_grid():
     clone.set_weights(layer.get_weights())
     assert clone.weight_spec == layer.weight_spec
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(clone(x, x)), out)
+
+
+def test_frozen_kernels_give_the_same_outputs_with_constant_grids_and_save_them():
+    """PTQ freezes the kernels' grids: the same bits as computing them each call, no reduction left in the
+    traced graph, and the grids travel in the config (safe_mode)."""
+    keras.utils.set_random_seed(0)
+    layer = WeightOnlyMultiHeadAttention(num_heads=2, key_dim=4, weight_spec=kq.QuantSpec(bits=8))
+    x = np.random.default_rng(3).normal(size=(2, 5, 6)).astype("float32")
+    live = keras.ops.convert_to_numpy(layer(x, x))
+    layer.freeze()
+    assert set(layer.kernel_qparams) == set(PROJECTIONS)
+    for name in PROJECTIONS:
+        kernel = keras.ops.convert_to_numpy(getattr(layer, name).kernel)
+        scale, zero_point = layer.kernel_qparams[name]
+        assert zero_point == 0 and scale == np.float32(np.abs(kernel).max()) / np.float32(127)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(x, x)), live)
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer), safe_mode=True)
+    clone(x, x)
+    clone.set_weights(layer.get_weights())
+    assert clone.kernel_qparams == layer.kernel_qparams
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(clone(x, x)), live)
+    if keras.backend.backend() == "tensorflow":  # the frozen call reduces no kernel: no Abs / Max ops
+        import tensorflow as tf
+
+        graph = tf.function(lambda t: layer(t, t)).get_concrete_function(tf.TensorSpec(x.shape)).graph
+        types = {op.type for op in graph.get_operations()}
+        assert not types & {"Abs", "Max"} and "FakeQuantWithMinMaxVars" in types, sorted(types)

@@ -158,6 +158,7 @@ def test_attention_keeps_float_compute_with_int8_kernels(tmp_path):
     qmodel = kq.quantize_model(model, calibration=_calibrate(model, tokens))
     mha = qmodel.get_layer("mha")
     assert isinstance(mha, WeightOnlyMultiHeadAttention) and mha.weight_spec.granularity == "per_tensor"
+    assert set(mha.kernel_qparams) == {"_query_dense", "_key_dense", "_value_dense", "_output_dense"}  # frozen
     reason = dict((k, r) for k, _, r in qmodel.quantization_report.float_islands)["mha"]
     assert "8-bit integers (weight-only)" in reason
     # Reference: a plain MultiHeadAttention given the kernels on their grid (round half up, one scale each).
@@ -193,6 +194,7 @@ def test_attention_keeps_float_compute_with_int8_kernels(tmp_path):
     assert np.abs(np.asarray(got) - q_out).max() < 0.05
     qat = kq.quantize_model(model, mode="qat", calibration=_calibrate(model, tokens))
     assert isinstance(qat.get_layer("mha"), WeightOnlyMultiHeadAttention)
+    assert qat.get_layer("mha").kernel_qparams == {}  # QAT: the grids follow the training kernels
     qat.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
     labels = tokens[:, 0] % 4
     history = qat.fit(tokens, labels, epochs=2, batch_size=16, verbose=0)
