@@ -618,8 +618,6 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
         return out
 
     new_inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name) for t in flat.model.inputs]
-    with graph_lib.fast_variable_creation():
-        quantized_inputs = [add_quantizer(s, x, s.quant_key) for s, x in zip(input_steps, new_inputs)]
 
     def call_fn(staging, *args, **kwargs):
         step = plan[id(staging)]
@@ -676,6 +674,7 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
         return add_quantizer(step, outputs, staging.name, requantized)
 
     with graph_lib.fast_variable_creation():
+        quantized_inputs = [add_quantizer(s, x, s.quant_key) for s, x in zip(input_steps, new_inputs)]
         outputs = graph_lib.run(flat.model, quantized_inputs, call_fn)
     inputs = new_inputs
     if flat.inputs_struct is not None:

@@ -178,17 +178,16 @@ def plan_graph(flat, config, fold_inputs=True):
         elif rule.kind == "compute":
             _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config,
                           input_affine=pending.get(id(layer)))
-        elif (rule.kind == "norm" and fold_inputs
-              and (absorber := _affine_absorber(flat, layer, cfg, pending)) is not None):
-            # A Rescaling / Normalization / ... whose one reader computes `a * x + b` into its own weights.
-            consumer, affine = absorber
-            pending[id(consumer)] = affine
-            plan[id(layer)] = Step("folded")
-            report["input_folds"].append((key, flat.key(consumer)))
-        elif rule.kind == "norm" and (affine := _affine(flat, layer, pending.get(id(layer)))) is not None:
-            # No integer kernel for a lone BatchNormalization / Rescaling / ...: a 1x1 depthwise conv computes it.
-            _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config, affine=affine)
-            report["rewritten"].append((key, "per-channel affine as a 1x1 depthwise convolution"))
+        elif rule.kind == "norm" and (affine := _layer_affine(flat, layer, pending.get(id(layer)))) is not None and (
+                (consumer := fold_inputs and _affine_absorber(flat, layer, affine, cfg)) or _depthwise_rank(flat, layer)):
+            if consumer:  # a Rescaling / Normalization / ... whose one reader computes `a * x + b` in its weights
+                pending[id(consumer)] = affine
+                plan[id(layer)] = Step("folded")
+                report["input_folds"].append((key, flat.key(consumer)))
+            else:  # no integer kernel for a lone BatchNormalization / Rescaling / ...: a 1x1 depthwise conv
+                _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config,
+                              affine=(*affine, _depthwise_rank(flat, layer)))
+                report["rewritten"].append((key, "per-channel affine as a 1x1 depthwise convolution"))
         elif rule.kind == "passthrough":
             plan[id(layer)] = Step("clone")
         elif rule.kind == "merge" and _is_merge(original, FUSING_MERGES) and _fused_activation(flat, layer, cfg):
@@ -398,16 +397,10 @@ def _plan_fused(flat, acts, cfg, plan, quantized_output, what):
     return first
 
 
-def _affine(flat, layer, before=None):
-    """`(a, b, rank)` when a norm layer is a per-channel affine map a 1x1 depthwise conv can compute, else None.
-
-    `before`: `(a, b)` of affine layers folded into this one (composed first).
-    """
+def _depthwise_rank(flat, layer):
+    """The rank of a layer's output when a 1x1 depthwise conv can compute a map on it (3 or 4), else None."""
     out = flat.single_output(layer)
-    if out is None or len(out.shape) not in (3, 4):
-        return None
-    found = _layer_affine(flat, layer, before)
-    return None if found is None else (*found, len(out.shape))
+    return len(out.shape) if out is not None and len(out.shape) in (3, 4) else None
 
 
 def _layer_affine(flat, layer, before=None):
@@ -427,8 +420,9 @@ _INPUT_AFFINE_LAYERS = (L.Dense, L.Conv1D, L.Conv2D, L.DepthwiseConv1D, L.Depthw
 _ZERO_PADDING = (L.ZeroPadding1D, L.ZeroPadding2D)
 
 
-def _affine_absorber(flat, layer, cfg, pending):
-    """`(consumer, (a, b))` when the affine norm layer `layer` folds into the one layer reading it, else None.
+def _affine_absorber(flat, layer, affine, cfg):
+    """The one layer reading the affine norm layer `layer` (`affine`: its `(a, b)`, with the folds before it)
+    when `a * x + b` folds into it, else None.
 
     TFLite runs `a * x + b` (a Rescaling or Normalization of the input, a
     lone BatchNormalization) as its own op; the converter folds it into the
@@ -439,8 +433,7 @@ def _affine_absorber(flat, layer, cfg, pending):
     padding breaks `b` (padded zeros would become `b`): through a ZeroPadding
     layer, or into a convolution that pads itself, only `b = 0` folds.
     """
-    affine = _layer_affine(flat, layer, pending.get(id(layer)))
-    if affine is None or not (np.all(np.isfinite(affine[0])) and np.all(np.isfinite(affine[1]))):
+    if not (np.all(np.isfinite(affine[0])) and np.all(np.isfinite(affine[1]))):
         return None
     zero_offset = not np.any(affine[1])
     consumer = flat.sole_consumer(layer)
@@ -450,16 +443,18 @@ def _affine_absorber(flat, layer, cfg, pending):
         return None
     original = flat.origin[id(consumer)]
     kind = getattr(get_rule(original), "kind", None)
-    if kind == "norm":  # composes, if the next one is planned as an affine map or folds on in turn
-        after = _affine(flat, consumer) is not None or _affine_absorber(flat, consumer, cfg, {id(consumer): affine})
-        return (consumer, affine) if after else None
+    if kind == "norm":  # composes, if the next one is planned as an affine map itself or folds on in turn
+        composed = _layer_affine(flat, consumer, affine)
+        folds_on = composed is not None and (_depthwise_rank(flat, consumer) or _affine_absorber(flat, consumer,
+                                                                                                composed, cfg))
+        return consumer if folds_on else None
     if kind != "compute" or not isinstance(original, _INPUT_AFFINE_LAYERS):
         return None
     if getattr(original, "data_format", "channels_last") != "channels_last" or getattr(original, "groups", 1) != 1:
         return None
     if not zero_offset and getattr(original, "padding", "valid") != "valid":
         return None
-    return consumer, affine
+    return consumer
 
 
 # Compute layers whose output a constant can be folded into: a bias on the last (channel) axis, no activation.
