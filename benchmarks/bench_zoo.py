@@ -261,21 +261,11 @@ class LossNotFalling(RuntimeError):
     """QAT fine-tuning whose loss is not finite or does not fall."""
 
 
-def _concrete_function(model):
-    """The float model's batch-1 inference as a concrete function in the input's dtype
-    (bench_export's is float32 images only; the token models take int32); the converter freezes it."""
-    import tensorflow as tf
-
-    inp = model.inputs[0]
-    spec = tf.TensorSpec((1,) + tuple(inp.shape[1:]), tf.as_dtype(inp.dtype), name="input")
-    return tf.function(lambda x: model(x, training=False), autograph=False).get_concrete_function(spec)
-
-
 def converter_file(model, x_calib, path):
     """The TFLite converter's own full-integer PTQ (bench_export's recipe) written to `path`."""
     import bench_export
 
-    data = bench_export.converter_int8_bytes(_concrete_function(model), x_calib)
+    data = bench_export.converter_int8_bytes(bench_export._concrete_function(model), x_calib)
     with open(path, "wb") as f:
         f.write(data)
     return data

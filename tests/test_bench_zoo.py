@@ -61,7 +61,7 @@ def tiny_files(bz):
         keras.layers.Dense(3),
     ])
     x = np.random.default_rng(0).random((16, 6, 6, 2)).astype("float32")
-    cf = bz._concrete_function(model)
+    cf = bench_export._concrete_function(model)
     float_bytes = tf.lite.TFLiteConverter.from_concrete_functions([cf]).convert()
     return float_bytes, bench_export.converter_int8_bytes(cf, x)
 
@@ -93,9 +93,11 @@ def test_mac_figures_count_the_ops_inside_loop_bodies(bz):
     import keras
     import tensorflow as tf
 
+    import bench_export
+
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((5, 3), batch_size=1), keras.layers.GRU(4), keras.layers.Dense(2)])
-    data = tf.lite.TFLiteConverter.from_concrete_functions([bz._concrete_function(model)]).convert()
+    data = tf.lite.TFLiteConverter.from_concrete_functions([bench_export._concrete_function(model)]).convert()
     figs = bz.mac_figures(data)  # a WHILE loop: its body is a second subgraph
     assert figs["macs"] >= 4 * 2  # the head at least; the recurrent FULLY_CONNECTEDs inside the body too
     assert figs["float_ops"] > 1 and "WHILE" not in figs["float_op_names"]
