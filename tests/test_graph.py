@@ -163,3 +163,26 @@ def test_fast_variable_creation_keeps_keras_names_values_and_saving(tmp_path):
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+@pytest.mark.tensorflow
+def test_unoptimized_functions_turns_grappler_off_for_calls_inside_only():
+    import tensorflow as tf
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.python.eager import context
+
+    def meta_optimizer_off():
+        proto = config_pb2.ConfigProto.FromString(context.context().function_call_options.config_proto_serialized)
+        return proto.graph_options.rewrite_options.disable_meta_optimizer
+
+    f = tf.function(lambda x: tf.nn.relu(x * 2.0 + 1.0))
+    before = meta_optimizer_off()
+    with graph_lib.unoptimized_functions():
+        assert meta_optimizer_off()
+        inside = f(tf.constant([-1.0, 2.0]))
+    assert meta_optimizer_off() == before  # restored
+    np.testing.assert_array_equal(inside.numpy(), [0.0, 5.0])
+    np.testing.assert_array_equal(f(tf.constant([-1.0, 2.0])).numpy(), [0.0, 5.0])  # instantiated again, optimised
+    with pytest.raises(ValueError), graph_lib.unoptimized_functions():
+        raise ValueError("restored on errors too")
+    assert meta_optimizer_off() == before

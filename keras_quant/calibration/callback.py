@@ -81,6 +81,10 @@ def _gather(x):
     return keras.tree.map_structure(lambda t: ctx.all_gather(t, axis=0), x)
 
 
+# Steps of a calibrating predict run unoptimised before the graph is optimised (see `_trace_once`).
+_UNOPTIMIZED_STEPS = 16
+
+
 def _trace_once(function):
     """`function` (Keras' compiled predict step) traced once, for any batch size.
 
@@ -89,10 +93,15 @@ def _trace_once(function):
     each trace and first run of a graph is costly, so the first call traces
     straight away for inputs whose batch dimension is None; later calls of
     any batch size use that trace.
+
+    The first `_UNOPTIMIZED_STEPS` calls run the graph as traced, without
+    Grappler (`graph.unoptimized_functions`): optimising it costs more than
+    the steps of a calibration on a few hundred samples take. A longer one
+    then switches to the optimised graph, instantiated once more.
     """
     import tensorflow as tf
 
-    state = {"traced": False}
+    state = {"traced": False, "calls": 0}
 
     def relaxed(t):
         if isinstance(t, tf.Tensor) and t.shape.rank:
@@ -106,7 +115,11 @@ def _trace_once(function):
                 function.get_concrete_function(tf.nest.map_structure(relaxed, data))
             except (TypeError, ValueError):  # a structure the spec cannot describe: trace as Keras does
                 pass
-        return function(data)
+        state["calls"] += 1
+        if state["calls"] > _UNOPTIMIZED_STEPS:
+            return function(data)
+        with graph_lib.unoptimized_functions():
+            return function(data)
 
     return call
 

@@ -478,6 +478,19 @@ def test_predict_step_is_traced_once_for_a_partial_last_batch():
     assert_matches(cb.result["fc"], probe_outputs(model, ["fc"], x)["fc"])
 
 
+def test_statistics_are_exact_across_the_switch_to_the_optimised_step():
+    from keras_quant.calibration import callback as callback_lib
+
+    n = 8 * (callback_lib._UNOPTIMIZED_STEPS + 3)  # unoptimised steps first, then the optimised graph
+    x, _ = data(n)
+    model = functional_model()
+    cb = CalibrationCallback()
+    model.predict(x, batch_size=8, callbacks=[cb], verbose=0)
+    assert cb.samples_seen == n
+    for name, ref in probe_outputs(model, NAMES, x).items():
+        assert_matches(cb.result[name], ref)
+
+
 def test_input_specs_follow_the_config_like_quantize_model():
     x, _ = data(32)
     config = kq.QuantConfig.int8().set_layer_name("image", activations=kq.QuantSpec(bits=16, symmetric=True))
