@@ -294,3 +294,32 @@ def test_a_saved_model_exports_the_same_file(ptq, int8_file, tmp_path):
     a, b = interpreter(path), interpreter(tmp_path / "again.tflite")
     scales = [[tuple(t["quantization_parameters"]["scales"]) for t in it.get_tensor_details()] for it in (a, b)]
     assert scales[0] == scales[1]
+
+
+def test_the_trace_is_frozen_and_converts_to_the_file_the_converters_freeze_gives(ptq, int8_file, monkeypatch):
+    from keras_quant.export import plan as plan_lib
+    from keras_quant.export import tflite as tflite_lib
+
+    cf = tflite_lib.concrete_function(ptq, plan_lib.build_plan(ptq, "int8"))
+    assert tflite_lib.is_frozen(cf)  # weights and ranges are constants: the converter's freeze is skipped
+    assert not any(op.type in ("ReadVariableOp", "VarHandleOp") for op in cf.graph.get_operations())
+    with open(int8_file[0], "rb") as f:
+        ours = f.read()
+    monkeypatch.setattr(tflite_lib, "is_frozen", lambda cf: False)  # the converter freezes the trace itself
+    theirs, _ = tflite_lib.tflite_bytes(ptq, "int8")
+    assert ours == theirs
+
+
+def test_a_recurrent_trace_is_left_to_the_converters_freeze(tmp_path):
+    from keras_quant.export import plan as plan_lib
+    from keras_quant.export import tflite as tflite_lib
+
+    keras.utils.set_random_seed(0)
+    i = keras.Input((6, 3))
+    model = keras.Model(i, keras.layers.Dense(2)(keras.layers.LSTM(4)(i)))
+    cf = tflite_lib.concrete_function(model, plan_lib.build_plan(model, "float32"))
+    assert not tflite_lib.is_frozen(cf)  # the loop body is a function of its own
+    kq.export_tflite(model, tmp_path / "lstm.tflite", mode="float32")
+    x = np.random.default_rng(0).normal(size=(1, 6, 3)).astype("float32")
+    got = runtime.load(str(tmp_path / "lstm.tflite")).predict(x)
+    np.testing.assert_allclose(got, model.predict(x, verbose=0), atol=1e-5)
