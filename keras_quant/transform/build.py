@@ -617,7 +617,7 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
             tensor_grids[id(out)] = _tensor_grid(step.qparams, step.quant_spec)
         return out
 
-    new_inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name) for t in flat.model.inputs]
+    new_inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=key) for t, key in zip(flat.model.inputs, flat.input_keys)]
 
     def call_fn(staging, *args, **kwargs):
         step = plan[id(staging)]

@@ -4,6 +4,10 @@ Nested Functional and Sequential models are inlined; each layer and each bare
 `keras.ops` operation becomes an unbuilt copy (layers get the original's
 weights), so planning and rebuilding never touch the float model. Every copy
 remembers its original (`origin`), its calibration key (`key`) and its path.
+
+A read-only graph of a model that is already flat (no nested model, every
+operation called in this graph only) is a view of the model itself: each
+"copy" is its original, and nothing is copied.
 """
 
 import collections
@@ -15,7 +19,7 @@ from keras import tree
 from keras_quant import graph as graph_lib
 from keras_quant.layers import walk
 
-__all__ = ["FlatGraph"]
+__all__ = ["FlatGraph", "already_flat"]
 
 
 class FlatGraph:
@@ -44,16 +48,22 @@ class FlatGraph:
         self._clones = {}  # id(original) -> staging copy
         self.origin = {}  # id(staging copy) -> original
         self.with_weights = weights
-        inputs = [
-            keras.Input(batch_shape=t.shape, dtype=t.dtype, name=name) for t, name in zip(graph.inputs, self.input_keys)
-        ]
-        # Building a copy creates (and initialises) its variables; for a read-only graph they are only
-        # declared, which makes planning a large model several times cheaper.
-        with contextlib.nullcontext() if weights else graph_lib.declared_only():
-            outputs = self._run(graph, inputs)
-        self.model = keras.Model(inputs, outputs, name=model.name)
         self.inputs_struct = graph_lib.inputs_structure(graph)
+        self.is_view = not weights and already_flat(graph)
+        if self.is_view:  # read-only and flat already: the model's own graph, each operation its own "copy"
+            for op in graph_lib.operations(graph):
+                self._clones[id(op)] = self.origin[id(op)] = op
+            self.model = graph
+        else:
+            inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=name)
+                      for t, name in zip(graph.inputs, self.input_keys)]
+            # Building a copy creates (and initialises) its variables; for a read-only graph they are only
+            # declared, which makes planning a large model several times cheaper.
+            with contextlib.nullcontext() if weights else graph_lib.declared_only():
+                outputs = self._run(graph, inputs)
+            self.model = keras.Model(inputs, outputs, name=model.name)
         self.nodes = graph_lib.nodes(self.model)
+        self._node_ids = {id(node) for node in self.nodes}
         self.consumers = collections.defaultdict(list)
         for node in self.nodes:
             for t in graph_lib.node_inputs(node):
@@ -90,7 +100,14 @@ class FlatGraph:
 
     def calls(self, layer):
         """The nodes of a staging copy's calls in the flat graph."""
-        return graph_lib.calls(layer)
+        return [node for node in graph_lib.calls(layer) if id(node) in self._node_ids]
+
+    def producer(self, tensor):
+        """`(operation, node)` that computed a tensor of the flat graph, or `(None, None)` for an input."""
+        op, node_index, _ = graph_lib.producer(tensor)
+        if op is None or isinstance(op, keras.layers.InputLayer):
+            return None, None
+        return op, graph_lib.calls(op)[node_index]  # Keras' index among all the operation's calls
 
     def outputs_of(self, layer):
         """Every output tensor of every call of a staging copy."""
@@ -113,3 +130,12 @@ class FlatGraph:
         if len(users) != 1 or users[0] is None or len(self.calls(users[0].operation)) != 1:
             return None
         return users[0].operation
+
+
+def already_flat(graph):
+    """Whether `graph` nests no model and each of its operations is called in it alone (then it is flat)."""
+    nodes = {id(node) for node in graph_lib.nodes(graph, include_inputs=True)}
+    for op in graph_lib.operations(graph):
+        if isinstance(op, keras.Model) or any(id(node) not in nodes for node in graph_lib.calls(op)):
+            return False
+    return True

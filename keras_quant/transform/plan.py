@@ -48,7 +48,7 @@ from keras_quant.layers.rules import (
     split_activation,
 )
 from keras_quant.layers.weight_only import weight_only_spec
-from keras_quant.transform.graph import FlatGraph
+from keras_quant.transform.graph import FlatGraph, already_flat
 from keras_quant.transform.rewrite import affine_of
 
 __all__ = [
@@ -228,13 +228,13 @@ def _concat_source(flat, plan, tensor):
     """`(layer, step, tensor)` that computes `tensor` in the integer graph: a folded BatchNormalization's
     compute layer, else the tensor's own producer; None for a model input or an unplanned producer."""
     while True:
-        op, node_index, _ = graph_lib.producer(tensor)
-        step = None if op is None or isinstance(op, keras.layers.InputLayer) else plan.get(id(op))
+        op, node = flat.producer(tensor)
+        step = None if op is None else plan.get(id(op))
         if step is None:
             return None
         if step.kind != "folded":
             return op, step, tensor
-        tensor = graph_lib.node_inputs(flat.calls(op)[node_index])[0]
+        tensor = graph_lib.node_inputs(node)[0]
 
 
 def plan_concat_ranges(flat, plan):
@@ -570,8 +570,8 @@ def input_steps(flat, config):
 def producer(flat, plan, inputs, tensor):
     """The step whose activation quantizer quantizes `tensor` (through passthrough layers), or None."""
     while True:
-        op, node_index, _ = graph_lib.producer(tensor)
-        if op is None or isinstance(op, keras.layers.InputLayer):
+        op, node = flat.producer(tensor)
+        if op is None:
             for step, t in zip(inputs, flat.model.inputs):
                 if t is tensor:
                     return step if step.quant_spec is not None else None
@@ -581,7 +581,7 @@ def producer(flat, plan, inputs, tensor):
             return None
         if step.quant_spec is not None:
             return step
-        node_inputs = graph_lib.node_inputs(flat.calls(op)[node_index])
+        node_inputs = graph_lib.node_inputs(node)
         rule = get_rule(flat.origin[id(op)])
         if step.kind != "folded" and (rule is None or rule.kind != "passthrough") or len(node_inputs) != 1:
             return None
@@ -715,7 +715,7 @@ def plan_model(model, config=None, weights=True, fold_inputs=True) -> Optional[Q
     return QuantizationPlan(flat, steps, input_steps(flat, config), report)
 
 
-# model -> (fingerprint, read-only FlatGraph): calibration and quantize_model plan the same model in turn
+# model -> (fingerprint, read-only FlatGraph) of a model with nested models: calibration and quantize_model plan the same model in turn
 # (`activation_points`, then `plan_model(weights=False)`), and copying a large graph is most of a plan's cost
 # (about 1 s of NASNetMobile's 770 operations). Nothing writes to a read-only FlatGraph; each plan is made
 # afresh from it (the config and the rules may have changed). Weakly keyed: the model's lifetime, no longer.
@@ -734,7 +734,10 @@ def _graph_fingerprint(graph):
 
 
 def _read_only_graph(model, graph):
-    """The read-only `FlatGraph` of `model`, reused while the model's graph and layer configs are unchanged."""
+    """The read-only `FlatGraph` of `model`: a view of an already flat graph (nothing to copy), else the
+    copy, reused while the model's graph and layer configs are unchanged."""
+    if already_flat(graph):
+        return FlatGraph(model, graph, weights=False)
     fingerprint = _graph_fingerprint(graph)
     with _READ_ONLY_LOCK:
         cached = _READ_ONLY_GRAPHS.get(model)

@@ -447,29 +447,50 @@ def test_a_bias_too_large_for_int32_widens_the_weight_scale_as_the_converter_doe
     assert np.abs(np.asarray(got) - expected).max() < 0.02 * np.abs(expected).max()
 
 
-def test_read_only_plans_share_one_staging_copy_until_the_model_changes():
-    """Calibration (`activation_points`) and `quantize_model` plan the same model in turn; the read-only
-    staging copy is made once and reused while the graph and the layer configs are unchanged."""
+def test_read_only_plan_of_a_flat_model_is_a_view_of_the_model_itself():
+    """Calibration (`activation_points`) and `quantize_model` plan the model in turn: a model already flat
+    is planned on its own graph (nothing copied), and neither the plan nor the rebuild changes it."""
     keras.utils.set_random_seed(0)
     inp = keras.Input((8, 8, 3))
     h = keras.layers.Conv2D(4, 3, name="conv")(inp)
     h = keras.layers.ReLU(name="relu")(h)
     model = keras.Model(inp, keras.layers.Dense(2, name="fc")(keras.layers.GlobalAveragePooling2D()(h)))
+    calls = {layer.name: len(layer._inbound_nodes) for layer in model.layers}
     first = plan_model(model, weights=False)
-    again = plan_model(model, kq.QuantConfig.int8(), weights=False)
-    assert again.flat is first.flat and again.steps is not first.steps  # each plan is made afresh
-    model.get_layer("relu").max_value = 6.0  # a config change: a new copy, and the plan sees it
+    assert first.flat.is_view and first.flat.model is model
+    assert all(first.flat.origin[id(op)] is op for op in model.operations)
+    model.get_layer("relu").max_value = 6.0  # the view sees a config change at once
     changed = plan_model(model, weights=False)
-    assert changed.flat is not first.flat
-    relu_copy = next(op for op in changed.flat.model.layers if op.name == "relu")
-    assert relu_copy.max_value == 6.0
-    assert plan_model(model, weights=True).flat is not changed.flat  # a buildable plan is never shared
+    assert changed.flat.model.get_layer("relu").max_value == 6.0
+    assert not plan_model(model, weights=True).flat.is_view  # a buildable plan is always a copy
     x = np.random.default_rng(0).normal(size=(16, 8, 8, 3)).astype("float32")
     cb = kq.CalibrationCallback(statistics="range")
     model.predict(x, callbacks=[cb], verbose=0)
     q1 = kq.quantize_model(model, calibration=cb.result)
     q2 = kq.quantize_model(model, calibration=cb.result)
     np.testing.assert_array_equal(q1.predict(x, verbose=0), q2.predict(x, verbose=0))
+    assert {layer.name: len(layer._inbound_nodes) for layer in model.layers} == calls  # model left as found
+    assert not {id(w) for w in q1.weights} & {id(w) for w in model.weights}
+
+
+def test_a_layer_also_called_in_another_model_is_planned_on_a_copy():
+    """A layer shared with another model has calls outside this graph: the plan copies the graph (its calls
+    are then this graph's only), and the read-only copy is reused until the model changes."""
+    keras.utils.set_random_seed(0)
+    conv = keras.layers.Conv2D(4, 3, name="conv")
+    inp = keras.Input((8, 8, 3))
+    model = keras.Model(inp, keras.layers.ReLU(name="relu")(conv(inp)))
+    other = keras.Input((6, 6, 3))
+    keras.Model(other, conv(other))  # conv's second call, in another model
+    first = plan_model(model, weights=False)
+    assert not first.flat.is_view
+    assert [len(first.flat.calls(op)) for op in first.flat.model.layers[1:]] == [1, 1]
+    again = plan_model(model, kq.QuantConfig.int8(), weights=False)
+    assert again.flat is first.flat and again.steps is not first.steps  # each plan is made afresh
+    model.get_layer("relu").max_value = 6.0  # a config change: a new copy, and the plan sees it
+    changed = plan_model(model, weights=False)
+    assert changed.flat is not first.flat
+    assert next(op for op in changed.flat.model.layers if op.name == "relu").max_value == 6.0
 
 
 def test_keras_ops_add_with_identical_fused_relus_is_integer(tmp_path):
