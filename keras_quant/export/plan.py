@@ -177,13 +177,20 @@ def check(model, mode):
         raise ExportError(field, value, reason, layer=layer, problems=problems)
 
 
-def weight_infos(model, quantize=True) -> List[WeightInfo]:
-    """The quantized weights of every wrapper, read now (grid values, scales, folded bias)."""
+def weight_infos(model, quantize=True, plan=None) -> List[WeightInfo]:
+    """The quantized weights of every wrapper, read now (grid values, scales, folded bias).
+
+    `plan`: the model's `build_plan` in a weight-quantizing mode, whose values
+    are these (read from it, not computed again).
+    """
     infos = []
     for layer in quantizer_layers(model):
         if not isinstance(layer, QuantizeWrapper) or not layer.weight_specs:
             continue
-        values, folded_bias = layer.inference_weights(quantize=quantize)
+        if plan is not None and id(layer) in plan.weights:
+            values, folded_bias = plan.weights[id(layer)], plan.folded_bias.get(id(layer))
+        else:
+            values, folded_bias = layer.inference_weights(quantize=quantize)
         qparams = layer.weight_qparams
         bias = folded_bias
         if bias is None and getattr(layer.layer, "use_bias", False):

@@ -127,8 +127,8 @@ def _input_specs(model, batch_size):
 def concrete_function(model, plan, batch_size=1):
     """`model`'s inference form traced with `plan`, its variables read as constants.
 
-    The trace runs in a `keras.StatelessScope` that maps every variable to
-    its current value, made a constant inside the graph: the function is
+    The trace runs in a `keras.StatelessScope` that gives each variable read
+    its current value as a constant made inside the graph: the function is
     frozen as traced (`is_frozen`), and the converter need not freeze it
     (`_converter`; its general freeze re-imports the whole graph, about a
     fifth of a small model's export). A variable read outside Keras (a
@@ -139,17 +139,34 @@ def concrete_function(model, plan, batch_size=1):
 
     specs = _input_specs(model, batch_size)
     single = len(specs) == 1
-    variables = list(model.variables)
-    values = [np.asarray(keras.ops.convert_to_numpy(v)) for v in variables]
+    values = {id(v): np.asarray(keras.ops.convert_to_numpy(v)) for v in model.variables}
 
     def serve(*xs):
-        # Made inside the trace, each value is a Const node (an eager tensor would be captured as an input).
-        mapping = [(v, tf.constant(value, dtype=value.dtype)) for v, value in zip(variables, values)]
-        with keras.StatelessScope(state_mapping=mapping):
+        with _ConstantScope(values):
             return model(xs[0] if single else list(xs), training=False)
 
     with inference_scope(plan):
         return tf.function(serve, autograph=False).get_concrete_function(*specs)
+
+
+class _ConstantScope(keras.StatelessScope):
+    """A `StatelessScope` whose variables read as constants of `values` (`{id(variable): array}`), each
+    made in the current graph when first read: a variable the trace does not read (a kernel the plan
+    replaces with its grid values) adds nothing to the graph, and an eager tensor would be captured as
+    an input rather than embedded."""
+
+    def __init__(self, values):
+        super().__init__()
+        self._values = values
+
+    def get_current_value(self, variable):
+        value = super().get_current_value(variable)
+        if value is None and id(variable) in self._values:
+            import tensorflow as tf
+
+            array = self._values[id(variable)]
+            value = self.state_mapping[id(variable)] = tf.constant(array, dtype=array.dtype)
+        return value
 
 
 def is_frozen(cf):
@@ -415,7 +432,7 @@ def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_si
         except Exception as e:  # the converter's ConverterError (MLIR diagnostics), or anything it raises
             raise converter_error(model, mode, e, cf.graph) from e
     flat = flatbuffer.FlatModel(data)
-    infos = plan_lib.weight_infos(model) if mode not in ("float16", "float32") else []
+    infos = plan_lib.weight_infos(model, plan=plan) if mode not in ("float16", "float32") else []
     notes = []
     rewritten = []
     if mode in ("int8", "int16x8"):
