@@ -21,6 +21,7 @@ from keras import ops
 
 from keras_quant import ops as kq_ops
 from keras_quant.config import QuantSpec, as_spec
+from keras_quant.layers.inference import active_plan
 
 __all__ = ["WeightOnlyMultiHeadAttention", "weight_only_spec"]
 
@@ -39,8 +40,12 @@ def _weight_only_call(layer, spec, owner, name):
     def call(inputs, training=None):
         kernel = layer.kernel
         frozen = owner.kernel_qparams.get(name)
-        scale, zero_point = frozen if frozen is not None else kq_ops.weight_qparams(kernel, spec)
-        x = ops.einsum(layer.equation, inputs, kq_ops.fake_quant(kernel, scale, zero_point, spec))
+        if frozen is not None and active_plan() is not None and keras.backend.backend() == "tensorflow":
+            kernel = _export_fake_quant(kernel, *frozen, spec)
+        else:
+            scale, zero_point = frozen if frozen is not None else kq_ops.weight_qparams(kernel, spec)
+            kernel = kq_ops.fake_quant(kernel, scale, zero_point, spec)
+        x = ops.einsum(layer.equation, inputs, kernel)
         if layer.bias is not None:
             x = ops.add(x, layer.bias)
         if layer.activation is not None:
@@ -48,6 +53,19 @@ def _weight_only_call(layer, spec, owner, name):
         return x
 
     return call
+
+
+def _export_fake_quant(kernel, scale, zero_point, spec):
+    """A frozen kernel's `kq.ops.fake_quant` as the one TensorFlow op the converter reads (export traces):
+    its range computed here, in float32 as `fake_quant` computes it, not by a dozen ops in the graph."""
+    import tensorflow as tf
+
+    scale, zero_point = np.float32(scale), np.float32(zero_point)
+    lo = (np.float32(spec.qmin) - zero_point) * scale
+    hi = (np.float32(spec.qmax) - zero_point) * scale
+    return tf.quantization.fake_quant_with_min_max_vars(
+        ops.cast(kernel, "float32"), tf.constant(lo), tf.constant(hi), num_bits=spec.bits,
+        narrow_range=spec.narrow_range)
 
 
 @keras.saving.register_keras_serializable(package="keras_quant")

@@ -79,3 +79,29 @@ def test_frozen_kernels_give_the_same_outputs_with_constant_grids_and_save_them(
         graph = tf.function(lambda t: layer(t, t)).get_concrete_function(tf.TensorSpec(x.shape)).graph
         types = {op.type for op in graph.get_operations()}
         assert not types & {"Abs", "Max"} and "FakeQuantWithMinMaxVars" in types, sorted(types)
+
+
+@pytest.mark.tensorflow
+def test_an_export_trace_of_frozen_kernels_is_one_fake_quant_op_each_with_the_same_values():
+    """In an inference scope (export), a frozen kernel is the one op the converter reads, with the range
+    `kq.ops.fake_quant` computes: the same values, without its dozen shape and gradient ops per kernel."""
+    import tensorflow as tf
+
+    from keras_quant.layers.inference import InferencePlan, inference_scope
+
+    keras.utils.set_random_seed(0)
+    layer = WeightOnlyMultiHeadAttention(num_heads=2, key_dim=4, weight_spec=kq.QuantSpec(bits=8))
+    x = np.random.default_rng(3).normal(size=(2, 5, 6)).astype("float32")
+    layer(x, x)
+    layer.freeze()
+    expected = keras.ops.convert_to_numpy(layer(x, x))
+    fn = tf.function(lambda t: layer(t, t))
+    with inference_scope(InferencePlan()):
+        cf = fn.get_concrete_function(tf.TensorSpec(x.shape))
+        got = cf(tf.constant(x)).numpy()
+    types = [op.type for op in cf.graph.get_operations()]
+    assert types.count("FakeQuantWithMinMaxVars") == len(PROJECTIONS)
+    assert "StopGradient" not in types  # no straight-through gradient: nothing trains in an export
+    outside = tf.function(lambda t: layer(t, t)).get_concrete_function(tf.TensorSpec(x.shape))
+    assert len(types) < len(outside.graph.get_operations()) - 8 * len(PROJECTIONS)
+    np.testing.assert_array_equal(got, expected)
