@@ -186,3 +186,32 @@ def test_unoptimized_functions_turns_grappler_off_for_calls_inside_only():
     with pytest.raises(ValueError), graph_lib.unoptimized_functions():
         raise ValueError("restored on errors too")
     assert meta_optimizer_off() == before
+
+
+def test_gc_paused_restores_the_collector_as_it_was():
+    import gc
+
+    assert gc.isenabled()
+    with graph_lib.gc_paused():
+        assert not gc.isenabled()
+        with graph_lib.gc_paused():  # nested: the inner exit leaves it paused
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(KeyError), graph_lib.gc_paused():
+        raise KeyError("restored on errors too")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with graph_lib.gc_paused():
+            pass
+        assert not gc.isenabled()  # paused by someone else before: left paused
+    finally:
+        gc.enable()
+
+    @graph_lib.gc_paused()
+    def work(x):
+        """Doc."""
+        return gc.isenabled(), x
+
+    assert work(3) == (False, 3) and work.__doc__ == "Doc." and gc.isenabled()

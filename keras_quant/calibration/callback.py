@@ -112,7 +112,8 @@ def _trace_once(function):
         if not state["traced"]:
             state["traced"] = True
             try:
-                function.get_concrete_function(tf.nest.map_structure(relaxed, data))
+                with graph_lib.gc_paused():
+                    function.get_concrete_function(tf.nest.map_structure(relaxed, data))
             except (TypeError, ValueError):  # a structure the spec cannot describe: trace as Keras does
                 pass
         state["calls"] += 1
@@ -405,6 +406,7 @@ class CalibrationCallback(keras.callbacks.Callback):
             if spec is not None and _batched(t):
                 self._observe(key, spec, t, mask)
 
+    @graph_lib.gc_paused()
     def _attach(self, mode):
         model = self.model
         if keras.backend.backend() != "tensorflow":
@@ -551,6 +553,7 @@ class CalibrationCallback(keras.callbacks.Callback):
             self._result = self._read_result()
         return self._result
 
+    @graph_lib.gc_paused()
     def _read_result(self):
         layers = {key: c.to_statistics(name=key) for key, c in self._collectors.items()}
         sampling = self.sampling if isinstance(self.sampling, str) else type(self.sampling).__name__

@@ -569,6 +569,7 @@ def _load_error(model, opset, error):
                        "TFLite (kq.export_tflite), which runs the named layers", layer=", ".join(layers) or None)
 
 
+@graph_lib.gc_paused()
 def export_onnx(model, path, opset=INT4_OPSET, strict=True, activation_type="uint8", weight_type="uint8",
                 batch_size=None):
     """Write a quantized Keras model as QDQ ONNX with keras_quant's scales and zero points.

@@ -416,6 +416,7 @@ def _check_backend():
                           "with KERAS_BACKEND=tensorflow (a model saved under JAX loads there unchanged)")
 
 
+@graph_lib.gc_paused()
 def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_size=1, strict=True):
     """Convert `model` to TFLite bytes; returns `(bytes, details)` (see `export_tflite`)."""
     _check_backend()

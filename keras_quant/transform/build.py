@@ -490,6 +490,7 @@ def _union_qparams(group):
     return kq_ops.compute_qparams(min(lows), max(highs), spec)
 
 
+@graph_lib.gc_paused()
 def quantize_model(model, config=None, calibration=None, mode="ptq", observe_steps=None, bn_statistics="quantized",
                    shared_merges=SHARED_INPUT_MERGES):
     """A new Keras model with fake-quantized weights and activations: post-training or trainable.
