@@ -9,6 +9,7 @@ It also writes 16x8 biases as int64, which the integer kernels require.
 """
 
 import dataclasses
+import hashlib
 import re
 from typing import List, Optional, Tuple
 
@@ -194,6 +195,89 @@ def tflite_layout(info):
     else:
         return None, None
     return w, scale  # one scale for a per-tensor weight: written so (the converter would repeat it per channel)
+
+
+def finish_conversion(flat, io_types=None, metadata=None):
+    """The TFLite converter's last passes, done on the model already unpacked (`FlatModel`), not on bytes.
+
+    The converter ends each conversion in Python: it sets the model's input and
+    output types (`io_types`: `(input, output)` tf dtypes, or None for
+    float), shares one buffer among identical read-only constants, and writes
+    its conversion metadata (`metadata`, with the model's hash; None: none);
+    each pass unpacks and repacks the whole flatbuffer (a fifth of a small
+    model's export). `tflite`'s frozen-graph converter leaves them to this
+    function, which runs the converter's own IO and metadata functions and the
+    same deduplication, so the file is the same.
+    """
+    from tensorflow.lite.python import util as tflite_util
+
+    model = flat.model
+    if io_types is not None and any(t.name != "float32" for t in io_types):
+        tflite_util._modify_model_input_type(model, io_types[0])
+        tflite_util._modify_model_output_type(model, io_types[1])
+        tflite_util._remove_redundant_quantize_ops(model)
+        flat.graph = model.subgraphs[0]
+    if any(m.name.decode("utf-8") == "buffer_location" for m in (model.metadata or ())):
+        return
+    _deduplicate_readonly_buffers(model)
+    if metadata is not None:
+        metadata.options.modelOptimizationModes.extend(tflite_util.get_sparsity_modes(model))
+        metadata.environment.modelHash = tflite_util.get_model_hash(model)
+        tflite_util.populate_conversion_metadata(model, metadata)
+
+
+def _deduplicate_readonly_buffers(model):
+    """`tensorflow.lite.python.convert.deduplicate_readonly_buffers` on a model object: tensors that only
+    feed ops (not variables, outputs or intermediates) and hold equal bytes share the first one's buffer."""
+    read_only = set()
+    for subgraph in model.subgraphs:
+        inputs = set()
+        for op in subgraph.operators:
+            if op.inputs is None:
+                continue
+            for i, t in enumerate(op.inputs):
+                mutating = op.mutatingVariableInputs
+                if mutating is not None and i < len(mutating) and mutating[i]:
+                    continue
+                if subgraph.tensors[t].isVariable:
+                    continue
+                inputs.add(t)
+        for op in subgraph.operators:
+            inputs.difference_update(op.outputs if op.outputs is not None else ())
+            inputs.difference_update(op.intermediates if op.intermediates is not None else ())
+        inputs.difference_update(subgraph.inputs if subgraph.inputs is not None else ())
+        inputs.difference_update(subgraph.outputs if subgraph.outputs is not None else ())
+        for t in inputs:
+            read_only.add(subgraph.tensors[t].buffer)
+    for b in read_only.copy():
+        data = model.buffers[b].data if b >= 0 else None
+        if b < 0 or data is None or isinstance(data, list) or data.size == 0:
+            read_only.discard(b)
+    # (index, size, md5) sorted by size and hash, largest first, in the converter's order (a stable sort of
+    # the same set's iteration order), so the same buffer of each group is kept.
+    entries = [(b, model.buffers[b].data.size, hashlib.md5(model.buffers[b].data.data.tobytes()).hexdigest())
+               for b in read_only]
+    entries = sorted(entries, key=lambda e: (e[1], e[2]), reverse=True)
+    duplicates = {}
+    for i, (b_i, size_i, hash_i) in enumerate(entries):
+        if b_i in duplicates:
+            continue
+        for b_j, size_j, hash_j in entries[i + 1:]:
+            if b_j in duplicates:
+                continue
+            if size_i != size_j:
+                break
+            if hash_i != hash_j:
+                continue
+            duplicates[b_j] = b_i
+    for subgraph in model.subgraphs:
+        for op in subgraph.operators:
+            for t in op.inputs if op.inputs is not None else ():
+                b = subgraph.tensors[t].buffer
+                if b in duplicates:
+                    subgraph.tensors[t].buffer = duplicates[b]
+    for b in duplicates:
+        model.buffers[b].data = None
 
 
 def set_weight_scales(flat, infos, int16_bias=False):

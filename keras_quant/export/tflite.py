@@ -178,11 +178,32 @@ def _frozen_converter_class():
     import tensorflow as tf
 
     class FrozenConverter(tf.lite.TFLiteConverter):
-        """The converter for a concrete function that is already frozen (`is_frozen`): its graph as is."""
+        """The converter for a concrete function that is already frozen (`is_frozen`): its graph as is.
+
+        It also leaves its last Python passes (the model's IO types, buffer
+        deduplication, the conversion metadata) to `flatbuffer.finish_conversion`,
+        which export runs on the model it unpacks anyway: `finish_io` holds the
+        IO types to set and `finish_metadata` the metadata to write, or both are
+        None when the converter ran the passes itself.
+        """
+
+        finish_io = finish_metadata = None
 
         def _freeze_concrete_function(self):
             (func,) = self._funcs
             return func.graph.as_graph_def(), list(func.inputs), list(func.outputs), func
+
+        def _optimize_tflite_model(self, model, quant_mode, debug_options=None, quant_io=True):
+            if (quant_mode.is_post_training_integer_quantization() or self._sparsify_model()
+                    or self.experimental_use_stablehlo_quantizer or self._experimental_use_buffer_offset):
+                return super()._optimize_tflite_model(model, quant_mode, debug_options, quant_io)
+            io = (tf.float32, tf.float32)
+            if quant_mode.is_integer_quantization():
+                io = (self.inference_input_type or tf.float32, self.inference_output_type or tf.float32)
+            self.finish_io = io
+            if not self.exclude_conversion_metadata:  # written after the passes, as the converter does
+                self.finish_metadata, self.exclude_conversion_metadata = self._metadata, True
+            return model
 
     return FrozenConverter
 
@@ -428,11 +449,15 @@ def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_si
     cf = concrete_function(model, plan, batch_size)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
+        converter = _converter(cf, mode, input_type, output_type)
         try:
-            data = _converter(cf, mode, input_type, output_type).convert()
+            data = converter.convert()
         except Exception as e:  # the converter's ConverterError (MLIR diagnostics), or anything it raises
             raise converter_error(model, mode, e, cf.graph) from e
     flat = flatbuffer.FlatModel(data)
+    finish_io = getattr(converter, "finish_io", None)
+    if finish_io is not None:
+        flatbuffer.finish_conversion(flat, finish_io, converter.finish_metadata)
     infos = plan_lib.weight_infos(model, plan=plan) if mode not in ("float16", "float32") else []
     notes = []
     rewritten = []
@@ -445,8 +470,8 @@ def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_si
         if rewritten:
             notes.append("weight scales set to keras_quant's (the converter's min-max differs) for: "
                          + ", ".join(sorted(set(rewritten))))
-        data = flat.to_bytes()
-        flat = flatbuffer.FlatModel(data)
+    if finish_io is not None or mode in ("int8", "int16x8"):
+        data = flat.to_bytes()  # `flat` now reads as the bytes do
     layer_names = {layer.name for layer in graph_lib.sublayers(model)}
     float_ops = _float_ops(flat, layer_names) if mode in ("int8", "int16x8") else []
     if strict and float_ops:
