@@ -247,3 +247,36 @@ def test_range_statistics_gather_only_what_the_observer_needs(rng, observer):
 def test_invalid_statistics_option():
     with pytest.raises(ConfigError, match="statistics"):
         LayerCollector(statistics="some")
+
+
+@pytest.mark.tensorflow
+@pytest.mark.parametrize("statistics", ["range", "full"])
+def test_the_shared_stateful_update_equals_reading_and_assigning_outside(rng, monkeypatch, statistics):
+    """On TensorFlow a collector's reads and writes run inside its kind's shared function (one call per
+    collector in a step graph); the statistics are bit-equal to reading and assigning outside it."""
+    import tensorflow as tf
+
+    from keras_quant.calibration import stats as stats_lib
+
+    x = rng.normal(size=(6, 5, 4)).astype("float32")
+    x[0, 0, 0] = np.nan
+    mask = np.array([1, 1, 0, 1, 0, 1], bool)
+
+    def listed(v):
+        return None if v is None else np.asarray(v).tolist()
+
+    def run():
+        c = LayerCollector(QuantSpec(bits=8, observer="mse"), statistics=statistics)
+        c.build(x.shape)
+        step = tf.function(lambda t, m: c(t, sample_mask=m))
+        step(tf.constant(x[:3]), tf.constant(mask[:3]))
+        c(tf.constant(x[3:]))
+        s = c.to_statistics()
+        fields = (s.count, s.min, s.max, s.mean, s.std, s.non_finite_count, s.scale, s.zero_point, s.histogram,
+                  s.channel_min, s.channel_max)
+        return stats_lib._resource_handles(c._state()) is not None, [listed(f) for f in fields]
+
+    uses_handles, inside = run()
+    assert uses_handles
+    monkeypatch.setattr(stats_lib, "_resource_handles", lambda variables: None)
+    assert run() == (False, inside)
