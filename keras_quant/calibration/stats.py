@@ -226,9 +226,15 @@ def _shared_update(collector, masked=False):
     collector is then one call, without the read, write and identity ops that
     reading and assigning the variables outside added per collector (a
     millisecond each to trace; a model has a hundred collectors).
+
+    Unmasked and without per-channel state, the update reads its tensor as
+    `(batch, -1)` (the same values): one function serves every rank, traced
+    once per process instead of once per rank.
     """
     names = tuple(collector._state())
-    key = ("update",) + collector._step_key() + (masked, names)
+    rank_free = not masked and not collector._with_channel_state()
+    key = ("update",) + (None if rank_free else len(collector._batch_shape),) + collector._step_key()[1:] + (
+        masked, names)
     fn = _SHARED_STEPS.get(key)
     if fn is None:
         import tensorflow as tf
@@ -236,6 +242,8 @@ def _shared_update(collector, masked=False):
         step = collector._pure_step
 
         def update(handles, x, sample_mask=None):
+            if rank_free:
+                x = tf.reshape(x, tf.stack([tf.shape(x)[0], -1]))
             state = {}
             for name in names:
                 value = tf.raw_ops.ReadVariableOp(resource=handles[name], dtype=tf.float32)
@@ -246,7 +254,7 @@ def _shared_update(collector, masked=False):
                 tf.raw_ops.AssignVariableOp(resource=handles[name], value=new[name])
 
         signature = [{name: tf.TensorSpec((), tf.resource) for name in names},
-                     tf.TensorSpec((None,) * len(collector._batch_shape), "float32")]
+                     tf.TensorSpec(None if rank_free else (None,) * len(collector._batch_shape), "float32")]
         if masked:
             signature.append(tf.TensorSpec((None,), "bool"))
         fn = _SHARED_STEPS[key] = tf.function(update, input_signature=signature, autograph=False,

@@ -280,3 +280,18 @@ def test_the_shared_stateful_update_equals_reading_and_assigning_outside(rng, mo
     assert uses_handles
     monkeypatch.setattr(stats_lib, "_resource_handles", lambda variables: None)
     assert run() == (False, inside)
+
+
+@pytest.mark.tensorflow
+def test_per_tensor_collectors_of_every_rank_share_one_update_function():
+    from keras_quant.calibration import stats as stats_lib
+
+    collectors = []
+    for shape in [(4, 3), (4, 5, 3), (4, 2, 2, 3)]:
+        c = LayerCollector(QuantSpec(bits=8), statistics="range")
+        c.build(shape)
+        collectors.append(c)
+    assert not any(c._with_channel_state() for c in collectors)
+    assert len({id(stats_lib._shared_update(c)) for c in collectors}) == 1  # one trace serves every rank
+    masked = {id(stats_lib._shared_update(c, masked=True)) for c in collectors}
+    assert len(masked) == 3  # the mask is broadcast by rank
