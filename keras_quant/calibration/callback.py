@@ -109,17 +109,16 @@ def _trace_once(function):
         return t
 
     def call(data):
-        if not state["traced"]:
-            state["traced"] = True
-            try:
-                with graph_lib.gc_paused():
-                    function.get_concrete_function(tf.nest.map_structure(relaxed, data))
-            except (TypeError, ValueError):  # a structure the spec cannot describe: trace as Keras does
-                pass
         state["calls"] += 1
         if state["calls"] > _UNOPTIMIZED_STEPS:
             return function(data)
-        with graph_lib.unoptimized_functions():
+        first = state["calls"] == 1
+        with graph_lib.unoptimized_functions(), graph_lib.gc_paused() if first else contextlib.nullcontext():
+            if first:  # the trace and the first run of the graph, with no garbage collection in the middle
+                try:
+                    function.get_concrete_function(tf.nest.map_structure(relaxed, data))
+                except (TypeError, ValueError):  # a structure the spec cannot describe: trace as Keras does
+                    pass
             return function(data)
 
     return call
