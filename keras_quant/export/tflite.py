@@ -26,6 +26,7 @@ Example:
 
 import collections
 import dataclasses
+import functools
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -129,7 +130,7 @@ def concrete_function(model, plan, batch_size=1):
 
     The trace runs in a `keras.StatelessScope` that gives each variable read
     its current value as a constant made inside the graph: the function is
-    frozen as traced (`is_frozen`), and the converter need not freeze it
+    frozen as traced (`frozen_graph_def`), and the converter need not freeze it
     (`_converter`; its general freeze re-imports the whole graph, about a
     fifth of a small model's export). A variable read outside Keras (a
     captured resource) or a graph with function bodies (a recurrent loop) is
@@ -169,16 +170,22 @@ class _ConstantScope(keras.StatelessScope):
         return value
 
 
-def is_frozen(cf):
-    """Whether a concrete function reads no variable and calls no function body: its graph is its frozen form."""
-    return not cf.captured_inputs and not cf.graph.as_graph_def().library.function
+def frozen_graph_def(cf):
+    """The GraphDef of a concrete function that reads no variable and calls no function body (its graph is
+    its frozen form), else None (the converter freezes it)."""
+    if cf.captured_inputs:
+        return None
+    graph_def = cf.graph.as_graph_def()
+    return None if graph_def.library.function else graph_def
 
 
+@functools.lru_cache(maxsize=None)
 def _frozen_converter_class():
     import tensorflow as tf
 
     class FrozenConverter(tf.lite.TFLiteConverter):
-        """The converter for a concrete function that is already frozen (`is_frozen`): its graph as is.
+        """The converter for a concrete function already frozen (`frozen_graph_def`): that GraphDef as is,
+        set as `graph_def` (serialising a graph with its constants is not done twice).
 
         It also leaves its last Python passes (the model's IO types, buffer
         deduplication, the conversion metadata) to `flatbuffer.finish_conversion`,
@@ -187,11 +194,11 @@ def _frozen_converter_class():
         None when the converter ran the passes itself.
         """
 
-        finish_io = finish_metadata = None
+        graph_def = finish_io = finish_metadata = None
 
         def _freeze_concrete_function(self):
             (func,) = self._funcs
-            return func.graph.as_graph_def(), list(func.inputs), list(func.outputs), func
+            return self.graph_def, list(func.inputs), list(func.outputs), func
 
         def _optimize_tflite_model(self, model, quant_mode, debug_options=None, quant_io=True):
             if (quant_mode.is_post_training_integer_quantization() or self._sparsify_model()
@@ -212,8 +219,12 @@ def _converter(cf, mode, input_type, output_type):
     import tensorflow as tf
 
     types = {"int8": tf.int8, "uint8": tf.uint8, "int16": tf.int16, "float32": tf.float32}
-    converter_class = _frozen_converter_class() if is_frozen(cf) else tf.lite.TFLiteConverter
-    conv = converter_class.from_concrete_functions([cf])
+    graph_def = frozen_graph_def(cf)
+    if graph_def is None:
+        conv = tf.lite.TFLiteConverter.from_concrete_functions([cf])
+    else:
+        conv = _frozen_converter_class().from_concrete_functions([cf])
+        conv.graph_def = graph_def
     if mode == "float32":
         return conv
     conv.optimizations = [tf.lite.Optimize.DEFAULT]

@@ -303,7 +303,7 @@ def test_the_trace_is_frozen_and_converts_to_the_file_the_converters_own_passes_
     from keras_quant.export import tflite as tflite_lib
 
     cf = tflite_lib.concrete_function(ptq, plan_lib.build_plan(ptq, "int8"))
-    assert tflite_lib.is_frozen(cf)  # weights and ranges are constants: the converter's freeze is skipped
+    assert tflite_lib.frozen_graph_def(cf) is not None  # weights and ranges are constants: no freeze
     assert not any(op.type in ("ReadVariableOp", "VarHandleOp") for op in cf.graph.get_operations())
     with open(int8_file[0], "rb") as f:
         ours = {("int8", None, None): f.read()}
@@ -311,7 +311,7 @@ def test_the_trace_is_frozen_and_converts_to_the_file_the_converters_own_passes_
              ("float16", None, None)]
     for case in cases:
         ours[case] = tflite_lib.tflite_bytes(ptq, *case)[0]
-    monkeypatch.setattr(tflite_lib, "is_frozen", lambda cf: False)  # the converter freezes and finishes itself
+    monkeypatch.setattr(tflite_lib, "frozen_graph_def", lambda cf: None)  # the converter freezes and finishes
     for case, data in ours.items():
         assert tflite_lib.tflite_bytes(ptq, *case)[0] == data, case
 
@@ -324,7 +324,7 @@ def test_a_recurrent_trace_is_left_to_the_converters_freeze(tmp_path):
     i = keras.Input((6, 3))
     model = keras.Model(i, keras.layers.Dense(2)(keras.layers.LSTM(4)(i)))
     cf = tflite_lib.concrete_function(model, plan_lib.build_plan(model, "float32"))
-    assert not tflite_lib.is_frozen(cf)  # the loop body is a function of its own
+    assert tflite_lib.frozen_graph_def(cf) is None  # the loop body is a function of its own
     kq.export_tflite(model, tmp_path / "lstm.tflite", mode="float32")
     x = np.random.default_rng(0).normal(size=(1, 6, 3)).astype("float32")
     got = runtime.load(str(tmp_path / "lstm.tflite")).predict(x)
