@@ -101,7 +101,7 @@ def _trace_once(function):
     """
     import tensorflow as tf
 
-    state = {"traced": False, "calls": 0}
+    state = {"calls": 0}
 
     def relaxed(t):
         if isinstance(t, tf.Tensor) and t.shape.rank:
