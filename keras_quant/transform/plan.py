@@ -179,14 +179,15 @@ def plan_graph(flat, config, fold_inputs=True):
             _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config,
                           input_affine=pending.get(id(layer)))
         elif rule.kind == "norm" and (affine := _layer_affine(flat, layer, pending.get(id(layer)))) is not None and (
-                (consumer := fold_inputs and _affine_absorber(flat, layer, affine, cfg)) or _depthwise_rank(flat, layer)):
+                (consumer := fold_inputs and _affine_absorber(flat, layer, affine, cfg))
+                or (rank := _depthwise_rank(flat, layer))):
             if consumer:  # a Rescaling / Normalization / ... whose one reader computes `a * x + b` in its weights
                 pending[id(consumer)] = affine
                 plan[id(layer)] = Step("folded")
                 report["input_folds"].append((key, flat.key(consumer)))
             else:  # no integer kernel for a lone BatchNormalization / Rescaling / ...: a 1x1 depthwise conv
                 _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config,
-                              affine=(*affine, _depthwise_rank(flat, layer)))
+                              affine=(*affine, rank))
                 report["rewritten"].append((key, "per-channel affine as a 1x1 depthwise convolution"))
         elif rule.kind == "passthrough":
             plan[id(layer)] = Step("clone")
