@@ -233,8 +233,7 @@ def _shared_update(collector, masked=False):
     """
     names = tuple(collector._state())
     rank_free = not masked and not collector._with_channel_state()
-    key = ("update",) + (None if rank_free else len(collector._batch_shape),) + collector._step_key()[1:] + (
-        masked, names)
+    key = ("update",) + collector._step_key(rank_free) + (masked, names)
     fn = _SHARED_STEPS.get(key)
     if fn is None:
         import tensorflow as tf
@@ -383,10 +382,11 @@ class LayerCollector(Observer):
         """Whether the per-channel extremes are kept (the channel axis' size was known at build)."""
         return self._channel_min_var is not None
 
-    def _step_key(self):
+    def _step_key(self, rank_free=False):
         channel = self._channel_index if self._with_channel_state() else None
-        # The rank is part of the key: a relaxed trace keeps the rank, only dimensions become None.
-        rank = len(self._batch_shape)
+        # The rank is part of the key (a relaxed trace keeps the rank, only dimensions become None), unless
+        # the function reads its tensor rank-free (`_shared_update`).
+        rank = None if rank_free else len(self._batch_shape)
         return (rank, self.num_bins, self._with_moments, self._with_zeros, self._with_hist, channel)
 
     # Graph-side update ------------------------------------------------------
