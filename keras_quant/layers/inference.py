@@ -30,7 +30,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["InferencePlan", "inference_scope", "active_plan", "activation_op", "quantize_output", "PREACTIVATION"]
+__all__ = ["InferencePlan", "inference_scope", "active_plan", "activation_op", "weight_op", "quantize_output", "PREACTIVATION"]
 
 _LOCAL = threading.local()
 
@@ -112,6 +112,27 @@ def activation_op(x, spec, scale, zero_point, storage_bits):
         lo, hi = (spec.qmin - zero_point) * scale, (spec.qmax - zero_point) * scale
         x = store(tf.minimum(tf.maximum(x, lo), hi))
     return x
+
+
+def weight_op(w, spec, scale, zero_point):
+    """A per-tensor frozen weight quantizer as the one TensorFlow fake-quant op the converter reads.
+
+    Its range is computed here, in float32 as `kq.ops.fake_quant` computes it (the same grid), rather
+    than by that function's shape and straight-through-gradient ops in the traced graph.
+
+    Args:
+        w: The weight tensor.
+        spec: Its `kq.QuantSpec` (per tensor).
+        scale: Python float.
+        zero_point: Python int.
+    """
+    import tensorflow as tf
+
+    scale, zero_point = np.float32(scale), np.float32(zero_point)
+    lo = (np.float32(spec.qmin) - zero_point) * scale
+    hi = (np.float32(spec.qmax) - zero_point) * scale
+    return tf.quantization.fake_quant_with_min_max_vars(
+        tf.cast(w, tf.float32), tf.constant(lo), tf.constant(hi), num_bits=spec.bits, narrow_range=spec.narrow_range)
 
 
 # Key suffix of a wrapper's quantizer before its own activation in `InferencePlan.activations`.

@@ -21,7 +21,7 @@ from keras import ops
 
 from keras_quant import ops as kq_ops
 from keras_quant.config import QuantSpec, as_spec
-from keras_quant.layers.inference import active_plan
+from keras_quant.layers.inference import active_plan, weight_op
 
 __all__ = ["WeightOnlyMultiHeadAttention", "weight_only_spec"]
 
@@ -41,7 +41,7 @@ def _weight_only_call(layer, spec, owner, name):
         kernel = layer.kernel
         frozen = owner.kernel_qparams.get(name)
         if frozen is not None and active_plan() is not None and keras.backend.backend() == "tensorflow":
-            kernel = _export_fake_quant(kernel, *frozen, spec)
+            kernel = weight_op(kernel, spec, *frozen)
         else:
             scale, zero_point = frozen if frozen is not None else kq_ops.weight_qparams(kernel, spec)
             kernel = kq_ops.fake_quant(kernel, scale, zero_point, spec)
@@ -53,19 +53,6 @@ def _weight_only_call(layer, spec, owner, name):
         return x
 
     return call
-
-
-def _export_fake_quant(kernel, scale, zero_point, spec):
-    """A frozen kernel's `kq.ops.fake_quant` as the one TensorFlow op the converter reads (export traces):
-    its range computed here, in float32 as `fake_quant` computes it, not by a dozen ops in the graph."""
-    import tensorflow as tf
-
-    scale, zero_point = np.float32(scale), np.float32(zero_point)
-    lo = (np.float32(spec.qmin) - zero_point) * scale
-    hi = (np.float32(spec.qmax) - zero_point) * scale
-    return tf.quantization.fake_quant_with_min_max_vars(
-        ops.cast(kernel, "float32"), tf.constant(lo), tf.constant(hi), num_bits=spec.bits,
-        narrow_range=spec.narrow_range)
 
 
 @keras.saving.register_keras_serializable(package="keras_quant")
