@@ -21,7 +21,7 @@ from keras_quant.layers.inference import PREACTIVATION, InferencePlan
 from keras_quant.layers.rules import PREACTIVATION as PREACTIVATION_KEY
 from keras_quant.layers.wrapper import QuantizeWrapper
 
-__all__ = ["MODES", "WeightInfo", "build_plan", "check", "quantizer_layers", "weight_infos"]
+__all__ = ["MODES", "VariableValues", "WeightInfo", "build_plan", "check", "quantizer_layers", "weight_infos"]
 
 # mode -> storage bits of activations (None: activations stay float).
 MODES = {"int8": 8, "int16x8": 16, "dynamic": None, "float16": None, "float32": None}
@@ -81,6 +81,25 @@ def _np(x, dtype="float32"):
     return np.asarray(keras.ops.convert_to_numpy(x), dtype=dtype)
 
 
+class VariableValues:
+    """Every variable of a model read once, as NumPy arrays; called like `_np`.
+
+    One export reads each activation quantizer's `(scale, zero_point)` in its
+    checks, its plan and its activation table, each weight scale in its plan
+    and its weight table, and every variable for the frozen trace: reading each
+    once (an eager op apiece; a model has hundreds of quantizer variables)
+    spares the rest. Anything that is not one of the model's variables (a QAT
+    scale computed from its variables) is read when asked for.
+    """
+
+    def __init__(self, model):
+        self.arrays = {id(v): np.asarray(keras.ops.convert_to_numpy(v)) for v in model.variables}
+
+    def __call__(self, x, dtype="float32"):
+        value = self.arrays.get(id(x))
+        return np.asarray(keras.ops.convert_to_numpy(x) if value is None else value, dtype=dtype)
+
+
 def quantizer_layers(model):
     """Every `QuantizeWrapper` and `ActivationQuantizer` of `model` (nested layers included)."""
     found = []
@@ -90,31 +109,32 @@ def quantizer_layers(model):
     return found
 
 
-def _activation_qparams(layer):
+def _activation_qparams(layer, read=_np):
     if isinstance(layer, QuantizeWrapper):
         if layer.output_quantizer is None:
             return None
         spec, qp = layer.output_quantizer.spec, layer.output_qparams
     else:
         spec, qp = layer.spec, layer.qparams
-    scale, zero_point = (_np(v).reshape(-1) for v in qp)
+    scale, zero_point = (read(v).reshape(-1) for v in qp)
     return spec, scale, zero_point
 
 
-def _activation_quantizers(layer):
-    """`[(plan_key, name, (spec, scale, zero_point))]` of a layer's activation quantizers."""
+def _activation_quantizers(layer, read=_np):
+    """`[(plan_key, name, (spec, scale, zero_point))]` of a layer's activation quantizers (`read`: `_np` or a
+    `VariableValues`)."""
     found = []
     if isinstance(layer, QuantizeWrapper) and layer.preactivation_qparams is not None:
-        scale, zero_point = (_np(v).reshape(-1) for v in layer.preactivation_qparams)
+        scale, zero_point = (read(v).reshape(-1) for v in layer.preactivation_qparams)
         found.append(((id(layer), PREACTIVATION), f"{layer.name}{PREACTIVATION_KEY}",
                       (layer.preactivation_quantizer.spec, scale, zero_point)))
-    act = _activation_qparams(layer)
+    act = _activation_qparams(layer, read)
     if act is not None:
         found.append((id(layer), layer.name, act))
     return found
 
 
-def _problems(model, mode):
+def _problems(model, mode, read=_np):
     """`[(layer, field, value, reason)]`: what `mode` cannot express."""
     storage = MODES[mode]
     out = []
@@ -137,7 +157,7 @@ def _problems(model, mode):
                     out.append((layer.name, f"{wname}.bits", spec.bits, "weights are stored as int8: at most 8 bits"))
         if storage is None:
             continue
-        for _, _, (spec, scale, zero_point) in _activation_quantizers(layer):
+        for _, _, (spec, scale, zero_point) in _activation_quantizers(layer, read):
             out += _activation_problems(layer, mode, storage, spec, scale, zero_point)
     return out
 
@@ -157,12 +177,13 @@ def _activation_problems(layer, mode, storage, spec, scale, zero_point):
     return out
 
 
-def check(model, mode):
+def check(model, mode, values=None):
     """Raise `ExportError` listing everything `mode` cannot express in `model`, before conversion.
 
     Args:
         model: A model from `kq.quantize_model` (or any Keras model for `"float16"` / `"dynamic"`).
         mode: `"int8"`, `"int16x8"`, `"dynamic"` or `"float16"`.
+        values: The model's `VariableValues`, when the caller has read them (else read here).
     """
     if mode not in MODES:
         raise ExportError("mode", mode, f"mode must be one of {tuple(MODES)}")
@@ -171,18 +192,20 @@ def check(model, mode):
     if MODES[mode] is not None and not quantizer_layers(model):
         raise ExportError("model", model.name, f"mode='{mode}' needs a quantized model (kq.quantize_model) with "
                           "keras_quant quantizers; this model has none")
-    problems = _problems(model, mode)
+    problems = _problems(model, mode, values or _np)
     if problems:
         layer, field, value, reason = problems[0]
         raise ExportError(field, value, reason, layer=layer, problems=problems)
 
 
-def weight_infos(model, quantize=True, plan=None) -> List[WeightInfo]:
+def weight_infos(model, quantize=True, plan=None, values=None) -> List[WeightInfo]:
     """The quantized weights of every wrapper, read now (grid values, scales, folded bias).
 
     `plan`: the model's `build_plan` in a weight-quantizing mode, whose values
-    are these (read from it, not computed again).
+    are these (read from it, not computed again); `values`: the model's
+    `VariableValues`, when the caller has read them.
     """
+    read = values or _np
     infos = []
     for layer in quantizer_layers(model):
         if not isinstance(layer, QuantizeWrapper) or not layer.weight_specs:
@@ -194,35 +217,38 @@ def weight_infos(model, quantize=True, plan=None) -> List[WeightInfo]:
         qparams = layer.weight_qparams
         bias = folded_bias
         if bias is None and getattr(layer.layer, "use_bias", False):
-            bias = _np(layer.layer.bias)
+            bias = read(layer.layer.bias)
         for wname, spec in layer.weight_specs.items():
             scale, zero_point = qparams[wname]
-            infos.append(WeightInfo(layer.name, type(layer.layer).__name__, wname, values[wname], _np(scale),
-                                    _np(zero_point).round().astype("int32"), spec.bits, bias, spec.qmin, spec.qmax))
+            infos.append(WeightInfo(layer.name, type(layer.layer).__name__, wname, values[wname], read(scale),
+                                    read(zero_point).round().astype("int32"), spec.bits, bias, spec.qmin, spec.qmax))
     return infos
 
 
-def build_plan(model, mode):
-    """The `InferencePlan` export traces `model` with in `mode` (see `kq.layers.inference`)."""
+def build_plan(model, mode, values=None):
+    """The `InferencePlan` export traces `model` with in `mode` (see `kq.layers.inference`); `values`: the
+    model's `VariableValues`, when the caller has read them."""
     storage = MODES[mode]
     plan = InferencePlan(storage_bits=storage)
     quantize_weights = mode not in ("float16", "float32")
+    read = values or _np
     for layer in quantizer_layers(model):
         if isinstance(layer, QuantizeWrapper):
-            values, folded_bias = layer.inference_weights(quantize=quantize_weights)
-            plan.weights[id(layer)] = values
+            weights, folded_bias = layer.inference_weights(quantize=quantize_weights)
+            plan.weights[id(layer)] = weights
             if folded_bias is not None:
                 plan.folded_bias[id(layer)] = folded_bias
-        for key, _, (spec, scale, zero_point) in (_activation_quantizers(layer) if storage is not None else ()):
+        for key, _, (spec, scale, zero_point) in (_activation_quantizers(layer, read) if storage is not None else ()):
             plan.activations[key] = (spec, float(scale[0]), int(round(float(zero_point[0]))))
     return plan
 
 
-def activation_table(model) -> Dict[str, Tuple[float, int, int]]:
-    """`{layer_name: (scale, zero_point, bits)}` of every per-tensor activation quantizer."""
+def activation_table(model, values=None) -> Dict[str, Tuple[float, int, int]]:
+    """`{layer_name: (scale, zero_point, bits)}` of every per-tensor activation quantizer (`values`: the
+    model's `VariableValues`, when the caller has read them)."""
     table = {}
     for layer in quantizer_layers(model):
-        for _, name, (spec, scale, zero_point) in _activation_quantizers(layer):
+        for _, name, (spec, scale, zero_point) in _activation_quantizers(layer, values or _np):
             if scale.size == 1:
                 table[name] = (float(scale[0]), int(round(float(zero_point[0]))), spec.bits)
     return table

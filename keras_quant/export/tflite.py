@@ -27,6 +27,7 @@ Example:
 import collections
 import dataclasses
 import functools
+import types
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -125,7 +126,7 @@ def _input_specs(model, batch_size):
     return specs
 
 
-def concrete_function(model, plan, batch_size=1):
+def concrete_function(model, plan, batch_size=1, values=None):
     """`model`'s inference form traced with `plan`, its variables read as constants.
 
     The trace runs in a `keras.StatelessScope` that gives each variable read
@@ -134,13 +135,14 @@ def concrete_function(model, plan, batch_size=1):
     (`_converter`; its general freeze re-imports the whole graph, about a
     fifth of a small model's export). A variable read outside Keras (a
     captured resource) or a graph with function bodies (a recurrent loop) is
-    left to the converter's own freeze.
+    left to the converter's own freeze. `values`: the model's
+    `plan.VariableValues`, when the caller has read them.
     """
     import tensorflow as tf
 
     specs = _input_specs(model, batch_size)
     single = len(specs) == 1
-    values = {id(v): np.asarray(keras.ops.convert_to_numpy(v)) for v in model.variables}
+    values = (values or plan_lib.VariableValues(model)).arrays
 
     def serve(*xs):
         with _ConstantScope(values):
@@ -199,6 +201,16 @@ def _frozen_converter_class():
         def _freeze_concrete_function(self):
             (func,) = self._funcs
             return self.graph_def, list(func.inputs), list(func.outputs), func
+
+        def _validate_inputs(self, graph_def, input_tensors):
+            # The base class also collects the Python stack of every traced op, for the source locations
+            # in its error messages: a tenth of a small model's export. `converter_error` names the
+            # layers from the op names, which the messages keep, so that is done without the stacks.
+            funcs, self._funcs = self._funcs, [types.SimpleNamespace(graph=None)]
+            try:
+                super()._validate_inputs(graph_def, input_tensors)
+            finally:
+                self._funcs = funcs
 
         def _optimize_tflite_model(self, model, quant_mode, debug_options=None, quant_io=True):
             if (quant_mode.is_post_training_integer_quantization() or self._sparsify_model()
@@ -452,12 +464,13 @@ def _check_backend():
 def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_size=1, strict=True):
     """Convert `model` to TFLite bytes; returns `(bytes, details)` (see `export_tflite`)."""
     _check_backend()
-    plan_lib.check(model, mode)
+    values = plan_lib.VariableValues(model) if isinstance(model, keras.Model) else None  # each variable read once
+    plan_lib.check(model, mode, values)
     batch_size = check_batch_size(batch_size)
     input_type = _io_type(input_type, "input_type", mode)
     output_type = _io_type(output_type, "output_type", mode)
-    plan = plan_lib.build_plan(model, mode)
-    cf = concrete_function(model, plan, batch_size)
+    plan = plan_lib.build_plan(model, mode, values)
+    cf = concrete_function(model, plan, batch_size, values)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
         converter = _converter(cf, mode, input_type, output_type)
@@ -469,7 +482,7 @@ def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_si
     finish_io = getattr(converter, "finish_io", None)
     if finish_io is not None:
         flatbuffer.finish_conversion(flat, finish_io, converter.finish_metadata)
-    infos = plan_lib.weight_infos(model, plan=plan) if mode not in ("float16", "float32") else []
+    infos = plan_lib.weight_infos(model, plan=plan, values=values) if mode not in ("float16", "float32") else []
     notes = []
     rewritten = []
     if mode in ("int8", "int16x8"):
@@ -512,7 +525,7 @@ def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_si
     activations = []
     if mode in ("int8", "int16x8"):
         storage = plan_lib.MODES[mode]
-        for name, (scale, zp, bits) in plan_lib.activation_table(model).items():
+        for name, (scale, zp, bits) in plan_lib.activation_table(model, values).items():
             activations.append((name, scale, zp, bits))
             if bits < storage:
                 notes.append(f"{name}: {bits}-bit activations stored as int{storage} (clipped to the {bits}-bit grid)")
