@@ -584,8 +584,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
         """The wrapped layer's call with some of its variables replaced by tensors."""
         overrides = {id(self._variable(n)): v for n, v in overrides.items()}
         # Every variable of the wrapped layer is mapped: a nested StatelessScope
-        # does not fall back to an outer one (JAX's stateless training step).
-        mapping = [(v, overrides.get(id(v), v.value)) for v in self.layer.variables]
+        # does not fall back to an outer one (JAX's stateless training step). A replaced variable is
+        # not read (in export's trace a read embeds its value as a constant the graph never uses).
+        mapping = [(v, overrides[id(v)] if id(v) in overrides else v.value) for v in self.layer.variables]
         with keras.StatelessScope(state_mapping=mapping):
             return self.layer(inputs, **kwargs)
 
