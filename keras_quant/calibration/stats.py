@@ -62,6 +62,8 @@ _HISTOGRAM_OBSERVERS = ("percentile", "mse", "kl", "auto")
 # The per-tensor statistics, packed in one `(len(_SCALARS),)` variable, and their empty values.
 _SCALARS = ("non_finite_count", "samples", "count", "min_val", "max_val", "mean", "m2", "m3", "m4", "zeros")
 _SCALAR_INITIAL = dict.fromkeys(_SCALARS, 0.0) | {"min_val": float("inf"), "max_val": float("-inf")}
+_IS_MIN = np.array([k == "min_val" for k in _SCALARS])
+_IS_MAX = np.array([k == "max_val" for k in _SCALARS])
 _VARIABLES = ("scalars", "hist", "channel_min", "channel_max")
 _FILLS = {"hist": 0.0, "channel_min": float("inf"), "channel_max": float("-inf")}
 
@@ -471,6 +473,9 @@ class LayerCollector(Observer):
 
     def _pure_step(self, state, x, sample_mask=None):
         """The new state after folding `x` in: only `self`'s static settings are read."""
+        if sample_mask is None and not (self._with_moments or self._with_zeros or self._with_hist
+                                        or self._with_channel_state()):
+            return self._range_step(state, x)
         rows = ops.reshape(x, (-1,))
         chan = self._channel_rows(x) if self._with_channel_state() else None
         zero = ops.zeros((), "float32")
@@ -524,6 +529,33 @@ class LayerCollector(Observer):
             out["channel_min"] = ops.minimum(state["channel_min"], clo_b)
             out["channel_max"] = ops.maximum(state["channel_max"], chi_b)
         return out
+
+    def _range_step(self, state, x):
+        """`_pure_step` of a collector that keeps only the range and counts (unmasked): the same new
+        state, in a few vector ops.
+
+        It is the step of most collectors of `statistics="range"`, and a step
+        function is instantiated again at every place a model calls it, so its
+        size is paid once per observed tensor on a calibration's first batch.
+        """
+        rows = ops.reshape(x, (-1,))
+        inf = float("inf")
+
+        def masked():
+            finite = ops.isfinite(rows)
+            return (ops.min(ops.where(finite, rows, inf)), ops.max(ops.where(finite, rows, -inf)),
+                    ops.sum(ops.cast(ops.logical_not(finite), "float32")))
+
+        lo, hi, bad = ops.cond(ops.isfinite(ops.sum(rows)),
+                               lambda: (ops.min(rows), ops.max(rows), ops.zeros((), "float32")), masked)
+        # Counters add (non-finite values, samples, finite values); the extremes take min / max with
+        # `(lo, hi)`, which are (inf, -inf), so change nothing, when no value was finite.
+        size = ops.cast(ops.size(rows), "float32")
+        seen = ops.cast(ops.shape(x)[0], "float32")
+        counts = ops.concatenate([ops.stack([bad, seen, size - bad]), ops.zeros((len(_SCALARS) - 3,), "float32")])
+        new = state["scalars"] + counts
+        new = ops.minimum(new, ops.where(_IS_MIN, lo, inf))
+        return {"scalars": ops.maximum(new, ops.where(_IS_MAX, hi, -inf))}
 
     def _histogram_step(self, hist, rows, x, valid, fast, old_lo, old_hi, new_lo, new_hi):
         """The histogram widened to `[new_lo, new_hi]` with the batch binned in.

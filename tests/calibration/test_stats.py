@@ -295,3 +295,20 @@ def test_per_tensor_collectors_of_every_rank_share_one_update_function():
     assert len({id(stats_lib._shared_update(c)) for c in collectors}) == 1  # one trace serves every rank
     masked = {id(stats_lib._shared_update(c, masked=True)) for c in collectors}
     assert len(masked) == 3  # the mask is broadcast by rank
+
+
+@settings(max_examples=25, deadline=None)
+@given(batches=st.lists(st.lists(st.sampled_from([0.0, 1.5, -2.25, 7.0, -1e3, np.nan, np.inf, -np.inf]),
+                                 min_size=6, max_size=6), min_size=1, max_size=4))
+def test_range_only_step_matches_reference(batches):
+    """statistics="range" with a min-max spec takes the short vector step: counts and extremes as numpy says."""
+    c = LayerCollector(QuantSpec(bits=8), statistics="range")
+    for b in batches:
+        c(np.asarray(b, "float32").reshape(2, 3))
+    values = np.asarray(batches, "float32").reshape(-1)
+    finite = values[np.isfinite(values)]
+    scalars = dict(zip(("non_finite_count", "samples", "count", "min_val", "max_val"), c._scalars_var.numpy()))
+    assert scalars["non_finite_count"] == values.size - finite.size
+    assert scalars["samples"] == 2 * len(batches) and scalars["count"] == finite.size
+    want = (finite.min(), finite.max()) if finite.size else (np.inf, -np.inf)
+    assert (scalars["min_val"], scalars["max_val"]) == want
