@@ -485,6 +485,15 @@ class IntegerBinaryOp(_TwoInputMerge, keras.layers.Layer):
             return _BINARY_OPS[self.op][0](x1, x2)
         return self._integer_call(x1, x2, dtype)
 
+    def compute_output_shape(self, x1_shape, x2_shape=None):
+        # The operands' broadcast shape, given so that a symbolic call does not trace the integer form.
+        if x2_shape is None:
+            x2_shape = self.constant_shape if self.constant_shape is not None else x1_shape
+        a, b = tuple(x1_shape), tuple(x2_shape)
+        rank = max(len(a), len(b))
+        a, b = (1,) * (rank - len(a)) + a, (1,) * (rank - len(b)) + b
+        return tuple(d2 if d1 == 1 else d1 if d2 == 1 or d2 is None else d2 for d1, d2 in zip(a, b))
+
     def get_config(self):
         config = super().get_config()
         config.update(op=self.op, constant_shape=None if self.constant_shape is None else list(self.constant_shape),
