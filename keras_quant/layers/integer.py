@@ -485,14 +485,13 @@ class IntegerBinaryOp(_TwoInputMerge, keras.layers.Layer):
             return _BINARY_OPS[self.op][0](x1, x2)
         return self._integer_call(x1, x2, dtype)
 
-    def compute_output_shape(self, x1_shape, x2_shape=None):
-        # The operands' broadcast shape, given so that a symbolic call does not trace the integer form.
-        if x2_shape is None:
-            x2_shape = self.constant_shape if self.constant_shape is not None else x1_shape
-        a, b = tuple(x1_shape), tuple(x2_shape)
-        rank = max(len(a), len(b))
-        a, b = (1,) * (rank - len(a)) + a, (1,) * (rank - len(b)) + b
-        return tuple(d2 if d1 == 1 else d1 if d2 == 1 or d2 is None else d2 for d1, d2 in zip(a, b))
+    def compute_output_spec(self, x1, x2=None, training=None):
+        # The float op's spec, which Keras derives from the operands' shapes: a symbolic call (the model
+        # `quantize_model` builds) does not trace the integer form in a scratch graph to find it.
+        if self.constant_shape is not None:
+            constant = keras.KerasTensor(self.constant_shape, dtype=x1.dtype)
+            x1, x2 = (constant, x1) if self.constant_first else (x1, constant)
+        return _BINARY_OPS[self.op][0](x1, x2)
 
     def get_config(self):
         config = super().get_config()

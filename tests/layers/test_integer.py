@@ -385,3 +385,21 @@ def test_identical_relus_of_one_tensor_are_fused_as_one(ptq_nasnet):
     assert add4.output_scale == pytest.approx(float(qmodel.get_layer("relu_x4b_quant").scale))
     # The pointwise half of a separable conv with a fused ReLU runs the integer kernel too.
     assert qmodel.get_layer("sep_a").fused_output_scale is not None and qmodel.get_layer("sep_a")._integer_op
+
+
+@pytest.mark.parametrize("shapes, constant_first", [(((None, 5, 4), (None, 5, 4)), False),
+                                                    (((None, 5, 1), (None, 1, 4)), False),
+                                                    (((None, 5, 4), (5, 4)), False),
+                                                    (((None, 5, 4), (1, 4)), True)])
+def test_binary_op_spec_is_the_float_ops_without_a_trace(shapes, constant_first, monkeypatch):
+    """A symbolic call takes the float op's broadcast shape, as the traced call gives it, without tracing."""
+    x_shape, other = shapes
+    constant = other[0] is not None
+    layer = integer.IntegerBinaryOp("add", [0.1, 0.2], 0.3, constant=np.ones(other, "float32") if constant else None,
+                                    constant_first=constant_first)
+    symbolic = [keras.KerasTensor(x_shape)] + ([] if constant else [keras.KerasTensor(other)])
+    monkeypatch.setattr(layer, "_integer_call", lambda *a: pytest.fail("the integer form was traced"))
+    spec = layer(*symbolic)
+    monkeypatch.undo()
+    concrete = [np.ones((2,) + s[1:], "float32") for s in [x_shape] + ([] if constant else [other])]
+    assert spec.shape == (None,) + tuple(layer(*concrete).shape[1:])
