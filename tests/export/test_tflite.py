@@ -305,6 +305,14 @@ def test_the_trace_is_frozen_and_converts_to_the_file_the_converters_own_passes_
     cf = tflite_lib.concrete_function(ptq, plan_lib.build_plan(ptq, "int8"))
     assert tflite_lib.frozen_graph_def(cf) is not None  # weights and ranges are constants: no freeze
     assert not any(op.type in ("ReadVariableOp", "VarHandleOp") for op in cf.graph.get_operations())
+    # A weight the plan replaces (the float kernel under its grid values) is not embedded unread: the only
+    # constants the outputs do not read are TensorFlow's own few-element ones (a depthwise conv's shape).
+    from tensorflow.python.framework import graph_util
+
+    graph_def = cf.graph.as_graph_def()
+    live = {n.name for n in graph_util.extract_sub_graph(graph_def, [t.op.name for t in cf.outputs]).node}
+    unread = [n for n in graph_def.node if n.name not in live]
+    assert all(n.op == "Const" and n.attr["value"].tensor.ByteSize() < 64 for n in unread), unread
     with open(int8_file[0], "rb") as f:
         ours = {("int8", None, None): f.read()}
     cases = [("int8", "uint8", "float32"), ("int8", "float32", "int8"), ("dynamic", None, None),
