@@ -211,16 +211,16 @@ def weight_infos(model, quantize=True, plan=None, values=None) -> List[WeightInf
         if not isinstance(layer, QuantizeWrapper) or not layer.weight_specs:
             continue
         if plan is not None and id(layer) in plan.weights:
-            values, folded_bias = plan.weights[id(layer)], plan.folded_bias.get(id(layer))
+            weights, folded_bias = plan.weights[id(layer)], plan.folded_bias.get(id(layer))
         else:
-            values, folded_bias = layer.inference_weights(quantize=quantize)
+            weights, folded_bias = layer.inference_weights(quantize=quantize)
         qparams = layer.weight_qparams
         bias = folded_bias
         if bias is None and getattr(layer.layer, "use_bias", False):
             bias = read(layer.layer.bias)
         for wname, spec in layer.weight_specs.items():
             scale, zero_point = qparams[wname]
-            infos.append(WeightInfo(layer.name, type(layer.layer).__name__, wname, values[wname], read(scale),
+            infos.append(WeightInfo(layer.name, type(layer.layer).__name__, wname, weights[wname], read(scale),
                                     read(zero_point).round().astype("int32"), spec.bits, bias, spec.qmin, spec.qmax))
     return infos
 
