@@ -89,7 +89,7 @@ QUICK = {"models": zoo_models.QUICK_MODELS, "train": {"image": (1000, 1), "mask"
 FULL_ORDER = ("Conv1D_audio", "UNet", "Transformer", "LSTM_GRU", "MobileNet", "MobileNetV2", "MobileNetV3Small",
               "MobileNetV3Large", "EfficientNetB0", "EfficientNetV2B0", "NASNetMobile", "DenseNet121", "ResNet50",
               "ResNet50V2", "ConvNeXtTiny", "InceptionV3", "Xception")
-FULL = {"models": FULL_ORDER, "train": {"image": (2000, 1), "mask": (3000, 1), "tokens": (None, 15),
+FULL = {"models": FULL_ORDER, "train": {"image": (2000, 3), "mask": (3000, 1), "tokens": (None, 15),
                                         "signal": (4000, 3)},
         "test": 1000, "calib": 100, "fid": 100, "qat_samples": 128, "qat_epochs": 3, "rounds": 5, "round_s": 0.1,
         "warmup": 5, "timeout": 1800}
@@ -400,7 +400,8 @@ def _run_model(zm, cfg, folder, log, size, data, row, stage, t, progress):
     start = time.perf_counter()
     model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=True, verbose=0)
     row["train_s"] = time.perf_counter() - start
-    row["acc_float"] = zoo_models.accuracy(zm, model.predict(xt, batch_size=BATCH, verbose=0), yt)
+    float_pred = model.predict(xt, batch_size=BATCH, verbose=0)
+    row["acc_float"] = zoo_models.accuracy(zm, float_pred, yt)
     log(f"{LOG_PREFIX} {zm.name}: float accuracy {row['acc_float']:.4f} ({row['train_s']:.0f} s training)")
     progress(row)
     x_calib = x[-cfg["calib"]:]
@@ -417,6 +418,7 @@ def _run_model(zm, cfg, folder, log, size, data, row, stage, t, progress):
         conv_runner = _load_runner(conv_path)
         conv_pred = _predict(conv_runner, xt)
         row["acc_converter"] = zoo_models.accuracy(zm, conv_pred, yt)
+        row["agree_converter"], row["sqnr_converter_db"] = float_fidelity(zm, conv_pred, float_pred)
         row["size_converter_kb"] = len(conv_bytes) / 1024
         conv_figs = mac_figures(conv_bytes)
         row["converter_int_mac_share"] = conv_figs["int_mac_share"]
@@ -450,7 +452,7 @@ def _run_model(zm, cfg, folder, log, size, data, row, stage, t, progress):
     if row.get("time_kq_s") is not None and t.get("converter"):
         row["time_vs_converter"] = row["time_kq_s"] / t["converter"]
     if row.get("figures_from", "").endswith("export"):
-        _measure_kq_file(zm, cfg, row, kq_path, qmodel, conv_runner, conv_pred, x_fid, xt, yt, log)
+        _measure_kq_file(zm, cfg, row, kq_path, qmodel, conv_runner, conv_pred, x_fid, xt, yt, log, float_pred)
     progress(row)
 
     def onnx():
@@ -519,7 +521,24 @@ def paired_counts(zm, pred_a, pred_b, y):
     return int(np.sum(right_a & ~right_b)), int(np.sum(right_b & ~right_a))
 
 
-def _measure_kq_file(zm, cfg, row, kq_path, qmodel, conv_runner, conv_pred, x_fid, xt, yt, log):
+def float_fidelity(zm, pred, float_pred):
+    """`(agreement, SQNR dB)` of a file's outputs with the float model's on the same test samples.
+
+    Agreement: the share of samples whose top-1 class (segmentation: thresholded pixel) is the float
+    model's. SQNR: `kq.analysis.error_stats` of the outputs. Unlike accuracy, both measure how
+    closely the file follows the model it was made from, which is all quantization can do; two
+    files' accuracies can differ by chance where each moves a different set of borderline samples."""
+    from keras_quant.analysis import error_stats
+
+    pred, float_pred = np.asarray(pred, np.float64), np.asarray(float_pred, np.float64)
+    if zm.segmentation:
+        agree = float(np.mean((pred > 0.5) == (float_pred > 0.5)))
+    else:
+        agree = float(np.mean(np.argmax(pred, axis=-1) == np.argmax(float_pred, axis=-1)))
+    return agree, float(error_stats(float_pred, pred.reshape(float_pred.shape)).sqnr_db)
+
+
+def _measure_kq_file(zm, cfg, row, kq_path, qmodel, conv_runner, conv_pred, x_fid, xt, yt, log, float_pred=None):
     """Figures of kq's int8 file: MACs, float ops, fidelity, accuracy, size and latency vs the converter's."""
     import bench_export
 
@@ -535,6 +554,8 @@ def _measure_kq_file(zm, cfg, row, kq_path, qmodel, conv_runner, conv_pred, x_fi
         runner = _load_runner(kq_path)
         kq_pred = _predict(runner, xt)
         row["acc_kq"] = zoo_models.accuracy(zm, kq_pred, yt)
+        if float_pred is not None:
+            row["agree_kq"], row["sqnr_kq_db"] = float_fidelity(zm, kq_pred, float_pred)
         if row.get("acc_converter") is not None:
             row["acc_kq_minus_converter"] = row["acc_kq"] - row["acc_converter"]
             counts = paired_counts(zm, kq_pred, conv_pred, yt) if conv_pred is not None else None
@@ -630,7 +651,8 @@ def run_in_subprocess(name, quick, folder, timeout, log):
 # Tables --------------------------------------------------------------------------------------
 STAGE_COLUMNS = ("model", "input", "params") + STAGES + ("converter",)
 FIGURE_COLUMNS = ("model", "int_mac_share", "float_ops", "fid_p99_steps", "fid_max_steps", "acc_float", "acc_kq",
-                  "acc_converter", "kq_only_right", "converter_only_right", "acc_kq_onnx", "acc_kq_qat_file",
+                  "acc_converter", "kq_only_right", "converter_only_right", "agree_kq", "agree_converter",
+                  "sqnr_kq_db", "sqnr_converter_db", "acc_kq_onnx", "acc_kq_qat_file",
                   "size_kq_kb", "size_vs_converter",
                   "latency_kq_ms", "latency_vs_converter", "time_kq_s", "time_converter_s", "time_vs_converter",
                   "converter_int_mac_share", "figures_from", "float_op_names")

@@ -113,6 +113,21 @@ def test_paired_counts(bz):
     assert bz.paired_counts(bz.zoo_models.get("UNet"), a, b, y) is None  # pixel accuracy: not paired per sample
 
 
+def test_float_fidelity_agreement_and_sqnr(bz):
+    """How closely a file follows its float model: top-1 agreement (thresholded pixels for a mask) and SQNR."""
+    from keras_quant.analysis import error_stats
+
+    float_out = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4], [0.5, 0.4, 0.1]])
+    file_out = np.array([[0.6, 0.3, 0.1], [0.2, 0.3, 0.5], [0.2, 0.3, 0.5], [0.45, 0.45, 0.1]])
+    agree, sqnr = bz.float_fidelity(bz.zoo_models.get("MobileNet"), file_out, float_out)
+    assert agree == pytest.approx(3 / 4)  # sample 1 moves to class 2; the tie in sample 3 goes to class 0
+    noise = np.sum((file_out - float_out) ** 2)
+    assert sqnr == pytest.approx(10 * np.log10(np.sum(float_out ** 2) / noise))
+    assert sqnr == pytest.approx(error_stats(float_out, file_out).sqnr_db)
+    mask_agree, _ = bz.float_fidelity(bz.zoo_models.get("UNet"), np.array([[0.6, 0.4]]), np.array([[0.7, 0.6]]))
+    assert mask_agree == pytest.approx(0.5)
+
+
 def test_fidelity_steps_on_known_arrays(bz):
     keras_out = np.zeros((100, 2))
     file_out = np.zeros((100, 2))
@@ -206,6 +221,8 @@ def test_one_model_through_the_stages(bz, tmp_path, name, size):
     assert row["converter"] == "ok"
     if row["tflite"] == "ok":
         assert 0.0 <= row["int_mac_share"] <= 1.0 and row["size_kq_kb"] > 0
+        assert 0.0 <= row["agree_kq"] <= 1.0 and np.isfinite(row["sqnr_kq_db"])
+    assert 0.0 <= row["agree_converter"] <= 1.0 and "sqnr_converter_db" in row
     tables = bz.stage_rows([row]), bz.figure_rows([row]), bz.error_rows([row]), bz.judge([row])
     assert tables[0][0]["model"] == name
 
