@@ -38,8 +38,8 @@ from keras import ops
 __all__ = [
     "accumulator_op", "bias_integers", "requantize", "add_integers", "add_multipliers", "check_scale", "convert",
     "convert_integers", "IntegerAdd", "IntegerAveragePooling2D", "IntegerConcatenate", "average_pool_integers",
-    "logistic_table", "multiply_integers", "multiply_multiplier", "IntegerActivation", "IntegerMultiply",
-    "IntegerBinaryOp", "IntegerGlobalAveragePooling2D", "SIGMOID_GRID",
+    "logistic_table", "hard_swish_table", "multiply_integers", "multiply_multiplier", "IntegerActivation",
+    "IntegerMultiply", "IntegerBinaryOp", "IntegerGlobalAveragePooling2D", "SIGMOID_GRID",
 ]
 
 # TFLite's int8 LOGISTIC writes this grid whatever the calibration says: (scale, zero point).
@@ -191,6 +191,65 @@ def lookup(table, x_int, zero_point):
     """`table[q + 128]` for the raw int8 values `q = x_int + zero_point`."""
     index = ops.cast(ops.add(x_int, ops.cast(zero_point, "float32")), "int32") + 128
     return ops.take(table, ops.clip(index, 0, 255))
+
+
+def _trunc_divide(x, divisor):
+    """C's integer division (toward zero) of int32 `x` by a positive int32."""
+    return ops.where(x >= 0, ops.floor_divide(x, divisor), ops.negative(ops.floor_divide(ops.negative(x), divisor)))
+
+
+def _rounding_high_mul(a, b):
+    """gemmlowp's int16 `SaturatingRoundingDoublingHighMul` (`b` is never -32768 here)."""
+    ab = ops.multiply(a, b)
+    return _trunc_divide(ab + ops.where(ab >= 0, 16384, -16383), 32768)
+
+
+def _rounding_shift_right(x, exponent):
+    """gemmlowp's `RoundingDivideByPOT`: `x / 2**exponent` rounded to nearest, ties away from zero."""
+    divisor = ops.cast(ops.power(2, exponent), "int32")
+    floor = ops.floor_divide(x, divisor)
+    remainder = x - floor * divisor  # `x & mask` of a two's complement integer
+    threshold = ops.floor_divide(divisor - 1, 2) + ops.cast(x < 0, "int32")
+    return floor + ops.cast(remainder > threshold, "int32")
+
+
+def _int16_multiplier(multiplier):
+    """TFLite's `QuantizeMultiplier` then `DownScaleInt32ToInt16Multiplier` of a positive float32: `(m16, exponent)`
+    with `multiplier ~ m16 / 2**15 * 2**exponent`. A float32's 24-bit mantissa makes the int32 multiplier
+    `mantissa << 7` exactly, so the int16 one is `(mantissa + 256) >> 9`, saturated."""
+    m = ops.cast(multiplier, "float32")
+    exponent = ops.cast(ops.floor(ops.log2(m)), "int32") + 1
+    exponent = exponent + ops.cast(m * ops.power(2.0, ops.cast(-exponent, "float32")) >= 1.0, "int32")
+    exponent = exponent - ops.cast(m * ops.power(2.0, ops.cast(-exponent, "float32")) < 0.5, "int32")
+    mantissa = ops.cast(ops.round(m * ops.power(2.0, ops.cast(24 - exponent, "float32"))), "int32")
+    return ops.minimum(ops.floor_divide(mantissa + 256, 512), 32767), exponent
+
+
+def hard_swish_table(in_scale, in_zero_point, out_scale):
+    """TFLite's int8 HARD_SWISH kernel for every input value: 256 float32 entries (index `q + 128`) holding
+    the output's integers less its zero point, unclamped (the quantizer that follows clamps them).
+
+    The kernel works in 16-bit fixed point (`reference_ops::HardSwish`, which XNNPACK's path matches):
+    the input on a 2**7 finer scale, a "relu-ish" factor `relu6(x + 3) / 6` from a rounding
+    fixed-point multiply and shifts, a truncating multiply of the two, a rounding shift to the output
+    scale. It differs from rounding the exact `x * relu6(x + 3) / 6` by one step at a few inputs,
+    which on a trained MobileNetV3 compounded to tens of steps at the output. The scales may be
+    tensors (the frozen wrapper's variables).
+    """
+    hires = ops.multiply(ops.cast(in_scale, "float32"), 1.0 / 128.0)
+    out_m16, out_exp = _int16_multiplier(ops.divide(hires, ops.cast(out_scale, "float32")))
+    relu_m16, relu_exp = _int16_multiplier(ops.divide(hires, np.float32(3.0 / 32768.0)))
+    x = ops.arange(-128, 128, dtype="int32") - ops.cast(ops.round(ops.cast(in_zero_point, "float32")), "int32")
+    hires_x = x * 128
+    preshift_out = _rounding_high_mul(hires_x, out_m16)
+    relu = ops.where(relu_exp > 0, ops.clip(hires_x * ops.cast(ops.power(2, ops.maximum(relu_exp - 1, 0)), "int32"),
+                                            -32768, 32767), hires_x)
+    relu = _rounding_high_mul(relu, relu_m16)
+    relu = ops.where(relu_exp > 0, ops.clip(relu * 2, -32768, 32767), relu)
+    relu = _rounding_shift_right(relu, ops.maximum(-relu_exp, 0))
+    relu = ops.floor_divide(relu + 32768, 2)  # [-1, 1] in Q15 -> [0, 1]
+    out = _trunc_divide(relu * preshift_out, 32768)  # SaturatingDoublingHighMul: truncating
+    return ops.cast(_rounding_shift_right(out, ops.maximum(-out_exp, 0)), "float32")
 
 
 def multiply_integers(a_int, b_int, multiplier):
@@ -348,8 +407,11 @@ def _float_form(training):
 
 def activation_integers(kind, x_int, in_grid, out_scale):
     """The int8 kernels of `kind` (`"sigmoid"`: LOGISTIC; `"silu"`: LOGISTIC then MUL, as the converter writes
-    swish) on the input's integers less its zero point; returns the output's integers less its zero point."""
+    swish; `"hard_silu"`: HARD_SWISH) on the input's integers less its zero point; returns the output's
+    integers less its zero point."""
     in_scale, in_zero_point = in_grid
+    if kind == "hard_silu":
+        return lookup(hard_swish_table(in_scale, in_zero_point, out_scale), x_int, in_zero_point)
     table = logistic_table(in_scale, in_zero_point)
     sig = lookup(table, x_int, in_zero_point) - SIGMOID_GRID[1]  # on the fixed grid, less its zero point
     if kind == "sigmoid":
@@ -359,12 +421,13 @@ def activation_integers(kind, x_int, in_grid, out_scale):
 
 
 # Activations `activation_integers` computes, by the Keras function's name.
-INTEGER_ACTIVATIONS = ("sigmoid", "silu")
+INTEGER_ACTIVATIONS = ("sigmoid", "silu", "hard_silu")
 
 
 @keras.saving.register_keras_serializable(package="keras_quant")
 class IntegerActivation(keras.layers.Activation):
-    """A frozen model's sigmoid or swish computed as LiteRT's int8 LOGISTIC (and MUL) do it.
+    """A frozen model's sigmoid, swish or hard swish computed as LiteRT's int8 LOGISTIC (and MUL) or
+    HARD_SWISH do it.
 
     The input lies on `input_grid` (`(scale, zero_point)`), the output is
     written on the grid of step `output_scale` (sigmoid: TFLite's fixed

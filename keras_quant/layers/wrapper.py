@@ -441,7 +441,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         return y if activation is None else activation(y)
 
     def _integer_activation(self, inputs, kind):
-        """The wrapper's own sigmoid / swish on the pre-activation grid, as the int8 LOGISTIC (and MUL) compute it."""
+        """The wrapper's own sigmoid / swish / hard swish on the pre-activation grid, as the int8 kernels compute it."""
         s_pre, zp_pre = self.preactivation_quantizer.qparams(self._preact_state)
         s_pre = ops.cast(s_pre, "float32")
         s_out = ops.cast(self.output_quantizer.qparams(self._output_state)[0], "float32")
@@ -699,7 +699,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
                                                    frozen=frozen)
             kind = getattr(self.activation, "__name__", None)
             if not training and self._integer_op is not None and kind in integer.INTEGER_ACTIVATIONS:
-                outputs = self._integer_activation(outputs, kind)  # LOGISTIC (and MUL), as the file runs them
+                outputs = self._integer_activation(outputs, kind)  # LOGISTIC (and MUL) or HARD_SWISH, as the file runs
             else:
                 outputs = self.activation(outputs)
         if self.output_quantizer is not None:

@@ -114,6 +114,88 @@ def test_logistic_table_is_tflites_int8_lookup_table(grid):
     assert np.sum(got != want) <= 1 and np.max(np.abs(got - want)) <= 1  # exp may differ in the last bit
 
 
+def hard_swish_reference(in_scale, in_zero_point, out_scale):
+    """TFLite's int8 HARD_SWISH (`HardSwishPrepare` and `reference_ops::HardSwish`) in Python integers: the
+    output integers less the output zero point for inputs -128..127, or None where TFLite refuses the scales."""
+    def int16_multiplier(m):  # QuantizeMultiplier (double frexp) then DownScaleInt32ToInt16Multiplier
+        q, exponent = math.frexp(float(m))
+        q32 = int(round(q * (1 << 31)))
+        if q32 == 1 << 31:
+            q32, exponent = q32 // 2, exponent + 1
+        return (32767 if q32 >= 2**31 - 1 - (1 << 15) else (q32 + (1 << 15)) >> 16), exponent
+
+    def div(a, b):  # C: toward zero
+        return -((-a) // b) if a < 0 else a // b
+
+    def high_mul(a, b, rounding):  # gemmlowp SaturatingRoundingDoublingHighMul / TFLite SaturatingDoublingHighMul
+        ab = a * b
+        return div(ab + ((1 << 14) if ab >= 0 else 1 - (1 << 14)), 1 << 15) if rounding else div(ab, 1 << 15)
+
+    def pot(x, e):  # RoundingDivideByPOT
+        mask = (1 << e) - 1
+        return (x >> e) + ((x & mask) > (mask >> 1) + (x < 0))
+
+    hires = np.float32(np.float32(1.0 / 128.0) * np.float32(in_scale))
+    out_m, out_e = int16_multiplier(np.float32(hires / np.float32(out_scale)))
+    relu_m, relu_e = int16_multiplier(np.float32(hires / np.float32(3.0 / 32768.0)))
+    if out_e > 0:
+        return None
+    out = []
+    for q in range(-128, 128):
+        x = (q - in_zero_point) * 128
+        pre = high_mul(x, out_m, True)
+        r = min(max(x * (1 << (relu_e - 1)), -32768), 32767) if relu_e > 0 else x
+        r = high_mul(r, relu_m, True)
+        if relu_e > 0:
+            r = min(max(r * 2, -32768), 32767)
+        elif relu_e < 0:
+            r = pot(r, -relu_e)
+        out.append(pot(high_mul((r + (1 << 15)) >> 1, pre, False), -out_e))
+    return np.array(out)
+
+
+@settings(max_examples=80, deadline=None)
+@given(in_scale=st.floats(1e-3, 3.0).map(np.float32), zero_point=st.integers(-128, 127),
+       ratio=st.floats(0.05, 2.0))
+def test_hard_swish_table_is_tflites_fixed_point_kernel(in_scale, zero_point, ratio):
+    out_scale = np.float32(in_scale * ratio)
+    want = hard_swish_reference(in_scale, zero_point, out_scale)
+    if want is None:
+        return
+    got = keras.ops.convert_to_numpy(integer.hard_swish_table(float(in_scale), zero_point, float(out_scale)))
+    np.testing.assert_array_equal(got, want)
+
+
+@tf_only
+@pytest.mark.parametrize("low, high", [(-6.0, 9.0), (-3.0, 100.0), (-1.0, 1.0), (-0.3, 0.2), (-200.0, 300.0)])
+def test_hard_swish_equals_litert_at_every_input(low, high, tmp_path):
+    """Every int8 input through LiteRT's HARD_SWISH, standalone (an Activation layer) and fused (a Dense's own
+    activation): the Keras model computes the same integers. Rounding the exact `x * relu6(x + 3) / 6`
+    instead misses by a step at one or two of the 256 inputs of most of these grids."""
+    inp = keras.Input((256,))
+    x = L.Activation("hard_swish", name="hswish")(inp)
+    fused = L.Dense(256, activation="hard_silu", name="dense_hswish", kernel_initializer="identity")(inp)
+    model = keras.Model(inp, [x, fused])
+    rng = np.random.default_rng(0)
+    data = np.concatenate([np.linspace(low, high, 256)[None], rng.uniform(low, high, (31, 256))]).astype("float32")
+    cb = kq.CalibrationCallback(statistics="range")
+    model.predict(data, verbose=0, callbacks=[cb])
+    qmodel = kq.quantize_model(model, calibration=cb.result)
+    path = tmp_path / "hswish.tflite"
+    kq.export_tflite(qmodel, path, input_type="int8", output_type="int8")
+    from ai_edge_litert.interpreter import Interpreter
+
+    in_scale, in_zp = Interpreter(model_path=str(path)).get_input_details()[0]["quantization"]
+    runner = kq.runtime.load(str(path))
+    every = ((np.arange(-128, 128) - in_zp) * in_scale).astype("float32")[None]  # each int8 input once
+    want = qmodel.predict(every, verbose=0)
+    got = runner.predict(every)
+    for w, g in zip(want, got):
+        step = float(np.min(np.diff(np.unique(w))))  # the output grid (dequantized in float32 on both sides)
+        steps = np.abs(np.asarray(g).reshape(w.shape) - w) / step
+        assert float(steps.max()) < 1e-3, np.flatnonzero(steps >= 1e-3)
+
+
 def test_bad_scales_are_config_errors():
     with pytest.raises(ConfigError, match="input_scales"):
         integer.IntegerAdd([0.1], 0.1, name="add")
