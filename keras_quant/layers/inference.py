@@ -83,6 +83,24 @@ def storage_range(spec, storage_bits):
     return lo, hi
 
 
+def written_scale(scale, zero_point, spec, storage_bits=8):
+    """The float32 scale the TFLite file holds for an activation quantizer that `activation_op` exports.
+
+    The converter does not keep the scale: it recomputes it from the fake-quant
+    op's float32 `min` and `max` as `(max - min) / (qmax - qmin)` in double and
+    stores that as float32. For about 3% of scales this is one unit in the last
+    place away from the quantizer's, and the integer kernels then derive their
+    requantization multipliers from another scale than the Keras model's:
+    at a rounding tie (MobileNetV2, 1 value in 10^6) the file writes the next
+    integer, and the step compounds downstream. A scale already written this way
+    is returned unchanged, so `quantize_model` stores it in the Keras model.
+    """
+    lo, hi = storage_range(spec, storage_bits)
+    s, zp = float(np.float32(scale)), int(zero_point)
+    rmin, rmax = float(np.float32((lo - zp) * s)), float(np.float32((hi - zp) * s))  # the op's float attributes
+    return np.float32((rmax - rmin) / (hi - lo))
+
+
 def activation_op(x, spec, scale, zero_point, storage_bits):
     """A per-tensor activation quantizer as constant-range TensorFlow fake-quant ops.
 

@@ -98,6 +98,33 @@ def test_activation_scales_are_the_calibrations(setup, ptq, int8_file):
         scale, zero_point = (float(np.asarray(v).reshape(-1)[0]) for v in calibration.qparams(key, spec))
         matches = [s for s, z in found if z == int(zero_point) and s == pytest.approx(scale, rel=1e-6)]
         assert matches, (layer, key, scale, zero_point)
+    # Exactly: the Keras model's scales are the float32 values the file holds (the converter's own
+    # recomputation from the fake-quant range), so both derive the same integer multipliers.
+    exact = {(np.float32(s), z) for s, z in found}
+    for name, scale, zero_point, _ in report.activations:
+        assert (np.float32(scale), int(zero_point)) in exact, (name, scale, zero_point)
+
+
+def test_written_scale_is_the_converters(setup, tmp_path):
+    """The converter recomputes an activation scale from its fake-quant min and max; `written_scale` says what
+    it writes, here one unit in the last place below the quantizer's own (0.054724116, zero point 20)."""
+    from keras_quant.layers import inference
+
+    model, calibration, *_ = setup
+    qmodel = kq.quantize_model(model, kq.QuantConfig.int8(), calibration=calibration)
+    scale, zero_point = np.float32(0.054724116), 20
+    wrapper = next(layer for layer in qmodel.layers if isinstance(layer, kq.QuantizeWrapper)
+                   and layer.output_quantizer is not None and isinstance(layer.layer, keras.layers.Dense))
+    wrapper.set_output_qparams(scale, zero_point)
+    path = tmp_path / "crafted.tflite"
+    kq.export_tflite(qmodel, path, strict=False)
+    written = inference.written_scale(scale, zero_point, kq.QuantSpec(bits=8))
+    assert written != scale and abs(float(written) - float(scale)) <= float(np.spacing(scale))
+    outputs = [o for name, _, outs in op_table(interpreter(path)) if name == "FULLY_CONNECTED" for o in outs
+               if wrapper.name in o["name"]]
+    assert outputs, [o["name"] for _, _, outs in op_table(interpreter(path)) for o in outs]
+    assert np.float32(outputs[0]["quantization_parameters"]["scales"][0]) == written
+    assert int(outputs[0]["quantization_parameters"]["zero_points"][0]) == zero_point
 
 
 def test_int8_file_agrees_with_the_keras_model(setup, ptq, int8_file):

@@ -196,6 +196,23 @@ def test_hard_swish_equals_litert_at_every_input(low, high, tmp_path):
         assert float(steps.max()) < 1e-3, np.flatnonzero(steps >= 1e-3)
 
 
+@settings(max_examples=200, deadline=None)
+@given(scale=st.floats(1e-6, 100.0).map(np.float32), zero_point=st.integers(-128, 127), narrow=st.booleans())
+def test_written_scale_is_a_fixed_point_within_one_ulp(scale, zero_point, narrow):
+    """The converter's float32 `(max - min) / (qmax - qmin)` of an exported activation range: at most one unit in
+    the last place from the quantizer's scale, and unchanged when applied again (what quantize_model stores)."""
+    from keras_quant.layers import inference
+
+    spec = kq.QuantSpec(bits=8, narrow_range=narrow)
+    lo, hi = (-127 if narrow else -128), 127
+    rmin, rmax = np.float32((lo - zero_point) * float(scale)), np.float32((hi - zero_point) * float(scale))
+    want = np.float32((float(rmax) - float(rmin)) / (hi - lo))
+    written = inference.written_scale(scale, zero_point, spec)
+    assert written == want
+    assert abs(float(written) - float(scale)) <= float(np.spacing(scale))
+    assert inference.written_scale(written, zero_point, spec) == written
+
+
 def test_bad_scales_are_config_errors():
     with pytest.raises(ConfigError, match="input_scales"):
         integer.IntegerAdd([0.1], 0.1, name="add")
@@ -400,6 +417,18 @@ def test_the_file_equals_the_keras_model_bit_for_bit(which, request, tmp_path):
     names = {layer.name for layer in qmodel.layers}
     exact = [r for r in errs if f"{r.name}_quant" not in names]
     assert len(exact) > 5 and all(r.max_error_steps is None or r.max_error_steps < 1e-3 for r in exact), errs.table()
+
+
+@tf_only
+def test_activation_scales_are_stored_as_the_file_writes_them(ptq):
+    from keras_quant.export import plan
+    from keras_quant.layers import inference
+
+    _, qmodel, _ = ptq
+    table = plan.activation_table(qmodel)
+    assert len(table) > 5
+    for name, (scale, zero_point, bits) in table.items():
+        assert inference.written_scale(scale, zero_point, kq.QuantSpec(bits=bits)) == np.float32(scale), name
 
 
 @tf_only
