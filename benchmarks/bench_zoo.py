@@ -452,7 +452,7 @@ def _run_model(zm, cfg, folder, log, size, data, row, stage, t, progress):
     if row.get("time_kq_s") is not None and t.get("converter"):
         row["time_vs_converter"] = row["time_kq_s"] / t["converter"]
     if row.get("figures_from", "").endswith("export"):
-        _measure_kq_file(zm, cfg, row, kq_path, qmodel, conv_runner, conv_pred, x_fid, xt, yt, log, float_pred)
+        _measure_kq_file(zm, cfg, row, kq_path, qmodel, conv_runner, conv_pred, x_fid, xt, yt, float_pred, log)
     progress(row)
 
     def onnx():
@@ -538,7 +538,7 @@ def float_fidelity(zm, pred, float_pred):
     return agree, float(error_stats(float_pred, pred.reshape(float_pred.shape)).sqnr_db)
 
 
-def _measure_kq_file(zm, cfg, row, kq_path, qmodel, conv_runner, conv_pred, x_fid, xt, yt, log, float_pred=None):
+def _measure_kq_file(zm, cfg, row, kq_path, qmodel, conv_runner, conv_pred, x_fid, xt, yt, float_pred, log):
     """Figures of kq's int8 file: MACs, float ops, fidelity, accuracy, size and latency vs the converter's."""
     import bench_export
 
@@ -554,8 +554,7 @@ def _measure_kq_file(zm, cfg, row, kq_path, qmodel, conv_runner, conv_pred, x_fi
         runner = _load_runner(kq_path)
         kq_pred = _predict(runner, xt)
         row["acc_kq"] = zoo_models.accuracy(zm, kq_pred, yt)
-        if float_pred is not None:
-            row["agree_kq"], row["sqnr_kq_db"] = float_fidelity(zm, kq_pred, float_pred)
+        row["agree_kq"], row["sqnr_kq_db"] = float_fidelity(zm, kq_pred, float_pred)
         if row.get("acc_converter") is not None:
             row["acc_kq_minus_converter"] = row["acc_kq"] - row["acc_converter"]
             counts = paired_counts(zm, kq_pred, conv_pred, yt) if conv_pred is not None else None
