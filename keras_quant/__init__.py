@@ -5,7 +5,7 @@ Import it as `kq`. The public names are those of `__all__`.
 
 __version__ = "0.1.0"
 
-from keras_quant import analysis, calibration, datasets, errors, export, layers, observers, ops, qat, runtime
+from keras_quant import analysis, calibration, datasets, errors, export, layers, observers, ops, ptq, qat, runtime
 from keras_quant.analysis import QuantizationTensorBoard
 from keras_quant.calibration import CalibrationCache, CalibrationCallback, CalibrationResult, LayerStatistics
 from keras_quant.export import ExportReport, export_onnx, export_tflite
@@ -35,6 +35,7 @@ __all__ = [
     "ActivationQuantizer",
     "register_rule",
     "qat",
+    "ptq",
     "QATScheduler",
     "export",
     "runtime",

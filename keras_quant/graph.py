@@ -24,7 +24,7 @@ import keras
 import numpy as np
 
 __all__ = [
-    "functional", "nodes", "operations", "is_layer", "calls", "producer", "run",
+    "functional", "nodes", "operations", "is_layer", "calls", "producer", "run", "run_releasing",
     "inputs_structure", "sublayers", "node_inputs", "node_outputs", "operation_of", "node_arguments", "copy_operation",
     "output_shape", "tracked_layers", "untrack", "track", "declared_only", "fast_variable_creation",
     "unoptimized_functions", "gc_paused",
@@ -95,6 +95,29 @@ def producer(tensor):
 def run(graph, inputs, call_fn):
     """Run the graph over `inputs` (a flat list), calling `call_fn(operation, *args, **kwargs)` at each node."""
     return graph._run_through_graph(inputs, call_fn=call_fn)
+
+
+def run_releasing(graph, inputs, call_fn):
+    """`run`, for concrete values: each computed tensor is dropped after its last reader (bounded memory).
+
+    Returns the flat list of the graph's output values.
+    """
+    order = nodes(graph)
+    keep = {id(t) for t in graph.outputs}
+    last = {}
+    for i, node in enumerate(order):
+        for t in node.input_tensors:
+            last[id(t)] = i
+    values = {id(x): v for x, v in zip(graph.inputs, inputs)}
+    for i, node in enumerate(order):
+        args, kwargs = node.arguments.fill_in(values)
+        outputs = call_fn(node.operation, *args, **kwargs)
+        for x, y in zip(node.outputs, keras.tree.flatten(outputs)):
+            values[id(x)] = y
+        for t in node.input_tensors:
+            if last.get(id(t)) == i and id(t) not in keep:
+                values.pop(id(t), None)
+    return [values[id(t)] for t in graph.outputs]
 
 
 def inputs_structure(graph):

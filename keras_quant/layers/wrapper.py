@@ -407,15 +407,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
             return None
         return integer.accumulator_op(self.layer)
 
-    def _integer_call(self, inputs):
-        """The frozen layer as the int8 kernel computes it: exact integer sums, int32 bias, fp32 requantization.
-
-        Returns the dequantized output of the quantizer after the layer (before
-        the wrapper's own activation, if any), with the layer's fused activation
-        applied to it; the quantizers that follow find it on their grid.
-        """
+    def _integer_sums(self, inputs):
+        """`(acc, s_in, channel_scales)`: the int32 kernel's sums with its bias, and their real scale's factors."""
         layer = self.layer
-        dtype = inputs.dtype
         s_in = ops.convert_to_tensor(self.input_scale, "float32")
         x_int = ops.round(ops.divide(ops.cast(inputs, "float32"), s_in))
         spec, state = self.weight_specs["kernel"], self._weight_state["kernel"]
@@ -428,6 +422,18 @@ class QuantizeWrapper(keras.layers.Wrapper):
         channel_scales = integer.output_channel_scales(layer, w_scales)
         if getattr(layer, "use_bias", False):
             acc = ops.add(acc, integer.bias_integers(layer.bias, s_in, channel_scales))
+        return acc, s_in, channel_scales
+
+    def _integer_call(self, inputs):
+        """The frozen layer as the int8 kernel computes it: exact integer sums, int32 bias, fp32 requantization.
+
+        Returns the dequantized output of the quantizer after the layer (before
+        the wrapper's own activation, if any), with the layer's fused activation
+        applied to it; the quantizers that follow find it on their grid.
+        """
+        layer = self.layer
+        dtype = inputs.dtype
+        acc, s_in, channel_scales = self._integer_sums(inputs)
         if self.quant_config.activations is None:  # the quantizer after a fused activation layer sets the grid
             s_out = self._fused_scale
         else:
@@ -589,6 +595,29 @@ class QuantizeWrapper(keras.layers.Wrapper):
         mapping = [(v, overrides[id(v)] if id(v) in overrides else v.value) for v in self.layer.variables]
         with keras.StatelessScope(state_mapping=mapping):
             return self.layer(inputs, **kwargs)
+
+    def linear_output(self, inputs):
+        """The frozen layer's output before any activation and output quantizer: the tensor its bias shifts.
+
+        Inference only: with the integer form, the int32 sums with the int32
+        bias, in real units, before requantization; else the layer with its
+        quantized weights (a folded BatchNormalization included) and no
+        activation. Post-training algorithms compare it with the float layer's
+        (`kq.ptq.correct_bias`).
+        """
+        if self._integer_op is not None:
+            acc, s_in, channel_scales = self._integer_sums(inputs)
+            return ops.cast(ops.multiply(acc, ops.multiply(s_in, channel_scales)), inputs.dtype)
+        activation = getattr(self.layer, "activation", None)
+        if activation is not None:
+            self.layer.activation = keras.activations.linear
+        try:
+            if self.batch_norm is not None:
+                return self._call_folded(inputs, False, {}, self._flags())
+            return self._run(inputs, self._quantize_weights(self.float_weights(), False), {})
+        finally:
+            if activation is not None:
+                self.layer.activation = activation
 
     def _batch_moments(self, y):
         axes = list(range(len(y.shape) - 1))

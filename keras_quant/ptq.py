@@ -1,0 +1,262 @@
+"""Post-training algorithms that refine a quantized model after calibration.
+
+`correct_bias(float_model, qmodel, data)`: empirical bias correction. Rounding
+weights and activations shifts the mean of each layer's output a little (a
+rounding that is biased, such as TFLite's int8 swish, or weights whose
+rounding errors do not cancel over the channel's inputs); through a deep
+network these shifts add up. Bias correction measures, on calibration data,
+the mean per output channel of each quantized layer's linear output (before
+its activation and requantization) and of the float layer's, on the inputs
+each model really sees, and adds the difference to the layer's bias (Nagel et
+al. 2019, "Data-Free Quantization", section 4.2, empirical variant; AIMET's
+`correct_bias`). Layers are corrected in graph order, each one seeing its
+inputs from the already corrected layers before it, in one pass over the data.
+
+The corrected biases are ordinary weights of the quantized model: the TFLite
+and ONNX exports write them (as int32 biases) like any other.
+
+Example:
+
+>>> qmodel = kq.quantize_model(model, calibration=result)                # doctest: +SKIP
+>>> report = kq.ptq.correct_bias(model, qmodel, x_calib[:512])           # doctest: +SKIP
+>>> print(report)                                                        # doctest: +SKIP
+"""
+
+import dataclasses
+from typing import Tuple
+
+import keras
+import numpy as np
+
+from keras_quant import graph as graph_lib
+from keras_quant import runtime
+from keras_quant.errors import ConfigError, NoDataError, ShapeMismatchError
+from keras_quant.formatting import text_table
+from keras_quant.layers.wrapper import QuantizeWrapper
+
+__all__ = ["BiasCorrection", "correct_bias"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BiasCorrection:
+    """What `correct_bias` changed.
+
+    Attributes:
+        corrected: `(layer, mean_abs_shift, max_abs_shift)` per corrected
+            layer, in graph order: the shift added to its bias, in the
+            layer's output units.
+        skipped: `(layer, reason)` for wrapped layers left as they were.
+        num_samples: Samples the means were measured on.
+    """
+
+    corrected: Tuple[Tuple[str, float, float], ...]
+    skipped: Tuple[Tuple[str, str], ...]
+    num_samples: int
+
+    def table(self) -> str:
+        rows = [{"layer": name, "mean |shift|": mean, "max |shift|": peak} for name, mean, peak in self.corrected]
+        return text_table(rows, ["layer", "mean |shift|", "max |shift|"])
+
+    def __str__(self):
+        lines = [f"bias correction on {self.num_samples} samples: {len(self.corrected)} layers corrected, "
+                 f"{len(self.skipped)} skipped"]
+        if self.corrected:
+            lines.append(self.table())
+        lines += [f"skipped {name}: {why}" for name, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _graph(model, field):
+    graph = graph_lib.functional(model)
+    if graph is None:
+        raise ConfigError(field, getattr(model, "name", type(model).__name__),
+                          f"{field} must be a Functional or built Sequential Keras model")
+    return graph
+
+
+def _inputs(graph, data, max_samples):
+    if isinstance(max_samples, bool) or not isinstance(max_samples, (int, np.integer)) or max_samples < 1:
+        raise ConfigError("max_samples", max_samples, "max_samples must be an integer >= 1")
+    if data is None or isinstance(data, (list, tuple)) and not data:
+        raise NoDataError("data", "correct_bias needs calibration samples")
+    shapes = [tuple(runtime._dim(d) for d in t.shape) for t in graph.inputs]
+    try:
+        xs = runtime._check_inputs(data, shapes)
+    except ShapeMismatchError as e:  # name the argument as the caller wrote it
+        raise ShapeMismatchError(e.field.replace("x", "data", 1), e.expected, e.actual) from None
+    xs = [np.asarray(a[:max_samples]).astype(keras.backend.standardize_dtype(t.dtype))
+          for a, t in zip(xs, graph.inputs)]
+    if not xs[0].shape[0]:
+        raise NoDataError("data", "correct_bias needs at least one sample")
+    return xs
+
+
+def _channel_sum(y):
+    y = keras.ops.cast(y, "float32")
+    return keras.ops.sum(keras.ops.reshape(y, (-1, y.shape[-1])), axis=0)
+
+
+def _is_linear(activation):
+    return activation is None or activation is keras.activations.linear or getattr(
+        activation, "__name__", None) == "linear"
+
+
+def _float_references(fgraph, qmodel, wrappers):
+    """`{wrapper name: (float tensor, layer or None)}`: where each wrapper's float linear output is read.
+
+    A float layer without an activation of its own stands for the tensor after the layers folded into
+    the wrapper (`quantization_report.folded`: a BatchNormalization, a constant added): that tensor,
+    with None. A layer with its own activation has nothing folded after it: its input tensor, with the
+    layer, whose call without the activation gives the linear output. Also the skip reasons.
+    """
+    report = getattr(qmodel, "quantization_report", None)
+    folded_into = {}
+    for name, into in (report.folded if report else ()):
+        folded_into.setdefault(into, set()).add(name)
+    calls = {}
+    for node in graph_lib.nodes(fgraph):
+        op = graph_lib.operation_of(node)
+        calls.setdefault(op.name, []).append((op, node))
+    found, skipped = {}, []
+    for w in wrappers:
+        hits = calls.get(w.name, [])
+        if len(hits) != 1:
+            skipped.append((w.name, "no single call of a float layer of that name"))
+            continue
+        layer, node = hits[0]
+        if type(layer) is not type(w.layer):
+            skipped.append((w.name, f"its float layer is a {type(layer).__name__}, rewritten as a "
+                                    f"{type(w.layer).__name__}"))
+            continue
+        inputs, outputs = graph_lib.node_inputs(node), graph_lib.node_outputs(node)
+        if len(inputs) != 1 or len(outputs) != 1:
+            skipped.append((w.name, "not a layer with one input and one output"))
+            continue
+        if not _is_linear(getattr(layer, "activation", None)):
+            found[w.name] = (inputs[0], layer)
+            continue
+        tensor, chain = outputs[0], folded_into.get(w.name, set())
+        while chain:
+            readers = [n for n in graph_lib.nodes(fgraph) if any(t is tensor for t in graph_lib.node_inputs(n))]
+            nxt = [n for n in readers if graph_lib.operation_of(n).name in chain]
+            if len(nxt) != 1:
+                break
+            tensor = graph_lib.node_outputs(nxt[0])[0]
+            chain = chain - {graph_lib.operation_of(nxt[0]).name}
+        found[w.name] = (tensor, None)
+    return found, skipped
+
+
+def _linear_call(layer, x):
+    """A float layer's output without its own activation."""
+    activation = layer.activation
+    layer.activation = keras.activations.linear
+    try:
+        return layer(x, training=False)
+    finally:
+        layer.activation = activation
+
+
+def _correctable(layer):
+    """Why a wrapper's bias cannot be corrected, or None."""
+    if not isinstance(layer, QuantizeWrapper):
+        return "not a wrapper"
+    if layer.mode != "frozen":
+        return "a QAT wrapper (bias correction is for post-training models)"
+    inner = layer.layer
+    if len(graph_lib.calls(layer)) != 1:
+        return "called more than once"
+    if layer.batch_norm is None and not getattr(inner, "use_bias", False):
+        return "the layer has no bias"
+    if layer.batch_norm is not None and not layer.batch_norm.center:
+        return "its folded BatchNormalization has no beta"
+    if getattr(inner, "data_format", "channels_last") == "channels_first":
+        return "channels_first"
+    if layer.batch_norm is None and len(inner.bias.shape) != 1:
+        return f"a bias of shape {tuple(inner.bias.shape)} (one value per output channel is corrected)"
+    return None
+
+
+def correct_bias(float_model, qmodel, data, max_samples=512, batch_size=64):
+    """Empirical bias correction of a post-training quantized model, in place.
+
+    For each frozen `kq.QuantizeWrapper` with a bias (a folded
+    BatchNormalization gives one), in graph order: the mean per output
+    channel of its linear output in `qmodel` (inputs from the corrected layers
+    before it, integer arithmetic where the model uses it) is made equal to
+    the float layer's mean on the float model's inputs, by adding the
+    difference to the bias. One pass of the float model in batches, one pass
+    of `qmodel` over all samples at once (memory: the tensors alive at one
+    point of the graph, for `max_samples` samples).
+
+    Args:
+        float_model: The float Functional or Sequential model `qmodel` was made from.
+        qmodel: A PTQ model from `kq.quantize_model(..., mode="ptq")`; its
+            biases are changed.
+        data: Calibration inputs as the float model takes them (an array with
+            the batch on axis 0, or a list of arrays for several inputs).
+        max_samples: The first this many samples are used.
+        batch_size: Samples per batch of the float pass.
+
+    Returns:
+        A `BiasCorrection` naming the corrected layers with the shift each
+        received, and the wrapped layers skipped and why.
+
+    Raises:
+        ConfigError: A model that is not Functional / Sequential, a bad
+            `max_samples` / `batch_size`.
+        ShapeMismatchError: `data` does not fit the model's inputs.
+        NoDataError: `data` holds no sample.
+    """
+    fgraph, qgraph = _graph(float_model, "float_model"), _graph(qmodel, "qmodel")
+    batch_size = runtime._check_positive_int("batch_size", batch_size) or 64
+    xs = _inputs(fgraph, data, max_samples)
+    n = int(xs[0].shape[0])
+
+    wrappers, skipped = [], []
+    for layer in graph_lib.operations(qgraph):
+        if isinstance(layer, QuantizeWrapper):
+            reason = _correctable(layer)
+            if reason:
+                skipped.append((layer.name, reason))
+            else:
+                wrappers.append(layer)
+    references, not_found = _float_references(fgraph, qmodel, wrappers)
+    skipped += not_found
+    wrappers = [w for w in wrappers if w.name in references]
+    if not wrappers:
+        return BiasCorrection(corrected=(), skipped=tuple(skipped), num_samples=n)
+
+    # The float means, from the float model alone: one pass in batches.
+    tensors = list({id(t): t for t, _ in references.values()}.values())
+    index = {id(t): i for i, t in enumerate(tensors)}
+    probe = keras.Model(fgraph.inputs, tensors)
+    float_sums = {}
+    for start in range(0, n, batch_size):
+        outs = probe([x[start:start + batch_size] for x in xs], training=False)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        for w in wrappers:
+            tensor, layer = references[w.name]
+            y = outs[index[id(tensor)]]
+            s = _channel_sum(y if layer is None else _linear_call(layer, y))
+            float_sums[w.name] = s if w.name not in float_sums else float_sums[w.name] + s
+
+    # The quantized pass: all samples at once, each layer corrected before its output feeds the next.
+    targets = {id(w): w for w in wrappers}
+    corrected = []
+
+    def call_fn(op, *args, **kwargs):
+        w = targets.get(id(op))
+        if w is not None:
+            y = w.linear_output(args[0])
+            count = float(np.prod(y.shape[:-1]))
+            shift = (float_sums[w.name] - _channel_sum(y)) / count
+            bias = w.layer.bias if w.batch_norm is None else w.batch_norm.beta  # beta enters the folded bias as is
+            bias.assign(keras.ops.cast(keras.ops.add(bias, keras.ops.cast(shift, bias.dtype)), bias.dtype))
+            shift = np.abs(keras.ops.convert_to_numpy(shift))
+            corrected.append((w.name, float(shift.mean()), float(shift.max())))
+        return op(*args, **kwargs)
+
+    with keras.name_scope("correct_bias"):
+        graph_lib.run_releasing(qgraph, [keras.ops.convert_to_tensor(x) for x in xs], call_fn)
+    return BiasCorrection(corrected=tuple(corrected), skipped=tuple(skipped), num_samples=n)
