@@ -25,6 +25,8 @@ Only the TensorFlow backend traces this form.
 
 import contextlib
 import dataclasses
+import itertools
+import math
 import threading
 from typing import Dict, Optional, Tuple
 
@@ -83,22 +85,55 @@ def storage_range(spec, storage_bits):
     return lo, hi
 
 
-def written_scale(scale, zero_point, spec, storage_bits=8):
-    """The float32 scale the TFLite file holds for an activation quantizer that `activation_op` exports.
+def converter_qparams(rmin, rmax, qmin, qmax):
+    """`(float32 scale, zero point)` the TFLite converter writes for a fake-quant op's float32 `min` / `max`.
 
-    The converter does not keep the scale: it recomputes it from the fake-quant
-    op's float32 `min` and `max` as `(max - min) / (qmax - qmin)` in double and
-    stores that as float32. For about 3% of scales this is one unit in the last
-    place away from the quantizer's, and the integer kernels then derive their
-    requantization multipliers from another scale than the Keras model's:
-    at a rounding tie (MobileNetV2, 1 value in 10^6) the file writes the next
-    integer, and the step compounds downstream. A scale already written this way
-    is returned unchanged, so `quantize_model` stores it in the Keras model.
+    It does not keep a scale: it recomputes it in double as `(max - min) / (qmax - qmin)`,
+    nudges the zero point `qmin - min / scale` to the nearest integer (halves away from zero,
+    clamped to the grid) and stores the scale as float32.
+    """
+    scale = (float(rmax) - float(rmin)) / (qmax - qmin)
+    if scale <= 0.0:
+        return np.float32(scale), qmin
+    from_min = qmin - float(rmin) / scale
+    nudged = qmin if from_min < qmin else qmax if from_min > qmax else int(math.copysign(math.floor(abs(from_min) + 0.5),
+                                                                                      from_min))
+    return np.float32(scale), nudged
+
+
+def _ulps(value, count):
+    value = np.float32(value)
+    toward = np.float32(np.inf if count > 0 else -np.inf)
+    for _ in range(abs(count)):
+        value = np.nextafter(value, toward)
+    return value
+
+
+# The float32 `min` / `max` tried around the exact ones, in units in the last place, nearest first.
+_RANGE_NUDGES = sorted(itertools.product(range(-4, 5), repeat=2), key=lambda d: (abs(d[0]) + abs(d[1]), d))
+
+
+def exported_range(scale, zero_point, spec, storage_bits=8):
+    """The float32 `(min, max)` of the fake-quant op `activation_op` writes, so the file holds `scale` exactly.
+
+    The converter recomputes the scale from the op's range (`converter_qparams`);
+    for about 3% of scales the float32 range `(qmin - zero_point) * scale`,
+    `(qmax - zero_point) * scale` gives a scale one unit in the last place
+    away, the integer kernels would then derive their requantization
+    multipliers from another scale than the Keras model's, and at a rounding
+    tie the file writes the next integer (MobileNetV2: 8 output steps). So the
+    ends are moved by a few units in the last place (far below a step) until
+    the converter's scale is the quantizer's float32 scale and its zero point
+    the quantizer's. Falls back to the plain range if no nearby pair does.
     """
     lo, hi = storage_range(spec, storage_bits)
-    s, zp = float(np.float32(scale)), int(zero_point)
-    rmin, rmax = float(np.float32((lo - zp) * s)), float(np.float32((hi - zp) * s))  # the op's float attributes
-    return np.float32((rmax - rmin) / (hi - lo))
+    s, zp = np.float32(scale), int(zero_point)
+    rmin, rmax = np.float32((lo - zp) * float(s)), np.float32((hi - zp) * float(s))
+    for dmin, dmax in _RANGE_NUDGES:
+        cmin, cmax = _ulps(rmin, dmin), _ulps(rmax, dmax)
+        if cmin <= 0.0 <= cmax and converter_qparams(cmin, cmax, lo, hi) == (s, zp):
+            return float(cmin), float(cmax)
+    return float(rmin), float(rmax)
 
 
 def activation_op(x, spec, scale, zero_point, storage_bits):
@@ -114,14 +149,12 @@ def activation_op(x, spec, scale, zero_point, storage_bits):
     import tensorflow as tf
 
     scale, zero_point = float(scale), int(zero_point)
-    slo, shi = storage_range(spec, storage_bits)
     narrow = spec.narrow_range and spec.bits == storage_bits
+    rmin, rmax = exported_range(scale, zero_point, spec, storage_bits)
 
     def store(v):
-        return tf.quantization.fake_quant_with_min_max_args(
-            v, min=(slo - zero_point) * scale, max=(shi - zero_point) * scale, num_bits=storage_bits,
-            narrow_range=narrow,
-        )
+        return tf.quantization.fake_quant_with_min_max_args(v, min=rmin, max=rmax, num_bits=storage_bits,
+                                                            narrow_range=narrow)
 
     x = store(x)
     if spec.bits < storage_bits:

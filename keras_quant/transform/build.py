@@ -54,7 +54,7 @@ from keras import tree
 from keras_quant import graph as graph_lib
 from keras_quant.config import LayerQuantConfig, QuantConfig
 from keras_quant.errors import ConfigError, NoDataError
-from keras_quant.layers import inference, qat_quantizer
+from keras_quant.layers import qat_quantizer
 from keras_quant.layers.fake_quant import ActivationQuantizer
 from keras_quant.layers.integer import (
     INTEGER_ACTIVATIONS, IntegerActivation, IntegerAdd, IntegerAveragePooling2D, IntegerBinaryOp, IntegerConcatenate,
@@ -113,8 +113,7 @@ def _fetch_qparams(steps, calibration):
 
 
 def _lookup(calibration, key, spec, what):
-    """The calibrated `(scale, zero_point)` of a quantizer; a per-tensor 8-bit scale as the file will hold it
-    (`inference.written_scale`), so the Keras model's integer kernels use the file's multipliers."""
+    """The calibrated `(scale, zero_point)` of a quantizer."""
     if key not in calibration:
         raise NoDataError(
             key, reason=f"quantize_model needs activation statistics for layer '{key}' ({what}), "
@@ -126,10 +125,6 @@ def _lookup(calibration, key, spec, what):
         raise NoDataError(
             key, reason=f"quantize_model needs activation statistics for layer '{key}' ({what}): {e}", layer=key,
         ) from e
-    if np.size(scale) == 1 and spec.bits <= 8:
-        scale = np.asarray(inference.written_scale(np.asarray(scale).reshape(-1)[0],
-                                                   np.asarray(zero_point).reshape(-1)[0], spec),
-                           dtype="float32").reshape(np.shape(scale))
     return scale, zero_point
 
 

@@ -105,25 +105,27 @@ def test_activation_scales_are_the_calibrations(setup, ptq, int8_file):
         assert (np.float32(scale), int(zero_point)) in exact, (name, scale, zero_point)
 
 
-def test_written_scale_is_the_converters(setup, tmp_path):
-    """The converter recomputes an activation scale from its fake-quant min and max; `written_scale` says what
-    it writes, here one unit in the last place below the quantizer's own (0.054724116, zero point 20)."""
+def test_the_file_holds_a_crafted_scale_exactly(setup, tmp_path):
+    """The converter recomputes an activation scale from its fake-quant min and max. For 0.054724116 with zero
+    point 20 the plain float32 range gives one unit in the last place less; the range the export writes
+    (`inference.exported_range`) gives the quantizer's scale and zero point exactly."""
     from keras_quant.layers import inference
 
     model, calibration, *_ = setup
     qmodel = kq.quantize_model(model, kq.QuantConfig.int8(), calibration=calibration)
     scale, zero_point = np.float32(0.054724116), 20
+    plain = inference.converter_qparams(np.float32((-128 - zero_point) * float(scale)),
+                                        np.float32((127 - zero_point) * float(scale)), -128, 127)
+    assert plain[0] != scale and abs(float(plain[0]) - float(scale)) <= float(np.spacing(scale))
     wrapper = next(layer for layer in qmodel.layers if isinstance(layer, kq.QuantizeWrapper)
                    and layer.output_quantizer is not None and isinstance(layer.layer, keras.layers.Dense))
     wrapper.set_output_qparams(scale, zero_point)
     path = tmp_path / "crafted.tflite"
     kq.export_tflite(qmodel, path, strict=False)
-    written = inference.written_scale(scale, zero_point, kq.QuantSpec(bits=8))
-    assert written != scale and abs(float(written) - float(scale)) <= float(np.spacing(scale))
     outputs = [o for name, _, outs in op_table(interpreter(path)) if name == "FULLY_CONNECTED" for o in outs
                if wrapper.name in o["name"]]
     assert outputs, [o["name"] for _, _, outs in op_table(interpreter(path)) for o in outs]
-    assert np.float32(outputs[0]["quantization_parameters"]["scales"][0]) == written
+    assert np.float32(outputs[0]["quantization_parameters"]["scales"][0]) == scale
     assert int(outputs[0]["quantization_parameters"]["zero_points"][0]) == zero_point
 
 

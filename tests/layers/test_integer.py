@@ -196,21 +196,37 @@ def test_hard_swish_equals_litert_at_every_input(low, high, tmp_path):
         assert float(steps.max()) < 1e-3, np.flatnonzero(steps >= 1e-3)
 
 
-@settings(max_examples=200, deadline=None)
-@given(scale=st.floats(1e-6, 100.0).map(np.float32), zero_point=st.integers(-128, 127), narrow=st.booleans())
-def test_written_scale_is_a_fixed_point_within_one_ulp(scale, zero_point, narrow):
-    """The converter's float32 `(max - min) / (qmax - qmin)` of an exported activation range: at most one unit in
-    the last place from the quantizer's scale, and unchanged when applied again (what quantize_model stores)."""
+def converter_reference(rmin, rmax, qmin, qmax):
+    """TFLite's `fakeQuantAttrsToType` (tensorflow/compiler/mlir/quantization), as its C++ computes it in double."""
+    rmin, rmax = np.float64(np.float32(rmin)), np.float64(np.float32(rmax))
+    scale = (rmax - rmin) / (np.float64(qmax) - np.float64(qmin))
+    from_min = np.float64(qmin) - rmin / scale
+    if from_min < qmin:
+        nudged = qmin
+    elif from_min > qmax:
+        nudged = qmax
+    else:  # std::round: halves away from zero
+        nudged = int(np.sign(from_min) * np.floor(np.abs(from_min) + 0.5))
+    return np.float32(scale), nudged
+
+
+@settings(max_examples=300, deadline=None)
+@given(scale=st.floats(1e-6, 100.0).map(np.float32), data=st.data(), narrow=st.booleans(), bits=st.sampled_from([8, 16]))
+def test_exported_range_gives_the_converter_the_scale_exactly(scale, data, narrow, bits):
+    """The fake-quant range the export writes: the converter's recomputed float32 scale and nudged zero point
+    are the quantizer's own, with ends a few units in the last place from the plain range."""
     from keras_quant.layers import inference
 
-    spec = kq.QuantSpec(bits=8, narrow_range=narrow)
-    lo, hi = (-127 if narrow else -128), 127
-    rmin, rmax = np.float32((lo - zero_point) * float(scale)), np.float32((hi - zero_point) * float(scale))
-    want = np.float32((float(rmax) - float(rmin)) / (hi - lo))
-    written = inference.written_scale(scale, zero_point, spec)
-    assert written == want
-    assert abs(float(written) - float(scale)) <= float(np.spacing(scale))
-    assert inference.written_scale(written, zero_point, spec) == written
+    spec = kq.QuantSpec(bits=bits, narrow_range=narrow)
+    lo, hi = inference.storage_range(spec, bits)
+    zero_point = data.draw(st.integers(lo, hi))
+    rmin, rmax = inference.exported_range(scale, zero_point, spec, bits)
+    assert converter_reference(rmin, rmax, lo, hi) == (scale, zero_point)
+    assert inference.converter_qparams(rmin, rmax, lo, hi) == (scale, zero_point)
+    assert rmin == np.float32(rmin) and rmax == np.float32(rmax) and rmin <= 0.0 <= rmax
+    plain_min, plain_max = np.float32((lo - zero_point) * float(scale)), np.float32((hi - zero_point) * float(scale))
+    for got, plain in ((rmin, plain_min), (rmax, plain_max)):
+        assert abs(got - float(plain)) <= 4 * abs(float(np.spacing(plain))) + 1e-44
 
 
 def test_bad_scales_are_config_errors():
@@ -417,18 +433,6 @@ def test_the_file_equals_the_keras_model_bit_for_bit(which, request, tmp_path):
     names = {layer.name for layer in qmodel.layers}
     exact = [r for r in errs if f"{r.name}_quant" not in names]
     assert len(exact) > 5 and all(r.max_error_steps is None or r.max_error_steps < 1e-3 for r in exact), errs.table()
-
-
-@tf_only
-def test_activation_scales_are_stored_as_the_file_writes_them(ptq):
-    from keras_quant.export import plan
-    from keras_quant.layers import inference
-
-    _, qmodel, _ = ptq
-    table = plan.activation_table(qmodel)
-    assert len(table) > 5
-    for name, (scale, zero_point, bits) in table.items():
-        assert inference.written_scale(scale, zero_point, kq.QuantSpec(bits=bits)) == np.float32(scale), name
 
 
 @tf_only
