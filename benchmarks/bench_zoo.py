@@ -37,7 +37,8 @@ or a timeout is recorded in its row and the other models still run. Figures per 
   PTQ of the same float model (`representative_dataset` of the same calibration samples,
   `TFLITE_BUILTINS_INT8`, int8 I/O; `converter` records whether it converts at all), and the
   paired counts behind their difference (`kq_only_right`: test samples kq's file gets right and
-  the converter's wrong; `converter_only_right`: the reverse); size and
+  the converter's wrong; `converter_only_right`: the reverse; `acc_p_value`: the exact two-sided
+  sign test of those counts, how often chance alone splits the disagreements so unevenly); size and
   batch-1 latency of kq's file over the converter's (LiteRT interpreter, 1 thread, the two files
   taking turns in rounds: `bench_export.round_robin_latency`); time from the float model to the
   file (kq: calibrate with `statistics="range"` + quantize + export; converter: concrete function +
@@ -521,6 +522,16 @@ def paired_counts(zm, pred_a, pred_b, y):
     return int(np.sum(right_a & ~right_b)), int(np.sum(right_b & ~right_a))
 
 
+def sign_test_p(a, b):
+    """Two-sided exact binomial (McNemar) p-value of paired counts `a`, `b`: the chance of a split at least this
+    uneven if each disagreement went either way with probability 1/2 (1.0 for no disagreement)."""
+    n = a + b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(a, b) + 1))
+    return min(1.0, float(2 * tail / 2**n))
+
+
 def float_fidelity(zm, pred, float_pred):
     """`(agreement, SQNR dB)` of a file's outputs with the float model's on the same test samples.
 
@@ -560,6 +571,7 @@ def _measure_kq_file(zm, cfg, row, kq_path, qmodel, conv_runner, conv_pred, x_fi
             counts = paired_counts(zm, kq_pred, conv_pred, yt) if conv_pred is not None else None
             if counts is not None:
                 row["kq_only_right"], row["converter_only_right"] = counts
+                row["acc_p_value"] = sign_test_p(*counts)
         if row.get("size_converter_kb"):
             row["size_vs_converter"] = row["size_kq_kb"] / row["size_converter_kb"]
     except Exception as e:  # noqa: BLE001
@@ -650,7 +662,7 @@ def run_in_subprocess(name, quick, folder, timeout, log):
 # Tables --------------------------------------------------------------------------------------
 STAGE_COLUMNS = ("model", "input", "params") + STAGES + ("converter",)
 FIGURE_COLUMNS = ("model", "int_mac_share", "float_ops", "fid_p99_steps", "fid_max_steps", "acc_float", "acc_kq",
-                  "acc_converter", "kq_only_right", "converter_only_right", "agree_kq", "agree_converter",
+                  "acc_converter", "kq_only_right", "converter_only_right", "acc_p_value", "agree_kq", "agree_converter",
                   "sqnr_kq_db", "sqnr_converter_db", "acc_kq_onnx", "acc_kq_qat_file",
                   "size_kq_kb", "size_vs_converter",
                   "latency_kq_ms", "latency_vs_converter", "time_kq_s", "time_converter_s", "time_vs_converter",

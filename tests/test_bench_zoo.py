@@ -113,6 +113,14 @@ def test_paired_counts(bz):
     assert bz.paired_counts(bz.zoo_models.get("UNet"), a, b, y) is None  # pixel accuracy: not paired per sample
 
 
+def test_sign_test_p(bz):
+    assert bz.sign_test_p(0, 0) == 1.0 and bz.sign_test_p(4, 4) == 1.0
+    assert bz.sign_test_p(0, 3) == pytest.approx(0.25)  # 2 * (1/2)**3
+    assert bz.sign_test_p(1, 9) == pytest.approx(2 * 11 / 1024)
+    assert bz.sign_test_p(3, 0) == bz.sign_test_p(0, 3)
+    assert 0.1 < bz.sign_test_p(31, 45) < 0.15 and bz.sign_test_p(1040, 1241) < 1e-4
+
+
 def test_float_fidelity_agreement_and_sqnr(bz):
     """How closely a file follows its float model: top-1 agreement (thresholded pixels for a mask) and SQNR."""
     from keras_quant.analysis import error_stats
