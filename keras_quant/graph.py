@@ -24,7 +24,7 @@ import keras
 import numpy as np
 
 __all__ = [
-    "functional", "nodes", "operations", "is_layer", "calls", "producer", "run", "run_releasing",
+    "functional", "require_functional", "nodes", "operations", "is_layer", "calls", "producer", "run", "run_releasing",
     "inputs_structure", "sublayers", "node_inputs", "node_outputs", "operation_of", "node_arguments", "copy_operation",
     "output_shape", "tracked_layers", "untrack", "track", "declared_only", "fast_variable_creation",
     "unoptimized_functions", "gc_paused",
@@ -38,6 +38,17 @@ def functional(model):
     if isinstance(model, keras.Model) and hasattr(model, "_run_through_graph") and hasattr(model, "_nodes_by_depth"):
         return model
     return None
+
+
+def require_functional(model, field):
+    """`functional(model)`, or a ConfigError naming `field` when the model has no graph to read."""
+    graph = functional(model)
+    if graph is None:
+        from keras_quant.errors import ConfigError
+
+        raise ConfigError(field, getattr(model, "name", type(model).__name__),
+                          f"{field} must be a Functional or built Sequential Keras model")
+    return graph
 
 
 def nodes(graph, include_inputs=False):

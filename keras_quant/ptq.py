@@ -30,7 +30,6 @@ import numpy as np
 
 from keras_quant import graph as graph_lib
 from keras_quant import runtime
-from keras_quant.errors import ConfigError, NoDataError, ShapeMismatchError
 from keras_quant.formatting import text_table
 from keras_quant.layers.wrapper import QuantizeWrapper
 
@@ -64,31 +63,6 @@ class BiasCorrection:
             lines.append(self.table())
         lines += [f"skipped {name}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
-
-
-def _graph(model, field):
-    graph = graph_lib.functional(model)
-    if graph is None:
-        raise ConfigError(field, getattr(model, "name", type(model).__name__),
-                          f"{field} must be a Functional or built Sequential Keras model")
-    return graph
-
-
-def _inputs(graph, data, max_samples):
-    if isinstance(max_samples, bool) or not isinstance(max_samples, (int, np.integer)) or max_samples < 1:
-        raise ConfigError("max_samples", max_samples, "max_samples must be an integer >= 1")
-    if data is None or isinstance(data, (list, tuple)) and not data:
-        raise NoDataError("data", "correct_bias needs calibration samples")
-    shapes = [tuple(runtime._dim(d) for d in t.shape) for t in graph.inputs]
-    try:
-        xs = runtime._check_inputs(data, shapes)
-    except ShapeMismatchError as e:  # name the argument as the caller wrote it
-        raise ShapeMismatchError(e.field.replace("x", "data", 1), e.expected, e.actual) from None
-    xs = [np.asarray(a[:max_samples]).astype(keras.backend.standardize_dtype(t.dtype))
-          for a, t in zip(xs, graph.inputs)]
-    if not xs[0].shape[0]:
-        raise NoDataError("data", "correct_bias needs at least one sample")
-    return xs
 
 
 def _channel_sum(y):
@@ -195,7 +169,7 @@ def correct_bias(float_model, qmodel, data, max_samples=512, batch_size=64):
             biases are changed.
         data: Calibration inputs as the float model takes them (an array with
             the batch on axis 0, or a list of arrays for several inputs).
-        max_samples: The first this many samples are used.
+        max_samples: The first this many samples are used (None: all).
         batch_size: Samples per batch of the float pass.
 
     Returns:
@@ -208,9 +182,10 @@ def correct_bias(float_model, qmodel, data, max_samples=512, batch_size=64):
         ShapeMismatchError: `data` does not fit the model's inputs.
         NoDataError: `data` holds no sample.
     """
-    fgraph, qgraph = _graph(float_model, "float_model"), _graph(qmodel, "qmodel")
+    fgraph, qgraph = graph_lib.require_functional(float_model, "float_model"), graph_lib.require_functional(
+        qmodel, "qmodel")
     batch_size = runtime._check_positive_int("batch_size", batch_size) or 64
-    xs = _inputs(fgraph, data, max_samples)
+    xs = runtime.graph_samples(fgraph, data, max_samples, "correct_bias")
     n = int(xs[0].shape[0])
 
     wrappers, skipped = [], []

@@ -146,6 +146,27 @@ def _check_inputs(x, input_shapes):
     return xs
 
 
+def graph_samples(graph, data, max_samples, what):
+    """The first `max_samples` samples of `data` for a Functional graph's inputs, in the inputs' dtypes.
+
+    `data`: an array with the batch on axis 0, or a list of arrays (one per input).
+    `what`: the caller, for the messages. Raises ConfigError (bad `max_samples`),
+    ShapeMismatchError (naming `data`) and NoDataError (no sample).
+    """
+    max_samples = _check_positive_int("max_samples", max_samples)
+    if data is None or isinstance(data, (list, tuple)) and not data:
+        raise NoDataError("data", f"{what} needs at least one sample")
+    shapes = [tuple(_dim(d) for d in t.shape) for t in graph.inputs]
+    try:
+        xs = _check_inputs(data, shapes)
+    except ShapeMismatchError as e:  # name the argument as the caller wrote it
+        raise ShapeMismatchError(e.field.replace("x", "data", 1), e.expected, e.actual) from None
+    except NoDataError:
+        raise NoDataError("data", f"{what} needs at least one sample") from None
+    return [np.asarray(a[:max_samples]).astype(keras.backend.standardize_dtype(t.dtype))
+            for a, t in zip(xs, graph.inputs)]
+
+
 def _check_positive_int(field, value, allow_none=True, minimum=1):
     if value is None and allow_none:
         return None

@@ -46,7 +46,7 @@ import numpy as np
 from keras_quant import graph as graph_lib
 from keras_quant import runtime
 from keras_quant.analysis.error import error_stats
-from keras_quant.errors import ConfigError, NoDataError, ShapeMismatchError
+from keras_quant.errors import ConfigError
 from keras_quant.export.flatbuffer import layer_names_of
 from keras_quant.export.plan import activation_table
 from keras_quant.formatting import text_table, to_jsonable
@@ -197,14 +197,6 @@ def activation_error(name, reference, quantized, scale=None) -> LayerError:
 
 
 # Graph walking -----------------------------------------------------------------
-def _graph(model, field):
-    graph = graph_lib.functional(model)
-    if graph is None:
-        raise ConfigError(field, getattr(model, "name", type(model).__name__),
-                          f"{field} must be a Functional or built Sequential Keras model")
-    return graph
-
-
 def _node_outputs(graph):
     """`(operation, i, node, tensor)` in graph order: the single output of each layer's (or keras.ops
     operation's) i-th node in this graph (i counts a shared layer's calls in call order)."""
@@ -255,7 +247,7 @@ def _keras_matches(float_names, folded, qmodel):
     translation.update({into: bn for bn, into in (report.folded if report else ())})
     scales = {name: s for name, (s, _, _) in activation_table(qmodel).items()}
     tensor_scale, matches = {}, {}
-    for layer, i, node, tensor in _node_outputs(_graph(qmodel, "quantized_model")):
+    for layer, i, node, tensor in _node_outputs(graph_lib.require_functional(qmodel, "quantized_model")):
         keys = [k for q, k in pairs if q == layer.name]
         if isinstance(layer, ActivationQuantizer) and len(keys) > 1:  # QAT: one quantizer, one key per call
             name = keys[i] if i < len(keys) and keys[i] in float_names else None
@@ -359,20 +351,6 @@ def _quantized_artifact(quantized_model):
     return content, label
 
 
-def _samples(graph, data, max_samples):
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, (int, np.integer))
-                                    or max_samples < 1):
-        raise ConfigError("max_samples", max_samples, "max_samples must be None or an integer >= 1")
-    if data is None or isinstance(data, (list, tuple)) and not data:
-        raise NoDataError("data", "layer_errors needs at least one sample")
-    shapes = [tuple(runtime._dim(d) for d in t.shape) for t in graph.inputs]
-    try:
-        xs = runtime._check_inputs(data, shapes)
-    except ShapeMismatchError as e:  # name the argument as the caller wrote it
-        raise ShapeMismatchError(e.field.replace("x", "data", 1), e.expected, e.actual) from None
-    return [np.asarray(a[:max_samples], np.float32) for a in xs]
-
-
 def layer_errors(float_model, quantized_model, data, batch_size=None, max_samples=1024) -> LayerErrors:
     """Per-layer error of a quantized model's activations against the float model's.
 
@@ -396,14 +374,14 @@ def layer_errors(float_model, quantized_model, data, batch_size=None, max_sample
         ShapeMismatchError: `data` does not fit the float model's inputs.
         NoDataError: `data` holds no sample.
     """
-    graph = _graph(float_model, "float_model")
+    graph = graph_lib.require_functional(float_model, "float_model")
     batch_size = runtime._check_positive_int("batch_size", batch_size)
-    xs = _samples(graph, data, max_samples)
+    xs = runtime.graph_samples(graph, data, max_samples, "layer_errors")
     float_tensors = _float_tensors(graph)
     names = list(float_tensors)
     artifact = _quantized_artifact(quantized_model)
     if isinstance(artifact, keras.Model):
-        qgraph = _graph(artifact, "quantized_model")
+        qgraph = graph_lib.require_functional(artifact, "quantized_model")
         present = {layer.name for layer in qgraph.layers}
         matches, tensor_scale = _keras_matches(names, _folded(graph, present), artifact)
         label, theirs = artifact.name, sorted(present)
