@@ -8,6 +8,7 @@ from keras import layers as L
 import keras_quant as kq
 from keras_quant.errors import ConfigError, NoDataError, ShapeMismatchError
 from tests.layers import ProbeCalibration, to_np
+from tests.test_quantize import trained  # noqa: F401  (the digits CNN, trained once per module)
 
 
 def mlp():
@@ -71,22 +72,17 @@ def test_corrected_means_equal_the_float_means_at_every_layer():
         assert mean2 < 0.05 * mean1 + 1e-4, (name, mean1, mean2)
 
 
-def test_held_out_output_bias_shrinks_on_a_folded_cnn():
-    from tests.test_quantize import cnn  # Conv+BN+ReLU (folded, no bias of its own), depthwise, residual Add
-
-    keras.utils.set_random_seed(0)
-    (x_train, y_train), (x_test, _) = kq.datasets.load_digits()
-    model = cnn()
-    model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x_train, y_train, epochs=3, batch_size=64, verbose=0)
-    qmodel = ptq(model, x_train[:256], kq.QuantConfig.w4a8())
+def test_held_out_output_bias_shrinks_on_a_folded_cnn(trained):
+    # Conv+BN+ReLU (folded, no bias of its own), depthwise, residual Add: the digits CNN test_quantize trains
+    model, x_calib, x_test, _ = trained
+    qmodel = ptq(model, x_calib, kq.QuantConfig.w4a8())
     reference = model.predict(x_test, verbose=0)
 
     def output_bias():
         return np.abs((qmodel.predict(x_test, verbose=0) - reference).mean(0)).mean()
 
     before = output_bias()
-    report = kq.ptq.correct_bias(model, qmodel, x_train[:256])
+    report = kq.ptq.correct_bias(model, qmodel, x_calib)
     assert {name for name, _, _ in report.corrected} == {"conv1", "dw", "pw", "logits"}
     assert output_bias() < 0.25 * before, (before, output_bias())  # 0.21 -> 0.013 when written
 
