@@ -15,6 +15,14 @@ inputs from the already corrected layers before it, in one pass over the data.
 The corrected biases are ordinary weights of the quantized model: the TFLite
 and ONNX exports write them (as int32 biases) like any other.
 
+`narrow_softmax_inputs(float_model, qmodel, data)`: a tighter grid for the
+tensor a softmax reads. TFLite's integer SOFTMAX writes a fixed grid (int8:
+1/256), so a logit far enough below its row's largest one gives 0 whatever its
+value; the min-max range of the logits spends most of its steps there, and top
+logits closer than a step tie (the argmax then takes the lower class). The
+lower end is raised to where clipping provably moves no output by more than
+one step on the calibration samples.
+
 Example:
 
 >>> qmodel = kq.quantize_model(model, calibration=result)                # doctest: +SKIP
@@ -23,6 +31,7 @@ Example:
 """
 
 import dataclasses
+import math
 from typing import Tuple
 
 import keras
@@ -30,10 +39,12 @@ import numpy as np
 
 from keras_quant import graph as graph_lib
 from keras_quant import runtime
+from keras_quant import ops as kq_ops
 from keras_quant.formatting import text_table
+from keras_quant.layers.rules import activation_function
 from keras_quant.layers.wrapper import QuantizeWrapper
 
-__all__ = ["BiasCorrection", "correct_bias"]
+__all__ = ["BiasCorrection", "SoftmaxRanges", "correct_bias", "narrow_softmax_inputs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,3 +246,118 @@ def correct_bias(float_model, qmodel, data, max_samples=512, batch_size=64):
     with keras.name_scope("correct_bias"):
         graph_lib.run_releasing(qgraph, [keras.ops.convert_to_tensor(x) for x in xs], call_fn)
     return BiasCorrection(corrected=tuple(corrected), skipped=tuple(skipped), num_samples=n)
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxRanges:
+    """What `narrow_softmax_inputs` changed.
+
+    Attributes:
+        narrowed: `(layer, old_min, new_min, old_step, new_step)` per layer
+            whose softmax input range was narrowed (the maximum is kept).
+        skipped: `(layer, reason)` for softmax layers left as they were.
+        num_samples: Samples the logits were measured on.
+    """
+
+    narrowed: Tuple[Tuple[str, float, float, float, float], ...]
+    skipped: Tuple[Tuple[str, str], ...]
+    num_samples: int
+
+    def __str__(self):
+        lines = [f"softmax inputs on {self.num_samples} samples: {len(self.narrowed)} narrowed, "
+                 f"{len(self.skipped)} skipped"]
+        lines += [f"{name}: min {lo0:.4g} -> {lo1:.4g}, step {s0:.4g} -> {s1:.4g}"
+                  for name, lo0, lo1, s0, s1 in self.narrowed]
+        lines += [f"skipped {name}: {why}" for name, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _softmax_wrappers(qgraph):
+    found, skipped = [], []
+    for layer in graph_lib.operations(qgraph):
+        if not isinstance(layer, QuantizeWrapper) or activation_function(layer.activation) != "softmax":
+            continue
+        if layer.mode != "frozen":
+            skipped.append((layer.name, "a QAT wrapper (the ranges train)"))
+        elif layer.preactivation_qparams is None or layer.fixed_output is None:
+            skipped.append((layer.name, "no per-tensor quantizer before its softmax"))
+        elif len(graph_lib.calls(layer)) != 1:
+            skipped.append((layer.name, "called more than once"))
+        else:
+            found.append(layer)
+    return found, skipped
+
+
+def narrow_softmax_inputs(float_model, qmodel, data, max_samples=512, batch_size=64):
+    """Raise the lower end of each softmax input's range to what the integer softmax can tell apart, in place.
+
+    For each frozen `kq.QuantizeWrapper` with its own softmax (`Dense(10,
+    activation="softmax")`): TFLite's SOFTMAX writes the fixed output grid of
+    step `s` (int8: 1/256). If every logit below `c = m - ln(2 * N / s)` is
+    raised to `c`, where `m` is the smallest row maximum over the samples and
+    `N` the number of classes, the raised terms add at most `s / 2` of the
+    softmax denominator, so no output moves by more than one step (a
+    raised logit's own output stays under half a step). The quantizer's
+    range `[min, max]` becomes `[max(min, c), max]` (0 stays inside), a finer
+    grid for the top logits: fewer ties between the two largest, which on an
+    int8 file otherwise go to the lower class index. The maximum is kept.
+
+    Args:
+        float_model: The float Functional or Sequential model `qmodel` was made from.
+        qmodel: A PTQ model from `kq.quantize_model(..., mode="ptq")`; its
+            quantizers before a softmax are changed.
+        data: Calibration inputs as the float model takes them.
+        max_samples: The first this many samples are used (None: all).
+        batch_size: Samples per batch of the float pass.
+
+    Returns:
+        A `SoftmaxRanges` with the old and new minimum and step per layer.
+
+    Raises:
+        ConfigError: A model that is not Functional / Sequential, a bad
+            `max_samples` / `batch_size`.
+        ShapeMismatchError: `data` does not fit the model's inputs.
+        NoDataError: `data` holds no sample.
+    """
+    fgraph = graph_lib.require_functional(float_model, "float_model")
+    qgraph = graph_lib.require_functional(qmodel, "qmodel")
+    batch_size = runtime._check_positive_int("batch_size", batch_size) or 64
+    xs = runtime.graph_samples(fgraph, data, max_samples, "narrow_softmax_inputs")
+    n = int(xs[0].shape[0])
+    wrappers, skipped = _softmax_wrappers(qgraph)
+    references, not_found = _float_references(fgraph, qmodel, wrappers)
+    skipped += not_found
+    wrappers = [w for w in wrappers if w.name in references]
+    if not wrappers:
+        return SoftmaxRanges(narrowed=(), skipped=tuple(skipped), num_samples=n)
+
+    tensors = list({id(t): t for t, _ in references.values()}.values())
+    index = {id(t): i for i, t in enumerate(tensors)}
+    probe = keras.Model(fgraph.inputs, tensors)
+    row_max_min = {}
+    for start in range(0, n, batch_size):
+        outs = probe([x[start:start + batch_size] for x in xs], training=False)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        for w in wrappers:
+            tensor, layer = references[w.name]
+            y = outs[index[id(tensor)]]
+            logits = y if layer is None else _linear_call(layer, y)
+            low = float(keras.ops.convert_to_numpy(keras.ops.min(keras.ops.max(logits, axis=-1))))
+            row_max_min[w.name] = min(low, row_max_min.get(w.name, math.inf))
+
+    narrowed = []
+    for w in wrappers:
+        spec = w.quant_config.activations
+        scale, zero_point = (float(np.asarray(keras.ops.convert_to_numpy(v)).reshape(-1)[0])
+                             for v in w.preactivation_qparams)
+        lo, hi = (spec.qmin - zero_point) * scale, (spec.qmax - zero_point) * scale
+        classes = int(w.output.shape[-1])
+        cut = min(row_max_min[w.name] - math.log(2 * classes / float(w.fixed_output[0])), 0.0)
+        if cut <= lo + scale:  # within a step already (a narrowed range, its zero point nudged)
+            skipped.append((w.name, f"the range's minimum {lo:.4g} is within a step of {cut:.4g}"))
+            continue
+        new_scale, new_zero_point = kq_ops.compute_qparams(np.float32(cut), np.float32(hi), spec)
+        w.set_preactivation_qparams(new_scale, new_zero_point)
+        new_scale = float(np.asarray(keras.ops.convert_to_numpy(new_scale)).reshape(-1)[0])
+        narrowed.append((w.name, lo, cut, scale, new_scale))
+    return SoftmaxRanges(narrowed=tuple(narrowed), skipped=tuple(skipped), num_samples=n)

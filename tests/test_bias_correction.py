@@ -136,3 +136,63 @@ def test_the_tflite_file_carries_the_corrected_biases(tmp_path):
     runner = kq.runtime.load(path)
     steps = np.abs(runner.predict(x) - qmodel.predict(x, verbose=0)) / qmodel.get_layer("d2").output_qparams[0]
     assert steps.max() <= 1.0
+
+
+# narrow_softmax_inputs -------------------------------------------------------------------------
+def classifier(gain=8.0):
+    """A softmax head whose logits have a long negative tail (as a trained classifier's do)."""
+    inp = keras.Input((16,), name="x")
+    h = L.Dense(32, activation="relu", name="h")(inp)
+    model = keras.Model(inp, L.Dense(10, activation="softmax", name="head")(h))
+    rng = np.random.default_rng(3)  # the same weights on every backend
+    model.get_layer("h").set_weights([rng.normal(0, 0.25, (16, 32)).astype("float32"), np.zeros(32, "float32")])
+    model.get_layer("head").set_weights([rng.normal(0, 0.3 * gain, (32, 10)).astype("float32"),
+                                         np.zeros(10, "float32")])
+    return model
+
+
+def test_softmax_input_range_follows_the_bound_and_output_error_falls():
+    keras.utils.set_random_seed(0)
+    model = classifier()
+    x = (np.random.default_rng(0).normal(size=(512, 16)) * 3).astype("float32")
+    qmodel = ptq(model, x)
+    head = qmodel.get_layer("head")
+    scale, zero_point = (float(to_np(v)) for v in head.preactivation_qparams)
+    old_lo, old_hi = (-128 - zero_point) * scale, (127 - zero_point) * scale
+    reference = model.predict(x, verbose=0)
+    error_before = np.abs(qmodel.predict(x, verbose=0) - reference).mean()
+
+    report = kq.ptq.narrow_softmax_inputs(model, qmodel, x)
+
+    hidden = np.maximum(x @ to_np(model.get_layer("h").kernel) + to_np(model.get_layer("h").bias), 0)
+    logits = hidden.astype("float64") @ to_np(model.get_layer("head").kernel) + to_np(model.get_layer("head").bias)
+    cut = logits.max(1).min() - np.log(2 * 10 * 256)
+    assert old_lo < cut < 0
+    want = kq.ops.compute_qparams(np.float32(cut), np.float32(old_hi), kq.QuantSpec(bits=8))
+    got = head.preactivation_qparams
+    assert float(to_np(got[0])) == pytest.approx(float(to_np(want[0])))
+    assert float(to_np(got[1])) == float(to_np(want[1]))
+    (name, lo0, lo1, step0, step1), = report.narrowed
+    assert name == "head" and lo1 == pytest.approx(cut) and step1 < 0.75 * step0
+    # The bound: clipping the float logits at `cut` moves no softmax output by a step of 1/256.
+    def softmax(z):
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+    assert np.abs(softmax(np.maximum(logits, cut)) - softmax(logits)).max() < 1 / 256
+    assert np.abs(qmodel.predict(x, verbose=0) - reference).mean() < error_before
+    assert "narrowed" in str(report)
+    # Once narrowed, a second call finds nothing left to do.
+    again = kq.ptq.narrow_softmax_inputs(model, qmodel, x)
+    assert again.narrowed == () and "within a step" in dict(again.skipped)["head"]
+
+
+def test_softmax_narrowing_skips():
+    keras.utils.set_random_seed(0)
+    model, x = mlp(), data(64)  # no softmax: nothing to do
+    report = kq.ptq.narrow_softmax_inputs(model, ptq(model, x), x)
+    assert report.narrowed == () and report.skipped == ()
+    model = classifier()
+    qat = kq.quantize_model(model, mode="qat")
+    qat(x[:8])
+    report = kq.ptq.narrow_softmax_inputs(model, qat, x)
+    assert report.narrowed == () and "QAT" in dict(report.skipped)["head"]
