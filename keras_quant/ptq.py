@@ -142,6 +142,63 @@ def _linear_call(layer, x):
         layer.activation = activation
 
 
+@dataclasses.dataclass
+class _Setup:
+    """What both algorithms start from: the graphs, the samples, the wrappers to treat and their float tensors."""
+
+    fgraph: object
+    qgraph: object
+    xs: list
+    num_samples: int
+    wrappers: list
+    references: dict
+    skipped: list
+
+
+def _setup(float_model, qmodel, data, max_samples, batch_size, what, select):
+    """`(_Setup, batch_size)`; `select(qgraph) -> (wrappers, skipped)` picks the wrappers."""
+    fgraph = graph_lib.require_functional(float_model, "float_model")
+    qgraph = graph_lib.require_functional(qmodel, "qmodel")
+    batch_size = runtime._check_positive_int("batch_size", batch_size) or 64
+    xs = runtime.graph_samples(fgraph, data, max_samples, what)
+    wrappers, skipped = select(qgraph)
+    references, not_found = _float_references(fgraph, qmodel, wrappers)
+    wrappers = [w for w in wrappers if w.name in references]
+    return _Setup(fgraph, qgraph, xs, int(xs[0].shape[0]), wrappers, references, skipped + not_found), batch_size
+
+
+def _float_pass(setup, batch_size, reduce):
+    """`{wrapper name: value}` folding `reduce(value or None, float linear output of a batch)` over the samples.
+
+    One pass of the float model in batches; each wrapper's linear output is read from the tensor
+    `_float_references` found (the layer called without its activation where it has one).
+    """
+    tensors = list({id(t): t for t, _ in setup.references.values()}.values())
+    index = {id(t): i for i, t in enumerate(tensors)}
+    probe = keras.Model(setup.fgraph.inputs, tensors)
+    values = {}
+    for start in range(0, setup.num_samples, batch_size):
+        outs = probe([x[start:start + batch_size] for x in setup.xs], training=False)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        for w in setup.wrappers:
+            tensor, layer = setup.references[w.name]
+            y = outs[index[id(tensor)]]
+            values[w.name] = reduce(values.get(w.name), y if layer is None else _linear_call(layer, y))
+    return values
+
+
+def _correctable_wrappers(qgraph):
+    wrappers, skipped = [], []
+    for layer in graph_lib.operations(qgraph):
+        if isinstance(layer, QuantizeWrapper):
+            reason = _correctable(layer)
+            if reason:
+                skipped.append((layer.name, reason))
+            else:
+                wrappers.append(layer)
+    return wrappers, skipped
+
+
 def _correctable(layer):
     """Why a wrapper's bias cannot be corrected, or None."""
     if not isinstance(layer, QuantizeWrapper):
@@ -193,39 +250,14 @@ def correct_bias(float_model, qmodel, data, max_samples=512, batch_size=64):
         ShapeMismatchError: `data` does not fit the model's inputs.
         NoDataError: `data` holds no sample.
     """
-    fgraph, qgraph = graph_lib.require_functional(float_model, "float_model"), graph_lib.require_functional(
-        qmodel, "qmodel")
-    batch_size = runtime._check_positive_int("batch_size", batch_size) or 64
-    xs = runtime.graph_samples(fgraph, data, max_samples, "correct_bias")
-    n = int(xs[0].shape[0])
-
-    wrappers, skipped = [], []
-    for layer in graph_lib.operations(qgraph):
-        if isinstance(layer, QuantizeWrapper):
-            reason = _correctable(layer)
-            if reason:
-                skipped.append((layer.name, reason))
-            else:
-                wrappers.append(layer)
-    references, not_found = _float_references(fgraph, qmodel, wrappers)
-    skipped += not_found
-    wrappers = [w for w in wrappers if w.name in references]
+    setup, batch_size = _setup(float_model, qmodel, data, max_samples, batch_size, "correct_bias",
+                               _correctable_wrappers)
+    wrappers, skipped, n = setup.wrappers, setup.skipped, setup.num_samples
     if not wrappers:
         return BiasCorrection(corrected=(), skipped=tuple(skipped), num_samples=n)
-
-    # The float means, from the float model alone: one pass in batches.
-    tensors = list({id(t): t for t, _ in references.values()}.values())
-    index = {id(t): i for i, t in enumerate(tensors)}
-    probe = keras.Model(fgraph.inputs, tensors)
-    float_sums = {}
-    for start in range(0, n, batch_size):
-        outs = probe([x[start:start + batch_size] for x in xs], training=False)
-        outs = outs if isinstance(outs, (list, tuple)) else [outs]
-        for w in wrappers:
-            tensor, layer = references[w.name]
-            y = outs[index[id(tensor)]]
-            s = _channel_sum(y if layer is None else _linear_call(layer, y))
-            float_sums[w.name] = s if w.name not in float_sums else float_sums[w.name] + s
+    # The float means, from the float model alone.
+    float_sums = _float_pass(setup, batch_size,
+                             lambda total, y: _channel_sum(y) if total is None else total + _channel_sum(y))
 
     # The quantized pass: all samples at once, each layer corrected before its output feeds the next.
     targets = {id(w): w for w in wrappers}
@@ -244,7 +276,7 @@ def correct_bias(float_model, qmodel, data, max_samples=512, batch_size=64):
         return op(*args, **kwargs)
 
     with keras.name_scope("correct_bias"):
-        graph_lib.run_releasing(qgraph, [keras.ops.convert_to_tensor(x) for x in xs], call_fn)
+        graph_lib.run_releasing(setup.qgraph, [keras.ops.convert_to_tensor(x) for x in setup.xs], call_fn)
     return BiasCorrection(corrected=tuple(corrected), skipped=tuple(skipped), num_samples=n)
 
 
@@ -319,31 +351,17 @@ def narrow_softmax_inputs(float_model, qmodel, data, max_samples=512, batch_size
         ShapeMismatchError: `data` does not fit the model's inputs.
         NoDataError: `data` holds no sample.
     """
-    fgraph = graph_lib.require_functional(float_model, "float_model")
-    qgraph = graph_lib.require_functional(qmodel, "qmodel")
-    batch_size = runtime._check_positive_int("batch_size", batch_size) or 64
-    xs = runtime.graph_samples(fgraph, data, max_samples, "narrow_softmax_inputs")
-    n = int(xs[0].shape[0])
-    wrappers, skipped = _softmax_wrappers(qgraph)
-    references, not_found = _float_references(fgraph, qmodel, wrappers)
-    skipped += not_found
-    wrappers = [w for w in wrappers if w.name in references]
+    setup, batch_size = _setup(float_model, qmodel, data, max_samples, batch_size, "narrow_softmax_inputs",
+                               _softmax_wrappers)
+    wrappers, skipped, n = setup.wrappers, setup.skipped, setup.num_samples
     if not wrappers:
         return SoftmaxRanges(narrowed=(), skipped=tuple(skipped), num_samples=n)
 
-    tensors = list({id(t): t for t, _ in references.values()}.values())
-    index = {id(t): i for i, t in enumerate(tensors)}
-    probe = keras.Model(fgraph.inputs, tensors)
-    row_max_min = {}
-    for start in range(0, n, batch_size):
-        outs = probe([x[start:start + batch_size] for x in xs], training=False)
-        outs = outs if isinstance(outs, (list, tuple)) else [outs]
-        for w in wrappers:
-            tensor, layer = references[w.name]
-            y = outs[index[id(tensor)]]
-            logits = y if layer is None else _linear_call(layer, y)
-            low = float(keras.ops.convert_to_numpy(keras.ops.min(keras.ops.max(logits, axis=-1))))
-            row_max_min[w.name] = min(low, row_max_min.get(w.name, math.inf))
+    def smallest_row_max(low, logits):
+        value = float(keras.ops.convert_to_numpy(keras.ops.min(keras.ops.max(logits, axis=-1))))
+        return value if low is None else min(low, value)
+
+    row_max_min = _float_pass(setup, batch_size, smallest_row_max)
 
     narrowed = []
     for w in wrappers:
