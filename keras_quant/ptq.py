@@ -41,7 +41,7 @@ from keras_quant import graph as graph_lib
 from keras_quant import runtime
 from keras_quant import ops as kq_ops
 from keras_quant.formatting import text_table
-from keras_quant.layers.rules import activation_function
+from keras_quant.layers.rules import activation_function, without_activation
 from keras_quant.layers.wrapper import QuantizeWrapper
 
 __all__ = ["BiasCorrection", "SoftmaxRanges", "correct_bias", "narrow_softmax_inputs"]
@@ -82,8 +82,7 @@ def _channel_sum(y):
 
 
 def _is_linear(activation):
-    return activation is None or activation is keras.activations.linear or getattr(
-        activation, "__name__", None) == "linear"
+    return getattr(activation, "__name__", "linear") == "linear"
 
 
 def _float_references(fgraph, qmodel, wrappers):
@@ -98,10 +97,12 @@ def _float_references(fgraph, qmodel, wrappers):
     folded_into = {}
     for name, into in (report.folded if report else ()):
         folded_into.setdefault(into, set()).add(name)
-    calls = {}
+    calls, readers = {}, {}
     for node in graph_lib.nodes(fgraph):
         op = graph_lib.operation_of(node)
         calls.setdefault(op.name, []).append((op, node))
+        for t in graph_lib.node_inputs(node):
+            readers.setdefault(id(t), []).append(node)
     found, skipped = {}, []
     for w in wrappers:
         hits = calls.get(w.name, [])
@@ -122,24 +123,13 @@ def _float_references(fgraph, qmodel, wrappers):
             continue
         tensor, chain = outputs[0], folded_into.get(w.name, set())
         while chain:
-            readers = [n for n in graph_lib.nodes(fgraph) if any(t is tensor for t in graph_lib.node_inputs(n))]
-            nxt = [n for n in readers if graph_lib.operation_of(n).name in chain]
+            nxt = [n for n in readers.get(id(tensor), ()) if graph_lib.operation_of(n).name in chain]
             if len(nxt) != 1:
                 break
             tensor = graph_lib.node_outputs(nxt[0])[0]
             chain = chain - {graph_lib.operation_of(nxt[0]).name}
         found[w.name] = (tensor, None)
     return found, skipped
-
-
-def _linear_call(layer, x):
-    """A float layer's output without its own activation."""
-    activation = layer.activation
-    layer.activation = keras.activations.linear
-    try:
-        return layer(x, training=False)
-    finally:
-        layer.activation = activation
 
 
 @dataclasses.dataclass
@@ -183,7 +173,10 @@ def _float_pass(setup, batch_size, reduce):
         for w in setup.wrappers:
             tensor, layer = setup.references[w.name]
             y = outs[index[id(tensor)]]
-            values[w.name] = reduce(values.get(w.name), y if layer is None else _linear_call(layer, y))
+            if layer is not None:
+                with without_activation(layer):
+                    y = layer(y, training=False)
+            values[w.name] = reduce(values.get(w.name), y)
     return values
 
 
@@ -201,8 +194,6 @@ def _correctable_wrappers(qgraph):
 
 def _correctable(layer):
     """Why a wrapper's bias cannot be corrected, or None."""
-    if not isinstance(layer, QuantizeWrapper):
-        return "not a wrapper"
     if layer.mode != "frozen":
         return "a QAT wrapper (bias correction is for post-training models)"
     inner = layer.layer
@@ -366,8 +357,7 @@ def narrow_softmax_inputs(float_model, qmodel, data, max_samples=512, batch_size
     narrowed = []
     for w in wrappers:
         spec = w.quant_config.activations
-        scale, zero_point = (float(np.asarray(keras.ops.convert_to_numpy(v)).reshape(-1)[0])
-                             for v in w.preactivation_qparams)
+        scale, zero_point = (float(keras.ops.convert_to_numpy(v)) for v in w.preactivation_qparams)
         lo, hi = (spec.qmin - zero_point) * scale, (spec.qmax - zero_point) * scale
         classes = int(w.output.shape[-1])
         cut = min(row_max_min[w.name] - math.log(2 * classes / float(w.fixed_output[0])), 0.0)
@@ -376,6 +366,5 @@ def narrow_softmax_inputs(float_model, qmodel, data, max_samples=512, batch_size
             continue
         new_scale, new_zero_point = kq_ops.compute_qparams(np.float32(cut), np.float32(hi), spec)
         w.set_preactivation_qparams(new_scale, new_zero_point)
-        new_scale = float(np.asarray(keras.ops.convert_to_numpy(new_scale)).reshape(-1)[0])
-        narrowed.append((w.name, lo, cut, scale, new_scale))
+        narrowed.append((w.name, lo, cut, scale, float(keras.ops.convert_to_numpy(new_scale))))
     return SoftmaxRanges(narrowed=tuple(narrowed), skipped=tuple(skipped), num_samples=n)

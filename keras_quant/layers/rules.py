@@ -38,6 +38,7 @@ Example:
 (('kernel',), 'compute')
 """
 
+import contextlib
 import dataclasses
 from typing import Optional, Tuple
 
@@ -297,6 +298,19 @@ PREACTIVATION = ":preactivation"
 def preactivation_key(key):
     """The calibration key of the input of `key`'s own activation (`"dense:preactivation"`)."""
     return f"{key}{PREACTIVATION}"
+
+
+@contextlib.contextmanager
+def without_activation(layer):
+    """Within the block, `layer` (a Dense, Conv, ...) computes its linear output: its activation is linear."""
+    activation = getattr(layer, "activation", None)
+    if activation is not None:
+        layer.activation = keras.activations.linear
+    try:
+        yield layer
+    finally:
+        if activation is not None:
+            layer.activation = activation
 
 
 def split_activation(layer):

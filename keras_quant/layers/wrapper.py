@@ -35,7 +35,9 @@ from keras_quant.errors import ConfigError, UnsupportedLayerError
 from keras_quant.layers import inference, integer, qat_quantizer as qat
 from keras_quant.layers.fake_quant import FrozenQuantizer, assign_qparams
 from keras_quant.layers.folding import bn_axes, fold_blocker, fold_factor_and_bias, fold_rule, scale_channels
-from keras_quant.layers.rules import activation_function, fixed_output_qparams, get_rule, split_activation
+from keras_quant.layers.rules import (
+    activation_function, fixed_output_qparams, get_rule, split_activation, without_activation,
+)
 
 __all__ = ["QuantizeWrapper", "MODES", "weight_specs"]
 
@@ -608,16 +610,10 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if self._integer_op is not None:
             acc, s_in, channel_scales = self._integer_sums(inputs)
             return ops.cast(ops.multiply(acc, ops.multiply(s_in, channel_scales)), inputs.dtype)
-        activation = getattr(self.layer, "activation", None)
-        if activation is not None:
-            self.layer.activation = keras.activations.linear
-        try:
+        with without_activation(self.layer):
             if self.batch_norm is not None:
                 return self._call_folded(inputs, False, {}, self._flags())
             return self._run(inputs, self._quantize_weights(self.float_weights(), False), {})
-        finally:
-            if activation is not None:
-                self.layer.activation = activation
 
     def _batch_moments(self, y):
         axes = list(range(len(y.shape) - 1))
