@@ -41,7 +41,7 @@ from keras_quant import graph as graph_lib
 from keras_quant import runtime
 from keras_quant import ops as kq_ops
 from keras_quant.formatting import text_table
-from keras_quant.layers.rules import activation_function, without_activation
+from keras_quant.layers.rules import activation_function, fixed_output_qparams, get_rule, without_activation
 from keras_quant.layers.wrapper import QuantizeWrapper
 
 __all__ = ["BiasCorrection", "SoftmaxRanges", "correct_bias", "narrow_softmax_inputs"]
@@ -134,31 +134,31 @@ def _float_references(fgraph, qmodel, wrappers):
 
 @dataclasses.dataclass
 class _Setup:
-    """What both algorithms start from: the graphs, the samples, the wrappers to treat and their float tensors."""
+    """What both algorithms start from: the graphs, the samples, the items to treat (each with a `name`) and
+    the float tensor each reads its float values from (`{name: (tensor, layer or None)}`)."""
 
     fgraph: object
     qgraph: object
     xs: list
     num_samples: int
-    wrappers: list
+    items: list
     references: dict
     skipped: list
 
 
 def _setup(float_model, qmodel, data, max_samples, batch_size, what, select):
-    """`(_Setup, batch_size)`; `select(qgraph) -> (wrappers, skipped)` picks the wrappers."""
+    """`(_Setup, batch_size)`; `select(fgraph, qgraph, qmodel) -> (items, references, skipped)`."""
     fgraph = graph_lib.require_functional(float_model, "float_model")
     qgraph = graph_lib.require_functional(qmodel, "qmodel")
     batch_size = runtime._check_positive_int("batch_size", batch_size) or 64
     xs = runtime.graph_samples(fgraph, data, max_samples, what)
-    wrappers, skipped = select(qgraph)
-    references, not_found = _float_references(fgraph, qmodel, wrappers)
-    wrappers = [w for w in wrappers if w.name in references]
-    return _Setup(fgraph, qgraph, xs, int(xs[0].shape[0]), wrappers, references, skipped + not_found), batch_size
+    items, references, skipped = select(fgraph, qgraph, qmodel)
+    items = [item for item in items if item.name in references]
+    return _Setup(fgraph, qgraph, xs, int(xs[0].shape[0]), items, references, skipped), batch_size
 
 
 def _float_pass(setup, batch_size, reduce):
-    """`{wrapper name: value}` folding `reduce(value or None, float linear output of a batch)` over the samples.
+    """`{item name: value}` folding `reduce(value or None, float linear output of a batch)` over the samples.
 
     One pass of the float model in batches; each wrapper's linear output is read from the tensor
     `_float_references` found (the layer called without its activation where it has one).
@@ -170,7 +170,7 @@ def _float_pass(setup, batch_size, reduce):
     for start in range(0, setup.num_samples, batch_size):
         outs = probe([x[start:start + batch_size] for x in setup.xs], training=False)
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
-        for w in setup.wrappers:
+        for w in setup.items:
             tensor, layer = setup.references[w.name]
             y = outs[index[id(tensor)]]
             if layer is not None:
@@ -180,7 +180,7 @@ def _float_pass(setup, batch_size, reduce):
     return values
 
 
-def _correctable_wrappers(qgraph):
+def _correctable_wrappers(fgraph, qgraph, qmodel):
     wrappers, skipped = [], []
     for layer in graph_lib.operations(qgraph):
         if isinstance(layer, QuantizeWrapper):
@@ -189,7 +189,8 @@ def _correctable_wrappers(qgraph):
                 skipped.append((layer.name, reason))
             else:
                 wrappers.append(layer)
-    return wrappers, skipped
+    references, not_found = _float_references(fgraph, qmodel, wrappers)
+    return wrappers, references, skipped + not_found
 
 
 def _correctable(layer):
@@ -243,7 +244,7 @@ def correct_bias(float_model, qmodel, data, max_samples=512, batch_size=64):
     """
     setup, batch_size = _setup(float_model, qmodel, data, max_samples, batch_size, "correct_bias",
                                _correctable_wrappers)
-    wrappers, skipped, n = setup.wrappers, setup.skipped, setup.num_samples
+    wrappers, skipped, n = setup.items, setup.skipped, setup.num_samples
     if not wrappers:
         return BiasCorrection(corrected=(), skipped=tuple(skipped), num_samples=n)
     # The float means, from the float model alone.
@@ -276,8 +277,9 @@ class SoftmaxRanges:
     """What `narrow_softmax_inputs` changed.
 
     Attributes:
-        narrowed: `(layer, old_min, new_min, old_step, new_step)` per layer
-            whose softmax input range was narrowed (the maximum is kept).
+        narrowed: `(layer, old_min, new_min, old_step, new_step)` per
+            wrapper with its own softmax, or softmax layer, whose input range
+            was narrowed (the maximum is kept).
         skipped: `(layer, reason)` for softmax layers left as they were.
         num_samples: Samples the logits were measured on.
     """
@@ -295,27 +297,101 @@ class SoftmaxRanges:
         return "\n".join(lines)
 
 
-def _softmax_wrappers(qgraph):
-    found, skipped = [], []
-    for layer in graph_lib.operations(qgraph):
-        if not isinstance(layer, QuantizeWrapper) or activation_function(layer.activation) != "softmax":
-            continue
-        if layer.mode != "frozen":
-            skipped.append((layer.name, "a QAT wrapper (the ranges train)"))
-        elif layer.preactivation_qparams is None or layer.fixed_output is None:
-            skipped.append((layer.name, "no per-tensor quantizer before its softmax"))
-        elif len(graph_lib.calls(layer)) != 1:
-            skipped.append((layer.name, "called more than once"))
+@dataclasses.dataclass
+class _SoftmaxInput:
+    """The per-tensor quantizer a softmax reads: a wrapper's own one before its softmax, or the output quantizer of
+    the wrapper whose output reaches a softmax layer through layers that keep its grid (Flatten, Reshape)."""
+
+    name: str  # the wrapper with its own softmax, or the softmax layer
+    wrapper: QuantizeWrapper
+    own: bool  # the wrapper's quantizer before its own softmax (else its output quantizer)
+    classes: int  # the softmax axis' length
+
+    @property
+    def qparams(self):
+        return self.wrapper.preactivation_qparams if self.own else self.wrapper.output_qparams
+
+    def set_qparams(self, scale, zero_point):
+        if self.own:
+            self.wrapper.set_preactivation_qparams(scale, zero_point)
         else:
-            found.append(layer)
-    return found, skipped
+            self.wrapper.set_output_qparams(scale, zero_point)
+
+
+def _is_softmax_layer(op):
+    if isinstance(op, keras.layers.Softmax):
+        return op.axis in (-1, [-1], (-1,))
+    return isinstance(op, keras.layers.Activation) and activation_function(op.activation) == "softmax"
+
+
+def _single_call(op):
+    return graph_lib.is_layer(op) and len(graph_lib.calls(op)) == 1
+
+
+def _quantizer_before(op, readers):
+    """`(wrapper, None)` whose output quantizer a softmax layer reads (through grid-keeping layers read by nothing
+    else), or `(None, reason)`."""
+    tensor = graph_lib.node_inputs(graph_lib.calls(op)[0])[0]
+    while True:
+        producer, _, _ = graph_lib.producer(tensor)
+        if len(readers.get(id(tensor), ())) != 1 or producer is None or not _single_call(producer):
+            return None, "the tensor it reads has other readers or no single producer"
+        if isinstance(producer, QuantizeWrapper):
+            if producer.mode != "frozen" or producer.output_qparams is None or producer.activation is not None:
+                return None, f"{producer.name} has no frozen per-tensor output quantizer"
+            return producer, None
+        if getattr(get_rule(producer), "kind", None) != "passthrough":
+            return None, (f"its input comes from {producer.name} ({type(producer).__name__}), not a wrapper's "
+                          "output quantizer")
+        tensor = graph_lib.node_inputs(graph_lib.calls(producer)[0])[0]
+
+
+def _softmax_inputs(fgraph, qgraph, qmodel):
+    """The softmax inputs to narrow, their float tensors, and the softmax layers skipped with the reason."""
+    found, skipped, standalone = [], [], {}
+    readers = {}
+    for node in graph_lib.nodes(qgraph):
+        for t in graph_lib.node_inputs(node):
+            readers.setdefault(id(t), []).append(node)
+    for op in graph_lib.operations(qgraph):
+        if isinstance(op, QuantizeWrapper) and activation_function(op.activation) == "softmax":
+            if op.mode != "frozen":
+                skipped.append((op.name, "a QAT wrapper (the ranges train)"))
+            elif op.preactivation_qparams is None or op.fixed_output is None:
+                skipped.append((op.name, "no per-tensor quantizer before its softmax"))
+            elif not _single_call(op):
+                skipped.append((op.name, "called more than once"))
+            else:
+                found.append(_SoftmaxInput(op.name, op, own=True, classes=int(op.output.shape[-1])))
+        elif _is_softmax_layer(op) and _single_call(op):
+            wrapper, reason = _quantizer_before(op, readers)
+            if wrapper is None:
+                skipped.append((op.name, reason))
+            else:
+                standalone[op.name] = _SoftmaxInput(op.name, wrapper, own=False, classes=int(op.output.shape[-1]))
+    references, not_found = _float_references(fgraph, qmodel, [item.wrapper for item in found])
+    skipped += not_found
+    float_calls = {}
+    for node in graph_lib.nodes(fgraph):
+        float_calls.setdefault(graph_lib.operation_of(node).name, []).append(node)
+    for name, item in standalone.items():
+        calls = float_calls.get(name, [])
+        if len(calls) != 1 or not _is_softmax_layer(graph_lib.operation_of(calls[0])):
+            skipped.append((name, "no single call of a float softmax layer of that name"))
+            continue
+        references[name] = (graph_lib.node_inputs(calls[0])[0], None)
+        found.append(item)
+    return found, references, skipped
 
 
 def narrow_softmax_inputs(float_model, qmodel, data, max_samples=512, batch_size=64):
     """Raise the lower end of each softmax input's range to what the integer softmax can tell apart, in place.
 
     For each frozen `kq.QuantizeWrapper` with its own softmax (`Dense(10,
-    activation="softmax")`): TFLite's SOFTMAX writes the fixed output grid of
+    activation="softmax")`), and each softmax layer (`Activation("softmax")`,
+    `Softmax()` on the last axis) that reads a wrapper's output quantizer
+    directly or through Flatten / Reshape (keras.applications' MobileNets):
+    TFLite's SOFTMAX writes the fixed output grid of
     step `s` (int8: 1/256). If every logit below `c = m - ln(2 * N / s)` is
     raised to `c`, where `m` is the smallest row maximum over the samples and
     `N` the number of classes, the raised terms add at most `s / 2` of the
@@ -343,9 +419,9 @@ def narrow_softmax_inputs(float_model, qmodel, data, max_samples=512, batch_size
         NoDataError: `data` holds no sample.
     """
     setup, batch_size = _setup(float_model, qmodel, data, max_samples, batch_size, "narrow_softmax_inputs",
-                               _softmax_wrappers)
-    wrappers, skipped, n = setup.wrappers, setup.skipped, setup.num_samples
-    if not wrappers:
+                               _softmax_inputs)
+    items, skipped, n = setup.items, setup.skipped, setup.num_samples
+    if not items:
         return SoftmaxRanges(narrowed=(), skipped=tuple(skipped), num_samples=n)
 
     def smallest_row_max(low, logits):
@@ -355,16 +431,24 @@ def narrow_softmax_inputs(float_model, qmodel, data, max_samples=512, batch_size
     row_max_min = _float_pass(setup, batch_size, smallest_row_max)
 
     narrowed = []
-    for w in wrappers:
-        spec = w.quant_config.activations
-        scale, zero_point = (float(keras.ops.convert_to_numpy(v)) for v in w.preactivation_qparams)
+    for item in items:
+        spec = item.wrapper.quant_config.activations
+        scale, zero_point = (float(keras.ops.convert_to_numpy(v)) for v in item.qparams)
         lo, hi = (spec.qmin - zero_point) * scale, (spec.qmax - zero_point) * scale
-        classes = int(w.output.shape[-1])
-        cut = min(row_max_min[w.name] - math.log(2 * classes / float(w.fixed_output[0])), 0.0)
-        if cut <= lo + scale:  # within a step already (a narrowed range, its zero point nudged)
-            skipped.append((w.name, f"the range's minimum {lo:.4g} is within a step of {cut:.4g}"))
+        grid = fixed_output_qparams("softmax", spec)  # the grid TFLite's SOFTMAX writes
+        if grid is None:
+            skipped.append((item.name, f"its {spec.bits}-bit spec has no fixed softmax output grid"))
+            continue
+        step = grid[0]
+        cut = min(row_max_min[item.name] - math.log(2 * item.classes / step), 0.0)
+        if cut <= lo + scale:  # nothing below the cut, or within a step (a narrowed range, its zero point nudged)
+            where = "above" if cut <= lo else "within a step of"
+            skipped.append((item.name, f"the range's minimum {lo:.4g} is already {where} {cut:.4g}"))
             continue
         new_scale, new_zero_point = kq_ops.compute_qparams(np.float32(cut), np.float32(hi), spec)
-        w.set_preactivation_qparams(new_scale, new_zero_point)
-        narrowed.append((w.name, lo, cut, scale, float(keras.ops.convert_to_numpy(new_scale))))
+        step_now, zp_now = (float(keras.ops.convert_to_numpy(v)) for v in (new_scale, new_zero_point))
+        if (spec.qmin - zp_now) * step_now > cut:  # the zero point's nudge lifted the minimum: a step lower
+            new_scale, new_zero_point = kq_ops.compute_qparams(np.float32(cut - step_now), np.float32(hi), spec)
+        item.set_qparams(new_scale, new_zero_point)
+        narrowed.append((item.name, lo, cut, scale, float(keras.ops.convert_to_numpy(new_scale))))
     return SoftmaxRanges(narrowed=tuple(narrowed), skipped=tuple(skipped), num_samples=n)

@@ -168,8 +168,12 @@ def test_softmax_input_range_follows_the_bound_and_output_error_falls():
     logits = hidden.astype("float64") @ to_np(model.get_layer("head").kernel) + to_np(model.get_layer("head").bias)
     cut = logits.max(1).min() - np.log(2 * 10 * 256)
     assert old_lo < cut < 0
-    want = kq.ops.compute_qparams(np.float32(cut), np.float32(old_hi), kq.QuantSpec(bits=8))
+    spec = kq.QuantSpec(bits=8)
+    want = kq.ops.compute_qparams(np.float32(cut), np.float32(old_hi), spec)
+    if (-128 - float(to_np(want[1]))) * float(to_np(want[0])) > cut:  # the nudge lifted the minimum: a step lower
+        want = kq.ops.compute_qparams(np.float32(cut - float(to_np(want[0]))), np.float32(old_hi), spec)
     got = head.preactivation_qparams
+    assert (-128 - float(to_np(got[1]))) * float(to_np(got[0])) <= cut  # the range reaches the cut
     assert float(to_np(got[0])) == pytest.approx(float(to_np(want[0])))
     assert float(to_np(got[1])) == float(to_np(want[1]))
     (name, lo0, lo1, step0, step1), = report.narrowed
@@ -196,3 +200,32 @@ def test_softmax_narrowing_skips():
     qat(x[:8])
     report = kq.ptq.narrow_softmax_inputs(model, qat, x)
     assert report.narrowed == () and "QAT" in dict(report.skipped)["head"]
+
+
+def test_a_softmax_layer_narrows_the_output_quantizer_it_reads():
+    """keras.applications' MobileNets end in Conv -> Reshape / Flatten -> Activation("softmax")."""
+    keras.utils.set_random_seed(0)
+    dense = classifier()
+    inp = keras.Input((16,), name="x")
+    h = L.Dense(32, activation="relu", name="h")(inp)
+    logits = L.Dense(10, name="logits")(h)
+    out = L.Activation("softmax", name="predictions")(L.Reshape((10,), name="flat")(logits))
+    model = keras.Model(inp, out)
+    model.set_weights(dense.get_weights())
+    x = (np.random.default_rng(0).normal(size=(512, 16)) * 3).astype("float32")
+    qmodel = ptq(model, x)
+    wrapper = qmodel.get_layer("logits")
+    scale, zero_point = (float(to_np(v)) for v in wrapper.output_qparams)
+    report = kq.ptq.narrow_softmax_inputs(model, qmodel, x)
+    (name, lo0, lo1, step0, step1), = report.narrowed
+    assert name == "predictions" and lo0 == pytest.approx((-128 - zero_point) * scale) and step1 < 0.75 * step0
+    hidden = np.maximum(x @ to_np(model.get_layer("h").kernel) + to_np(model.get_layer("h").bias), 0)
+    logits = hidden.astype("float64") @ to_np(model.get_layer("logits").kernel) + to_np(model.get_layer("logits").bias)
+    assert lo1 == pytest.approx(logits.max(1).min() - np.log(2 * 10 * 256))
+    assert float(to_np(wrapper.output_qparams[0])) == pytest.approx(step1)
+    # The same head after an Add: the quantizer it reads is not a wrapper's, so it is left alone, with the reason.
+    inp = keras.Input((16,), name="x")
+    a, b = L.Dense(10, name="a")(inp), L.Dense(10, name="b")(inp)
+    model = keras.Model(inp, L.Activation("softmax", name="predictions")(L.Add(name="add")([a, b])))
+    report = kq.ptq.narrow_softmax_inputs(model, ptq(model, x), x)
+    assert report.narrowed == () and "add" in dict(report.skipped)["predictions"]

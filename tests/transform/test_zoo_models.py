@@ -57,3 +57,32 @@ def test_zoo_model_passes_every_stage(name, tmp_path):
     losses = qat.fit(x, y, epochs=3, batch_size=32, verbose=0).history["loss"]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
     kq.export_tflite(qat, tmp_path / "qat.tflite")
+
+
+# The post-training algorithms on real architectures: SE blocks, hard swish and a folded input Rescaling
+# (MobileNetV3Small), integer token inputs and Dense on rank-3 tensors (Transformer), keras.ops nodes and
+# Conv1D (Conv1D_audio). Every wrapper is corrected or skipped with a reason, and the file still computes
+# what the Keras model computes.
+@pytest.mark.parametrize("name", ["MobileNetV3Small", "Transformer", "Conv1D_audio"])
+def test_post_training_algorithms_on_zoo_models(name, tmp_path):
+    zoo = ZOO.MODELS[name]
+    model = zoo.build(CASES[name])
+    x, _ = ZOO.synthetic(zoo, 64, CASES[name])
+    cb = kq.CalibrationCallback(statistics="range")
+    model.predict(x, batch_size=32, callbacks=[cb], verbose=0)
+    qmodel = kq.quantize_model(model, calibration=cb.result)
+    wrappers = {layer.name for layer in qmodel.layers if isinstance(layer, kq.QuantizeWrapper)}
+
+    bias = kq.ptq.correct_bias(model, qmodel, x)
+    corrected = {name for name, _, _ in bias.corrected}
+    assert corrected and corrected | {n for n, _ in bias.skipped} == wrappers, (bias.skipped, wrappers)
+    assert all(np.isfinite(mean) and np.isfinite(peak) for _, mean, peak in bias.corrected)
+    softmax = kq.ptq.narrow_softmax_inputs(model, qmodel, x)
+    heads = {n for n, *_ in softmax.narrowed} | {n for n, _ in softmax.skipped}
+    assert heads, str(softmax)  # each of these models ends in a Dense softmax
+
+    kq.export_tflite(qmodel, tmp_path / "int8.tflite")
+    runner = kq.runtime.load(str(tmp_path / "int8.tflite"))
+    got, expected = runner.predict(x), qmodel.predict(x, verbose=0)
+    steps = np.abs(got - expected).reshape(len(x), -1).max(axis=1) / float(runner.output_quantization[0])
+    assert np.percentile(steps, 99) <= 2.0 + 1e-6 and steps.max() <= 6.0 + 1e-6, (name, steps.max())
