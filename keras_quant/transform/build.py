@@ -21,7 +21,9 @@ model's graph (nested models are inlined) in three steps:
    inputs take its range where the converter writes them on its scale (an
    input only the Concatenate reads, and a pooled / padded tensor with no
    quantizer of its own, requantized for all its readers:
-   `plan.plan_concat_ranges`); and a layer kept
+   `plan.plan_concat_ranges`); the first input an Add alone reads spans
+   the Add's output range too, as in the converter's files
+   (`plan.plan_add_ranges`); and a layer kept
    in float whose output feeds the integer graph gets a quantizer there (an
    integer runtime quantizes that tensor, and must not borrow a range). A
    compute layer with its own softmax / sigmoid / tanh / ... activation
@@ -65,7 +67,8 @@ from keras_quant.layers.rules import PREACTIVATION, fixed_output_qparams, get_ru
 from keras_quant.layers.wrapper import QuantizeWrapper
 from keras_quant.layers.weight_only import WeightOnlyMultiHeadAttention
 from keras_quant.transform.plan import (
-    SHARED_INPUT_MERGES, has_fixed_grid, plan_concat_ranges, plan_model, resolve_ranges, share_merge_inputs,
+    SHARED_INPUT_MERGES, has_fixed_grid, plan_add_ranges, plan_concat_ranges, plan_model, resolve_ranges,
+    share_merge_inputs,
 )
 from keras_quant.transform.report import QuantizationReport
 from keras_quant.transform.rewrite import affine_layer, set_affine_weights
@@ -530,13 +533,21 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
             statistics come from in training, `"quantized"` (one pass) or
             `"float"` (an extra float pass, as in Jacob et al. 2018); see
             `kq.QuantizeWrapper`.
-        shared_merges: QAT: merge layer types whose inputs share one
-            activation quantizer (default Add and Concatenate). TFLite's
-            CONCATENATION needs one scale; its ADD rescales its inputs, so
-            `(keras.layers.Concatenate,)` keeps each residual input on its own
-            range, which can matter at 4 bits when a skip tensor also feeds
-            other layers; `()` shares no merge inputs. An average pool
-            shares its input's quantizer whatever this says.
+        shared_merges: Merge layer types whose inputs are put on a shared
+            range (default Add and Concatenate). QAT: their inputs share one
+            activation quantizer. PTQ: with Add listed, the first input that
+            an Add alone reads (the residual branch's last convolution, through
+            a folded BatchNormalization or Dropout) takes the union of its
+            range and the Add's output range, as the converter's own files do
+            (`keras_quant.transform.plan.plan_add_ranges`: a coarser grid, but no
+            clipping of the branch where held-out data exceeds the
+            calibration). TFLite's CONCATENATION needs one scale, so a PTQ
+            Concatenate's sole-reader inputs always take its range; its ADD
+            rescales its inputs, so `(keras.layers.Concatenate,)` keeps each
+            residual input on its own range (in QAT this can matter at 4 bits
+            when a skip tensor also feeds other layers); `()` shares no merge
+            inputs in QAT. An average pool shares its input's quantizer
+            whatever this says.
 
     Returns:
         A new `keras.Model` with the float model's input names, shapes and
@@ -579,6 +590,8 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
     flat, plan, report, input_steps = planned.flat, planned.steps, planned.report, planned.inputs
     if mode == "ptq":
         plan_concat_ranges(flat, plan)
+        if any(issubclass(keras.layers.Add, cls) for cls in shared_merges):
+            plan_add_ranges(flat, plan)
     steps = input_steps + list(plan.values())
     _fixed_qparams(steps)
     if mode == "ptq" or calibration is not None:
