@@ -1,6 +1,7 @@
 """Accuracy against the converter over several calibration sets: is a gap kq's method, or one draw?
 
-    python benchmarks/bench_calibration_sets.py --models EfficientNetV2B0 [--sets 6] [--train 2000 3]
+    python benchmarks/run.py --only calibration_sets [--quick]
+    python benchmarks/bench_calibration_sets.py [--models EfficientNetV2B0 ...] [--sets 6] [--train 10000 5]
 
 `bench_zoo.py` compares kq's int8 file with the TFLite converter's on one set of calibration
 samples (the last 100 training samples), and its sign test (`acc_p_value`) treats the two files
@@ -127,23 +128,43 @@ def run_model(name, sets, calib, n_test, train, variants, folder, log=print):
     return rows, summary
 
 
+QUICK = {"models": ["MobileNetV3Small"], "sets": 2, "test": 1000}
+FULL = {"models": ["EfficientNetV2B0", "MobileNetV2"], "sets": 6, "test": 10000}
+
+
+def measure(models, sets, calib, n_test, train=None, variants=VARIANTS, log=print):
+    """`(per-set rows, pooled rows)` of every model."""
+    all_rows, summaries = [], []
+    with tempfile.TemporaryDirectory(prefix="kq_bench_sets_") as folder:
+        for name in models:
+            rows, summary = run_model(name, sets, calib, n_test, train, variants, folder, log=log)
+            all_rows += rows
+            summaries.append(summary)
+    return all_rows, summaries
+
+
+def run(quick=False):
+    """For `benchmarks/run.py`: the pooled table, the per-set one under it."""
+    cfg = QUICK if quick else FULL
+    rows, summaries = measure(cfg["models"], cfg["sets"], bench_zoo.FULL["calib"], cfg["test"])
+    return {"rows": summaries, "tables": {"per calibration set": rows},
+            "notes": "kq's int8 file against the converter's on several calibration sets of the same size; pooled: "
+                     "paired counts summed over the sets (variant right and converter wrong / the reverse), one "
+                     "sign test"}
+
+
 def main(argv=None):
     from keras_quant.formatting import markdown_table
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["EfficientNetV2B0"])
-    parser.add_argument("--sets", type=int, default=6)
+    parser.add_argument("--models", nargs="+", default=FULL["models"])
+    parser.add_argument("--sets", type=int, default=FULL["sets"])
     parser.add_argument("--calib", type=int, default=bench_zoo.FULL["calib"])
-    parser.add_argument("--test", type=int, default=10000)
+    parser.add_argument("--test", type=int, default=FULL["test"])
     parser.add_argument("--train", type=int, nargs=2, metavar=("SAMPLES", "EPOCHS"))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     args = parser.parse_args(argv)
-    all_rows, summaries = [], []
-    with tempfile.TemporaryDirectory(prefix="kq_bench_sets_") as folder:
-        for name in args.models:
-            rows, summary = run_model(name, args.sets, args.calib, args.test, args.train, args.variants, folder)
-            all_rows += rows
-            summaries.append(summary)
+    all_rows, summaries = measure(args.models, args.sets, args.calib, args.test, args.train, args.variants)
     print("\n### Per calibration set\n")
     print(markdown_table(all_rows))
     print("\n### Pooled over the sets (paired counts summed: variant right and converter wrong / the reverse)\n")

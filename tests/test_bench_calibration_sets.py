@@ -25,6 +25,7 @@ def test_calibration_sets_start_with_the_zoos_and_draw_distinct_samples(bcs):
     np.testing.assert_array_equal(bcs.calibration_sets(x, 3, 10)[2], sets[2])  # seeded
 
 
+@pytest.mark.tensorflow  # the calibration callback
 def test_widen_ranges_scales_both_ends_of_every_frozen_output(bcs):
     inp = keras.Input((8, 8, 3))
     h = L.Conv2D(4, 3, padding="same", name="stem")(inp)
