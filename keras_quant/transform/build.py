@@ -68,7 +68,7 @@ from keras_quant.layers.wrapper import QuantizeWrapper
 from keras_quant.layers.weight_only import WeightOnlyMultiHeadAttention
 from keras_quant.transform.plan import (
     SHARED_INPUT_MERGES, has_fixed_grid, plan_add_ranges, plan_concat_ranges, plan_model, resolve_ranges,
-    share_merge_inputs,
+    share_merge_inputs, union_qparams,
 )
 from keras_quant.transform.report import QuantizationReport
 from keras_quant.transform.rewrite import affine_layer, set_affine_weights
@@ -482,19 +482,6 @@ def _integer_layer(step, staging, in_grid, config, flat):
     return None
 
 
-def _union_qparams(group):
-    """Scale and zero point covering the calibrated ranges of every member of a shared group."""
-    from keras_quant import ops as kq_ops
-
-    spec = group[0].quant_spec
-    lows, highs = [], []
-    for st in group:
-        scale, zp = (float(keras.ops.convert_to_numpy(v)) for v in st.qparams)
-        lows.append((spec.qmin - zp) * scale)
-        highs.append((spec.qmax - zp) * scale)
-    return kq_ops.compute_qparams(min(lows), max(highs), spec)
-
-
 @graph_lib.gc_paused()
 def quantize_model(model, config=None, calibration=None, mode="ptq", observe_steps=None, bn_statistics="quantized",
                    shared_merges=SHARED_INPUT_MERGES):
@@ -613,7 +600,8 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
         if step.group is not None:  # QAT: one quantizer shared by the inputs of a merge
             first = step.group[0]
             if first.quantizer is None:
-                qparams = _union_qparams(step.group) if first.qparams is not None else (None, None)
+                qparams = (union_qparams([st.qparams for st in step.group], step.quant_spec)
+                           if first.qparams is not None else (None, None))
                 first.quantizer = ActivationQuantizer(
                     step.quant_spec, *qparams, slots=len(step.group), name=names(f"{first.quant_key}_shared_quant"),
                     **quantizer_kwargs,

@@ -54,7 +54,8 @@ from keras_quant.transform.rewrite import affine_of
 
 __all__ = [
     "Step", "plan_graph", "input_steps", "producer", "share_merge_inputs", "has_fixed_grid", "QuantizationPlan",
-    "plan_model", "activation_points", "plan_concat_ranges", "plan_add_ranges", "resolve_ranges", "SHARED_INPUT_MERGES",
+    "plan_model", "activation_points", "plan_concat_ranges", "plan_add_ranges", "resolve_ranges", "union_qparams",
+    "SHARED_INPUT_MERGES",
     "FUSING_MERGES", "SAME_RANGE_POOLS", "SEPARABLE", "separable_key",
 ]
 
@@ -135,7 +136,7 @@ class Step:
     weight_only: object = None  # "clone" of a float MultiHeadAttention: the QuantSpec of its int8 kernels
     chain: tuple = ()  # "wrap", fused merge: the staging layers TFLite computes as one op (layer, folded BN, ReLU)
     range_from: object = None  # PTQ: the step whose range this quantizer takes (a Concatenate it feeds)
-    range_union: object = None  # PTQ: the step whose range this quantizer's widens to (the Add it alone feeds)
+    range_union: object = None  # PTQ: the step whose range this quantizer's range widens to (the Add it feeds)
 
 
 def plan_graph(flat, config, fold_inputs=True):
@@ -356,15 +357,19 @@ def resolve_ranges(steps):
             step.qparams = source.qparams
     for step in steps:
         if step.range_union is not None and step.qparams is not None and step.range_union.qparams is not None:
-            spec = step.quant_spec
-            ends = [_range_ends(qp, spec) for qp in (step.qparams, step.range_union.qparams)]
-            lo, hi = min(e[0] for e in ends), max(e[1] for e in ends)
-            step.qparams = kq_ops.numpy_qparams(np.float32(lo), np.float32(hi), spec)
+            step.qparams = union_qparams([step.qparams, step.range_union.qparams], step.quant_spec)
 
 
-def _range_ends(qparams, spec):
-    scale, zero_point = (float(np.asarray(v).reshape(-1)[0]) for v in qparams)
-    return (spec.qmin - zero_point) * scale, (spec.qmax - zero_point) * scale
+def union_qparams(qparams, spec):
+    """Per-tensor `(scale, zero_point)` (numpy) on `spec`'s grid covering the ranges of every `(scale,
+    zero_point)` in `qparams`: a residual branch widened to its Add's range, a QAT group's shared quantizer."""
+    lows, highs = [], []
+    for scale, zero_point in qparams:
+        scale, zero_point = (float(np.asarray(keras.ops.convert_to_numpy(v)).reshape(-1)[0])
+                             for v in (scale, zero_point))
+        lows.append((spec.qmin - zero_point) * scale)
+        highs.append((spec.qmax - zero_point) * scale)
+    return kq_ops.numpy_qparams(np.float32(min(lows)), np.float32(max(highs)), spec)
 
 
 def _feeds_integer_graph(flat, plan, layer, seen=None):
