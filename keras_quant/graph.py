@@ -62,6 +62,17 @@ def nodes(graph, include_inputs=False):
     ]
 
 
+def index(graph):
+    """`(readers, calls)`: `{id(tensor): [node reading it]}` and `{operation name: [node calling it]}`, in
+    topological order, one pass over the graph's nodes."""
+    readers, by_name = {}, {}
+    for node in nodes(graph):
+        by_name.setdefault(operation_of(node).name, []).append(node)
+        for t in node_inputs(node):
+            readers.setdefault(id(t), []).append(node)
+    return readers, by_name
+
+
 def operations(graph):
     """Every operation of the graph (input layers, layers and `keras.ops` operations), in graph order."""
     return list(graph.operations)

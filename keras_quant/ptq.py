@@ -85,31 +85,28 @@ def _is_linear(activation):
     return getattr(activation, "__name__", "linear") == "linear"
 
 
-def _float_references(fgraph, qmodel, wrappers):
+def _float_references(fgraph, qmodel, wrappers, index=None):
     """`{wrapper name: (float tensor, layer or None)}`: where each wrapper's float linear output is read.
 
     A float layer without an activation of its own stands for the tensor after the layers folded into
     the wrapper (`quantization_report.folded`: a BatchNormalization, a constant added): that tensor,
     with None. A layer with its own activation has nothing folded after it: its input tensor, with the
-    layer, whose call without the activation gives the linear output. Also the skip reasons.
+    layer, whose call without the activation gives the linear output. Also the skip reasons. `index`:
+    `graph_lib.index(fgraph)`, where the caller has it.
     """
     report = getattr(qmodel, "quantization_report", None)
     folded_into = {}
     for name, into in (report.folded if report else ()):
         folded_into.setdefault(into, set()).add(name)
-    calls, readers = {}, {}
-    for node in graph_lib.nodes(fgraph):
-        op = graph_lib.operation_of(node)
-        calls.setdefault(op.name, []).append((op, node))
-        for t in graph_lib.node_inputs(node):
-            readers.setdefault(id(t), []).append(node)
+    readers, calls = index or graph_lib.index(fgraph)
     found, skipped = {}, []
     for w in wrappers:
         hits = calls.get(w.name, [])
         if len(hits) != 1:
             skipped.append((w.name, "no single call of a float layer of that name"))
             continue
-        layer, node = hits[0]
+        node = hits[0]
+        layer = graph_lib.operation_of(node)
         if type(layer) is not type(w.layer):
             skipped.append((w.name, f"its float layer is a {type(layer).__name__}, rewritten as a "
                                     f"{type(w.layer).__name__}"))
@@ -349,10 +346,7 @@ def _quantizer_before(op, readers):
 def _softmax_inputs(fgraph, qgraph, qmodel):
     """The softmax inputs to narrow, their float tensors, and the softmax layers skipped with the reason."""
     found, skipped, standalone = [], [], {}
-    readers = {}
-    for node in graph_lib.nodes(qgraph):
-        for t in graph_lib.node_inputs(node):
-            readers.setdefault(id(t), []).append(node)
+    readers, _ = graph_lib.index(qgraph)
     for op in graph_lib.operations(qgraph):
         if isinstance(op, QuantizeWrapper) and activation_function(op.activation) == "softmax":
             if op.mode != "frozen":
@@ -369,11 +363,10 @@ def _softmax_inputs(fgraph, qgraph, qmodel):
                 skipped.append((op.name, reason))
             else:
                 standalone[op.name] = _SoftmaxInput(op.name, wrapper, own=False, classes=int(op.output.shape[-1]))
-    references, not_found = _float_references(fgraph, qmodel, [item.wrapper for item in found])
+    float_index = graph_lib.index(fgraph)
+    references, not_found = _float_references(fgraph, qmodel, [item.wrapper for item in found], float_index)
     skipped += not_found
-    float_calls = {}
-    for node in graph_lib.nodes(fgraph):
-        float_calls.setdefault(graph_lib.operation_of(node).name, []).append(node)
+    float_calls = float_index[1]
     for name, item in standalone.items():
         calls = float_calls.get(name, [])
         if len(calls) != 1 or not _is_softmax_layer(graph_lib.operation_of(calls[0])):

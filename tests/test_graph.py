@@ -55,6 +55,18 @@ def test_producer_calls_and_node_tensors():
     assert graph_lib.producer(np.zeros(3)) == (None, None, None)
 
 
+def test_index_lists_each_tensors_readers_and_each_names_calls():
+    model = _model()
+    readers, by_name = graph_lib.index(model)
+    x = model.inputs[0]
+    assert [graph_lib.operation_of(n).name for n in readers[id(x)]] == ["dense", "head"]  # topological order
+    dense_out = model.get_layer("dense").output
+    assert [type(graph_lib.operation_of(n)).__name__ for n in readers[id(dense_out)]] == ["Multiply"]
+    assert id(model.outputs[0]) not in readers  # a model output nobody reads
+    assert by_name["head"] == graph_lib.calls(model.get_layer("head"))
+    assert sum(map(len, by_name.values())) == len(graph_lib.nodes(model))
+
+
 def test_run_calls_every_operation_with_its_arguments():
     model = _model()
     seen = []
