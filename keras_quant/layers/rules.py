@@ -49,7 +49,8 @@ from keras_quant.errors import ConfigError
 __all__ = [
     "LayerRule", "RULES", "get_rule", "register_rule", "KINDS", "FUSABLE_ACTIVATIONS", "is_fusable_activation",
     "PREACTIVATION", "preactivation_key", "split_activation", "OP_KINDS", "OP_RULES", "is_keras_op",
-    "FIXED_GRIDS", "output_function", "activation_function", "fixed_output_qparams",
+    "FIXED_GRIDS", "output_function", "activation_function", "fixed_output_qparams", "INFERENCE_IDENTITY",
+    "without_activation",
 ]
 
 KINDS = ("compute", "activation", "merge", "pool", "norm", "passthrough", "float")
@@ -101,6 +102,14 @@ def _application_affine_layers():
     except ImportError:  # pragma: no cover - another Keras layout
         return ()
     return (LayerScale,)
+
+
+# Passthrough layers that return their input at inference (no op in the file).
+INFERENCE_IDENTITY = (
+    keras.layers.Dropout, keras.layers.SpatialDropout1D, keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D, keras.layers.GaussianNoise, keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout, keras.layers.Identity,
+)
 
 
 def _rules():
@@ -156,11 +165,10 @@ def _rules():
     rules += [
         LayerRule(cls, "passthrough")
         for cls in (
-            L.Flatten, L.Reshape, L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D,
-            L.GaussianNoise, L.GaussianDropout, L.AlphaDropout, L.Permute, L.RepeatVector, L.Cropping1D,
+            *INFERENCE_IDENTITY, L.Flatten, L.Reshape, L.Permute, L.RepeatVector, L.Cropping1D,
             L.Cropping2D, L.Cropping3D, L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D, L.UpSampling1D,
             L.UpSampling2D, L.UpSampling3D, L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D,
-            L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D, L.Identity, L.InputLayer,
+            L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D, L.InputLayer,
         )
     ]
     return {r.layer_type: r for r in rules}

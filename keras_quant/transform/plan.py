@@ -45,8 +45,8 @@ from keras_quant.config import LayerQuantConfig, QuantConfig
 from keras_quant.errors import UnsupportedLayerError
 from keras_quant.layers.folding import fold_blocker
 from keras_quant.layers.rules import (
-    fixed_output_qparams, get_rule, is_fusable_activation, is_keras_op, output_function, preactivation_key,
-    split_activation,
+    INFERENCE_IDENTITY, fixed_output_qparams, get_rule, is_fusable_activation, is_keras_op, output_function,
+    preactivation_key, split_activation,
 )
 from keras_quant.layers.weight_only import weight_only_spec
 from keras_quant.transform.graph import FlatGraph, already_flat
@@ -79,9 +79,6 @@ def separable_key(key):
 
 # Pools whose TFLite kernel keeps the input's scale and zero point (AVERAGE_POOL_2D).
 SAME_RANGE_POOLS = (L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D)
-# Layers that return their input at inference (no op in the file).
-INFERENCE_IDENTITY = (L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D, L.GaussianNoise,
-                      L.GaussianDropout, L.AlphaDropout, L.Identity, L.ActivityRegularization)
 
 
 def merge_class(op):
