@@ -481,13 +481,24 @@ class QuantConfig:
         )
 
 
-def as_spec(spec, field="spec", layer=None):
+def as_spec(spec, field="spec", layer=None, required=False):
     """`spec` as a `QuantSpec`: a spec, its config dict, or None (the default int8 spec).
+
+    The one place a spec argument is checked and coerced; every public function
+    that takes a `spec` calls it.
+
+    Args:
+        spec: A `kq.QuantSpec`, its `get_config()` dict, or None.
+        field: The argument's name, for the error.
+        layer: The layer the spec is for, if any, for the error.
+        required: If True, None is an error too (a function with no default spec).
 
     Raises:
         ConfigError: For anything else, naming `field` and `layer`.
     """
     if spec is None:
+        if required:
+            raise ConfigError(field, spec, "expected a kq.QuantSpec or a QuantSpec config dict", layer=layer)
         return QuantSpec()
     if isinstance(spec, QuantSpec):
         return spec
