@@ -11,6 +11,7 @@ from keras_quant.ops.core import (
     compute_qparams,
     dequantize,
     fake_quant,
+    moving_average,
     numpy_qparams,
     numpy_weight_qparams,
     param_shape,
@@ -43,4 +44,5 @@ __all__ = [
     "channel_axis",
     "to_groups",
     "round_half_up",
+    "moving_average",
 ]

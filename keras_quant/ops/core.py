@@ -45,6 +45,7 @@ __all__ = [
     "WEIGHT_SEARCH_OBSERVERS",
     "WEIGHT_SEARCH_RATIOS",
     "round_half_up",
+    "moving_average",
     "param_shape",
     "channel_axis",
     "to_groups",
@@ -58,6 +59,16 @@ EPS = float(np.finfo(np.float32).eps)
 def _check_spec(spec):
     if not isinstance(spec, QuantSpec):
         raise ConfigError("spec", spec, "expected a kq.QuantSpec")
+
+
+def moving_average(average, value, momentum):
+    """`momentum * average + (1 - momentum) * value`: Keras' moving-average convention.
+
+    The one exponential moving average of the package: the QAT range and the
+    moving-average observer both step with it (`momentum=0.99` keeps 99% of the
+    old value per batch, as `keras.layers.BatchNormalization` does).
+    """
+    return ops.add(ops.multiply(momentum, average), ops.multiply(1.0 - momentum, value))
 
 
 def round_half_up(v):
