@@ -1,7 +1,7 @@
 """`CalibrationCallback` on a small CNN: predict overhead, time against TFLite's calibration, memory.
 
 A CNN (Conv2D+BatchNorm+ReLU+MaxPool twice, GlobalAveragePooling, Dense) is trained for one epoch
-on a subset of Fashion-MNIST (`keras_quant.datasets`; the scikit-learn digits when Fashion-MNIST is
+on a subset of Fashion-MNIST (`keras_quant.cli.datasets`; the scikit-learn digits when Fashion-MNIST is
 not installed, said in the notes), with a fixed seed. Then, all in the same run:
 
 1. overhead: `model.predict(x, batch_size=B)` with a fresh `CalibrationCallback` (activation
@@ -45,7 +45,7 @@ FULL = {"train": 10000, "warmup": 1, "repeats": 5, "tflite_samples": 1000, "tfli
 # Data and model ------------------------------------------------------------------------
 def load_data(n_train):
     """`(x_train, y_train, x_test, dataset_name)`; digits when Fashion-MNIST is missing."""
-    from keras_quant import datasets
+    from keras_quant.cli import datasets
 
     if datasets.fashion_mnist_available():
         (x, y), (xt, _) = datasets.load_fashion_mnist(limit_train=n_train)

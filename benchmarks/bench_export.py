@@ -3,7 +3,7 @@
     python benchmarks/run.py --only export [--quick]     # as part of the benchmark report
     python benchmarks/bench_export.py [--quick]           # on its own
 
-One float CNN on Fashion-MNIST (`keras_quant.datasets`; scikit-learn's digits when it is not
+One float CNN on Fashion-MNIST (`keras_quant.cli.datasets`; scikit-learn's digits when it is not
 installed, said in the notes), over 100k parameters: Conv2D(32)+BN+ReLU, Conv2D(64)+BN+ReLU,
 MaxPool, a depthwise-separable block (DepthwiseConv2D+BN+ReLU, 1x1 Conv2D(64)+BN+ReLU), MaxPool,
 Flatten, Dense(128)+ReLU, Dense(10). BatchNorm momentum 0.9, seed 0, Adam, batch 64, trained 2
@@ -68,7 +68,7 @@ ARTIFACTS = TFLITE_ARTIFACTS + ONNX_ARTIFACTS
 # Data and model ------------------------------------------------------------------------
 def load_data(n_train=None, n_test=None):
     """`(x_train, y_train, x_test, y_test, dataset_name)`; digits when Fashion-MNIST is missing."""
-    from keras_quant import datasets
+    from keras_quant.cli import datasets
 
     return datasets.load_fashion_or_digits(n_train, n_test)
 

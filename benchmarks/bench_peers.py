@@ -107,7 +107,7 @@ TARGETS = {"qat_w8a8_pts": 0.3, "lsq_w4a4_pts": 2.0, "latency": 1.05, "size": 1.
 # Data and models -----------------------------------------------------------------------
 def load_dataset(name):
     """`(x_train, y_train, x_test, y_test)` as float32 images in [0, 1] with a channel axis."""
-    from keras_quant import datasets
+    from keras_quant.cli import datasets
 
     if name == "digits":
         (x, y), (xt, yt) = datasets.load_digits()
@@ -118,7 +118,7 @@ def load_dataset(name):
 
 def available_datasets(names):
     """`(names that can run, notes on those that cannot)`."""
-    from keras_quant import datasets
+    from keras_quant.cli import datasets
 
     keep, notes = [], []
     for name in names:

@@ -3,7 +3,7 @@
     python benchmarks/run.py --only qat [--quick]         # as part of the benchmark report
     python benchmarks/bench_qat.py [--quick] [--part P]   # on its own, P in all/timing/tfmot/accuracy
 
-Data: Fashion-MNIST (`keras_quant.datasets`, Debian's `/usr/share/datasets/fashion-mnist`; the
+Data: Fashion-MNIST (`keras_quant.cli.datasets`, Debian's `/usr/share/datasets/fashion-mnist`; the
 scikit-learn digits when it is not installed, said in the notes). Model: a CNN in the style of
 `bench_calibration.py` (Conv2D(16)+BatchNorm+ReLU+MaxPool, Conv2D(32)+BatchNorm+ReLU+MaxPool,
 Flatten, Dense(10); Flatten rather than global pooling and BatchNorm momentum 0.9 so that a
@@ -88,7 +88,7 @@ ABSL_INFO = re.compile(r"^[IW]\d{4} ")  # absl-formatted info / warning lines (e
 # Data and model ------------------------------------------------------------------------
 def load_data(n_train=None, n_test=None):
     """`(x_train, y_train, x_test, y_test, dataset_name)`; digits when Fashion-MNIST is missing."""
-    from keras_quant import datasets
+    from keras_quant.cli import datasets
 
     return datasets.load_fashion_or_digits(n_train, n_test)
 

@@ -2,7 +2,7 @@
 
 Importable by the tests (`benchmarks/` on `sys.path`). Nothing here downloads anything:
 `keras.applications` models are built with `weights=None`, the data come from Fashion-MNIST's
-local idx files (`keras_quant.datasets`; scikit-learn's digits stand in when it is not installed)
+local idx files (`keras_quant.cli.datasets`; scikit-learn's digits stand in when it is not installed)
 and scikit-learn's digits.
 
 Every model is a `ZooModel`: a `build(size=None)` function returning a compiled Keras model,
@@ -204,7 +204,7 @@ QUICK_MODELS = tuple(n for n, m in MODELS.items() if m.cheap)
 # Data --------------------------------------------------------------------------------------
 def _fashion(n_train, n_test):
     """`(x, y, xt, yt)`: 28x28x1 float32 in [0, 1] (digits, upscaled, when Fashion-MNIST is missing)."""
-    from keras_quant import datasets
+    from keras_quant.cli import datasets
 
     x, y, xt, yt, _ = datasets.load_fashion_or_digits(n_train, n_test)
     return x, y, xt, yt
@@ -224,7 +224,7 @@ def load_task(model: ZooModel, n_train, n_test, size=None):
     """`(x_train, y_train, x_test, y_test, description)` for `model`'s task at input `size`."""
     size = size or model.size
     if model.task == "tokens":
-        from keras_quant import datasets
+        from keras_quant.cli import datasets
 
         (x, y), (xt, yt) = datasets.load_digits()
         tok = lambda a: np.rint(a.reshape(len(a), -1) * 16).astype("int32")[:, :size]  # noqa: E731

@@ -22,6 +22,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_quant as kq  # noqa: E402
+from keras_quant.cli import datasets  # noqa: E402  (the offline example data)
 
 L = keras.layers
 
@@ -44,7 +45,7 @@ def accuracy(model, x, y):
 
 def main():
     keras.utils.set_random_seed(0)
-    (x_train, y_train), (x_test, y_test) = kq.datasets.load_digits()
+    (x_train, y_train), (x_test, y_test) = datasets.load_digits()
     model = build_model()
     model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x_train, y_train, epochs=15, batch_size=64, verbose=0)

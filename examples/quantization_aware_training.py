@@ -24,6 +24,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_quant as kq  # noqa: E402
+from keras_quant.cli import datasets  # noqa: E402  (the offline example data)
 
 L = keras.layers
 
@@ -46,7 +47,7 @@ def accuracy(model, x, y):
 
 def main(epochs=15, qat_epochs=4):
     keras.utils.set_random_seed(0)
-    (x_train, y_train), (x_test, y_test) = kq.datasets.load_digits()
+    (x_train, y_train), (x_test, y_test) = datasets.load_digits()
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model = build_model()
     model.compile(keras.optimizers.Adam(0.01), loss)

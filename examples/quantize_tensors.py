@@ -2,7 +2,7 @@
 
     python examples/quantize_tensors.py [--epochs N] [--seed S] [--json]
 
-Same as `keras-quant demo`. The steps live in `keras_quant/demo.py`; each one
+Same as `keras-quant demo`. The steps live in `keras_quant/cli/demo.py`; each one
 uses only the public API:
 
 - weights:      `kq.ops.tensor_qparams` + `kq.ops.fake_quant`, per channel and per group;

@@ -7,6 +7,11 @@ Each recipe (`to_tflite_int8.py`, `to_tflite_16x8.py`, `to_onnx_qdq.py`) is one 
 against the Keras model (`kq.analysis.compare_models`) and prints the `ExportReport` and the
 comparison. A bad model file, bad data or a keras_quant error ends the script with one line on
 stderr and exit status 1.
+
+This is a helper of stand-alone scripts, not a package module: the recipes import it as
+`_common` from their own folder (a script's folder is on `sys.path`); `export/` has no
+`__init__.py` and is not `keras_quant.export`. The offline data comes from
+`keras_quant.cli.datasets`.
 """
 
 import argparse
@@ -76,7 +81,7 @@ def load_data(spec, input_shape, samples):
     """
     import numpy as np
 
-    from keras_quant import datasets
+    from keras_quant.cli import datasets
 
     shape = tuple(input_shape)
     if spec is None:
@@ -89,7 +94,7 @@ def load_data(spec, input_shape, samples):
     elif spec == "fashion":
         if not datasets.fashion_mnist_available():
             raise RecipeError(f"Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist puts it in "
-                              f"{datasets.FASHION_MNIST_DIR}); pass --data digits or --data PATH.npz")
+                              f"{datasets.fashion_mnist_dir()}); pass --data digits or --data PATH.npz")
         _, (x, y) = datasets.load_fashion_mnist(limit_test=samples)
     elif spec.endswith(".npz"):
         if not os.path.isfile(spec):

@@ -64,15 +64,16 @@ def main(argv=None):
     import numpy as np
 
     import keras_quant as kq
+    from keras_quant.cli import datasets
 
     if args.data == "fashion":
-        if not kq.datasets.fashion_mnist_available():
+        if not datasets.fashion_mnist_available():
             print(f"{Path(sys.argv[0]).name}: error: Fashion-MNIST is not installed (apt-get install "
                   "dataset-fashion-mnist); use --data digits", file=sys.stderr)
             return 1
-        (x, y), (x_test, y_test) = kq.datasets.load_fashion_mnist()
+        (x, y), (x_test, y_test) = datasets.load_fashion_mnist()
     else:
-        (x, y), (x_test, y_test) = kq.datasets.load_digits()
+        (x, y), (x_test, y_test) = datasets.load_digits()
     epochs = args.epochs or DEFAULT_EPOCHS[args.data]
 
     model = build_model(x.shape[1:])

@@ -5,7 +5,7 @@ Import it as `kq`. The public names are those of `__all__`.
 
 __version__ = "0.1.0"
 
-from keras_quant import analysis, calibration, datasets, errors, export, layers, observers, ops, ptq, qat, runtime
+from keras_quant import analysis, calibration, errors, export, layers, observers, ops, ptq, qat, runtime
 from keras_quant.analysis import QuantizationTensorBoard
 from keras_quant.calibration import CalibrationCache, CalibrationCallback, CalibrationResult, LayerStatistics
 from keras_quant.export import ExportReport, export_onnx, export_tflite
@@ -44,3 +44,13 @@ __all__ = [
     "ExportReport",
     "QuantizationTensorBoard",
 ]
+
+
+def __getattr__(name):
+    # `kq.datasets`: the offline example datasets live with the command line, apart from the
+    # library core (keras_quant.cli.datasets); imported on first use, not with keras_quant.
+    if name == "datasets":
+        import keras_quant.cli.datasets
+
+        return keras_quant.cli.datasets
+    raise AttributeError(f"module 'keras_quant' has no attribute {name!r}")

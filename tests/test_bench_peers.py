@@ -20,7 +20,7 @@ def bp():
 def digits_mlp(bp):
     import keras
 
-    from keras_quant import datasets
+    from keras_quant.cli import datasets
 
     (x, y), (xt, yt) = datasets.load_digits()
     model = bp.compile_model(keras, bp.build_model(keras, "mlp", x.shape[1:]), bp.TRAIN_LR)
@@ -87,7 +87,7 @@ def test_every_contender_writes_a_file_its_runtime_runs(bp, digits_mlp, tmp_path
 def test_ort_w4a4_into_maxpool_is_an_error_row_not_a_crash(bp, tmp_path):
     import keras
 
-    from keras_quant import datasets
+    from keras_quant.cli import datasets
 
     (x, y), _ = datasets.load_digits()
     model = bp.build_model(keras, "cnn", x.shape[1:])
@@ -172,7 +172,7 @@ def test_non_tensorflow_backend_is_skipped_with_a_note(bp, monkeypatch):
 
 
 def test_missing_fashion_mnist_is_left_out_with_a_note(bp, monkeypatch):
-    from keras_quant import datasets
+    from keras_quant.cli import datasets
 
     monkeypatch.setattr(datasets, "fashion_mnist_available", lambda: False)
     names, notes = bp.available_datasets(("fashion_mnist", "digits"))

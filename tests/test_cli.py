@@ -59,7 +59,7 @@ def test_bad_arguments_through_the_module_entry_point():
 
 
 def test_library_errors_are_one_line(monkeypatch, capsys):
-    from keras_quant import demo
+    from keras_quant.cli import demo
     from keras_quant.errors import ConfigError
 
     def broken(**kwargs):

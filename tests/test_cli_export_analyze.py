@@ -10,6 +10,7 @@ import pytest
 
 import keras_quant as kq
 from keras_quant import cli
+from keras_quant.cli import datasets
 
 pytestmark = [pytest.mark.tensorflow, pytest.mark.slow]
 
@@ -18,7 +19,7 @@ pytestmark = [pytest.mark.tensorflow, pytest.mark.slow]
 def files(tmp_path_factory):
     """A float and a PTQ .keras model of a small digits CNN, and an .npz with test inputs and labels."""
     folder = tmp_path_factory.mktemp("cli")
-    (x, y), (xt, yt) = kq.datasets.load_digits()
+    (x, y), (xt, yt) = datasets.load_digits()
     keras.utils.set_random_seed(0)
     inp = keras.Input((8, 8, 1), name="image")
     h = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inp)

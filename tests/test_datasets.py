@@ -1,9 +1,10 @@
 import gzip
+import sys
 
 import numpy as np
 import pytest
 
-from keras_quant import datasets
+from keras_quant.cli import datasets
 from keras_quant.errors import ConfigError, IntegrityError
 
 
@@ -65,3 +66,37 @@ def test_load_fashion_or_digits_names_what_it_loaded():
     x, y, xt, yt, name = datasets.load_fashion_or_digits(limit_train=20, limit_test=10)
     assert name in ("fashion_mnist", "digits") and len(x) == len(y) == 20 and len(xt) == len(yt) == 10
     assert x.shape[1:] == ((28, 28, 1) if name == "fashion_mnist" else (8, 8, 1))
+
+
+def test_fashion_mnist_folder_is_the_argument_else_the_environment_else_debian(tmp_path, monkeypatch):
+    monkeypatch.delenv(datasets.FASHION_MNIST_DIR_ENV, raising=False)
+    assert datasets.fashion_mnist_dir() == datasets.FASHION_MNIST_DIR == "/usr/share/datasets/fashion-mnist"
+    monkeypatch.setenv("KERAS_QUANT_FASHION_MNIST_DIR", str(tmp_path))
+    assert datasets.fashion_mnist_dir() == str(tmp_path)
+    assert datasets.fashion_mnist_dir(tmp_path / "other") == str(tmp_path / "other")
+    assert not datasets.fashion_mnist_available()  # the empty folder the variable names
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        datasets.load_fashion_mnist()
+    for prefix in ("train", "t10k"):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", np.zeros((2, 28, 28)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.zeros(2))
+    assert datasets.fashion_mnist_available()
+    x, y, xt, yt, name = datasets.load_fashion_or_digits()
+    assert name == "fashion_mnist" and x.shape == (2, 28, 28, 1)
+
+
+def test_digits_without_scikit_learn_name_the_data_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails as when not installed
+    with pytest.raises(ConfigError, match=r"keras-quant\[data\]") as info:
+        datasets.load_digits()
+    assert info.value.field == "dataset"
+
+
+def test_kq_datasets_is_this_module():
+    import keras_quant as kq
+    from keras_quant import datasets as via_package
+
+    assert kq.datasets is via_package is datasets
+    assert "datasets" in kq.__all__
+    with pytest.raises(AttributeError, match="no_such_name"):
+        kq.no_such_name

@@ -6,7 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_quant import cli, demo
+from keras_quant import cli
+from keras_quant.cli import demo
 from keras_quant.config import QuantSpec
 
 
@@ -89,7 +90,7 @@ def test_simulated_forward_leaves_the_model_as_it_found_it(rng):
 
 
 def test_demo_data_is_fashion_mnist_when_installed_else_the_digits(monkeypatch):
-    from keras_quant import datasets
+    from keras_quant.cli import datasets
     from keras_quant.errors import ConfigError
 
     (x, y), (xt, yt), name = demo.load_data("digits")

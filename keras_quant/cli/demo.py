@@ -1,4 +1,4 @@
-"""The main job, end to end on shipped data.
+"""`keras-quant demo`: the main job, end to end on shipped data.
 
 Trains a small CNN on Fashion-MNIST when Debian's `dataset-fashion-mnist` is
 installed (10,000 training and 2,000 test images, 3 epochs), else on
@@ -25,23 +25,32 @@ scikit-learn's digits (shipped in its wheel), then quantizes it tensor by tensor
 
 and prints the tables (`keras-quant demo`, or
 `python examples/quantize_tensors.py`), with a progress bar on stderr for
-every long step.
+every long step. `run` does it all; each step is a function of its own
+(`train_model`, `weight_error_rows`, `observe_activations`,
+`simulated_accuracy_rows`, then PTQ, QAT, export and analysis), and
+`print_tables` prints what `run` returns. The data comes from
+`keras_quant.cli.datasets`; `add_parser` and `command` are the `demo`
+subcommand of `keras_quant.cli`.
 """
 
+import json
 import time
 
 import keras
 import numpy as np
 
-from keras_quant import analysis, datasets, observers
+import keras_quant.cli.datasets as datasets
+from keras_quant import analysis, observers
 from keras_quant import ops as qops
+from keras_quant.cli.common import positive_int
 from keras_quant.config import QuantSpec
-from keras_quant.formatting import text_table
+from keras_quant.formatting import text_table, to_jsonable
 from keras_quant.progress import ProgressBar, progress_callback, steps
 
-__all__ = ["build_model", "run"]
+__all__ = ["build_model", "run", "load_data", "print_tables", "add_parser", "command"]
 
 OBSERVER_NAMES = ("minmax", "percentile", "mse", "kl")
+ACT_SPEC = QuantSpec(bits=8)  # the activations' scheme of steps 2 and 3
 DATASETS = ("auto", "fashion", "digits")
 # Fashion-MNIST subset and epochs: the main job stays a few minutes on 2 CPU cores.
 FASHION_TRAIN, FASHION_TEST, FASHION_EPOCHS = 10_000, 2_000, 3
@@ -52,9 +61,14 @@ def load_data(dataset="auto", seed=0):
     """`((x_train, y_train), (x_test, y_test), name)` of the demo's dataset.
 
     Args:
-        dataset: `"fashion"` (Debian's Fashion-MNIST, a subset), `"digits"`, or
-            `"auto"`: Fashion-MNIST when it is installed, else the digits.
+        dataset: `"fashion"` (Debian's Fashion-MNIST, a subset, read from
+            `keras_quant.cli.datasets.fashion_mnist_dir()`), `"digits"`, or `"auto"`:
+            Fashion-MNIST when it is installed, else the digits.
         seed: Split seed of the digits.
+
+    Raises:
+        ConfigError: For an unknown `dataset`, `"fashion"` when it is not installed, or
+            the digits without scikit-learn.
     """
     from keras_quant.errors import ConfigError
 
@@ -64,8 +78,9 @@ def load_data(dataset="auto", seed=0):
         dataset = "fashion" if datasets.fashion_mnist_available() else "digits"
     if dataset == "fashion":
         if not datasets.fashion_mnist_available():
-            raise ConfigError("dataset", dataset, f"Fashion-MNIST is not installed in {datasets.FASHION_MNIST_DIR} "
-                              "(apt-get install -y dataset-fashion-mnist); use --dataset digits")
+            raise ConfigError("dataset", dataset, f"Fashion-MNIST is not installed in {datasets.fashion_mnist_dir()} "
+                              f"(apt-get install -y dataset-fashion-mnist, or set ${datasets.FASHION_MNIST_DIR_ENV}"
+                              "); use --dataset digits")
         train, test = datasets.load_fashion_mnist(limit_train=FASHION_TRAIN, limit_test=FASHION_TEST)
         return train, test, "fashion_mnist"
     train, test = datasets.load_digits(seed=seed)
@@ -241,12 +256,35 @@ def run(epochs=None, seed=0, calibration_samples=512, verbose=True, qat_epochs=3
         A dict with `"dataset"`, the `"weights"`, `"activations"`, `"accuracy"` and
         `"deployed"` row lists, and `"analysis"` (`analyze_model`'s result, or None).
     """
-    import tempfile
-    from pathlib import Path
-
     say = print if verbose else (lambda *a, **k: None)
     keras.utils.set_random_seed(seed)
-    (x_train, y_train), (x_test, y_test), data_name = load_data(dataset, seed=seed)
+    train, test, data_name = load_data(dataset, seed=seed)
+    model = train_model(train, data_name, epochs, say, verbose)
+    calib = train[0][:calibration_samples]
+    on_tensorflow = keras.backend.backend() == "tensorflow"
+
+    weight_rows = weight_error_rows(model)  # 1.
+    observed, act_rows = observe_activations(model, calib, test[0])  # 2.
+    float_acc, acc_rows = simulated_accuracy_rows(model, test, observed)  # 3.
+    keras_models = {}  # the quantized Keras models export writes
+    if on_tensorflow:  # 4. (the calibration callback hooks TensorFlow's trainer)
+        acc_rows.extend(_ptq_rows(model, calib, test, float_acc, keras_models))
+    if qat_epochs:  # 5. (any backend; calibration initialises the ranges on TensorFlow)
+        acc_rows.extend(_qat_rows(model, calib, train, test, qat_epochs, float_acc, say, keras_models, verbose))
+    deploy_rows, analysis_out = [], None
+    if on_tensorflow:  # 6. and 7.
+        deploy_rows, analysis_out = _deploy_and_analyse(model, keras_models, calib, test, float_acc, out_dir,
+                                                        report, analysis_samples, say, verbose)
+
+    tables = {"dataset": data_name, "weights": weight_rows, "activations": act_rows, "accuracy": acc_rows,
+              "deployed": deploy_rows, "analysis": analysis_out}
+    print_tables(tables, len(calib), len(test[0]), say)
+    return tables
+
+
+def train_model(train, data_name, epochs, say, verbose=True):
+    """The float model: `build_model` trained on `train` (`epochs` None: the dataset's default)."""
+    x_train, y_train = train
     if epochs is None:
         epochs = FASHION_EPOCHS if data_name == "fashion_mnist" else DIGITS_EPOCHS
     model = build_model(x_train.shape[1:])
@@ -261,28 +299,37 @@ def run(epochs=None, seed=0, calibration_samples=512, verbose=True, qat_epochs=3
     bar.close()
     say(f"trained {model.name} on {data_name} ({len(x_train)} samples, {epochs} epochs) in "
         f"{time.perf_counter() - t0:.1f}s")
+    return model
 
-    # 1. Weights, tensor by tensor.
-    weight_rows = []
+
+def weight_error_rows(model):
+    """Step 1: every kernel, tensor by tensor, under each of `_weight_schemes`."""
+    rows = []
     for layer in model.layers:
         if not hasattr(layer, "kernel"):
             continue
         w = keras.ops.convert_to_numpy(layer.kernel.value)
         for scheme, spec in _weight_schemes(w.shape).items():
             stats = analysis.error_stats(w, _fake_quant_tensor(w, spec))
-            weight_rows.append(
+            rows.append(
                 {"layer": layer.name, "shape": str(w.shape), "scheme": scheme, "mse": stats.mse,
                  "sqnr_db": stats.sqnr_db, "max_error": stats.max_error}
             )
+    return rows
 
-    # 2. Activations: observers fed by the calibration split, judged on the test split.
+
+def observe_activations(model, calib, x_test):
+    """Step 2: every activation's observers fed by `calib`, their ranges judged on `x_test`.
+
+    Returns:
+        `(observed, rows)`: `{observer name: {tensor name: observer}}` (the input first,
+        then each layer's output), and the table rows.
+    """
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     probe = keras.Model(model.input, [model.input] + [layer.output for layer in layers])
     names = [model.layers[0].name] + [layer.name for layer in layers]  # the input layer first
-    calib = x_train[:calibration_samples]
-    act_spec = QuantSpec(bits=8)
     observed = {
-        method: {name: observers.get(act_spec.replace(observer=method)) for name in names}
+        method: {name: observers.get(ACT_SPEC.replace(observer=method)) for name in names}
         for method in OBSERVER_NAMES
     }
     for start in range(0, len(calib), 128):  # one probe pass feeds every observer
@@ -290,105 +337,133 @@ def run(epochs=None, seed=0, calibration_samples=512, verbose=True, qat_epochs=3
             for method in OBSERVER_NAMES:
                 observed[method][name].update(value)
     test_acts = dict(zip(names, (keras.ops.convert_to_numpy(t) for t in probe(x_test))))
-    act_rows = []
+    rows = []
     for name in names:
         for method in OBSERVER_NAMES:
             row = {"tensor": name, "observer": method}
             for bits in (8, 4):
-                spec = act_spec.replace(bits=bits)
+                spec = ACT_SPEC.replace(bits=bits)
                 scale, zp = observed[method][name].compute_qparams(spec)
                 stats = analysis.error_stats(test_acts[name], qops.fake_quant(test_acts[name], scale, zp, spec))
                 row[f"a{bits}_sqnr_db"] = stats.sqnr_db
                 if bits == 8:
                     lo, hi = (spec.qmin - zp) * scale, (spec.qmax - zp) * scale
                     row["a8_range"] = f"[{float(lo):.3g}, {float(hi):.3g}]"
-            act_rows.append(row)
+            rows.append(row)
+    return observed, rows
 
-    # 3. The whole model, simulated.
+
+def simulated_accuracy_rows(model, test, observed):
+    """Step 3: the whole model simulated with fake-quantized weights and `observed` activation ranges.
+
+    Returns:
+        `(float_acc, rows)`: the float model's test accuracy, and the table rows.
+    """
+    x_test, y_test = test
     float_acc = _accuracy(_forward(model, x_test), y_test)
-    acc_rows = [{"scheme": "float32", "accuracy": float_acc, "drop": 0.0}]
+    rows = [{"scheme": "float32", "accuracy": float_acc, "drop": 0.0}]
     w8 = _weight_schemes((1, 1))["int8 per-channel"]
     w4 = _weight_schemes((1, 1))["int4 per-channel"]
     for label, wspec in (("W8 (weights only)", w8), ("W4 (weights only)", w4)):
         acc = _accuracy(_forward(model, x_test, weight_spec=wspec), y_test)
-        acc_rows.append({"scheme": label, "accuracy": acc, "drop": float_acc - acc})
+        rows.append({"scheme": label, "accuracy": acc, "drop": float_acc - acc})
     for wlabel, wspec in (("W8", w8), ("W4", w4)):
         for method in OBSERVER_NAMES:
-            qparams = {n: observed[method][n].compute_qparams(act_spec) for n in names}
-            acc = _accuracy(_forward(model, x_test, wspec, qparams, act_spec), y_test)
-            acc_rows.append({"scheme": f"{wlabel}A8 ({method})", "accuracy": acc, "drop": float_acc - acc})
+            qparams = {name: obs.compute_qparams(ACT_SPEC) for name, obs in observed[method].items()}
+            acc = _accuracy(_forward(model, x_test, wspec, qparams, ACT_SPEC), y_test)
+            rows.append({"scheme": f"{wlabel}A8 ({method})", "accuracy": acc, "drop": float_acc - acc})
+    return float_acc, rows
 
-    keras_models = {}  # the quantized Keras models export writes
-    # 4. The PTQ model: CalibrationCallback in a predict call, then quantize_model (TensorFlow trainer).
-    if keras.backend.backend() == "tensorflow":
-        from keras_quant.calibration import CalibrationCallback
-        from keras_quant.config import QuantConfig
-        from keras_quant.quantize import quantize_model
 
-        for wlabel, config in (("W8A8", QuantConfig.int8()), ("W4A8", QuantConfig.w4a8())):
-            for method in ("minmax", "mse"):
-                config.activations = QuantSpec(bits=8, observer=method)
-                callback = CalibrationCallback(config=config, statistics="range")
-                t0 = time.perf_counter()
-                model.predict(calib, batch_size=128, callbacks=[callback], verbose=0)
-                qmodel = quantize_model(model, config, calibration=callback.result)
-                seconds = time.perf_counter() - t0
-                acc = _accuracy(qmodel.predict(x_test, verbose=0), y_test)
-                acc_rows.append({"scheme": f"{wlabel} PTQ model ({method}, calibrated in {seconds:.1f}s)",
-                                 "accuracy": acc, "drop": float_acc - acc})
-                keras_models.setdefault(f"{wlabel} PTQ", qmodel)
-        callback = CalibrationCallback(config=QuantConfig.int16x8(), statistics="range")
-        model.predict(calib, batch_size=128, callbacks=[callback], verbose=0)
-        keras_models["16x8 PTQ"] = quantize_model(model, QuantConfig.int16x8(), calibration=callback.result)
+def _ptq_rows(model, calib, test, float_acc, keras_models):
+    """Step 4: `CalibrationCallback` in a predict call, then `quantize_model` (TensorFlow's trainer).
 
-    # 5. Quantization-aware training (any backend; calibration initialises the ranges on TensorFlow).
-    if qat_epochs:
-        acc_rows.extend(_qat_rows(model, calib, (x_train, y_train), (x_test, y_test), qat_epochs, float_acc, say,
-                                  keras_models, verbose))
+    Adds the first W8A8 and W4A8 PTQ models and a 16x8 PTQ model to `keras_models`.
+    """
+    from keras_quant.calibration import CalibrationCallback
+    from keras_quant.config import QuantConfig
+    from keras_quant.quantize import quantize_model
 
-    # 6. Export, each artifact evaluated in its runtime; 7. the analysis report (TensorFlow backend).
-    deploy_rows, analysis_out = [], None
-    if keras.backend.backend() == "tensorflow":
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(out_dir) if out_dir is not None else Path(tmp)
-            folder.mkdir(parents=True, exist_ok=True)
-            deploy_rows, paths = _deploy_rows(model, keras_models, x_test, y_test, float_acc, folder, say, verbose)
-            analysis_out = _analysis(model, calib, x_test[:analysis_samples], y_test[:analysis_samples],
-                                     [paths[k] for k in ("W8A8 PTQ -> TFLite int8", "W8A8 PTQ -> ONNX QDQ") if k in paths],
-                                     report, verbose)
+    rows = []
+    for wlabel, config in (("W8A8", QuantConfig.int8()), ("W4A8", QuantConfig.w4a8())):
+        for method in ("minmax", "mse"):
+            config.activations = QuantSpec(bits=8, observer=method)
+            callback = CalibrationCallback(config=config, statistics="range")
+            t0 = time.perf_counter()
+            model.predict(calib, batch_size=128, callbacks=[callback], verbose=0)
+            qmodel = quantize_model(model, config, calibration=callback.result)
+            seconds = time.perf_counter() - t0
+            acc = _accuracy(qmodel.predict(test[0], verbose=0), test[1])
+            rows.append({"scheme": f"{wlabel} PTQ model ({method}, calibrated in {seconds:.1f}s)",
+                         "accuracy": acc, "drop": float_acc - acc})
+            keras_models.setdefault(f"{wlabel} PTQ", qmodel)
+    callback = CalibrationCallback(config=QuantConfig.int16x8(), statistics="range")
+    model.predict(calib, batch_size=128, callbacks=[callback], verbose=0)
+    keras_models["16x8 PTQ"] = quantize_model(model, QuantConfig.int16x8(), calibration=callback.result)
+    return rows
 
+
+def _deploy_and_analyse(model, keras_models, calib, test, float_acc, out_dir, report, analysis_samples, say,
+                        verbose):
+    """Steps 6 and 7: export each model into `out_dir` (None: a temporary folder), run each file in
+    its runtime, then analyse the W8A8 PTQ model and its two files.
+
+    Returns:
+        `(deploy_rows, analysis_out)`.
+    """
+    import tempfile
+    from pathlib import Path
+
+    x_test, y_test = test
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(out_dir) if out_dir is not None else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        deploy_rows, paths = _deploy_rows(model, keras_models, x_test, y_test, float_acc, folder, say, verbose)
+        artifacts = [paths[k] for k in ("W8A8 PTQ -> TFLite int8", "W8A8 PTQ -> ONNX QDQ") if k in paths]
+        analysis_out = _analysis(model, calib, x_test[:analysis_samples], y_test[:analysis_samples], artifacts,
+                                 report, verbose)
+    return deploy_rows, analysis_out
+
+
+def print_tables(tables, calibration_samples, test_samples, say=print):
+    """Print `run`'s tables (`tables` as it returns them) with `say`."""
     say()
-    say(text_table(weight_rows, ["layer", "shape", "scheme", "mse", "sqnr_db", "max_error"], "Weights"))
+    say(text_table(tables["weights"], ["layer", "shape", "scheme", "mse", "sqnr_db", "max_error"], "Weights"))
     say()
-    say(text_table(act_rows, ["tensor", "observer", "a8_range", "a8_sqnr_db", "a4_sqnr_db"],
-                     f"Activations (observers on {len(calib)} calibration samples, errors on {len(x_test)} test samples)"))
+    say(text_table(tables["activations"], ["tensor", "observer", "a8_range", "a8_sqnr_db", "a4_sqnr_db"],
+                   f"Activations (observers on {calibration_samples} calibration samples, errors on "
+                   f"{test_samples} test samples)"))
     say()
-    say(text_table(acc_rows, ["scheme", "accuracy", "drop"], "Model accuracy on the test split (simulated in Keras)"))
-    if deploy_rows:
+    say(text_table(tables["accuracy"], ["scheme", "accuracy", "drop"],
+                   "Model accuracy on the test split (simulated in Keras)"))
+    if tables["deployed"]:
         say()
-        say(text_table(deploy_rows, ["artifact", "runtime", "accuracy", "drop", "agreement", "max_diff_steps",
-                                     "size_kib", "latency_ms"],
+        say(text_table(tables["deployed"], ["artifact", "runtime", "accuracy", "drop", "agreement",
+                                            "max_diff_steps", "size_kib", "latency_ms"],
                        "Deployed artifacts, each run in its runtime against its Keras model (batch 1)"))
-    if analysis_out is not None:
-        rows = [{"layer": r["layer"], "w4a4_sensitivity": r["metric_change"]}
-                for r in analysis_out["sensitivity"]["ranking"]]
-        errors = analysis_out["layer_errors"]
-        for source, label in (("keras quantized", "w8a8_keras_sqnr_db"), ("w8a8_ptq_tflite_int8.tflite",
-                                                                          "w8a8_tflite_sqnr_db")):
-            by_name = {e["name"]: e["sqnr_db"] for e in errors.get(source, [])}
-            for row in rows:
-                row[label] = by_name.get(row["layer"])
-        mixed = analysis_out["mixed_precision"]
-        say()
-        say(text_table(rows, None, "Where accuracy goes: per-layer SQNR at W8A8 (Keras and the int8 file), "
-                                   "and the accuracy drop with only that layer at W4A4"))
-        say(f"mixed precision at W4A4 within {mixed['budget']:g}: float layers {mixed['high_precision'] or 'none'}, "
-            f"drop {mixed['metric_change']:.4f} ({'met' if mixed['met'] else 'NOT met'}), "
-            f"{mixed['size_bytes'] / 1024:.1f} KiB of weights ({mixed['float_size_bytes'] / 1024:.1f} KiB float)")
-        if analysis_out["report"]:
-            say(f"wrote the analysis report {analysis_out['report']}")
-    return {"dataset": data_name, "weights": weight_rows, "activations": act_rows, "accuracy": acc_rows,
-            "deployed": deploy_rows, "analysis": analysis_out}
+    if tables["analysis"] is not None:
+        _print_analysis(tables["analysis"], say)
+
+
+def _print_analysis(analysis_out, say):
+    """Step 7's summary: per-layer SQNR and W4A4 sensitivity, and the mixed-precision search."""
+    rows = [{"layer": r["layer"], "w4a4_sensitivity": r["metric_change"]}
+            for r in analysis_out["sensitivity"]["ranking"]]
+    errors = analysis_out["layer_errors"]
+    for source, label in (("keras quantized", "w8a8_keras_sqnr_db"), ("w8a8_ptq_tflite_int8.tflite",
+                                                                      "w8a8_tflite_sqnr_db")):
+        by_name = {e["name"]: e["sqnr_db"] for e in errors.get(source, [])}
+        for row in rows:
+            row[label] = by_name.get(row["layer"])
+    mixed = analysis_out["mixed_precision"]
+    say()
+    say(text_table(rows, None, "Where accuracy goes: per-layer SQNR at W8A8 (Keras and the int8 file), "
+                               "and the accuracy drop with only that layer at W4A4"))
+    say(f"mixed precision at W4A4 within {mixed['budget']:g}: float layers {mixed['high_precision'] or 'none'}, "
+        f"drop {mixed['metric_change']:.4f} ({'met' if mixed['met'] else 'NOT met'}), "
+        f"{mixed['size_bytes'] / 1024:.1f} KiB of weights ({mixed['float_size_bytes'] / 1024:.1f} KiB float)")
+    if analysis_out["report"]:
+        say(f"wrote the analysis report {analysis_out['report']}")
 
 
 def _analysis(model, calib, x, y, artifacts, report, verbose):
@@ -401,3 +476,37 @@ def _analysis(model, calib, x, y, artifacts, report, verbose):
     return analyze_model(model, x, labels=y, config=QuantConfig.int8(), calibration_data=calib, artifacts=artifacts,
                          budget=0.005, search_config=w4a4, report=report, title=f"keras_quant demo: {model.name}",
                          verbose=1 if verbose else 0)
+
+
+def add_parser(subparsers):
+    """Add the `demo` subcommand to `subparsers` (of `keras_quant.cli.build_parser`)."""
+    parser = subparsers.add_parser(
+        "demo",
+        help="the main job: train a small CNN, calibrate, quantize (PTQ, QAT), export, evaluate, report",
+        description="Train a small CNN on Fashion-MNIST (Debian's dataset-fashion-mnist) or scikit-learn's digits, "
+        "calibrate it, build PTQ and QAT models, export TFLite and ONNX files, run each in its runtime, print the "
+        "tables and write the HTML analysis report.",
+    )
+    parser.add_argument("--dataset", choices=DATASETS, default="auto",
+                        help="auto: Fashion-MNIST when Debian's dataset-fashion-mnist is installed, else the digits")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help="training epochs (default: 12 on the digits, 3 on Fashion-MNIST)")
+    parser.add_argument("--qat-epochs", type=int, default=3,
+                        help="fine-tuning epochs of the QAT models, 0 for none (default: 3)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="keep the exported .tflite / .onnx files in DIR (default: a temporary folder)")
+    parser.add_argument("--report", metavar="HTML", default="keras_quant_report.html",
+                        help="where to write the HTML analysis report (default: keras_quant_report.html); '' for none")
+    parser.add_argument("--json", action="store_true", help="print the tables as JSON instead of text")
+    parser.set_defaults(func=command)
+    return parser
+
+
+def command(args):
+    """Run `keras-quant demo` with the parsed `args`; returns the exit status."""
+    tables = run(epochs=args.epochs, seed=args.seed, verbose=not args.json, qat_epochs=args.qat_epochs,
+                 out_dir=args.out, dataset=args.dataset, report=args.report or None)
+    if args.json:
+        print(json.dumps(to_jsonable(tables), indent=2))
+    return 0

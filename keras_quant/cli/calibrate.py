@@ -1,0 +1,175 @@
+"""`keras-quant calibrate`: activation statistics of a saved model, written to a calibration file.
+
+`calibration_config` is the `kq.QuantConfig` its options describe (`keras-quant analyze` uses it too).
+"""
+
+import json
+import os
+
+from keras_quant.cli.common import load_model, positive_int
+from keras_quant.errors import ConfigError, KerasQuantError
+from keras_quant.formatting import to_jsonable
+
+__all__ = ["calibration_config", "check_output", "add_parser", "command"]
+
+_OUTPUT_SUFFIXES = (".json", ".msgpack", ".mpk")
+_COMPRESSION_SUFFIXES = ("", ".gz", ".zst")
+
+
+def calibration_config(bits=8, method="minmax", symmetric=False, per_channel=False):
+    """The `kq.QuantConfig` of `keras-quant calibrate`'s options.
+
+    Activations: `bits`-bit, per tensor (as TFLite quantizes activations),
+    asymmetric unless `symmetric`, range from the `method` observer. Weights:
+    int8 symmetric narrow-range, per channel with `per_channel`, else per tensor.
+    """
+    from keras_quant.config import QuantConfig, QuantSpec
+
+    weights = QuantSpec(
+        bits=8, symmetric=True, narrow_range=True, granularity="per_channel" if per_channel else "per_tensor"
+    )
+    activations = QuantSpec(bits=bits, symmetric=symmetric, observer=method)
+    return QuantConfig(weights=weights, activations=activations)
+
+
+def check_output(path):
+    """Fail before calibrating when `path` cannot be written: format suffix, folder, not a directory.
+
+    Raises:
+        ConfigError: Naming what is wrong with `path`.
+    """
+    name = os.path.basename(path).lower()
+    if not any(name.endswith(s + c) for s in _OUTPUT_SUFFIXES for c in _COMPRESSION_SUFFIXES):
+        raise ConfigError(
+            "output", path, "the output name must end in .json, .msgpack or .mpk (optionally + .gz or .zst)"
+        )
+    if os.path.isdir(path):
+        raise ConfigError("output", path, "the output path is a directory; name a file")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ConfigError("output", path, f"the output directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError("output", path, f"the output directory {directory} is not writable")
+
+
+def _float_or_list(v):
+    if v is None:
+        return None
+    import numpy as np
+
+    a = np.asarray(v)
+    return a.item() if a.ndim == 0 else a.tolist()
+
+
+def add_parser(subparsers):
+    """Add the `calibrate` subcommand to `subparsers` (of `keras_quant.cli.build_parser`)."""
+    from keras_quant.calibration.sampling import SAMPLINGS
+    from keras_quant.config import OBSERVERS
+    from keras_quant.data import IMAGE_EXTENSIONS, NORMALIZATIONS
+
+    cal = subparsers.add_parser(
+        "calibrate",
+        help="gather activation statistics of a .keras model on calibration data and save them",
+        description="Run MODEL on the calibration data with a CalibrationCallback, print the per-layer "
+        "statistics and write them (a kq.CalibrationResult) to OUT. Weights are not changed.",
+        epilog="DATA is a .npy array, a .npz (the array 'x', else the array named after the model input, else "
+        "the only array; a multi-input model takes one array per input, named after it) or a folder of images ("
+        f"{', '.join(IMAGE_EXTENSIONS)}, recursively, sorted) resized to the model input's (H, W), grayscale for "
+        "a 1-channel input, RGB for 3. Folder images and uint8 arrays are pixel data and get --normalize; float "
+        "and other integer arrays are used as they are (cast to float32). (N, H, W) data for a (None, H, W, 1) "
+        "input gets its channel axis added. Exit status: 0 on success, 1 for a bad input, 2 for bad usage.",
+    )
+    cal.add_argument("model", metavar="MODEL", help="the model, a .keras file (loaded with safe_mode=True)")
+    cal.add_argument("--data", required=True, metavar="DATA", help="calibration data: .npy, .npz or a folder of images")
+    cal.add_argument(
+        "-o", "--output", required=True, metavar="OUT",
+        help="where to write the result: .json or .msgpack/.mpk, optionally + .gz or .zst (written atomically)",
+    )
+    cal.add_argument("--bits", type=int, default=8, metavar="N", help="activation bit width, 2-16 (default: 8)")
+    cal.add_argument(
+        "--method", choices=OBSERVERS, default="minmax",
+        help="activation range observer (default: minmax)",
+    )
+    cal.add_argument(
+        "--per-channel", action="store_true",
+        help="quantize weights per output channel (default: per tensor); weights are int8 symmetric either way, "
+        "and activations stay per tensor as TFLite quantizes them",
+    )
+    cal.add_argument("--symmetric", action="store_true", help="symmetric activation grid (zero point 0; default: asymmetric)")
+    cal.add_argument(
+        "--max-samples", type=positive_int, default=None, metavar="N",
+        help="stop observing after N samples (default: all)",
+    )
+    cal.add_argument(
+        "--sampling", choices=tuple(SAMPLINGS), default="all",
+        help="which samples to observe (default: all): random keeps each with probability 0.5 (seeded by --seed), "
+        "systematic every 2nd, stratified and importance as kq.CalibrationCallback (stratified needs --max-samples)",
+    )
+    cal.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the random samplers (default: none)")
+    cal.add_argument("--batch-size", type=positive_int, default=32, metavar="B", help="predict batch size (default: 32)")
+    cal.add_argument(
+        "--normalize", choices=NORMALIZATIONS, default="unit",
+        help="pixel normalisation of folder images and uint8 arrays: unit = x/255 (default), imagenet = "
+        "((x/255) - mean) / std with ImageNet's mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225), "
+        "none = raw 0-255",
+    )
+    cal.add_argument(
+        "--json", action="store_true",
+        help="print one JSON object (output, samples, num_layers, per-layer count/min/max/scale/zero_point, "
+        "config) instead of the progress line and table",
+    )
+    cal.set_defaults(func=command)
+    return cal
+
+
+def command(args):
+    """Run `keras-quant calibrate` with the parsed `args`; returns the exit status."""
+    from keras_quant.calibration import CalibrationCallback, CalibrationResult
+    from keras_quant.data import load_calibration_data
+
+    check_output(args.output)
+    model = load_model(args.model)
+    data = load_calibration_data(args.data, model, normalize=args.normalize)
+    config = calibration_config(args.bits, args.method, args.symmetric, args.per_channel)
+    callback = CalibrationCallback(
+        config=config, max_samples=args.max_samples, sampling=args.sampling, seed=args.seed,
+        verbose=0 if args.json else 1,
+    )
+    try:
+        model.predict(data, batch_size=args.batch_size, callbacks=[callback], verbose=0)
+    except KerasQuantError:
+        raise
+    except ValueError as e:
+        reason = " ".join(str(e).split())
+        raise ConfigError("data", args.data, f"the model cannot run on the data ({reason})") from None
+    result = callback.result
+    metadata = result.metadata
+    metadata["source"] = {
+        "command": "keras-quant calibrate", "model_file": os.path.abspath(args.model),
+        "data": os.path.abspath(args.data), "normalize": args.normalize, "batch_size": args.batch_size,
+        "per_channel_weights": args.per_channel,
+    }
+    result = CalibrationResult({name: result[name] for name in result}, metadata=metadata)
+    result.save(args.output)
+    _print_result(result, config, args, samples=int(metadata.get("samples_seen", 0)))
+    return 0
+
+
+def _print_result(result, config, args, samples):
+    """The saved result: one JSON object with `--json`, else its summary table."""
+    if args.json:
+        layers = {
+            name: {
+                "count": s.count, "min": s.min, "max": s.max,
+                "scale": _float_or_list(s.scale), "zero_point": _float_or_list(s.zero_point),
+            }
+            for name, s in result.items()
+        }
+        report = {
+            "output": args.output, "samples": samples, "num_layers": len(result), "layers": layers,
+            "config": config.get_config(),
+        }
+        print(json.dumps(to_jsonable(report), indent=2))
+    else:
+        result.summary()
+        print(f"wrote {args.output} ({len(result)} layers, {samples} samples)")
