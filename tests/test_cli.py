@@ -10,6 +10,7 @@ import pytest
 from keras_quant import __version__, cli
 
 
+@pytest.mark.slow  # a subprocess that imports TensorFlow: 10-50 s of CPU
 def test_console_script_is_installed_and_reports_version():
     # pip puts console scripts beside the interpreter; PATH may not list that folder.
     beside = Path(sys.executable).parent / "keras-quant"
@@ -47,6 +48,7 @@ def test_bad_arguments_give_one_line_and_non_zero_exit(argv, fragment, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow  # a subprocess that imports TensorFlow: 10-50 s of CPU
 def test_bad_arguments_through_the_module_entry_point():
     # One case in a subprocess (each one imports TensorFlow, seconds of CPU): the exit status and
     # stderr reach the shell as they do in process.
@@ -161,6 +163,7 @@ def test_calibrate_writes_the_statistics_of_an_in_process_calibration(workdir, t
     assert meta["source"]["normalize"] == "unit" and meta["source"]["per_channel_weights"] is True
 
 
+@pytest.mark.slow  # a subprocess that imports TensorFlow: 10-50 s of CPU
 @pytest.mark.tensorflow
 def test_calibrate_json_through_the_console_script(workdir, tmp_path):
     import keras_quant as kq
