@@ -31,6 +31,7 @@ from keras_quant.analysis.layers import layer_errors
 from keras_quant.analysis.methods import compare_methods
 from keras_quant.analysis.sensitivity import check_budget, mixed_precision
 from keras_quant.analysis.sensitivity import sensitivity as rank_layers
+from keras_quant.config import QuantConfig
 from keras_quant.formatting import to_jsonable
 from keras_quant.progress import ProgressBar, progress_callback, steps
 
@@ -78,7 +79,6 @@ def analyze_model(model, data, labels=None, config=None, calibration=None, calib
         ConfigError: A `budget` without a way to measure it, or bad arguments
             (from the functions it calls, naming the field).
     """
-    from keras_quant.config import QuantConfig
     from keras_quant.quantize import quantize_model
 
     config = QuantConfig.int8() if config is None else config
