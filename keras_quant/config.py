@@ -24,6 +24,7 @@ Example:
 True
 """
 
+import copy
 import dataclasses
 import numbers
 import re
@@ -379,6 +380,23 @@ class QuantConfig:
         self._name_overrides = [(p, o) for p, o in self._name_overrides if p != name]
         self._name_overrides.append((name, self._override(config, weights, activations, "name")))
         return self
+
+    def copy(self) -> "QuantConfig":
+        """An independent copy: overrides set on it later leave this config as it is.
+
+        The override tables are copied; the specs themselves are frozen and shared.
+
+        Example:
+
+        >>> base = QuantConfig.int8()
+        >>> trial = base.copy().set_layer_name("head", None)
+        >>> base.for_layer("head") is not None, trial.for_layer("head")
+        (True, None)
+        """
+        new = copy.copy(self)  # the same class and attributes (the `copy` module, not this method)
+        new._type_overrides = {t: None if o is None else dict(o) for t, o in self._type_overrides.items()}
+        new._name_overrides = [(p, None if o is None else dict(o)) for p, o in self._name_overrides]
+        return new
 
     # Lookup ----------------------------------------------------------------
     def _name_override(self, names):

@@ -17,6 +17,8 @@ Example:
 bits 1
 """
 
+import numbers
+
 __all__ = [
     "KerasQuantError",
     "ConfigError",
@@ -27,6 +29,7 @@ __all__ = [
     "UnsupportedLayerError",
     "NoDataError",
     "ExportError",
+    "check_int",
 ]
 
 
@@ -194,3 +197,37 @@ class ExportError(KerasQuantError, ValueError):
                 f"  - {_where(l)}{r}. Received: {f}={v!r}" for l, f, v, r in self.problems[1:]
             )
         super().__init__(f"{_where(layer)}{reason}. Received: {field}={value!r}{more}")
+
+
+# Validation helpers ---------------------------------------------------------------
+def check_int(field, value, minimum=1, allow_none=False, layer=None):
+    """`value` as an int `>= minimum`: the one check of a count argument (batch_size, runs, ...).
+
+    Booleans are refused (`True` is not a count); numpy integers are accepted.
+
+    Args:
+        field: The argument's name, for the error.
+        value: The value received.
+        minimum: The smallest value accepted.
+        allow_none: Whether None is accepted (and returned as None).
+        layer: Optional layer name, for the error.
+
+    Returns:
+        `int(value)`, or None.
+
+    Raises:
+        ConfigError: Anything else, naming `field`, `value` and `layer`.
+
+    Example:
+
+    >>> check_int("batch_size", 32)
+    32
+    >>> check_int("warmup", 0, minimum=0)
+    0
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(field, value, f"{field} must be an integer >= {minimum}", layer=layer)
+    return int(value)
+

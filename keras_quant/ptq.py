@@ -40,6 +40,7 @@ import numpy as np
 from keras_quant import graph as graph_lib
 from keras_quant import runtime
 from keras_quant import ops as kq_ops
+from keras_quant.errors import check_int
 from keras_quant.formatting import text_table
 from keras_quant.layers.rules import activation_function, fixed_output_qparams, get_rule, without_activation
 from keras_quant.layers.wrapper import QuantizeWrapper
@@ -147,7 +148,7 @@ def _setup(float_model, qmodel, data, max_samples, batch_size, what, select):
     """`(_Setup, batch_size)`; `select(fgraph, qgraph, qmodel) -> (items, references, skipped)`."""
     fgraph = graph_lib.require_functional(float_model, "float_model")
     qgraph = graph_lib.require_functional(qmodel, "qmodel")
-    batch_size = runtime._check_positive_int("batch_size", batch_size) or 64
+    batch_size = check_int("batch_size", batch_size, allow_none=True) or 64
     xs = runtime.graph_samples(fgraph, data, max_samples, what)
     items, references, skipped = select(fgraph, qgraph, qmodel)
     items = [item for item in items if item.name in references]

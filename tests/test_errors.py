@@ -1,5 +1,6 @@
 """The error hierarchy and its messages."""
 
+import numpy as np
 import pytest
 
 from keras_quant import errors
@@ -44,3 +45,23 @@ def test_messages_name_field_and_value(error, fragments, attrs):
         assert fragment in str(error)
     for name, value in attrs.items():
         assert getattr(error, name) == value
+
+
+@pytest.mark.parametrize("value, kwargs, expected", [
+    (3, {}, 3), (np.int64(5), {}, 5), (0, {"minimum": 0}, 0), (None, {"allow_none": True}, None),
+])
+def test_check_int_returns_the_int(value, kwargs, expected):
+    out = errors.check_int("batch_size", value, **kwargs)
+    assert out == expected and (out is None or type(out) is int)
+
+
+@pytest.mark.parametrize("value, kwargs", [
+    (0, {}), (-1, {"minimum": 0}), (1.5, {}), (True, {}), ("4", {}), (None, {}), (np.float32(2), {}),
+])
+def test_check_int_refuses_with_field_value_and_layer(value, kwargs):
+    with pytest.raises(errors.ConfigError) as e:
+        errors.check_int("runs", value, layer="dense", **kwargs)
+    assert (e.value.field, e.value.layer) == ("runs", "dense")
+    assert e.value.value is value or e.value.value == value
+    minimum = kwargs.get("minimum", 1)
+    assert f"runs must be an integer >= {minimum}" in str(e.value) and "Layer 'dense'" in str(e.value)

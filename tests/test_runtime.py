@@ -508,3 +508,79 @@ def test_tf2onnx_exports_run_like_their_sources(tflite_files, tmp_path):
     int_runner, int_tflite = runtime.load(int_path), runtime.load(files["int8"])
     assert int_runner.output_quantization == pytest.approx(int_tflite.output_quantization)
     assert np.abs(int_runner.predict(x) - int_tflite.predict(x)).max() <= int_tflite.output_quantization[0] * 1.001
+
+
+@tf_only
+def test_tflite_intermediates_read_any_tensor_dequantized(tflite_files):
+    model, files = tflite_files
+    content = files["int8"].read_bytes()
+    runner = runtime.TFLiteRunner(content, name="int8", preserve_all_tensors=True)
+    x = data(9)
+    # The output tensor read as an intermediate is what predict gives, batch after batch of the file's batch 1.
+    (y,) = runner.intermediates(x, [runner.output_details[0]["index"]])
+    np.testing.assert_array_equal(y, runner.predict(x))
+    # The first FULLY_CONNECTED's output (Dense(8, relu), fused), by index and by name, on its own grid.
+    details = runner.tensor_details()
+    hidden = next(op["outputs"][0] for op in runner.ops() if op["op_name"] == "FULLY_CONNECTED")
+    by_index, by_name = runner.intermediates(x, [hidden, details[hidden]["name"]], batch_size=4)
+    np.testing.assert_array_equal(by_index, by_name)
+    scale, _ = runtime.tflite_qparams(details[hidden])
+    w1, b1 = model.get_weights()[:2]
+    expected = np.maximum(x @ w1 + b1, 0)
+    assert by_index.shape == (9, HIDDEN) and np.abs(by_index - expected).max() <= 2 * scale
+
+
+@tf_only
+def test_tflite_ops_details_pins_the_private_litert_call(tflite_files):
+    # ops_details is the one caller of LiteRT's private Interpreter._get_ops_details: what it reads is pinned here.
+    _, files = tflite_files
+    runner = runtime.load(files["int8"])
+    ops = runner.ops()
+    assert [op["index"] for op in ops] == list(range(len(ops)))
+    assert {op["op_name"] for op in ops} >= {"FULLY_CONNECTED"}
+    for op in ops:
+        assert set(op) == {"index", "op_name", "inputs", "outputs"}
+        assert all(type(i) is int for i in op["inputs"] + op["outputs"])
+    produced = {o for op in ops for o in op["outputs"]}
+    assert {d["index"] for d in runner.output_details} <= produced
+
+
+@tf_only
+def test_tflite_intermediates_refuse_what_they_cannot_read(tflite_files):
+    _, files = tflite_files
+    content = files["int8"].read_bytes()
+    with pytest.raises(ConfigError) as e:
+        runtime.load(content).intermediates(data(2), [0])
+    assert e.value.field == "preserve_all_tensors"
+    runner = runtime.TFLiteRunner(content, preserve_all_tensors=True)
+    for tensor in ("no such tensor", 10_000):
+        with pytest.raises(ConfigError) as e:
+            runner.intermediates(data(2), [tensor])
+        assert e.value.field == "tensors" and e.value.value == tensor
+    with pytest.raises(ShapeMismatchError) as e:
+        runner.intermediates(np.zeros((2, IN + 1), "float32"), [0])
+    assert e.value.field == "x"
+
+
+def test_check_inputs_names_the_callers_argument():
+    xs = runtime.check_inputs([np.zeros((2, 3)), np.zeros((2, 1))], [(None, 3), (None, 1)], field="data")
+    assert [a.shape for a in xs] == [(2, 3), (2, 1)]
+    with pytest.raises(ShapeMismatchError) as e:
+        runtime.check_inputs([np.zeros((2, 3)), np.zeros((2, 2))], [(None, 3), (None, 1)], field="data")
+    assert e.value.field == "data[1]"
+    with pytest.raises(ConfigError) as e:
+        runtime.check_inputs(np.zeros((2, 3)), [(None, 3), (None, 1)], field="data")
+    assert e.value.field == "len(data)"
+    with pytest.raises(NoDataError) as e:
+        runtime.check_inputs(np.zeros((0, 3)), [(None, 3)], field="eval_data")
+    assert e.value.field == "eval_data"
+
+
+@pytest.mark.parametrize("fixed_batch, batch_size, expected", [
+    (None, 2, [([0, 1], 2), ([2, 3], 2), ([4], 1)]),
+    (3, None, [([0, 1, 2], 3), ([3, 4, 4], 2)]),
+    (None, None, [([0, 1, 2, 3, 4], 5)]),
+])
+def test_chunks_pad_a_fixed_batch_with_the_last_sample(fixed_batch, batch_size, expected):
+    got = [(c[0].tolist(), n) for c, n in runtime.chunks([np.arange(5)], fixed_batch, batch_size)]
+    assert got == expected

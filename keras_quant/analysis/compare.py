@@ -26,8 +26,9 @@ from typing import Optional
 
 import numpy as np
 
-from keras_quant import runtime
-from keras_quant.errors import ConfigError, NoDataError, ShapeMismatchError
+import keras_quant.runtime as runtime
+from keras_quant.analysis.common import label_classes, num_samples, ratio
+from keras_quant.errors import ShapeMismatchError, check_int
 from keras_quant.formatting import format_number, text_table, to_jsonable
 
 __all__ = ["ModelComparison", "compare_models", "predicted_classes"]
@@ -143,41 +144,31 @@ def predicted_classes(output, threshold=0.0):
     return np.argmax(out, axis=-1).astype(np.int64)
 
 
-def _label_classes(labels, output, classes):
-    """`labels` as class indices of `classes`' shape (one-hot labels are argmaxed)."""
-    labels = np.asarray(labels)
-    out = np.asarray(output)
-    if labels.shape == out.shape and out.ndim > 1 and out.shape[-1] > 1:
-        labels = np.argmax(labels, axis=-1)
-    if labels.size != classes.size or labels.shape[:1] != classes.shape[:1]:
-        raise ShapeMismatchError("labels", classes.shape, labels.shape)
-    labels = labels.reshape(classes.shape)
-    if np.issubdtype(labels.dtype, np.floating):
-        labels = np.rint(labels)
-    return labels.astype(np.int64)
-
-
-def _ratio(a, b):
-    return None if a is None or b is None or b == 0 else float(a) / float(b)
-
-
-def _num_samples(data):
-    if data is None:
-        raise NoDataError("data", "compare_models needs at least one sample")
-    arrays = data if isinstance(data, (list, tuple)) else [data]
-    if not arrays:
-        raise NoDataError("data", "compare_models needs at least one sample")
-    sizes = {np.shape(a)[0] if np.ndim(a) else 1 for a in arrays}
-    if len(sizes) > 1:
-        raise ShapeMismatchError("data", "the same number of samples in every input", [np.shape(a) for a in arrays])
-    n = sizes.pop()
-    if n == 0:
-        raise NoDataError("data", "compare_models needs at least one sample")
-    return n
-
-
 def _as_list(out):
     return list(out) if isinstance(out, list) else [out]
+
+
+def _first_outputs(ref, cand, data, batch_size):
+    """Both runners' first outputs on `data` as float64, once every output's shape is checked to match."""
+    ref_outs = _as_list(ref.predict(data, batch_size=batch_size))
+    cand_outs = _as_list(cand.predict(data, batch_size=batch_size))
+    ref_shapes = [o.shape for o in ref_outs]
+    cand_shapes = [o.shape for o in cand_outs]
+    if ref_shapes != cand_shapes:
+        field = "candidate output" if len(ref_shapes) == 1 == len(cand_shapes) else "candidate outputs"
+        expected, actual = (ref_shapes[0], cand_shapes[0]) if field == "candidate output" else (ref_shapes, cand_shapes)
+        raise ShapeMismatchError(field, expected, actual)
+    return ref_outs[0].astype(np.float64), cand_outs[0].astype(np.float64)
+
+
+def _accuracies(labels, reference_output, ref_classes, cand_classes):
+    """`(reference_accuracy, candidate_accuracy, drop)`, all None without labels."""
+    if labels is None:
+        return None, None, None
+    y = label_classes(labels, reference_output, ref_classes)
+    ref_acc = float(np.mean(ref_classes == y))
+    cand_acc = float(np.mean(cand_classes == y))
+    return ref_acc, cand_acc, ref_acc - cand_acc
 
 
 # Public ------------------------------------------------------------------------
@@ -211,60 +202,34 @@ def compare_models(
     >>> result = compare_models(model, "model_int8.tflite", x_test, labels=y_test)  # doctest: +SKIP
     >>> print(result)                                                               # doctest: +SKIP
     """
-    if isinstance(latency_runs, bool) or not isinstance(latency_runs, (int, np.integer)) or latency_runs < 0:
-        raise ConfigError("latency_runs", latency_runs, "latency_runs must be an integer >= 0")
-    num_samples = _num_samples(data)
+    latency_runs = check_int("latency_runs", latency_runs, minimum=0)
+    n = num_samples(data, reason="compare_models needs at least one sample")
     ref = runtime.load(reference, num_threads=num_threads)
     cand = runtime.load(candidate, num_threads=num_threads)
-
-    ref_outs = _as_list(ref.predict(data, batch_size=batch_size))
-    cand_outs = _as_list(cand.predict(data, batch_size=batch_size))
-    ref_shapes = [o.shape for o in ref_outs]
-    cand_shapes = [o.shape for o in cand_outs]
-    if ref_shapes != cand_shapes:
-        field = "candidate output" if len(ref_shapes) == 1 == len(cand_shapes) else "candidate outputs"
-        expected, actual = (ref_shapes[0], cand_shapes[0]) if field == "candidate output" else (ref_shapes, cand_shapes)
-        raise ShapeMismatchError(field, expected, actual)
-
-    r = ref_outs[0].astype(np.float64)
-    c = cand_outs[0].astype(np.float64)
+    r, c = _first_outputs(ref, cand, data, batch_size)
     diff = np.abs(c - r)
     max_abs_diff = float(diff.max()) if diff.size else 0.0
     qparams = cand.output_quantization or ref.output_quantization
-    max_diff_steps = None if qparams is None else max_abs_diff / qparams[0]
-
     threshold = _binary_threshold(r)
-    ref_classes = predicted_classes(r, threshold)
-    cand_classes = predicted_classes(c, threshold)
-    agreement = float(np.mean(ref_classes == cand_classes))
-
-    ref_acc = cand_acc = drop = None
-    if labels is not None:
-        y = _label_classes(labels, r, ref_classes)
-        ref_acc = float(np.mean(ref_classes == y))
-        cand_acc = float(np.mean(cand_classes == y))
-        drop = ref_acc - cand_acc
-
-    ref_lat = cand_lat = None
-    if latency_runs:
-        ref_lat = ref.latency(data, runs=latency_runs)
-        cand_lat = cand.latency(data, runs=latency_runs)
-
+    ref_classes, cand_classes = predicted_classes(r, threshold), predicted_classes(c, threshold)
+    ref_acc, cand_acc, drop = _accuracies(labels, r, ref_classes, cand_classes)
+    ref_lat = ref.latency(data, runs=latency_runs) if latency_runs else None
+    cand_lat = cand.latency(data, runs=latency_runs) if latency_runs else None
     return ModelComparison(
         reference=ref.name,
         candidate=cand.name,
-        num_samples=num_samples,
-        argmax_agreement=agreement,
+        num_samples=n,
+        argmax_agreement=float(np.mean(ref_classes == cand_classes)),
         max_abs_diff=max_abs_diff,
         mean_abs_diff=float(diff.mean()) if diff.size else 0.0,
-        max_diff_steps=max_diff_steps,
+        max_diff_steps=None if qparams is None else max_abs_diff / qparams[0],
         reference_accuracy=ref_acc,
         candidate_accuracy=cand_acc,
         accuracy_drop=drop,
         reference_size_bytes=int(ref.size_bytes),
         candidate_size_bytes=int(cand.size_bytes),
-        compression=_ratio(ref.size_bytes, cand.size_bytes),
+        compression=ratio(ref.size_bytes, cand.size_bytes),
         reference_latency_s=ref_lat,
         candidate_latency_s=cand_lat,
-        speedup=_ratio(ref_lat, cand_lat),
+        speedup=ratio(ref_lat, cand_lat),
     )

@@ -34,8 +34,9 @@ from typing import Iterator, Tuple
 import keras
 import numpy as np
 
-from keras_quant import ops as qops
-from keras_quant.config import MAX_BITS, MIN_BITS, QuantSpec
+import keras_quant.ops as qops
+from keras_quant.analysis.common import ratio
+from keras_quant.config import MAX_BITS, MIN_BITS, as_spec
 from keras_quant.errors import ConfigError, NonFiniteError, ShapeMismatchError
 
 __all__ = [
@@ -123,7 +124,7 @@ class ScaleSensitivity:
     def mse_ratios(self) -> Tuple[float, ...]:
         """Each MSE divided by the baseline's (`inf` where the baseline is 0 and the MSE is not)."""
         base = self.baseline.mse
-        return tuple(_ratio(s.mse, base) for s in self.stats)
+        return tuple(ratio(s.mse, base, zero="inf") for s in self.stats)
 
     def __iter__(self) -> Iterator[Tuple[float, ErrorStats]]:
         return iter(zip(self.factors, self.stats))
@@ -170,7 +171,7 @@ class OutlierImpact:
     @property
     def mse_ratio(self) -> float:
         """`clipped_stats.mse / minmax_stats.mse`: below 1 when clipping helps."""
-        return _ratio(self.clipped_stats.mse, self.minmax_stats.mse)
+        return ratio(self.clipped_stats.mse, self.minmax_stats.mse, zero="inf")
 
     def to_dict(self) -> dict:
         return {
@@ -185,12 +186,6 @@ class OutlierImpact:
 
 
 # Helpers -----------------------------------------------------------------------
-def _ratio(a, b):
-    if b == 0.0:
-        return 1.0 if a == 0.0 else math.inf
-    return a / b
-
-
 def _plain(v):
     v = np.asarray(v)
     return v.item() if v.ndim == 0 else v.tolist()
@@ -232,14 +227,6 @@ def _input_tensor(x, field="x"):
     _check_nonempty(arr, field)
     _check_finite(arr, field)
     return arr.astype(np.float32)
-
-
-def _check_spec(spec):
-    if spec is None:
-        return QuantSpec()
-    if not isinstance(spec, QuantSpec):
-        raise ConfigError("spec", spec, "spec must be a kq.QuantSpec or None")
-    return spec
 
 
 def _is_real(v):
@@ -423,7 +410,7 @@ def compare_bit_widths(x, bits=DEFAULT_BITS, spec=None) -> dict:
     >>> errs[8].mse < errs[4].mse
     True
     """
-    spec = _check_spec(spec)
+    spec = as_spec(spec)
     if isinstance(bits, numbers.Integral) and not isinstance(bits, bool):
         bits = (bits,)
     try:
@@ -503,7 +490,7 @@ def scale_sensitivity(x, spec=None, perturbation=0.1) -> ScaleSensitivity:
     >>> min(res.mse_ratios)
     1.0
     """
-    spec = _check_spec(spec)
+    spec = as_spec(spec)
     perturbations = _perturbations(perturbation)
     x32 = _input_tensor(x)
     scale, zero_point = qops.tensor_qparams(x32, spec)
@@ -574,7 +561,7 @@ def outlier_impact(x, percentile=99.9, spec=None) -> OutlierImpact:
     >>> outlier_impact(x, 99.9, kq.QuantSpec(bits=8)).mse_ratio > 1
     True
     """
-    spec = _check_spec(spec)
+    spec = as_spec(spec)
     if not _is_real(percentile) or not math.isfinite(percentile) or not 50.0 < percentile <= 100.0:
         raise ConfigError("percentile", percentile, "percentile must be a number in (50, 100]")
     p = float(percentile)

@@ -43,10 +43,10 @@ from typing import Optional, Tuple
 import keras
 import numpy as np
 
-from keras_quant import graph as graph_lib
-from keras_quant import runtime
+import keras_quant.graph as graph_lib
+import keras_quant.runtime as runtime
 from keras_quant.analysis.error import error_stats
-from keras_quant.errors import ConfigError
+from keras_quant.errors import ConfigError, check_int
 from keras_quant.export.flatbuffer import layer_names_of
 from keras_quant.export.plan import activation_table
 from keras_quant.formatting import text_table, to_jsonable
@@ -131,8 +131,7 @@ class LayerErrors:
         """The `n` layers (output rows left out) with the worst `by`: lowest SQNR / cosine, else largest."""
         if by not in RANKINGS:
             raise ConfigError("by", by, f"by must be one of {tuple(RANKINGS)}")
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ConfigError("n", n, "n must be an integer >= 1")
+        check_int("n", n)
         rows = [r for r in self.layers if not r.name.startswith(OUTPUT[:-1]) and getattr(r, by) is not None]
         sign = -1.0 if RANKINGS[by] else 1.0
         rows.sort(key=lambda r: sign * (abs(r.mean_error) if by == "mean_error" else getattr(r, by)))
@@ -269,38 +268,15 @@ def _predict(graph, tensors, xs, batch_size):
     return [np.asarray(keras.ops.convert_to_numpy(o)) for o in (out if isinstance(out, list) else [out])]
 
 
-class _TensorRunner(runtime.TFLiteRunner):
-    """A `TFLiteRunner` whose interpreter keeps every intermediate tensor readable."""
-
-    def __init__(self, content, name):
-        super().__init__(content, name=name, preserve_all_tensors=True)
-        self.details = {d["index"]: d for d in self.interpreter.get_tensor_details()}
-
-    def run_all(self, xs, indices, batch_size):
-        """Every tensor of `indices`, dequantized, over all of `xs`."""
-        parts = []
-        for chunk, real in runtime._chunks(xs, self._fixed_batch, batch_size):
-            self._set_inputs([self._prepare(d, a) for d, a in zip(self._inputs, chunk)])
-            self.interpreter.invoke()
-            parts.append([self._dequantized(i)[:real] for i in indices])
-        return [np.concatenate(p) for p in zip(*parts)]
-
-    def _dequantized(self, index):
-        detail = self.details[index]
-        out = self.interpreter.get_tensor(index)
-        qparams = runtime._tflite_qparams(detail) if np.issubdtype(out.dtype, np.integer) else None
-        return runtime.dequantize_output(out, *qparams) if qparams else out.astype(np.float32)
-
-
 # TFLite ops that apply an activation a Keras layer can carry itself.
 _ACTIVATION_OPS = ("SOFTMAX", "LOGISTIC", "TANH", "HARD_SWISH", "GELU", "LOG_SOFTMAX", "ELU", "LEAKY_RELU")
 
 
 def _tflite_matches(float_names, graph, runner):
     """`{float_name: (tensor_index, scale)}` of a TFLite file's activation tensors."""
-    it, details = runner.interpreter, runner.details
-    order = [details[d["index"]] for d in it.get_input_details()]
-    order += [details[o] for op in it._get_ops_details() for o in op["outputs"] if o in details]
+    details, ops = runner.tensor_details(), runner.ops()
+    order = [details[d["index"]] for d in runner.input_details]
+    order += [details[o] for op in ops for o in op["outputs"] if o in details]
     candidates = set(float_names) | {n + QUANT_SUFFIX for n in float_names}
     mentions = [(d, layer_names_of(d["name"], candidates)) for d in order]
     folded = _folded(graph, {_resolve(m[0], float_names, {}) for _, m in mentions if m})
@@ -310,21 +286,21 @@ def _tflite_matches(float_names, graph, runner):
         integer = np.issubdtype(d["dtype"], np.integer)
         if name is None or not integer and name in matches and matches[name][2]:
             continue  # an integer tensor is kept over a later float one (the dequantized input, the output)
-        scale = runtime._tflite_qparams(d)
+        scale = runtime.tflite_qparams(d)
         matches[name] = (d["index"], scale[0] if integer and scale else None, integer)
     # A layer's own activation (`Dense(10, activation="softmax")`) is an op after its matmul whose output names
     # that layer or none (the model's output): the layer's output is that op's, not the matmul's. (With a
     # delegate the op list is not in graph order, so the activation's output may come first.)
     named = {d["index"]: set(mentioned) for d, mentioned in mentions}
     by_index = {index: name for name, (index, _, _) in matches.items()}
-    for op in it._get_ops_details():
+    for op in ops:
         if op["op_name"] not in _ACTIVATION_OPS or op["inputs"][0] not in by_index:
             continue
         layer = by_index[op["inputs"][0]]
         if not named.get(op["outputs"][0]) or layer in named[op["outputs"][0]]:
             d = details.get(op["outputs"][0])
             if d is not None and np.issubdtype(d["dtype"], np.integer):
-                scale = runtime._tflite_qparams(d)
+                scale = runtime.tflite_qparams(d)
                 matches[layer] = (d["index"], scale[0] if scale else None, True)
     return {name: (index, scale) for name, (index, scale, _) in matches.items()}, mentions
 
@@ -375,7 +351,7 @@ def layer_errors(float_model, quantized_model, data, batch_size=None, max_sample
         NoDataError: `data` holds no sample.
     """
     graph = graph_lib.require_functional(float_model, "float_model")
-    batch_size = runtime._check_positive_int("batch_size", batch_size)
+    batch_size = check_int("batch_size", batch_size, allow_none=True)
     xs = runtime.graph_samples(graph, data, max_samples, "layer_errors")
     float_tensors = _float_tensors(graph)
     names = list(float_tensors)
@@ -386,7 +362,7 @@ def layer_errors(float_model, quantized_model, data, batch_size=None, max_sample
         matches, tensor_scale = _keras_matches(names, _folded(graph, present), artifact)
         label, theirs = artifact.name, sorted(present)
     else:
-        runner = _TensorRunner(*artifact)
+        runner = runtime.TFLiteRunner(artifact[0], name=artifact[1], preserve_all_tensors=True)
         matches, mentions = _tflite_matches(names, graph, runner)
         label = artifact[1]
         theirs = sorted({m for _, found in mentions for m in found} or {d["name"] for d, _ in mentions[:10]})
@@ -400,12 +376,12 @@ def layer_errors(float_model, quantized_model, data, batch_size=None, max_sample
         quantized = _predict(qgraph, [matches[n][0] for n in common] + list(qgraph.outputs), xs, batch_size)
         out_scales = [tensor_scale.get(id(t)) for t in qgraph.outputs]
     else:
-        indices = [matches[n][0] for n in common] + [d["index"] for d in runner._outputs]
-        quantized = runner.run_all(xs, indices, batch_size)
+        indices = [matches[n][0] for n in common] + [d["index"] for d in runner.output_details]
+        quantized = runner.intermediates(xs, indices, batch_size)
         first = runner.output_quantization  # as compare_models reads it (also behind a DEQUANTIZE)
-        out_scales = [(first or (None,))[0]] + [(runtime._tflite_qparams(d) or (None,))[0]
+        out_scales = [(first or (None,))[0]] + [(runtime.tflite_qparams(d) or (None,))[0]
                                                  if np.issubdtype(d["dtype"], np.integer) else None
-                                                 for d in runner._outputs[1:]]
+                                                 for d in runner.output_details[1:]]
     row_names = common + ([OUTPUT] if len(outputs) == 1 else [f"<output_{i}>" for i in range(len(outputs))])
     scales = [matches[n][1] for n in common] + out_scales
     rows = []

@@ -24,7 +24,7 @@ import dataclasses
 import math
 
 from keras_quant.calibration.result import LayerStatistics
-from keras_quant.config import AUTO_CANDIDATES, QuantConfig, QuantSpec, auto_candidates, auto_tolerance
+from keras_quant.config import AUTO_CANDIDATES, QuantConfig, QuantSpec, as_spec, auto_candidates, auto_tolerance
 from keras_quant.errors import ConfigError, NoDataError
 from keras_quant.formatting import text_table, to_jsonable
 from keras_quant.observers import range_search
@@ -204,12 +204,7 @@ def compare_methods(calibration, spec=None, methods=AUTO_CANDIDATES, layers=None
     """
     if not isinstance(calibration, collections.abc.Mapping):
         raise ConfigError("calibration", type(calibration).__name__, "calibration must be a kq.CalibrationResult")
-    if spec is None:
-        spec = _default_spec()
-    elif isinstance(spec, dict):
-        spec = QuantSpec.from_config(spec)
-    elif not isinstance(spec, QuantSpec):
-        raise ConfigError("spec", spec, "spec must be a kq.QuantSpec, its config dict or None")
+    spec = _default_spec() if spec is None else as_spec(spec)
     if spec.granularity != "per_tensor":
         raise ConfigError("spec", spec, "compare_methods compares per-tensor ranges (granularity='per_tensor')")
     methods = auto_candidates(methods, field="methods")

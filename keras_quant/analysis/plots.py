@@ -24,7 +24,7 @@ import numbers
 import numpy as np
 
 from keras_quant.calibration.result import LayerStatistics, write_atomic
-from keras_quant.config import QuantSpec
+from keras_quant.config import as_spec
 from keras_quant.errors import ConfigError, NoDataError
 from keras_quant.formatting import format_number
 
@@ -70,8 +70,7 @@ def _clip(stats, spec, clip_range):
     if spec is not None and clip_range is not None:
         raise ConfigError("clip_range", clip_range, "give spec or clip_range, not both", layer=stats.name)
     if spec is not None:
-        if not isinstance(spec, QuantSpec):
-            raise ConfigError("spec", spec, "spec must be a kq.QuantSpec", layer=stats.name)
+        spec = as_spec(spec, layer=stats.name)
         lo, hi = stats.compute_range(spec)
         return float(np.min(lo)), float(np.max(hi)), f"clip range ({spec.observer}, {spec.bits} bits)"
     if clip_range is None:

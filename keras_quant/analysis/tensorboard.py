@@ -37,7 +37,7 @@ import keras
 import numpy as np
 
 from keras_quant.analysis.error import error_stats
-from keras_quant.errors import ConfigError, KerasQuantError
+from keras_quant.errors import ConfigError, KerasQuantError, check_int
 from keras_quant.export.plan import quantizer_layers
 from keras_quant.layers.fake_quant import ActivationQuantizer
 from keras_quant.layers.qat_quantizer import RANGE_MODES
@@ -267,8 +267,7 @@ class QuantizationTensorBoard(keras.callbacks.Callback):
         if update_freq != "epoch" and (isinstance(update_freq, bool) or not isinstance(update_freq, int)
                                        or update_freq < 1):
             raise ConfigError("update_freq", update_freq, "update_freq must be 'epoch' or a positive int of batches")
-        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
-            raise ConfigError("max_samples", max_samples, "max_samples must be a positive int")
+        check_int("max_samples", max_samples)
         self.log_dir = os.fspath(log_dir)
         self.update_freq = update_freq
         self.max_samples = max_samples

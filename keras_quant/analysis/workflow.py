@@ -25,18 +25,17 @@ Example:
 
 import os
 
-import numpy as np
-
-from keras_quant.errors import ConfigError
+from keras_quant.analysis.common import num_samples
+from keras_quant.analysis.compare import compare_models
+from keras_quant.analysis.layers import layer_errors
+from keras_quant.analysis.methods import compare_methods
+from keras_quant.analysis.sensitivity import check_budget, mixed_precision
+from keras_quant.analysis.sensitivity import sensitivity as rank_layers
+from keras_quant.config import QuantConfig
 from keras_quant.formatting import to_jsonable
 from keras_quant.progress import ProgressBar, progress_callback, steps
 
 __all__ = ["analyze_model"]
-
-
-def _num_samples(x):
-    first = next(iter(x.values())) if isinstance(x, dict) else (x[0] if isinstance(x, (list, tuple)) else x)
-    return int(np.shape(first)[0])
 
 
 def _is_tflite(artifact):
@@ -80,24 +79,15 @@ def analyze_model(model, data, labels=None, config=None, calibration=None, calib
         ConfigError: A `budget` without a way to measure it, or bad arguments
             (from the functions it calls, naming the field).
     """
-    from keras_quant import analysis
-    from keras_quant.calibration import CalibrationCallback
-    from keras_quant.config import QuantConfig
     from keras_quant.quantize import quantize_model
 
     config = QuantConfig.int8() if config is None else config
-    artifacts = tuple(artifacts or ())
-    enabled = bool(verbose)
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0):
-        raise ConfigError("budget", budget, "budget must be a number >= 0 (the metric change allowed)")
+    if budget is not None:
+        check_budget(budget)
     x_cal = data if calibration_data is None else calibration_data
 
     def calibrate(cfg, label):
-        bar = ProgressBar(steps(_num_samples(x_cal), batch_size), label, enabled=enabled)
-        callback = CalibrationCallback(config=cfg)
-        model.predict(x_cal, batch_size=batch_size, callbacks=[callback, progress_callback(bar)], verbose=0)
-        bar.close()
-        return callback.result
+        return _calibrate(model, x_cal, cfg, label, batch_size, verbose)
 
     if calibration is None:
         calibration = calibrate(config, "calibrating")
@@ -106,42 +96,57 @@ def analyze_model(model, data, labels=None, config=None, calibration=None, calib
 
     out = {"comparisons": [], "layer_errors": {}, "methods": None, "sensitivity": None, "mixed_precision": None,
            "report": None}
-    candidates = [("keras quantized", quantized)] + [(_label(a), a) for a in artifacts]
-    bar = ProgressBar(len(candidates), "comparing", enabled=enabled)
-    errors = {}
-    for name, candidate in candidates:
-        comparison = analysis.compare_models(model, candidate, data, labels=labels, batch_size=batch_size,
-                                             latency_runs=0 if candidate is quantized else 20)
-        out["comparisons"].append(dict(comparison.to_dict(), source=name))
-        if candidate is quantized or _is_tflite(candidate):
-            errors[name] = analysis.layer_errors(model, candidate, data, batch_size=batch_size)
-            out["layer_errors"][name] = errors[name].to_dict()["layers"]
-        bar.update()
-    bar.close()
+    errors = _compare_all(model, quantized, tuple(artifacts or ()), data, labels, batch_size, verbose, out)
     method_comparison = None
     if methods:
-        method_comparison = analysis.compare_methods(calibration, spec=config.activations)
+        method_comparison = compare_methods(calibration, spec=config.activations)
         out["methods"] = method_comparison.to_dict()
-    metric = "accuracy" if labels is not None else "mse"
-    eval_data = (data, labels) if labels is not None else data
     search_config = config if search_config is None else search_config
     search_calibration = None
     if sensitivity or budget is not None:  # one calibration serves the ranking and the search
         search_calibration = calibration if search_config is config else calibrate(search_config, "calibrating (search)")
+    metric = "accuracy" if labels is not None else "mse"
+    eval_data = (data, labels) if labels is not None else data
+    search = dict(config=search_config, metric=metric, calibration=search_calibration, batch_size=batch_size,
+                  verbose=verbose)
     if sensitivity:
-        ranking = analysis.sensitivity(model, None, eval_data, config=search_config, metric=metric,
-                                       calibration=search_calibration, batch_size=batch_size, verbose=verbose)
-        out["sensitivity"] = ranking.to_dict()
+        out["sensitivity"] = rank_layers(model, None, eval_data, **search).to_dict()
     mixed = None
     if budget is not None:
-        mixed = analysis.mixed_precision(model, None, eval_data, config=search_config, budget=budget,
-                                         metric=metric, calibration=search_calibration, batch_size=batch_size,
-                                         verbose=verbose)
+        mixed = mixed_precision(model, None, eval_data, budget=budget, **search)
         out["mixed_precision"] = mixed.to_dict()
     if report is not None:
         out["report"] = _write_report(report, title or f"keras_quant analysis of {model.name}", calibration, config,
                                       out, errors, method_comparison, mixed, max_layers)
     return to_jsonable(out)
+
+
+def _calibrate(model, x, config, label, batch_size, verbose):
+    """A `CalibrationResult` of `model` on `x` under `config`, with a progress bar named `label`."""
+    from keras_quant.calibration import CalibrationCallback
+
+    bar = ProgressBar(steps(num_samples(x), batch_size), label, enabled=bool(verbose))
+    callback = CalibrationCallback(config=config)
+    model.predict(x, batch_size=batch_size, callbacks=[callback, progress_callback(bar)], verbose=0)
+    bar.close()
+    return callback.result
+
+
+def _compare_all(model, quantized, artifacts, data, labels, batch_size, verbose, out):
+    """Compare the quantized model and each artifact with `model`, into `out`; their `LayerErrors` by source."""
+    candidates = [("keras quantized", quantized)] + [(_label(a), a) for a in artifacts]
+    bar = ProgressBar(len(candidates), "comparing", enabled=bool(verbose))
+    errors = {}
+    for name, candidate in candidates:
+        comparison = compare_models(model, candidate, data, labels=labels, batch_size=batch_size,
+                                    latency_runs=0 if candidate is quantized else 20)
+        out["comparisons"].append(dict(comparison.to_dict(), source=name))
+        if candidate is quantized or _is_tflite(candidate):
+            errors[name] = layer_errors(model, candidate, data, batch_size=batch_size)
+            out["layer_errors"][name] = errors[name].to_dict()["layers"]
+        bar.update()
+    bar.close()
+    return errors
 
 
 def _write_report(path, title, calibration, config, out, errors, method_comparison, mixed, max_layers):

@@ -403,3 +403,24 @@ def test_layers_with_folded_input_affines_keep_their_own_rows(tmp_path):
         assert "rescale" not in errs.names and "lone_bn" not in errs.names
         assert {"conv", "pw", "head"} <= set(errs.names), errs.names
         assert all(errs[n].sqnr_db > 25 for n in ("conv", "pool", "pw", "head")), [errs[n].sqnr_db for n in errs.names]
+
+
+@tf_only
+def test_tflite_rows_are_the_runners_intermediate_tensors(tiny, tmp_path):
+    """Each TFLite row compares the float layer with the tensor `TFLiteRunner.intermediates` reads: the one
+    whose name mentions the layer (an integer tensor before a float one)."""
+    from keras_quant.runtime import TFLiteRunner
+
+    model, x, _, qmodel = tiny
+    path = tmp_path / "tiny.tflite"
+    kq.export_tflite(qmodel, path)
+    errs = layer_errors(model, path, x)
+    runner = TFLiteRunner(path.read_bytes(), preserve_all_tensors=True)
+    details = runner.tensor_details()
+    (y,) = runner.intermediates(x, [runner.output_details[0]["index"]])
+    reference = np64(model.predict(x, verbose=0))
+    assert errs["<output>"] == activation_error("<output>", reference, y, runner.output_quantization[0])
+    float_layer = keras.Model(model.inputs, model.get_layer("d2").output)
+    d2 = [i for i, d in details.items() if "d2" in d["name"] and np.issubdtype(d["dtype"], np.integer)]
+    rows = [activation_error("d2", np64(float_layer.predict(x, verbose=0)), q) for q in runner.intermediates(x, d2)]
+    assert any(r.mse == errs["d2"].mse and r.cosine_similarity == errs["d2"].cosine_similarity for r in rows)
