@@ -59,7 +59,8 @@ import numpy as np
 from keras_quant import graph as graph_lib
 from keras_quant.errors import ConfigError, ExportError
 from keras_quant.export import flatbuffer, plan as plan_lib
-from keras_quant.export.tflite import ExportReport, _atomic_write, check_batch_size, tflite_bytes
+from keras_quant.export.tflite import ExportReport, check_batch_size, tflite_bytes
+from keras_quant.io import write_atomic
 
 __all__ = ["export_onnx", "onnx_model", "MIN_OPSET", "INT4_OPSET"]
 
@@ -610,7 +611,7 @@ def export_onnx(model, path, opset=INT4_OPSET, strict=True, activation_type="uin
         ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise _load_error(model, opset, e) from e
-    _atomic_write(path, data)
+    write_atomic(path, data, make_parents=True)
     ops = dict(collections.Counter(n.op_type for n in proto.graph.node))
     _, dq_weights = _qdq_tables(proto)
     elem = {1: "float32", 3: "int8", 2: "uint8", 5: "int16", 6: "int32", 7: "int64"}

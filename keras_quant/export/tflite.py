@@ -29,16 +29,15 @@ import dataclasses
 import functools
 import types
 import warnings
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import keras
 import numpy as np
 
-from keras_quant.calibration.result import write_atomic
 from keras_quant import graph as graph_lib
 from keras_quant.errors import ConfigError, ExportError
 from keras_quant.export import flatbuffer, plan as plan_lib
+from keras_quant.io import write_atomic
 from keras_quant.layers.inference import inference_scope
 
 __all__ = ["export_tflite", "tflite_bytes", "ExportReport", "IO_TYPES"]
@@ -448,12 +447,6 @@ def converter_error(model, mode, error, graph=None):
     return ExportError(field, value, reason, layer=", ".join(layers) or None)
 
 
-def _atomic_write(path, data):
-    """`write_atomic` (temporary file, fsync, rename), creating the parent folder first."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, data)
-
-
 def _check_backend():
     if keras.backend.backend() != "tensorflow":
         raise ExportError("backend", keras.backend.backend(), "export traces the model with TensorFlow; run it "
@@ -599,5 +592,5 @@ def export_tflite(model, path, mode="int8", input_type=None, output_type=None, b
             quantized layer the file runs in float.
     """
     data, details = tflite_bytes(model, mode, input_type, output_type, batch_size, strict)
-    _atomic_write(path, data)
+    write_atomic(path, data, make_parents=True)
     return ExportReport(path=str(path), format="tflite", mode=mode, size_bytes=len(data), **details)
