@@ -154,6 +154,7 @@ def calibrate(model, config, x_calib):
 def make_artifacts(model, x_calib, folder):
     """Write the six artifacts to `folder`; `({name: path}, {name: seconds}, int8 qmodel, {name: ExportReport})`."""
     import keras_quant as kq
+    from keras_quant.io import write_atomic
 
     paths, seconds, reports = {}, {}, {}
     start = time.perf_counter()
@@ -161,8 +162,7 @@ def make_artifacts(model, x_calib, folder):
     seconds["converter float32 + int8"] = time.perf_counter() - start
     for name, data in (("float32", float_bytes), ("converter_int8", conv_bytes)):
         paths[name] = os.path.join(folder, f"{name}.tflite")
-        with open(paths[name], "wb") as f:
-            f.write(data)
+        write_atomic(paths[name], data)
 
     start = time.perf_counter()
     q8 = kq.quantize_model(model, kq.QuantConfig.int8(), calibration=calibrate(model, kq.QuantConfig.int8(), x_calib))

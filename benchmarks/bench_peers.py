@@ -216,9 +216,10 @@ def converter_int8(model, x_calib, path):
     """The TFLite converter's own full-integer PTQ of the float model (as bench_export makes it)."""
     import bench_export
 
+    from keras_quant.io import write_atomic
+
     data = bench_export.converter_int8_bytes(bench_export._concrete_function(model), x_calib)
-    with open(path, "wb") as f:
-        f.write(data)
+    write_atomic(path, data)
 
 
 def float_tflite(model, path):
@@ -226,9 +227,10 @@ def float_tflite(model, path):
 
     import bench_export
 
+    from keras_quant.io import write_atomic
+
     data = tf.lite.TFLiteConverter.from_concrete_functions([bench_export._concrete_function(model)]).convert()
-    with open(path, "wb") as f:
-        f.write(data)
+    write_atomic(path, data)
 
 
 def float_onnx(tflite_path, path):
@@ -418,7 +420,7 @@ def tfmot_worker(job_path):
                 conv.inference_output_type = tf.int8
                 data = conv.convert()
                 res["path"] = os.path.join(folder, f"tfmot_qat_{kind}.tflite")
-                with open(res["path"], "wb") as f:
+                with open(res["path"], "wb") as f:  # plain write: this tf_keras process must not import keras_quant
                     f.write(data)
                 res["seconds"] = time.perf_counter() - start
             res["peak_mb"] = (mem.peak - mem.start) / 2**20
@@ -731,7 +733,7 @@ def drop_chart(rows, float_rows):
 
 def chart_from_results(json_path, png_path):
     """Redraw the chart from a results file's `peers` entry (`run.py` output) into `png_path`."""
-    from keras_quant.calibration.result import write_atomic
+    from keras_quant.io import write_atomic
 
     with open(json_path) as f:
         peers = json.load(f)["benchmarks"]["peers"]

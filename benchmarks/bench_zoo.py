@@ -266,9 +266,10 @@ def converter_file(model, x_calib, path):
     """The TFLite converter's own full-integer PTQ (bench_export's recipe) written to `path`."""
     import bench_export
 
+    from keras_quant.io import write_atomic
+
     data = bench_export.converter_int8_bytes(bench_export._concrete_function(model), x_calib)
-    with open(path, "wb") as f:
-        f.write(data)
+    write_atomic(path, data)
     return data
 
 
@@ -602,11 +603,9 @@ def _measure_kq_file(zm, cfg, row, kq_path, qmodel, conv_runner, conv_pred, x_fi
 # Worker processes ---------------------------------------------------------------------------
 def _write_json(path, obj):
     from keras_quant.formatting import to_jsonable
+    from keras_quant.io import write_atomic
 
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(to_jsonable(obj), f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(to_jsonable(obj)))
 
 
 def worker(name, quick, out_path, folder):

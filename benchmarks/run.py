@@ -32,8 +32,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
-from keras_quant.calibration.result import write_atomic as _write_atomic  # noqa: E402  (after the path set-up)
-from keras_quant.formatting import markdown_table, to_jsonable  # noqa: E402
+from keras_quant.formatting import markdown_table, to_jsonable  # noqa: E402  (after the path set-up)
+from keras_quant.io import write_atomic as _write_atomic  # noqa: E402
 DEFAULT_OUT = HERE / "results"
 PREFIX = "bench_"
 SCHEMA = 1
@@ -136,9 +136,7 @@ def machine_info():
 def write_atomic(path, data):
     """Write `data` (text or bytes) to `path` atomically: keras_quant's writer (temp file, fsync,
     rename), after creating the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, data.encode("utf-8") if isinstance(data, str) else data)
+    _write_atomic(path, data, make_parents=True)
 
 
 def _notes(notes):

@@ -23,10 +23,11 @@ import numbers
 
 import numpy as np
 
-from keras_quant.calibration.result import LayerStatistics, write_atomic
+from keras_quant.calibration.result import LayerStatistics
 from keras_quant.config import as_spec
 from keras_quant.errors import ConfigError, NoDataError
 from keras_quant.formatting import format_number
+from keras_quant.io import write_atomic
 
 __all__ = ["activation_histogram", "error_heatmap", "accuracy_size_chart"]
 

@@ -22,9 +22,10 @@ import re
 
 import numpy as np
 
-from keras_quant.calibration.result import CalibrationResult, write_atomic
+from keras_quant.calibration.result import CalibrationResult
 from keras_quant.errors import ConfigError
 from keras_quant.formatting import format_number
+from keras_quant.io import write_atomic
 
 __all__ = ["Report"]
 
@@ -203,10 +204,7 @@ class Report:
         path = os.fspath(path)
         if images_dir is None:
             images_dir = os.path.splitext(path)[0] + "_files"
-        if self._images:
-            os.makedirs(images_dir, exist_ok=True)
-            for filename, png in self._images:
-                write_atomic(os.path.join(images_dir, filename), png)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        write_atomic(path, self.to_html().encode("utf-8"))
+        for filename, png in self._images:
+            write_atomic(os.path.join(images_dir, filename), png, make_parents=True)
+        write_atomic(path, self.to_html(), make_parents=True)
         return path

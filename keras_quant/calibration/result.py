@@ -1,4 +1,4 @@
-"""Calibration results: per-layer statistics, and their safe, atomic persistence.
+"""Calibration results: per-layer statistics, and their safe, atomic persistence (via `keras_quant.io`).
 
 `LayerStatistics` holds what a `LayerCollector` saw of one tensor (moments,
 extremes, a histogram, the spec's range and qparams) as plain numpy / Python
@@ -7,30 +7,10 @@ values; `CalibrationResult` is a read-only mapping of layer name to
 (percentiles, outlier counts, the range for another spec) is a numpy function
 of the stored state, computed outside any compiled step.
 
-File container (shared by both formats)::
-
-    KQCAL {"schema_version": 1, "format": "json", "payload_bytes": N, "sha256": "<hex>"}\\n
-    <N payload bytes>
-
-The first line is the magic `KQCAL ` and a one-line JSON header; the payload
-follows: indented UTF-8 JSON (`format="json"`, readable) or msgpack
-(`format="msgpack"`, compact; numpy arrays as raw little-endian bytes with
-their dtype and shape). `sha256` is the SHA-256 of the payload bytes. With
-`compression="gzip"` or `"zstd"` the whole container is compressed (so
-`zcat result.json.gz` shows the header line and the JSON). Loading detects the
-compression from the file's magic bytes, checks the magic line, the schema
-version, the format, the payload length and the checksum, then decodes into
-new objects: a truncated, tampered or unknown file raises
-`kq.errors.IntegrityError` and nothing is half-loaded. No pickle is used
-anywhere; arrays may only have bool, integer or float dtypes.
-
-In JSON, non-finite floats are written as the strings `"inf"`, `"-inf"`,
-`"nan"` (as `keras_quant.formatting.to_jsonable` does) and missing values as
-`null`; arrays are `{"__ndarray__": dtype, "shape": [...], "data": [...]}`.
-
-Writes are atomic: the bytes go to a temporary file in the target directory,
-which is flushed, fsync'ed and `os.replace`d onto the path; on any failure the
-temporary file is removed and an existing file is left untouched.
+`CalibrationResult.save` / `load` write and read the checksummed container of
+`keras_quant.io` (JSON or msgpack, optionally gzip / zstd; atomic writes,
+verified and size-bounded reads): a truncated, tampered or unknown file
+raises `kq.errors.IntegrityError` and nothing is half-loaded.
 
 Example:
 
@@ -42,17 +22,12 @@ Example:
 import collections.abc
 import dataclasses
 import datetime
-import gzip
-import hashlib
-import io
 import json
-import math
-import os
-import tempfile
 from typing import Any, Optional
 
 import numpy as np
 
+from keras_quant import io as kq_io
 from keras_quant import ops as kq_ops
 from keras_quant.config import QuantSpec
 from keras_quant.errors import ConfigError, IntegrityError, NoDataError
@@ -62,20 +37,9 @@ from keras_quant.observers import range_search
 __all__ = [
     "LayerStatistics",
     "CalibrationResult",
-    "SCHEMA_VERSION",
-    "FORMATS",
-    "COMPRESSIONS",
-    "encode_payload",
-    "decode_payload",
     "histogram_outliers",
 ]
 
-SCHEMA_VERSION = 1
-FORMATS = ("json", "msgpack")
-COMPRESSIONS = (None, "gzip", "zstd")
-MAGIC = b"KQCAL "
-_MAX_DECOMPRESSED = 1 << 32  # 4 GiB: refuse decompression bombs
-_ARRAY_KINDS = "biuf"  # bool, signed, unsigned, float: nothing that can carry objects
 _NO_SAMPLE = "no calibration sample reached this layer (count is 0)"
 
 
@@ -145,61 +109,7 @@ def histogram_outliers(hist, bin_edges, mean, std):
 
 
 # --------------------------------------------------------------------------
-# Value encoding shared by to_dict (JSON-able) and msgpack (binary arrays).
-
-
-def _encode(v, binary):
-    """`v` as a tree of plain values; arrays tagged with dtype and shape."""
-    if isinstance(v, np.ndarray):
-        if v.dtype.kind not in _ARRAY_KINDS:
-            raise ConfigError("dtype", str(v.dtype), "only bool, integer and float arrays can be stored")
-        dtype = v.dtype.newbyteorder("<") if v.dtype.itemsize > 1 else v.dtype
-        if binary:
-            data = np.ascontiguousarray(v, dtype=dtype).tobytes()
-        else:
-            data = [to_jsonable(x) for x in v.reshape(-1).tolist()]
-        return {"__ndarray__": dtype.str, "shape": list(v.shape), "data": data}
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, QuantSpec):
-        return _encode(v.get_config(), binary)
-    if isinstance(v, dict):
-        return {str(k): _encode(x, binary) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_encode(x, binary) for x in v]
-    if isinstance(v, float) and not binary and not math.isfinite(v):
-        return str(v)
-    if v is None or isinstance(v, (str, int, float, bool)):
-        return v
-    return to_jsonable(v) if not binary else str(v)
-
-
-def _decode_array(d):
-    dtype = np.dtype(d["__ndarray__"])
-    if dtype.kind not in _ARRAY_KINDS or dtype.hasobject:
-        raise ValueError(f"array dtype {dtype} is not allowed")
-    shape = tuple(int(s) for s in d["shape"])
-    data = d["data"]
-    if isinstance(data, (bytes, bytearray)):
-        if len(data) != dtype.itemsize * math.prod(shape):
-            raise ValueError("array data does not match its shape")
-        arr = np.frombuffer(bytes(data), dtype=dtype).reshape(shape)
-    else:
-        if dtype.kind == "f":
-            data = [float(x) for x in data]
-        arr = np.asarray(data, dtype=dtype).reshape(shape)
-    return arr.astype(dtype.newbyteorder("="), copy=True)
-
-
-def _decode(v):
-    """Inverse of `_encode`: tagged dicts back to numpy arrays (new objects)."""
-    if isinstance(v, dict):
-        if "__ndarray__" in v:
-            return _decode_array(v)
-        return {k: _decode(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_decode(x) for x in v]
-    return v
+# Reading stored values back (the codec itself is keras_quant.io).
 
 
 def _float(v):
@@ -213,7 +123,7 @@ def _array_or_float(v):
     if v is None:
         return None
     if isinstance(v, dict) and "__ndarray__" in v:
-        return _decode_array(v)
+        return kq_io.decode_array(v)
     if isinstance(v, np.ndarray):
         return v.copy()
     return float(v)
@@ -223,7 +133,7 @@ def _array(v):
     if v is None:
         return None
     if isinstance(v, dict):
-        return _decode_array(v)
+        return kq_io.decode_array(v)
     return np.array(v, copy=True)
 
 
@@ -503,7 +413,7 @@ class LayerStatistics:
         Returns:
             A dict that `json.dumps` takes and `from_dict` reads back exactly.
         """
-        return _encode(self._tree(), binary=False)
+        return kq_io.encode_tree(self._tree(), binary=False)
 
     @classmethod
     def from_dict(cls, d):
@@ -546,163 +456,6 @@ class LayerStatistics:
         zp = d.get("zero_point")
         kwargs["zero_point"] = None if zp is None else (_array(zp) if isinstance(zp, dict) else int(zp))
         return cls(**kwargs)
-
-
-# --------------------------------------------------------------------------
-# Container: header line + payload, optional outer compression.
-
-
-def encode_payload(tree, fmt):
-    """Bytes of a payload tree (`json`: indented UTF-8, `msgpack`: binary arrays)."""
-    if fmt == "json":
-        return json.dumps(_encode(tree, binary=False), indent=1, allow_nan=False).encode("utf-8") + b"\n"
-    import msgpack
-
-    return msgpack.packb(_encode(tree, binary=True), use_bin_type=True)
-
-
-def decode_payload(data, fmt):
-    """The tree of `encode_payload`'s bytes, arrays as new numpy arrays."""
-    if fmt == "json":
-        return _decode(json.loads(data.decode("utf-8")))
-    import msgpack
-
-    return _decode(msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True))
-
-
-def _compress(data, compression):
-    if compression is None:
-        return data
-    if compression == "gzip":
-        return gzip.compress(data, mtime=0)
-    import zstandard
-
-    return zstandard.ZstdCompressor(level=3).compress(data)
-
-
-def _decompress(raw):
-    if raw[:2] == b"\x1f\x8b":
-        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
-            data = f.read(_MAX_DECOMPRESSED + 1)
-    elif raw[:4] == b"\x28\xb5\x2f\xfd":
-        import zstandard
-
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as f:
-            data = f.read(_MAX_DECOMPRESSED + 1)
-    else:
-        return raw
-    if len(data) > _MAX_DECOMPRESSED:
-        raise ValueError("decompressed size over the limit")
-    return data
-
-
-def _infer(path, fmt, compression):
-    name = os.path.basename(str(path)).lower()
-    suffix_compression = None
-    for ext, comp in ((".gz", "gzip"), (".zst", "zstd")):
-        if name.endswith(ext):
-            name, suffix_compression = name[: -len(ext)], comp
-    if compression is None:
-        compression = suffix_compression
-    if fmt is None:
-        if name.endswith(".json"):
-            fmt = "json"
-        elif name.endswith((".msgpack", ".mpk")):
-            fmt = "msgpack"
-        else:
-            raise ConfigError(
-                "path", str(path), "cannot infer the format: use a .json or .msgpack/.mpk suffix (optionally + .gz/.zst) "
-                "or pass format="
-            )
-    if fmt not in FORMATS:
-        raise ConfigError("format", fmt, f"format must be one of {FORMATS}")
-    if compression not in COMPRESSIONS:
-        raise ConfigError("compression", compression, f"compression must be one of {COMPRESSIONS}")
-    return fmt, compression
-
-
-def write_atomic(path, data):
-    """Write `data` to `path` atomically (temp file in the same directory, fsync, `os.replace`).
-
-    On any failure the temporary file is removed and `path` is left as it was. The file gets the
-    permissions an ordinary `open(path, "wb")` would (0666 less the umask), not the temporary
-    file's private 0600.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = tempfile.NamedTemporaryFile(delete=False, dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp.name, 0o666 & ~umask)
-        os.replace(tmp.name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp.name)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename durable (best effort; not every platform can open a directory)
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def dump_bytes(tree, fmt, compression=None):
-    """The container bytes of a payload tree."""
-    payload = encode_payload(tree, fmt)
-    header = {
-        "schema_version": SCHEMA_VERSION,
-        "format": fmt,
-        "payload_bytes": len(payload),
-        "sha256": hashlib.sha256(payload).hexdigest(),
-    }
-    return _compress(MAGIC + json.dumps(header, sort_keys=True).encode("ascii") + b"\n" + payload, compression)
-
-
-def load_bytes(raw, path="<bytes>"):
-    """The payload tree of container bytes, verified.
-
-    Raises:
-        IntegrityError: For a bad magic, header, schema version, format,
-            length or checksum, or a payload that does not decode.
-    """
-    try:
-        data = _decompress(raw)
-    except Exception as e:  # truncated / garbled compressed stream
-        raise IntegrityError(path, f"the compressed data is corrupt ({type(e).__name__}: {e})") from None
-    if not data.startswith(MAGIC):
-        raise IntegrityError(path, "not a keras_quant calibration file (bad magic)")
-    end = data.find(b"\n", 0, 4096)
-    if end < 0:
-        raise IntegrityError(path, "the header line is missing or truncated")
-    try:
-        header = json.loads(data[len(MAGIC):end].decode("ascii"))
-        version, fmt = header["schema_version"], header["format"]
-        size, digest = int(header["payload_bytes"]), str(header["sha256"])
-    except Exception:
-        raise IntegrityError(path, "the header is garbled") from None
-    if version != SCHEMA_VERSION:
-        raise IntegrityError(path, f"unknown schema_version {version!r} (this version reads {SCHEMA_VERSION})")
-    if fmt not in FORMATS:
-        raise IntegrityError(path, f"unknown format {fmt!r}")
-    payload = data[end + 1:]
-    if len(payload) != size:
-        raise IntegrityError(path, f"the payload has {len(payload)} bytes, the header says {size} (truncated?)")
-    if hashlib.sha256(payload).hexdigest() != digest:
-        raise IntegrityError(path, "checksum mismatch (sha256)")
-    try:
-        return decode_payload(payload, fmt)
-    except Exception as e:
-        raise IntegrityError(path, f"the payload does not decode ({type(e).__name__}: {e})") from None
 
 
 # --------------------------------------------------------------------------
@@ -828,7 +581,7 @@ class CalibrationResult(collections.abc.Mapping):
 
     def to_dict(self):
         """Plain JSON-able data: `{"metadata": {...}, "layers": [LayerStatistics.to_dict(), ...]}`."""
-        return _encode(self._tree(), binary=False)
+        return kq_io.encode_tree(self._tree(), binary=False)
 
     @classmethod
     def from_dict(cls, d):
@@ -857,9 +610,7 @@ class CalibrationResult(collections.abc.Mapping):
         Raises:
             ConfigError: For an unknown format/compression or a suffix that names none.
         """
-        fmt, compression = _infer(path, format, compression)
-        write_atomic(path, dump_bytes(self._tree(), fmt, compression))
-        return path
+        return kq_io.save_tree(path, self._tree(), format, compression)
 
     @classmethod
     def load(cls, path):
@@ -876,9 +627,7 @@ class CalibrationResult(collections.abc.Mapping):
                 unknown schema version or format. Nothing is half-loaded.
             FileNotFoundError: If `path` does not exist.
         """
-        with open(path, "rb") as f:
-            raw = f.read()
-        tree = load_bytes(raw, path)
+        tree = kq_io.load_tree(path)
         try:
             return cls.from_dict(tree)
         except Exception as e:

@@ -6,6 +6,11 @@
 (QDQ) ONNX. Each returns an `ExportReport` read back from the file.
 What a target cannot express is reported by layer name before conversion
 (`kq.errors.ExportError`).
+
+Modules: `plan` (what each mode can express, the export plan), `converter`
+(the trace and the TFLite converter run), `flatbuffer` (edits of the TFLite
+file), `tflite` (`export_tflite`), `qdq` (edits of the ONNX graph), `onnx`
+(`export_onnx`, through tf2onnx).
 """
 
 from keras_quant.export.plan import MODES, check

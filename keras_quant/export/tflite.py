@@ -17,6 +17,9 @@ tensor is traced back to its layer: a layer keras_quant quantizes that the
 file runs in float is an `ExportError` (strict), a layer the config kept in
 float is listed in the report.
 
+The trace and the converter run live in `keras_quant.export.converter`; the
+file is written with `keras_quant.io.write_atomic`.
+
 Example:
 
 >>> qmodel = kq.quantize_model(model, kq.QuantConfig.int8(), calibration=result)
@@ -26,20 +29,15 @@ Example:
 
 import collections
 import dataclasses
-import functools
-import types
-import warnings
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import keras
 import numpy as np
 
-from keras_quant.calibration.result import write_atomic
 from keras_quant import graph as graph_lib
 from keras_quant.errors import ConfigError, ExportError
-from keras_quant.export import flatbuffer, plan as plan_lib
-from keras_quant.layers.inference import inference_scope
+from keras_quant.export import converter as converter_lib, flatbuffer, plan as plan_lib
+from keras_quant.io import write_atomic
 
 __all__ = ["export_tflite", "tflite_bytes", "ExportReport", "IO_TYPES"]
 
@@ -106,148 +104,6 @@ class ExportReport:
                                                    for op, name, layers in self.float_ops))
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-def _input_specs(model, batch_size):
-    import tensorflow as tf
-
-    inputs = getattr(model, "inputs", None)
-    if not inputs:
-        raise ExportError("model.inputs", None, "export needs a model with known inputs (a Functional or "
-                          "Sequential model, or a subclassed model that has been built by calling it on "
-                          "keras.Input tensors)", layer=model.name)
-    specs = []
-    for i, t in enumerate(inputs):
-        shape = (batch_size,) + tuple(t.shape[1:])
-        if any(d is None for d in shape[1:]):
-            raise ExportError("input_shape", tuple(t.shape), "export needs every input dimension but the batch "
-                              "known", layer=model.name)
-        specs.append(tf.TensorSpec(shape, t.dtype, name=f"input_{i}"))
-    return specs
-
-
-def concrete_function(model, plan, batch_size=1, values=None):
-    """`model`'s inference form traced with `plan`, its variables read as constants.
-
-    The trace runs in a `keras.StatelessScope` that gives each variable read
-    its current value as a constant made inside the graph: the function is
-    frozen as traced (`frozen_graph_def`), and the converter need not freeze it
-    (`_converter`; its general freeze re-imports the whole graph, about a
-    fifth of a small model's export). A variable read outside Keras (a
-    captured resource) or a graph with function bodies (a recurrent loop) is
-    left to the converter's own freeze. `values`: the model's
-    `plan.VariableValues`, when the caller has read them.
-    """
-    import tensorflow as tf
-
-    specs = _input_specs(model, batch_size)
-    single = len(specs) == 1
-    values = (values or plan_lib.VariableValues(model)).arrays
-
-    def serve(*xs):
-        with _ConstantScope(values):
-            return model(xs[0] if single else list(xs), training=False)
-
-    with inference_scope(plan):
-        return tf.function(serve, autograph=False).get_concrete_function(*specs)
-
-
-class _ConstantScope(keras.StatelessScope):
-    """A `StatelessScope` whose variables read as constants of `values` (`{id(variable): array}`), each
-    made in the current graph when first read: a variable the trace does not read (a kernel the plan
-    replaces with its grid values) adds nothing to the graph, and an eager tensor would be captured as
-    an input rather than embedded."""
-
-    def __init__(self, values):
-        super().__init__()
-        self._values = values
-
-    def get_current_value(self, variable):
-        value = super().get_current_value(variable)
-        if value is None and id(variable) in self._values:
-            import tensorflow as tf
-
-            array = self._values[id(variable)]
-            value = self.state_mapping[id(variable)] = tf.constant(array, dtype=array.dtype)
-        return value
-
-
-def frozen_graph_def(cf):
-    """The GraphDef of a concrete function that reads no variable and calls no function body (its graph is
-    its frozen form), else None (the converter freezes it)."""
-    if cf.captured_inputs:
-        return None
-    graph_def = cf.graph.as_graph_def()
-    return None if graph_def.library.function else graph_def
-
-
-@functools.lru_cache(maxsize=None)
-def _frozen_converter_class():
-    import tensorflow as tf
-
-    class FrozenConverter(tf.lite.TFLiteConverter):
-        """The converter for a concrete function already frozen (`frozen_graph_def`): that GraphDef as is,
-        set as `graph_def` (serialising a graph with its constants is not done twice).
-
-        It also leaves its last Python passes (the model's IO types, buffer
-        deduplication, the conversion metadata) to `flatbuffer.finish_conversion`,
-        which export runs on the model it unpacks anyway: `finish_io` holds the
-        IO types to set and `finish_metadata` the metadata to write, or both are
-        None when the converter ran the passes itself.
-        """
-
-        graph_def = finish_io = finish_metadata = None
-
-        def _freeze_concrete_function(self):
-            (func,) = self._funcs
-            return self.graph_def, list(func.inputs), list(func.outputs), func
-
-        def _validate_inputs(self, graph_def, input_tensors):
-            # The base class also collects the Python stack of every traced op, for the source locations
-            # in its error messages: a tenth of a small model's export. `converter_error` names the
-            # layers from the op names, which the messages keep, so that is done without the stacks.
-            funcs, self._funcs = self._funcs, [types.SimpleNamespace(graph=None)]
-            try:
-                super()._validate_inputs(graph_def, input_tensors)
-            finally:
-                self._funcs = funcs
-
-        def _optimize_tflite_model(self, model, quant_mode, debug_options=None, quant_io=True):
-            if (quant_mode.is_post_training_integer_quantization() or self._sparsify_model()
-                    or self.experimental_use_stablehlo_quantizer or self._experimental_use_buffer_offset):
-                return super()._optimize_tflite_model(model, quant_mode, debug_options, quant_io)
-            io = (tf.float32, tf.float32)
-            if quant_mode.is_integer_quantization():
-                io = (self.inference_input_type or tf.float32, self.inference_output_type or tf.float32)
-            self.finish_io = io
-            if not self.exclude_conversion_metadata:  # written after the passes, as the converter does
-                self.finish_metadata, self.exclude_conversion_metadata = self._metadata, True
-            return model
-
-    return FrozenConverter
-
-
-def _converter(cf, mode, input_type, output_type):
-    import tensorflow as tf
-
-    types = {"int8": tf.int8, "uint8": tf.uint8, "int16": tf.int16, "float32": tf.float32}
-    graph_def = frozen_graph_def(cf)
-    if graph_def is None:
-        conv = tf.lite.TFLiteConverter.from_concrete_functions([cf])
-    else:
-        conv = _frozen_converter_class().from_concrete_functions([cf])
-        conv.graph_def = graph_def
-    if mode == "float32":
-        return conv
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    if mode == "int16x8":
-        conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
-    if mode == "float16":
-        conv.target_spec.supported_types = [tf.float16]
-    if mode in ("int8", "int16x8"):
-        conv.inference_input_type = types[input_type]
-        conv.inference_output_type = types[output_type]
-    return conv
 
 
 def check_batch_size(batch_size):
@@ -399,65 +255,62 @@ def _check_float_ops(model, float_ops):
     raise ExportError(field, value, reason, layer=layer, problems=problems)
 
 
-def _layers_running(model, graph, op_types):
-    """Names of `model`'s layers whose traced TensorFlow ops include one of `op_types` (by the op's scope)."""
-    names = {layer.name for layer in graph_lib.sublayers(model)}
-    found = []
-    for op in graph.get_operations() if graph is not None else ():
-        if op.type in op_types:
-            found += [n for n in flatbuffer.layer_names_of(op.name, names) if n not in found]
-    return found
-
-
-def converter_error(model, mode, error, graph=None):
-    """An `ExportError` for an exception the TFLite converter raised: what failed, the layers, the remedy.
-
-    Args:
-        model: The model converted.
-        mode: The export mode.
-        error: The converter's exception (its `ConverterError` carries MLIR diagnostics).
-        graph: The traced `tf.Graph`, to find the layers whose ops the converter names.
-    """
-    import re
-
-    text = str(error)
-    details = list(getattr(error, "errors", None) or ())  # converter_error_data_pb2 records: message, location
-    select = re.search(r"TF Select ops: ([^\n]+)", text)
-    op_types = set(re.findall(r"'tf\.(\w+)' op", text))
-    if select:
-        op_types |= {op.strip() for op in select.group(1).split(",")}
-    layers = _layers_running(model, graph, op_types)
-    names = {layer.name for layer in graph_lib.sublayers(model)}
-    for record in details:  # the traced op each diagnostic points at (`functional_1/cat_1/concat`)
-        for call in getattr(getattr(record, "location", None), "call", ()):
-            layers += [n for n in flatbuffer.layer_names_of(call.name, names) if call.name and n not in layers]
-    if select:
-        ops = select.group(1).strip()
-        reason = (f"TFLite has no builtin kernel for the TensorFlow op(s) {ops} (the converter would need TF Select "
-                  "ops, which LiteRT does not run by default); replace the layer by ops TFLite has (for "
-                  "MaxPooling3D: a strided Conv3D, or 2D pooling over reshaped slices), or leave it out of the "
-                  "exported model")
-        field, value = "ops", ops
-    else:
-        first = next((r.error_message.strip() for r in details if getattr(r, "error_message", "")), None)
-        if first is None:
-            first = next((line.split("error:", 1)[1].strip() for line in text.splitlines() if "error:" in line),
-                         text.strip()[:300])
-        reason = f"the TFLite converter failed ({type(error).__name__}: {first})"
-        field, value = "mode", mode
-    return ExportError(field, value, reason, layer=", ".join(layers) or None)
-
-
-def _atomic_write(path, data):
-    """`write_atomic` (temporary file, fsync, rename), creating the parent folder first."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, data)
-
-
 def _check_backend():
     if keras.backend.backend() != "tensorflow":
         raise ExportError("backend", keras.backend.backend(), "export traces the model with TensorFlow; run it "
                           "with KERAS_BACKEND=tensorflow (a model saved under JAX loads there unchanged)")
+
+
+def _write_weight_scales(flat, infos, mode):
+    """Write keras_quant's weight scales into an int8 / int16x8 `flat` (`flatbuffer.set_weight_scales`); the notes."""
+    notes = []
+    _, rewritten, widened = flatbuffer.set_weight_scales(flat, infos, int16_bias=mode == "int16x8")
+    if widened:
+        notes.append("weight scales widened so the bias fits int32 at input scale x weight scale (as the TFLite "
+                     "converter does; those channels differ from the Keras model by the coarser grid) for: "
+                     + ", ".join(sorted(set(widened))))
+    if rewritten:
+        notes.append("weight scales set to keras_quant's (the converter's min-max differs) for: "
+                     + ", ".join(sorted(set(rewritten))))
+    return notes
+
+
+def _weight_rows(infos, mode):
+    """`(layer, bits, storage)` of each quantized weight, and a note for each grid narrower than its storage."""
+    weights, notes = [], []
+    storage = "int8" if mode in ("int8", "int16x8", "dynamic") else "float"
+    for info in infos:
+        weights.append((info.layer, info.bits, storage))
+        if info.bits < 8 and storage == "int8":
+            notes.append(f"{info.layer}.{info.name}: {info.bits}-bit weights stored as int8 holding values in "
+                         f"[{info.qmin}, {info.qmax}]")
+    return weights, notes
+
+
+def _dynamic_notes(flat, infos, layer_names):
+    """Notes of a dynamic-range file: the weights inside recurrent loops, and those the converter kept float."""
+    notes = []
+    kept = sorted({info.layer for info in infos} - _int8_weight_layers(flat, infos))
+    looped = flatbuffer.loop_weights(flat, layer_names)
+    int8_loops = sorted(n for n, types in looped.items() if all(t == "INT8" for t in types))
+    kept += sorted(n for n, types in looped.items() if n not in int8_loops and n not in kept)
+    if int8_loops:
+        notes.append("int8 weights inside the recurrent loops of: " + ", ".join(int8_loops))
+    if kept:
+        notes.append("the converter keeps small weights (under 1024 elements) in float in dynamic-range "
+                     "mode: " + ", ".join(kept))
+    return notes
+
+
+def _activation_rows(model, values, mode):
+    """`(layer, scale, zero_point, bits)` of each activation quantizer written, and notes for narrow grids."""
+    activations, notes = [], []
+    storage = plan_lib.MODES[mode]
+    for name, (scale, zp, bits) in plan_lib.activation_table(model, values).items():
+        activations.append((name, scale, zp, bits))
+        if bits < storage:
+            notes.append(f"{name}: {bits}-bit activations stored as int{storage} (clipped to the {bits}-bit grid)")
+    return activations, notes
 
 
 @graph_lib.gc_paused()
@@ -470,75 +323,36 @@ def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_si
     input_type = _io_type(input_type, "input_type", mode)
     output_type = _io_type(output_type, "output_type", mode)
     plan = plan_lib.build_plan(model, mode, values)
-    cf = concrete_function(model, plan, batch_size, values)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
-        converter = _converter(cf, mode, input_type, output_type)
-        try:
-            data = converter.convert()
-        except Exception as e:  # the converter's ConverterError (MLIR diagnostics), or anything it raises
-            raise converter_error(model, mode, e, cf.graph) from e
-    flat = flatbuffer.FlatModel(data)
-    finish_io = getattr(converter, "finish_io", None)
-    if finish_io is not None:
-        flatbuffer.finish_conversion(flat, finish_io, converter.finish_metadata)
+    data, flat, finished = converter_lib.convert(model, plan, values, mode, input_type, output_type, batch_size)
+    integer = mode in ("int8", "int16x8")
     infos = plan_lib.weight_infos(model, plan=plan, values=values) if mode not in ("float16", "float32") else []
     notes = []
-    rewritten = []
-    if mode in ("int8", "int16x8"):
-        _, rewritten, widened = flatbuffer.set_weight_scales(flat, infos, int16_bias=mode == "int16x8")
-        if widened:
-            notes.append("weight scales widened so the bias fits int32 at input scale x weight scale (as the TFLite "
-                         "converter does; those channels differ from the Keras model by the coarser grid) for: "
-                         + ", ".join(sorted(set(widened))))
-        if rewritten:
-            notes.append("weight scales set to keras_quant's (the converter's min-max differs) for: "
-                         + ", ".join(sorted(set(rewritten))))
-    if finish_io is not None or mode in ("int8", "int16x8"):
+    if integer:
+        notes += _write_weight_scales(flat, infos, mode)
+    if finished or integer:
         data = flat.to_bytes()  # `flat` now reads as the bytes do
     layer_names = {layer.name for layer in graph_lib.sublayers(model)}
-    float_ops = _float_ops(flat, layer_names) if mode in ("int8", "int16x8") else []
+    float_ops = _float_ops(flat, layer_names) if integer else []
     if strict and float_ops:
         _check_float_ops(model, float_ops)
-    weights = []
-    for info in infos:
-        storage = "int8" if mode in ("int8", "int16x8", "dynamic") else "float"
-        weights.append((info.layer, info.bits, storage))
-        if info.bits < 8 and storage == "int8":
-            notes.append(f"{info.layer}.{info.name}: {info.bits}-bit weights stored as int8 holding values in "
-                         f"[{info.qmin}, {info.qmax}]")
+    weights, weight_notes = _weight_rows(infos, mode)
+    notes += weight_notes
     learning = sorted(layer.name for layer in plan_lib.quantizer_layers(model)
                       if getattr(layer, "range_mode", "frozen") == "learn")
-    if learning and mode in ("int8", "int16x8"):
+    if learning and integer:
         notes.append("QAT quantizers still learning (" + ", ".join(learning) + ") are written with their zero "
                      "points rounded, as frozen; kq.qat.set_mode(model, 'frozen') makes Keras compute the same")
     if mode == "dynamic":
-        kept = sorted({info.layer for info in infos} - _int8_weight_layers(flat, infos))
-        looped = flatbuffer.loop_weights(flat, layer_names)
-        int8_loops = sorted(n for n, types in looped.items() if all(t == "INT8" for t in types))
-        kept += sorted(n for n, types in looped.items() if n not in int8_loops and n not in kept)
-        if int8_loops:
-            notes.append("int8 weights inside the recurrent loops of: " + ", ".join(int8_loops))
-        if kept:
-            notes.append("the converter keeps small weights (under 1024 elements) in float in dynamic-range "
-                         "mode: " + ", ".join(kept))
-    activations = []
-    if mode in ("int8", "int16x8"):
-        storage = plan_lib.MODES[mode]
-        for name, (scale, zp, bits) in plan_lib.activation_table(model, values).items():
-            activations.append((name, scale, zp, bits))
-            if bits < storage:
-                notes.append(f"{name}: {bits}-bit activations stored as int{storage} (clipped to the {bits}-bit grid)")
-    io = flat.ops()
-    first_in = flat.tensor(int(flat.graph.inputs[0]))
-    first_out = flat.tensor(int(flat.graph.outputs[0]))
+        notes += _dynamic_notes(flat, infos, layer_names)
+    activations, activation_notes = _activation_rows(model, values, mode) if integer else ([], [])
+    notes += activation_notes
     details = dict(
-        ops=dict(collections.Counter(op.name for op in io)),
+        ops=dict(collections.Counter(op.name for op in flat.ops())),
         float_ops=tuple(float_ops),
         weights=tuple(weights),
         activations=tuple(activations),
-        input_type=first_in.type.lower(),
-        output_type=first_out.type.lower(),
+        input_type=flat.tensor(int(flat.graph.inputs[0])).type.lower(),
+        output_type=flat.tensor(int(flat.graph.outputs[0])).type.lower(),
         notes=tuple(notes),
     )
     return data, details
@@ -599,5 +413,5 @@ def export_tflite(model, path, mode="int8", input_type=None, output_type=None, b
             quantized layer the file runs in float.
     """
     data, details = tflite_bytes(model, mode, input_type, output_type, batch_size, strict)
-    _atomic_write(path, data)
+    write_atomic(path, data, make_parents=True)
     return ExportReport(path=str(path), format="tflite", mode=mode, size_bytes=len(data), **details)

@@ -1,6 +1,7 @@
 """LayerStatistics and CalibrationResult: histogram reads, ranges, qparams, safe persistence."""
 
 import gzip
+import hashlib
 import json
 import os
 
@@ -9,7 +10,9 @@ import pytest
 
 import keras_quant as kq
 from keras_quant.calibration import result as result_mod
-from keras_quant.calibration.result import CalibrationResult, LayerStatistics, decode_payload, encode_payload
+from keras_quant import io as kq_io
+from keras_quant.calibration.result import CalibrationResult, LayerStatistics
+from keras_quant.io import decode_payload, encode_payload
 from keras_quant.calibration.stats import batch_moments, moments_to_stats
 from keras_quant.errors import ConfigError, IntegrityError, NoDataError
 from keras_quant.observers import range_search
@@ -231,7 +234,7 @@ def test_object_dtype_in_a_file_is_refused(tmp_path):
     bad = {"metadata": {}, "layers": [{"name": "x", "histogram": {"__ndarray__": "|O", "shape": [1], "data": b"\0" * 8}}]}
     payload = msgpack.packb(bad, use_bin_type=True)
     header = {"schema_version": 1, "format": "msgpack", "payload_bytes": len(payload),
-              "sha256": result_mod.hashlib.sha256(payload).hexdigest()}
+              "sha256": hashlib.sha256(payload).hexdigest()}
     path = tmp_path / "evil.msgpack"
     path.write_bytes(b"KQCAL " + json.dumps(header).encode() + b"\n" + payload)
     with pytest.raises(IntegrityError, match="not allowed"):
@@ -300,7 +303,7 @@ def test_atomic_write_keeps_old_file_when_encoding_fails(sample, tmp_path, monke
     def broken(tree, fmt):
         raise RuntimeError("encoder failed midway")
 
-    monkeypatch.setattr(result_mod, "encode_payload", broken)
+    monkeypatch.setattr(kq_io, "encode_payload", broken)
     with pytest.raises(RuntimeError):
         CalibrationResult([make_stats(sample, name="new")]).save(path)
     assert path.read_bytes() == before and _leftovers(tmp_path) == []
@@ -315,7 +318,7 @@ def test_atomic_write_removes_partial_temp_file(sample, tmp_path, monkeypatch):
         assert os.fstat(fd).st_size > 0  # the partial new file exists on disk at this point
         raise OSError("disk full")
 
-    monkeypatch.setattr(result_mod.os, "fsync", failing_fsync)
+    monkeypatch.setattr(kq_io.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="disk full"):
         CalibrationResult([make_stats(sample, name="new")]).save(path)
     monkeypatch.undo()
@@ -394,7 +397,7 @@ def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
     """Not the temporary file's private 0600: what open(path, "wb") would give (0666 less the umask)."""
     import os
 
-    from keras_quant.calibration.result import write_atomic
+    from keras_quant.io import write_atomic
 
     umask = os.umask(0o022)
     try:

@@ -304,13 +304,13 @@ def test_gelu_decomposition_computes_gelu(approximate):
     import tensorflow as tf
     from onnx import TensorProto, helper
 
-    from keras_quant.export.onnx import _decompose_gelu
+    from keras_quant.export.qdq import decompose_gelu
 
     node = helper.make_node("TFL_GELU", ["x"], ["y"], name="gelu", approximate=approximate)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    assert _decompose_gelu(proto) == 1
+    assert decompose_gelu(proto) == 1
     onnx.checker.check_model(proto)
     assert {n.op_type for n in proto.graph.node} >= ({"Tanh"} if approximate else {"Erf"})
     x = np.linspace(-4, 4, 40, dtype="float32").reshape(8, 5)

@@ -328,11 +328,12 @@ def test_a_saved_model_exports_the_same_file(ptq, int8_file, tmp_path):
 def test_the_trace_is_frozen_and_converts_to_the_file_the_converters_own_passes_give(ptq, int8_file, monkeypatch):
     """Export skips the converter's freeze and does its last Python passes (IO types, buffer deduplication,
     metadata) on the model it unpacks anyway: the files are byte for byte the converter's own."""
+    from keras_quant.export import converter as converter_lib
     from keras_quant.export import plan as plan_lib
     from keras_quant.export import tflite as tflite_lib
 
-    cf = tflite_lib.concrete_function(ptq, plan_lib.build_plan(ptq, "int8"))
-    assert tflite_lib.frozen_graph_def(cf) is not None  # weights and ranges are constants: no freeze
+    cf = converter_lib.concrete_function(ptq, plan_lib.build_plan(ptq, "int8"))
+    assert converter_lib.frozen_graph_def(cf) is not None  # weights and ranges are constants: no freeze
     assert not any(op.type in ("ReadVariableOp", "VarHandleOp") for op in cf.graph.get_operations())
     # A weight the plan replaces (the float kernel under its grid values) is not embedded unread: the only
     # constants the outputs do not read are TensorFlow's own few-element ones (a depthwise conv's shape).
@@ -348,20 +349,20 @@ def test_the_trace_is_frozen_and_converts_to_the_file_the_converters_own_passes_
              ("float16", None, None)]
     for case in cases:
         ours[case] = tflite_lib.tflite_bytes(ptq, *case)[0]
-    monkeypatch.setattr(tflite_lib, "frozen_graph_def", lambda cf: None)  # the converter freezes and finishes
+    monkeypatch.setattr(converter_lib, "frozen_graph_def", lambda cf: None)  # the converter freezes and finishes
     for case, data in ours.items():
         assert tflite_lib.tflite_bytes(ptq, *case)[0] == data, case
 
 
 def test_a_recurrent_trace_is_left_to_the_converters_freeze(tmp_path):
+    from keras_quant.export import converter as converter_lib
     from keras_quant.export import plan as plan_lib
-    from keras_quant.export import tflite as tflite_lib
 
     keras.utils.set_random_seed(0)
     i = keras.Input((6, 3))
     model = keras.Model(i, keras.layers.Dense(2)(keras.layers.LSTM(4)(i)))
-    cf = tflite_lib.concrete_function(model, plan_lib.build_plan(model, "float32"))
-    assert tflite_lib.frozen_graph_def(cf) is None  # the loop body is a function of its own
+    cf = converter_lib.concrete_function(model, plan_lib.build_plan(model, "float32"))
+    assert converter_lib.frozen_graph_def(cf) is None  # the loop body is a function of its own
     kq.export_tflite(model, tmp_path / "lstm.tflite", mode="float32")
     x = np.random.default_rng(0).normal(size=(1, 6, 3)).astype("float32")
     got = runtime.load(str(tmp_path / "lstm.tflite")).predict(x)
