@@ -23,7 +23,7 @@ import re
 import numpy as np
 
 from keras_quant.calibration.result import CalibrationResult
-from keras_quant.errors import ConfigError
+from keras_quant.errors import ConfigError, check_int
 from keras_quant.formatting import format_number
 from keras_quant.io import write_atomic
 
@@ -160,8 +160,7 @@ class Report:
 
         if not isinstance(result, CalibrationResult):
             raise ConfigError("result", type(result).__name__, "result must be a kq.CalibrationResult")
-        if isinstance(max_layers, bool) or not isinstance(max_layers, int) or max_layers < 1:
-            raise ConfigError("max_layers", max_layers, "max_layers must be a positive int")
+        check_int("max_layers", max_layers)
         names = result.layer_names if layers is None else [layers] if isinstance(layers, str) else list(layers)
         unknown = [n for n in names if n not in result]
         if unknown:

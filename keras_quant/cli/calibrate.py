@@ -9,11 +9,9 @@ import os
 from keras_quant.cli.common import load_model, positive_int
 from keras_quant.errors import ConfigError, KerasQuantError
 from keras_quant.formatting import to_jsonable
+from keras_quant.io import infer_format
 
 __all__ = ["calibration_config", "check_output", "add_parser", "command"]
-
-_OUTPUT_SUFFIXES = (".json", ".msgpack", ".mpk")
-_COMPRESSION_SUFFIXES = ("", ".gz", ".zst")
 
 
 def calibration_config(bits=8, method="minmax", symmetric=False, per_channel=False):
@@ -38,11 +36,12 @@ def check_output(path):
     Raises:
         ConfigError: Naming what is wrong with `path`.
     """
-    name = os.path.basename(path).lower()
-    if not any(name.endswith(s + c) for s in _OUTPUT_SUFFIXES for c in _COMPRESSION_SUFFIXES):
+    try:
+        infer_format(path)
+    except ConfigError:
         raise ConfigError(
             "output", path, "the output name must end in .json, .msgpack or .mpk (optionally + .gz or .zst)"
-        )
+        ) from None
     if os.path.isdir(path):
         raise ConfigError("output", path, "the output path is a directory; name a file")
     directory = os.path.dirname(os.path.abspath(path))
