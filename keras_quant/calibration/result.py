@@ -58,6 +58,7 @@ from keras_quant.config import QuantSpec
 from keras_quant.errors import ConfigError, IntegrityError, NoDataError
 from keras_quant.formatting import text_table, to_jsonable
 from keras_quant.observers import range_search
+from keras_quant.ops.histogram import histogram_outliers, quantile
 
 __all__ = [
     "LayerStatistics",
@@ -77,71 +78,6 @@ MAGIC = b"KQCAL "
 _MAX_DECOMPRESSED = 1 << 32  # 4 GiB: refuse decompression bombs
 _ARRAY_KINDS = "biuf"  # bool, signed, unsigned, float: nothing that can carry objects
 _NO_SAMPLE = "no calibration sample reached this layer (count is 0)"
-
-
-# --------------------------------------------------------------------------
-# Pure functions on a histogram.
-
-
-def _cdf(hist, edges, x):
-    """Mass below `x` (array), mass uniform within each bin."""
-    cum = np.concatenate([[0.0], np.cumsum(hist)])
-    if edges[-1] <= edges[0]:
-        return np.where(np.asarray(x) >= edges[0], cum[-1], 0.0)
-    return np.interp(x, edges, cum, left=0.0, right=cum[-1])
-
-
-def _quantile(hist, edges, q):
-    """Value below which a fraction `q` of the mass lies (linear within a bin)."""
-    return float(range_search._cdf_quantile(np.asarray(hist, np.float64), np.asarray(edges, np.float64), q))
-
-
-def _mass_outside(hist, edges, lo, hi):
-    """Estimated number of elements below `lo` or above `hi`."""
-    total = float(np.sum(hist))
-    return max(0.0, float(_cdf(hist, edges, lo)) + total - float(_cdf(hist, edges, hi)))
-
-
-def _mad(hist, edges, median):
-    """Median absolute deviation from `median`, from the piecewise linear CDF."""
-    total = float(np.sum(hist))
-    t = np.unique(np.abs(np.asarray(edges, np.float64) - median))
-    g = _cdf(hist, edges, median + t) - _cdf(hist, edges, median - t)  # non-decreasing in t
-    return float(np.interp(0.5 * total, g, t))
-
-
-def histogram_outliers(hist, bin_edges, mean, std):
-    """Outlier counts estimated from a histogram (accurate to about one bin's mass).
-
-    Args:
-        hist: Counts, shape `(n,)`.
-        bin_edges: Edges, shape `(n + 1,)`.
-        mean: The exact mean of the data.
-        std: The exact (population) standard deviation.
-
-    Returns:
-        `{"zscore": n, "iqr": n, "mad": n}`: elements with `|x - mean| > 3 std`;
-        outside `[Q1 - 1.5 IQR, Q3 + 1.5 IQR]`; with modified z-score
-        `0.6745 |x - median| / MAD > 3.5`.
-
-    Example:
-
-    >>> h, e = np.histogram(np.r_[np.zeros(100), 50.0], bins=64)
-    >>> histogram_outliers(h, e, 0.495, 4.95)["zscore"]
-    1
-    """
-    hist = np.asarray(hist, np.float64).reshape(-1)
-    edges = np.asarray(bin_edges, np.float64).reshape(-1)
-    if hist.sum() <= 0 or edges[-1] <= edges[0]:
-        return {"zscore": 0, "iqr": 0, "mad": 0}
-    z = _mass_outside(hist, edges, mean - 3.0 * std, mean + 3.0 * std) if std > 0 else 0.0
-    q1, q3 = _quantile(hist, edges, 0.25), _quantile(hist, edges, 0.75)
-    iqr = _mass_outside(hist, edges, q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1))
-    median = _quantile(hist, edges, 0.5)
-    mad = _mad(hist, edges, median)
-    limit = 3.5 * mad / 0.6745
-    m = _mass_outside(hist, edges, median - limit, median + limit)
-    return {"zscore": int(round(z)), "iqr": int(round(iqr)), "mad": int(round(m))}
 
 
 # --------------------------------------------------------------------------
@@ -356,7 +292,7 @@ class LayerStatistics:
         if q == 100:
             return float(self.max)
         self._require("histogram", self.histogram, "percentile()")
-        value = _quantile(self.histogram, self.bin_edges, float(q) / 100.0)
+        value = quantile(self.histogram, self.bin_edges, float(q) / 100.0)
         return float(min(max(value, self.min), self.max))
 
     def compute_range(self, spec):

@@ -25,7 +25,18 @@ from keras import ops
 from keras_quant.errors import ConfigError
 from keras_quant.observers.base import Observer
 
-__all__ = ["MeanStdObserver"]
+__all__ = ["MeanStdObserver", "mean_std_range"]
+
+
+def mean_std_range(mean, std, min_val, max_val, num_std):
+    """`mean +- num_std * std`, clipped to `[min_val, max_val]` (numbers or numpy arrays).
+
+    Example:
+
+    >>> [float(v) for v in mean_std_range(0.0, 1.0, -2.0, 5.0, 3.0)]
+    [-2.0, 3.0]
+    """
+    return np.maximum(mean - num_std * std, min_val), np.minimum(mean + num_std * std, max_val)
 
 
 @keras.saving.register_keras_serializable(package="keras_quant")
@@ -108,8 +119,7 @@ class MeanStdObserver(Observer):
     def _range(self, spec=None):
         count, mean, m2, lo, hi = self._state()
         self._no_data(count == 0)
-        std = np.sqrt(np.maximum(m2, 0.0) / count)
-        return np.maximum(mean - self.num_std * std, lo), np.minimum(mean + self.num_std * std, hi)
+        return mean_std_range(mean, np.sqrt(np.maximum(m2, 0.0) / count), lo, hi, self.num_std)
 
     def get_config(self):
         config = super().get_config()

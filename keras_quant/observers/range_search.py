@@ -39,7 +39,8 @@ import numpy as np
 from keras_quant import ops as kq_ops
 from keras_quant.config import AUTO_CANDIDATES, AUTO_TOLERANCE, auto_candidates, auto_tolerance
 from keras_quant.config import QuantSpec  # noqa: F401  (used by the docstring examples)
-from keras_quant.ops.core import _check_spec
+from keras_quant.ops.core import check_spec
+from keras_quant.ops.histogram import cdf_quantile
 from keras_quant.errors import ConfigError, NoDataError, ShapeMismatchError
 
 __all__ = [
@@ -55,6 +56,8 @@ __all__ = [
     "magnitude_histogram",
     "qparams",
     "fake_quant",
+    "percentile_bounds",
+    "SEARCHES",
 ]
 
 def _check(hist, bin_edges):
@@ -91,7 +94,7 @@ def qparams(min_val, max_val, spec):
     Returns:
         `(scale, zero_point)` numpy arrays of the broadcast shape.
     """
-    _check_spec(spec)
+    check_spec(spec)
     lo, hi = np.broadcast_arrays(np.asarray(min_val, np.float32), np.asarray(max_val, np.float32))
     return kq_ops.numpy_qparams(lo, hi, spec)
 
@@ -176,17 +179,6 @@ def minmax_range(hist, bin_edges, spec=None):
     return float(edges[nz[0]]), float(edges[nz[-1] + 1])
 
 
-def _cdf_quantile(hist, edges, q):
-    """Values below which a fraction `q` (array) of the mass lies; uniform within bins."""
-    cum = np.concatenate([[0.0], np.cumsum(hist)])
-    target = np.asarray(q, np.float64) * cum[-1]
-    k = np.clip(np.searchsorted(cum, target, side="left"), 1, hist.size)
-    below = cum[k - 1]
-    mass = hist[k - 1]
-    frac = np.where(mass > 0, (target - below) / np.where(mass > 0, mass, 1.0), 0.0)
-    return edges[k - 1] + np.clip(frac, 0.0, 1.0) * (edges[k] - edges[k - 1])
-
-
 def percentile_range(hist, bin_edges, spec=None, percentile=99.99, low=None, high=None):
     """Percentiles of the histogram's distribution (linear within a bin).
 
@@ -219,7 +211,7 @@ def percentile_range(hist, bin_edges, spec=None, percentile=99.99, low=None, hig
             raise ConfigError(field, value, f"{field} must be a percentile in [0, 100]")
     if low > high:
         raise ConfigError("low", low, f"low must not exceed high={high}")
-    lo, hi = _cdf_quantile(hist, edges, [low / 100.0, high / 100.0])
+    lo, hi = cdf_quantile(hist, edges, [low / 100.0, high / 100.0])
     return float(lo), float(hi)
 
 
@@ -251,7 +243,7 @@ def mse_range(hist, bin_edges, spec, num_candidates=128):
     >>> x = np.random.default_rng(0).uniform(-1, 1, 10_000)
     >>> lo, hi = mse_range(*np.histogram(x, 512), QuantSpec(bits=4))
     """
-    _check_spec(spec)
+    check_spec(spec)
     hist, edges = _check(hist, bin_edges)
     lo, hi = minmax_range(hist, edges)
     if hi <= lo:
@@ -363,7 +355,7 @@ def kl_range(hist, bin_edges, spec, num_candidates=256):
     >>> x = np.random.default_rng(0).normal(size=100_000)
     >>> lo, hi = kl_range(*np.histogram(x, 2048), QuantSpec(bits=8))
     """
-    _check_spec(spec)
+    check_spec(spec)
     hist, edges = _check(hist, bin_edges)
     lo, hi = minmax_range(hist, edges)
     if hi <= lo:
@@ -448,16 +440,6 @@ def signal_power(hist, bin_edges):
     return float(np.sum(weights * np.square(centers)))
 
 
-def _candidate_range(method, hist, edges, spec, percentile):
-    if method == "minmax":
-        return minmax_range(hist, edges)
-    if method == "percentile":
-        return percentile_range(hist, edges, percentile=percentile)
-    if method == "mse":
-        return mse_range(hist, edges, spec)
-    return kl_range(hist, edges, spec)
-
-
 def auto_range(hist, bin_edges, spec, candidates=AUTO_CANDIDATES, tolerance=AUTO_TOLERANCE, percentile=99.99):
     """Each candidate method's range, and the one with the least quantization error.
 
@@ -518,7 +500,7 @@ def auto_range(hist, bin_edges, spec, candidates=AUTO_CANDIDATES, tolerance=AUTO
     >>> choice.method != "minmax" and choice.max < 20
     True
     """
-    _check_spec(spec)
+    check_spec(spec)
     names = auto_candidates(candidates)
     tolerance = auto_tolerance(tolerance)
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float, np.number)) or not 0 < percentile <= 100:
@@ -526,7 +508,7 @@ def auto_range(hist, bin_edges, spec, candidates=AUTO_CANDIDATES, tolerance=AUTO
     hist, edges = _check(hist, bin_edges)
     found = []
     for method in names:
-        lo, hi = _candidate_range(method, hist, edges, spec, percentile)
+        lo, hi = SEARCHES[method](hist, edges, spec, {"percentile": percentile})
         found.append((method, float(lo), float(hi)))
     centers, weights = _centers(hist, edges)
     # One range at a time: the qparams are then bit for bit those the quantizer gets for that range (a
@@ -536,3 +518,39 @@ def auto_range(hist, bin_edges, spec, candidates=AUTO_CANDIDATES, tolerance=AUTO
     best = min(c.mse for c in cands)
     chosen = next(c for c in cands if c.mse <= best * (1.0 + tolerance))
     return AutoRange(chosen.min, chosen.max, chosen.method, cands, tolerance)
+
+
+# --------------------------------------------------------------------------
+# The table of searches.
+
+
+def percentile_bounds(options):
+    """`(low, high)` percentiles from a search's options.
+
+    `percentile` (default 99.99) gives `(100 - percentile, percentile)`;
+    `low` and `high` override either end (as `PercentileObserver(low, high)`
+    and a spec's `observer_options` do).
+
+    Example:
+
+    >>> percentile_bounds({"percentile": 99.0})
+    (1.0, 99.0)
+    """
+    p = options.get("percentile", 99.99)
+    return options.get("low", 100.0 - p), options.get("high", p)
+
+
+# Method name -> the pure search `(hist, bin_edges, spec, options) -> (min, max)`, options a dict of the
+# method's own settings (`percentile` / `low` / `high`; `candidates`, `tolerance` for "auto"). The
+# histogram observers' `method`, "auto"'s candidates and the calibration statistics all dispatch here.
+SEARCHES = {
+    "mse": lambda h, e, spec, o: mse_range(h, e, spec),
+    "kl": lambda h, e, spec, o: kl_range(h, e, spec),
+    "percentile": lambda h, e, spec, o: percentile_range(h, e, spec, **dict(zip(("low", "high"), percentile_bounds(o)))),
+    "minmax": lambda h, e, spec, o: minmax_range(h, e, spec),
+    "auto": lambda h, e, spec, o: auto_range(h, e, spec, candidates=o.get("candidates"), tolerance=o.get("tolerance"),
+                                             percentile=o.get("percentile", 99.99)).range,
+}
+
+if not set(AUTO_CANDIDATES) <= set(SEARCHES) - {"auto"}:  # the config's candidate names are searches here
+    raise ImportError(f"range_search.SEARCHES lacks a candidate of config.AUTO_CANDIDATES {AUTO_CANDIDATES}")
