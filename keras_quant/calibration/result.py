@@ -58,6 +58,7 @@ from keras_quant.config import QuantSpec
 from keras_quant.errors import ConfigError, IntegrityError, NoDataError
 from keras_quant.formatting import text_table, to_jsonable
 from keras_quant.observers import range_search
+from keras_quant.observers.registry import REGISTRY
 from keras_quant.ops.histogram import histogram_outliers, quantile
 
 __all__ = [
@@ -172,7 +173,7 @@ def _spec_matches(a, b):
     same = (a.observer, a.granularity, a.axis, a.group_size, a.options) == (
         b.observer, b.granularity, b.axis, b.group_size, b.options,
     )
-    if same and a.observer in ("mse", "kl", "auto"):
+    if same and a.observer in REGISTRY and REGISTRY[a.observer].grid:
         same = (a.bits, a.symmetric, a.narrow_range) == (b.bits, b.symmetric, b.narrow_range)
     return same
 
@@ -251,7 +252,8 @@ class LayerStatistics:
         return self.to_dict() == other.to_dict()
 
     # Checks -----------------------------------------------------------------
-    def _require_data(self):
+    def require_data(self):
+        """Raise `NoDataError` unless some finite value was seen (`count > 0`)."""
         if self.count <= 0:
             reason = _NO_SAMPLE
             if self.non_finite_count:
@@ -286,7 +288,7 @@ class LayerStatistics:
         """
         if isinstance(q, bool) or not isinstance(q, (int, float, np.number)) or not 0 <= q <= 100:
             raise ConfigError("q", q, "q must be a percentile in [0, 100]", layer=self.name)
-        self._require_data()
+        self.require_data()
         if q == 0:
             return float(self.min)
         if q == 100:
@@ -298,7 +300,9 @@ class LayerStatistics:
     def compute_range(self, spec):
         """The range `spec`'s observer would choose, recomputed from the stored state.
 
-        Per tensor: `minmax` gives `(min, max)`; `percentile` the histogram's
+        Per tensor, the pure range function of the observer's record in
+        `keras_quant.observers.REGISTRY` on this state, with `spec.options`:
+        `minmax` gives `(min, max)`; `percentile` the histogram's
         percentiles (`spec.options` `percentile`, default 99.99, or
         `low`/`high`); `mse` and `kl` the range search of
         `keras_quant.observers.range_search` for the spec's grid; `auto` the
@@ -321,9 +325,10 @@ class LayerStatistics:
         """
         if not isinstance(spec, QuantSpec):
             raise ConfigError("spec", spec, "spec must be a kq.QuantSpec", layer=self.name)
-        self._require_data()
+        self.require_data()
         if spec.granularity != "per_tensor":
-            if spec.granularity == "per_channel" and spec.observer == "minmax" and self.channel_min is not None:
+            if spec.granularity == "per_channel" and REGISTRY[spec.observer].needs == "minmax" \
+                    and self.channel_min is not None:
                 ndim = len(self.shape) if self.shape else None
                 if ndim is None or spec.axis % ndim == self.channel_axis % ndim:
                     return self.channel_min.copy(), self.channel_max.copy()
@@ -337,31 +342,17 @@ class LayerStatistics:
                 layer=self.name,
             )
         lo, hi = float(self.min), float(self.max)
-        options = spec.options
-        name = spec.observer
-        if name == "minmax" or hi <= lo:
+        record = REGISTRY[spec.observer]
+        if hi <= lo:
             return lo, hi
-        if name in ("percentile", "mse", "kl", "auto"):
-            self._require("histogram", self.histogram, f"a '{name}' range")
-        if name == "mean_std":
-            self._require("mean", self.mean, "a 'mean_std' range")
-        if name == "percentile":
-            p = options.get("percentile", 99.99)
-            low, high = options.get("low", 100.0 - p), options.get("high", p)
-            return range_search.percentile_range(self.histogram, self.bin_edges, low=low, high=high)
-        if name == "mse":
-            return range_search.mse_range(self.histogram, self.bin_edges, spec)
-        if name == "kl":
-            return range_search.kl_range(self.histogram, self.bin_edges, spec)
-        if name == "auto":
-            return self._auto(spec).range
-        if name == "mean_std":
-            k = float(options.get("num_std", 3.0))
-            return max(self.mean - k * self.std, lo), min(self.mean + k * self.std, hi)
-        # moving_average
-        if self.observer == "moving_average" and self.range_min is not None and np.ndim(self.range_min) == 0:
+        if record.needs == "histogram":
+            self._require("histogram", self.histogram, f"a '{spec.observer}' range")
+        elif record.needs == "moments":
+            self._require("mean", self.mean, f"a '{spec.observer}' range")
+        elif record.needs == "observer" and self.observer == spec.observer and self.range_min is not None \
+                and np.ndim(self.range_min) == 0:  # the range the calibration's own observer found
             return float(self.range_min), float(self.range_max)
-        return lo, hi
+        return record.range(self, spec, spec.options)
 
     def _auto(self, spec, candidates=None):
         options = spec.options
@@ -406,7 +397,7 @@ class LayerStatistics:
                 "choose_method compares per-tensor ranges; the calibration stores one histogram per tensor",
                 layer=self.name,
             )
-        self._require_data()
+        self.require_data()
         self._require("histogram", self.histogram, "choose_method()")
         return self._auto(spec, candidates)
 

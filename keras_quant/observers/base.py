@@ -33,9 +33,15 @@ from keras_quant import ops as kq_ops
 from keras_quant.config import QuantSpec
 from keras_quant.errors import ConfigError, NoDataError, NonFiniteError, ShapeMismatchError
 
-__all__ = ["Observer", "NAN_POLICIES"]
+__all__ = ["Observer", "NAN_POLICIES", "expand_mask"]
 
 NAN_POLICIES = ("omit", "raise")
+
+
+def expand_mask(sample_mask, inputs):
+    """A `(batch,)` sample mask as a float32 tensor shaped like `inputs` (1.0 where kept)."""
+    mask = ops.cast(ops.reshape(sample_mask, (-1,) + (1,) * (len(inputs.shape) - 1)), "float32")
+    return ops.broadcast_to(mask, ops.shape(inputs))
 
 
 class Observer(keras.layers.Layer, metaclass=abc.ABCMeta):
@@ -183,18 +189,12 @@ class Observer(keras.layers.Layer, metaclass=abc.ABCMeta):
             self.non_finite_count.assign(self.non_finite_count + bad)
             self._update_state(rows, finite, ops.equal(bad, 0.0))
             return inputs
-        keep = self._rows(self._expand_mask(sample_mask, inputs)) > 0.5
+        keep = self._rows(expand_mask(sample_mask, inputs)) > 0.5
         valid = ops.logical_and(finite, keep)
         bad = ops.sum(ops.cast(ops.logical_and(keep, ops.logical_not(finite)), "float32"))
         self.non_finite_count.assign(self.non_finite_count + bad)
         self._update_state(rows, valid, ops.all(valid))
         return inputs
-
-    @staticmethod
-    def _expand_mask(sample_mask, inputs):
-        """A `(batch,)` mask as a float tensor shaped like `inputs`."""
-        mask = ops.cast(ops.reshape(sample_mask, (-1,) + (1,) * (len(inputs.shape) - 1)), "float32")
-        return ops.broadcast_to(mask, ops.shape(inputs))
 
     @abc.abstractmethod
     def _update_state(self, rows, finite, all_finite):
