@@ -53,11 +53,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from keras_quant import ops as kq_ops
+import keras_quant.ops as kq_ops
 from keras_quant.config import QuantSpec
 from keras_quant.errors import ConfigError, IntegrityError, NoDataError
 from keras_quant.formatting import text_table, to_jsonable
-from keras_quant.observers import range_search
+import keras_quant.observers.range_search as range_search
 from keras_quant.observers.registry import REGISTRY
 from keras_quant.ops.histogram import histogram_outliers, quantile
 
@@ -418,7 +418,8 @@ class LayerStatistics:
         return kq_ops.numpy_qparams(np.asarray(lo, np.float32), np.asarray(hi, np.float32), spec)
 
     # Serialization ------------------------------------------------------------
-    def _tree(self):
+    def to_tree(self):
+        """The fields as plain Python / numpy values (the spec as its config, the shape as a list)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["shape"] = None if self.shape is None else list(self.shape)
         d["spec"] = self.spec.get_config()
@@ -430,7 +431,7 @@ class LayerStatistics:
         Returns:
             A dict that `json.dumps` takes and `from_dict` reads back exactly.
         """
-        return _encode(self._tree(), binary=False)
+        return _encode(self.to_tree(), binary=False)
 
     @classmethod
     def from_dict(cls, d):
@@ -666,7 +667,7 @@ class CalibrationResult(collections.abc.Mapping):
             if not isinstance(stats, LayerStatistics):
                 raise ConfigError("layers", type(stats).__name__, "values must be LayerStatistics", layer=name)
             self._layers[str(name)] = stats
-        from keras_quant import __version__
+        from keras_quant.version import __version__
 
         meta = dict(metadata or {})
         meta.setdefault("keras_quant_version", __version__)
@@ -751,7 +752,7 @@ class CalibrationResult(collections.abc.Mapping):
 
     # Serialization ------------------------------------------------------------
     def _tree(self):
-        return {"metadata": to_jsonable(self._metadata), "layers": [s._tree() for s in self._layers.values()]}
+        return {"metadata": to_jsonable(self._metadata), "layers": [s.to_tree() for s in self._layers.values()]}
 
     def to_dict(self):
         """Plain JSON-able data: `{"metadata": {...}, "layers": [LayerStatistics.to_dict(), ...]}`."""

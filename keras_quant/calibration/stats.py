@@ -15,6 +15,11 @@ watches one tensor and keeps, in a few fixed-size float32 variables,
 - only when the spec's range cannot be read from the above: the spec's own
   observer (`moving_average`, or a per-channel non-`minmax` spec).
 
+What a spec's range needs beyond `statistics="range"`'s min / max is its
+record's `needs` in `keras_quant.observers.REGISTRY`. The update itself is
+`keras_quant.calibration.step.step`, a pure function shared by every
+collector of the same `StepKey`.
+
 Batch moments are computed two-pass within the batch, then merged with the
 running ones by the pairwise formulas of Chan et al. (1979) and Pébay (2008):
 with `n = n_a + n_b`, `d = mean_b - mean_a`, `r_a = n_a / n`, `r_b = n_b / n`,
@@ -26,8 +31,9 @@ with `n = n_a + n_b`, `d = mean_b - mean_a`, `r_a = n_a / n`, `r_b = n_b / n`,
          + 6 d^2 (r_a^2 M2_b + r_b^2 M2_a) + 4 d (r_a M3_b - r_b M3_a)
 
 (written with ratios so nothing overflows float32), so the result does not
-depend on how the data was split. `merge_moments` is that formula as a pure
-function; `batch_moments` the numpy two-pass batch moments.
+depend on how the data was split. `merge_moments` (defined in
+`keras_quant.calibration.step`) is that formula as a pure function;
+`batch_moments` the numpy two-pass batch moments.
 
 Example:
 
@@ -45,16 +51,16 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_quant import graph as graph_lib
-from keras_quant import observers
-from keras_quant import ops as kq_ops
-from keras_quant.calibration import step as step_lib
+import keras_quant.graph as graph_lib
+import keras_quant.ops as kq_ops
+import keras_quant.calibration.step as step_lib
 from keras_quant.calibration.result import LayerStatistics
 from keras_quant.calibration.step import SCALARS, VARIABLES, StepKey, initial, merge_moments
 from keras_quant.config import as_spec
 from keras_quant.errors import ConfigError, NoDataError
 from keras_quant.observers.base import Observer
 from keras_quant.observers.registry import REGISTRY
+from keras_quant.observers.registry import get as get_observer
 from keras_quant.ops.histogram import histogram_outliers
 
 __all__ = ["LayerCollector", "merge_moments", "batch_moments", "moments_to_stats", "STATISTICS"]
@@ -176,7 +182,7 @@ class LayerCollector(Observer):
         self._extra = None
         reusable = per_tensor and needs != "observer"
         if not reusable and not channel_minmax:  # the range needs the spec's own observer
-            self._extra = observers.get(spec, name="range_observer")
+            self._extra = get_observer(spec, name="range_observer")
         self._input_dtype = None
         self._batch_shape = None
 
@@ -197,7 +203,7 @@ class LayerCollector(Observer):
         total = 4 * sum(math.prod(shape) for shape in self._state_shapes(tuple(input_shape)).values())
         if self._extra is not None:
             with graph_lib.declared_only():  # the probe's variables are declared, never allocated
-                probe = observers.get(self.spec, name="range_observer_probe")
+                probe = get_observer(self.spec, name="range_observer_probe")
                 probe.build(tuple(input_shape))
                 total += probe.state_bytes
         return total

@@ -29,7 +29,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_quant import ops as kq_ops
+import keras_quant.ops as kq_ops
 from keras_quant.config import QuantSpec
 from keras_quant.errors import ConfigError, NoDataError, NonFiniteError, ShapeMismatchError
 

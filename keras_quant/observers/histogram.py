@@ -30,7 +30,7 @@ from keras import ops
 
 from keras_quant.config import QuantSpec, as_spec, auto_candidates, auto_tolerance  # noqa: F401 (QuantSpec: examples)
 from keras_quant.errors import ConfigError
-from keras_quant.observers import range_search
+import keras_quant.observers.range_search as range_search
 from keras_quant.observers.base import Observer
 from keras_quant.ops.histogram import bin_counts, rebin_counts
 

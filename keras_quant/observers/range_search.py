@@ -36,7 +36,7 @@ import dataclasses
 
 import numpy as np
 
-from keras_quant import ops as kq_ops
+import keras_quant.ops as kq_ops
 from keras_quant.config import AUTO_CANDIDATES, AUTO_TOLERANCE, auto_candidates, auto_tolerance
 from keras_quant.config import QuantSpec  # noqa: F401  (used by the docstring examples)
 from keras_quant.ops.core import check_spec
