@@ -14,7 +14,7 @@ runs under `tf.function`, XLA and JAX. No data is stored.
 A constant first batch gives a zero-width range; its mass sits in bin 0 and is
 moved to the bin holding that value once the range widens.
 
-`compute_range()` runs a range search of `keras_quant.observers.range_search`
+`compute_range()` runs a range search of `keras_quant.ops.range_search`
 on each slot's histogram, in numpy.
 
 Example:
@@ -30,7 +30,7 @@ from keras import ops
 
 from keras_quant.config import QuantSpec, as_spec, auto_candidates, auto_tolerance  # noqa: F401 (QuantSpec: examples)
 from keras_quant.errors import ConfigError
-import keras_quant.observers.range_search as range_search
+import keras_quant.ops.range_search as range_search
 from keras_quant.observers.base import Observer
 from keras_quant.ops.histogram import bin_counts, rebin_counts
 
@@ -57,7 +57,7 @@ class HistogramObserver(Observer):
         method: Range search: `"mse"`, `"kl"`, `"percentile"`, `"minmax"` or
             `"auto"` (whichever of those four gives the least expected MSE,
             `range_search.auto_range`, per tensor or per channel); see
-            `keras_quant.observers.range_search`.
+            `keras_quant.ops.range_search`.
         percentile: For `method="percentile"` (and the percentile candidate
             of `"auto"`): the upper percentile; the lower one is
             `100 - percentile`.

@@ -40,7 +40,7 @@ import numpy as np
 
 from keras_quant.config import OBSERVERS, QuantSpec
 from keras_quant.errors import ConfigError
-import keras_quant.observers.range_search as range_search
+import keras_quant.ops.range_search as range_search
 from keras_quant.observers.base import Observer
 from keras_quant.observers.histogram import HistogramObserver, PercentileObserver
 from keras_quant.observers.mean_std import MeanStdObserver, mean_std_range

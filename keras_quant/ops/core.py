@@ -353,7 +353,8 @@ def tensor_qparams(x, spec):
     return compute_qparams(*tensor_range(x, spec), spec)
 
 
-# Weight observers that search the clipping range; every other observer takes
+# Weight observers that search the clipping range (`keras_quant.observers.REGISTRY` checks at import that
+# these are its records with `weight_search`); every other observer takes
 # the weights' min-max (weights are known exactly: there is no distribution to
 # estimate, and percentile / KL / mean-std ranges are activation estimators).
 WEIGHT_SEARCH_OBSERVERS = ("mse", "auto")

@@ -14,7 +14,7 @@ The one definition of the histogram arithmetic that the histogram observers
   `mass_outside`, `mad` and `histogram_outliers`.
 
 The range searches on a histogram (`mse`, `kl`, `percentile`, ...) are in
-`keras_quant.observers.range_search`.
+`keras_quant.ops.range_search`.
 
 Example:
 
