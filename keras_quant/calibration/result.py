@@ -57,7 +57,7 @@ import keras_quant.ops as kq_ops
 from keras_quant.config import QuantSpec
 from keras_quant.errors import ConfigError, IntegrityError, NoDataError
 from keras_quant.formatting import text_table, to_jsonable
-import keras_quant.observers.range_search as range_search
+import keras_quant.ops.range_search as range_search
 from keras_quant.observers.registry import REGISTRY
 from keras_quant.ops.histogram import histogram_outliers, quantile
 
@@ -305,7 +305,7 @@ class LayerStatistics:
         `minmax` gives `(min, max)`; `percentile` the histogram's
         percentiles (`spec.options` `percentile`, default 99.99, or
         `low`/`high`); `mse` and `kl` the range search of
-        `keras_quant.observers.range_search` for the spec's grid; `auto` the
+        `keras_quant.ops.range_search` for the spec's grid; `auto` the
         range of `choose_method(spec)`; `mean_std`
         `mean +- num_std * std` (option `num_std`, default 3) clipped to
         `[min, max]`; `moving_average` the stored range if the calibration
@@ -367,7 +367,7 @@ class LayerStatistics:
 
         Every candidate's range is recomputed from the stored histogram and
         judged by the expected quantization MSE of this tensor on `spec`'s
-        grid (`keras_quant.observers.range_search.auto_range`); `spec`'s
+        grid (`keras_quant.ops.range_search.auto_range`); `spec`'s
         options `candidates`, `tolerance` and `percentile` apply, whatever
         its `observer`. Per tensor only.
 
