@@ -31,17 +31,13 @@ from keras import ops
 from keras_quant.config import QuantSpec, as_spec, auto_candidates, auto_tolerance  # noqa: F401 (QuantSpec: examples)
 from keras_quant.errors import ConfigError
 import keras_quant.ops.range_search as range_search
-from keras_quant.observers.base import Observer
+from keras_quant.observers.base import Observer, is_number
 from keras_quant.ops.histogram import bin_counts, rebin_counts
 
 __all__ = ["HistogramObserver", "PercentileObserver", "METHODS"]
 
 # The range searches: method name -> pure function of (hist, bin_edges, spec, options).
 METHODS = range_search.SEARCHES
-
-
-def _is_number(v):
-    return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
 
 
 @keras.saving.register_keras_serializable(package="keras_quant")
@@ -94,7 +90,7 @@ class HistogramObserver(Observer):
             raise ConfigError("num_bins", num_bins, "num_bins must be an integer of at least 8")
         if method not in METHODS:
             raise ConfigError("method", method, f"method must be one of {tuple(METHODS)}")
-        if not _is_number(percentile) or not 0 < percentile <= 100:
+        if not is_number(percentile) or not 0 < percentile <= 100:
             raise ConfigError("percentile", percentile, "percentile must be a number in (0, 100]")
         spec = as_spec(spec)
         self.num_bins = int(num_bins)
@@ -242,7 +238,7 @@ class PercentileObserver(HistogramObserver):
         super().__init__(num_bins=num_bins, method="percentile", granularity=granularity, axis=axis,
                          nan_policy=nan_policy, **kwargs)
         for field, value in (("low", low), ("high", high)):
-            if not _is_number(value) or not 0 <= value <= 100:
+            if not is_number(value) or not 0 <= value <= 100:
                 raise ConfigError(field, value, f"{field} must be a percentile in [0, 100]")
         if not low < high:
             raise ConfigError("low", low, f"low must be below high={high}")

@@ -23,7 +23,7 @@ import numpy as np
 from keras import ops
 
 from keras_quant.errors import ConfigError
-from keras_quant.observers.base import Observer
+from keras_quant.observers.base import Observer, is_number
 
 __all__ = ["MeanStdObserver", "mean_std_range"]
 
@@ -66,7 +66,7 @@ class MeanStdObserver(Observer):
 
     def __init__(self, num_std=3.0, granularity="per_tensor", axis=-1, nan_policy="omit", **kwargs):
         super().__init__(granularity=granularity, axis=axis, nan_policy=nan_policy, **kwargs)
-        if isinstance(num_std, bool) or not isinstance(num_std, (int, float, np.number)) or not num_std > 0:
+        if not is_number(num_std) or not num_std > 0:
             raise ConfigError("num_std", num_std, "num_std must be a positive number")
         self.num_std = float(num_std)
 

@@ -19,7 +19,7 @@ from keras import ops
 
 import keras_quant.ops as kq_ops
 from keras_quant.errors import ConfigError
-from keras_quant.observers.base import Observer
+from keras_quant.observers.base import Observer, is_number
 
 __all__ = ["MinMaxObserver", "MovingAverageMinMaxObserver"]
 
@@ -110,12 +110,12 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
             if momentum is not None:
                 raise ConfigError("averaging_constant", c, f"give momentum or averaging_constant, not both. "
                                   f"Received: momentum={momentum}")
-            if not _is_number(c) or not 0.0 < float(c) <= 1.0:
+            if not is_number(c) or not 0.0 < float(c) <= 1.0:
                 raise ConfigError("averaging_constant", c, "averaging_constant must be a number in (0, 1]")
             momentum = 1.0 - float(c)
         elif momentum is None:
             momentum = 0.99
-        elif not _is_number(momentum) or not 0.0 <= float(momentum) < 1.0:
+        elif not is_number(momentum) or not 0.0 <= float(momentum) < 1.0:
             raise ConfigError("momentum", momentum, "momentum must be a number in [0, 1)")
         self.momentum = float(momentum)
 
@@ -139,7 +139,3 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
         config = super().get_config()
         config["momentum"] = self.momentum
         return config
-
-
-def _is_number(v):
-    return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
