@@ -3,7 +3,7 @@
 Import it as `kq`. The public names are those of `__all__`.
 """
 
-__version__ = "0.1.0"
+from keras_quant.version import __version__
 
 from keras_quant import analysis, calibration, errors, export, layers, observers, ops, ptq, qat, runtime
 from keras_quant.analysis import QuantizationTensorBoard

@@ -38,6 +38,9 @@ __all__ = [
 ]
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+# The names `QuantSpec.observer` accepts: the plain tuple at the bottom layer. Each has a record (observer,
+# what it needs, pure range function) in `keras_quant.observers.REGISTRY`, which checks at import that its
+# records cover exactly these names.
 OBSERVERS = ("minmax", "moving_average", "percentile", "mean_std", "mse", "kl", "auto")
 MIN_BITS, MAX_BITS = 2, 16
 # `observer="auto"`: the range methods it compares, in order of preference (ties go to the earliest).

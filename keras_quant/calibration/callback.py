@@ -44,9 +44,9 @@ import time
 
 import keras
 
-from keras_quant import __version__
-from keras_quant import graph as graph_lib
-from keras_quant.calibration import sampling as sampling_lib
+from keras_quant.version import __version__
+import keras_quant.graph as graph_lib
+import keras_quant.calibration.sampling as sampling_lib
 from keras_quant.calibration.result import CalibrationResult
 from keras_quant.calibration.stats import STATISTICS, LayerCollector
 from keras_quant.config import QuantConfig
@@ -336,19 +336,17 @@ class CalibrationCallback(keras.callbacks.Callback):
     def _hook(self, key, spec, original, observe_input=False, transform=None):
         """`original` that also observes its output (or, `observe_input`, its first argument; or
         `transform(first argument)`)."""
-        callback = self
-
         @functools.wraps(original)
         def call(*args, **kwargs):
             outputs = original(*args, **kwargs)
-            local = callback._local
+            local = self._local
             if getattr(local, "active", False):
                 if transform is not None:
                     tensor = _first_tensor(transform(args[0]))
                 else:
                     tensor = _first_tensor(args[0] if observe_input else outputs)
                 if _batched(tensor):
-                    callback._observe(key, spec, _gather(tensor), local.mask)
+                    self._observe(key, spec, _gather(tensor), local.mask)
             return outputs
 
         return call
@@ -364,19 +362,17 @@ class CalibrationCallback(keras.callbacks.Callback):
             collector.call(tensor, sample_mask=mask)
 
     def _wrap_step(self, mode, original):
-        callback = self
-
         @functools.wraps(original)
         def step(data):
             x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
             if mode == "predict":
                 y = None
             x_all, y_all = _gather(x), _gather(y)
-            mask = callback._budget(callback._sampler(x_all, labels=y_all))
-            if callback._keeps_all:  # every sample is kept: spare the observers the masked path
+            mask = self._budget(self._sampler(x_all, labels=y_all))
+            if self._keeps_all:  # every sample is kept: spare the observers the masked path
                 mask = None
-            callback._observe_inputs(x_all, mask)
-            local = callback._local
+            self._observe_inputs(x_all, mask)
+            local = self._local
             local.active, local.mask = True, mask
             try:
                 return original(data)

@@ -27,12 +27,14 @@ from typing import Any, Optional
 
 import numpy as np
 
-from keras_quant import io as kq_io
-from keras_quant import ops as kq_ops
+import keras_quant.io as kq_io
+import keras_quant.ops as kq_ops
 from keras_quant.config import QuantSpec
 from keras_quant.errors import ConfigError, IntegrityError, NoDataError
 from keras_quant.formatting import text_table, to_jsonable
-from keras_quant.observers import range_search
+import keras_quant.ops.range_search as range_search
+from keras_quant.observers.registry import REGISTRY
+from keras_quant.ops.histogram import histogram_outliers, quantile
 
 __all__ = [
     "LayerStatistics",
@@ -41,75 +43,6 @@ __all__ = [
 ]
 
 _NO_SAMPLE = "no calibration sample reached this layer (count is 0)"
-
-
-# --------------------------------------------------------------------------
-# Pure functions on a histogram.
-
-
-def _cdf(hist, edges, x):
-    """Mass below `x` (array), mass uniform within each bin."""
-    cum = np.concatenate([[0.0], np.cumsum(hist)])
-    if edges[-1] <= edges[0]:
-        return np.where(np.asarray(x) >= edges[0], cum[-1], 0.0)
-    return np.interp(x, edges, cum, left=0.0, right=cum[-1])
-
-
-def _quantile(hist, edges, q):
-    """Value below which a fraction `q` of the mass lies (linear within a bin)."""
-    return float(range_search._cdf_quantile(np.asarray(hist, np.float64), np.asarray(edges, np.float64), q))
-
-
-def _mass_outside(hist, edges, lo, hi):
-    """Estimated number of elements below `lo` or above `hi`."""
-    total = float(np.sum(hist))
-    return max(0.0, float(_cdf(hist, edges, lo)) + total - float(_cdf(hist, edges, hi)))
-
-
-def _mad(hist, edges, median):
-    """Median absolute deviation from `median`, from the piecewise linear CDF."""
-    total = float(np.sum(hist))
-    t = np.unique(np.abs(np.asarray(edges, np.float64) - median))
-    g = _cdf(hist, edges, median + t) - _cdf(hist, edges, median - t)  # non-decreasing in t
-    return float(np.interp(0.5 * total, g, t))
-
-
-def histogram_outliers(hist, bin_edges, mean, std):
-    """Outlier counts estimated from a histogram (accurate to about one bin's mass).
-
-    Args:
-        hist: Counts, shape `(n,)`.
-        bin_edges: Edges, shape `(n + 1,)`.
-        mean: The exact mean of the data.
-        std: The exact (population) standard deviation.
-
-    Returns:
-        `{"zscore": n, "iqr": n, "mad": n}`: elements with `|x - mean| > 3 std`;
-        outside `[Q1 - 1.5 IQR, Q3 + 1.5 IQR]`; with modified z-score
-        `0.6745 |x - median| / MAD > 3.5`.
-
-    Example:
-
-    >>> h, e = np.histogram(np.r_[np.zeros(100), 50.0], bins=64)
-    >>> histogram_outliers(h, e, 0.495, 4.95)["zscore"]
-    1
-    """
-    hist = np.asarray(hist, np.float64).reshape(-1)
-    edges = np.asarray(bin_edges, np.float64).reshape(-1)
-    if hist.sum() <= 0 or edges[-1] <= edges[0]:
-        return {"zscore": 0, "iqr": 0, "mad": 0}
-    z = _mass_outside(hist, edges, mean - 3.0 * std, mean + 3.0 * std) if std > 0 else 0.0
-    q1, q3 = _quantile(hist, edges, 0.25), _quantile(hist, edges, 0.75)
-    iqr = _mass_outside(hist, edges, q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1))
-    median = _quantile(hist, edges, 0.5)
-    mad = _mad(hist, edges, median)
-    limit = 3.5 * mad / 0.6745
-    m = _mass_outside(hist, edges, median - limit, median + limit)
-    return {"zscore": int(round(z)), "iqr": int(round(iqr)), "mad": int(round(m))}
-
-
-# --------------------------------------------------------------------------
-# Reading stored values back (the codec itself is keras_quant.io).
 
 
 def _float(v):
@@ -146,7 +79,7 @@ def _spec_matches(a, b):
     same = (a.observer, a.granularity, a.axis, a.group_size, a.options) == (
         b.observer, b.granularity, b.axis, b.group_size, b.options,
     )
-    if same and a.observer in ("mse", "kl", "auto"):
+    if same and a.observer in REGISTRY and REGISTRY[a.observer].grid:
         same = (a.bits, a.symmetric, a.narrow_range) == (b.bits, b.symmetric, b.narrow_range)
     return same
 
@@ -225,7 +158,8 @@ class LayerStatistics:
         return self.to_dict() == other.to_dict()
 
     # Checks -----------------------------------------------------------------
-    def _require_data(self):
+    def require_data(self):
+        """Raise `NoDataError` unless some finite value was seen (`count > 0`)."""
         if self.count <= 0:
             reason = _NO_SAMPLE
             if self.non_finite_count:
@@ -260,22 +194,24 @@ class LayerStatistics:
         """
         if isinstance(q, bool) or not isinstance(q, (int, float, np.number)) or not 0 <= q <= 100:
             raise ConfigError("q", q, "q must be a percentile in [0, 100]", layer=self.name)
-        self._require_data()
+        self.require_data()
         if q == 0:
             return float(self.min)
         if q == 100:
             return float(self.max)
         self._require("histogram", self.histogram, "percentile()")
-        value = _quantile(self.histogram, self.bin_edges, float(q) / 100.0)
+        value = quantile(self.histogram, self.bin_edges, float(q) / 100.0)
         return float(min(max(value, self.min), self.max))
 
     def compute_range(self, spec):
         """The range `spec`'s observer would choose, recomputed from the stored state.
 
-        Per tensor: `minmax` gives `(min, max)`; `percentile` the histogram's
+        Per tensor, the pure range function of the observer's record in
+        `keras_quant.observers.REGISTRY` on this state, with `spec.options`:
+        `minmax` gives `(min, max)`; `percentile` the histogram's
         percentiles (`spec.options` `percentile`, default 99.99, or
         `low`/`high`); `mse` and `kl` the range search of
-        `keras_quant.observers.range_search` for the spec's grid; `auto` the
+        `keras_quant.ops.range_search` for the spec's grid; `auto` the
         range of `choose_method(spec)`; `mean_std`
         `mean +- num_std * std` (option `num_std`, default 3) clipped to
         `[min, max]`; `moving_average` the stored range if the calibration
@@ -295,9 +231,10 @@ class LayerStatistics:
         """
         if not isinstance(spec, QuantSpec):
             raise ConfigError("spec", spec, "spec must be a kq.QuantSpec", layer=self.name)
-        self._require_data()
+        self.require_data()
         if spec.granularity != "per_tensor":
-            if spec.granularity == "per_channel" and spec.observer == "minmax" and self.channel_min is not None:
+            if spec.granularity == "per_channel" and REGISTRY[spec.observer].needs == "minmax" \
+                    and self.channel_min is not None:
                 ndim = len(self.shape) if self.shape else None
                 if ndim is None or spec.axis % ndim == self.channel_axis % ndim:
                     return self.channel_min.copy(), self.channel_max.copy()
@@ -311,31 +248,17 @@ class LayerStatistics:
                 layer=self.name,
             )
         lo, hi = float(self.min), float(self.max)
-        options = spec.options
-        name = spec.observer
-        if name == "minmax" or hi <= lo:
+        record = REGISTRY[spec.observer]
+        if hi <= lo:
             return lo, hi
-        if name in ("percentile", "mse", "kl", "auto"):
-            self._require("histogram", self.histogram, f"a '{name}' range")
-        if name == "mean_std":
-            self._require("mean", self.mean, "a 'mean_std' range")
-        if name == "percentile":
-            p = options.get("percentile", 99.99)
-            low, high = options.get("low", 100.0 - p), options.get("high", p)
-            return range_search.percentile_range(self.histogram, self.bin_edges, low=low, high=high)
-        if name == "mse":
-            return range_search.mse_range(self.histogram, self.bin_edges, spec)
-        if name == "kl":
-            return range_search.kl_range(self.histogram, self.bin_edges, spec)
-        if name == "auto":
-            return self._auto(spec).range
-        if name == "mean_std":
-            k = float(options.get("num_std", 3.0))
-            return max(self.mean - k * self.std, lo), min(self.mean + k * self.std, hi)
-        # moving_average
-        if self.observer == "moving_average" and self.range_min is not None and np.ndim(self.range_min) == 0:
+        if record.needs == "histogram":
+            self._require("histogram", self.histogram, f"a '{spec.observer}' range")
+        elif record.needs == "moments":
+            self._require("mean", self.mean, f"a '{spec.observer}' range")
+        elif record.needs == "observer" and self.observer == spec.observer and self.range_min is not None \
+                and np.ndim(self.range_min) == 0:  # the range the calibration's own observer found
             return float(self.range_min), float(self.range_max)
-        return lo, hi
+        return record.range(self, spec, spec.options)
 
     def _auto(self, spec, candidates=None):
         options = spec.options
@@ -350,7 +273,7 @@ class LayerStatistics:
 
         Every candidate's range is recomputed from the stored histogram and
         judged by the expected quantization MSE of this tensor on `spec`'s
-        grid (`keras_quant.observers.range_search.auto_range`); `spec`'s
+        grid (`keras_quant.ops.range_search.auto_range`); `spec`'s
         options `candidates`, `tolerance` and `percentile` apply, whatever
         its `observer`. Per tensor only.
 
@@ -380,7 +303,7 @@ class LayerStatistics:
                 "choose_method compares per-tensor ranges; the calibration stores one histogram per tensor",
                 layer=self.name,
             )
-        self._require_data()
+        self.require_data()
         self._require("histogram", self.histogram, "choose_method()")
         return self._auto(spec, candidates)
 
@@ -401,7 +324,8 @@ class LayerStatistics:
         return kq_ops.numpy_qparams(np.asarray(lo, np.float32), np.asarray(hi, np.float32), spec)
 
     # Serialization ------------------------------------------------------------
-    def _tree(self):
+    def to_tree(self):
+        """The fields as plain Python / numpy values (the spec as its config, the shape as a list)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["shape"] = None if self.shape is None else list(self.shape)
         d["spec"] = self.spec.get_config()
@@ -413,7 +337,7 @@ class LayerStatistics:
         Returns:
             A dict that `json.dumps` takes and `from_dict` reads back exactly.
         """
-        return kq_io.encode_tree(self._tree(), binary=False)
+        return kq_io.encode_tree(self.to_tree(), binary=False)
 
     @classmethod
     def from_dict(cls, d):
@@ -492,7 +416,7 @@ class CalibrationResult(collections.abc.Mapping):
             if not isinstance(stats, LayerStatistics):
                 raise ConfigError("layers", type(stats).__name__, "values must be LayerStatistics", layer=name)
             self._layers[str(name)] = stats
-        from keras_quant import __version__
+        from keras_quant.version import __version__
 
         meta = dict(metadata or {})
         meta.setdefault("keras_quant_version", __version__)
@@ -577,7 +501,7 @@ class CalibrationResult(collections.abc.Mapping):
 
     # Serialization ------------------------------------------------------------
     def _tree(self):
-        return {"metadata": to_jsonable(self._metadata), "layers": [s._tree() for s in self._layers.values()]}
+        return {"metadata": to_jsonable(self._metadata), "layers": [s.to_tree() for s in self._layers.values()]}
 
     def to_dict(self):
         """Plain JSON-able data: `{"metadata": {...}, "layers": [LayerStatistics.to_dict(), ...]}`."""

@@ -8,12 +8,17 @@ watches one tensor and keeps, in a few fixed-size float32 variables,
   number of exact zeros, the number of samples, the non-finite count and
   the running min / max;
 - a per-tensor histogram over the running `[min, max]` (`hist`, rebinned as
-  the range widens, with the kernels of `keras_quant.observers.histogram`),
+  the range widens, with the kernels of `keras_quant.ops.histogram`),
   used for percentiles, outlier counts and the `percentile` / `mse` / `kl`
   searches;
 - per channel (along `channel_axis`): `channel_min`, `channel_max`;
 - only when the spec's range cannot be read from the above: the spec's own
   observer (`moving_average`, or a per-channel non-`minmax` spec).
+
+What a spec's range needs beyond `statistics="range"`'s min / max is its
+record's `needs` in `keras_quant.observers.REGISTRY`. The update itself is
+`keras_quant.calibration.step.step`, a pure function shared by every
+collector of the same `StepKey`.
 
 Batch moments are computed two-pass within the batch, then merged with the
 running ones by the pairwise formulas of Chan et al. (1979) and Pébay (2008):
@@ -26,8 +31,9 @@ with `n = n_a + n_b`, `d = mean_b - mean_a`, `r_a = n_a / n`, `r_b = n_b / n`,
          + 6 d^2 (r_a^2 M2_b + r_b^2 M2_a) + 4 d (r_a M3_b - r_b M3_a)
 
 (written with ratios so nothing overflows float32), so the result does not
-depend on how the data was split. `merge_moments` is that formula as a pure
-function; `batch_moments` the numpy two-pass batch moments.
+depend on how the data was split. `merge_moments` (defined in
+`keras_quant.calibration.step`) is that formula as a pure function;
+`batch_moments` the numpy two-pass batch moments.
 
 Example:
 
@@ -45,35 +51,19 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_quant import graph as graph_lib
-from keras_quant import observers
-from keras_quant import ops as kq_ops
-from keras_quant.config import QuantSpec
-from keras_quant.errors import ConfigError
+import keras_quant.graph as graph_lib
+import keras_quant.ops as kq_ops
+import keras_quant.calibration.step as step_lib
+from keras_quant.calibration.result import LayerStatistics
+from keras_quant.calibration.step import SCALARS, VARIABLES, StepKey, initial, merge_moments
+from keras_quant.config import as_spec
+from keras_quant.errors import ConfigError, NoDataError
 from keras_quant.observers.base import Observer
-from keras_quant.errors import NoDataError
-from keras_quant.observers.histogram import bin_counts, rebin_counts
-from keras_quant.calibration.result import LayerStatistics, histogram_outliers
+from keras_quant.observers.registry import REGISTRY
+from keras_quant.observers.registry import get as get_observer
+from keras_quant.ops.histogram import histogram_outliers
 
-__all__ = ["LayerCollector", "merge_moments", "batch_moments", "moments_to_stats"]
-
-_HISTOGRAM_OBSERVERS = ("percentile", "mse", "kl", "auto")
-
-# The per-tensor statistics, packed in one `(len(_SCALARS),)` variable, and their empty values.
-_SCALARS = ("non_finite_count", "samples", "count", "min_val", "max_val", "mean", "m2", "m3", "m4", "zeros")
-_SCALAR_INITIAL = dict.fromkeys(_SCALARS, 0.0) | {"min_val": float("inf"), "max_val": float("-inf")}
-_IS_MIN = np.array([k == "min_val" for k in _SCALARS])
-_IS_MAX = np.array([k == "max_val" for k in _SCALARS])
-_VARIABLES = ("scalars", "hist", "channel_min", "channel_max")
-_FILLS = {"hist": 0.0, "channel_min": float("inf"), "channel_max": float("-inf")}
-
-
-def _initial(name, shape):
-    """The empty value of the state variable `name` (numpy float32)."""
-    if name == "scalars":
-        return np.asarray([_SCALAR_INITIAL[k] for k in _SCALARS], np.float32)
-    return np.full(tuple(shape), _FILLS[name], np.float32)
-
+__all__ = ["LayerCollector", "merge_moments", "batch_moments", "moments_to_stats", "STATISTICS"]
 
 def batch_moments(x):
     """`(n, mean, M2, M3, M4)` of the values `x`, two-pass, in float64 numpy.
@@ -97,47 +87,6 @@ def batch_moments(x):
     d = x - mean
     d2 = d * d
     return (float(x.size), float(mean), float(d2.sum()), float((d2 * d).sum()), float((d2 * d2).sum()))
-
-
-def merge_moments(a, b, maximum=np.maximum):
-    """Merge the moments of two disjoint sets exactly (Chan / Pébay pairwise update).
-
-    Works on Python floats, numpy arrays or backend tensors (pass
-    `maximum=keras.ops.maximum` for tensors). Either side may be empty
-    (`n = 0`).
-
-    Args:
-        a: `(n, mean, M2, M3, M4)` of the first set.
-        b: The same for the second set.
-        maximum: The elementwise maximum to guard the division by `n`.
-
-    Returns:
-        `(n, mean, M2, M3, M4)` of the union.
-
-    Example:
-
-    >>> x = np.arange(10.0)
-    >>> np.allclose(merge_moments(batch_moments(x[:3]), batch_moments(x[3:])), batch_moments(x))
-    True
-    """
-    n_a, mean_a, m2_a, m3_a, m4_a = a
-    n_b, mean_b, m2_b, m3_b, m4_b = b
-    n = n_a + n_b
-    safe_n = maximum(n, 1.0)
-    r_a, r_b = n_a / safe_n, n_b / safe_n
-    d = mean_b - mean_a
-    d2 = d * d
-    cross = n_a * r_b  # n_a n_b / n
-    mean = mean_a + d * r_b
-    m2 = m2_a + m2_b + d2 * cross
-    m3 = m3_a + m3_b + d2 * d * cross * (r_a - r_b) + 3.0 * d * (r_a * m2_b - r_b * m2_a)
-    m4 = (
-        m4_a + m4_b
-        + d2 * d2 * cross * (r_a * r_a - r_a * r_b + r_b * r_b)
-        + 6.0 * d2 * (r_a * r_a * m2_b + r_b * r_b * m2_a)
-        + 4.0 * d * (r_a * m3_b - r_b * m3_a)
-    )
-    return n, mean, m2, m3, m4
 
 
 def moments_to_stats(n, mean, m2, m3, m4):
@@ -166,101 +115,6 @@ def _read(variable):
     """A variable's current value as a plain tensor (a `tf.Variable` is read, not passed)."""
     value = variable.value  # the backend's own variable or array
     return value.read_value() if hasattr(value, "read_value") else ops.convert_to_tensor(value)
-
-
-# One update function per collector kind (`LayerCollector._step_key`), shared by every collector.
-_SHARED_STEPS = {}
-
-
-def _shared_step(collector, masked=False):
-    """The collector's `_pure_step`, as one shared `tf.function` per kind on TensorFlow.
-
-    Collectors of one kind run the same computation on their own state, so
-    the function is traced once, for every batch size, spatial size and
-    channel count (its signature leaves them unknown), and reused by every
-    collector, callback and predict call, instead of every collector adding
-    its own copy of the ops to every trace of a step. Only static settings
-    of the collector it is first made for are read.
-    """
-    key = collector._step_key() + (masked,)
-    fn = _SHARED_STEPS.get(key)
-    if fn is None:
-        fn = collector._pure_step
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-
-            state = {name: tf.TensorSpec((None,) * len(v.shape), "float32") for name, v in collector._state().items()}
-            signature = [state, tf.TensorSpec((None,) * len(collector._batch_shape), "float32")]
-            if masked:
-                signature.append(tf.TensorSpec((None,), "bool"))
-            # Not inlined: the runtime instantiates (and optimises) the body once, not again inside
-            # every step graph that calls it, which halves the first run of a new step function.
-            fn = tf.function(fn, input_signature=signature, autograph=False,
-                             experimental_attributes={"_noinline": True})
-        _SHARED_STEPS[key] = fn
-    return fn
-
-
-def _resource_handles(variables):
-    """`{name: resource handle}` of TensorFlow state variables for `_shared_update`, or None: another
-    backend, a distribution strategy (its variables aggregate; they are assigned through their own API),
-    or a variable not backed by a plain resource variable."""
-    if keras.backend.backend() != "tensorflow":
-        return None
-    import tensorflow as tf
-
-    if tf.distribute.has_strategy():
-        return None
-    handles = {}
-    for name, var in variables.items():
-        value = getattr(var, "value", None)
-        if type(value).__name__ != "ResourceVariable":
-            return None
-        handles[name] = value.handle
-    return handles
-
-
-def _shared_update(collector, masked=False):
-    """TensorFlow: the collector's whole update (read the state, `_pure_step`, write it) as one shared
-    stateful `tf.function` of the state variables' resource handles.
-
-    Like `_shared_step` it is traced once per kind; in a step graph each
-    collector is then one call, without the read, write and identity ops that
-    reading and assigning the variables outside added per collector (a
-    millisecond each to trace; a model has a hundred collectors).
-
-    Unmasked and without per-channel state, the update reads its tensor as
-    `(batch, -1)` (the same values): one function serves every rank, traced
-    once per process instead of once per rank.
-    """
-    names = tuple(collector._state())
-    rank_free = not masked and not collector._with_channel_state()
-    key = ("update",) + collector._step_key(rank_free) + (masked, names)
-    fn = _SHARED_STEPS.get(key)
-    if fn is None:
-        import tensorflow as tf
-
-        step = collector._pure_step
-
-        def update(handles, x, sample_mask=None):
-            if rank_free:
-                x = tf.reshape(x, tf.stack([tf.shape(x)[0], -1]))
-            state = {}
-            for name in names:
-                value = tf.raw_ops.ReadVariableOp(resource=handles[name], dtype=tf.float32)
-                value.set_shape([None])  # every state variable is a vector
-                state[name] = value
-            new = step(state, x) if sample_mask is None else step(state, x, sample_mask)
-            for name in names:
-                tf.raw_ops.AssignVariableOp(resource=handles[name], value=new[name])
-
-        signature = [{name: tf.TensorSpec((), tf.resource) for name in names},
-                     tf.TensorSpec(None if rank_free else (None,) * len(collector._batch_shape), "float32")]
-        if masked:
-            signature.append(tf.TensorSpec((None,), "bool"))
-        fn = _SHARED_STEPS[key] = tf.function(update, input_signature=signature, autograph=False,
-                                              experimental_attributes={"_noinline": True})
-    return fn
 
 
 @keras.saving.register_keras_serializable(package="keras_quant")
@@ -301,12 +155,7 @@ class LayerCollector(Observer):
 
     def __init__(self, spec=None, channel_axis=-1, num_bins=2048, statistics="full", name=None, **kwargs):
         super().__init__(granularity="per_tensor", name=name, **kwargs)
-        if spec is None:
-            spec = QuantSpec(bits=8)
-        elif isinstance(spec, dict):
-            spec = QuantSpec.from_config(spec)
-        elif not isinstance(spec, QuantSpec):
-            raise ConfigError("spec", spec, "spec must be a kq.QuantSpec, its config dict or None", layer=name)
+        spec = as_spec(spec, layer=name)
         if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
             raise ConfigError("channel_axis", channel_axis, "channel_axis must be an integer", layer=name)
         if statistics not in STATISTICS:
@@ -314,30 +163,33 @@ class LayerCollector(Observer):
         self.spec = spec
         self.channel_axis = int(channel_axis)
         self.statistics = statistics
-        if spec.observer in _HISTOGRAM_OBSERVERS and "num_bins" in spec.options:
+        # What the spec's range needs (its registry record) decides what is kept beyond `statistics`.
+        needs = REGISTRY[spec.observer].needs
+        if needs == "histogram" and "num_bins" in spec.options:
             num_bins = spec.options["num_bins"]
         self.num_bins = num_bins
         full = statistics == "full"
         per_tensor = spec.granularity == "per_tensor"
-        self._with_moments = full or (per_tensor and spec.observer == "mean_std")
+        channel_minmax = spec.granularity == "per_channel" and needs == "minmax"
+        self._with_moments = full or (per_tensor and needs == "moments")
         self._with_zeros = full
-        self._with_channels = full or (spec.granularity == "per_channel" and spec.observer == "minmax")
-        self._with_hist = full or (per_tensor and spec.observer in _HISTOGRAM_OBSERVERS)
+        self._with_channels = full or channel_minmax
+        self._with_hist = full or (per_tensor and needs == "histogram")
         if self._with_hist and (isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer))
                                 or num_bins < 8):
             raise ConfigError("num_bins", num_bins, "num_bins must be an integer of at least 8", layer=name)
         self._scalars_var = self._hist_var = self._channel_min_var = self._channel_max_var = None
         self._extra = None
-        reusable = per_tensor and spec.observer != "moving_average"
-        if not reusable and not (spec.granularity == "per_channel" and spec.observer == "minmax"):
-            self._extra = observers.get(spec, name="range_observer")
+        reusable = per_tensor and needs != "observer"
+        if not reusable and not channel_minmax:  # the range needs the spec's own observer
+            self._extra = get_observer(spec, name="range_observer")
         self._input_dtype = None
         self._batch_shape = None
 
     # Building ---------------------------------------------------------------
     def _state_shapes(self, input_shape):
         """`{name: shape}` of the state variables for inputs of `input_shape` (nothing is created)."""
-        shapes = {"scalars": (len(_SCALARS),)}
+        shapes = {"scalars": (len(SCALARS),)}
         if self._with_hist:
             shapes["hist"] = (self.num_bins,)
         ndim = len(input_shape)
@@ -351,7 +203,7 @@ class LayerCollector(Observer):
         total = 4 * sum(math.prod(shape) for shape in self._state_shapes(tuple(input_shape)).values())
         if self._extra is not None:
             with graph_lib.declared_only():  # the probe's variables are declared, never allocated
-                probe = observers.get(self.spec, name="range_observer_probe")
+                probe = get_observer(self.spec, name="range_observer_probe")
                 probe.build(tuple(input_shape))
                 total += probe.state_bytes
         return total
@@ -367,7 +219,7 @@ class LayerCollector(Observer):
         self.state_shape = ()
         self.num_slots = 1
         for name, shape in self._state_shapes(input_shape).items():
-            var = self.add_weight(shape=shape, initializer=keras.initializers.Constant(_initial(name, shape)),
+            var = self.add_weight(shape=shape, initializer=keras.initializers.Constant(initial(name, shape)),
                                   dtype="float32", trainable=False, autocast=False,
                                   aggregation="only_first_replica", name=name)
             setattr(self, f"_{name}_var", var)
@@ -376,74 +228,31 @@ class LayerCollector(Observer):
         self.built = True
 
     # The packed state --------------------------------------------------------
-    def _state(self):
-        """The state variables this collector updates, by name."""
-        return {name: var for name in _VARIABLES if (var := getattr(self, f"_{name}_var")) is not None}
+    def state_variables(self):
+        """The state variables this collector updates, by name (those of `step_key.state_names`)."""
+        return {name: var for name in VARIABLES if (var := getattr(self, f"_{name}_var")) is not None}
 
     def _with_channel_state(self):
         """Whether the per-channel extremes are kept (the channel axis' size was known at build)."""
         return self._channel_min_var is not None
 
-    def _step_key(self, rank_free=False):
+    @property
+    def step_key(self):
+        """The `keras_quant.calibration.step.StepKey` of this (built) collector: what its step keeps."""
         channel = self._channel_index if self._with_channel_state() else None
-        # The rank is part of the key (a relaxed trace keeps the rank, only dimensions become None), unless
-        # the function reads its tensor rank-free (`_shared_update`).
-        rank = None if rank_free else len(self._batch_shape)
-        return (rank, self.num_bins, self._with_moments, self._with_zeros, self._with_hist, channel)
+        # The rank is part of the key: a relaxed trace keeps the rank, only dimensions become None.
+        return StepKey(len(self._batch_shape), self.num_bins, self._with_moments, self._with_zeros,
+                       self._with_hist, channel)
 
     # Graph-side update ------------------------------------------------------
-    def _channel_rows(self, x):
-        """`x` as `(N, C)` with the channel axis last (a free reshape when it already is)."""
-        if self._channel_index != len(x.shape) - 1:
-            x = ops.moveaxis(x, self._channel_index, -1)
-        # The channel size is read from the tensor, not fixed: one shared trace serves every width.
-        return ops.reshape(x, (-1, ops.shape(x)[-1]))
-
-    def _summary(self, rows, chan, valid, valid_chan, total):
-        """The batch's `(n, mean, M2, M3, M4, zeros, min, max, channel_min, channel_max)`.
-
-        `valid=None`: every value counts (fast path; `total` is `sum(rows)`).
-        Otherwise `valid` (and `valid_chan`) mask the values that count.
-        """
-        zero = ops.zeros((), "float32")
-        if valid is None:
-            n = ops.cast(ops.shape(rows)[0], "float32")
-            x = rows
-            lo, hi = ops.min(rows), ops.max(rows)
-        else:
-            w = ops.cast(valid, "float32")
-            n = ops.sum(w)
-            x = ops.where(valid, rows, 0.0)
-            total = ops.sum(x)
-            lo = ops.min(ops.where(valid, rows, float("inf")))
-            hi = ops.max(ops.where(valid, rows, float("-inf")))
-        moments = (n, zero, zero, zero, zero)
-        if self._with_moments:
-            mean = total / ops.maximum(n, 1.0)
-            d = x - mean if valid is None else (x - mean) * w
-            d2 = d * d
-            moments = (n, mean, ops.sum(d2), ops.sum(d2 * d), ops.sum(d2 * d2))
-        zeros = zero
-        if self._with_zeros:
-            is_zero = ops.equal(rows, 0.0) if valid is None else ops.logical_and(ops.equal(rows, 0.0), valid)
-            zeros = ops.sum(ops.cast(is_zero, "float32"))
-        channel = (zero, zero)
-        if chan is not None:
-            if valid_chan is None:
-                channel = (ops.min(chan, axis=0), ops.max(chan, axis=0))
-            else:
-                channel = (ops.min(ops.where(valid_chan, chan, float("inf")), axis=0),
-                           ops.max(ops.where(valid_chan, chan, float("-inf")), axis=0))
-        return moments + (zeros, lo, hi) + channel
-
     def call(self, inputs, sample_mask=None):
         """Fold `inputs` into the statistics and return them unchanged.
 
-        The update itself is `_pure_step(state, x, sample_mask) -> new state`,
-        shared by every collector of the same kind: on TensorFlow it is one
-        `tf.function` (batch, spatial and channel dimensions relaxed), so a
-        model's collectors are traced a handful of times, not once per layer,
-        shape and call.
+        The update itself is `keras_quant.calibration.step.step(key, state, x,
+        sample_mask) -> new state`, shared by every collector with the same
+        `step_key`: on TensorFlow it is one `tf.function` (batch, spatial and
+        channel dimensions relaxed), so a model's collectors are traced a
+        handful of times, not once per layer, shape and call.
 
         Args:
             inputs: The tensor (batch first).
@@ -451,129 +260,21 @@ class LayerCollector(Observer):
                 False are left out of every statistic.
         """
         self._input_dtype = keras.backend.standardize_dtype(inputs.dtype)
-        variables = self._state()
+        variables = self.state_variables()
         x = ops.cast(inputs, "float32")
-        handles = _resource_handles(variables)
+        masked = sample_mask is not None
+        args = (x,) if sample_mask is None else (x, ops.cast(sample_mask, "bool"))
+        handles = step_lib.resource_handles(variables)
         if handles is not None:  # TensorFlow: the reads and writes inside the shared function too
-            args = (handles, x) if sample_mask is None else (handles, x, ops.cast(sample_mask, "bool"))
-            _shared_update(self, masked=sample_mask is not None)(*args)
-            if self._extra is not None:
-                self._extra.call(inputs, sample_mask=sample_mask)
-            return inputs
-        state = {name: _read(v) for name, v in variables.items()}
-        if sample_mask is None:
-            new = _shared_step(self)(state, x)
+            step_lib.update_function(self.step_key, masked)(handles, *args)
         else:
-            new = _shared_step(self, masked=True)(state, x, ops.cast(sample_mask, "bool"))
-        for name, var in variables.items():
-            var.assign(new[name])  # `_pure_step` returns each value in its variable's shape
+            new = step_lib.step_function(self.step_key, masked)({name: _read(v) for name, v in variables.items()},
+                                                                *args)
+            for name, var in variables.items():
+                var.assign(new[name])  # `step` returns each value in its variable's shape
         if self._extra is not None:
             self._extra.call(inputs, sample_mask=sample_mask)
         return inputs
-
-    def _pure_step(self, state, x, sample_mask=None):
-        """The new state after folding `x` in: only `self`'s static settings are read."""
-        if sample_mask is None and not (self._with_moments or self._with_zeros or self._with_hist
-                                        or self._with_channel_state()):
-            return self._range_step(state, x)
-        rows = ops.reshape(x, (-1,))
-        chan = self._channel_rows(x) if self._with_channel_state() else None
-        zero = ops.zeros((), "float32")
-        if sample_mask is None:
-            total = ops.sum(rows)
-            fast = ops.isfinite(total)  # an overflowing sum just takes the exact masked path
-
-            def masked():
-                finite = ops.isfinite(x)
-                valid_chan = self._channel_rows(finite) if chan is not None else None
-                bad = ops.sum(ops.cast(ops.logical_not(finite), "float32"))
-                return self._summary(rows, chan, ops.reshape(finite, (-1,)), valid_chan, None) + (bad,)
-
-            summary = ops.cond(fast, lambda: self._summary(rows, chan, None, None, total) + (zero,), masked)
-            seen = ops.cast(ops.shape(x)[0], "float32")
-        else:
-            keep = self._expand_mask(sample_mask, x) > 0.5
-            finite = ops.isfinite(x)
-            valid = ops.logical_and(finite, keep)
-            bad = ops.sum(ops.cast(ops.logical_and(keep, ops.logical_not(finite)), "float32"))
-            valid_chan = self._channel_rows(valid) if chan is not None else None
-            valid_rows = ops.reshape(valid, (-1,))
-            summary = self._summary(rows, chan, valid_rows, valid_chan, None) + (bad,)
-            seen = ops.sum(ops.cast(sample_mask, "float32"))
-            fast = None
-        n_b, mean_b, m2_b, m3_b, m4_b, zeros_b, lo_b, hi_b, clo_b, chi_b, bad_b = summary
-
-        old = dict(zip(_SCALARS, ops.unstack(state["scalars"], num=len(_SCALARS))))
-        new = dict(old)
-        new["non_finite_count"] = old["non_finite_count"] + bad_b
-        new["samples"] = old["samples"] + seen
-        if self._with_moments:
-            names = ("count", "mean", "m2", "m3", "m4")
-            merged = merge_moments(tuple(old[k] for k in names), (n_b, mean_b, m2_b, m3_b, m4_b), maximum=ops.maximum)
-            new.update(zip(names, merged))
-        else:
-            new["count"] = old["count"] + n_b
-        if self._with_zeros:
-            new["zeros"] = old["zeros"] + zeros_b
-        old_lo, old_hi = old["min_val"], old["max_val"]
-        has_batch = lo_b <= hi_b
-        new["min_val"] = ops.where(has_batch, ops.minimum(old_lo, lo_b), old_lo)
-        new["max_val"] = ops.where(has_batch, ops.maximum(old_hi, hi_b), old_hi)
-        out = {"scalars": ops.stack([new[k] for k in _SCALARS])}
-        if self._with_hist:
-            # Masked: the mask already computed; unmasked: the fast path, or (NaN/Inf) `isfinite` again.
-            valid_col = None if sample_mask is None else ops.reshape(valid_rows, (-1, 1))
-            out["hist"] = self._histogram_step(state["hist"], rows, x, valid_col, fast, old_lo, old_hi,
-                                               new["min_val"], new["max_val"])
-        if chan is not None:
-            out["channel_min"] = ops.minimum(state["channel_min"], clo_b)
-            out["channel_max"] = ops.maximum(state["channel_max"], chi_b)
-        return out
-
-    def _range_step(self, state, x):
-        """`_pure_step` of a collector that keeps only the range and counts (unmasked): the same new
-        state, in a few vector ops.
-
-        It is the step of most collectors of `statistics="range"`, and a step
-        function is instantiated again at every place a model calls it, so its
-        size is paid once per observed tensor on a calibration's first batch.
-        """
-        rows = ops.reshape(x, (-1,))
-        inf = float("inf")
-
-        def masked():
-            finite = ops.isfinite(rows)
-            return (ops.min(ops.where(finite, rows, inf)), ops.max(ops.where(finite, rows, -inf)),
-                    ops.sum(ops.cast(ops.logical_not(finite), "float32")))
-
-        lo, hi, bad = ops.cond(ops.isfinite(ops.sum(rows)),
-                               lambda: (ops.min(rows), ops.max(rows), ops.zeros((), "float32")), masked)
-        # Counters add (non-finite values, samples, finite values); the extremes take min / max with
-        # `(lo, hi)`, which are (inf, -inf), so change nothing, when no value was finite.
-        size = ops.cast(ops.size(rows), "float32")
-        seen = ops.cast(ops.shape(x)[0], "float32")
-        counts = ops.concatenate([ops.stack([bad, seen, size - bad]), ops.zeros((len(_SCALARS) - 3,), "float32")])
-        new = state["scalars"] + counts
-        new = ops.minimum(new, ops.where(_IS_MIN, lo, inf))
-        return {"scalars": ops.maximum(new, ops.where(_IS_MAX, hi, -inf))}
-
-    def _histogram_step(self, hist, rows, x, valid, fast, old_lo, old_hi, new_lo, new_hi):
-        """The histogram widened to `[new_lo, new_hi]` with the batch binned in.
-
-        `valid` is the `(N, 1)` mask of a masked batch (then `fast` is None);
-        otherwise `fast` says whether the batch is all finite.
-        """
-        bins = self.num_bins
-        lo1, hi1 = ops.reshape(new_lo, (1,)), ops.reshape(new_hi, (1,))
-        hist = rebin_counts(ops.reshape(hist, (1, bins)), ops.reshape(old_lo, (1,)), ops.reshape(old_hi, (1,)),
-                            lo1, hi1, bins, 1)
-        col = ops.reshape(rows, (-1, 1))
-        if fast is None:
-            counts = bin_counts(col, valid, lo1, hi1, bins, 1)
-        else:
-            counts = ops.cond(fast, lambda: bin_counts(col, None, lo1, hi1, bins, 1),
-                              lambda: bin_counts(col, ops.reshape(ops.isfinite(x), (-1, 1)), lo1, hi1, bins, 1))
-        return ops.reshape(hist + counts, (bins,))
 
     def _update_state(self, rows, finite, all_finite):
         """Not used: `call` replaces the base class's update flow, since the
@@ -585,8 +286,8 @@ class LayerCollector(Observer):
     # Eager API -------------------------------------------------------------
     def reset(self):
         """Restore the empty state (of the range observer too). A collector not yet built is left as is."""
-        for name, var in self._state().items():
-            var.assign(_initial(name, var.shape))
+        for name, var in self.state_variables().items():
+            var.assign(initial(name, var.shape))
         if self._extra is not None and self._extra.built:
             self._extra.reset()
 
@@ -596,7 +297,7 @@ class LayerCollector(Observer):
 
     def _range(self, spec=None):
         stats = self.to_statistics()
-        stats._require_data()
+        stats.require_data()
         lo, hi = stats.compute_range(self.spec if spec is None else spec)
         return np.reshape(lo, -1), np.reshape(hi, -1)
 
@@ -624,7 +325,7 @@ class LayerCollector(Observer):
                     channel_axis=self.channel_axis)
         if not self.built:
             return LayerStatistics(**base)
-        values = dict(zip(_SCALARS, np.asarray(ops.convert_to_numpy(self._scalars_var), np.float64).tolist()))
+        values = dict(zip(SCALARS, np.asarray(ops.convert_to_numpy(self._scalars_var), np.float64).tolist()))
         count = int(round(values["count"]))
         base.update(num_samples=int(round(values["samples"])), non_finite_count=int(round(values["non_finite_count"])))
         if count == 0:

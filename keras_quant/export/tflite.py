@@ -29,7 +29,7 @@ Example:
 
 import collections
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Tuple
 
 import keras
 import numpy as np

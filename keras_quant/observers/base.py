@@ -29,13 +29,24 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_quant import ops as kq_ops
+import keras_quant.ops as kq_ops
 from keras_quant.config import QuantSpec
 from keras_quant.errors import ConfigError, NoDataError, NonFiniteError, ShapeMismatchError
 
-__all__ = ["Observer", "NAN_POLICIES"]
+__all__ = ["Observer", "NAN_POLICIES", "expand_mask", "is_number"]
 
 NAN_POLICIES = ("omit", "raise")
+
+
+def is_number(value):
+    """Whether `value` is a real number (an int, float or numpy number; not a bool), for argument checks."""
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+
+def expand_mask(sample_mask, inputs):
+    """A `(batch,)` sample mask as a float32 tensor shaped like `inputs` (1.0 where kept)."""
+    mask = ops.cast(ops.reshape(sample_mask, (-1,) + (1,) * (len(inputs.shape) - 1)), "float32")
+    return ops.broadcast_to(mask, ops.shape(inputs))
 
 
 class Observer(keras.layers.Layer, metaclass=abc.ABCMeta):
@@ -183,18 +194,12 @@ class Observer(keras.layers.Layer, metaclass=abc.ABCMeta):
             self.non_finite_count.assign(self.non_finite_count + bad)
             self._update_state(rows, finite, ops.equal(bad, 0.0))
             return inputs
-        keep = self._rows(self._expand_mask(sample_mask, inputs)) > 0.5
+        keep = self._rows(expand_mask(sample_mask, inputs)) > 0.5
         valid = ops.logical_and(finite, keep)
         bad = ops.sum(ops.cast(ops.logical_and(keep, ops.logical_not(finite)), "float32"))
         self.non_finite_count.assign(self.non_finite_count + bad)
         self._update_state(rows, valid, ops.all(valid))
         return inputs
-
-    @staticmethod
-    def _expand_mask(sample_mask, inputs):
-        """A `(batch,)` mask as a float tensor shaped like `inputs`."""
-        mask = ops.cast(ops.reshape(sample_mask, (-1,) + (1,) * (len(inputs.shape) - 1)), "float32")
-        return ops.broadcast_to(mask, ops.shape(inputs))
 
     @abc.abstractmethod
     def _update_state(self, rows, finite, all_finite):

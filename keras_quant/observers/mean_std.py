@@ -23,9 +23,20 @@ import numpy as np
 from keras import ops
 
 from keras_quant.errors import ConfigError
-from keras_quant.observers.base import Observer
+from keras_quant.observers.base import Observer, is_number
 
-__all__ = ["MeanStdObserver"]
+__all__ = ["MeanStdObserver", "mean_std_range"]
+
+
+def mean_std_range(mean, std, min_val, max_val, num_std):
+    """`mean +- num_std * std`, clipped to `[min_val, max_val]` (numbers or numpy arrays).
+
+    Example:
+
+    >>> [float(v) for v in mean_std_range(0.0, 1.0, -2.0, 5.0, 3.0)]
+    [-2.0, 3.0]
+    """
+    return np.maximum(mean - num_std * std, min_val), np.minimum(mean + num_std * std, max_val)
 
 
 @keras.saving.register_keras_serializable(package="keras_quant")
@@ -55,7 +66,7 @@ class MeanStdObserver(Observer):
 
     def __init__(self, num_std=3.0, granularity="per_tensor", axis=-1, nan_policy="omit", **kwargs):
         super().__init__(granularity=granularity, axis=axis, nan_policy=nan_policy, **kwargs)
-        if isinstance(num_std, bool) or not isinstance(num_std, (int, float, np.number)) or not num_std > 0:
+        if not is_number(num_std) or not num_std > 0:
             raise ConfigError("num_std", num_std, "num_std must be a positive number")
         self.num_std = float(num_std)
 
@@ -108,8 +119,7 @@ class MeanStdObserver(Observer):
     def _range(self, spec=None):
         count, mean, m2, lo, hi = self._state()
         self._no_data(count == 0)
-        std = np.sqrt(np.maximum(m2, 0.0) / count)
-        return np.maximum(mean - self.num_std * std, lo), np.minimum(mean + self.num_std * std, hi)
+        return mean_std_range(mean, np.sqrt(np.maximum(m2, 0.0) / count), lo, hi, self.num_std)
 
     def get_config(self):
         config = super().get_config()

@@ -17,10 +17,13 @@ import keras
 import numpy as np
 from keras import ops
 
+import keras_quant.ops as kq_ops
 from keras_quant.errors import ConfigError
-from keras_quant.observers.base import Observer
+from keras_quant.observers.base import Observer, is_number
 
 __all__ = ["MinMaxObserver", "MovingAverageMinMaxObserver"]
+
+_UNSET = object()  # `averaging_constant` not given (None is an invalid value, as it always was)
 
 
 @keras.saving.register_keras_serializable(package="keras_quant")
@@ -70,11 +73,18 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
     """Exponential moving average of each batch's minimum and maximum.
 
     The first batch (with finite data, per slot) sets the range directly;
-    later batches move it: `min += c * (batch_min - min)`, likewise `max`. A
+    later batches move it with `keras_quant.ops.moving_average` (Keras'
+    convention, as `keras.layers.BatchNormalization`):
+    `min = momentum * min + (1 - momentum) * batch_min`, likewise `max`. A
     batch with no finite value in a slot leaves that slot unchanged.
 
     Args:
-        averaging_constant: `c` in `(0, 1]`; `1.0` keeps only the last batch.
+        momentum: In `[0, 1)`: the weight kept by the running range per batch
+            (default 0.99); `0.0` keeps only the last batch.
+        averaging_constant: The older spelling, `c = 1 - momentum` in
+            `(0, 1]` (PyTorch's convention). Configs saved before `momentum`
+            carry this key, so it is still accepted; give one or the other.
+            `get_config` writes `momentum`.
         granularity: `"per_tensor"`, `"per_channel"` or `"per_group"`.
         axis: Channel axis for `per_channel` / `per_group`.
         group_size: Elements per group for `per_group`.
@@ -82,37 +92,50 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
         **kwargs: Keras layer arguments.
 
     Raises:
-        ConfigError: For an invalid argument.
+        ConfigError: For an invalid argument, or both `momentum` and
+            `averaging_constant`.
 
     Example:
 
-    >>> obs = MovingAverageMinMaxObserver(averaging_constant=0.5)
+    >>> obs = MovingAverageMinMaxObserver(momentum=0.5)
     >>> obs.update([0.0, 2.0]).update([0.0, 4.0]).compute_range()
     (0.0, 3.0)
     """
 
-    def __init__(self, averaging_constant=0.01, granularity="per_tensor", axis=-1, group_size=None,
-                 nan_policy="omit", **kwargs):
+    def __init__(self, momentum=None, granularity="per_tensor", axis=-1, group_size=None, nan_policy="omit",
+                 averaging_constant=_UNSET, **kwargs):
         super().__init__(granularity=granularity, axis=axis, group_size=group_size, nan_policy=nan_policy, **kwargs)
-        c = averaging_constant
-        if isinstance(c, bool) or not isinstance(c, (int, float, np.number)) or not 0.0 < float(c) <= 1.0:
-            raise ConfigError("averaging_constant", c, "averaging_constant must be a number in (0, 1]")
-        self.averaging_constant = float(c)
+        if averaging_constant is not _UNSET:
+            c = averaging_constant
+            if momentum is not None:
+                raise ConfigError("averaging_constant", c, f"give momentum or averaging_constant, not both. "
+                                  f"Received: momentum={momentum}")
+            if not is_number(c) or not 0.0 < float(c) <= 1.0:
+                raise ConfigError("averaging_constant", c, "averaging_constant must be a number in (0, 1]")
+            momentum = 1.0 - float(c)
+        elif momentum is None:
+            momentum = 0.99
+        elif not is_number(momentum) or not 0.0 <= float(momentum) < 1.0:
+            raise ConfigError("momentum", momentum, "momentum must be a number in [0, 1)")
+        self.momentum = float(momentum)
+
+    @property
+    def averaging_constant(self):
+        """`1 - momentum`: the weight of each new batch (the older spelling of `momentum`)."""
+        return 1.0 - self.momentum
 
     def _update_state(self, rows, finite, all_finite):
         lo_b, hi_b = self._masked_min_max(rows, finite, all_finite)
         lo, hi = self._read(self.min_val), self._read(self.max_val)
         has_batch = lo_b <= hi_b
         first = lo > hi
-        c = self.averaging_constant
-        # min + c * (batch_min - min), written so that c = 1 gives batch_min exactly.
         # Unselected branches may hold inf - inf = nan; `where` drops them.
-        new_lo = ops.where(has_batch, ops.where(first, lo_b, (1.0 - c) * lo + c * lo_b), lo)
-        new_hi = ops.where(has_batch, ops.where(first, hi_b, (1.0 - c) * hi + c * hi_b), hi)
+        new_lo = ops.where(has_batch, ops.where(first, lo_b, kq_ops.moving_average(lo, lo_b, self.momentum)), lo)
+        new_hi = ops.where(has_batch, ops.where(first, hi_b, kq_ops.moving_average(hi, hi_b, self.momentum)), hi)
         self._assign(self.min_val, new_lo)
         self._assign(self.max_val, new_hi)
 
     def get_config(self):
         config = super().get_config()
-        config["averaging_constant"] = self.averaging_constant
+        config["momentum"] = self.momentum
         return config

@@ -2,7 +2,10 @@
 
 `compute_qparams`, `quantize`, `dequantize`, `fake_quant` (straight-through
 gradient) and `lsq_fake_quant` (learned step size) for symmetric and
-asymmetric grids of 2 to 16 bits, per tensor, per channel and per group.
+asymmetric grids of 2 to 16 bits, per tensor, per channel and per group;
+`histogram`: the histogram kernels shared by the observers and the
+calibration statistics; `range_search`: the range searches (min-max,
+percentile, MSE, KL, auto) as pure functions of a histogram.
 """
 
 from keras_quant.ops.core import (
@@ -23,6 +26,7 @@ from keras_quant.ops.core import (
     weight_qparams,
     weight_range,
 )
+from keras_quant.ops import histogram, range_search
 from keras_quant.ops.lsq import lsq_fake_quant, lsq_grad_scale, scale_gradient
 
 __all__ = [
@@ -45,4 +49,6 @@ __all__ = [
     "to_groups",
     "round_half_up",
     "moving_average",
+    "histogram",
+    "range_search",
 ]

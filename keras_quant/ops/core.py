@@ -49,6 +49,9 @@ __all__ = [
     "param_shape",
     "channel_axis",
     "to_groups",
+    "check_spec",
+    "float_tensor",
+    "apply_params",
 ]
 
 # Smallest scale handed out: a zero-width range (a constant tensor) still gets a
@@ -56,7 +59,12 @@ __all__ = [
 EPS = float(np.finfo(np.float32).eps)
 
 
-def _check_spec(spec):
+def check_spec(spec):
+    """Raise `ConfigError` unless `spec` is a `kq.QuantSpec`.
+
+    The kernels take a spec object only (not its config dict, which
+    `keras_quant.config.as_spec` coerces at the public entry points).
+    """
     if not isinstance(spec, QuantSpec):
         raise ConfigError("spec", spec, "expected a kq.QuantSpec")
 
@@ -84,7 +92,8 @@ def _tensor(x):
     return x
 
 
-def _float(x):
+def float_tensor(x):
+    """`x` as a backend tensor of a float dtype (integers and bools become float32; floats keep theirs)."""
     x = _tensor(x)
     if not _is_float(x.dtype):
         x = ops.cast(x, "float32")
@@ -105,7 +114,7 @@ def channel_axis(spec, ndim):
 
 def param_shape(shape, spec):
     """Shape of `scale` / `zero_point` for a tensor of `shape` under `spec`."""
-    _check_spec(spec)
+    check_spec(spec)
     if spec.granularity == "per_tensor":
         return ()
     shape = tuple(shape)
@@ -158,9 +167,9 @@ def _broadcastable(p, x, spec, field):
     return ops.reshape(p, shape)
 
 
-def _apply(x, scale, zero_point, spec, fn):
-    """Run `fn(x, scale, zero_point)` with parameters broadcast per `spec`."""
-    scale = _float(scale)
+def apply_params(x, scale, zero_point, spec, fn):
+    """Run `fn(x, scale, zero_point)` with the parameters broadcast per `spec` (per group: on `to_groups(x)`)."""
+    scale = float_tensor(scale)
     zero_point = ops.cast(ops.convert_to_tensor(zero_point), "float32")
     if spec.granularity == "per_group":
         grouped, undo = to_groups(x, spec)
@@ -190,7 +199,7 @@ def compute_qparams(min_val, max_val, spec):
     Returns:
         `(scale, zero_point)`: float32 and int32 tensors of `min_val`'s shape.
     """
-    _check_spec(spec)
+    check_spec(spec)
     min_val = ops.minimum(ops.cast(ops.convert_to_tensor(min_val), "float32"), 0.0)
     max_val = ops.maximum(ops.cast(ops.convert_to_tensor(max_val), "float32"), 0.0)
     if spec.symmetric:
@@ -227,17 +236,17 @@ def quantize(x, scale, zero_point, spec, seed=None):
     Returns:
         An `int8` (bits <= 8) or `int16` tensor holding grid values.
     """
-    _check_spec(spec)
-    x = ops.cast(_float(x), "float32")
-    q = _apply(x, scale, zero_point, spec, lambda v, s, z: _quantize_float(v, s, z, spec, seed))
+    check_spec(spec)
+    x = ops.cast(float_tensor(x), "float32")
+    q = apply_params(x, scale, zero_point, spec, lambda v, s, z: _quantize_float(v, s, z, spec, seed))
     return ops.cast(q, spec.storage_dtype)
 
 
 def dequantize(q, scale, zero_point, spec):
     """Map grid integers back to floats: `(q - zero_point) * scale` (float32)."""
-    _check_spec(spec)
+    check_spec(spec)
     q = ops.cast(_tensor(q), "float32")
-    return _apply(q, scale, zero_point, spec, lambda v, s, z: (v - z) * s)
+    return apply_params(q, scale, zero_point, spec, lambda v, s, z: (v - z) * s)
 
 
 def _uses_tf_fake_quant(spec):
@@ -272,11 +281,11 @@ def fake_quant(x, scale, zero_point, spec, seed=None):
     Returns:
         A tensor like `x` with values on the quantization grid.
     """
-    _check_spec(spec)
-    x = _float(x)
+    check_spec(spec)
+    x = float_tensor(x)
     dtype = x.dtype
     x32 = ops.cast(x, "float32")
-    scale = ops.stop_gradient(_float(scale))
+    scale = ops.stop_gradient(float_tensor(scale))
     zero_point = ops.stop_gradient(ops.cast(_tensor(zero_point), "float32"))
 
     if _uses_tf_fake_quant(spec):
@@ -318,7 +327,7 @@ def fake_quant(x, scale, zero_point, spec, seed=None):
         y = (_quantize_float(v, s, z, spec, seed) - z) * s
         return clipped + ops.stop_gradient(y - clipped)
 
-    return ops.cast(_apply(x32, scale, zero_point, spec, fq), dtype)
+    return ops.cast(apply_params(x32, scale, zero_point, spec, fq), dtype)
 
 
 def tensor_range(x, spec):
@@ -327,8 +336,8 @@ def tensor_range(x, spec):
     Returns:
         `(min, max)`: scalars, `(C,)` or `(C, G)` tensors.
     """
-    _check_spec(spec)
-    x = _float(x)
+    check_spec(spec)
+    x = float_tensor(x)
     if spec.granularity == "per_tensor":
         return ops.min(x), ops.max(x)
     if spec.granularity == "per_channel":
@@ -344,7 +353,8 @@ def tensor_qparams(x, spec):
     return compute_qparams(*tensor_range(x, spec), spec)
 
 
-# Weight observers that search the clipping range; every other observer takes
+# Weight observers that search the clipping range (`keras_quant.observers.REGISTRY` checks at import that
+# these are its records with `weight_search`); every other observer takes
 # the weights' min-max (weights are known exactly: there is no distribution to
 # estimate, and percentile / KL / mean-std ranges are activation estimators).
 WEIGHT_SEARCH_OBSERVERS = ("mse", "auto")
@@ -393,8 +403,8 @@ def weight_range(x, spec, ratios=WEIGHT_SEARCH_RATIOS):
     Returns:
         `(min, max)`: scalars, `(C,)` or `(C, G)` float32 tensors.
     """
-    _check_spec(spec)
-    x = ops.cast(_float(x), "float32")
+    check_spec(spec)
+    x = ops.cast(float_tensor(x), "float32")
     lo, hi = tensor_range(x, spec)
     if spec.observer not in WEIGHT_SEARCH_OBSERVERS:
         return lo, hi
@@ -448,7 +458,7 @@ def numpy_qparams(min_val, max_val, spec):
     Returns:
         `(scale, zero_point)`: float32 and int32 numpy arrays of `min_val`'s shape.
     """
-    _check_spec(spec)
+    check_spec(spec)
     lo, hi = np.asarray(min_val), np.asarray(max_val)
     if lo.dtype.kind in "fiub" and hi.dtype.kind in "fiub":
         with np.errstate(over="ignore"):
@@ -489,7 +499,7 @@ def numpy_weight_qparams(x, spec):
     Returns:
         `(scale, zero_point)`: float32 and int32 numpy arrays.
     """
-    _check_spec(spec)
+    check_spec(spec)
     x = np.asarray(x)
     if (spec.observer in WEIGHT_SEARCH_OBSERVERS or x.size == 0 or x.dtype.kind not in "fiub"
             or not np.isfinite(x).all()):

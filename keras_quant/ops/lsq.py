@@ -26,7 +26,7 @@ import math
 
 from keras import ops
 
-from keras_quant.ops.core import EPS, _apply, _check_spec, _float, round_half_up
+from keras_quant.ops.core import EPS, apply_params, check_spec, float_tensor, round_half_up
 
 __all__ = ["lsq_fake_quant", "lsq_grad_scale", "scale_gradient"]
 
@@ -39,7 +39,7 @@ def lsq_grad_scale(num_elements, spec):
             per channel, or features of an activation).
         spec: The `kq.QuantSpec` (its `qmax` is the paper's `Q_P`).
     """
-    _check_spec(spec)
+    check_spec(spec)
     return 1.0 / math.sqrt(max(int(num_elements), 1) * spec.qmax)
 
 
@@ -103,8 +103,8 @@ def lsq_fake_quant(x, scale, offset, spec, grad_scale=None):
     Returns:
         A tensor like `x` with values on the learned grid.
     """
-    _check_spec(spec)
-    x = _float(x)
+    check_spec(spec)
+    x = float_tensor(x)
     dtype = x.dtype
     x32 = ops.cast(x, "float32")
     scale = ops.cast(ops.convert_to_tensor(scale), "float32")
@@ -118,4 +118,4 @@ def lsq_fake_quant(x, scale, offset, spec, grad_scale=None):
     offset = scale_gradient(offset, grad_scale)
 
     fq = _lsq_kernel(float(spec.qmin), float(spec.qmax))
-    return ops.cast(_apply(x32, scale, offset, spec, fq), dtype)
+    return ops.cast(apply_params(x32, scale, offset, spec, fq), dtype)

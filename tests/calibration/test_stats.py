@@ -256,7 +256,7 @@ def test_the_shared_stateful_update_equals_reading_and_assigning_outside(rng, mo
     collector in a step graph); the statistics are bit-equal to reading and assigning outside it."""
     import tensorflow as tf
 
-    from keras_quant.calibration import stats as stats_lib
+    from keras_quant.calibration import step as step_lib
 
     x = rng.normal(size=(6, 5, 4)).astype("float32")
     x[0, 0, 0] = np.nan
@@ -274,26 +274,26 @@ def test_the_shared_stateful_update_equals_reading_and_assigning_outside(rng, mo
         s = c.to_statistics()
         fields = (s.count, s.min, s.max, s.mean, s.std, s.non_finite_count, s.scale, s.zero_point, s.histogram,
                   s.channel_min, s.channel_max)
-        return stats_lib._resource_handles(c._state()) is not None, [listed(f) for f in fields]
+        return step_lib.resource_handles(c.state_variables()) is not None, [listed(f) for f in fields]
 
     uses_handles, inside = run()
     assert uses_handles
-    monkeypatch.setattr(stats_lib, "_resource_handles", lambda variables: None)
+    monkeypatch.setattr(step_lib, "resource_handles", lambda variables: None)
     assert run() == (False, inside)
 
 
 @pytest.mark.tensorflow
 def test_per_tensor_collectors_of_every_rank_share_one_update_function():
-    from keras_quant.calibration import stats as stats_lib
+    from keras_quant.calibration import step as step_lib
 
     collectors = []
     for shape in [(4, 3), (4, 5, 3), (4, 2, 2, 3)]:
         c = LayerCollector(QuantSpec(bits=8), statistics="range")
         c.build(shape)
         collectors.append(c)
-    assert not any(c._with_channel_state() for c in collectors)
-    assert len({id(stats_lib._shared_update(c)) for c in collectors}) == 1  # one trace serves every rank
-    masked = {id(stats_lib._shared_update(c, masked=True)) for c in collectors}
+    assert not any(c.step_key.channel is not None for c in collectors)
+    assert len({id(step_lib.update_function(c.step_key)) for c in collectors}) == 1  # one trace serves every rank
+    masked = {id(step_lib.update_function(c.step_key, masked=True)) for c in collectors}
     assert len(masked) == 3  # the mask is broadcast by rank
 
 

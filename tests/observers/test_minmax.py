@@ -139,5 +139,21 @@ def test_invalid_averaging_constant(c):
 def test_moving_average_config():
     obs = MovingAverageMinMaxObserver(averaging_constant=0.2, granularity="per_group", group_size=8, axis=0)
     config = obs.get_config()
-    assert config["averaging_constant"] == 0.2 and config["group_size"] == 8
+    # Written as Keras' momentum; the older key still loads (configs saved before carry it).
+    assert config["momentum"] == pytest.approx(0.8) and config["group_size"] == 8 and "averaging_constant" not in config
     assert MovingAverageMinMaxObserver.from_config(config).get_config() == config
+    old = {k: v for k, v in config.items() if k != "momentum"} | {"averaging_constant": 0.2}
+    assert MovingAverageMinMaxObserver.from_config(old).get_config() == config
+
+
+def test_moving_average_momentum_matches_averaging_constant():
+    x1, x2 = np.array([-1.0, 3.0], "float32"), np.array([-5.0, 1.0], "float32")
+    a = MovingAverageMinMaxObserver(momentum=0.75).update(x1).update(x2).compute_range()
+    b = MovingAverageMinMaxObserver(averaging_constant=0.25).update(x1).update(x2).compute_range()
+    assert a == b == (-2.0, 2.5)
+    assert MovingAverageMinMaxObserver().momentum == 0.99
+    with pytest.raises(ConfigError) as info:
+        MovingAverageMinMaxObserver(momentum=1.0)
+    assert info.value.field == "momentum"
+    with pytest.raises(ConfigError):
+        MovingAverageMinMaxObserver(momentum=0.5, averaging_constant=0.5)
