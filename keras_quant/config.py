@@ -121,7 +121,7 @@ class QuantSpec:
             `"percentile"`, `"mean_std"`, `"mse"`, `"kl"` or `"auto"` (per
             layer, the one of minmax / percentile / mse / kl whose range gives
             the least expected quantization MSE on this spec's grid; see
-            `keras_quant.observers.range_search.auto_range`). The observer
+            `keras_quant.ops.range_search.auto_range`). The observer
             sets the calibration (PTQ) range; in QAT every observer, `auto`
             included, starts from the calibration's range when one is given
             and then follows the moving min / max of the batches.

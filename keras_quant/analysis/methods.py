@@ -5,7 +5,7 @@
 finds on the layer's stored histogram, and judges each by the quantization
 error of that layer's output on the spec's grid: the expected MSE of values
 distributed as the histogram (rounding inside the range plus clipping
-outside, `keras_quant.observers.range_search.expected_mse`) and the SQNR
+outside, `keras_quant.ops.range_search.expected_mse`) and the SQNR
 against the histogram's signal power. The choice per layer is what
 `observer="auto"` picks (`range_search.auto_range`): the earliest method
 within the tolerance of the least error.
@@ -27,7 +27,7 @@ from keras_quant.calibration.result import LayerStatistics
 from keras_quant.config import AUTO_CANDIDATES, QuantConfig, QuantSpec, as_spec, auto_candidates, auto_tolerance
 from keras_quant.errors import ConfigError, NoDataError
 from keras_quant.formatting import text_table, to_jsonable
-from keras_quant.observers import range_search
+from keras_quant.ops import range_search
 
 __all__ = ["MethodRow", "MethodComparison", "compare_methods"]
 

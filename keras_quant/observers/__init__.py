@@ -24,7 +24,8 @@ Example:
 >>> scale, zero_point = obs.compute_qparams(spec)
 """
 
-from keras_quant.observers import range_search, registry  # range_search: keras_quant.ops.range_search
+from keras_quant.observers import registry
+from keras_quant.ops import range_search  # `kq.observers.range_search`: the searches the observers run
 from keras_quant.observers.base import Observer
 from keras_quant.observers.histogram import HistogramObserver, PercentileObserver
 from keras_quant.observers.mean_std import MeanStdObserver

@@ -1,7 +1,5 @@
 """Range search on a histogram: pure numpy functions of `(hist, bin_edges, spec)`.
 
-(Also importable as `keras_quant.observers.range_search`, its older home.)
-
 Each method takes a histogram (`hist`, `n` non-negative counts) and its
 `n + 1` increasing `bin_edges`, and returns the clipping range `(min, max)`
 as Python floats; `kq.ops.compute_qparams(min, max, spec)` then gives the

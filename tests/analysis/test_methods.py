@@ -10,7 +10,7 @@ import keras_quant as kq
 from keras_quant.calibration.result import CalibrationResult, LayerStatistics
 from keras_quant.calibration.stats import LayerCollector
 from keras_quant.errors import ConfigError, NoDataError
-from keras_quant.observers import range_search
+from keras_quant.ops import range_search
 from tests.conftest import to_np
 
 METHODS = ("minmax", "percentile", "mse", "kl")

@@ -15,7 +15,7 @@ from keras_quant.calibration.result import CalibrationResult, LayerStatistics
 from keras_quant.io import decode_payload, encode_payload
 from keras_quant.calibration.stats import batch_moments, moments_to_stats
 from keras_quant.errors import ConfigError, IntegrityError, NoDataError
-from keras_quant.observers import range_search
+from keras_quant.ops import range_search
 
 BINS = 2048
 

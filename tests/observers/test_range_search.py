@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import keras_quant as kq
 from keras_quant.errors import ConfigError, NoDataError, ShapeMismatchError
-from keras_quant.observers import range_search as rs
+from keras_quant.ops import range_search as rs
 from tests.conftest import to_np
 
 N = 100_000
