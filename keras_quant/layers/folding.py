@@ -7,8 +7,9 @@ bias to `beta + (b - mean) * gamma / sqrt(var + eps)` gives one layer with the
 same outputs, which is what TFLite quantizes.
 
 `fold_batch_norm` is the numpy arithmetic; `fold_into_layer` clones a layer
-with `use_bias=True` and the folded weights; `FOLD_RULES` says which weight of
-each layer type is scaled and along which axes its output channels lie.
+with `use_bias=True` and the folded weights; each layer type's rule
+(`keras_quant.layers.rules`, `fold_weight` and `fold_axes`) says which weight
+is scaled and along which axes its output channels lie.
 
 Example:
 
@@ -22,37 +23,23 @@ from keras import ops
 
 from keras_quant import graph as graph_lib
 from keras_quant.errors import ConfigError, ShapeMismatchError
+from keras_quant.layers import rules
 
 __all__ = [
     "fold_batch_norm", "fold_into_layer", "fold_weights", "fold_blocker", "fold_rule", "fold_factor_and_bias", "scale_channels",
-    "factor_shape", "bn_axes", "output_rank", "FOLD_RULES",
+    "factor_shape", "bn_axes", "output_rank",
 ]
 
 L = keras.layers
 
-# Layer class -> (attribute of the weight scaled per output channel, its output-channel axes).
-# Depthwise kernels are (..., in, multiplier): output channel c = i * multiplier + m.
-FOLD_RULES = {
-    L.Dense: ("kernel", (-1,)),
-    L.Conv1D: ("kernel", (-1,)),
-    L.Conv2D: ("kernel", (-1,)),
-    L.Conv3D: ("kernel", (-1,)),
-    L.DepthwiseConv1D: ("kernel", (-2, -1)),
-    L.DepthwiseConv2D: ("kernel", (-2, -1)),
-    L.SeparableConv1D: ("pointwise_kernel", (-1,)),
-    L.SeparableConv2D: ("pointwise_kernel", (-1,)),
-    L.Conv1DTranspose: ("kernel", (-2,)),
-    L.Conv2DTranspose: ("kernel", (-2,)),
-    L.Conv3DTranspose: ("kernel", (-2,)),
-}
-
-
 def fold_rule(layer):
-    """`(weight attribute, output-channel axes)` of the weight a BatchNormalization folds into, or None."""
-    for klass in type(layer).__mro__:
-        if klass in FOLD_RULES:
-            return FOLD_RULES[klass]
-    return None
+    """`(weight attribute, output-channel axes)` of the weight a BatchNormalization folds into, or None.
+
+    Read from the layer's rule (`LayerRule.fold_weight`, `fold_axes`; see
+    `keras_quant.layers.rules.fold_rule`).
+    """
+    rule = rules.fold_rule(layer)
+    return None if rule is None else (rule.fold_weight, rule.fold_axes)
 
 
 def _axes(channel_axis, ndim):
@@ -187,7 +174,7 @@ def output_rank(layer, bn=None):
 def fold_blocker(layer, bn, rank=None):
     """Why `bn` cannot be folded into `layer`, or None if it can.
 
-    Folding needs a layer type in `FOLD_RULES`, no activation between the two
+    Folding needs a layer type whose rule has a `fold_weight`, no activation between the two
     (`activation="linear"`), channels-last data and a BatchNormalization over
     the last axis, spelled any way (`-1`, `3` or `[3]` on a 4-D tensor).
 
