@@ -14,12 +14,11 @@ from typing import Dict, List, Optional, Tuple
 import keras
 import numpy as np
 
-from keras_quant import graph as graph_lib
 from keras_quant.errors import ExportError
-from keras_quant.layers.fake_quant import ActivationQuantizer
 from keras_quant.layers.inference import PREACTIVATION, InferencePlan
 from keras_quant.layers import rules
 from keras_quant.layers.rules import PREACTIVATION as PREACTIVATION_KEY
+from keras_quant.layers.walk import quantizer_layers
 from keras_quant.layers.wrapper import QuantizeWrapper
 
 __all__ = ["MODES", "VariableValues", "WeightInfo", "build_plan", "check", "quantizer_layers", "weight_infos"]
@@ -92,15 +91,6 @@ class VariableValues:
     def __call__(self, x, dtype="float32"):
         value = self.arrays.get(id(x))
         return np.asarray(keras.ops.convert_to_numpy(x) if value is None else value, dtype=dtype)
-
-
-def quantizer_layers(model):
-    """Every `QuantizeWrapper` and `ActivationQuantizer` of `model` (nested layers included)."""
-    found = []
-    for layer in graph_lib.sublayers(model):
-        if isinstance(layer, (QuantizeWrapper, ActivationQuantizer)):
-            found.append(layer)
-    return found
 
 
 def _activation_qparams(layer, read=_np):

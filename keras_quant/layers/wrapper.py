@@ -1,6 +1,7 @@
 """`QuantizeWrapper`: a layer whose weights (and output) are fake-quantized.
 
-Two modes (`MODES`): `"qat"` (the default) trains: `QATQuantizer`s observe,
+Two stages (`QUANTIZERS`; the constructor's `mode` argument): `"qat"` (the
+default) trains: `QATQuantizer`s observe,
 learn (LSQ) or freeze their ranges per the wrapper's `Schedule`, and a
 BatchNormalization given as `batch_norm` is folded into the weights as in
 Jacob et al. 2018. `"frozen"` is the post-training model: `FrozenQuantizer`s
@@ -39,12 +40,12 @@ from keras_quant.layers.rules import (
     activation_function, fixed_output_qparams, get_rule, split_activation, without_activation,
 )
 
-__all__ = ["QuantizeWrapper", "MODES", "weight_specs"]
+__all__ = ["QuantizeWrapper", "QUANTIZERS", "weight_specs"]
 
-# Quantizer class of each wrapper mode. A mode's quantizer has
+# Quantizer class of each wrapper stage (`qat_quantizer.STAGES`). A stage's quantizer has
 # `build(layer, shape, name) -> state`, `__call__(x, state, training, observing=, frozen=, seed=)`
 # and `qparams(state)`.
-MODES = {"qat": qat.QATQuantizer, "frozen": FrozenQuantizer}
+QUANTIZERS = {"qat": qat.QATQuantizer, "frozen": FrozenQuantizer}
 # Where a folded BatchNormalization's batch statistics come from in QAT training.
 BN_STATISTICS = ("quantized", "float")
 
@@ -147,11 +148,11 @@ class QuantizeWrapper(keras.layers.Wrapper):
     config quantizes activations, is applied after the layer, i.e. after its
     fused activation.
 
-    In `"qat"` mode each quantizer observes, learns (LSQ, for `learnable`
-    specs) or is frozen, per the wrapper's schedule (`set_mode`,
+    In the `"qat"` stage each quantizer observes, learns (LSQ, for `learnable`
+    specs) or is frozen, per the wrapper's schedule (`set_range_mode`,
     `kq.qat.QATScheduler`): weight ranges follow the weights until frozen;
     the output range is a moving average of batch ranges (or set from a
-    calibration with `set_output_qparams`). In `"frozen"` mode weight scales
+    calibration with `set_output_qparams`). In the `"frozen"` stage weight scales
     are computed when the wrapper is built (`observe_weights()` recomputes
     them) and the output range is set from calibration.
 
@@ -169,7 +170,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
     folded layer that export writes.
 
     A layer whose own activation is a softmax, sigmoid or tanh (run by TFLite
-    as its own op) is quantized before it too, and its output, in either mode,
+    as its own op) is quantized before it too, and its output, in either stage,
     by a frozen quantizer on TFLite's fixed grid for that function
     (`kq.layers.rules.FIXED_GRIDS`, `fixed_output`): the integer op writes that
     grid whatever the data, so QAT neither observes nor learns it.
@@ -181,7 +182,13 @@ class QuantizeWrapper(keras.layers.Wrapper):
             a `kq.LayerQuantConfig`, or a `(weights, activations)` pair of
             specs. None means `kq.QuantConfig()` (int8 per-channel weights,
             int8 activations). An `activations` of None means no output quantizer.
-        mode: `"qat"` (trainable ranges) or `"frozen"` (post-training).
+        mode: The wrapper's stage (`keras_quant.layers.qat_quantizer.STAGES`),
+            read back as `stage`: `"qat"` (default: trainable ranges) or
+            `"frozen"` (post-training). The argument and the saved config
+            keep the name `mode`. The default differs from
+            `ActivationQuantizer`'s (`"frozen"`) on purpose: a wrapper used
+            directly is for QAT (`kq.QuantizeWrapper(layer, config)`), and
+            each default is what saved configs without the key were written with.
         batch_norm: A BatchNormalization applied to the layer's output, to fold.
         observe_steps: QAT: training steps the ranges are observed before
             learnable quantizers learn. Default: until changed, or
@@ -193,7 +200,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         **kwargs: Base layer arguments (`name`, ...).
 
     Raises:
-        ConfigError: For an unknown mode or config, a BatchNormalization that
+        ConfigError: For an unknown stage or config, a BatchNormalization that
             cannot be folded into the layer, or stochastic rounding together
             with a learnable weight spec.
         UnsupportedLayerError: For a layer type without a rule, or a rule
@@ -203,7 +210,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
     >>> wrapper = QuantizeWrapper(keras.layers.Conv2D(8, 3), kq.QuantConfig.w4a8())
     >>> y = wrapper(x, training=True)        # observes the output range
-    >>> wrapper.set_mode("frozen")
+    >>> wrapper.set_range_mode("frozen")
     """
 
     def __init__(self, layer, config=None, mode="qat", batch_norm=None, observe_steps=None, momentum=0.99,
@@ -211,9 +218,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
                  **kwargs):
         kwargs.setdefault("name", getattr(layer, "name", None))
         super().__init__(layer, **kwargs)
-        if mode not in MODES:
-            raise ConfigError("mode", mode, f"mode must be one of {tuple(MODES)}", layer=self.name)
-        self.mode = mode
+        if mode not in QUANTIZERS:
+            raise ConfigError("mode", mode, f"mode must be one of {tuple(QUANTIZERS)}", layer=self.name)
+        self.stage = mode
         if (input_scale is not None or fused_output_scale is not None) and mode != "frozen":
             raise ConfigError("input_scale", input_scale, "input and fused output scales (integer arithmetic) are "
                               "for frozen wrappers; a QAT wrapper trains through the float form", layer=self.name)
@@ -241,7 +248,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         self.observe_steps = qat.default_observe_steps(observe_steps, specs, initialized=False)
         self.momentum = momentum
         self.seed = seed
-        quantizer = MODES[mode]
+        quantizer = QUANTIZERS[mode]
         kw = {"momentum": momentum} if mode == "qat" else {}
         self.weight_quantizers = {
             name: quantizer(spec, **({"role": "weight"} if mode == "qat" else {})) for name, spec in self.weight_specs.items()
@@ -257,7 +264,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 layer.activation = keras.activations.linear  # the wrapped layer computes the pre-activation
         self.preactivation_quantizer = None if self.activation is None else quantizer(spec, **kw)
         # TFLite's integer softmax / logistic / tanh write a fixed output grid: a frozen quantizer on that
-        # grid in either mode (QAT neither observes nor learns it).
+        # grid in either stage (QAT neither observes nor learns it).
         self.fixed_output = None
         if self.activation is not None:
             self.fixed_output = fixed_output_qparams(activation_function(self.activation), spec)
@@ -276,6 +283,11 @@ class QuantizeWrapper(keras.layers.Wrapper):
         self._output_state = None
         self._preact_state = None
         self.supports_masking = getattr(layer, "supports_masking", False)
+
+    @property
+    def mode(self):
+        """The stage under its constructor's and saved config's name (`stage`)."""
+        return self.stage
 
     # Build -------------------------------------------------------------------
     def _variable(self, name):
@@ -300,17 +312,17 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 if isinstance(self.batch_norm.axis, (list, tuple)):  # Keras 3's build indexes with an int
                     self.batch_norm.axis = bn_axes(self.batch_norm)[0]
                 self.batch_norm.build(out_shape)
-        if self.mode == "qat":
+        if self.stage == "qat":
             self.schedule = qat.Schedule(self, self.observe_steps, batch_norm=self.batch_norm is not None)
         # Frozen: the weight ranges are known now, and the variables are created holding them.
-        initial = self._numpy_weight_qparams() if self.mode == "frozen" else None
+        initial = self._numpy_weight_qparams() if self.stage == "frozen" else None
         for name, quantizer in self.weight_quantizers.items():
             var = self._variable(name)
             kwargs = {} if initial is None else {"initial": initial[name]}
             self._weight_state[name] = quantizer.build(self, tuple(var.shape), name, **kwargs)
         if self.output_quantizer is not None:
             shape = self.layer.compute_output_shape(input_shape) if input_shape is not None else ()
-            if self.fixed_output is not None:  # TFLite's fixed grid, frozen in either mode
+            if self.fixed_output is not None:  # TFLite's fixed grid, frozen in either stage
                 self._output_state = self.output_quantizer.build(self, shape, "output", initial=self.fixed_output)
             else:
                 self._output_state = self.output_quantizer.build(self, shape, "output")
@@ -343,7 +355,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         Min-max, or for a weight spec with `observer="mse"` / `"auto"` the
         clipped range of least quantization error (`kq.ops.weight_range`).
         """
-        numpy_qparams = self._numpy_weight_qparams() if self.mode == "frozen" else None
+        numpy_qparams = self._numpy_weight_qparams() if self.stage == "frozen" else None
         values = self.float_weights() if numpy_qparams is None else None
         for name, state in self._weight_state.items():
             if numpy_qparams is not None:  # the same ranges, computed in numpy (no eager op per reduction)
@@ -460,17 +472,17 @@ class QuantizeWrapper(keras.layers.Wrapper):
     # Modes ---------------------------------------------------------------------
     def _require_schedule(self, what):
         if self.schedule is None:
-            raise ConfigError("mode", self.mode, f"{what} needs a built wrapper in 'qat' mode", layer=self.name)
+            raise ConfigError("mode", self.stage, f"{what} needs a built wrapper in 'qat' mode", layer=self.name)
         return self.schedule
 
-    def set_mode(self, mode):
+    def set_range_mode(self, range_mode):
         """Move every quantizer of the wrapper to a range mode now: `"observe"`, `"learn"` or `"frozen"`."""
-        self._require_schedule("set_mode").set_mode(mode)
+        self._require_schedule("set_mode").set_range_mode(range_mode)
 
     @property
     def range_mode(self):
-        """The quantizers' current range mode (`"frozen"` for a wrapper in frozen mode)."""
-        return "frozen" if self.schedule is None else self.schedule.mode
+        """The quantizers' current range mode (`"frozen"` for a wrapper in the frozen stage)."""
+        return "frozen" if self.schedule is None else self.schedule.range_mode
 
     def freeze_batch_norm(self):
         """Stop using batch statistics (and updating the moving ones) from the next training step."""
@@ -489,7 +501,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         A QAT weight range that follows its weights (fixed spec, not frozen) is
         computed from the current values, not the last training step's.
         """
-        following = self.schedule is not None and self.schedule.mode != "frozen"
+        following = self.schedule is not None and self.schedule.range_mode != "frozen"
         values = self.float_weights() if following else {}
         out = {}
         for name, state in self._weight_state.items():
@@ -654,7 +666,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
             b_mean, b_var = ops.where(bn_frozen, mean, b_mean), ops.where(bn_frozen, var, b_var)
         m = bn.momentum
         for v, old, new in ((bn.moving_mean, mean, b_mean), (bn.moving_variance, var, b_var)):
-            v.assign(ops.cast(ops.where(bn_frozen, old, old * m + ops.stop_gradient(new) * (1.0 - m)), v.dtype))
+            v.assign(ops.cast(ops.where(bn_frozen, old, kq_ops.moving_average(old, ops.stop_gradient(new), m)), v.dtype))
         _, bias = self._fold_terms(b_mean, b_var)
         correction = ops.sqrt((var + bn.epsilon) / (b_var + bn.epsilon))  # sigma_moving / sigma_batch
         return ops.add(ops.multiply(y, ops.cast(correction, y.dtype)), ops.cast(bias, y.dtype))
@@ -711,7 +723,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if plan is not None and id(self) in plan.weights:
             return self._inference_call(inputs, plan, kwargs)
         training = bool(training)
-        flags = self._flags()  # read once: weights and output see the same step's mode
+        flags = self._flags()  # read once: weights and output see the same step's range mode
         if not training and self._integer_op is not None:
             outputs = self._integer_call(inputs)
         elif self.batch_norm is not None:
@@ -747,7 +759,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
             "weights": None if qc.weights is None else qc.weights.get_config(),
             "activations": None if qc.activations is None else qc.activations.get_config(),
         }
-        config.update(mode=self.mode, observe_steps=self.observe_steps, momentum=self.momentum, seed=self.seed,
+        config.update(mode=self.stage, observe_steps=self.observe_steps, momentum=self.momentum, seed=self.seed,
                       bn_statistics=self.bn_statistics)
         if self.input_scale is not None:
             config["input_scale"] = self.input_scale
@@ -769,5 +781,5 @@ class QuantizeWrapper(keras.layers.Wrapper):
         return cls(layer, **config)
 
     def __repr__(self):
-        return f"<QuantizeWrapper name={self.name} layer={type(self.layer).__name__} mode={self.mode}>"
+        return f"<QuantizeWrapper name={self.name} layer={type(self.layer).__name__} mode={self.stage}>"
 

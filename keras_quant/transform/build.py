@@ -514,7 +514,7 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
         observe_steps: QAT: training steps the ranges are observed before
             learnable quantizers learn. Default: learnable quantizers learn
             from the first step when a calibration is given, else after
-            `kq.layers.qat.LSQ_OBSERVE_STEPS`; the others observe (moving
+            `keras_quant.layers.qat_quantizer.LSQ_OBSERVE_STEPS`; the others observe (moving
             average) until changed (`kq.qat.set_mode`, `kq.qat.QATScheduler`).
         bn_statistics: QAT: where a folded BatchNormalization's batch
             statistics come from in training, `"quantized"` (one pass) or
