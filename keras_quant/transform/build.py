@@ -207,13 +207,18 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
     builder = _GraphBuilder(planned, config, mode, observe_steps, bn_statistics)
     qmodel = builder.run(model)
     qmodel.quantization_report = _report(planned, builder.quantizers, groups)
-    if planned.report["unsupported"]:
-        warnings.warn(
-            f"quantize_model: no quantization rule for layer(s) {planned.report['unsupported']}; they stay in float "
-            "(see qmodel.quantization_report.unsupported, or declare rules with kq.layers.register_rule)",
-            stacklevel=2,
-        )
+    _warn_unsupported(planned.report["unsupported"])
     return qmodel
+
+
+def _warn_unsupported(unsupported):
+    """Warn (at `quantize_model`'s caller) about the layers left in float for want of a rule."""
+    if unsupported:
+        warnings.warn(
+            f"quantize_model: no quantization rule for layer(s) {unsupported}; they stay in float "
+            "(see qmodel.quantization_report.unsupported, or declare rules with kq.layers.register_rule)",
+            stacklevel=3,
+        )
 
 
 def _check_arguments(model, config, mode):
