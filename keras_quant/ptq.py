@@ -193,7 +193,7 @@ def _correctable_wrappers(fgraph, qgraph, qmodel):
 
 def _correctable(layer):
     """Why a wrapper's bias cannot be corrected, or None."""
-    if layer.mode != "frozen":
+    if layer.stage != "frozen":
         return "a QAT wrapper (bias correction is for post-training models)"
     inner = layer.layer
     if len(graph_lib.calls(layer)) != 1:
@@ -335,7 +335,7 @@ def _quantizer_before(op, readers):
         if len(readers.get(id(tensor), ())) != 1 or producer is None or not _single_call(producer):
             return None, "the tensor it reads has other readers or no single producer"
         if isinstance(producer, QuantizeWrapper):
-            if producer.mode != "frozen" or producer.output_qparams is None or producer.activation is not None:
+            if producer.stage != "frozen" or producer.output_qparams is None or producer.activation is not None:
                 return None, f"{producer.name} has no frozen per-tensor output quantizer"
             return producer, None
         if getattr(get_rule(producer), "kind", None) != "passthrough":
@@ -350,7 +350,7 @@ def _softmax_inputs(fgraph, qgraph, qmodel):
     readers, _ = graph_lib.index(qgraph)
     for op in graph_lib.operations(qgraph):
         if isinstance(op, QuantizeWrapper) and activation_function(op.activation) == "softmax":
-            if op.mode != "frozen":
+            if op.stage != "frozen":
                 skipped.append((op.name, "a QAT wrapper (the ranges train)"))
             elif op.preactivation_qparams is None or op.fixed_output is None:
                 skipped.append((op.name, "no per-tensor quantizer before its softmax"))

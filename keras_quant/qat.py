@@ -1,9 +1,9 @@
-"""Quantization-aware training: moving quantizers between modes, the scheduler, subclassed models.
+"""Quantization-aware training: moving quantizers between range modes, the scheduler, subclassed models.
 
 `kq.quantize_model(model, config, mode="qat")` builds the trainable model;
 this module steers it. Every QAT quantizer layer (a `QuantizeWrapper` or an
-`ActivationQuantizer` in `"qat"` mode) keeps its own step counter and mode
-thresholds as variables, so a mode change is a variable write: it takes
+`ActivationQuantizer` in the `"qat"` stage) keeps its own step counter and
+range-mode thresholds as variables, so a range-mode change is a variable write: it takes
 effect at the next step of an already compiled `fit`, on TensorFlow (also
 with `jit_compile=True`) and JAX, and is saved with the model.
 
@@ -26,19 +26,14 @@ import keras
 
 from keras_quant.errors import ConfigError
 from keras_quant.layers import walk
-from keras_quant.layers.fake_quant import ActivationQuantizer
-from keras_quant.layers.wrapper import QuantizeWrapper
 
 __all__ = ["QATScheduler", "set_mode", "freeze_batch_norm", "modes", "quantizer_layers"]
 
 
 def quantizer_layers(model):
-    """The QAT quantizer layers of `model` (wrappers and activation quantizers in `"qat"` mode), in order."""
-    found = []
-    for _, layer in walk.leaf_layers(model):
-        if isinstance(layer, (QuantizeWrapper, ActivationQuantizer)) and layer.mode == "qat" and layer.built:
-            found.append(layer)
-    return found
+    """The built QAT quantizer layers of `model` (wrappers and activation quantizers in the `"qat"` stage), in
+    order: `keras_quant.layers.walk.quantizer_layers(model, stage="qat")`."""
+    return walk.quantizer_layers(model, stage="qat")
 
 
 def _sync_jax_state(model):
@@ -80,7 +75,7 @@ def set_mode(model, mode, layers=None):
     targets = _targets(model, layers)
     _sync_jax_state(model)
     for layer in targets:
-        layer.set_mode(mode)
+        layer.set_range_mode(mode)
 
 
 def freeze_batch_norm(model, layers=None):

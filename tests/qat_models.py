@@ -186,10 +186,8 @@ class _PlainDense(L.Layer):
 
 @keras.saving.register_keras_serializable(package="kq_tests")
 class RuleDense(_PlainDense):
-    """Declared to keras_quant with `kq.register_rule`."""
-
-
-kq.register_rule(RuleDense, weights=("w",))
+    """Declared to keras_quant with `kq.register_rule(RuleDense, weights=("w",))`, inside the test's
+    `kq.layers.rule_scope()`."""
 
 
 @keras.saving.register_keras_serializable(package="kq_tests")

@@ -572,6 +572,13 @@ def test_subclassed_model_without_training_argument_warns():
 # 7. User-defined layers ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_user_defined_layers_are_wrapped_and_train(data):
+    with kq.layers.rule_scope():
+        kq.register_rule(qm.RuleDense, weights=("w",))
+        _train_user_defined_layers(data)
+    assert kq.layers.get_rule(qm.RuleDense) is None
+
+
+def _train_user_defined_layers(data):
     x, y, _, _ = data
     model = qm.custom_mlp()
     assert kq.layers.get_rule(qm.RuleDense).weights == ("w",)

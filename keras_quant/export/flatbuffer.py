@@ -21,7 +21,9 @@ from keras_quant.layers.integer import bias_integers
 
 __all__ = ["FlatModel", "TensorInfo", "OpInfo", "WEIGHT_OPS"]
 
-# Op -> (input index of the weights, of the bias, of the activation input).
+# TFLite op -> (input index of the weights, of the bias, of the activation input). A fact about the
+# flatbuffer's builtin ops, not about Keras layer types (several layer types lower to one op, and loop
+# bodies hold ops no layer rule names), so it lives with the flatbuffer reader, not in the layer rules.
 WEIGHT_OPS = {
     "CONV_2D": (1, 2, 0),
     "DEPTHWISE_CONV_2D": (1, 2, 0),
@@ -59,7 +61,10 @@ class OpInfo:
 
 
 class FlatModel:
-    """A TFLite model held as the flatbuffer object API (`tensorflow.lite.tools.flatbuffer_utils`)."""
+    """A TFLite model held as the flatbuffer object API (`tensorflow.lite.tools.flatbuffer_utils`).
+
+    `type_names` maps the schema's tensor type codes to their names (`"INT8"`), `type_codes` back.
+    """
 
     def __init__(self, data):
         from tensorflow.lite.tools import flatbuffer_utils
@@ -68,8 +73,8 @@ class FlatModel:
         self.model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
         self.graph = self.model.subgraphs[0]
         schema = _schema()
-        self._type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
-        self._type_codes = {k: v for v, k in self._type_names.items()}
+        self.type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+        self.type_codes = {k: v for v, k in self.type_names.items()}
 
     def to_bytes(self) -> bytes:
         return bytes(self._fu.convert_object_to_bytearray(self.model))
@@ -100,7 +105,7 @@ class FlatModel:
         scales = np.asarray(q.scale if q is not None and q.scale is not None else [], "float32")
         zps = np.asarray(q.zeroPoint if q is not None and q.zeroPoint is not None else [], "int64")
         name = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
-        return TensorInfo(int(index), name, self._type_names[t.type], tuple(int(d) for d in t.shape), scales, zps,
+        return TensorInfo(int(index), name, self.type_names[t.type], tuple(int(d) for d in t.shape), scales, zps,
                           int(q.quantizedDimension) if q is not None else 0, self._data(t) is not None)
 
     def tensors(self) -> List[TensorInfo]:
@@ -112,7 +117,7 @@ class FlatModel:
         data = self._data(t)
         if data is None:
             return None
-        dtype = _NP[self._type_names[t.type]]
+        dtype = _NP[self.type_names[t.type]]
         return np.frombuffer(bytes(bytearray(data)), dtype=dtype).reshape(tuple(t.shape))
 
     def dequantized(self, index) -> Optional[np.ndarray]:
@@ -141,7 +146,7 @@ class FlatModel:
             buf.data = data
             self.model.buffers.append(buf)
             t.buffer = len(self.model.buffers) - 1
-        t.type = self._type_codes[type_name]
+        t.type = self.type_codes[type_name]
         if scales is not None:
             q = t.quantization or schema.QuantizationParametersT()
             q.scale = [float(v) for v in np.asarray(scales, "float32").reshape(-1)]
@@ -302,31 +307,13 @@ def set_weight_scales(flat, infos, int16_bias=False):
     """
     matched, rewritten, widened, used = [], [], [], set()
     for op in flat.ops():
-        if op.name not in WEIGHT_OPS:
+        found = _weight_match(flat, op, infos, used)
+        if found is None:
             continue
-        wi, bi, xi = WEIGHT_OPS[op.name]
-        if wi >= len(op.inputs) or op.inputs[wi] < 0:
-            continue
-        w_info = flat.tensor(op.inputs[wi])
-        if w_info.type not in ("INT8",) or w_info.scales.size == 0:
-            continue
-        file_values = flat.dequantized(op.inputs[wi])
-        best = None
-        for k, info in enumerate(infos):
-            if k in used:
-                continue
-            ours, scale = tflite_layout(info)
-            if ours is None or ours.shape != file_values.shape:
-                continue
-            s_file = np.max(w_info.scales)
-            if np.all(np.abs(file_values - ours) <= 0.5 * s_file + 0.5 * np.max(scale) + 1e-12):
-                best = (k, info, ours, scale)
-                break
-        if best is None:
-            continue
-        k, info, ours, scale = best
+        k, info, ours, scale = found
         used.add(k)
         matched.append(info.layer)
+        wi, bi, xi = WEIGHT_OPS[op.name]
         x_info = flat.tensor(op.inputs[xi])
         has_bias = bi < len(op.inputs) and op.inputs[bi] >= 0
         wants_int64 = int16_bias and x_info.type == "INT16"
@@ -339,49 +326,88 @@ def set_weight_scales(flat, infos, int16_bias=False):
             if fitted is not None:
                 widened.append(info.layer)
                 scale = fitted
+        w_info = flat.tensor(op.inputs[wi])
         same = scale.size == w_info.scales.size and np.allclose(scale, w_info.scales, rtol=1e-6, atol=0)
         if same and not has_bias:
             continue
         if not same:
-            axis = w_info.quantized_dimension
-            shape = [1] * ours.ndim
-            shape[axis] = scale.size
-            q = np.round(ours / scale.reshape(shape))
-            if np.any(np.abs(q) > 127):
-                raise ExportError("weights", info.name, "a weight lies outside int8 at keras_quant's scale",
-                                  layer=info.layer)
-            flat.set_constant(op.inputs[wi], q.astype("int8"), "INT8", scale, np.zeros(scale.size, "int64"), axis)
+            _write_weights(flat, op.inputs[wi], info, ours, scale)
             rewritten.append(info.layer)
         if bias is not None and in_scale is not None:
-            b_index = op.inputs[bi]
-            b_info = flat.tensor(b_index)
-            bscale = in_scale * np.asarray(scale, "float64")
-            if wants_int64:
-                q = np.round(np.asarray(bias, "float64").reshape(-1) / bscale)
-            else:  # the int32 the frozen Keras model adds (kq.layers.integer), float32 arithmetic
-                q = keras.ops.convert_to_numpy(bias_integers(np.asarray(bias, "float32").reshape(-1), in_scale,
-                                                             np.asarray(scale, "float32").reshape(-1)))
-                q = np.asarray(q, "float64")
-            type_name = "INT64" if wants_int64 else "INT32"
-            limit = 2**63 - 1 if wants_int64 else 2**31 - 1
-            if np.any(np.abs(q) > limit):
-                raise ExportError("bias", float(np.max(np.abs(bias))), f"the bias overflows {type_name.lower()} at "
-                                  "input scale x weight scale", layer=info.layer)
-            flat.set_constant(b_index, q.reshape(b_info.shape), type_name, bscale, np.zeros(bscale.size, "int64"), 0)
-    if int16_bias:  # biases of ops keras_quant has no weights for (still int32)
-        for op in flat.ops():
-            if op.name not in WEIGHT_OPS:
-                continue
-            _, bi, xi = WEIGHT_OPS[op.name]
-            if bi >= len(op.inputs) or op.inputs[bi] < 0 or flat.tensor(op.inputs[xi]).type != "INT16":
-                continue
-            b = flat.tensor(op.inputs[bi])
-            if b.type == "INT32":
-                values = flat.array(op.inputs[bi]).astype("int64")
-                if np.any(np.abs(values) >= 2**31 - 1):
-                    raise ExportError("bias", b.name, "a 16x8 bias saturated int32 in conversion")
-                flat.set_constant(op.inputs[bi], values, "INT64", b.scales, b.zero_points, b.quantized_dimension)
+            _write_bias(flat, op.inputs[bi], info, bias, in_scale, scale, wants_int64)
+    if int16_bias:
+        _widen_int16_biases(flat)
     return matched, rewritten, widened
+
+
+def _weight_match(flat, op, infos, used):
+    """`(k, info, values, scale)`: the unused `WeightInfo` whose grid values `op`'s int8 weights hold, in TFLite's
+    layout, or None (not a weight op, or no match: the converter's dequantized values lie within half a step)."""
+    if op.name not in WEIGHT_OPS:
+        return None
+    wi = WEIGHT_OPS[op.name][0]
+    if wi >= len(op.inputs) or op.inputs[wi] < 0:
+        return None
+    w_info = flat.tensor(op.inputs[wi])
+    if w_info.type not in ("INT8",) or w_info.scales.size == 0:
+        return None
+    file_values = flat.dequantized(op.inputs[wi])
+    for k, info in enumerate(infos):
+        if k in used:
+            continue
+        ours, scale = tflite_layout(info)
+        if ours is None or ours.shape != file_values.shape:
+            continue
+        s_file = np.max(w_info.scales)
+        if np.all(np.abs(file_values - ours) <= 0.5 * s_file + 0.5 * np.max(scale) + 1e-12):
+            return k, info, ours, scale
+    return None
+
+
+def _write_weights(flat, index, info, ours, scale):
+    """Rewrite weight tensor `index` as `round(values / scale)` in int8 with keras_quant's scales."""
+    axis = flat.tensor(index).quantized_dimension
+    shape = [1] * ours.ndim
+    shape[axis] = scale.size
+    q = np.round(ours / scale.reshape(shape))
+    if np.any(np.abs(q) > 127):
+        raise ExportError("weights", info.name, "a weight lies outside int8 at keras_quant's scale", layer=info.layer)
+    flat.set_constant(index, q.astype("int8"), "INT8", scale, np.zeros(scale.size, "int64"), axis)
+
+
+def _write_bias(flat, index, info, bias, in_scale, scale, wants_int64):
+    """Rewrite bias tensor `index` on `input_scale * weight_scale`: int64 (16x8), else the frozen Keras model's
+    int32 (`keras_quant.layers.integer.bias_integers`, float32 arithmetic)."""
+    b_info = flat.tensor(index)
+    bscale = in_scale * np.asarray(scale, "float64")
+    if wants_int64:
+        q = np.round(np.asarray(bias, "float64").reshape(-1) / bscale)
+    else:
+        q = keras.ops.convert_to_numpy(bias_integers(np.asarray(bias, "float32").reshape(-1), in_scale,
+                                                     np.asarray(scale, "float32").reshape(-1)))
+        q = np.asarray(q, "float64")
+    type_name = "INT64" if wants_int64 else "INT32"
+    limit = 2**63 - 1 if wants_int64 else 2**31 - 1
+    if np.any(np.abs(q) > limit):
+        raise ExportError("bias", float(np.max(np.abs(bias))), f"the bias overflows {type_name.lower()} at "
+                          "input scale x weight scale", layer=info.layer)
+    flat.set_constant(index, q.reshape(b_info.shape), type_name, bscale, np.zeros(bscale.size, "int64"), 0)
+
+
+def _widen_int16_biases(flat):
+    """16x8: write as int64 the int32 biases of weight ops with int16 inputs that keras_quant has no weights for."""
+    for op in flat.ops():
+        if op.name not in WEIGHT_OPS:
+            continue
+        _, bi, xi = WEIGHT_OPS[op.name]
+        if bi >= len(op.inputs) or op.inputs[bi] < 0 or flat.tensor(op.inputs[xi]).type != "INT16":
+            continue
+        b = flat.tensor(op.inputs[bi])
+        if b.type == "INT32":
+            values = flat.array(op.inputs[bi]).astype("int64")
+            if np.any(np.abs(values) >= 2**31 - 1):
+                raise ExportError("bias", b.name, "a 16x8 bias saturated int32 in conversion")
+            flat.set_constant(op.inputs[bi], values, "INT64", b.scales, b.zero_points, b.quantized_dimension)
 
 
 def _fit_bias(bias, in_scale, scale):
@@ -428,7 +454,7 @@ class _Subgraph:
         self.flat, self.graph, self.schema = flat, flat.model.subgraphs[index], _schema()
 
     def type_name(self, t):
-        return self.flat._type_names[self.graph.tensors[t].type]
+        return self.flat.type_names[self.graph.tensors[t].type]
 
     def quantized(self, t):
         tensor = self.graph.tensors[t]
@@ -441,7 +467,7 @@ class _Subgraph:
         import copy
 
         twin = copy.deepcopy(self.graph.tensors[t])
-        twin.type = self.flat._type_codes["FLOAT32"]
+        twin.type = self.flat.type_codes["FLOAT32"]
         twin.quantization = None
         twin.buffer = self._empty_buffer()
         name = twin.name.decode() if isinstance(twin.name, bytes) else str(twin.name)

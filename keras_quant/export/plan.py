@@ -14,11 +14,11 @@ from typing import Dict, List, Optional, Tuple
 import keras
 import numpy as np
 
-from keras_quant import graph as graph_lib
 from keras_quant.errors import ExportError
-from keras_quant.layers.fake_quant import ActivationQuantizer
 from keras_quant.layers.inference import PREACTIVATION, InferencePlan
+from keras_quant.layers import rules
 from keras_quant.layers.rules import PREACTIVATION as PREACTIVATION_KEY
+from keras_quant.layers.walk import quantizer_layers
 from keras_quant.layers.wrapper import QuantizeWrapper
 
 __all__ = ["MODES", "VariableValues", "WeightInfo", "build_plan", "check", "quantizer_layers", "weight_infos"]
@@ -26,26 +26,19 @@ __all__ = ["MODES", "VariableValues", "WeightInfo", "build_plan", "check", "quan
 # mode -> storage bits of activations (None: activations stay float).
 MODES = {"int8": 8, "int16x8": 16, "dynamic": None, "float16": None, "float32": None}
 
-# Layers whose integer kernels TFLite lacks, or whose quantized form needs a tensor
-# keras_quant does not quantize (the depthwise output inside a separable convolution).
-_INEXPRESSIBLE = {
-    keras.layers.SeparableConv1D: "its depthwise output (inside the layer) has no quantizer, so TFLite would "
-    "run the layer in float; build it as DepthwiseConv1D + Conv1D, or set its config to None",
-    keras.layers.SeparableConv2D: "its depthwise output (inside the layer) has no quantizer, so TFLite would "
-    "run the layer in float; build it as DepthwiseConv2D + Conv2D, or set its config to None",
-    keras.layers.Conv3D: "TFLite has no integer CONV_3D kernel; set its config to None",
-    keras.layers.Conv3DTranspose: "TFLite has no integer CONV_3D_TRANSPOSE kernel; set its config to None",
-    keras.layers.Embedding: "TFLite's integer GATHER keeps one scale per tensor, not per row; quantize its "
-    "weights per tensor (the default for Embedding) or set its config to None",
-    keras.layers.EinsumDense: "its einsum is not lowered to an integer TFLite kernel; set its config to None",
-}
+def _export_blocker(wrapper):
+    """Why an integer model cannot hold `wrapper`'s layer type, from its rule (`LayerRule.export_blocker`), or None.
 
-
-def _expressible(wrapper, inner):
-    """Exceptions to `_INEXPRESSIBLE`: an Embedding with one weight scale is an integer GATHER."""
-    if isinstance(inner, keras.layers.Embedding):
-        return all(spec.granularity == "per_tensor" for spec in wrapper.weight_specs.values())
-    return False
+    The rule registered for exactly that class: layers whose integer kernels TFLite lacks, or whose
+    quantized form needs a tensor keras_quant does not quantize (the depthwise output inside a separable
+    convolution). `export_per_tensor` lifts it when every weight has one scale (an Embedding as GATHER).
+    """
+    rule = rules.lookup(type(wrapper.layer))
+    if rule is None or rule.export_blocker is None:
+        return None
+    if rule.export_per_tensor and all(spec.granularity == "per_tensor" for spec in wrapper.weight_specs.values()):
+        return None
+    return rule.export_blocker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,15 +93,6 @@ class VariableValues:
         return np.asarray(keras.ops.convert_to_numpy(x) if value is None else value, dtype=dtype)
 
 
-def quantizer_layers(model):
-    """Every `QuantizeWrapper` and `ActivationQuantizer` of `model` (nested layers included)."""
-    found = []
-    for layer in graph_lib.sublayers(model):
-        if isinstance(layer, (QuantizeWrapper, ActivationQuantizer)):
-            found.append(layer)
-    return found
-
-
 def _activation_qparams(layer, read=_np):
     if isinstance(layer, QuantizeWrapper):
         if layer.output_quantizer is None:
@@ -140,10 +124,9 @@ def _problems(model, mode, read=_np):
     out = []
     for layer in quantizer_layers(model):
         if isinstance(layer, QuantizeWrapper):
-            inner = layer.layer
-            for cls, reason in _INEXPRESSIBLE.items():
-                if type(inner) is cls and storage is not None and not _expressible(layer, inner):
-                    out.append((layer.name, "layer_type", type(inner).__name__, reason))
+            reason = _export_blocker(layer) if storage is not None else None
+            if reason is not None:
+                out.append((layer.name, "layer_type", type(layer.layer).__name__, reason))
             for wname, spec in layer.weight_specs.items():
                 if mode in ("float16", "float32"):
                     continue

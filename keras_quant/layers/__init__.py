@@ -2,7 +2,9 @@
 
 from keras_quant.layers.fake_quant import ActivationQuantizer, FrozenQuantizer
 from keras_quant.layers.folding import fold_batch_norm, fold_into_layer
-from keras_quant.layers.rules import KINDS, RULES, LayerRule, get_rule, is_fusable_activation, register_rule
+from keras_quant.layers.rules import (
+    KINDS, RULES, LayerRule, get_rule, is_fusable_activation, lookup, register_rule, rule_scope,
+)
 from keras_quant.layers.weight_only import WeightOnlyMultiHeadAttention
 from keras_quant.layers.wrapper import QuantizeWrapper
 
@@ -12,6 +14,8 @@ __all__ = [
     "KINDS",
     "get_rule",
     "register_rule",
+    "rule_scope",
+    "lookup",
     "is_fusable_activation",
     "ActivationQuantizer",
     "FrozenQuantizer",

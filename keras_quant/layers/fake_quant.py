@@ -120,11 +120,11 @@ class FrozenQuantizer:
 class ActivationQuantizer(keras.layers.Layer):
     """An activation fake-quantizer layer: frozen (post-training) or trainable (QAT).
 
-    In `"frozen"` mode it holds non-trainable `scale` and `zero_point`
+    In the `"frozen"` stage it holds non-trainable `scale` and `zero_point`
     variables (float32; shape `()` per tensor, `(C,)` per channel on
     `spec.axis`) set from calibration, and returns
-    `kq.ops.fake_quant(x, scale, zero_point, spec)`. In `"qat"` mode it is a
-    `kq.layers.qat.QATQuantizer`: the range is a moving average of batch
+    `kq.ops.fake_quant(x, scale, zero_point, spec)`. In the `"qat"` stage it
+    uses a `keras_quant.layers.qat_quantizer.QATQuantizer`: the range is a moving average of batch
     ranges (from the calibration, if set, else from the first batch), learned
     with LSQ for a `learnable` spec, or frozen, per its schedule.
 
@@ -138,13 +138,17 @@ class ActivationQuantizer(keras.layers.Layer):
             asymmetric per tensor.
         scale: Optional initial scale, written when the layer is built.
         zero_point: Optional initial zero point, written when the layer is built.
-        mode: `"frozen"` (default) or `"qat"`.
-        slots: Number of tensors sharing this quantizer (QAT mode).
+        mode: The layer's stage (`keras_quant.layers.qat_quantizer.STAGES`):
+            `"frozen"` (default) or `"qat"`; read back as `stage`. The default
+            differs from `QuantizeWrapper`'s (`"qat"`) and stays so: a frozen
+            quantizer's saved config has no `mode` key, so files written
+            before would load in the other stage.
+        slots: Number of tensors sharing this quantizer (QAT stage).
         observe_steps: QAT: training steps to observe before learning
             (default: until changed; `LSQ_OBSERVE_STEPS` for a learnable spec
             with no initial range, 0 with one).
         momentum: QAT: momentum of the moving-average range.
-        input_scale: Frozen mode: the scale of the int8 grid the input already
+        input_scale: Frozen stage: the scale of the int8 grid the input already
             lies on (a max pool or reshape of a quantized tensor). The layer then
             requantizes as LiteRT's int8 QUANTIZE op does
             (`kq.layers.integer.convert`), not in float.
@@ -152,7 +156,7 @@ class ActivationQuantizer(keras.layers.Layer):
 
     Raises:
         ConfigError: For a per-group spec (activations have no fixed group
-            layout), an unknown mode, or slots below 1.
+            layout), an unknown stage, or slots below 1.
 
     Example:
 
@@ -177,12 +181,12 @@ class ActivationQuantizer(keras.layers.Layer):
                 "granularity", self.spec.granularity,
                 "activation quantizers support per_tensor and per_channel specs", layer=self.name,
             )
-        if mode not in ("frozen", "qat"):
+        if mode not in qat.STAGES:
             raise ConfigError("mode", mode, "mode must be 'frozen' or 'qat'", layer=self.name)
         if slots is not None and (not isinstance(slots, int) or slots < 1 or mode != "qat"):
             raise ConfigError("slots", slots, "slots must be a positive int, in 'qat' mode", layer=self.name)
         self.supports_masking = True
-        self.mode, self.slots, self.momentum = mode, slots, momentum
+        self.stage, self.slots, self.momentum = mode, slots, momentum
         self._initial = None if scale is None else (scale, 0 if zero_point is None else zero_point)
         self.observe_steps = qat.default_observe_steps(observe_steps, [self.spec], self._initial is not None)
         if mode == "qat":
@@ -192,8 +196,13 @@ class ActivationQuantizer(keras.layers.Layer):
         self.schedule = None
         self._state = None
 
+    @property
+    def mode(self):
+        """The stage under its constructor's and saved config's name (`stage`)."""
+        return self.stage
+
     def build(self, input_shape):
-        if self.mode == "qat":
+        if self.stage == "qat":
             self.schedule = qat.Schedule(self, self.observe_steps)
             self._state = self.quantizer.build(self, input_shape, "", slots=self.slots)
             if self._initial is not None:
@@ -223,19 +232,19 @@ class ActivationQuantizer(keras.layers.Layer):
             self._initial = (scale, zero_point)
             return
         assign_qparams(self._state, scale, zero_point, layer=self.name)
-        if self.mode == "qat":
+        if self.stage == "qat":
             self.quantizer.set_range(self._state, scale, zero_point)
 
-    def set_mode(self, mode):
+    def set_range_mode(self, range_mode):
         """QAT: move to a range mode now: `"observe"`, `"learn"` or `"frozen"`."""
         if self.schedule is None:
-            raise ConfigError("mode", self.mode, "set_mode needs a built quantizer in 'qat' mode", layer=self.name)
-        self.schedule.set_mode(mode)
+            raise ConfigError("mode", self.stage, "set_mode needs a built quantizer in 'qat' mode", layer=self.name)
+        self.schedule.set_range_mode(range_mode)
 
     @property
     def range_mode(self):
-        """The current range mode (`"frozen"` in frozen mode)."""
-        return "frozen" if self.schedule is None else self.schedule.mode
+        """The current range mode (`"frozen"` in the frozen stage)."""
+        return "frozen" if self.schedule is None else self.schedule.range_mode
 
     def call(self, inputs, slot=None, training=None):
         plan = inference.active_plan()
@@ -262,8 +271,8 @@ class ActivationQuantizer(keras.layers.Layer):
         config["spec"] = self.spec.get_config()
         if self.input_scale is not None:
             config["input_scale"] = self.input_scale
-        if self.mode == "qat":
-            config.update(mode=self.mode, slots=self.slots, observe_steps=self.observe_steps, momentum=self.momentum)
+        if self.stage == "qat":  # saved under its constructor's name, `mode`
+            config.update(mode=self.stage, slots=self.slots, observe_steps=self.observe_steps, momentum=self.momentum)
         return config
 
     @classmethod

@@ -7,8 +7,15 @@ bias to `beta + (b - mean) * gamma / sqrt(var + eps)` gives one layer with the
 same outputs, which is what TFLite quantizes.
 
 `fold_batch_norm` is the numpy arithmetic; `fold_into_layer` clones a layer
-with `use_bias=True` and the folded weights; `FOLD_RULES` says which weight of
-each layer type is scaled and along which axes its output channels lie.
+with `use_bias=True` and the folded weights; each layer type's rule
+(`keras_quant.layers.rules`, `fold_weight` and `fold_axes`) says which weight
+is scaled and along which axes its output channels lie.
+
+In QAT (`kq.QuantizeWrapper(batch_norm=...)`) the fold happens inside the
+training step, in `keras.ops`: `fold_terms` with moving or batch statistics,
+`statistics_from_folded_output` (the batch statistics read off the folded
+layer's quantized output) and `train_batch_norm` (the moving-statistics
+update and the `sigma_moving / sigma_batch` correction of Jacob et al. 2018).
 
 Example:
 
@@ -21,38 +28,26 @@ import numpy as np
 from keras import ops
 
 from keras_quant import graph as graph_lib
+from keras_quant import ops as kq_ops
 from keras_quant.errors import ConfigError, ShapeMismatchError
+from keras_quant.layers import rules
 
 __all__ = [
     "fold_batch_norm", "fold_into_layer", "fold_weights", "fold_blocker", "fold_rule", "fold_factor_and_bias", "scale_channels",
-    "factor_shape", "bn_axes", "output_rank", "FOLD_RULES",
+    "factor_shape", "bn_axes", "output_rank", "moving_statistics", "fold_terms", "batch_moments",
+    "statistics_from_folded_output", "train_batch_norm",
 ]
 
 L = keras.layers
 
-# Layer class -> (attribute of the weight scaled per output channel, its output-channel axes).
-# Depthwise kernels are (..., in, multiplier): output channel c = i * multiplier + m.
-FOLD_RULES = {
-    L.Dense: ("kernel", (-1,)),
-    L.Conv1D: ("kernel", (-1,)),
-    L.Conv2D: ("kernel", (-1,)),
-    L.Conv3D: ("kernel", (-1,)),
-    L.DepthwiseConv1D: ("kernel", (-2, -1)),
-    L.DepthwiseConv2D: ("kernel", (-2, -1)),
-    L.SeparableConv1D: ("pointwise_kernel", (-1,)),
-    L.SeparableConv2D: ("pointwise_kernel", (-1,)),
-    L.Conv1DTranspose: ("kernel", (-2,)),
-    L.Conv2DTranspose: ("kernel", (-2,)),
-    L.Conv3DTranspose: ("kernel", (-2,)),
-}
-
-
 def fold_rule(layer):
-    """`(weight attribute, output-channel axes)` of the weight a BatchNormalization folds into, or None."""
-    for klass in type(layer).__mro__:
-        if klass in FOLD_RULES:
-            return FOLD_RULES[klass]
-    return None
+    """`(weight attribute, output-channel axes)` of the weight a BatchNormalization folds into, or None.
+
+    Read from the layer's rule (`LayerRule.fold_weight`, `fold_axes`; see
+    `keras_quant.layers.rules.fold_rule`).
+    """
+    rule = rules.fold_rule(layer)
+    return None if rule is None else (rule.fold_weight, rule.fold_axes)
 
 
 def _axes(channel_axis, ndim):
@@ -103,6 +98,71 @@ def scale_channels(kernel, factor, channel_axis):
     kernel = ops.convert_to_tensor(kernel)
     shape = factor_shape(tuple(kernel.shape), channel_axis)
     return ops.multiply(kernel, ops.cast(ops.reshape(factor, shape), kernel.dtype))
+
+
+def moving_statistics(bn):
+    """`(moving_mean, moving_variance)` of a BatchNormalization as float32 tensors, read now.
+
+    `convert_to_tensor` takes a snapshot: on TensorFlow `Variable.value` is
+    the variable itself, which later reads would see after the training
+    step's moving-statistics update.
+    """
+    return tuple(ops.cast(ops.convert_to_tensor(v), "float32") for v in (bn.moving_mean, bn.moving_variance))
+
+
+def fold_terms(layer, bn, mean, variance):
+    """`fold_factor_and_bias` with `layer`'s bias and `bn`'s gamma and beta, for statistics `(mean, variance)`."""
+    bias = layer.bias.value if getattr(layer, "use_bias", False) else None
+    return fold_factor_and_bias(
+        bias, bn.gamma.value if bn.scale else None, bn.beta.value if bn.center else None, mean, variance,
+        bn.epsilon,
+    )
+
+
+def batch_moments(y, bn):
+    """Per-channel `(mean, variance)` of `y` over all but its last axis (across replicas when `bn` syncs)."""
+    axes = list(range(len(y.shape) - 1))
+    return ops.moments(ops.cast(y, "float32"), axes=axes, synchronized=bn.synchronized)
+
+
+def statistics_from_folded_output(y, factor, layer, bn):
+    """The batch statistics of the unfolded layer's output, read off the folded layer's output `y` (one pass).
+
+    `y = factor * z`, with `z` the unfolded layer's output (quantized weights,
+    no bias), so `z`'s batch statistics follow from `y`'s per-channel moments;
+    the layer's bias is added back to the mean.
+    """
+    safe = ops.where(ops.equal(factor, 0.0), 1.0, factor)
+    y_mean, y_var = batch_moments(y, bn)
+    b_mean, b_var = y_mean / safe, y_var / (safe * safe)
+    if getattr(layer, "use_bias", False):
+        b_mean = b_mean + ops.cast(ops.convert_to_tensor(layer.bias), "float32")
+    return b_mean, b_var
+
+
+def train_batch_norm(y, layer, bn, moving, batch, frozen):
+    """The training output of `bn(layer(x))` folded, from the folded layer's bias-free output `y`.
+
+    Updates `bn`'s moving statistics with the batch's (`ops.moving_average`,
+    `bn.momentum`) unless `frozen`, and returns `y` corrected by
+    `sigma_moving / sigma_batch` plus the bias folded with the batch mean
+    (Jacob et al. 2018, section 3.2).
+
+    Args:
+        y: The folded layer's output without bias (kernel scaled with the moving statistics).
+        layer: The compute layer.
+        bn: The BatchNormalization folded into it.
+        moving: `(mean, variance)`, the moving statistics `y`'s kernel was folded with.
+        batch: `(mean, variance)` of this batch (already the moving ones where `frozen`).
+        frozen: Boolean tensor: the statistics are frozen (no update).
+    """
+    (mean, var), (b_mean, b_var) = moving, batch
+    m = bn.momentum
+    for v, old, new in ((bn.moving_mean, mean, b_mean), (bn.moving_variance, var, b_var)):
+        v.assign(ops.cast(ops.where(frozen, old, kq_ops.moving_average(old, ops.stop_gradient(new), m)), v.dtype))
+    _, bias = fold_terms(layer, bn, b_mean, b_var)
+    correction = ops.sqrt((var + bn.epsilon) / (b_var + bn.epsilon))  # sigma_moving / sigma_batch
+    return ops.add(ops.multiply(y, ops.cast(correction, y.dtype)), ops.cast(bias, y.dtype))
 
 
 def fold_batch_norm(kernel, bias, gamma, beta, moving_mean, moving_variance, epsilon, channel_axis=-1):
@@ -187,7 +247,7 @@ def output_rank(layer, bn=None):
 def fold_blocker(layer, bn, rank=None):
     """Why `bn` cannot be folded into `layer`, or None if it can.
 
-    Folding needs a layer type in `FOLD_RULES`, no activation between the two
+    Folding needs a layer type whose rule has a `fold_weight`, no activation between the two
     (`activation="linear"`), channels-last data and a BatchNormalization over
     the last axis, spelled any way (`-1`, `3` or `[3]` on a 4-D tensor).
 

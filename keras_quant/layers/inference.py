@@ -30,9 +30,12 @@ import math
 import threading
 from typing import Dict, Optional, Tuple
 
+import keras
 import numpy as np
+from keras import ops
 
-__all__ = ["InferencePlan", "inference_scope", "active_plan", "activation_op", "weight_op", "quantize_output", "PREACTIVATION"]
+__all__ = ["InferencePlan", "inference_scope", "active_plan", "activation_op", "weight_op", "quantize_output", "PREACTIVATION",
+           "flattens", "flat_dense", "inference_weights", "concrete_values"]
 
 _LOCAL = threading.local()
 
@@ -200,3 +203,90 @@ def quantize_output(layer, x, plan, which=None):
         return x
     spec, scale, zero_point = plan.activations[key]
     return activation_op(x, spec, scale, zero_point, plan.storage_bits)
+
+
+def flattens(layer, inputs):
+    """Whether the inference form writes `layer` as a 2-D matmul between reshapes (`flat_dense`).
+
+    A plain `keras.layers.Dense` (no LoRA, not Keras-quantized) on a float input of rank > 2 whose
+    leading dimensions are not all static (a symbolic batch).
+    """
+    shape = getattr(inputs, "shape", None)
+    return (type(layer) is keras.layers.Dense and shape is not None and len(shape) > 2
+            and any(d is None for d in shape[:-1]) and shape[-1] is not None
+            and not getattr(layer, "lora_enabled", False) and getattr(layer, "quantization_mode", None) is None
+            and "float" in str(getattr(inputs, "dtype", "")))
+
+
+def flat_dense(layer, inputs, values, folded_bias):
+    """A Dense on a rank > 2 input with a symbolic leading dimension, as the converters want it.
+
+    `reshape(x, [-1, d_in]) -> matmul + bias -> reshape(y, [-1, ..., units])`. Keras' matmul of
+    a rank-3 tensor traces `tf.tensordot`, whose reshape targets are computed from `tf.shape`
+    when the batch is symbolic: the TFLite converter then cannot fuse the bias into its
+    FULLY_CONNECTED (input shape `[-1, -1]`) and runs the layer in float. Here the first
+    reshape's target is static but for the batch, so FULLY_CONNECTED takes `[-1, d_in]` with
+    its bias, in int8, and the reshapes only move integers.
+    """
+    import tensorflow as tf
+
+    kernel = tf.constant(values["kernel"]) if "kernel" in values else ops.convert_to_tensor(layer.kernel)
+    d_in, units = int(kernel.shape[0]), int(kernel.shape[1])
+    y = tf.matmul(tf.reshape(inputs, [-1, d_in]), tf.cast(kernel, inputs.dtype))
+    bias = None
+    if getattr(layer, "use_bias", False):  # the plan's bias, else the layer's (a variable, frozen at export)
+        bias = tf.constant(values["bias"]) if "bias" in values else tf.convert_to_tensor(layer.bias.value)
+    if folded_bias is not None:
+        folded = tf.constant(np.asarray(folded_bias, "float32"))
+        bias = folded if bias is None else bias + folded
+    if bias is not None:
+        y = tf.nn.bias_add(y, tf.cast(bias, y.dtype))
+    inner = list(inputs.shape[1:-1])
+    if all(d is not None for d in inner):
+        target = [-1] + [int(d) for d in inner] + [units]
+    else:
+        target = tf.concat([tf.shape(inputs)[:-1], [units]], axis=0)
+    y = tf.reshape(y, target)
+    return layer.activation(y) if layer.activation is not None else y
+
+
+def concrete_values(values):
+    """`{name: numpy array}` of tensors whose values are known now (eager TensorFlow, JAX arrays), else None.
+
+    None inside a `tf.function` or a JAX trace, where the values are symbolic.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if not tf.executing_eagerly():
+            return None
+    elif backend == "jax":
+        import jax
+
+        if any(isinstance(v, jax.core.Tracer) for v in values.values()):
+            return None
+    else:
+        return None
+    return {name: np.asarray(ops.convert_to_numpy(v)) for name, v in values.items()}
+
+
+def inference_weights(wrapper, quantize=True):
+    """The weights a `QuantizeWrapper`'s integer model runs with, read now as numpy arrays.
+
+    `QuantizeWrapper.inference_weights` (see there) calls this.
+    """
+
+    def np32(v):
+        return np.asarray(ops.convert_to_numpy(v), dtype="float32")
+
+    values = wrapper.quantized_weights(training=False) if quantize else wrapper.float_weights()
+    out = {n: np32(v) for n, v in values.items() if n in wrapper.weight_specs or not quantize}
+    folded_bias = None
+    if wrapper.batch_norm is not None:
+        name, kernel, bias = wrapper.folded_weights()
+        out.setdefault(name, np32(kernel))
+        if getattr(wrapper.layer, "use_bias", False):
+            out["bias"] = np.zeros(tuple(wrapper.layer.bias.shape), "float32")
+        folded_bias = np32(bias)
+    return out, folded_bias

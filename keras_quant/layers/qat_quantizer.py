@@ -28,7 +28,14 @@ them and returns them as a dict) and adds three range modes:
 - **frozen**: the range no longer changes and gets no gradient; a learned
   offset is rounded to an integer zero point, as the integer model needs.
 
-Which mode is active comes from a `Schedule`: non-trainable step counters on
+These are *range modes* (`RANGE_MODES`, `Schedule.range_mode`). They are
+distinct from the *stage* of a quantizing layer (`STAGES`: `"qat"`, whose
+quantizers are `QATQuantizer`s with a schedule, or `"frozen"`, the
+post-training model with fixed scales), which the layers' constructors and
+saved configs still call `mode`, and from the `mode` of `kq.quantize_model`
+(`"ptq"` / `"qat"`) and of the exporters.
+
+Which range mode is active comes from a `Schedule`: non-trainable step counters on
 the owning layer, compared with the step at which observation ends and the
 step at which ranges freeze. Moving between modes therefore only writes
 variables, so it needs no retracing, works under `jit_compile=True`, and is
@@ -52,7 +59,7 @@ from keras_quant.errors import ConfigError
 from keras_quant.config import as_spec as _spec
 
 __all__ = [
-    "QATQuantizer", "Schedule", "NEVER", "RANGE_MODES", "LSQ_OBSERVE_STEPS", "default_observe_steps",
+    "QATQuantizer", "Schedule", "NEVER", "RANGE_MODES", "STAGES", "LSQ_OBSERVE_STEPS", "default_observe_steps",
     "effective_qparams", "sync_range",
 ]
 
@@ -60,6 +67,8 @@ __all__ = [
 NEVER = float("inf")
 ROLES = ("activation", "weight")
 RANGE_MODES = ("observe", "learn", "frozen")
+# The stage of a quantizing layer (its constructor's and saved config's `mode` argument).
+STAGES = ("qat", "frozen")
 # Steps a learnable quantizer with no calibration observes before it learns.
 LSQ_OBSERVE_STEPS = 20
 # `seen` of an activation range given by `set_range` (a calibration) that no training batch has
@@ -108,7 +117,7 @@ def _state_weight(layer, name, shape, value, trainable=False, dtype="float32"):
 
 
 class Schedule:
-    """Step counter and mode thresholds of one quantizing layer (non-trainable variables).
+    """Step counter and range-mode thresholds of one quantizing layer (non-trainable variables).
 
     `step` counts the layer's training calls. Quantizers observe while
     `step < observe_until` and are frozen once `step >= freeze_at`; a folded
@@ -156,17 +165,21 @@ class Schedule:
             if delta is not None and var is not None:
                 var.assign(now + float(delta))
 
-    def set_mode(self, mode):
-        """Switch to a range mode now: `"observe"`, `"learn"` or `"frozen"`."""
-        if mode not in RANGE_MODES:
-            raise ConfigError("mode", mode, f"mode must be one of {RANGE_MODES}")
-        if mode == "frozen":
+    def set_range_mode(self, range_mode):
+        """Switch to a range mode now: `"observe"`, `"learn"` or `"frozen"`.
+
+        Raises:
+            ConfigError: For another value (field `"mode"`, as `kq.qat.set_mode` names it).
+        """
+        if range_mode not in RANGE_MODES:
+            raise ConfigError("mode", range_mode, f"mode must be one of {RANGE_MODES}")
+        if range_mode == "frozen":
             self.set(freeze=0)
         else:
-            self.set(observe=NEVER if mode == "observe" else 0, freeze=NEVER)
+            self.set(observe=NEVER if range_mode == "observe" else 0, freeze=NEVER)
 
     @property
-    def mode(self):
+    def range_mode(self):
         """The current range mode (read eagerly)."""
         step, until, freeze = (float(keras.ops.convert_to_numpy(v)) for v in (self.step, self.observe_until, self.freeze_at))
         return "frozen" if step >= freeze else "observe" if step < until else "learn"
@@ -202,7 +215,7 @@ class QATQuantizer:
     """Fake-quantizer whose range is observed, learned (LSQ) or frozen; it holds no variables.
 
     Args:
-        spec: The `kq.QuantSpec`; `learnable=True` enables the learn mode.
+        spec: The `kq.QuantSpec`; `learnable=True` enables the learn range mode.
         role: `"activation"` (moving-average range over batches) or
             `"weight"` (range of the current values).
         momentum: Moving-average momentum of the activation range.
@@ -275,8 +288,8 @@ class QATQuantizer:
         old_lo, old_hi = (mins, maxs) if slot is None else (mins[slot], maxs[slot])
         first, given = ops.equal(old_seen, 0.0), ops.equal(old_seen, GIVEN)
         m = self.momentum
-        new_lo = ops.where(first, lo, ops.where(given, ops.minimum(old_lo, lo), m * old_lo + (1.0 - m) * lo))
-        new_hi = ops.where(first, hi, ops.where(given, ops.maximum(old_hi, hi), m * old_hi + (1.0 - m) * hi))
+        new_lo = ops.where(first, lo, ops.where(given, ops.minimum(old_lo, lo), kq_ops.moving_average(old_lo, lo, m)))
+        new_hi = ops.where(first, hi, ops.where(given, ops.maximum(old_hi, hi), kq_ops.moving_average(old_hi, hi, m)))
         new_lo, new_hi = ops.where(observe, new_lo, old_lo), ops.where(observe, new_hi, old_hi)
         counted = ops.floor(seen) + 1.0  # a given range (GIVEN) counts as no batch
         if slot is None:
@@ -311,7 +324,7 @@ class QATQuantizer:
 
     # Call ---------------------------------------------------------------------
     def __call__(self, x, state, training=None, observing=True, frozen=False, slot=None, seed=None):
-        """Fake-quantize `x` in the mode the flags select.
+        """Fake-quantize `x` in the range mode the flags select.
 
         Args:
             x: Tensor to quantize.

@@ -25,10 +25,21 @@ Bare `keras.ops` operations in a Functional graph (`x + y`, `x * s`,
 (`OP_RULES`, by the operation's class name): the ops TFLite runs in int8 are
 merges, pools, activations or passthrough; any other op stays float.
 
+A rule also carries the other per-layer-type facts, so that every
+consumer reads this one table:
+
+- folding (`fold_weight`, `fold_axes`): the weight a following
+  BatchNormalization is folded into and its output-channel axes
+  (`kq.layers.folding`);
+- export (`export_blocker`, `export_per_tensor`): why an integer TFLite / ONNX
+  model cannot hold the layer type, unless (`export_per_tensor`) every weight
+  is quantized per tensor (`keras_quant.export.plan.check`).
+
 Calibration observes the outputs of every layer whose rule has
 `observe=True`; the PTQ and QAT models use the same table to place weight
 and activation quantizers. Adding a layer type is one entry in `RULES`, or
-`register_rule(...)` for a user-defined layer.
+`register_rule(...)` for a user-defined layer (inside `rule_scope()` for a
+registration that should last only for a block, as tests do).
 
 Example:
 
@@ -50,7 +61,7 @@ __all__ = [
     "LayerRule", "RULES", "get_rule", "register_rule", "KINDS", "FUSABLE_ACTIVATIONS", "is_fusable_activation",
     "PREACTIVATION", "preactivation_key", "split_activation", "OP_KINDS", "OP_RULES", "is_keras_op",
     "FIXED_GRIDS", "output_function", "activation_function", "fixed_output_qparams", "INFERENCE_IDENTITY",
-    "without_activation",
+    "without_activation", "lookup", "fold_rule", "rule_scope", "make_rule",
 ]
 
 KINDS = ("compute", "activation", "merge", "pool", "norm", "passthrough", "float")
@@ -58,7 +69,7 @@ KINDS = ("compute", "activation", "merge", "pool", "norm", "passthrough", "float
 
 @dataclasses.dataclass(frozen=True)
 class LayerRule:
-    """How one layer type is quantized.
+    """How one layer type is quantized, folded and exported.
 
     Args:
         layer_type: The Keras layer class.
@@ -66,30 +77,43 @@ class LayerRule:
         weights: Attribute names of the weights that get a weight quantizer.
         weight_axes: For each weight, the axis of its output channels (the
             per-channel axis), counted from the end as Keras lays kernels out.
-        fused_activation: Whether the layer has an `activation` argument that
-            TFLite fuses into the op (the output quantizer goes after it).
+        fold_weight: The weight a following BatchNormalization is folded into
+            (one of `weights`), or None: the layer type does not fold one.
+        fold_axes: The output-channel axes of `fold_weight`: one axis, or a run
+            of consecutive axes whose row-major product is the channels (a
+            depthwise kernel `(..., in, multiplier)`: `(-2, -1)`).
+        export_blocker: Why an integer model (TFLite, ONNX QDQ) cannot hold
+            this layer type (exactly this class, not its subclasses), or None.
+        export_per_tensor: Whether `export_blocker` is lifted when every weight
+            is quantized per tensor (an Embedding is then an integer GATHER).
+
+    Raises:
+        ConfigError: For an unknown kind, one axis too few or many, or a
+            `fold_weight` that is not one of `weights`.
     """
 
     layer_type: type
     kind: str
     weights: Tuple[str, ...] = ()
     weight_axes: Tuple[int, ...] = ()
-    fused_activation: bool = False
+    fold_weight: Optional[str] = None
+    fold_axes: Tuple[int, ...] = ()
+    export_blocker: Optional[str] = None
+    export_per_tensor: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ConfigError("kind", self.kind, f"kind must be one of {KINDS}")
         if len(self.weights) != len(self.weight_axes):
             raise ConfigError("weight_axes", self.weight_axes, f"need one axis per weight {self.weights}")
+        if self.fold_weight is not None and (self.fold_weight not in self.weights or not self.fold_axes):
+            raise ConfigError("fold_weight", self.fold_weight,
+                              f"fold_weight must be one of the weights {self.weights}, with its fold_axes")
 
     @property
     def observe(self) -> bool:
         """Whether calibration records this layer's output."""
         return self.kind != "passthrough"
-
-    @property
-    def quantizes_weights(self) -> bool:
-        return bool(self.weights)
 
 
 L = keras.layers
@@ -112,30 +136,55 @@ INFERENCE_IDENTITY = (
 )
 
 
-def _rules():
-    compute = [
-        (L.Dense, ("kernel",), (-1,)),
-        (L.EinsumDense, ("kernel",), (-1,)),
-        (L.Conv1D, ("kernel",), (-1,)),
-        (L.Conv2D, ("kernel",), (-1,)),
-        (L.Conv3D, ("kernel",), (-1,)),
+def _no_integer_kernel(op):
+    return f"TFLite has no integer {op} kernel; set its config to None"
+
+
+def _separable_blocker(depthwise, conv):
+    return (f"its depthwise output (inside the layer) has no quantizer, so TFLite would run the layer in float; "
+            f"build it as {depthwise} + {conv}, or set its config to None")
+
+
+def _compute_rules():
+    """The compute layers: `(class, weights, weight axes, folding, export)` per row.
+
+    Folding is `(weight, output-channel axes)` of the weight a BatchNormalization
+    scales (depthwise kernels are `(..., in, multiplier)`: output channel
+    `c = i * multiplier + m`); export is `(blocker, lifted per tensor)`.
+    """
+    kernel, last = ("kernel",), (-1,)
+    gather = ("TFLite's integer GATHER keeps one scale per tensor, not per row; quantize its weights per tensor "
+              "(the default for Embedding) or set its config to None")
+    rows = [
+        (L.Dense, kernel, last, ("kernel", (-1,)), None),
+        (L.EinsumDense, kernel, last, None,
+         ("its einsum is not lowered to an integer TFLite kernel; set its config to None", False)),
+        (L.Conv1D, kernel, last, ("kernel", (-1,)), None),
+        (L.Conv2D, kernel, last, ("kernel", (-1,)), None),
+        (L.Conv3D, kernel, last, ("kernel", (-1,)), (_no_integer_kernel("CONV_3D"), False)),
         # Depthwise kernels are (..., in, multiplier): TFLite's output channel
         # is in * multiplier; with multiplier 1 that is the `in` axis.
-        (L.DepthwiseConv1D, ("kernel",), (-2,)),
-        (L.DepthwiseConv2D, ("kernel",), (-2,)),
-        (L.SeparableConv1D, ("depthwise_kernel", "pointwise_kernel"), (-2, -1)),
-        (L.SeparableConv2D, ("depthwise_kernel", "pointwise_kernel"), (-2, -1)),
+        (L.DepthwiseConv1D, kernel, (-2,), ("kernel", (-2, -1)), None),
+        (L.DepthwiseConv2D, kernel, (-2,), ("kernel", (-2, -1)), None),
+        (L.SeparableConv1D, ("depthwise_kernel", "pointwise_kernel"), (-2, -1), ("pointwise_kernel", (-1,)),
+         (_separable_blocker("DepthwiseConv1D", "Conv1D"), False)),
+        (L.SeparableConv2D, ("depthwise_kernel", "pointwise_kernel"), (-2, -1), ("pointwise_kernel", (-1,)),
+         (_separable_blocker("DepthwiseConv2D", "Conv2D"), False)),
         # Transposed kernels are (..., out, in).
-        (L.Conv1DTranspose, ("kernel",), (-2,)),
-        (L.Conv2DTranspose, ("kernel",), (-2,)),
-        (L.Conv3DTranspose, ("kernel",), (-2,)),
+        (L.Conv1DTranspose, kernel, (-2,), ("kernel", (-2,)), None),
+        (L.Conv2DTranspose, kernel, (-2,), ("kernel", (-2,)), None),
+        (L.Conv3DTranspose, kernel, (-2,), ("kernel", (-2,)), (_no_integer_kernel("CONV_3D_TRANSPOSE"), False)),
         # One scale per row (token), as Keras' own int8 embeddings.
-        (L.Embedding, ("embeddings",), (0,)),
+        (L.Embedding, ("embeddings",), (0,), None, (gather, True)),
     ]
-    rules = [
-        LayerRule(cls, "compute", w, a, fused_activation=cls is not L.Embedding and cls is not L.EinsumDense)
-        for cls, w, a in compute
+    return [
+        LayerRule(cls, "compute", w, a, *(fold or (None, ())), *(export or (None, False)))
+        for cls, w, a, fold, export in rows
     ]
+
+
+def _rules():
+    rules = _compute_rules()
     rules += [LayerRule(cls, "activation") for cls in (L.ReLU, L.Activation, L.LeakyReLU, L.PReLU, L.ELU, L.Softmax)]
     rules += [
         LayerRule(cls, "merge")
@@ -204,32 +253,112 @@ def is_keras_op(op) -> bool:
 RULES = _rules()
 
 
-def register_rule(layer_type, kind="compute", weights=(), weight_axes=None, fused_activation=False):
-    """Declare how a (user-defined) layer type is quantized.
+def make_rule(layer_type, kind="compute", weights=(), weight_axes=None, fused_activation=None, **facts):
+    """A `LayerRule` from `register_rule`'s arguments (the form a `quantization_rule()` dict also takes).
+
+    `weight_axes` defaults to `-1` for each weight. `fused_activation` is
+    accepted for rules written before it was dropped and ignored: whether
+    TFLite fuses a layer's activation is read from the activation itself
+    (`is_fusable_activation`, `split_activation`). `facts` are the folding and
+    export fields of `LayerRule` (`fold_weight`, `fold_axes`, `export_blocker`,
+    `export_per_tensor`).
+    """
+    del fused_activation
+    weights = tuple(weights)
+    axes = tuple(weight_axes) if weight_axes is not None else (-1,) * len(weights)
+    if "fold_axes" in facts:
+        facts["fold_axes"] = tuple(facts["fold_axes"])
+    return LayerRule(layer_type, kind, weights, axes, **facts)
+
+
+def register_rule(layer_type, kind="compute", weights=(), weight_axes=None, fused_activation=None, *,
+                  fold_weight=None, fold_axes=(), export_blocker=None, export_per_tensor=False):
+    """Declare how a (user-defined) layer type is quantized, folded and exported.
+
+    The rule holds for the rest of the process, or until the enclosing
+    `rule_scope()` block ends.
 
     Args:
         layer_type: The layer class.
         kind: One of `KINDS`.
         weights: Attribute names of the weights to quantize (e.g. `("kernel",)`).
         weight_axes: Output-channel axis of each weight; default `-1` for each.
-        fused_activation: Whether the layer applies an `activation` argument.
+        fused_activation: Accepted for older callers and ignored (see `make_rule`).
+        fold_weight: The weight a following BatchNormalization folds into, or None.
+        fold_axes: Its output-channel axes (e.g. `(-1,)`).
+        export_blocker: Why an integer export cannot hold the layer, or None.
+        export_per_tensor: Whether per-tensor weights lift `export_blocker`.
 
     Returns:
         The new `LayerRule`.
 
+    Raises:
+        ConfigError: If `layer_type` is not a class, or the rule is invalid.
+
     Example:
 
     >>> class MyDense(keras.layers.Layer): ...
-    >>> register_rule(MyDense, weights=("w",)).kind
+    >>> with rule_scope():
+    ...     register_rule(MyDense, weights=("w",), fold_weight="w", fold_axes=(-1,)).kind
     'compute'
     """
     if not isinstance(layer_type, type):
         raise ConfigError("layer_type", layer_type, "layer_type must be a layer class")
-    weights = tuple(weights)
-    axes = tuple(weight_axes) if weight_axes is not None else (-1,) * len(weights)
-    rule = LayerRule(layer_type, kind, weights, axes, fused_activation)
+    rule = make_rule(layer_type, kind, weights, weight_axes, fold_weight=fold_weight, fold_axes=fold_axes,
+                     export_blocker=export_blocker, export_per_tensor=export_per_tensor)
     RULES[layer_type] = rule
     return rule
+
+
+@contextlib.contextmanager
+def rule_scope():
+    """A block whose rule registrations (`register_rule`, or edits of `RULES`) are undone when it ends.
+
+    Example:
+
+    >>> with rule_scope():
+    ...     register_rule(MyDense, weights=("w",))
+    >>> get_rule(MyDense) is None
+    True
+    """
+    saved = dict(RULES)
+    try:
+        yield RULES
+    finally:
+        RULES.clear()
+        RULES.update(saved)
+
+
+def lookup(layer_type) -> Optional[LayerRule]:
+    """The rule registered for exactly `layer_type` (not inherited from a base class), or None."""
+    return RULES.get(layer_type)
+
+
+def fold_rule(layer) -> Optional[LayerRule]:
+    """The rule that says how a BatchNormalization folds into `layer` (instance or class), or None.
+
+    The first rule along the class's MRO that declares a `fold_weight`, or the
+    layer's own `quantization_rule()` when that declares one.
+    """
+    if not isinstance(layer, type):
+        own = _own_rule(layer)
+        if own is not None and own.fold_weight is not None:
+            return own
+    cls = layer if isinstance(layer, type) else type(layer)
+    for klass in cls.__mro__:
+        rule = RULES.get(klass)
+        if rule is not None and rule.fold_weight is not None:
+            return rule
+    return None
+
+
+def _own_rule(layer):
+    """The rule a layer instance declares with a `quantization_rule()` method, or None."""
+    own = getattr(layer, "quantization_rule", None)
+    if not callable(own):
+        return None
+    rule = own()
+    return make_rule(type(layer), **rule) if isinstance(rule, dict) else rule
 
 
 def get_rule(layer) -> Optional[LayerRule]:
@@ -237,23 +366,14 @@ def get_rule(layer) -> Optional[LayerRule]:
 
     A layer can also declare its own rule with a `quantization_rule()` method
     returning a `LayerRule` (or the keyword arguments of `register_rule`).
+    Otherwise the rule is the first registered along the class's MRO.
     """
     cls = layer if isinstance(layer, type) else type(layer)
     if is_keras_op(cls):
         kind = OP_RULES.get(cls.__name__)
         return _op_rule(cls, kind) if kind is not None else None
-    own = getattr(layer, "quantization_rule", None)
-    if callable(own) and not isinstance(layer, type):
-        rule = own()
-        if isinstance(rule, dict):
-            kwargs = dict(rule)
-            weights = tuple(kwargs.pop("weights", ()))
-            axes = kwargs.pop("weight_axes", None)
-            return LayerRule(
-                cls, kwargs.pop("kind", "compute"), weights, tuple(axes) if axes is not None else (-1,) * len(weights),
-                **kwargs,
-            )
-        return rule
+    if not isinstance(layer, type) and callable(getattr(layer, "quantization_rule", None)):
+        return _own_rule(layer)
     for klass in cls.__mro__:
         if klass in RULES:
             return RULES[klass]

@@ -9,13 +9,33 @@ place that rule is written, so the key a calibration records is the key
 The leaves of a Functional model are its graph's operations: its layers and
 also the bare `keras.ops` operations (`x + y`, `keras.ops.mean`, slicing),
 each keyed by its own name.
+
+`quantizer_layers` finds every keras_quant quantizer layer of a model (the
+one definition export, analysis and `kq.qat` read).
 """
 
 import keras
 
 from keras_quant import graph as graph_lib
+from keras_quant.layers.fake_quant import ActivationQuantizer
+from keras_quant.layers.wrapper import QuantizeWrapper
 
-__all__ = ["leaf_layers", "layer_keys", "input_keys"]
+__all__ = ["leaf_layers", "layer_keys", "input_keys", "quantizer_layers"]
+
+
+def quantizer_layers(model, stage=None):
+    """Every `QuantizeWrapper` and `ActivationQuantizer` of `model` (nested layers included), in order.
+
+    Args:
+        model: A Keras model (or layer).
+        stage: None for all of them, or `"qat"` / `"frozen"` for the built
+            ones in that stage (`keras_quant.layers.qat_quantizer.STAGES`).
+    """
+    return [
+        layer for layer in graph_lib.sublayers(model)
+        if isinstance(layer, (QuantizeWrapper, ActivationQuantizer))
+        and (stage is None or (layer.stage == stage and layer.built))
+    ]
 
 
 def _children(layer):

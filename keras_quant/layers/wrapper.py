@@ -1,6 +1,7 @@
 """`QuantizeWrapper`: a layer whose weights (and output) are fake-quantized.
 
-Two modes (`MODES`): `"qat"` (the default) trains: `QATQuantizer`s observe,
+Two stages (`QUANTIZERS`; the constructor's `mode` argument): `"qat"` (the
+default) trains: `QATQuantizer`s observe,
 learn (LSQ) or freeze their ranges per the wrapper's `Schedule`, and a
 BatchNormalization given as `batch_norm` is folded into the weights as in
 Jacob et al. 2018. `"frozen"` is the post-training model: `FrozenQuantizer`s
@@ -26,116 +27,24 @@ Example:
 
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_quant import ops as kq_ops
-from keras_quant.config import LayerQuantConfig, QuantConfig, QuantSpec
 from keras_quant.errors import ConfigError, UnsupportedLayerError
-from keras_quant.layers import inference, integer, qat_quantizer as qat
+from keras_quant.layers import folding, inference, integer, qat_quantizer as qat
 from keras_quant.layers.fake_quant import FrozenQuantizer, assign_qparams
-from keras_quant.layers.folding import bn_axes, fold_blocker, fold_factor_and_bias, fold_rule, scale_channels
-from keras_quant.layers.rules import (
-    activation_function, fixed_output_qparams, get_rule, split_activation, without_activation,
-)
+from keras_quant.layers.folding import bn_axes, fold_blocker, fold_rule, scale_channels
+from keras_quant.layers.specs import integer_accumulator, layer_config, weight_specs
+from keras_quant.layers.rules import activation_function, fixed_output_qparams, split_activation, without_activation
 
-__all__ = ["QuantizeWrapper", "MODES", "weight_specs"]
+__all__ = ["QuantizeWrapper", "QUANTIZERS", "weight_specs"]
 
-# Quantizer class of each wrapper mode. A mode's quantizer has
+# Quantizer class of each wrapper stage (`qat_quantizer.STAGES`). A stage's quantizer has
 # `build(layer, shape, name) -> state`, `__call__(x, state, training, observing=, frozen=, seed=)`
 # and `qparams(state)`.
-MODES = {"qat": qat.QATQuantizer, "frozen": FrozenQuantizer}
+QUANTIZERS = {"qat": qat.QATQuantizer, "frozen": FrozenQuantizer}
 # Where a folded BatchNormalization's batch statistics come from in QAT training.
 BN_STATISTICS = ("quantized", "float")
-
-
-def _flattens(layer, inputs):
-    """Whether the inference form writes `layer` as a 2-D matmul between reshapes (`_flat_dense`).
-
-    A plain `keras.layers.Dense` (no LoRA, not Keras-quantized) on a float input of rank > 2 whose
-    leading dimensions are not all static (a symbolic batch).
-    """
-    shape = getattr(inputs, "shape", None)
-    return (type(layer) is keras.layers.Dense and shape is not None and len(shape) > 2
-            and any(d is None for d in shape[:-1]) and shape[-1] is not None
-            and not getattr(layer, "lora_enabled", False) and getattr(layer, "quantization_mode", None) is None
-            and "float" in str(getattr(inputs, "dtype", "")))
-
-
-def _concrete(values):
-    """`{name: numpy array}` of tensors whose values are known now (eager TensorFlow, JAX arrays), else None.
-
-    None inside a `tf.function` or a JAX trace, where the values are symbolic.
-    """
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        if not tf.executing_eagerly():
-            return None
-    elif backend == "jax":
-        import jax
-
-        if any(isinstance(v, jax.core.Tracer) for v in values.values()):
-            return None
-    else:
-        return None
-    return {name: np.asarray(ops.convert_to_numpy(v)) for name, v in values.items()}
-
-
-def _layer_config(config, layer):
-    """Resolve `config` to the `LayerQuantConfig` of `layer`."""
-    if config is None:
-        config = QuantConfig()
-    if isinstance(config, dict):
-        config = QuantConfig.from_config(config) if "layer_types" in config else LayerQuantConfig(
-            weights=_spec_or_none(config.get("weights")), activations=_spec_or_none(config.get("activations"))
-        )
-    if isinstance(config, QuantConfig):
-        resolved = config.for_layer(layer)
-        return resolved if resolved is not None else LayerQuantConfig(None, None)
-    if isinstance(config, LayerQuantConfig):
-        return config
-    if isinstance(config, (tuple, list)) and len(config) == 2:
-        return LayerQuantConfig(weights=_spec_or_none(config[0]), activations=_spec_or_none(config[1]))
-    raise ConfigError(
-        "config", config, "expected a kq.QuantConfig, a kq.LayerQuantConfig or a (weights, activations) pair",
-        layer=getattr(layer, "name", None),
-    )
-
-
-def _spec_or_none(value):
-    if value is None or isinstance(value, QuantSpec):
-        return value
-    return QuantSpec.from_config(value)
-
-
-def weight_specs(layer, spec):
-    """`{weight_name: spec}` for the weights `layer`'s rule quantizes, axes set from the rule.
-
-    Per-channel and per-group specs get `axis` set to the rule's output-channel
-    axis of each weight (e.g. -2 for depthwise kernels); per-tensor specs are
-    returned unchanged.
-
-    Args:
-        layer: A Keras layer with a rule.
-        spec: The weight `QuantSpec`, or None (no weight is quantized).
-
-    Raises:
-        UnsupportedLayerError: If the layer type has no rule.
-    """
-    rule = get_rule(layer)
-    if rule is None:
-        raise UnsupportedLayerError(
-            layer.name, type(layer).__name__, "there is no quantization rule for this layer type; "
-            "declare one with kq.layers.register_rule"
-        )
-    if spec is None:
-        return {}
-    return {
-        name: spec if spec.granularity == "per_tensor" else spec.replace(axis=axis)
-        for name, axis in zip(rule.weights, rule.weight_axes)
-    }
 
 
 @keras.saving.register_keras_serializable(package="keras_quant")
@@ -147,11 +56,11 @@ class QuantizeWrapper(keras.layers.Wrapper):
     config quantizes activations, is applied after the layer, i.e. after its
     fused activation.
 
-    In `"qat"` mode each quantizer observes, learns (LSQ, for `learnable`
-    specs) or is frozen, per the wrapper's schedule (`set_mode`,
+    In the `"qat"` stage each quantizer observes, learns (LSQ, for `learnable`
+    specs) or is frozen, per the wrapper's schedule (`set_range_mode`,
     `kq.qat.QATScheduler`): weight ranges follow the weights until frozen;
     the output range is a moving average of batch ranges (or set from a
-    calibration with `set_output_qparams`). In `"frozen"` mode weight scales
+    calibration with `set_output_qparams`). In the `"frozen"` stage weight scales
     are computed when the wrapper is built (`observe_weights()` recomputes
     them) and the output range is set from calibration.
 
@@ -169,7 +78,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
     folded layer that export writes.
 
     A layer whose own activation is a softmax, sigmoid or tanh (run by TFLite
-    as its own op) is quantized before it too, and its output, in either mode,
+    as its own op) is quantized before it too, and its output, in either stage,
     by a frozen quantizer on TFLite's fixed grid for that function
     (`kq.layers.rules.FIXED_GRIDS`, `fixed_output`): the integer op writes that
     grid whatever the data, so QAT neither observes nor learns it.
@@ -181,7 +90,13 @@ class QuantizeWrapper(keras.layers.Wrapper):
             a `kq.LayerQuantConfig`, or a `(weights, activations)` pair of
             specs. None means `kq.QuantConfig()` (int8 per-channel weights,
             int8 activations). An `activations` of None means no output quantizer.
-        mode: `"qat"` (trainable ranges) or `"frozen"` (post-training).
+        mode: The wrapper's stage (`keras_quant.layers.qat_quantizer.STAGES`),
+            read back as `stage`: `"qat"` (default: trainable ranges) or
+            `"frozen"` (post-training). The argument and the saved config
+            keep the name `mode`. The default differs from
+            `ActivationQuantizer`'s (`"frozen"`) on purpose: a wrapper used
+            directly is for QAT (`kq.QuantizeWrapper(layer, config)`), and
+            each default is what saved configs without the key were written with.
         batch_norm: A BatchNormalization applied to the layer's output, to fold.
         observe_steps: QAT: training steps the ranges are observed before
             learnable quantizers learn. Default: until changed, or
@@ -193,7 +108,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         **kwargs: Base layer arguments (`name`, ...).
 
     Raises:
-        ConfigError: For an unknown mode or config, a BatchNormalization that
+        ConfigError: For an unknown stage or config, a BatchNormalization that
             cannot be folded into the layer, or stochastic rounding together
             with a learnable weight spec.
         UnsupportedLayerError: For a layer type without a rule, or a rule
@@ -203,7 +118,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
     >>> wrapper = QuantizeWrapper(keras.layers.Conv2D(8, 3), kq.QuantConfig.w4a8())
     >>> y = wrapper(x, training=True)        # observes the output range
-    >>> wrapper.set_mode("frozen")
+    >>> wrapper.set_range_mode("frozen")
     """
 
     def __init__(self, layer, config=None, mode="qat", batch_norm=None, observe_steps=None, momentum=0.99,
@@ -211,16 +126,16 @@ class QuantizeWrapper(keras.layers.Wrapper):
                  **kwargs):
         kwargs.setdefault("name", getattr(layer, "name", None))
         super().__init__(layer, **kwargs)
-        if mode not in MODES:
-            raise ConfigError("mode", mode, f"mode must be one of {tuple(MODES)}", layer=self.name)
-        self.mode = mode
+        if mode not in QUANTIZERS:
+            raise ConfigError("mode", mode, f"mode must be one of {tuple(QUANTIZERS)}", layer=self.name)
+        self.stage = mode
         if (input_scale is not None or fused_output_scale is not None) and mode != "frozen":
             raise ConfigError("input_scale", input_scale, "input and fused output scales (integer arithmetic) are "
                               "for frozen wrappers; a QAT wrapper trains through the float form", layer=self.name)
         self.input_scale = None if input_scale is None else integer.check_scale(input_scale, "input_scale", self.name)
         self.fused_output_scale = (None if fused_output_scale is None
                                    else integer.check_scale(fused_output_scale, "fused_output_scale", self.name))
-        self.quant_config = _layer_config(config, layer)
+        self.quant_config = layer_config(config, layer)
         self.weight_specs = weight_specs(layer, self.quant_config.weights)
         self.batch_norm = batch_norm
         if bn_statistics not in BN_STATISTICS:
@@ -241,7 +156,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         self.observe_steps = qat.default_observe_steps(observe_steps, specs, initialized=False)
         self.momentum = momentum
         self.seed = seed
-        quantizer = MODES[mode]
+        quantizer = QUANTIZERS[mode]
         kw = {"momentum": momentum} if mode == "qat" else {}
         self.weight_quantizers = {
             name: quantizer(spec, **({"role": "weight"} if mode == "qat" else {})) for name, spec in self.weight_specs.items()
@@ -257,7 +172,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 layer.activation = keras.activations.linear  # the wrapped layer computes the pre-activation
         self.preactivation_quantizer = None if self.activation is None else quantizer(spec, **kw)
         # TFLite's integer softmax / logistic / tanh write a fixed output grid: a frozen quantizer on that
-        # grid in either mode (QAT neither observes nor learns it).
+        # grid in either stage (QAT neither observes nor learns it).
         self.fixed_output = None
         if self.activation is not None:
             self.fixed_output = fixed_output_qparams(activation_function(self.activation), spec)
@@ -276,6 +191,11 @@ class QuantizeWrapper(keras.layers.Wrapper):
         self._output_state = None
         self._preact_state = None
         self.supports_masking = getattr(layer, "supports_masking", False)
+
+    @property
+    def mode(self):
+        """The stage under its constructor's and saved config's name (`stage`)."""
+        return self.stage
 
     # Build -------------------------------------------------------------------
     def _variable(self, name):
@@ -300,23 +220,24 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 if isinstance(self.batch_norm.axis, (list, tuple)):  # Keras 3's build indexes with an int
                     self.batch_norm.axis = bn_axes(self.batch_norm)[0]
                 self.batch_norm.build(out_shape)
-        if self.mode == "qat":
+        if self.stage == "qat":
             self.schedule = qat.Schedule(self, self.observe_steps, batch_norm=self.batch_norm is not None)
         # Frozen: the weight ranges are known now, and the variables are created holding them.
-        initial = self._numpy_weight_qparams() if self.mode == "frozen" else None
+        initial = self._numpy_weight_qparams() if self.stage == "frozen" else None
         for name, quantizer in self.weight_quantizers.items():
             var = self._variable(name)
             kwargs = {} if initial is None else {"initial": initial[name]}
             self._weight_state[name] = quantizer.build(self, tuple(var.shape), name, **kwargs)
         if self.output_quantizer is not None:
             shape = self.layer.compute_output_shape(input_shape) if input_shape is not None else ()
-            if self.fixed_output is not None:  # TFLite's fixed grid, frozen in either mode
+            if self.fixed_output is not None:  # TFLite's fixed grid, frozen in either stage
                 self._output_state = self.output_quantizer.build(self, shape, "output", initial=self.fixed_output)
             else:
                 self._output_state = self.output_quantizer.build(self, shape, "output")
         if self.preactivation_quantizer is not None:
             self._preact_state = self.preactivation_quantizer.build(self, shape, "preactivation")
-        self._integer_op = self._integer_accumulator()
+        self._integer_op = integer_accumulator(self.layer, self.weight_specs, self.quant_config.activations,
+                                              self.input_scale, self.fused_output_scale, self.batch_norm)
         self._fused_scale = None
         if self._integer_op is not None and self.quant_config.activations is None:
             # A variable, not a constant: graph optimizers turn a division by a constant into a multiplication
@@ -332,7 +253,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
     def _numpy_weight_qparams(self):
         """`{weight_name: (scale, zero_point)}` of the current (float) weights computed in numpy, or None when
         the weights are not concrete now (a traced build)."""
-        concrete = _concrete(self.float_weights())
+        concrete = inference.concrete_values(self.float_weights())
         if concrete is None:
             return None
         return {name: kq_ops.numpy_weight_qparams(concrete[name], spec) for name, spec in self.weight_specs.items()}
@@ -343,7 +264,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         Min-max, or for a weight spec with `observer="mse"` / `"auto"` the
         clipped range of least quantization error (`kq.ops.weight_range`).
         """
-        numpy_qparams = self._numpy_weight_qparams() if self.mode == "frozen" else None
+        numpy_qparams = self._numpy_weight_qparams() if self.stage == "frozen" else None
         values = self.float_weights() if numpy_qparams is None else None
         for name, state in self._weight_state.items():
             if numpy_qparams is not None:  # the same ranges, computed in numpy (no eager op per reduction)
@@ -353,11 +274,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
             self._set_range(self.weight_quantizers[name], state, scale, zero_point)
 
     def _set_range(self, quantizer, state, scale, zero_point):
+        assign_qparams(state, scale, zero_point, layer=self.name)  # checks the sizes
         if hasattr(quantizer, "set_range"):
-            assign_qparams(state, scale, zero_point, layer=self.name)  # checks the sizes
             quantizer.set_range(state, scale, zero_point)
-        else:
-            assign_qparams(state, scale, zero_point, layer=self.name)
 
     def set_output_qparams(self, scale, zero_point):
         """Set the output quantizer's range (a QAT quantizer's moving range starts from it).
@@ -391,24 +310,6 @@ class QuantizeWrapper(keras.layers.Wrapper):
         return None if s is None else self.preactivation_quantizer.qparams(s)
 
     # Integer arithmetic ------------------------------------------------------------
-    def _integer_accumulator(self):
-        """The accumulator op of the frozen integer form (`kq.layers.integer`), or None for the float form.
-
-        It needs the input's scale (`input_scale`, set by `kq.quantize_model`),
-        symmetric 8-bit weights per tensor or per output channel, an 8-bit
-        per-tensor output quantizer and a layer `integer.accumulator_op` knows.
-        """
-        if self.input_scale is None or self.batch_norm is not None or set(self.weight_specs) != {"kernel"}:
-            return None
-        w, a = self.weight_specs["kernel"], self.quant_config.activations
-        if a is None and self.fused_output_scale is None or a is not None and (a.granularity != "per_tensor"
-                                                                              or a.bits > 8):
-            return None
-        if w.granularity not in ("per_tensor", "per_channel") or not w.symmetric or w.bits > 8 \
-                or w.stochastic_rounding:
-            return None
-        return integer.accumulator_op(self.layer)
-
     def _integer_sums(self, inputs):
         """`(acc, s_in, channel_scales)`: the int32 kernel's sums with its bias, and their real scale's factors."""
         layer = self.layer
@@ -460,17 +361,17 @@ class QuantizeWrapper(keras.layers.Wrapper):
     # Modes ---------------------------------------------------------------------
     def _require_schedule(self, what):
         if self.schedule is None:
-            raise ConfigError("mode", self.mode, f"{what} needs a built wrapper in 'qat' mode", layer=self.name)
+            raise ConfigError("mode", self.stage, f"{what} needs a built wrapper in 'qat' mode", layer=self.name)
         return self.schedule
 
-    def set_mode(self, mode):
+    def set_range_mode(self, range_mode):
         """Move every quantizer of the wrapper to a range mode now: `"observe"`, `"learn"` or `"frozen"`."""
-        self._require_schedule("set_mode").set_mode(mode)
+        self._require_schedule("set_mode").set_range_mode(range_mode)
 
     @property
     def range_mode(self):
-        """The quantizers' current range mode (`"frozen"` for a wrapper in frozen mode)."""
-        return "frozen" if self.schedule is None else self.schedule.mode
+        """The quantizers' current range mode (`"frozen"` for a wrapper in the frozen stage)."""
+        return "frozen" if self.schedule is None else self.schedule.range_mode
 
     def freeze_batch_norm(self):
         """Stop using batch statistics (and updating the moving ones) from the next training step."""
@@ -489,7 +390,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         A QAT weight range that follows its weights (fixed spec, not frozen) is
         computed from the current values, not the last training step's.
         """
-        following = self.schedule is not None and self.schedule.mode != "frozen"
+        following = self.schedule is not None and self.schedule.range_mode != "frozen"
         values = self.float_weights() if following else {}
         out = {}
         for name, state in self._weight_state.items():
@@ -506,25 +407,6 @@ class QuantizeWrapper(keras.layers.Wrapper):
         return None if s is None else self.output_quantizer.qparams(s)
 
     # Folding -------------------------------------------------------------------
-    def _bn_stats(self):
-        """`(moving_mean, moving_variance)` as float32 tensors, read now.
-
-        `convert_to_tensor` takes a snapshot: on TensorFlow `Variable.value` is
-        the variable itself, which later reads would see after the training
-        step's moving-statistics update.
-        """
-        bn = self.batch_norm
-        return tuple(ops.cast(ops.convert_to_tensor(v), "float32") for v in (bn.moving_mean, bn.moving_variance))
-
-    def _fold_terms(self, mean, variance):
-        """`fold_factor_and_bias` with this layer's bias and the BatchNormalization's gamma, beta."""
-        bn, layer = self.batch_norm, self.layer
-        bias = layer.bias.value if getattr(layer, "use_bias", False) else None
-        return fold_factor_and_bias(
-            bias, bn.gamma.value if bn.scale else None, bn.beta.value if bn.center else None, mean, variance,
-            bn.epsilon,
-        )
-
     def folded_weights(self):
         """`(kernel_name, folded kernel, folded bias)` of a wrapper that folds a BatchNormalization.
 
@@ -534,7 +416,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if self.batch_norm is None:
             raise ConfigError("batch_norm", None, "this wrapper folds no BatchNormalization", layer=self.name)
         name, axes = self._fold
-        factor, bias = self._fold_terms(*self._bn_stats())
+        factor, bias = folding.fold_terms(self.layer, self.batch_norm, *folding.moving_statistics(self.batch_norm))
         return name, scale_channels(ops.cast(self._variable(name).value, "float32"), factor, axes), bias
 
     def float_weights(self):
@@ -573,20 +455,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
             and `folded_bias` is the bias added after the layer when a
             BatchNormalization is folded, else None.
         """
-
-        def np32(v):
-            return np.asarray(ops.convert_to_numpy(v), dtype="float32")
-
-        values = self.quantized_weights(training=False) if quantize else self.float_weights()
-        out = {n: np32(v) for n, v in values.items() if n in self.weight_specs or not quantize}
-        folded_bias = None
-        if self.batch_norm is not None:
-            name, kernel, bias = self.folded_weights()
-            out.setdefault(name, np32(kernel))
-            if getattr(self.layer, "use_bias", False):
-                out["bias"] = np.zeros(tuple(self.layer.bias.shape), "float32")
-            folded_bias = np32(bias)
-        return out, folded_bias
+        return inference.inference_weights(self, quantize)
 
     def _run(self, inputs, overrides, kwargs):
         """The wrapped layer's call with some of its variables replaced by tensors."""
@@ -615,25 +484,22 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 return self._call_folded(inputs, False, {}, self._flags())
             return self._run(inputs, self._quantize_weights(self.float_weights(), False), {})
 
-    def _batch_moments(self, y):
-        axes = list(range(len(y.shape) - 1))
-        return ops.moments(ops.cast(y, "float32"), axes=axes, synchronized=self.batch_norm.synchronized)
-
     def _call_folded(self, inputs, training, kwargs, flags):
+        """The layer with its BatchNormalization folded in: moving statistics, or in QAT training the batch's."""
         bn = self.batch_norm
         name, axes = self._fold
-        mean, var = self._bn_stats()
-        factor, bias = self._fold_terms(mean, var)
+        mean, var = folding.moving_statistics(bn)
+        factor, bias = folding.fold_terms(self.layer, bn, mean, var)
         batch = training and self.schedule is not None
         if batch:
             bn_frozen = self.schedule.bn_frozen()
             if self.bn_statistics == "float":  # Jacob et al.: batch statistics from a float pass
                 if bn.synchronized:  # the cross-replica all-reduce cannot run inside a cond branch
-                    b_mean, b_var = self._batch_moments(self.layer(inputs, **kwargs))
+                    b_mean, b_var = folding.batch_moments(self.layer(inputs, **kwargs), bn)
                     b_mean, b_var = ops.where(bn_frozen, mean, b_mean), ops.where(bn_frozen, var, b_var)
                 else:  # skip the float pass once the statistics are frozen
                     b_mean, b_var = ops.cond(bn_frozen, lambda: (mean, var),
-                                             lambda: self._batch_moments(self.layer(inputs, **kwargs)))
+                                             lambda: folding.batch_moments(self.layer(inputs, **kwargs), bn))
         values = {n: self._variable(n).value for n in self.weight_specs}
         values[name] = scale_channels(ops.cast(self._variable(name).value, "float32"), factor, axes)
         overrides = self._quantize_weights(values, training, flags) if self.weight_specs else {}
@@ -643,29 +509,18 @@ class QuantizeWrapper(keras.layers.Wrapper):
         y = self._run(inputs, overrides, kwargs)
         if not batch:
             return ops.add(y, ops.cast(bias, y.dtype))
-        if self.bn_statistics == "quantized":
-            # One pass: y = factor * z, with z the unfolded layer's output (quantized weights,
-            # no bias), so z's batch statistics follow from y's per-channel moments.
-            safe = ops.where(ops.equal(factor, 0.0), 1.0, factor)
-            y_mean, y_var = self._batch_moments(y)
-            b_mean, b_var = y_mean / safe, y_var / (safe * safe)
-            if getattr(self.layer, "use_bias", False):
-                b_mean = b_mean + ops.cast(ops.convert_to_tensor(self.layer.bias), "float32")
+        if self.bn_statistics == "quantized":  # one pass: from the quantized output
+            b_mean, b_var = folding.statistics_from_folded_output(y, factor, self.layer, bn)
             b_mean, b_var = ops.where(bn_frozen, mean, b_mean), ops.where(bn_frozen, var, b_var)
-        m = bn.momentum
-        for v, old, new in ((bn.moving_mean, mean, b_mean), (bn.moving_variance, var, b_var)):
-            v.assign(ops.cast(ops.where(bn_frozen, old, old * m + ops.stop_gradient(new) * (1.0 - m)), v.dtype))
-        _, bias = self._fold_terms(b_mean, b_var)
-        correction = ops.sqrt((var + bn.epsilon) / (b_var + bn.epsilon))  # sigma_moving / sigma_batch
-        return ops.add(ops.multiply(y, ops.cast(correction, y.dtype)), ops.cast(bias, y.dtype))
+        return folding.train_batch_norm(y, self.layer, bn, (mean, var), (b_mean, b_var), bn_frozen)
 
     def _inference_call(self, inputs, plan, kwargs):
         """The traced inference form (`kq.layers.inference`): constant weights, constant-range output."""
         import tensorflow as tf
 
         values = plan.weights[id(self)]
-        if _flattens(self.layer, inputs):
-            outputs = self._flat_dense(inputs, values, plan.folded_bias.get(id(self)))
+        if inference.flattens(self.layer, inputs):
+            outputs = inference.flat_dense(self.layer, inputs, values, plan.folded_bias.get(id(self)))
         else:
             outputs = self._run(inputs, {n: tf.constant(v) for n, v in values.items()}, kwargs)
             if id(self) in plan.folded_bias:
@@ -674,44 +529,12 @@ class QuantizeWrapper(keras.layers.Wrapper):
             outputs = self.activation(inference.quantize_output(self, outputs, plan, inference.PREACTIVATION))
         return inference.quantize_output(self, outputs, plan)
 
-    def _flat_dense(self, inputs, values, folded_bias):
-        """A Dense on a rank > 2 input with a symbolic leading dimension, as the converters want it.
-
-        `reshape(x, [-1, d_in]) -> matmul + bias -> reshape(y, [-1, ..., units])`. Keras' matmul of
-        a rank-3 tensor traces `tf.tensordot`, whose reshape targets are computed from `tf.shape`
-        when the batch is symbolic: the TFLite converter then cannot fuse the bias into its
-        FULLY_CONNECTED (input shape `[-1, -1]`) and runs the layer in float. Here the first
-        reshape's target is static but for the batch, so FULLY_CONNECTED takes `[-1, d_in]` with
-        its bias, in int8, and the reshapes only move integers.
-        """
-        import tensorflow as tf
-
-        layer = self.layer
-        kernel = tf.constant(values["kernel"]) if "kernel" in values else ops.convert_to_tensor(layer.kernel)
-        d_in, units = int(kernel.shape[0]), int(kernel.shape[1])
-        y = tf.matmul(tf.reshape(inputs, [-1, d_in]), tf.cast(kernel, inputs.dtype))
-        bias = None
-        if getattr(layer, "use_bias", False):  # the plan's bias, else the layer's (a variable, frozen at export)
-            bias = tf.constant(values["bias"]) if "bias" in values else tf.convert_to_tensor(layer.bias.value)
-        if folded_bias is not None:
-            folded = tf.constant(np.asarray(folded_bias, "float32"))
-            bias = folded if bias is None else bias + folded
-        if bias is not None:
-            y = tf.nn.bias_add(y, tf.cast(bias, y.dtype))
-        inner = list(inputs.shape[1:-1])
-        if all(d is not None for d in inner):
-            target = [-1] + [int(d) for d in inner] + [units]
-        else:
-            target = tf.concat([tf.shape(inputs)[:-1], [units]], axis=0)
-        y = tf.reshape(y, target)
-        return layer.activation(y) if layer.activation is not None else y
-
     def call(self, inputs, training=None, **kwargs):
         plan = inference.active_plan()
         if plan is not None and id(self) in plan.weights:
             return self._inference_call(inputs, plan, kwargs)
         training = bool(training)
-        flags = self._flags()  # read once: weights and output see the same step's mode
+        flags = self._flags()  # read once: weights and output see the same step's range mode
         if not training and self._integer_op is not None:
             outputs = self._integer_call(inputs)
         elif self.batch_norm is not None:
@@ -747,7 +570,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
             "weights": None if qc.weights is None else qc.weights.get_config(),
             "activations": None if qc.activations is None else qc.activations.get_config(),
         }
-        config.update(mode=self.mode, observe_steps=self.observe_steps, momentum=self.momentum, seed=self.seed,
+        config.update(mode=self.stage, observe_steps=self.observe_steps, momentum=self.momentum, seed=self.seed,
                       bn_statistics=self.bn_statistics)
         if self.input_scale is not None:
             config["input_scale"] = self.input_scale
@@ -769,5 +592,5 @@ class QuantizeWrapper(keras.layers.Wrapper):
         return cls(layer, **config)
 
     def __repr__(self):
-        return f"<QuantizeWrapper name={self.name} layer={type(self.layer).__name__} mode={self.mode}>"
+        return f"<QuantizeWrapper name={self.name} layer={type(self.layer).__name__} mode={self.stage}>"
 

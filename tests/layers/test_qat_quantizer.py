@@ -158,7 +158,7 @@ def test_activation_quantizer_ste_mask(spec, scale, zp, row, y_row, learnable, h
     q = ActivationQuantizer(spec.replace(learnable=learnable), scale=scale, zero_point=zp, mode="qat")
     q.build((None, 7))
     if how == "training-frozen":
-        q.set_mode("frozen")
+        q.set_range_mode("frozen")
     y, dx, _ = train_grads(q, _batch(row), training=how != "inference")
     np.testing.assert_allclose(dx, [MASK, [1.0] * 7])
     np.testing.assert_allclose(y[0], y_row, atol=1e-6)
@@ -356,7 +356,7 @@ def test_set_mode_frozen_stops_updates():
     q = ActivationQuantizer(kq.QuantSpec(bits=8), mode="qat")
     q(np.array([[-1.0, 2.0]], "float32"), training=True)
     assert q.range_mode == "observe"
-    q.set_mode("frozen")
+    q.set_range_mode("frozen")
     assert q.range_mode == "frozen"
     before = values(q, "min", "max", "seen", "scale", "zero_point")
     y = to_np(q(np.array([[-5.0, 9.0]], "float32"), training=True))
@@ -386,7 +386,7 @@ def test_frozen_learned_offset_becomes_integer_zero_point(scale_delta, offset_de
     assert s == pytest.approx(scale, rel=1e-6) and z == zero_point
     s2, z2 = (float(to_np(v)) for v in effective_qparams(q._state, q.spec))
     assert (s2, z2) == (s, z)
-    q.set_mode("frozen")
+    q.set_range_mode("frozen")
     x = np.array([[-5.0, -1.3, -0.2, 0.0, 0.4, 1.9, 3.3]], "float32")
     y, _, grads = train_grads(q, x)
     np.testing.assert_allclose(y, ref_fake_quant(x, s, zero_point, A4), atol=1e-5)
@@ -400,13 +400,13 @@ def test_learn_mode_uses_unrounded_offset_and_switches_back():
     q._state["scale_delta"].assign(0.1)
     q._state["offset_delta"].assign(-0.8)
     x = _batch([-5.0, -1.3, -0.25, 0.3, 0.4, 1.9, 3.3])
-    q.set_mode("frozen")
-    q.set_mode("learn")
+    q.set_range_mode("frozen")
+    q.set_range_mode("learn")
     assert q.range_mode == "learn"
     y, _, grads = train_grads(q, x)
     np.testing.assert_allclose(y, ref_lsq(x, 0.6, 0.7, A4, 1.0)[0], atol=1e-5)  # offset 0.7, not 0.6
     assert float(grads["offset_delta"]) != 0.0
-    q.set_mode("observe")
+    q.set_range_mode("observe")
     assert q.range_mode == "observe"
     lo_before, = values(q, "min")
     q(x, training=True)  # the first observed batch after a given range: their union
@@ -467,16 +467,16 @@ def test_frozen_wins_over_observing():
 def test_schedule_modes_and_thresholds():
     host = keras.layers.Layer()
     schedule = Schedule(host, observe_steps=2)
-    assert schedule.mode == "observe"
+    assert schedule.range_mode == "observe"
     schedule.advance()
     schedule.advance()
-    assert schedule.mode == "learn"
-    schedule.set_mode("observe")
-    assert schedule.mode == "observe" and float(to_np(schedule.observe_until)) == NEVER
-    schedule.set_mode("frozen")
-    assert schedule.mode == "frozen" and float(to_np(schedule.freeze_at)) == 2.0
-    schedule.set_mode("learn")
-    assert schedule.mode == "learn" and float(to_np(schedule.freeze_at)) == NEVER
+    assert schedule.range_mode == "learn"
+    schedule.set_range_mode("observe")
+    assert schedule.range_mode == "observe" and float(to_np(schedule.observe_until)) == NEVER
+    schedule.set_range_mode("frozen")
+    assert schedule.range_mode == "frozen" and float(to_np(schedule.freeze_at)) == 2.0
+    schedule.set_range_mode("learn")
+    assert schedule.range_mode == "learn" and float(to_np(schedule.freeze_at)) == NEVER
     observing, frozen = (bool(to_np(f)) for f in schedule.flags())
     assert (observing, frozen) == (False, False)
     assert schedule.batch_norm_frozen  # no BatchNormalization threshold
@@ -515,7 +515,7 @@ def test_mode_switch_inside_a_compiled_step_needs_no_retrace():
     run(np.array([[-1.0, 3.0]], "float32"))
     run(np.array([[-3.0, 5.0]], "float32"))
     assert float(values(q, "min")[0]) == -2.0
-    q.set_mode("frozen")
+    q.set_range_mode("frozen")
     y = to_np(run(np.array([[-9.0, 9.0]], "float32")))
     assert float(values(q, "min")[0]) == -2.0 and float(values(q, "qat_step")[0]) == 3.0
     # Range [-2, 4], 8 bits: scale 6 / 255, zero point -43: [-85 s, 170 s] = [-2, 4].
@@ -588,7 +588,7 @@ K1 = np.array([[0.7, -1.4], [0.3, 0.2], [-0.1, 0.8]], "float32")  # per-channel 
 
 def test_wrapper_weight_ranges_follow_weights_until_frozen():
     wrapper = QuantizeWrapper(keras.layers.Dense(2), (W4, None))
-    assert wrapper.mode == "qat"
+    assert wrapper.stage == "qat" and wrapper.mode == "qat"  # `mode`: the saved name
     x = np.array([[1.0, 2.0, -1.0]], "float32")
     wrapper(x)
     wrapper.layer.kernel.assign(K1)
@@ -604,7 +604,7 @@ def test_wrapper_weight_ranges_follow_weights_until_frozen():
     wrapper(x, training=True)
     np.testing.assert_allclose(to_np(wrapper.weight_qparams["kernel"][0]), scale2, rtol=1e-6)
     # Frozen: the range stays that of k2, whatever the weights become.
-    wrapper.set_mode("frozen")
+    wrapper.set_range_mode("frozen")
     k3 = K1 * 3.0
     wrapper.layer.kernel.assign(k3)
     frozen = ref_fake_quant(k3, scale2, 0, W4)
@@ -724,14 +724,14 @@ def test_errors_name_the_field():
     host = keras.layers.Layer()
     assert _field(lambda: Schedule(host, observe_steps=-1)) == "observe_steps"
     assert _field(lambda: Schedule(host, observe_steps="3")) == "observe_steps"
-    assert _field(lambda: Schedule(host, observe_steps=0).set_mode("bogus")) == "mode"
+    assert _field(lambda: Schedule(host, observe_steps=0).set_range_mode("bogus")) == "mode"
     assert _field(lambda: ActivationQuantizer(spec, mode="qat", observe_steps=-1).build((None, 3))) == "observe_steps"
     q = ActivationQuantizer(spec, mode="qat")
     q.build((None, 3))
-    assert _field(lambda: q.set_mode("bogus")) == "mode"
+    assert _field(lambda: q.set_range_mode("bogus")) == "mode"
     frozen = ActivationQuantizer(spec)
     frozen.build((None, 3))
-    assert _field(lambda: frozen.set_mode("learn")) == "mode"
+    assert _field(lambda: frozen.set_range_mode("learn")) == "mode"
     assert frozen.range_mode == "frozen"
 
 
@@ -747,3 +747,16 @@ def test_given_range_is_widened_by_the_first_training_batch_then_averaged():
     lo, hi, seen = values(q, "min", "max", "seen")
     assert float(lo) == pytest.approx(0.75 * lo0 + 0.25 * -1.0, rel=1e-6)
     assert float(hi) == pytest.approx(0.75 * 9.0 + 0.25 * 1.0) and float(seen) == 2.0
+
+
+def test_stage_is_saved_under_its_old_name_mode():
+    """The layers' stage keeps the config key `mode`: files written before and after load alike."""
+    q = ActivationQuantizer(kq.QuantSpec(bits=8), mode="qat")
+    config = q.get_config()
+    assert config["mode"] == "qat" and "stage" not in config
+    assert ActivationQuantizer.from_config(config).stage == "qat"
+    frozen = ActivationQuantizer(kq.QuantSpec(bits=8)).get_config()
+    assert "mode" not in frozen and ActivationQuantizer.from_config(frozen).stage == "frozen"
+    wrapper = kq.QuantizeWrapper(keras.layers.Dense(2), mode="frozen")
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(wrapper), safe_mode=True)
+    assert wrapper.get_config()["mode"] == "frozen" and again.stage == "frozen" and again.mode == "frozen"

@@ -54,14 +54,68 @@ def test_register_rule_and_validation():
     class Custom(L.Layer):
         pass
 
-    try:
+    with rules.rule_scope():
         rule = rules.register_rule(Custom, weights=("w",))
         assert rules.get_rule(Custom()) is rule and rule.weight_axes == (-1,)
-    finally:
-        rules.RULES.pop(Custom, None)
+    assert rules.get_rule(Custom()) is None  # the scope undid the registration
     with pytest.raises(ConfigError) as e:
         rules.LayerRule(L.Dense, "bogus")
     assert e.value.field == "kind"
+    with pytest.raises(ConfigError) as e:
+        rules.LayerRule(L.Dense, "compute", ("kernel",), (-1,), fold_weight="bias", fold_axes=(-1,))
+    assert e.value.field == "fold_weight"
+
+
+def test_rule_scope_restores_replaced_rules():
+    dense = rules.RULES[L.Dense]
+    with rules.rule_scope():
+        rules.register_rule(L.Dense, weights=("kernel",))
+        assert rules.get_rule(L.Dense(2)) is not dense
+    assert rules.get_rule(L.Dense(2)) is dense
+
+
+@pytest.mark.parametrize(
+    "layer_type, fold",
+    [
+        (L.Dense, ("kernel", (-1,))),
+        (L.Conv2D, ("kernel", (-1,))),
+        (L.DepthwiseConv2D, ("kernel", (-2, -1))),
+        (L.SeparableConv2D, ("pointwise_kernel", (-1,))),
+        (L.Conv2DTranspose, ("kernel", (-2,))),
+        (L.Embedding, None),
+        (L.EinsumDense, None),
+        (L.ReLU, None),
+    ],
+)
+def test_fold_facts_live_in_the_rule(layer_type, fold):
+    rule = rules.fold_rule(layer_type)
+    assert (None if rule is None else (rule.fold_weight, rule.fold_axes)) == fold
+
+
+def test_registered_layer_declares_folding_and_export_facts():
+    class MyDense(L.Dense):
+        pass
+
+    class Opaque(L.Layer):
+        pass
+
+    assert rules.fold_rule(MyDense) is rules.RULES[L.Dense]  # inherited along the MRO
+    with rules.rule_scope():
+        rule = rules.register_rule(Opaque, weights=("w",), fused_activation=False, fold_weight="w", fold_axes=[-1],
+                                   export_blocker="no integer kernel")
+        assert rules.fold_rule(Opaque()) is rule and rule.fold_axes == (-1,)
+        assert rules.lookup(Opaque).export_blocker == "no integer kernel"
+    assert rules.lookup(Opaque) is None and rules.fold_rule(Opaque) is None
+
+
+@pytest.mark.parametrize(
+    "layer_type, per_tensor",
+    [(L.SeparableConv2D, False), (L.Conv3D, False), (L.EinsumDense, False), (L.Embedding, True)],
+)
+def test_export_facts_live_in_the_rule(layer_type, per_tensor):
+    rule = rules.lookup(layer_type)
+    assert rule.export_blocker and rule.export_per_tensor == per_tensor
+    assert rules.lookup(L.Dense).export_blocker is None
 
 
 @pytest.mark.parametrize(

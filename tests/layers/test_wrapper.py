@@ -98,7 +98,7 @@ def test_save_load_round_trip(tmp_path, rng):
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
     again = loaded.get_layer("dw")
     assert isinstance(again, QuantizeWrapper) and isinstance(again.layer, L.DepthwiseConv2D)
-    assert again.quant_config == wrapper.quant_config and again.mode == "frozen"
+    assert again.quant_config == wrapper.quant_config and again.stage == "frozen"
 
 
 def test_trains_with_straight_through_gradient(rng):
@@ -160,7 +160,7 @@ def test_own_activation_is_quantized_before_and_after(mode, rng, tmp_path):
     wrapper.set_preactivation_qparams(*kq.ops.compute_qparams(np.float32(linear.min()), np.float32(linear.max()), a8))
     wrapper.set_output_qparams(*kq.ops.compute_qparams(np.float32(0.0), np.float32(1.0), a8))
     if mode == "qat":
-        wrapper.set_mode("frozen")
+        wrapper.set_range_mode("frozen")
     pre = to_np(kq.ops.fake_quant(linear, *wrapper.preactivation_qparams, a8))
     probs = np.exp(pre - pre.max(-1, keepdims=True))
     want = to_np(kq.ops.fake_quant(probs / probs.sum(-1, keepdims=True), *wrapper.output_qparams, a8))
