@@ -33,12 +33,8 @@ THIRD_PARTY_PRIVATE = {
     ("export.flatbuffer", "_modify_model_input_type"): "TFLite converter util: int8 model inputs",
     ("export.flatbuffer", "_modify_model_output_type"): "TFLite converter util: int8 model outputs",
     ("export.flatbuffer", "_remove_redundant_quantize_ops"): "TFLite converter util: the converter's own cleanup",
-    ("export.flatbuffer", "_type_names"): "flatbuffers schema object: op-code names",
-    ("export.flatbuffer", "_type_codes"): "flatbuffers schema object: op codes",
     ("export.onnx", "_mul_handler"): "tf2onnx TransposeOptimizer: a handler patched for per-channel QDQ",
-    ("export.onnx_graph", "_mul_handler"): "tf2onnx TransposeOptimizer: a handler patched for per-channel QDQ",
-    ("runtime", "_get_ops_details"): "LiteRT Interpreter: the op list (no public accessor)",
-    ("runtime_tflite", "_get_ops_details"): "LiteRT Interpreter: the op list (no public accessor)",
+    ("runtime.tflite_runner", "_get_ops_details"): "LiteRT Interpreter: the op list (no public accessor)",
 }
 
 

@@ -29,7 +29,7 @@ the report says so; where that fails too (an unknown sequence length), the
 file is written with batch 1 and the report says so (`kq.runtime` runs such a
 file sample by sample). With `batch_size` set, the recurrent layers stay
 float ONNX Loops; the quantized tensor a loop reads is dequantized before it
-(`flatbuffer.float_loop_carries`: tf2onnx would otherwise feed the Loop a
+(`loops.float_loop_carries`: tf2onnx would otherwise feed the Loop a
 float tensor its body declares int8, which onnxruntime refuses).
 GELU, which tf2onnx cannot convert, is written as its Erf (or Tanh)
 formula between the same QDQ pair; any other TFLite op tf2onnx leaves
@@ -57,7 +57,7 @@ import keras
 
 from keras_quant import graph as graph_lib
 from keras_quant.errors import ConfigError, ExportError
-from keras_quant.export import flatbuffer, plan as plan_lib, qdq
+from keras_quant.export import loops, plan as plan_lib, qdq
 from keras_quant.export.tflite import ExportReport, check_batch_size, tflite_bytes
 from keras_quant.io import write_atomic
 
@@ -236,7 +236,7 @@ def _tf2onnx_convert(data, opset):
     """
     import tf2onnx
 
-    data, _ = flatbuffer.float_loop_carries(data)  # recurrent loops: tf2onnx types int8 loop carries wrongly
+    data, _ = loops.float_loop_carries(data)  # recurrent loops: tf2onnx types int8 loop carries wrongly
     fd, tmp = tempfile.mkstemp(suffix=".tflite")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -36,7 +36,7 @@ import numpy as np
 
 from keras_quant import graph as graph_lib
 from keras_quant.errors import ConfigError, ExportError
-from keras_quant.export import converter as converter_lib, flatbuffer, plan as plan_lib
+from keras_quant.export import converter as converter_lib, flatbuffer, loops, plan as plan_lib
 from keras_quant.io import write_atomic
 
 __all__ = ["export_tflite", "tflite_bytes", "ExportReport", "IO_TYPES"]
@@ -291,7 +291,7 @@ def _dynamic_notes(flat, infos, layer_names):
     """Notes of a dynamic-range file: the weights inside recurrent loops, and those the converter kept float."""
     notes = []
     kept = sorted({info.layer for info in infos} - _int8_weight_layers(flat, infos))
-    looped = flatbuffer.loop_weights(flat, layer_names)
+    looped = loops.loop_weights(flat, layer_names)
     int8_loops = sorted(n for n, types in looped.items() if all(t == "INT8" for t in types))
     kept += sorted(n for n, types in looped.items() if n not in int8_loops and n not in kept)
     if int8_loops:

@@ -49,7 +49,7 @@ def assign_qparams(state, scale, zero_point, layer=None):
 
 def _qparam_array(field, value, want, layer):
     """`value` as a float32 array of shape `want`, or ShapeMismatchError when its size differs."""
-    value = np.asarray(keras.ops.convert_to_numpy(value), dtype="float32")
+    value = np.asarray(ops.convert_to_numpy(value), dtype="float32")
     if value.size != int(np.prod(want)):
         raise ShapeMismatchError(field, want, value.shape, layer=layer)
     return value.reshape(want)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import keras_quant as kq
-from keras_quant.export import flatbuffer
+from keras_quant.export import flatbuffer, loops
 
 pytestmark = [pytest.mark.tensorflow, pytest.mark.slow]
 
@@ -135,14 +135,14 @@ def test_float_loop_carries_keeps_the_tflite_values(tmp_path):
 
     qmodel = ptq(recurrent_model(), tokens(64))
     data, _ = tflite_bytes(qmodel, "int8", input_type="float32", output_type="float32", batch_size=1)
-    rewritten, count = flatbuffer.float_loop_carries(data)
+    rewritten, count = loops.float_loop_carries(data)
     assert count >= 1
     flat = flatbuffer.FlatModel(rewritten)
     for s in range(flat.num_subgraphs):
         for op in flat.ops(s):
             if op.name == "WHILE":
                 assert all(flat.tensor(i, s).type != "INT8" for i in op.inputs + op.outputs)
-    assert flatbuffer.float_loop_carries(rewritten) == (rewritten, 0)
+    assert loops.float_loop_carries(rewritten) == (rewritten, 0)
     x = tokens(16, seed=3)
     (tmp_path / "a.tflite").write_bytes(data)
     (tmp_path / "b.tflite").write_bytes(rewritten)
@@ -193,7 +193,7 @@ def test_dynamic_mode_quantizes_recurrent_weights(tmp_path):
     float_report = kq.export_tflite(model, tmp_path / "float.tflite", mode="float32")
     assert any("int8 weights inside the recurrent loops of: gru, lstm" in n for n in report.notes), report.notes
     flat = flatbuffer.FlatModel((tmp_path / "dynamic.tflite").read_bytes())
-    looped = flatbuffer.loop_weights(flat, {"lstm", "gru", "head"})
+    looped = loops.loop_weights(flat, {"lstm", "gru", "head"})
     assert looped == {"lstm": ["INT8", "INT8"], "gru": ["INT8", "INT8"]}, looped  # kernel, recurrent kernel
     assert report.size_bytes < 0.65 * float_report.size_bytes  # 12,288 weights: 4 bytes -> 1 byte each
 
