@@ -20,7 +20,6 @@ __all__ = [
     "ops",
     "observers",
     "analysis",
-    "datasets",
     "QuantSpec",
     "QuantConfig",
     "LayerQuantConfig",
@@ -45,12 +44,3 @@ __all__ = [
     "QuantizationTensorBoard",
 ]
 
-
-def __getattr__(name):
-    # `kq.datasets`: the offline example datasets live with the command line, apart from the
-    # library core (keras_quant.cli.datasets); imported on first use, not with keras_quant.
-    if name == "datasets":
-        import keras_quant.cli.datasets
-
-        return keras_quant.cli.datasets
-    raise AttributeError(f"module 'keras_quant' has no attribute {name!r}")

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 
 import keras_quant as kq
+from keras_quant.cli import datasets
 
 L = keras.layers
 
@@ -22,7 +23,7 @@ def to_np(x):
 
 def digits():
     """`(x_train, y_train), (x_test, y_test)` of scikit-learn's digits (8x8x1 in [0, 1])."""
-    return kq.datasets.load_digits()
+    return datasets.load_digits()
 
 
 def cnn(synchronized=False, seed=0):

@@ -90,13 +90,3 @@ def test_digits_without_scikit_learn_name_the_data_extra(monkeypatch):
     with pytest.raises(ConfigError, match=r"keras-quant\[data\]") as info:
         datasets.load_digits()
     assert info.value.field == "dataset"
-
-
-def test_kq_datasets_is_this_module():
-    import keras_quant as kq
-    from keras_quant import datasets as via_package
-
-    assert kq.datasets is via_package is datasets
-    assert "datasets" in kq.__all__
-    with pytest.raises(AttributeError, match="no_such_name"):
-        kq.no_such_name

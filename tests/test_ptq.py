@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import keras_quant as kq
+from keras_quant.cli import datasets
 from tests.test_quantize import cnn  # Conv+BN+ReLU, depthwise-separable block, residual Add, pooling, Dense
 
 pytestmark = [pytest.mark.tensorflow, pytest.mark.slow]  # the callback hooks TensorFlow's trainer
@@ -13,7 +14,7 @@ pytestmark = [pytest.mark.tensorflow, pytest.mark.slow]  # the callback hooks Te
 @pytest.fixture(scope="module")
 def trained():
     keras.utils.set_random_seed(0)
-    (x_train, y_train), (x_test, y_test) = kq.datasets.load_digits()
+    (x_train, y_train), (x_test, y_test) = datasets.load_digits()
     model = cnn()
     model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x_train, y_train, epochs=20, batch_size=64, verbose=0)

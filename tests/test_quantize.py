@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import keras_quant as kq
+from keras_quant.cli import datasets
 from keras_quant.errors import ConfigError, NoDataError, UnsupportedLayerError
 from keras_quant.layers import ActivationQuantizer, QuantizeWrapper
 from keras_quant.quantize import quantize_model
@@ -34,7 +35,7 @@ def cnn():
 @pytest.fixture(scope="module")
 def trained():
     keras.utils.set_random_seed(0)
-    (x_train, y_train), (x_test, y_test) = kq.datasets.load_digits()
+    (x_train, y_train), (x_test, y_test) = datasets.load_digits()
     model = cnn()
     model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x_train, y_train, epochs=3, batch_size=64, verbose=0)

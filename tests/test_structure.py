@@ -8,7 +8,11 @@ Rules (issue 15, "one place for each idea"):
 - no `obj._name` where `_name` is not defined in the same module (a module may
   use its own classes' private attributes; another module's are off limits),
   except the few third-party hooks listed in `THIRD_PARTY_PRIVATE` with why;
-- no import cycle between modules, counting imports inside functions too.
+- no import cycle between modules, counting imports inside functions too;
+- nothing lower imports anything higher: config -> ops -> observers -> layers ->
+  transform -> (calibration | qat) -> (export | runtime) -> analysis -> the
+  package's public face -> cli
+  (`LAYERS` ranks every module of the package).
 
 Pure source analysis with `ast`: no TensorFlow, so it runs in a second.
 """
@@ -36,6 +40,23 @@ THIRD_PARTY_PRIVATE = {
     ("export.onnx", "_mul_handler"): "tf2onnx TransposeOptimizer: a handler patched for per-channel QDQ",
     ("runtime.tflite_runner", "_get_ops_details"): "LiteRT Interpreter: the op list (no public accessor)",
 }
+
+
+# The package's layers, lowest first. A module may import its own layer and the ones below.
+LAYERS = [
+    ("version", "errors", "formatting", "progress"),
+    ("io", "config"),
+    ("ops", "graph"),
+    ("observers",),
+    ("layers", "data"),
+    ("transform",),
+    ("calibration", "qat", "quantize"),
+    ("ptq", "export", "runtime"),
+    ("analysis",),
+    ("",),  # keras_quant/__init__.py: the public face
+    ("cli",),  # the command line: a user of the public face
+]
+RANK = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 
 
 def _modules():
@@ -181,6 +202,22 @@ def _cycles(graph):
 def test_no_import_cycles():
     cycles = _cycles(_import_graph())
     assert not cycles, f"import cycles (imports inside functions count): {cycles}"
+
+
+def _rank(module):
+    parts = module.split(".")
+    return RANK[parts[1] if len(parts) > 1 else ""]
+
+
+def test_every_module_has_a_layer():
+    missing = sorted({name.split(".")[1] for name in MODULES if "." in name} - set(RANK))
+    assert not missing, f"add these to LAYERS: {missing}"
+
+
+def test_nothing_lower_imports_anything_higher():
+    bad = [f"{a} imports {b}" for a, targets in _import_graph().items() for b in sorted(targets)
+           if _rank(b) > _rank(a)]
+    assert not bad, bad
 
 
 @pytest.mark.parametrize("graph, expected", [

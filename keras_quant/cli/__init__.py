@@ -29,7 +29,7 @@ import keras_quant.cli.analyze as analyze_command
 import keras_quant.cli.calibrate as calibrate_command
 import keras_quant.cli.demo as demo_command
 import keras_quant.cli.export as export_command
-from keras_quant import __version__
+from keras_quant.version import __version__
 from keras_quant.cli.calibrate import calibration_config
 from keras_quant.errors import KerasQuantError
 

@@ -11,8 +11,7 @@ They sit with the command line, apart from the library core (which never loads a
   (`FASHION_MNIST_DIR`); `fashion_mnist_dir()` says which.
 
 Both return `(x_train, y_train), (x_test, y_test)` with float32 images in
-`[0, 1]` of shape `(n, h, w, 1)` and int32 labels. `keras_quant.datasets` (`kq.datasets`)
-names this module too.
+`[0, 1]` of shape `(n, h, w, 1)` and int32 labels.
 
 Example:
 

@@ -23,15 +23,5 @@ __all__ = [
     "WeightOnlyMultiHeadAttention",
     "fold_batch_norm",
     "fold_into_layer",
-    "quantize_model",
 ]
 
-
-def __getattr__(name):
-    # keras_quant.quantize imports keras_quant.layers.*; import it on first use to keep the
-    # layers package free of a cycle.
-    if name == "quantize_model":
-        from keras_quant.quantize import quantize_model
-
-        return quantize_model
-    raise AttributeError(f"module 'keras_quant.layers' has no attribute {name!r}")

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import keras_quant as kq
+from keras_quant.cli import datasets
 from keras_quant.analysis import LayerError, LayerErrors, activation_error, layer_errors
 from keras_quant.errors import ConfigError, NoDataError, ShapeMismatchError
 from tests.export import models
@@ -359,7 +360,7 @@ def test_an_int16x8_file_is_closer_than_int8(cnn):
 def test_a_layers_own_softmax_is_its_row_in_the_file(tmp_path):
     # Dense(..., activation="softmax"): the file writes a matmul, then a SOFTMAX whose output (the model's
     # output tensor) names no layer. The layer's row is the softmax's output on both sides, not the logits.
-    (x_train, y_train), (x_test, _) = kq.datasets.load_digits()
+    (x_train, y_train), (x_test, _) = datasets.load_digits()
     keras.utils.set_random_seed(0)
     inp = keras.Input((8, 8, 1))
     x = keras.layers.Flatten(name="flat")(inp)

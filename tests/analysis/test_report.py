@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import keras_quant as kq
+from keras_quant.cli import datasets
 from keras_quant.analysis import plots
 from keras_quant.analysis.report import Report
 from keras_quant.calibration.result import CalibrationResult, LayerStatistics
@@ -141,7 +142,7 @@ def test_add_calibration_limits_and_errors(calibration, png):
 def test_report_of_a_real_calibration(tmp_path):
     import keras
 
-    (x, _), _ = kq.datasets.load_digits()
+    (x, _), _ = datasets.load_digits()
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu", name="conv"),
                               keras.layers.Flatten(), keras.layers.Dense(10, name="dense")])

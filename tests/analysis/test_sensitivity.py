@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import keras_quant as kq
+from keras_quant.cli import datasets
 from keras_quant.analysis.sensitivity import SQNR_CAP_DB
 from keras_quant.errors import ConfigError, NoDataError, ShapeMismatchError
 
@@ -65,7 +66,7 @@ def accuracy(model, x, y):
 
 @pytest.fixture(scope="module")
 def setup():
-    (x, y), (x_test, y_test) = kq.datasets.load_digits()
+    (x, y), (x_test, y_test) = datasets.load_digits()
     everything = np.concatenate([x, x_test]).reshape(len(x) + len(x_test), -1)
     assert np.all(everything[:, ZERO_PIXEL] == 0.0)
     model = fragile_model()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import keras_quant as kq
+from keras_quant.cli import datasets
 from keras_quant.analysis import tensorboard as tb
 from keras_quant.errors import ConfigError
 from keras_quant.export.plan import quantizer_layers
@@ -52,7 +53,7 @@ def tiny_cnn():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    (x, y), _ = kq.datasets.load_digits()
+    (x, y), _ = datasets.load_digits()
     x, y = x[:N], y[:N]
     qat = kq.quantize_model(tiny_cnn(), kq.QuantConfig.int8(), mode="qat")
     qat.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 
 import keras_quant as kq
+from keras_quant.cli import datasets
 
 L = keras.layers
 
@@ -48,7 +49,7 @@ def compile_model(model, lr=0.003):
 @functools.lru_cache(maxsize=None)
 def _trained_weights(epochs, average_pool):
     """The CNN's weights after training, computed once per process (the export and analysis tests share it)."""
-    (x_train, y_train), _ = kq.datasets.load_digits()
+    (x_train, y_train), _ = datasets.load_digits()
     model = compile_model(cnn(average_pool=average_pool))
     model.fit(x_train, y_train, epochs=epochs, batch_size=32, verbose=0)
     return tuple(model.get_weights())
@@ -61,7 +62,7 @@ def trained(epochs=12, average_pool=False):
     pytest-xdist worker), however many test modules ask, and no caller sees another's changes.
     """
     weights = _trained_weights(epochs, average_pool)
-    (x_train, y_train), (x_test, y_test) = kq.datasets.load_digits()
+    (x_train, y_train), (x_test, y_test) = datasets.load_digits()
     model = compile_model(cnn(average_pool=average_pool))
     model.set_weights([w.copy() for w in weights])
     return model, (x_train, y_train), (x_test, y_test)

@@ -10,6 +10,7 @@ import pytest
 
 import keras
 import keras_quant as kq
+from keras_quant.cli import datasets
 from keras_quant import runtime
 from keras_quant.errors import ConfigError, ExportError
 from tests.export import models
@@ -158,7 +159,7 @@ def test_float_io_and_uint8_input(ptq, setup, tmp_path):
 
 def test_qat_model_exports_its_learned_ranges(setup, tmp_path):
     model, _, x_train, x_test, y_test = setup
-    (_, y_train), _ = kq.datasets.load_digits()
+    (_, y_train), _ = datasets.load_digits()
     spec = kq.QuantSpec(bits=8, symmetric=True, granularity="per_channel", narrow_range=True, learnable=True)
     config = kq.QuantConfig(weights=spec, activations=kq.QuantSpec(bits=8, learnable=True))
     qat = models.compile_model(kq.quantize_model(model, config, mode="qat", calibration=None), lr=1e-3)

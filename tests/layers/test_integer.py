@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import keras_quant as kq
+from keras_quant.cli import datasets
 from keras_quant.errors import ConfigError
 from keras_quant.layers import integer
 
@@ -372,7 +373,7 @@ def nasnet_reduction_cell():
 
 
 def _ptq(build):
-    (x_train, y_train), (x_test, _) = kq.datasets.load_digits()
+    (x_train, y_train), (x_test, _) = datasets.load_digits()
     model = build()
     model.fit(x_train, y_train, epochs=3, batch_size=32, verbose=0)
     cb = kq.CalibrationCallback()
