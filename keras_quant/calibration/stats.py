@@ -1,7 +1,8 @@
 """Activation statistics in the graph: the `LayerCollector` layer and its moment merge.
 
-A `LayerCollector` is an observer (`keras_quant.observers.Observer`) that
-watches one tensor and keeps, in a few fixed-size float32 variables,
+A `LayerCollector` is a pass-through Keras layer (not an observer: it keeps the
+statistics every range method reads, and asks `keras_quant.observers.REGISTRY`
+which of them the spec's range needs) that watches one tensor and keeps, in a few fixed-size float32 variables,
 
 - per tensor (one packed `scalars` vector): count, mean and the central
   moments `M2`, `M3`, `M4` (merged exactly across batches, below), the
@@ -57,8 +58,8 @@ import keras_quant.calibration.step as step_lib
 from keras_quant.calibration.result import LayerStatistics
 from keras_quant.calibration.step import SCALARS, VARIABLES, StepKey, initial, merge_moments
 from keras_quant.config import as_spec
-from keras_quant.errors import ConfigError, NoDataError
-from keras_quant.observers.base import Observer
+from keras_quant.errors import ConfigError
+from keras_quant.observers.base import state_bytes as observer_state_bytes
 from keras_quant.observers.registry import REGISTRY
 from keras_quant.observers.registry import get as get_observer
 from keras_quant.ops.histogram import histogram_outliers
@@ -118,7 +119,7 @@ def _read(variable):
 
 
 @keras.saving.register_keras_serializable(package="keras_quant")
-class LayerCollector(Observer):
+class LayerCollector(keras.layers.Layer):
     """Pass-through layer that gathers the statistics of one tensor in the graph.
 
     Runs inside compiled steps (`tf.function`, `jit_compile=True`, JAX) with
@@ -154,7 +155,8 @@ class LayerCollector(Observer):
     """
 
     def __init__(self, spec=None, channel_axis=-1, num_bins=2048, statistics="full", name=None, **kwargs):
-        super().__init__(granularity="per_tensor", name=name, **kwargs)
+        kwargs.setdefault("trainable", False)
+        super().__init__(name=name, **kwargs)
         spec = as_spec(spec, layer=name)
         if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
             raise ConfigError("channel_axis", channel_axis, "channel_axis must be an integer", layer=name)
@@ -276,13 +278,6 @@ class LayerCollector(Observer):
             self._extra.call(inputs, sample_mask=sample_mask)
         return inputs
 
-    def _update_state(self, rows, finite, all_finite):
-        """Not used: `call` replaces the base class's update flow, since the
-        per-channel extremes need the tensor before it is flattened."""
-
-    def _build_state(self, shape):
-        """Not used: `build` creates the packed state."""
-
     # Eager API -------------------------------------------------------------
     def reset(self):
         """Restore the empty state (of the range observer too). A collector not yet built is left as is."""
@@ -291,15 +286,10 @@ class LayerCollector(Observer):
         if self._extra is not None and self._extra.built:
             self._extra.reset()
 
-    def _check_state(self):
-        if not self.built:
-            raise NoDataError(self.name, reason="the collector was never called")
-
-    def _range(self, spec=None):
-        stats = self.to_statistics()
-        stats.require_data()
-        lo, hi = stats.compute_range(self.spec if spec is None else spec)
-        return np.reshape(lo, -1), np.reshape(hi, -1)
+    @property
+    def state_bytes(self):
+        """Bytes held by the collector's variables (its range observer's included)."""
+        return observer_state_bytes(self)
 
     def compute_range(self, spec=None):
         """The range for `spec` (default the collector's), see `LayerStatistics.compute_range`."""

@@ -43,6 +43,11 @@ def is_number(value):
     return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
 
 
+def state_bytes(layer):
+    """Bytes held by a layer's variables, its sublayers' included: an observer's or a collector's state."""
+    return sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in layer.weights)
+
+
 def expand_mask(sample_mask, inputs):
     """A `(batch,)` sample mask as a float32 tensor shaped like `inputs` (1.0 where kept)."""
     mask = ops.cast(ops.reshape(sample_mask, (-1,) + (1,) * (len(inputs.shape) - 1)), "float32")
@@ -314,7 +319,7 @@ class Observer(keras.layers.Layer, metaclass=abc.ABCMeta):
     @property
     def state_bytes(self):
         """Bytes held by the observer's variables (fixed once built)."""
-        return sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in self.weights)
+        return state_bytes(self)
 
     # Serialization ----------------------------------------------------------
     def get_config(self):
