@@ -58,11 +58,11 @@ import keras_quant.calibration.step as step_lib
 from keras_quant.calibration.result import LayerStatistics
 from keras_quant.calibration.step import SCALARS, VARIABLES, StepKey, initial, merge_moments
 from keras_quant.config import as_spec
-from keras_quant.errors import ConfigError
+from keras_quant.errors import ConfigError, check_int
 from keras_quant.observers.base import state_bytes as observer_state_bytes
 from keras_quant.observers.registry import REGISTRY
 from keras_quant.observers.registry import get as get_observer
-from keras_quant.ops.histogram import histogram_outliers
+from keras_quant.ops.histogram import MIN_BINS, histogram_outliers
 
 __all__ = ["LayerCollector", "merge_moments", "batch_moments", "moments_to_stats", "STATISTICS"]
 
@@ -177,9 +177,8 @@ class LayerCollector(keras.layers.Layer):
         self._with_zeros = full
         self._with_channels = full or channel_minmax
         self._with_hist = full or (per_tensor and needs == "histogram")
-        if self._with_hist and (isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer))
-                                or num_bins < 8):
-            raise ConfigError("num_bins", num_bins, "num_bins must be an integer of at least 8", layer=name)
+        if self._with_hist:
+            check_int("num_bins", num_bins, minimum=MIN_BINS, layer=name)
         self._scalars_var = self._hist_var = self._channel_min_var = self._channel_max_var = None
         self._extra = None
         reusable = per_tensor and needs != "observer"

@@ -29,10 +29,10 @@ import numpy as np
 from keras import ops
 
 from keras_quant.config import QuantSpec, as_spec, auto_candidates, auto_tolerance  # noqa: F401 (QuantSpec: examples)
-from keras_quant.errors import ConfigError
+from keras_quant.errors import ConfigError, check_int
 import keras_quant.ops.range_search as range_search
 from keras_quant.observers.base import Observer, is_number
-from keras_quant.ops.histogram import bin_counts, rebin_counts
+from keras_quant.ops.histogram import MIN_BINS, bin_counts, rebin_counts
 
 __all__ = ["HistogramObserver", "PercentileObserver", "METHODS"]
 
@@ -86,8 +86,7 @@ class HistogramObserver(Observer):
         super().__init__(granularity=granularity, axis=axis, nan_policy=nan_policy, **kwargs)
         self.candidates = auto_candidates(candidates)
         self.tolerance = auto_tolerance(tolerance)
-        if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)) or num_bins < 8:
-            raise ConfigError("num_bins", num_bins, "num_bins must be an integer of at least 8")
+        check_int("num_bins", num_bins, minimum=MIN_BINS, layer=kwargs.get("name"))
         if method not in METHODS:
             raise ConfigError("method", method, f"method must be one of {tuple(METHODS)}")
         if not is_number(percentile) or not 0 < percentile <= 100:

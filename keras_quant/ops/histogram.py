@@ -29,6 +29,7 @@ import numpy as np
 from keras import ops
 
 __all__ = [
+    "MIN_BINS",
     "weighted_counts",
     "rebin_counts",
     "bin_counts",
@@ -39,6 +40,9 @@ __all__ = [
     "mad",
     "histogram_outliers",
 ]
+
+# The fewest bins a histogram may have (an observer's or a collector's `num_bins`).
+MIN_BINS = 8
 
 
 # --------------------------------------------------------------------------
