@@ -108,6 +108,14 @@ def test_registered_layer_declares_folding_and_export_facts():
     assert rules.lookup(Opaque) is None and rules.fold_rule(Opaque) is None
 
 
+def test_re_registering_a_built_in_type_keeps_its_folding_and_export_facts():
+    with rules.rule_scope():
+        dense = rules.register_rule(L.Dense, weights=("kernel",))
+        assert (dense.fold_weight, dense.fold_axes) == ("kernel", (-1,))
+        embedding = rules.register_rule(L.Embedding, weights=("embeddings",), weight_axes=(0,))
+        assert embedding.export_blocker == rules.RULES[L.Embedding].export_blocker and embedding.export_per_tensor
+
+
 @pytest.mark.parametrize(
     "layer_type, per_tensor",
     [(L.SeparableConv2D, False), (L.Conv3D, False), (L.EinsumDense, False), (L.Embedding, True)],
