@@ -43,13 +43,13 @@ import keras_quant.cli.datasets as datasets
 from keras_quant import analysis, observers
 from keras_quant import ops as qops
 from keras_quant.cli.common import positive_int
-from keras_quant.config import QuantSpec
+from keras_quant.config import AUTO_CANDIDATES, QuantSpec
 from keras_quant.formatting import text_table, to_jsonable
 from keras_quant.progress import ProgressBar, progress_callback, steps
 
 __all__ = ["build_model", "run", "load_data", "print_tables", "add_parser", "command"]
 
-OBSERVER_NAMES = ("minmax", "percentile", "mse", "kl")
+OBSERVER_NAMES = AUTO_CANDIDATES  # the range methods the demo compares: those "auto" chooses among
 ACT_SPEC = QuantSpec(bits=8)  # the activations' scheme of steps 2 and 3
 DATASETS = ("auto", "fashion", "digits")
 # Fashion-MNIST subset and epochs: the main job stays a few minutes on 2 CPU cores.
