@@ -33,17 +33,18 @@ def compare_tensors(qmodel, path, x):
     """`[(op index, op name, keras layer, max steps, share of elements off)]` for the mismatching int8 tensors."""
     import keras
 
-    from keras_quant.analysis.layers import _TensorRunner
+    from keras_quant.runtime import TFLiteRunner
 
     with open(path, "rb") as f:
-        runner = _TensorRunner(f.read(), os.path.basename(path))
+        runner = TFLiteRunner(f.read(), os.path.basename(path), path=path, preserve_all_tensors=True)
     names = {layer.name for layer in qmodel.layers}
+    details = runner.tensor_details()
     rows = []
-    for op in runner.interpreter._get_ops_details():
+    for op in runner.ops():
         if op["op_name"] == "DELEGATE":  # its outputs are the delegated ops' own, listed already
             continue
         for index in op["outputs"]:
-            detail = runner.details.get(index)
+            detail = details.get(index)
             if detail is None or not np.issubdtype(detail["dtype"], np.integer):
                 continue
             parts = detail["name"].split(";")[0].split("/")
@@ -56,7 +57,7 @@ def compare_tensors(qmodel, path, x):
     layers = list(dict.fromkeys(r[3] for r in rows))
     probe = keras.Model(qmodel.inputs, [qmodel.get_layer(n).output for n in layers])
     keras_out = dict(zip(layers, probe.predict(x, batch_size=16, verbose=0)))
-    file_out = runner.run_all([x.astype("float32")], [r[2] for r in rows], 16)
+    file_out = runner.intermediates(x.astype("float32"), [r[2] for r in rows], batch_size=16)
     bad = []
     for (op_index, op_name, _, name, scale), got in zip(rows, file_out):
         want = keras_out[name]
