@@ -59,6 +59,13 @@ __all__ = [
     "SEARCHES",
 ]
 
+def _search_start(hist, bin_edges, spec):
+    """The checked histogram and edges and the data's min-max range, where a range search starts."""
+    check_spec(spec)
+    hist, edges = _check(hist, bin_edges)
+    return (hist, edges) + minmax_range(hist, edges)
+
+
 def _check(hist, bin_edges):
     hist = np.asarray(hist, np.float64).reshape(-1)
     edges = np.asarray(bin_edges, np.float64).reshape(-1)
@@ -242,10 +249,8 @@ def mse_range(hist, bin_edges, spec, num_candidates=128):
     >>> x = np.random.default_rng(0).uniform(-1, 1, 10_000)
     >>> lo, hi = mse_range(*np.histogram(x, 512), QuantSpec(bits=4))
     """
-    check_spec(spec)
-    hist, edges = _check(hist, bin_edges)
-    lo, hi = minmax_range(hist, edges)
-    if hi <= lo:
+    hist, edges, lo, hi = _search_start(hist, bin_edges, spec)
+    if hi <= lo:  # a constant tensor: nothing to search
         return lo, hi
     centers, weights = _centers(hist, edges)
     r = np.arange(1, int(num_candidates) + 1, dtype=np.float64) / int(num_candidates)
@@ -354,10 +359,8 @@ def kl_range(hist, bin_edges, spec, num_candidates=256):
     >>> x = np.random.default_rng(0).normal(size=100_000)
     >>> lo, hi = kl_range(*np.histogram(x, 2048), QuantSpec(bits=8))
     """
-    check_spec(spec)
-    hist, edges = _check(hist, bin_edges)
-    lo, hi = minmax_range(hist, edges)
-    if hi <= lo:
+    hist, edges, lo, hi = _search_start(hist, bin_edges, spec)
+    if hi <= lo:  # a constant tensor: nothing to search
         return lo, hi
     one_sided = lo >= 0 or hi <= 0
     levels = 2**spec.bits if one_sided and not spec.symmetric else 2 ** (spec.bits - 1)
