@@ -33,6 +33,7 @@ from keras_quant.config import QuantSpec
 from keras_quant.errors import ConfigError, IntegrityError, NoDataError
 from keras_quant.formatting import text_table, to_jsonable
 import keras_quant.ops.range_search as range_search
+from keras_quant.ops.core import check_spec
 from keras_quant.observers.registry import REGISTRY
 from keras_quant.ops.histogram import histogram_outliers, quantile
 
@@ -229,8 +230,7 @@ class LayerStatistics:
             NoDataError: If no finite value was seen.
             ConfigError: For a per-channel / per-group range the state cannot give.
         """
-        if not isinstance(spec, QuantSpec):
-            raise ConfigError("spec", spec, "spec must be a kq.QuantSpec", layer=self.name)
+        check_spec(spec, layer=self.name)
         self.require_data()
         if spec.granularity != "per_tensor":
             if spec.granularity == "per_channel" and REGISTRY[spec.observer].needs == "minmax" \
@@ -295,8 +295,7 @@ class LayerStatistics:
         >>> choice = result["dense"].choose_method(kq.QuantSpec(bits=4))   # doctest: +SKIP
         >>> choice.method, choice.errors["minmax"] / choice.errors[choice.method]   # doctest: +SKIP
         """
-        if not isinstance(spec, QuantSpec):
-            raise ConfigError("spec", spec, "spec must be a kq.QuantSpec", layer=self.name)
+        check_spec(spec, layer=self.name)
         if spec.granularity != "per_tensor":
             raise ConfigError(
                 "granularity", spec.granularity,

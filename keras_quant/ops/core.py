@@ -59,14 +59,14 @@ __all__ = [
 EPS = float(np.finfo(np.float32).eps)
 
 
-def check_spec(spec):
-    """Raise `ConfigError` unless `spec` is a `kq.QuantSpec`.
+def check_spec(spec, layer=None):
+    """Raise `ConfigError` (naming `layer`, if given) unless `spec` is a `kq.QuantSpec`.
 
     The kernels take a spec object only (not its config dict, which
     `keras_quant.config.as_spec` coerces at the public entry points).
     """
     if not isinstance(spec, QuantSpec):
-        raise ConfigError("spec", spec, "expected a kq.QuantSpec")
+        raise ConfigError("spec", spec, "expected a kq.QuantSpec", layer=layer)
 
 
 def moving_average(average, value, momentum):
