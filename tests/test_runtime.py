@@ -584,3 +584,18 @@ def test_check_inputs_names_the_callers_argument():
 def test_chunks_pad_a_fixed_batch_with_the_last_sample(fixed_batch, batch_size, expected):
     got = [(c[0].tolist(), n) for c, n in runtime.chunks([np.arange(5)], fixed_batch, batch_size)]
     assert got == expected
+
+
+def test_a_runner_missing_a_method_cannot_be_made():
+    from keras_quant.runtime.base import ChunkedRunner, Runner
+
+    class NoRun(ChunkedRunner):
+        def _infer_fn(self, sample):
+            return lambda: None
+
+        size_bytes = 0
+
+    with pytest.raises(TypeError, match="_run"):
+        NoRun("x", ["in"], [(None, 2)])
+    with pytest.raises(TypeError, match="_infer_fn"):
+        Runner("x", ["in"], [(None, 2)])

@@ -12,6 +12,7 @@ Example:
 [([0, 1], 2), ([2, 2], 1)]
 """
 
+import abc
 import statistics
 import time
 
@@ -23,6 +24,7 @@ from keras_quant.errors import ConfigError, NoDataError, ShapeMismatchError, che
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "Runner",
+    "ChunkedRunner",
     "quantize_input",
     "dequantize_output",
     "as_integer_input",
@@ -201,8 +203,12 @@ def as_integer_input(a, dtype, field):
 
 
 # Runners ----------------------------------------------------------------------
-class Runner:
+class Runner(abc.ABC):
     """What every runner offers; made by `load`.
+
+    A runner implements `_predict` (the whole prepared input), `_infer_fn`
+    (one batch-1 inference, for `latency`) and `size_bytes`; a file runner
+    derives from `ChunkedRunner`, which gives `_predict` from a per-chunk `_run`.
 
     Attributes:
         kind: `"keras"`, `"tflite"` or `"onnx"`.
@@ -218,20 +224,13 @@ class Runner:
         self.input_names = list(input_names)
         self.input_shapes = [None if s is None else tuple(s) for s in input_shapes]
 
-    # Subclasses implement `_run` (or `_predict`), `_infer_fn` and `size_bytes`.
-    _fixed_batch = None  # the artifact's fixed batch dimension, or None
-
-    def _run(self, chunk):
-        """The float32 outputs of one chunk of prepared-to-feed arrays."""
-        raise NotImplementedError
-
+    @abc.abstractmethod
     def _predict(self, xs, batch_size):
-        parts = [[o[:real] for o in self._run(chunk)] for chunk, real in chunks(xs, self._fixed_batch, batch_size)]
-        return [np.concatenate(p) for p in zip(*parts)]
+        """The float32 outputs (a list) of the checked inputs `xs`, in batches of `batch_size`."""
 
+    @abc.abstractmethod
     def _infer_fn(self, sample):
         """A no-argument callable running one prepared batch-1 inference."""
-        raise NotImplementedError
 
     @property
     def output_quantization(self):
@@ -239,8 +238,9 @@ class Runner:
         return None
 
     @property
+    @abc.abstractmethod
     def size_bytes(self):
-        raise NotImplementedError
+        """The artifact's size in bytes."""
 
     def predict(self, x, batch_size=None):
         """Run the model on `x`.
@@ -296,3 +296,17 @@ class Runner:
 
     def __repr__(self):
         return f"{type(self).__name__}(name={self.name!r}, inputs={self.input_shapes})"
+
+
+class ChunkedRunner(Runner):
+    """A runner of a file (TFLite, ONNX): `predict` feeds it chunk by chunk (`chunks`), padding to a fixed batch."""
+
+    _fixed_batch = None  # the artifact's fixed batch dimension, or None
+
+    @abc.abstractmethod
+    def _run(self, chunk):
+        """The float32 outputs of one chunk of prepared-to-feed arrays."""
+
+    def _predict(self, xs, batch_size):
+        parts = [[o[:real] for o in self._run(chunk)] for chunk, real in chunks(xs, self._fixed_batch, batch_size)]
+        return [np.concatenate(p) for p in zip(*parts)]

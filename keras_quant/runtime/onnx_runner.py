@@ -17,7 +17,7 @@ import pathlib
 import numpy as np
 
 from keras_quant.errors import ConfigError
-from keras_quant.runtime.base import Runner, as_integer_input, chunks, dequantize_output, dim, float32, quantize_input
+from keras_quant.runtime.base import ChunkedRunner, as_integer_input, chunks, dequantize_output, dim, float32, quantize_input
 
 __all__ = ["ONNXRunner", "ONNX_FLOAT_TYPES", "ONNX_INT_TYPES", "ONNX_INPUT_INT_TYPES"]
 
@@ -63,7 +63,7 @@ def _onnx_output_qparams(model_proto, output_name, op_types=("DequantizeLinear",
     return float(scale.reshape(())), int(zero_point.reshape(()))
 
 
-class ONNXRunner(Runner):
+class ONNXRunner(ChunkedRunner):
     """An ONNX model, run with onnxruntime's CPUExecutionProvider.
 
     Float inputs (float32, float16 or double; QDQ models such as

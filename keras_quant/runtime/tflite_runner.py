@@ -20,7 +20,7 @@ import pathlib
 import numpy as np
 
 from keras_quant.errors import ConfigError, check_int
-from keras_quant.runtime.base import Runner, as_integer_input, check_inputs, chunks, dequantize_output, dim, float32
+from keras_quant.runtime.base import ChunkedRunner, as_integer_input, check_inputs, chunks, dequantize_output, dim, float32
 from keras_quant.runtime.base import quantize_input
 
 __all__ = ["TFLiteRunner", "TFLITE_IDENTIFIER", "ops_details", "tflite_qparams"]
@@ -112,7 +112,7 @@ def _as_float(out, detail):
     return dequantize_output(out, *qparams) if qparams else float32(out)
 
 
-class TFLiteRunner(Runner):
+class TFLiteRunner(ChunkedRunner):
     """A TFLite flatbuffer, run in the LiteRT interpreter.
 
     int8 / uint8 / int16 inputs are quantized with the input tensor's scale and
