@@ -102,8 +102,10 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
     (0.0, 3.0)
     """
 
-    def __init__(self, momentum=None, granularity="per_tensor", axis=-1, group_size=None, nan_policy="omit",
+    def __init__(self, *, momentum=None, granularity="per_tensor", axis=-1, group_size=None, nan_policy="omit",
                  averaging_constant=_UNSET, **kwargs):
+        # Keyword-only: the first positional argument used to be `averaging_constant`, so a
+        # positional call from older code fails loudly instead of reading its value as momentum.
         super().__init__(granularity=granularity, axis=axis, group_size=group_size, nan_policy=nan_policy, **kwargs)
         if averaging_constant is not _UNSET:
             c = averaging_constant

@@ -157,3 +157,10 @@ def test_moving_average_momentum_matches_averaging_constant():
     assert info.value.field == "momentum"
     with pytest.raises(ConfigError):
         MovingAverageMinMaxObserver(momentum=0.5, averaging_constant=0.5)
+
+
+def test_moving_average_arguments_are_keyword_only():
+    # The first positional argument used to be averaging_constant: a positional call must not
+    # silently read it as momentum.
+    with pytest.raises(TypeError):
+        MovingAverageMinMaxObserver(0.1)
