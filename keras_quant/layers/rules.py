@@ -286,7 +286,7 @@ def register_rule(layer_type, kind="compute", weights=(), weight_axes=None, fuse
         fused_activation: Accepted for older callers and ignored (see `make_rule`).
         fold_weight: The weight a following BatchNormalization folds into, or None
             (re-registering a type keeps the replaced rule's `fold_weight` and
-            `fold_axes`).
+            `fold_axes` when that weight is still among `weights`).
         fold_axes: Its output-channel axes (e.g. `(-1,)`).
         export_blocker: Why an integer export cannot hold the layer, or None
             (re-registering a type keeps the replaced rule's export facts).
@@ -308,7 +308,8 @@ def register_rule(layer_type, kind="compute", weights=(), weight_axes=None, fuse
     if not isinstance(layer_type, type):
         raise ConfigError("layer_type", layer_type, "layer_type must be a layer class")
     replaced = RULES.get(layer_type)
-    if replaced is not None and fold_weight is None:  # a built-in type re-registered keeps its folding
+    if (replaced is not None and fold_weight is None
+            and replaced.fold_weight in tuple(weights or ())):  # re-registered: keeps its folding if it still can
         fold_weight, fold_axes = replaced.fold_weight, replaced.fold_axes
     if replaced is not None and export_blocker is None:  # ... and what its export cannot hold
         export_blocker, export_per_tensor = replaced.export_blocker, replaced.export_per_tensor

@@ -112,6 +112,9 @@ def test_re_registering_a_built_in_type_keeps_its_folding_and_export_facts():
     with rules.rule_scope():
         dense = rules.register_rule(L.Dense, weights=("kernel",))
         assert (dense.fold_weight, dense.fold_axes) == ("kernel", (-1,))
+        assert rules.register_rule(L.Dense, kind="float").fold_weight is None  # no kernel to fold into now
+        separable = rules.register_rule(L.SeparableConv2D, weights=("depthwise_kernel",), weight_axes=(-2,))
+        assert separable.fold_weight is None
         embedding = rules.register_rule(L.Embedding, weights=("embeddings",), weight_axes=(0,))
         assert embedding.export_blocker == rules.RULES[L.Embedding].export_blocker and embedding.export_per_tensor
 
