@@ -502,24 +502,21 @@ class QuantConfig:
         )
 
 
-def as_spec(spec, field="spec", layer=None, required=False):
+def as_spec(spec, field="spec", layer=None):
     """`spec` as a `QuantSpec`: a spec, its config dict, or None (the default int8 spec).
 
-    The one place a spec argument is checked and coerced; every public function
-    that takes a `spec` calls it.
+    The one coercion of a `spec` argument at the public entry points (the ops
+    kernels take a spec object only and check it with `keras_quant.ops.check_spec`).
 
     Args:
         spec: A `kq.QuantSpec`, its `get_config()` dict, or None.
         field: The argument's name, for the error.
         layer: The layer the spec is for, if any, for the error.
-        required: If True, None is an error too (a function with no default spec).
 
     Raises:
         ConfigError: For anything else, naming `field` and `layer`.
     """
     if spec is None:
-        if required:
-            raise ConfigError(field, spec, "expected a kq.QuantSpec or a QuantSpec config dict", layer=layer)
         return QuantSpec()
     if isinstance(spec, QuantSpec):
         return spec

@@ -158,9 +158,8 @@ _check_registry()
 def _percentile_option(options):
     """`{"percentile": p}` for a PercentileObserver means `low=100 - p, high=p`."""
     if "percentile" in options:
-        p = options.pop("percentile")
-        options.setdefault("high", p)
-        options.setdefault("low", 100.0 - p)
+        options["low"], options["high"] = range_search.percentile_bounds(options)
+        del options["percentile"]
     return options
 
 
