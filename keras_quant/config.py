@@ -506,7 +506,7 @@ def as_spec(spec, field="spec", layer=None):
     """`spec` as a `QuantSpec`: a spec, its config dict, or None (the default int8 spec).
 
     The one coercion of a `spec` argument at the public entry points (the ops
-    kernels take a spec object only and check it with `keras_quant.ops.check_spec`).
+    kernels take a spec object only and check it with `keras_quant.ops.core.check_spec`).
 
     Args:
         spec: A `kq.QuantSpec`, its `get_config()` dict, or None.

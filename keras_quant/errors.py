@@ -19,6 +19,8 @@ bits 1
 
 import numbers
 
+import numpy as np
+
 __all__ = [
     "KerasQuantError",
     "ConfigError",
@@ -30,6 +32,7 @@ __all__ = [
     "NoDataError",
     "ExportError",
     "check_int",
+    "is_number",
 ]
 
 
@@ -200,6 +203,11 @@ class ExportError(KerasQuantError, ValueError):
 
 
 # Validation helpers ---------------------------------------------------------------
+def is_number(value):
+    """Whether `value` is a real number (Python or numpy; not a bool), for argument checks."""
+    return isinstance(value, (numbers.Real, np.number)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_int(field, value, minimum=1, allow_none=False, layer=None):
     """`value` as an int `>= minimum`: the one check of a count argument (batch_size, runs, ...).
 

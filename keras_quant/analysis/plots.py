@@ -19,13 +19,12 @@ Example:
 
 import io
 import math
-import numbers
 
 import numpy as np
 
 from keras_quant.calibration.result import LayerStatistics
 from keras_quant.config import as_spec
-from keras_quant.errors import ConfigError, NoDataError
+from keras_quant.errors import ConfigError, NoDataError, is_number
 from keras_quant.formatting import format_number
 from keras_quant.io import write_atomic
 
@@ -58,12 +57,8 @@ def _png(fig, path):
     return data
 
 
-def _is_number(v):
-    return isinstance(v, (numbers.Real, np.number)) and not isinstance(v, (bool, np.bool_))
-
-
 def _finite(v):
-    return v is not None and _is_number(v) and math.isfinite(float(v))
+    return v is not None and is_number(v) and math.isfinite(float(v))
 
 
 # Activation histogram ------------------------------------------------------------
@@ -76,7 +71,7 @@ def _clip(stats, spec, clip_range):
         return float(np.min(lo)), float(np.max(hi)), f"clip range ({spec.observer}, {spec.bits} bits)"
     if clip_range is None:
         return None
-    if not isinstance(clip_range, (tuple, list)) or len(clip_range) != 2 or not all(map(_is_number, clip_range)):
+    if not isinstance(clip_range, (tuple, list)) or len(clip_range) != 2 or not all(map(is_number, clip_range)):
         raise ConfigError("clip_range", clip_range, "clip_range must be a (min, max) pair of numbers", layer=stats.name)
     lo, hi = (float(v) for v in clip_range)
     if lo > hi:
@@ -158,7 +153,7 @@ def _table_matrix(table, columns):
             if not isinstance(row, dict) or "name" not in row:
                 raise ConfigError(f"table[{i}]", row, "each row must be a dict with a 'name' key")
         if columns is None:
-            columns = dict.fromkeys(k for row in table for k, v in row.items() if k != "name" and _is_number(v))
+            columns = dict.fromkeys(k for row in table for k, v in row.items() if k != "name" and is_number(v))
         cols = list(columns)
         rows = [str(row["name"]) for row in table]
         cells = [[row.get(c) for c in cols] for row in table]
@@ -171,7 +166,7 @@ def _table_matrix(table, columns):
     values = np.full((len(rows), len(cols)), np.nan)
     for i, row in enumerate(cells):
         for j, v in enumerate(row):
-            if v is not None and not _is_number(v):
+            if v is not None and not is_number(v):
                 raise ConfigError(f"table[{cols[j]!r}][{rows[i]!r}]", v, "heatmap values must be numbers or None")
             if v is not None:
                 values[i, j] = float(v)
@@ -264,7 +259,7 @@ def _points(points):
             if key not in p:
                 raise ConfigError(f"points[{i}].{key}", None, f"each point needs a '{key}'")
         for key in ("size_bytes", "accuracy"):
-            if p[key] is not None and not _is_number(p[key]):
+            if p[key] is not None and not is_number(p[key]):
                 raise ConfigError(f"points[{i}].{key}", p[key], f"{key} must be a number")
         if _finite(p["size_bytes"]) and _finite(p["accuracy"]):
             out.append((str(p["label"]), float(p["size_bytes"]) / 1024.0, float(p["accuracy"]), bool(p.get("reference"))))

@@ -104,6 +104,7 @@ def merge_moments(a, b, maximum=np.maximum):
 
     Example:
 
+    >>> from keras_quant.calibration.stats import batch_moments
     >>> x = np.arange(10.0)
     >>> np.allclose(merge_moments(batch_moments(x[:3]), batch_moments(x[3:])), batch_moments(x))
     True

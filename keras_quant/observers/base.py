@@ -33,14 +33,9 @@ import keras_quant.ops as kq_ops
 from keras_quant.config import QuantSpec
 from keras_quant.errors import ConfigError, NoDataError, NonFiniteError, ShapeMismatchError
 
-__all__ = ["Observer", "NAN_POLICIES", "expand_mask", "is_number"]
+__all__ = ["Observer", "NAN_POLICIES", "expand_mask", "state_bytes"]
 
 NAN_POLICIES = ("omit", "raise")
-
-
-def is_number(value):
-    """Whether `value` is a real number (an int, float or numpy number; not a bool), for argument checks."""
-    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
 
 
 def state_bytes(layer):

@@ -29,9 +29,9 @@ import numpy as np
 from keras import ops
 
 from keras_quant.config import QuantSpec, as_spec, auto_candidates, auto_tolerance  # noqa: F401 (QuantSpec: examples)
-from keras_quant.errors import ConfigError, check_int
+from keras_quant.errors import ConfigError, check_int, is_number
 import keras_quant.ops.range_search as range_search
-from keras_quant.observers.base import Observer, is_number
+from keras_quant.observers.base import Observer
 from keras_quant.ops.histogram import MIN_BINS, bin_counts, rebin_counts
 
 __all__ = ["HistogramObserver", "PercentileObserver", "METHODS"]

@@ -22,8 +22,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_quant.errors import ConfigError
-from keras_quant.observers.base import Observer, is_number
+from keras_quant.errors import ConfigError, is_number
+from keras_quant.observers.base import Observer
 
 __all__ = ["MeanStdObserver", "mean_std_range"]
 

@@ -18,8 +18,8 @@ import numpy as np
 from keras import ops
 
 import keras_quant.ops as kq_ops
-from keras_quant.errors import ConfigError
-from keras_quant.observers.base import Observer, is_number
+from keras_quant.errors import ConfigError, is_number
+from keras_quant.observers.base import Observer
 
 __all__ = ["MinMaxObserver", "MovingAverageMinMaxObserver"]
 
