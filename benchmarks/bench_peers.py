@@ -28,6 +28,9 @@ Keras for `.keras` files), batch 1, one thread:
   pass), `kq.quantize_model` with that activation observer, `kq.export_tflite(mode="int8")`.
   W8A8, W4A8, W4A4 (per-channel symmetric weights, per-tensor asymmetric activations; 4-bit
   values stored in int8 on their grid);
+- `kq_ptq_algos`: `kq.ptq.quantize` with the post-training algorithm stack of each scheme
+  (`ALGO_STACKS`: cross-layer equalization, AdaRound, bias correction), observer `auto`, from the same
+  calibration pass (recalibrated after equalization), exported as int8 TFLite. W4A8, W4A4;
 - `keras_quantize`: Keras' own `model.quantize("int8")` (W8A8: int8 weights, activations
   quantized on the fly) and `"int4"` (W4A8), saved as `.keras`. It quantizes Dense layers only;
   convolutions stay float;
@@ -54,15 +57,19 @@ step time over the float fine-tuning's (the control that also shows what extra t
 The headline columns are ratios to the TFLite converter's own int8 file of the same model.
 
 Targets (reported, not asserted): kq W8A8 PTQ drop at most the converter's on every model; kq W4A8
-PTQ drop at most half of onnxruntime MinMax's; kq QAT W8A8 within 0.3 points of float; W4A4 QAT
-with LSQ within 2 points; latency and size of kq's int8 file within 5% of the converter's.
+PTQ drop at most half of onnxruntime MinMax's (also for `kq_ptq_algos`, and within 1.0 point of float
+on the Fashion MobileNet); `kq_ptq_algos` W4A4 within 3 points; kq QAT W8A8 within 0.3 points of
+float; W4A4 QAT with LSQ within 2 points and at most plain QAT's drop; W4A4 files within 1.2x the
+converter's int8 latency; latency and size of kq's int8 file within 5% of the converter's.
+
+`--only GROUP ...` makes only some contender groups (`GROUPS`; the float file and the converter's
+int8 file always), `--datasets` picks datasets: e.g. `--only kq_ptq_algos ort --datasets digits`.
 """
 
 import argparse
 import contextlib
 import io
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -90,6 +97,10 @@ OBSERVERS = ("minmax", "percentile", "mse", "kl", "auto")
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 SCHEMES = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
 KQ_HEADLINE = "kq_ptq_auto"  # the kq PTQ contender the targets judge (minmax is reported beside it)
+# kq_ptq_algos: `kq.ptq.quantize` with the post-training algorithm stack of each scheme (observer "auto").
+ALGO_STACKS = {"W4A8": ("equalize", "adaround", "bias_correction"),
+               "W4A4": ("equalize", "adaround", "bias_correction")}
+ALGO_OPTIONS = {"adaround": {"time_budget": 240}}
 # Per dataset: float training epochs, fine-tuning samples and epochs (QAT and the float control).
 QAT_VARIANTS = tuple((scheme, lsq) for scheme in SCHEMES for lsq in (False, True))
 # --quick: digits only, the default and the automatic observer, the QAT variants the targets judge.
@@ -101,7 +112,8 @@ FULL = {"datasets": ("fashion_mnist", "digits"), "calib": 1000, "epochs": {"fash
         "observers": OBSERVERS, "qat": QAT_VARIANTS,
         "finetune": {"fashion_mnist": (32000, 1), "digits": (None, 5)}, "rounds": 11, "round_s": 0.08,
         "warmup": 5, "tfmot_timeout": 2400}
-TARGETS = {"qat_w8a8_pts": 0.3, "lsq_w4a4_pts": 2.0, "latency": 1.05, "size": 1.05}
+TARGETS = {"qat_w8a8_pts": 0.3, "lsq_w4a4_pts": 2.0, "latency": 1.05, "size": 1.05, "algo_w4a4_pts": 3.0,
+           "algo_w4a8_fashion_mobilenet_pts": 1.0, "w4a4_latency": 1.2, "int4_size": 0.6}
 
 
 # Data and models -----------------------------------------------------------------------
@@ -328,6 +340,26 @@ def kq_ptq_artifacts(model, x_calib, folder, artifacts, observers=None):
     return result
 
 
+def kq_algo_artifacts(model, x_calib, result, folder, artifacts, stacks=None):
+    """`kq_ptq_algos`: `kq.ptq.quantize` with each scheme's algorithm stack (`ALGO_STACKS`), exported as int8."""
+    import keras_quant as kq
+
+    for scheme, algorithms in (stacks or ALGO_STACKS).items():
+        config = kq_config("auto", scheme)
+        info = {}
+
+        def make(path, config=config, algorithms=algorithms, info=info):
+            options = {k: v for k, v in ALGO_OPTIONS.items() if k in algorithms}
+            qmodel = kq.ptq.quantize(model, x_calib, config, algorithms=algorithms, calibration=result,
+                                     max_samples=len(x_calib), options=options, progress=False)
+            kq.export_tflite(qmodel, path, mode="int8")
+            info["algorithm_s"] = {n: round(s, 2) for n, _, s in qmodel.ptq_report.steps}
+
+        art = _timed(artifacts, make, "kq_ptq_algos", scheme, os.path.join(folder, f"kq_ptq_algos_{scheme}.tflite"),
+                     "litert", algorithms="+".join(algorithms))
+        art.update(info)
+
+
 def float_control(model, x_ft, y_ft, epochs, path):
     """The float model fine-tuned like the QAT models: what extra training alone gives, and the step-time reference."""
     import keras
@@ -531,6 +563,12 @@ def rows_for_model(dataset, kind, float_acc, artifacts):
     return rows
 
 
+def wanted(cfg, group):
+    """Whether this run makes the contender group `group` (`--only`: all when not given)."""
+    only = cfg.get("only")
+    return not only or group in only
+
+
 def run_model(dataset, kind, data, cfg, folder, log):
     """Train one float model and make, measure and tabulate every contender but TF-MOT's."""
     import keras
@@ -551,17 +589,20 @@ def run_model(dataset, kind, data, cfg, folder, log):
     _timed(arts, lambda p: float_tflite(model, p), "float32", "float", path("float32.tflite"), "litert")
     _timed(arts, lambda p: converter_int8(model, x_calib, p), "tflite_converter", "W8A8",
            path("converter_int8.tflite"), "litert")
-    result = kq_ptq_artifacts(model, x_calib, folder, arts, cfg["observers"])
-    for mode, scheme in (("int8", "W8A8"), ("int4", "W4A8")):
+    result = kq_ptq_artifacts(model, x_calib, folder, arts, cfg["observers"] if wanted(cfg, "kq_ptq") else ())
+    if wanted(cfg, "kq_ptq_algos"):
+        kq_algo_artifacts(model, x_calib, result, folder, arts)
+    for mode, scheme in (("int8", "W8A8"), ("int4", "W4A8")) if wanted(cfg, "keras_quantize") else ():
         _timed(arts, lambda p, m=mode: keras_quantize(model, m, p), "keras_quantize", scheme,
                path(f"keras_{mode}.keras"), "keras")
-    if not arts[0].get("error"):
+    if not arts[0].get("error") and wanted(cfg, "ort"):
         ort_artifacts(arts[0]["path"], x_calib, folder, arts)
     ptq_s, phase = time.perf_counter() - phase, time.perf_counter()
     log(f"  [{dataset}/{kind}] {len(arts)} PTQ files in {ptq_s:.0f} s; QAT fine-tuning ({len(x_ft)} images x "
         f"{epochs} epochs)")
-    arts.append(float_control(model, x_ft, y_ft, epochs, path("float_finetuned.keras")))
-    kq_qat_artifacts(model, result, x_ft, y_ft, epochs, folder, arts, cfg["qat"])
+    if wanted(cfg, "qat"):
+        arts.append(float_control(model, x_ft, y_ft, epochs, path("float_finetuned.keras")))
+        kq_qat_artifacts(model, result, x_ft, y_ft, epochs, folder, arts, cfg["qat"])
     qat_s = time.perf_counter() - phase
     log(f"  [{dataset}/{kind}] QAT files in {qat_s:.0f} s")
     return model, float_acc, arts, {"dataset": dataset, "model": kind, "params": model.count_params(),
@@ -569,6 +610,18 @@ def run_model(dataset, kind, data, cfg, folder, log):
                                     "qat_files_s": qat_s, "train_images": len(x),
                                     "test_images": len(xt), "calib_images": len(x_calib),
                                     "finetune_images": len(x_ft), "finetune_epochs": epochs}
+
+
+def run_tfmot_phase(models, data, dataset, cfg, folder, log):
+    """TF-MOT's QAT of every model of `dataset` in a subprocess; its result dict."""
+    x_ft, y_ft, epochs = finetune_data(data[0], data[1], cfg["finetune"][dataset])
+    log(f"  [{dataset}] TF-MOT QAT (subprocess)")
+    tf_folder = os.path.join(folder, dataset, "tfmot")
+    os.makedirs(tf_folder)
+    start = time.perf_counter()
+    tfmot = run_tfmot(models, x_ft, y_ft, epochs, data[2][:64], tf_folder, cfg["tfmot_timeout"])
+    log(f"  [{dataset}] TF-MOT done in {time.perf_counter() - start:.0f} s")
+    return tfmot
 
 
 def tfmot_artifacts(tfmot, kind):
@@ -620,12 +673,40 @@ def target_rows(rows, float_rows):
         q = drop("kq_qat_lsq", "W4A4")
         add(f"kq_qat_lsq W4A4 within {TARGETS['lsq_w4a4_pts']} pts of float", q, TARGETS["lsq_w4a4_pts"],
             None if q is None else q <= TARGETS["lsq_w4a4_pts"])
+        plain = drop("kq_qat", "W4A4")
+        add("kq_qat_lsq W4A4 drop <= kq_qat's (pts)", q, plain, None if None in (q, plain) else q <= plain + 1e-9)
+        out.extend(_algo_targets(d, m, drop, ort4))
+        for contender in ("kq_ptq_algos", "kq_qat_lsq"):
+            r = _find(rows, d, m, contender, "W4A4")
+            v = None if r is None else r.get("latency_vs_converter")
+            add(f"{contender} W4A4 latency / converter's int8", v, TARGETS["w4a4_latency"],
+                None if v is None else v <= TARGETS["w4a4_latency"])
         r = _find(rows, d, m, KQ_HEADLINE, "W8A8")
         for key, what in (("latency_vs_converter", "latency"), ("size_vs_converter", "size")):
             v = None if r is None else r.get(key)
             add(f"{KQ_HEADLINE} W8A8 {what} / converter's", v, TARGETS[what],
                 None if v is None else v <= TARGETS[what])
     return out
+
+
+def _algo_targets(d, m, drop, ort4):
+    """The post-training algorithm targets of one model (`drop(contender, scheme)` reads its drops)."""
+    rows = []
+
+    def add(target, value, reference, ok):
+        rows.append({"dataset": d, "model": m, "target": target, "value": value, "reference": reference,
+                     "status": _met(ok)})
+
+    a8 = drop("kq_ptq_algos", "W4A8")
+    add("kq_ptq_algos W4A8 drop <= half of ort_minmax's (pts)", a8, None if ort4 is None else ort4 / 2,
+        None if None in (a8, ort4) else a8 <= max(ort4, 0.0) / 2 + 1e-9)
+    if (d, m) == ("fashion_mnist", "mobilenet"):
+        limit = TARGETS["algo_w4a8_fashion_mobilenet_pts"]
+        add(f"kq_ptq_algos W4A8 within {limit} pts of float", a8, limit, None if a8 is None else a8 <= limit)
+    a4 = drop("kq_ptq_algos", "W4A4")
+    limit = TARGETS["algo_w4a4_pts"]
+    add(f"kq_ptq_algos W4A4 within {limit} pts of float", a4, limit, None if a4 is None else a4 <= limit)
+    return rows
 
 
 RATIO_KEYS = ("drop_minus_converter_pts", "size_vs_converter", "latency_vs_converter", "time_vs_converter",
@@ -748,8 +829,11 @@ def _strip(artifact_rows):
 
 
 # Entry point ---------------------------------------------------------------------------
-def run(quick: bool, log=None) -> dict:
-    """Run every contender on every dataset and model.
+GROUPS = ("kq_ptq", "kq_ptq_algos", "keras_quantize", "ort", "qat", "tfmot")
+
+
+def run(quick: bool, log=None, only=None, datasets=None) -> dict:
+    """Run every contender (or the groups in `only`, from `GROUPS`) on every dataset (or `datasets`) and model.
 
     Returns:
         The runner's dict: `rows` (accuracy drop per contender and scheme on each model),
@@ -762,13 +846,12 @@ def run(quick: bool, log=None) -> dict:
     if keras.backend.backend() != "tensorflow":
         return {"rows": [], "notes": ["peers needs the TensorFlow backend (TFLite conversion, TF-MOT); "
                                       f"skipped on {keras.backend.backend()}"]}
-    cfg = QUICK if quick else FULL
-    names, notes = available_datasets(cfg["datasets"])
+    cfg = dict(QUICK if quick else FULL, only=tuple(only or ()))
+    names, notes = available_datasets(datasets or cfg["datasets"])
     rows, float_rows, tfmot_info = [], [], {}
     with tempfile.TemporaryDirectory(prefix="kq_bench_peers_") as folder:
         for dataset in names:
             data = load_dataset(dataset)
-            x, y = data[0], data[1]
             models, per_model = {}, {}
             for kind in MODELS:
                 sub = os.path.join(folder, dataset, kind)
@@ -776,17 +859,12 @@ def run(quick: bool, log=None) -> dict:
                 model, float_acc, arts, info = run_model(dataset, kind, data, cfg, sub, log)
                 models[kind], per_model[kind] = model, (float_acc, arts)
                 float_rows.append(info)
-            x_ft, y_ft, epochs = finetune_data(x, y, cfg["finetune"][dataset])
-            log(f"  [{dataset}] TF-MOT QAT (subprocess)")
-            tf_folder = os.path.join(folder, dataset, "tfmot")
-            os.makedirs(tf_folder)
-            start = time.perf_counter()
-            tfmot = run_tfmot(models, x_ft, y_ft, epochs, data[2][:64], tf_folder, cfg["tfmot_timeout"])
-            log(f"  [{dataset}] TF-MOT done in {time.perf_counter() - start:.0f} s")
-            tfmot_info[dataset] = {k: v for k, v in tfmot.items() if k != "models"}
+            tfmot = run_tfmot_phase(models, data, dataset, cfg, folder, log) if wanted(cfg, "tfmot") else None
+            if tfmot is not None:
+                tfmot_info[dataset] = {k: v for k, v in tfmot.items() if k != "models"}
             for kind in MODELS:
                 float_acc, arts = per_model[kind]
-                arts.extend(tfmot_artifacts(tfmot, kind))
+                arts.extend(tfmot_artifacts(tfmot, kind) if tfmot is not None else [])
                 start = time.perf_counter()
                 measure(arts, data[2], data[3], cfg)
                 info = next(f for f in float_rows if (f["dataset"], f["model"]) == (dataset, kind))
@@ -841,6 +919,9 @@ def run(quick: bool, log=None) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=GROUPS, default=None,
+                        help="make only these contender groups (the float file and the converter's always)")
+    parser.add_argument("--datasets", nargs="+", choices=("fashion_mnist", "digits"), default=None)
     parser.add_argument("--chart", nargs=2, metavar=("RESULTS_JSON", "PNG"),
                         help="only redraw the chart of a results file (benchmarks/results/<date>.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -855,7 +936,7 @@ def main(argv=None):
         print(bench_qat.JSON_MARK + json.dumps(result))
         return 0
 
-    result = run(args.quick)
+    result = run(args.quick, only=args.only, datasets=args.datasets)
     from common import print_result
 
     print_result(result)
