@@ -12,7 +12,9 @@ Example:
 >>> print(report)                                                        # doctest: +SKIP
 """
 
+from keras_quant.ptq.adaround import AdaRoundLayer, AdaRoundReport, adaround
 from keras_quant.ptq.bias import BiasCorrection, correct_bias
 from keras_quant.ptq.softmax import SoftmaxRanges, narrow_softmax_inputs
 
-__all__ = ["BiasCorrection", "SoftmaxRanges", "correct_bias", "narrow_softmax_inputs"]
+__all__ = ["AdaRoundLayer", "AdaRoundReport", "BiasCorrection", "SoftmaxRanges", "adaround", "correct_bias",
+           "narrow_softmax_inputs"]
