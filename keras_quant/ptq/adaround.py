@@ -53,7 +53,7 @@ from keras_quant.layers.wrapper import QuantizeWrapper
 from keras_quant.progress import ProgressBar
 from keras_quant.ptq.weights import grid_weight, set_grid_weight
 
-__all__ = ["AdaRoundLayer", "AdaRoundReport", "adaround", "rectified_sigmoid", "initial_v", "rounding_regularizer",
+__all__ = ["AdaRoundLayer", "AdaRoundReport", "LayerRounder", "adaround", "rectified_sigmoid", "initial_v", "rounding_regularizer",
            "beta_schedule", "SUPPORTED_LAYERS"]
 
 GAMMA, ZETA = -0.1, 1.1
@@ -226,14 +226,32 @@ def _channels(wrapper):
     return int(wrapper.output.shape[1 if getattr(wrapper.layer, "data_format", None) == "channels_first" else -1])
 
 
-class _Rounder(keras.Model):
-    """`V` of one layer; its loss (reconstruction + `control[0, 1]` * regulariser with `beta =
-    control[0, 0]`) comes from `add_loss`, so Keras' own `train_on_batch` gives a backend-agnostic step."""
+class LayerRounder(keras.Model):
+    """AdaRound's model of one layer: it holds `V` and adds the loss of a batch with `add_loss`, so Keras' own
+    `train_on_batch` / `fit` give a backend-agnostic step.
 
-    def __init__(self, run, grid, channels, name):
-        super().__init__(name=name)
-        self._linear = run
-        self._channels = float(channels)
+    Its input is `[x, control]`: a batch of the layer's inputs and a `(batch, 2)` array whose first row
+    holds `beta` and the regulariser's weight (0 during warm-up). The loss is
+    `reconstruction(x, W~(h(V))) + control[0, 1] * rounding_regularizer(h(V), control[0, 0])`; the
+    output is the reconstruction term.
+
+    Args:
+        wrapper: A frozen `kq.QuantizeWrapper` of a Dense, Conv1D, Conv2D, DepthwiseConv2D or Conv2DTranspose.
+        grid: Its kernel on the grid (default: `kq.ptq.weights.grid_weight(wrapper)`).
+
+    Example:
+
+    >>> rounder = LayerRounder(qmodel.get_layer("dense"))                    # doctest: +SKIP
+    >>> rounder.compile(optimizer=keras.optimizers.Adam(1e-2))                # doctest: +SKIP
+    >>> rounder.train_on_batch([x, np.tile([[20.0, 0.01]], (len(x), 1))])     # doctest: +SKIP
+    """
+
+    def __init__(self, wrapper, grid=None):
+        super().__init__(name=f"adaround_{wrapper.name}")
+        grid = grid_weight(wrapper) if grid is None else grid
+        self.grid = grid
+        self._linear = _linear_fn(wrapper, grid.name)
+        self._channels = float(_channels(wrapper))
         base, frac, lo, hi = _grid_parts(grid)
         shape = grid.values.shape
         const = lambda name, value: self.add_weight(  # noqa: E731
@@ -246,6 +264,7 @@ class _Rounder(keras.Model):
         self.hi = const("hi", hi)
 
     def soft_kernel(self, h):
+        """`W~ = s * clip(floor(W / s) + h, qmin - z, qmax - z)` (the grid's values relative to the zero point)."""
         return self.scale.value * ops.clip(self.base.value + h, self.lo.value, self.hi.value)
 
     def reconstruction(self, x, kernel):
@@ -324,8 +343,8 @@ def _optimise(rounder, x, opts, deadline, rng):
 def _round_layer(wrapper, x, opts, deadline, rng):
     """AdaRound one wrapper on its inputs `x` (numpy) and write the integers; `(AdaRoundLayer, setup seconds)`."""
     start = time.perf_counter()
-    grid = grid_weight(wrapper)
-    rounder = _Rounder(_linear_fn(wrapper, grid.name), grid, _channels(wrapper), f"adaround_{wrapper.name}")
+    rounder = LayerRounder(wrapper)
+    grid = rounder.grid
     rounder.compile(optimizer=keras.optimizers.Adam(learning_rate=opts.learning_rate))
     iterations, step_seconds = _optimise(rounder, x, opts, deadline, rng)
     base, _, lo, hi = _grid_parts(grid)
