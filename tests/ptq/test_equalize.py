@@ -11,7 +11,7 @@ from keras_quant.errors import ConfigError
 L = keras.layers
 
 
-# Numpy reference ------------------------------------------------------------------------------------------
+# Numpy reference --------------------------------------------------------------------------------------------
 def ref_scale(r1, r2):
     """The paper's s_i = (1 / r2_i) sqrt(r1_i r2_i)."""
     return np.sqrt(r1 * r2) / r2
@@ -59,7 +59,7 @@ def ref_step(w1, b1, bn1, w2, bn2, depthwise1=False, depthwise2=False):
     return w1, b1, gb, w2 * s.reshape(shape), s
 
 
-# Helpers -------------------------------------------------------------------------------------------------------
+# Helpers ----------------------------------------------------------------------------------------------------
 def np64(v):
     return np.asarray(keras.ops.convert_to_numpy(v), np.float64)
 
@@ -113,7 +113,7 @@ def data(shape, n=32, seed=0, scale=1.0):
     return (np.random.default_rng(seed).normal(size=(n,) + shape) * scale).astype("float32")
 
 
-# The scale formula and one sweep ---------------------------------------------------------------------------------
+# The scale formula and one sweep ----------------------------------------------------------------------------
 def test_scale_formula_balances_each_channel():
     rng = np.random.default_rng(0)
     r1, r2 = np.exp(rng.normal(0, 3, 50)), np.exp(rng.normal(0, 3, 50))
@@ -201,7 +201,7 @@ def test_converged_chain_is_balanced_and_preserves_outputs(multiplier):
     np.testing.assert_allclose(run(eq, x), run(model, x), rtol=1e-4, atol=1e-5 * np.abs(run(model, x)).max())
 
 
-# Outputs preserved ---------------------------------------------------------------------------------------------------
+# Outputs preserved ------------------------------------------------------------------------------------------
 def conv1d_model(act):
     keras.utils.set_random_seed(3)
     inp = keras.Input((16, 4))
@@ -296,7 +296,7 @@ def test_bounded_never_crosses_the_clip():
         np.testing.assert_allclose(pair.scales[a >= 6], 1.0)  # channels reaching it keep their scale
 
 
-# High-bias absorption ---------------------------------------------------------------------------------------------------
+# High-bias absorption ---------------------------------------------------------------------------------------
 def high_bias_model(bias2=True, layer2="conv", padding="valid"):
     keras.utils.set_random_seed(5)
     inp = keras.Input((8, 8, 3))
@@ -364,7 +364,7 @@ def test_absorption_skipped_where_padding_would_differ():
     assert any("pads its input" in why for _, why in eq.equalization_report.skipped)
 
 
-# Skipped pairs and bad input --------------------------------------------------------------------------------------------
+# Skipped pairs and bad input --------------------------------------------------------------------------------
 def branching_model():
     inp = keras.Input((8, 8, 3))
     a = L.Conv2D(4, 3, padding="same", name="a")(inp)
@@ -409,9 +409,9 @@ class Subclassed(keras.Model):
         return x
 
 
-@pytest.mark.parametrize("kwargs,field", [({"relu6": "clip"}, "relu6"), ({"absorb_high_bias": "yes"}, "absorb_high_bias"),
-                                          ({"iterations": 0}, "iterations"), ({"tolerance": -1.0}, "tolerance"),
-                                          ({"tolerance": float("nan")}, "tolerance"), ({"batch_size": 0}, "batch_size")])
+@pytest.mark.parametrize("kwargs,field", [
+    ({"relu6": "clip"}, "relu6"), ({"absorb_high_bias": "yes"}, "absorb_high_bias"), ({"iterations": 0}, "iterations"),
+    ({"tolerance": -1.0}, "tolerance"), ({"tolerance": float("nan")}, "tolerance"), ({"batch_size": 0}, "batch_size")])
 def test_bad_options(kwargs, field):
     with pytest.raises(ConfigError) as e:
         kq.ptq.equalize(dense_pair(), **kwargs)
@@ -424,7 +424,7 @@ def test_subclassed_model_refused():
     assert e.value.field == "model"
 
 
-# The point of it all -----------------------------------------------------------------------------------------------------
+# The point of it all ----------------------------------------------------------------------------------------
 def sqnr(ref, y):
     return 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - y) ** 2))
 
