@@ -14,18 +14,19 @@ from keras_quant.io import infer_format
 __all__ = ["calibration_config", "check_output", "add_parser", "command"]
 
 
-def calibration_config(bits=8, method="minmax", symmetric=False, per_channel=False):
+def calibration_config(bits=8, method="minmax", symmetric=False, per_channel=False, weight_bits=8, group_size=None):
     """The `kq.QuantConfig` of `keras-quant calibrate`'s options.
 
     Activations: `bits`-bit, per tensor (as TFLite quantizes activations),
     asymmetric unless `symmetric`, range from the `method` observer. Weights:
-    int8 symmetric narrow-range, per channel with `per_channel`, else per tensor.
+    `weight_bits`-bit symmetric narrow-range, per group of `group_size` input
+    elements when given, else per channel with `per_channel`, else per tensor.
     """
     from keras_quant.config import QuantConfig, QuantSpec
 
-    weights = QuantSpec(
-        bits=8, symmetric=True, narrow_range=True, granularity="per_channel" if per_channel else "per_tensor"
-    )
+    granularity = "per_group" if group_size else ("per_channel" if per_channel else "per_tensor")
+    weights = QuantSpec(bits=weight_bits, symmetric=True, narrow_range=True, granularity=granularity,
+                        group_size=group_size)
     activations = QuantSpec(bits=bits, symmetric=symmetric, observer=method)
     return QuantConfig(weights=weights, activations=activations)
 
@@ -65,6 +66,7 @@ def add_parser(subparsers):
     from keras_quant.calibration.sampling import SAMPLINGS
     from keras_quant.config import OBSERVERS
     from keras_quant.data import IMAGE_EXTENSIONS, NORMALIZATIONS
+    from keras_quant.ptq.pipeline import ALGORITHMS
 
     cal = subparsers.add_parser(
         "calibrate",
@@ -93,6 +95,23 @@ def add_parser(subparsers):
         "--per-channel", action="store_true",
         help="quantize weights per output channel (default: per tensor); weights are int8 symmetric either way, "
         "and activations stay per tensor as TFLite quantizes them",
+    )
+    cal.add_argument("--weight-bits", type=int, default=8, metavar="N",
+                     help="weight bit width, 2-8 (default: 8); used by --save-model and the algorithms")
+    cal.add_argument("--group-size", type=positive_int, default=None, metavar="G",
+                     help="weight scales per group of G input elements of each output channel (default: per channel "
+                     "with --per-channel, else per tensor)")
+    cal.add_argument(
+        "--algorithm", action="append", choices=ALGORITHMS, default=None, dest="algorithms",
+        help="post-training algorithm to run before writing --save-model (repeatable; they run in the order "
+        f"{', '.join(ALGORITHMS)}): equalize = cross-layer equalization of the float model, adaround / gptq = "
+        "learned / Hessian-guided weight rounding (one of them), bias_correction = mean output shift folded into "
+        "the biases, softmax_ranges = finer grid for softmax inputs",
+    )
+    cal.add_argument(
+        "--save-model", default=None, metavar="Q.keras",
+        help="also write the quantized model (kq.ptq.quantize with these options) as a .keras file, ready for "
+        "`keras-quant export` (written atomically)",
     )
     cal.add_argument("--symmetric", action="store_true", help="symmetric activation grid (zero point 0; default: asymmetric)")
     cal.add_argument(
@@ -127,9 +146,11 @@ def command(args):
     from keras_quant.data import load_calibration_data
 
     check_output(args.output)
+    _check_model_output(args)
     model = load_model(args.model)
     data = load_calibration_data(args.data, model, normalize=args.normalize)
-    config = calibration_config(args.bits, args.method, args.symmetric, args.per_channel)
+    config = calibration_config(args.bits, args.method, args.symmetric, args.per_channel, args.weight_bits,
+                                args.group_size)
     callback = CalibrationCallback(
         config=config, max_samples=args.max_samples, sampling=args.sampling, seed=args.seed,
         verbose=0 if args.json else 1,
@@ -151,7 +172,51 @@ def command(args):
     result = CalibrationResult({name: result[name] for name in result}, metadata=metadata)
     result.save(args.output)
     _print_result(result, config, args, samples=int(metadata.get("samples_seen", 0)))
+    if args.save_model:
+        _save_quantized(model, data, config, result, args)
     return 0
+
+
+def _check_model_output(args):
+    """Fail before calibrating on a bad `--save-model` / `--algorithm` combination."""
+    from keras_quant.ptq.pipeline import check_algorithms
+
+    check_algorithms(args.algorithms or ())
+    if args.algorithms and not args.save_model:
+        raise ConfigError("algorithm", args.algorithms[0], "the algorithms change the quantized model's weights: "
+                          "name where to write it with --save-model Q.keras")
+    if args.save_model is None:
+        return
+    if not args.save_model.endswith(".keras"):
+        raise ConfigError("save_model", args.save_model, "the quantized model is written as a .keras file")
+    directory = os.path.dirname(os.path.abspath(args.save_model))
+    if not os.path.isdir(directory):
+        raise ConfigError("save_model", args.save_model, f"the output directory {directory} does not exist")
+
+
+def _save_quantized(model, data, config, result, args):
+    """`kq.ptq.quantize` with the options and the calibration just made; the model written atomically."""
+    import tempfile
+
+    from keras_quant.ptq.pipeline import quantize
+
+    qmodel = quantize(model, data, config, algorithms=args.algorithms or (), calibration=result,
+                      max_samples=args.max_samples or 512, batch_size=args.batch_size, progress=not args.json)
+    directory = os.path.dirname(os.path.abspath(args.save_model))
+    handle, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(args.save_model) + ".",
+                                   suffix=".keras")
+    os.close(handle)
+    try:
+        qmodel.save(tmp)
+        os.replace(tmp, args.save_model)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    if not args.json:
+        if args.algorithms:
+            print(qmodel.ptq_report)
+        print(f"wrote {args.save_model} (quantized model)")
 
 
 def _print_result(result, config, args, samples):
