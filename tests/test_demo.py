@@ -32,6 +32,10 @@ def test_demo_runs_end_to_end_and_quantized_models_keep_accuracy(capsys, tmp_pat
     # QAT: W8A8 keeps float accuracy within a point; W4A4 with LSQ beats W4A4 post-training.
     qat = {k.split(" (")[0]: v for k, v in acc.items() if "QAT" in k}
     assert qat["W8A8 QAT"] >= acc["float32"] - 0.01
+    gptq = [v for k, v in acc.items() if k.startswith("W4A8 PTQ + GPTQ")]
+    if gptq:  # GPTQ and bias correction on the W4A8 model: at least as accurate as min-max W4A8, less noise
+        plain = next(v for k, v in acc.items() if k.startswith("W4A8 PTQ model (minmax"))
+        assert gptq[0] >= plain - 0.02
     ptq_w4a4 = [v for k, v in acc.items() if k.startswith("W4A4 PTQ")]
     if ptq_w4a4:  # the PTQ rows need the calibration callback (TensorFlow's trainer)
         assert qat["W4A4 QAT + LSQ"] > ptq_w4a4[0]
@@ -41,7 +45,8 @@ def test_demo_runs_end_to_end_and_quantized_models_keep_accuracy(capsys, tmp_pat
     if keras.backend.backend() == "tensorflow":
         deployed = {row["artifact"]: row for row in tables["deployed"]}
         assert set(deployed) == {"float -> TFLite float32", "W8A8 PTQ -> TFLite int8", "W8A8 PTQ -> ONNX QDQ",
-                                 "W4A8 PTQ -> TFLite int8", "16x8 PTQ -> TFLite int16x8", "W8A8 QAT -> TFLite int8"}
+                                 "W4A8 PTQ -> TFLite int8", "W4A8 PTQ + GPTQ -> TFLite int8",
+                                 "16x8 PTQ -> TFLite int16x8", "W8A8 QAT -> TFLite int8"}
         for label, row in deployed.items():
             assert row["agreement"] >= 0.99, label
             if row["max_diff_steps"] is not None and "int16" not in label:

@@ -199,6 +199,7 @@ def _deploy_rows(float_model, keras_models, x_test, y_test, float_acc, folder, s
         ("W8A8 PTQ -> TFLite int8", keras_models.get("W8A8 PTQ"), "tflite", "int8", None),
         ("W8A8 PTQ -> ONNX QDQ", keras_models.get("W8A8 PTQ"), "onnx", None, None),
         ("W4A8 PTQ -> TFLite int8", keras_models.get("W4A8 PTQ"), "tflite", "int8", None),
+        ("W4A8 PTQ + GPTQ -> TFLite int8", keras_models.get("W4A8 PTQ + GPTQ"), "tflite", "int8", None),
         ("16x8 PTQ -> TFLite int16x8", keras_models.get("16x8 PTQ"), "tflite", "int16x8", None),
         ("W8A8 QAT -> TFLite int8", keras_models.get("W8A8 QAT"), "tflite", "int8", "frozen"),
     ]
@@ -400,7 +401,21 @@ def _ptq_rows(model, calib, test, float_acc, keras_models):
     callback = CalibrationCallback(config=QuantConfig.int16x8(), statistics="range")
     model.predict(calib, batch_size=128, callbacks=[callback], verbose=0)
     keras_models["16x8 PTQ"] = quantize_model(model, QuantConfig.int16x8(), calibration=callback.result)
+    rows.append(_algorithm_row(model, calib, test, float_acc, keras_models))
     return rows
+
+
+def _algorithm_row(model, calib, test, float_acc, keras_models):
+    """W4A8 PTQ refined by GPTQ and bias correction (`kq.ptq.quantize`); adds it to `keras_models`."""
+    from keras_quant.config import QuantConfig
+    from keras_quant.ptq.pipeline import quantize
+
+    t0 = time.perf_counter()
+    qmodel = quantize(model, calib, QuantConfig.w4a8(), algorithms=("gptq", "bias_correction"), progress=False)
+    seconds = time.perf_counter() - t0
+    keras_models["W4A8 PTQ + GPTQ"] = qmodel
+    acc = _accuracy(qmodel.predict(test[0], verbose=0), test[1])
+    return {"scheme": f"W4A8 PTQ + GPTQ + bias correction ({seconds:.1f}s)", "accuracy": acc, "drop": float_acc - acc}
 
 
 def _deploy_and_analyse(model, keras_models, calib, test, float_acc, out_dir, report, analysis_samples, say,
