@@ -19,14 +19,15 @@ points are the wrapper's own (per tensor, per channel or per group): only the
 integers change, and `kq.ptq.weights.set_grid_weight` writes them back so the
 wrapper's nearest rounding and the TFLite / ONNX exports reproduce them.
 
-The loss is the layer's *linear* output (before its activation), the paper's
-eq. 20 with the float kernel on the same quantized input as the target (the
-asymmetric reconstruction of its section 4.3): the activation is left out
-because a frozen wrapper may run it in another form (an integer hard-swish, a
-requantized sigmoid) and because the linear loss needs one convolution per
-step, `f(X; W - W~)`, the layer being linear in its kernel; the paper measures
-the activation's gain as small (table 5). Layers are treated in graph order,
-each one seeing its real inputs from the already rounded layers before it.
+The loss is the layer's *linear* output (before its activation), with the
+float kernel on the same quantized input as the target (the paper's
+asymmetric reconstruction, without the activation). The paper also
+describes a variant with the activation inside the loss; it is not used here
+because a frozen wrapper may run its activation in another form (an integer
+hard-swish, a requantized sigmoid), and because the linear loss needs only one
+convolution per step, `f(X; W - W~)`, the layer being linear in its kernel.
+Layers are treated in graph order, each one seeing its real inputs from the
+already rounded layers before it.
 
 Example:
 
@@ -341,7 +342,8 @@ def _optimise(rounder, x, opts, deadline, rng):
 
 
 def _round_layer(wrapper, x, opts, deadline, rng):
-    """AdaRound one wrapper on its inputs `x` (numpy) and write the integers; `(AdaRoundLayer, setup seconds)`."""
+    """AdaRound one wrapper on its inputs `x` (numpy) and write the integers; `(AdaRoundLayer, seconds of
+    the steps after the compiling one)`."""
     start = time.perf_counter()
     rounder = LayerRounder(wrapper)
     grid = rounder.grid
@@ -360,16 +362,17 @@ def _round_layer(wrapper, x, opts, deadline, rng):
                            iterations=int(iterations), nearest_error=nearest_error,
                            adaround_error=min(learned_error, nearest_error), changed=float(np.mean(q != nearest)),
                            seconds=seconds, kept_nearest=bool(kept))
-    return result, seconds - step_seconds
+    return result, step_seconds
 
 
 class _Budget:
-    """Spreads `seconds` over the layers in proportion to their estimated cost per step, less the setup
-    (tracing, evaluation) measured so far for each layer still to come."""
+    """Spreads `seconds` over the layers in proportion to their estimated cost per step, less the time
+    outside the steps (tracing, measuring, the walk between layers) measured so far per layer, reserved for
+    this layer and each one still to come."""
 
     def __init__(self, seconds, costs, start):
         self.seconds, self.costs, self.start = seconds, [float(c) for c in costs], start
-        self.setups = []
+        self.step_seconds = 0.0
 
     def deadline(self, i):
         """None (no budget), False (spent: skip the layer), or the time at which layer `i` must stop."""
@@ -379,11 +382,16 @@ class _Budget:
         left = self.start + self.seconds - now
         if left <= 0:
             return False
-        reserve = (np.mean(self.setups) if self.setups else 0.0) * (len(self.costs) - i - 1)
+        overhead = (now - self.start - self.step_seconds) / i if i else 0.0
+        reserve = overhead * (len(self.costs) - i)
         return now + max(left - reserve, 0.0) * self.costs[i] / sum(self.costs[i:])
 
-    def record(self, setup_seconds):
-        self.setups.append(setup_seconds)
+    def record(self, step_seconds):
+        self.step_seconds += step_seconds
+
+
+class _Done(Exception):
+    """Ends the walk once the last layer to round is rounded (the rest of the graph is not needed)."""
 
 
 def _options(iterations, batch_size, reg_weight, beta_range, warmup, learning_rate, time_budget):
@@ -402,6 +410,35 @@ def _options(iterations, batch_size, reg_weight, beta_range, warmup, learning_ra
         raise ConfigError("time_budget", time_budget, "time_budget must be None or a number of seconds > 0")
     return _Options(iterations, batch_size, float(reg_weight), (float(beta_range[0]), float(beta_range[1])),
                     float(warmup), float(learning_rate))
+
+
+def _walk(qgraph, xs, targets, skipped, opts, budget, bar, rng):
+    """Round `targets` in graph order, each on its inputs from the layers before it; the `AdaRoundLayer`s."""
+    index, results = {id(w): i for i, w in enumerate(targets)}, []
+
+    def call_fn(op, *args, **kwargs):
+        i = index.get(id(op))
+        if i is not None:
+            deadline = budget.deadline(i)
+            if deadline is False:
+                skipped.append((op.name, "the time budget was spent before it (nearest rounding kept)"))
+            else:
+                x = np.asarray(ops.convert_to_numpy(args[0]), np.float32)
+                result, step_seconds = _round_layer(op, x, opts, deadline, rng)
+                results.append(result)
+                budget.record(step_seconds)
+            bar.update(label=f"adaround {op.name}")
+            if i == len(targets) - 1:
+                raise _Done()
+        return op(*args, **kwargs)
+
+    if targets:
+        try:
+            with keras.name_scope("adaround"):
+                graph_lib.run_releasing(qgraph, [ops.convert_to_tensor(x) for x in xs], call_fn)
+        except _Done:
+            pass
+    return results
 
 
 def adaround(qmodel, data, max_samples=1024, batch_size=32, iterations=2000, reg_weight=0.01, beta_range=(20, 2),
@@ -457,29 +494,9 @@ def adaround(qmodel, data, max_samples=1024, batch_size=32, iterations=2000, reg
     qgraph = graph_lib.require_functional(qmodel, "qmodel")
     xs = runtime.graph_samples(qgraph, data, max_samples, "adaround")
     targets, skipped = _select(qgraph, layers)
-    index = {id(w): i for i, w in enumerate(targets)}
     budget = _Budget(time_budget, [_cost(w) for w in targets], start)
-    rng, results = np.random.default_rng(seed), []
-    bar = ProgressBar(len(targets), "adaround", enabled=progress)
-
-    def call_fn(op, *args, **kwargs):
-        i = index.get(id(op))
-        if i is not None:
-            deadline = budget.deadline(i)
-            if deadline is False:
-                skipped.append((op.name, "the time budget was spent before it (nearest rounding kept)"))
-            else:
-                x = np.asarray(ops.convert_to_numpy(args[0]), np.float32)
-                result, setup_seconds = _round_layer(op, x, opts, deadline, rng)
-                results.append(result)
-                budget.record(setup_seconds)
-            bar.update(label=f"adaround {op.name}")
-        return op(*args, **kwargs)
-
-    if targets:
-        with keras.name_scope("adaround"):
-            graph_lib.run_releasing(qgraph, [ops.convert_to_tensor(x) for x in xs], call_fn)
-    bar.close()
+    with ProgressBar(len(targets), "adaround", enabled=progress) as bar:
+        results = _walk(qgraph, xs, targets, skipped, opts, budget, bar, np.random.default_rng(seed))
     return AdaRoundReport(layers=tuple(results), skipped=tuple(skipped), num_samples=int(xs[0].shape[0]),
                           seconds=time.perf_counter() - start,
                           time_budget=None if time_budget is None else float(time_budget))

@@ -169,6 +169,21 @@ def test_result_is_on_the_grid_and_no_worse_than_nearest(kind):
     assert "t" in str(report) and "1 layers rounded" in str(report)
 
 
+def test_per_group_dense_weights_stay_on_their_grid():
+    keras.utils.set_random_seed(0)
+    config = kq.QuantConfig(weights=kq.QuantSpec(bits=4, symmetric=True, granularity="per_group", group_size=4),
+                            activations=kq.QuantSpec(bits=8))
+    x = np.random.default_rng(3).normal(size=(96, 16)).astype("float32")
+    qmodel = quantized(one_layer(L.Dense(5, name="t"), (16,)), x, config)
+    before = grid_weight(qmodel.get_layer("t"))
+    assert len(np.unique(before.scale[:, 0])) > 1  # several scales along the input axis: groups
+    (row,) = kq.ptq.adaround(qmodel, x, iterations=100, progress=False).layers
+    after = grid_weight(qmodel.get_layer("t"))
+    q = np.round(after.values / after.scale)
+    np.testing.assert_allclose(after.values, after.dequantize(q), atol=1e-6)
+    assert row.adaround_error <= row.nearest_error and np.all(np.abs(q - before.nearest()) <= 1)
+
+
 def stack(n=3):
     inp = keras.Input((12,), name="x")
     h = inp
@@ -207,6 +222,19 @@ def test_a_spent_budget_keeps_nearest_rounding():
         np.testing.assert_array_equal(grid_weight(qmodel.get_layer(name)).nearest(), nearest[name])
 
 
+def test_other_layer_types_are_skipped_with_a_reason():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4, 4, 4, 2), name="x")
+    h = L.Conv3D(3, 2, name="c3")(inp)
+    model = keras.Model(inp, L.Dense(2, name="d")(L.Flatten()(h)))
+    x = np.random.default_rng(0).normal(size=(32, 4, 4, 4, 2)).astype("float32")
+    report = kq.ptq.adaround(quantized(model, x), x, iterations=5, progress=False)
+    assert [r.name for r in report.layers] == ["d"]
+    assert report.skipped == (("c3", "a Conv3D (AdaRound treats Dense, Conv1D, Conv2D, DepthwiseConv2D, "
+                                      "Conv2DTranspose)"),)
+    assert "skipped c3: a Conv3D" in str(report)
+
+
 def test_layers_selection_and_bad_arguments():
     keras.utils.set_random_seed(0)
     x = np.random.default_rng(0).normal(size=(32, 12)).astype("float32")
@@ -225,11 +253,16 @@ def test_layers_selection_and_bad_arguments():
 def test_the_int8_tflite_file_gives_the_keras_outputs(tmp_path):
     keras.utils.set_random_seed(0)
     inp = keras.Input((8, 8, 2), name="x")
-    h = L.Conv2D(6, 3, padding="same", activation="relu", name="c")(inp)
+    h = L.Conv2D(6, 3, padding="same", use_bias=False, name="c")(inp)
+    h = L.BatchNormalization(name="bn")(h)  # folded into the kernel AdaRound rounds
+    h = L.ReLU()(h)
     h = L.DepthwiseConv2D(3, padding="same", name="dw")(h)
     h = L.Flatten()(h)
     model = keras.Model(inp, L.Dense(4, name="out")(h))
     x = np.random.default_rng(0).uniform(size=(64, 8, 8, 2)).astype("float32")
+    bn = model.get_layer("bn")
+    bn.set_weights([w + np.random.default_rng(i).uniform(0.2, 0.5, w.shape).astype("float32")
+                    for i, w in enumerate(bn.get_weights())])  # statistics that are not the identity
     qmodel = quantized(model, x)
     report = kq.ptq.adaround(qmodel, x, iterations=100, progress=False)
     assert sum(r.changed for r in report.layers) > 0
@@ -254,14 +287,13 @@ def test_digits_w4a8_per_channel_accuracy_no_worse_than_nearest():
     model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x_train, y_train, epochs=5, batch_size=64, verbose=0)
     x_calib = x_train[:512]
-    cb = kq.CalibrationCallback()
-    model.predict(x_calib, verbose=0, callbacks=[cb])
+    calibration = ProbeCalibration(model, x_calib)  # runs on every backend
 
     def acc(m):
         return float(np.mean(np.argmax(m.predict(x_test, verbose=0), -1) == y_test))
 
-    nearest = acc(kq.quantize_model(model, W4A8, calibration=cb.result))
-    qmodel = kq.quantize_model(model, W4A8, calibration=cb.result)
+    nearest = acc(kq.quantize_model(model, W4A8, calibration=calibration))
+    qmodel = kq.quantize_model(model, W4A8, calibration=calibration)
     report = kq.ptq.adaround(qmodel, x_calib, iterations=400, progress=False)
     assert all(r.adaround_error <= r.nearest_error for r in report.layers)
     assert acc(qmodel) >= nearest - 0.01
