@@ -155,11 +155,12 @@ def _activation_kind(layer):
     return {"linear": ("linear", None), "relu": ("relu", None), "relu6": ("bounded", 6.0)}.get(name, (None, None))
 
 
-def _compute_reason(layer):
-    """Why a compute layer cannot take part in a pair, or None."""
+def _compute_reason(layer, calls):
+    """Why a compute layer cannot take part in a pair, or None (`calls`: `graph_lib.index`'s, of this graph:
+    a loaded Sequential's layers also keep the nodes of the graph it was rebuilt from)."""
     if type(layer) not in COMPUTE:
         return f"a {type(layer).__name__}"
-    if len(graph_lib.calls(layer)) != 1:
+    if len(calls.get(layer.name, ())) != 1:
         return "called more than once"
     if getattr(layer, "data_format", "channels_last") != "channels_last":
         return "channels_first"
@@ -168,7 +169,7 @@ def _compute_reason(layer):
     return None
 
 
-def _trace(node, readers, outputs):
+def _trace(node, readers, outputs, calls):
     """The `_Pair` starting at a compute layer's node, or the reason there is none."""
     layer1 = graph_lib.operation_of(node)
     act, bound = _activation_kind(layer1)
@@ -184,10 +185,10 @@ def _trace(node, readers, outputs):
         if len(nxt) != 1:
             return f"its output is read by {len(nxt)} layers"
         op = graph_lib.operation_of(nxt[0])
-        if graph_lib.is_layer(op) and len(graph_lib.calls(op)) != 1:
+        if graph_lib.is_layer(op) and len(calls.get(op.name, ())) != 1:
             return f"{op.name} is called more than once"
         if type(op) in COMPUTE:
-            reason = _compute_reason(op)
+            reason = _compute_reason(op, calls)
             if reason:
                 return f"its reader {op.name} is {reason}"
             return _Pair(layer1, op, bn, act, bound, act_layer, padded, point, " -> ".join(names) or "direct")
@@ -213,14 +214,14 @@ def _foldable(bn, tensor):
 
 
 def _find_pairs(graph):
-    readers, _ = graph_lib.index(graph)
+    readers, calls = graph_lib.index(graph)
     outputs = {id(t) for t in graph.outputs}
     pairs, skipped = [], []
     for node in graph_lib.nodes(graph):
         layer = graph_lib.operation_of(node)
         if type(layer) not in COMPUTE:
             continue
-        found = _compute_reason(layer) or _trace(node, readers, outputs)
+        found = _compute_reason(layer, calls) or _trace(node, readers, outputs, calls)
         if isinstance(found, _Pair):
             pairs.append(found)
         else:
@@ -230,7 +231,7 @@ def _find_pairs(graph):
 
 def _folded_bn(graph):
     """`{compute layer name: BatchNormalization}` for a BN that alone reads a linear compute layer (it folds)."""
-    readers, _ = graph_lib.index(graph)
+    readers, calls = graph_lib.index(graph)
     found = {}
     for node in graph_lib.nodes(graph):
         layer = graph_lib.operation_of(node)
@@ -239,7 +240,7 @@ def _folded_bn(graph):
         nxt = readers.get(id(graph_lib.node_outputs(node)[0]), [])
         bn = graph_lib.operation_of(nxt[0]) if len(nxt) == 1 else None
         if isinstance(bn, L.BatchNormalization) and _foldable(bn, graph_lib.node_outputs(nxt[0])[0]) \
-                and len(graph_lib.calls(bn)) == 1:
+                and len(calls.get(bn.name, ())) == 1:
             found[layer.name] = bn
     return found
 

@@ -404,6 +404,19 @@ def test_sequential_gives_a_functional_clone():
     np.testing.assert_allclose(run(eq, x), run(model, x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_loaded_sequential_is_equalized(tmp_path):
+    # A loaded Sequential's layers also keep the nodes of the graph it was rebuilt from: a layer is "called more
+    # than once" only within the model's own graph.
+    model = keras.Sequential([keras.Input((5,)), L.Dense(7, activation="relu"), L.Dense(3)])
+    randomize(model, 7)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    eq = kq.ptq.equalize(loaded)
+    assert len(eq.equalization_report.pairs) == 1, eq.equalization_report
+    x = data((5,))
+    np.testing.assert_allclose(run(eq, x), run(model, x), rtol=1e-5, atol=1e-5)
+
+
 class Subclassed(keras.Model):
     def call(self, x):
         return x
