@@ -123,13 +123,21 @@ def build(s, vocab, nested=False):
     return model, {"pre_block_layers": [embed], "sequential_blocks": blocks}
 
 
-def leaf_layers(model):
-    return {layer.name: layer for layer in model._flatten_layers() if not list(layer._flatten_layers(include_self=False))}
+def named_layers(model):
+    """The model's layers by name, those of its sub-models (the blocks) included (a MultiHeadAttention's
+    sublayers are named alike in every block: layers are matched at the model's level, not the leaves)."""
+    found = {}
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found.update(named_layers(layer))
+        else:
+            found[layer.name] = layer
+    return found
 
 
 def copy_weights(src, dst):
-    dst_layers = leaf_layers(dst)
-    for name, layer in leaf_layers(src).items():
+    dst_layers = named_layers(dst)
+    for name, layer in named_layers(src).items():
         if layer.weights:
             dst_layers[name].set_weights(layer.get_weights())
 
