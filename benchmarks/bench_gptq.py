@@ -10,10 +10,10 @@ asymmetric, no act_order; and group_size equal to ours), kq GPTQ and kq round-to
 
 Both quantize the same layers: the Dense layers of the blocks and the attention projections; the
 embedding and the head stay float. keras_quant keeps a MultiHeadAttention as a weight-only island
-whose four kernels are on one symmetric scale each (`kq.layers.WeightOnlyMultiHeadAttention`) and that
-`kq.ptq.gptq` does not round (it rounds `kq.QuantizeWrapper` layers): those kernels are round-to-nearest
-in both kq rows. The row "kq gptq, attention float" keeps MultiHeadAttention float, to show what the
-MLP alone costs.
+whose four kernels are on ONE symmetric scale each (`kq.layers.WeightOnlyMultiHeadAttention`; the
+transform makes any weight spec per-tensor there), where Keras uses its groups: `kq.ptq.gptq` rounds
+those kernels on their per-tensor grids. The row "kq gptq, attention float" keeps MultiHeadAttention
+float, to show what the per-tensor attention kernels cost.
 
     python3 benchmarks/bench_gptq.py            # full settings (a few minutes)
     python3 benchmarks/bench_gptq.py --quick    # a smaller model and corpus, under a minute of training
@@ -245,7 +245,7 @@ def main(argv=None):
     qmodel, t, _ = run_kq(model, calib, spec, use_gptq=False)
     row(f"kq nearest g{group}", qmodel, t, "attention kernels per-tensor")
     qmodel, t, report = run_kq(model, calib, spec, use_gptq=True)
-    row(f"kq gptq g{group}", qmodel, t, f"attention per-tensor nearest; {t / keras_rows[group]:.2f}x keras time")
+    row(f"kq gptq g{group}", qmodel, t, f"attention per-tensor gptq; {t / keras_rows[group]:.2f}x keras time")
     print(report, flush=True)
     qmodel, t, _ = run_kq(model, calib, spec, use_gptq=True, attention=False)
     row(f"kq gptq g{group}, attention float", qmodel, t, "MLP only")
