@@ -25,6 +25,9 @@ already rounded layers before it. Supported: Dense, EinsumDense (the input
 contraction axes read from its equation), Conv1D / Conv2D (the Hessian of
 their im2col patches; groups=1, channels_last) and DepthwiseConv1D / 2D (a
 small Hessian per channel). Other wrapped layers are skipped with a reason.
+The four kernels of a weight-only attention (`kq.layers.WeightOnlyMultiHeadAttention`, what PTQ makes
+of a MultiHeadAttention) are rounded on their frozen per-tensor grids too: the query, key and value
+projections on the attention's inputs, then the output projection on the attention's values.
 
 Example:
 
@@ -47,6 +50,7 @@ from keras_quant import graph as graph_lib
 from keras_quant import runtime
 from keras_quant.errors import ConfigError, UnsupportedLayerError, check_int, is_number
 from keras_quant.formatting import text_table
+from keras_quant.layers.weight_only import WeightOnlyMultiHeadAttention
 from keras_quant.layers.wrapper import QuantizeWrapper
 from keras_quant.progress import ProgressBar
 from keras_quant.ptq.weights import grid_weight, set_grid_weight
@@ -350,34 +354,85 @@ def layer_hessian(wrapper, x, batch_size=64):
 
 
 # The model walk --------------------------------------------------------------------------------
-def _round_layer(wrapper, x, options):
-    """GPTQ on one wrapper given its inputs `x`: `GPTQLayer`, or `(None, reason)`."""
+def _round_matrix(name, layer_type, spec, values, scale, zero_point, layout, x, options):
+    """GPTQ of one kernel (numpy, kernel-shaped, with its grid) on the layer inputs `x`:
+    `(GPTQLayer, chosen integers in the kernel's shape)`."""
     start = time.perf_counter()
+    h = _hessian(layout, x, options["batch_size"])
+    w, scale, zp = (layout.to_matrix(a) for a in (values, scale, zero_point))
+    q = gptq_integers(w, h, scale, zp, spec.qmin, spec.qmax, options["block_size"], options["damp"],
+                      options["act_order"])
+    nearest = np.clip(np.floor(w / scale + 0.5) + zp, spec.qmin, spec.qmax)
+    dequant = lambda ints: (ints - zp) * scale  # noqa: E731
+    return GPTQLayer(
+        name=name, layer_type=layer_type, bits=spec.bits, granularity=spec.granularity, columns=int(w.shape[-1]),
+        error=reconstruction_error(w, dequant(q), h), nearest_error=reconstruction_error(w, dequant(nearest), h),
+        changed=float(np.mean(q != nearest)), seconds=time.perf_counter() - start), layout.from_matrix(q)
+
+
+def _round_layer(wrapper, x, options):
+    """GPTQ on one wrapper given its inputs `x`: `(GPTQLayer, None)`, or `(None, reason)`."""
     weight = grid_weight(wrapper)
     if weight is None:
         return None, "it quantizes no single kernel"
     layout, reason = _layout(wrapper, weight.values.shape, len(x.shape))
     if layout is None:
         return None, reason
-    h = _hessian(layout, x, options["batch_size"])
-    w, scale, zp = (layout.to_matrix(a) for a in (weight.values, weight.scale, weight.zero_point))
-    spec = weight.spec
-    q = gptq_integers(w, h, scale, zp, spec.qmin, spec.qmax, options["block_size"], options["damp"],
-                      options["act_order"])
-    nearest = layout.to_matrix(weight.nearest())
-    dequant = lambda ints: (ints - zp) * scale  # noqa: E731
-    chosen = layout.from_matrix(q)
+    row, chosen = _round_matrix(wrapper.name, type(wrapper.layer).__name__, weight.spec, weight.values,
+                                weight.scale, weight.zero_point, layout, x, options)
     set_grid_weight(wrapper, weight, weight.dequantize(chosen))
-    return GPTQLayer(
-        name=wrapper.name, layer_type=type(wrapper.layer).__name__, bits=spec.bits, granularity=spec.granularity,
-        columns=int(w.shape[-1]), error=reconstruction_error(w, dequant(q), h),
-        nearest_error=reconstruction_error(w, dequant(nearest), h), changed=float(np.mean(q != nearest)),
-        seconds=time.perf_counter() - start), None
+    return row, None
+
+
+def _projection_inputs(op, names, args, kwargs):
+    """The inputs each of the attention's projections `names` reads, from one call of `op`."""
+    seen, originals = {}, {}
+    for name in names:
+        dense = getattr(op, name)
+        originals[name] = dense.call
+
+        def hook(inputs, *a, _name=name, **kw):
+            seen[_name] = inputs
+            return originals[_name](inputs, *a, **kw)
+
+        dense.call = hook
+    try:
+        op(*args, **kwargs)
+    finally:
+        for name in names:
+            getattr(op, name).call = originals[name]
+    return seen
+
+
+def _round_attention(op, args, kwargs, options):
+    """GPTQ of a weight-only attention's four kernels on their frozen per-tensor grids: the query, key and
+    value projections first, then the output projection on the attention's output from them."""
+    rows, spec = [], op.weight_spec
+    for stage in (("query_dense", "key_dense", "value_dense"), ("output_dense",)):
+        inputs = _projection_inputs(op, stage, args, kwargs)
+        for name in stage:
+            dense = getattr(op, name)
+            values = np.asarray(ops.convert_to_numpy(dense.kernel), np.float32)
+            layout, reason = _einsum_layout(dense, values.shape, len(inputs[name].shape))
+            if layout is None:
+                raise ConfigError("layers", op.name, f"its {name} has {reason}", layer=op.name)
+            scale, zero_point = op.kernel_qparams["_" + name]
+            row, chosen = _round_matrix(f"{op.name}/{name}", "EinsumDense (attention)", spec, values,
+                                        np.full(values.shape, scale), np.full(values.shape, zero_point), layout,
+                                        inputs[name], options)
+            dense.kernel.assign(ops.cast((chosen - zero_point) * scale, dense.kernel.dtype))
+            rows.append(row)
+    return rows
+
+
+def _is_target(op):
+    return isinstance(op, (QuantizeWrapper, WeightOnlyMultiHeadAttention))
 
 
 def _targets(qgraph, names):
-    """`(wrappers to round, skipped)` in graph order; `names` (None: all) selects them."""
-    wrappers = [op for op in graph_lib.operations(qgraph) if isinstance(op, QuantizeWrapper)]
+    """`(layers to round, skipped)` in graph order: the frozen wrappers and weight-only attentions; `names`
+    (None: all) selects them."""
+    wrappers = [op for op in graph_lib.operations(qgraph) if _is_target(op)]
     if not wrappers:
         raise ConfigError("qmodel", getattr(qgraph, "name", None), "it holds no kq.QuantizeWrapper; quantize it "
                           "first with kq.quantize_model(..., mode='ptq')")
@@ -392,7 +447,10 @@ def _targets(qgraph, names):
         wrappers = [w for w in wrappers if w.name in set(names)]
     targets, skipped = [], []
     for w in wrappers:
-        if w.stage != "frozen":
+        attention = isinstance(w, WeightOnlyMultiHeadAttention)
+        if attention and len(w.kernel_qparams) != 4:
+            skipped.append((w.name, "a weight-only attention whose kernels are not frozen (QAT)"))
+        elif not attention and w.stage != "frozen":
             skipped.append((w.name, "a QAT wrapper (GPTQ rounds post-training, frozen wrappers)"))
         elif len(graph_lib.calls(w)) != 1:
             skipped.append((w.name, "called more than once"))
@@ -423,7 +481,9 @@ def gptq(qmodel, data, max_samples=256, batch_size=64, block_size=128, damp=0.01
     (Frantar et al. 2022). The scales and zero points are kept; the chosen
     integers are what the wrapper, `kq.export_tflite` and `kq.export_onnx`
     then use. Memory: the tensors alive at one point of the graph, for
-    `max_samples` samples, and one Hessian.
+    `max_samples` samples, and one Hessian. The kernels of a weight-only
+    attention (`kq.layers.WeightOnlyMultiHeadAttention`) are rounded on their
+    per-tensor grids as well (report rows `"<attention>/query_dense"`, ...).
 
     Args:
         qmodel: A PTQ model from `kq.quantize_model(..., mode="ptq")`
@@ -436,7 +496,8 @@ def gptq(qmodel, data, max_samples=256, batch_size=64, block_size=128, damp=0.01
             up to float rounding).
         damp: Fraction of the Hessian's mean diagonal added to its diagonal.
         act_order: Round the columns with the largest `diag(H)` first.
-        layers: Names of the wrapped layers to round (None: all of them).
+        layers: Names of the wrapped layers (and weight-only attentions) to
+            round (None: all of them).
         progress: Show a progress bar over the layers (on stderr).
 
     Returns:
@@ -467,7 +528,10 @@ def gptq(qmodel, data, max_samples=256, batch_size=64, block_size=128, damp=0.01
 
     def call_fn(op, *args, **kwargs):
         w = index.get(id(op))
-        if w is not None:
+        if isinstance(w, WeightOnlyMultiHeadAttention):
+            done.extend(_round_attention(w, args, kwargs, options))
+            bar.update(label=f"gptq {w.name}")
+        elif w is not None:
             row, reason = _round_layer(w, args[0], options)
             if row is None:
                 skipped.append((w.name, reason))

@@ -269,3 +269,27 @@ def test_digits_w4a8_accuracy_after_gptq_at_least_nearest():
     assert np.mean((after - reference) ** 2) < np.mean((before - reference) ** 2)  # closer to the float logits
     nearest, accuracy = (np.mean(y.argmax(1) == y_eval) for y in (before, after))
     assert accuracy >= nearest, (accuracy, nearest)
+
+
+def test_weight_only_attention_kernels_are_rounded_on_their_grids():
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(32, 10, 16)).astype("float32")
+    inp = keras.Input((10, 16))
+    h = L.MultiHeadAttention(2, 8, name="mha")(inp, inp, use_causal_mask=True)
+    model = keras.Model(inp, L.Dense(16, name="ff")(L.Add()([inp, h])))
+    spec = kq.QuantSpec(bits=4, symmetric=True, granularity="per_channel")
+    qmodel = ptq(model, x, spec)
+    mha = qmodel.get_layer("mha")
+    assert isinstance(mha, kq.layers.WeightOnlyMultiHeadAttention)
+    reference = model.predict(x, verbose=0)
+    before = qmodel.predict(x, verbose=0)
+    report = kq.ptq.gptq(qmodel, x, progress=False)
+    after = qmodel.predict(x, verbose=0)
+    names = [r.name for r in report.layers]
+    assert names == ["mha/query_dense", "mha/key_dense", "mha/value_dense", "mha/output_dense", "ff"]
+    assert all(r.error <= r.nearest_error for r in report.layers)
+    for name, (scale, zero_point) in mha.kernel_qparams.items():
+        kernel = to_np(getattr(mha, name[1:]).kernel) / scale
+        np.testing.assert_allclose(kernel, np.round(kernel), atol=1e-4)  # on the grid
+        assert np.abs(kernel).max() <= mha.weight_spec.qmax
+    assert np.mean((after - reference) ** 2) < np.mean((before - reference) ** 2)
