@@ -33,11 +33,12 @@ from typing import Any, Mapping, Optional
 from keras_quant.errors import ConfigError
 
 __all__ = [
-    "QuantSpec", "QuantConfig", "LayerQuantConfig", "GRANULARITIES", "OBSERVERS", "AUTO_CANDIDATES",
+    "QuantSpec", "QuantConfig", "LayerQuantConfig", "GRANULARITIES", "LSQ_PARAMS", "OBSERVERS", "AUTO_CANDIDATES",
     "AUTO_TOLERANCE", "auto_candidates", "auto_tolerance",
 ]
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+LSQ_PARAMS = ("log", "linear")
 # The names `QuantSpec.observer` accepts: the plain tuple at the bottom layer. Each has a record (observer,
 # what it needs, pure range function) in `keras_quant.observers.REGISTRY`, which checks at import that its
 # records cover exactly these names.
@@ -131,6 +132,12 @@ class QuantSpec:
             step; every other observer takes the weights' min-max.
         learnable: If True, the step size (and the offset, if asymmetric) is
             trained with LSQ.
+        lsq_param: How a learnable step size is trained: `"log"` (default)
+            trains `log(step)`, so an Adam step changes the step size by a
+            fraction of itself (`kq.ops.log_step`), which is what lets it
+            move at fine-tuning learning rates; `"linear"` trains an additive
+            change (the LSQ paper's form, and how files saved before this
+            option load).
         stochastic_rounding: Round up with probability equal to the fractional
             part, instead of to nearest.
         observer_options: Keyword arguments for the observer, e.g.
@@ -153,6 +160,7 @@ class QuantSpec:
     learnable: bool = False
     stochastic_rounding: bool = False
     observer_options: Any = ()
+    lsq_param: str = "log"
 
     def __post_init__(self):
         if not _is_int(self.bits) or not MIN_BITS <= self.bits <= MAX_BITS:
@@ -160,6 +168,8 @@ class QuantSpec:
         for name in ("symmetric", "narrow_range", "learnable", "stochastic_rounding"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, getattr(self, name), f"{name} must be a bool")
+        if self.lsq_param not in LSQ_PARAMS:
+            raise ConfigError("lsq_param", self.lsq_param, f"lsq_param must be one of {LSQ_PARAMS}")
         if self.granularity not in GRANULARITIES:
             raise ConfigError("granularity", self.granularity, f"granularity must be one of {GRANULARITIES}")
         if not _is_int(self.axis):
@@ -236,6 +246,10 @@ class QuantSpec:
         unknown = sorted(set(config) - fields)
         if unknown:
             raise ConfigError(unknown[0], config[unknown[0]], f"unknown QuantSpec field; known fields are {sorted(fields)}")
+        config = dict(config)
+        if "lsq_param" not in config and fields - {"lsq_param"} <= set(config):
+            # A complete config saved before `lsq_param` existed: its trained step sizes are additive.
+            config["lsq_param"] = "linear"
         return cls(**config)  # missing keys take their defaults (older files load)
 
 

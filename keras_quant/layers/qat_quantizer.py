@@ -16,12 +16,15 @@ them and returns them as a dict) and adds three range modes:
   layer after layer (gradients of 1e19 on MobileNetV2, NaN after two Adam
   steps).
 - **learn** (specs with `learnable=True`): LSQ / LSQ+ (Esser et al. 2019,
-  Bhalgat et al. 2020). The step size is `scale + scale_delta`, where `scale`
-  is what observation (or calibration) set, now held fixed, and
-  `scale_delta` is the trainable variable (initially 0); likewise the
-  offset of an asymmetric spec is `-zero_point * scale + offset_delta`. The
-  gradient `scale_delta` receives is exactly LSQ's step-size gradient, with
-  the paper's scale `1 / sqrt(numel * qmax)`. Splitting the step size this
+  Bhalgat et al. 2020). The step size is `scale * exp(LOG_STEP_GAIN *
+  scale_delta)` (`kq.ops.log_step`; `lsq_param="linear"`: `scale +
+  scale_delta`), where `scale` is what observation (or calibration) set, now
+  held fixed, and `scale_delta` is the trainable variable (initially 0);
+  likewise the offset of an asymmetric spec is `-zero_point * scale +
+  OFFSET_GAIN * scale * offset_delta` (`kq.ops.scaled_offset`; linear:
+  `+ offset_delta`). The step size receives LSQ's gradient, with the paper's
+  scale `1 / sqrt(numel * qmax)`; the log domain makes an Adam step a
+  relative change of the step size (`keras_quant.ops.lsq`). Splitting the step size this
   way lets observation hand over to learning inside the compiled training
   step on every backend: JAX's stateless step cannot assign a trainable
   variable, only non-trainable ones.
@@ -60,7 +63,7 @@ from keras_quant.config import as_spec as _spec
 
 __all__ = [
     "QATQuantizer", "Schedule", "NEVER", "RANGE_MODES", "STAGES", "LSQ_OBSERVE_STEPS", "default_observe_steps",
-    "effective_qparams", "sync_range",
+    "effective_qparams", "learned_step", "learned_offset", "sync_range",
 ]
 
 # Threshold meaning "not at any step".
@@ -192,21 +195,38 @@ class Schedule:
         return float(keras.ops.convert_to_numpy(self.step)) >= float(keras.ops.convert_to_numpy(self.bn_freeze_at))
 
 
+def learned_step(scale, delta, spec):
+    """The learned step size from the observed `scale` and the trainable `delta`, per `spec.lsq_param`."""
+    delta = ops.convert_to_tensor(delta)
+    if spec.lsq_param == "linear":
+        return scale + delta
+    return kq_ops.log_step(scale, delta)
+
+
+def learned_offset(scale, delta, spec):
+    """The learned change of the offset from the trainable `delta` (in units of `scale` unless linear)."""
+    delta = ops.convert_to_tensor(delta)
+    if spec.lsq_param == "linear":
+        return delta
+    return kq_ops.scaled_offset(scale, delta)
+
+
 def effective_qparams(state, spec):
     """`(scale, zero_point)` of a QAT quantizer's state as the integer model uses them.
 
     The learned step size `scale + scale_delta` (at least `EPS`) and the
     zero point `round(-offset / scale)` clipped to the grid, where `offset` is
-    `-zero_point * scale + offset_delta` (symmetric specs: zero point 0).
+    `-zero_point * scale + offset_delta` (symmetric specs: zero point 0), in
+    the spec's `lsq_param` form (`learned_step`, `learned_offset`).
     """
     scale = ops.convert_to_tensor(state["scale"])
     zero_point = ops.convert_to_tensor(state["zero_point"])
     if "scale_delta" not in state:
         return scale, zero_point
-    learned = ops.maximum(scale + ops.convert_to_tensor(state["scale_delta"]), kq_ops.EPS)
+    learned = ops.maximum(learned_step(scale, state["scale_delta"], spec), kq_ops.EPS)
     if "offset_delta" not in state:
         return learned, ops.zeros_like(learned)
-    offset = -zero_point * scale + ops.convert_to_tensor(state["offset_delta"])
+    offset = -zero_point * scale + learned_offset(scale, state["offset_delta"], spec)
     zp = ops.clip(kq_ops.round_half_up(-offset / learned), float(spec.qmin), float(spec.qmax))
     return learned, zp
 
@@ -349,12 +369,12 @@ class QATQuantizer:
         learning = ops.logical_not(ops.logical_or(observe, frozen))
         frozen_scale, frozen_zp = effective_qparams(state, spec)
         frozen_scale, frozen_zp = ops.stop_gradient(frozen_scale), ops.stop_gradient(frozen_zp)
-        delta = ops.convert_to_tensor(state["scale_delta"])
-        step = ops.where(frozen, frozen_scale, ops.where(learning, scale + delta, scale))
+        learned = learned_step(scale, state["scale_delta"], spec)
+        step = ops.where(frozen, frozen_scale, ops.where(learning, learned, scale))
         offset = None
         if not spec.symmetric:
-            learned_offset = -zp * scale + ops.where(learning, ops.convert_to_tensor(state["offset_delta"]), 0.0)
-            offset = ops.where(frozen, -frozen_zp * frozen_scale, learned_offset)
+            moved = ops.where(learning, learned_offset(scale, state["offset_delta"], spec), 0.0)
+            offset = ops.where(frozen, -frozen_zp * frozen_scale, -zp * scale + moved)
         return kq_ops.lsq_fake_quant(x, step, offset, spec, grad_scale=self._grad_scale(x, state))
 
     def qparams(self, state):

@@ -27,7 +27,9 @@ from keras_quant.ops.core import (
     weight_range,
 )
 from keras_quant.ops import histogram, range_search
-from keras_quant.ops.lsq import lsq_fake_quant, lsq_grad_scale, scale_gradient
+from keras_quant.ops.lsq import (
+    LOG_STEP_GAIN, OFFSET_GAIN, log_step, lsq_fake_quant, lsq_grad_scale, scale_gradient, scaled_offset,
+)
 
 __all__ = [
     "EPS",
@@ -36,6 +38,10 @@ __all__ = [
     "dequantize",
     "fake_quant",
     "lsq_fake_quant",
+    "log_step",
+    "scaled_offset",
+    "LOG_STEP_GAIN",
+    "OFFSET_GAIN",
     "lsq_grad_scale",
     "scale_gradient",
     "tensor_range",

@@ -14,6 +14,24 @@ and the step size and offset gradients are multiplied by
 `grad_scale = 1 / sqrt(numel * qmax)` (the paper's `g`), where `numel` is the
 number of elements that share one step size.
 
+`log_step` and `scaled_offset` are how a QAT quantizer parameterises what it
+trains (`learnable=True`, `lsq_param="log"`): the step size is
+`s = base * exp(LOG_STEP_GAIN * theta)` and the offset
+`OFFSET_GAIN * base * phi`. Adam (the usual fine-tuning optimizer) moves
+each variable by about its learning rate per step whatever the gradient's
+scale, so the paper's `g` does nothing under it, and an additive step size
+moves by the same absolute amount (1e-4) whether it is 0.01 or 1: at
+fine-tuning rates it barely moves at all. In the log domain the same Adam
+step changes `s` by a fraction, about `LOG_STEP_GAIN * lr`, as in TQT's
+trained log-thresholds (Jain et al. 2019). Their gradients are normalised
+so that plain SGD still takes LSQ's step to first order:
+
+    d log_step / d theta     = upstream / (LOG_STEP_GAIN * s)
+    d scaled_offset / d phi  = upstream / (OFFSET_GAIN * base)
+
+(`upstream` being the gradient reaching `s` or the offset), so
+`s * LOG_STEP_GAIN * delta theta = -lr * upstream`, LSQ's update.
+
 Example:
 
 >>> import keras, keras_quant as kq
@@ -28,7 +46,16 @@ from keras import ops
 
 from keras_quant.ops.core import EPS, apply_params, check_spec, float_tensor, round_half_up
 
-__all__ = ["lsq_fake_quant", "lsq_grad_scale", "scale_gradient"]
+__all__ = [
+    "lsq_fake_quant", "lsq_grad_scale", "scale_gradient", "log_step", "scaled_offset", "LOG_STEP_GAIN", "OFFSET_GAIN",
+]
+
+# Gain of the log-domain step size: an Adam step of the fine-tuning rate 1e-4 changes a step size
+# by at most about 3% (`LOG_STEP_GAIN * lr`). Chosen on the W4A4 models of benchmarks/bench_peers.py.
+LOG_STEP_GAIN = 300.0
+# Gain of a learned offset (LSQ+), in steps of the grid: an Adam step moves it by about 0.003 steps at lr 1e-4.
+# Lower than the step size's: with 300, ReLU6 outputs' offsets drifted 1-2 steps below zero on MobileNet.
+OFFSET_GAIN = 30.0
 
 
 def lsq_grad_scale(num_elements, spec):
@@ -47,6 +74,78 @@ def scale_gradient(v, factor):
     """Identity in the forward pass; multiplies the gradient by `factor`."""
     scaled = v * factor
     return scaled + ops.stop_gradient(v - scaled)
+
+
+def log_step(base, theta, gain=None):
+    """The step size `base * exp(gain * theta)` with a normalised gradient for `theta`.
+
+    Args:
+        base: Positive step size at `theta = 0` (e.g. from calibration);
+            it gets the chain rule's gradient.
+        theta: Trainable log-domain parameter, broadcastable to `base`.
+        gain: Multiplier of `theta` in the exponent (default `LOG_STEP_GAIN`).
+
+    Returns:
+        The step size `s`. The gradient of `theta` is
+        `upstream / (gain * s)` (module docstring): SGD on `theta` takes
+        LSQ's additive step, Adam changes `s` by about `gain * lr` relatively.
+
+    Example:
+
+    >>> s = kq.ops.log_step(keras.ops.convert_to_tensor(0.1), keras.Variable(0.0))
+    """
+    gain = float(LOG_STEP_GAIN if gain is None else gain)
+
+    @ops.custom_gradient
+    def fn(b, t):
+        factor = ops.exp(gain * t)
+        s = b * factor
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            return _sum_to(upstream * factor, b), _sum_to(upstream / (gain * ops.maximum(s, EPS)), t)
+
+        return s, grad
+
+    base = ops.cast(ops.convert_to_tensor(base), "float32")
+    theta = ops.cast(ops.convert_to_tensor(theta), "float32")
+    return fn(base, theta)
+
+
+def scaled_offset(base, phi, gain=None):
+    """The learned offset `gain * base * phi` (in units of the step size `base`), normalised like `log_step`.
+
+    Args:
+        base: Positive step size that sets the offset's unit (held fixed: no gradient).
+        phi: Trainable parameter, broadcastable to `base`.
+        gain: Multiplier of `phi` (default `OFFSET_GAIN`).
+
+    Returns:
+        The offset. The gradient of `phi` is `upstream / (gain * base)`:
+        SGD takes LSQ+'s additive step, Adam moves the offset by about
+        `gain * lr` steps of the grid.
+
+    Example:
+
+    >>> b = kq.ops.scaled_offset(keras.ops.convert_to_tensor(0.1), keras.Variable(0.0))
+    """
+    gain = float(OFFSET_GAIN if gain is None else gain)
+
+    @ops.custom_gradient
+    def fn(b, p):
+        unit = gain * ops.maximum(b, EPS)
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            return ops.zeros_like(b), _sum_to(upstream / unit, p)
+
+        return unit * p, grad
+
+    base = ops.stop_gradient(ops.cast(ops.convert_to_tensor(base), "float32"))
+    phi = ops.cast(ops.convert_to_tensor(phi), "float32")
+    return fn(base, phi)
 
 
 def _sum_to(t, p):

@@ -25,6 +25,13 @@ from tests.conftest import to_np
 EPS = float(np.finfo(np.float32).eps)
 A4 = kq.QuantSpec(bits=4)  # qmin = -8, qmax = 7
 S4 = kq.QuantSpec(bits=4, symmetric=True)
+GAIN, OGAIN = kq.ops.LOG_STEP_GAIN, kq.ops.OFFSET_GAIN
+
+
+def var_grad(grad, unit, lsq_param, gain=GAIN):
+    """The gradient a trainable delta gets from `grad` reaching the step size (offset) of size `unit`:
+    itself with `lsq_param="linear"`, `grad / (gain * unit)` in the log form (`kq.ops.log_step`)."""
+    return grad if lsq_param == "linear" else grad / (gain * unit)
 W4 = kq.QuantSpec(bits=4, symmetric=True, granularity="per_channel", narrow_range=True)  # [-7, 7]
 
 # --------------------------------------------------------------------------
@@ -228,32 +235,35 @@ def test_ste_gradient_is_one_on_the_range_boundary(where):
 # 2. LSQ gradients reaching scale_delta / offset_delta.
 
 
-def test_lsq_gradients_hand_values_symmetric():
+@pytest.mark.parametrize("lsq_param", ["log", "linear"])
+def test_lsq_gradients_hand_values_symmetric(lsq_param):
     # v = x / 0.5 = [-10, -8.2, -3.4, 0.2, 1.6, 6.8, 9]; round(v) - v inside: 0.4, -0.2, 0.4, 0.2;
     # two below (qmin = -8 each), one above (qmax = 7): sum = -16 + 0.8 + 7 = -8.2.
     # g = 1 / sqrt(N_F * qmax), N_F = 7 features per sample (not 14 elements in the batch) -> 1 / 7.
-    q = ActivationQuantizer(S4.replace(learnable=True), scale=0.5, zero_point=0, mode="qat")
+    # The log form (default) hands log(step) the normalised gradient: that over GAIN * 0.5.
+    q = ActivationQuantizer(S4.replace(learnable=True, lsq_param=lsq_param), scale=0.5, zero_point=0, mode="qat")
     q.build((None, 7))
     assert [v.name for v in q.trainable_variables] == ["scale_delta"]
     _, _, grads = train_grads(q, _batch(SYM_X))
-    assert float(grads["scale_delta"]) == pytest.approx(-8.2 / 7, abs=1e-5)
+    assert float(grads["scale_delta"]) == pytest.approx(var_grad(-8.2 / 7, 0.5, lsq_param), rel=1e-5, abs=1e-7)
 
 
-def test_lsq_plus_gradients_hand_values_asymmetric():
+@pytest.mark.parametrize("lsq_param", ["log", "linear"])
+def test_lsq_plus_gradients_hand_values_asymmetric(lsq_param):
     # beta = -zp * s = 1.5; v = (x - 1.5) / 0.5 = [-11, -8.2, -5.4, -2.4, 1.4, 6.8, 9].
     # d/ds: round(v) - v inside: 0.4, 0.4, -0.4, 0.2; outside -8, -8, 7 -> -8.4, times g = 1/7.
     # d/dbeta: 3 values outside -> 3, times g. The zero row sits on the grid (v = -3): 0 for both.
-    q = ActivationQuantizer(A4.replace(learnable=True), scale=0.5, zero_point=-3, mode="qat")
+    q = ActivationQuantizer(A4.replace(learnable=True, lsq_param=lsq_param), scale=0.5, zero_point=-3, mode="qat")
     q.build((None, 7))
     _, _, grads = train_grads(q, _batch(ASYM_X))
-    assert float(grads["scale_delta"]) == pytest.approx(-8.4 / 7, abs=1e-5)
-    assert float(grads["offset_delta"]) == pytest.approx(3 / 7, abs=1e-6)
+    assert float(grads["scale_delta"]) == pytest.approx(var_grad(-8.4 / 7, 0.5, lsq_param), rel=1e-5, abs=1e-7)
+    assert float(grads["offset_delta"]) == pytest.approx(var_grad(3 / 7, 0.5, lsq_param, OGAIN), rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_lsq_activation_gradients_match_reference_with_learned_deltas(rng, symmetric):
     """With a non-zero learned step and offset, the variable gradients are LSQ's at those values."""
-    spec = kq.QuantSpec(bits=4, symmetric=symmetric, learnable=True)
+    spec = kq.QuantSpec(bits=4, symmetric=symmetric, learnable=True, lsq_param="linear")
     q = ActivationQuantizer(spec, scale=0.4, zero_point=0 if symmetric else 2, mode="qat")
     q.build((None, 5, 3))
     q._state["scale_delta"].assign(0.05)
@@ -274,7 +284,7 @@ def test_lsq_activation_gradients_match_reference_with_learned_deltas(rng, symme
 
 
 def test_lsq_per_channel_weight_gradients_match_reference(rng):
-    spec = kq.QuantSpec(bits=4, granularity="per_channel", axis=-1, learnable=True)
+    spec = kq.QuantSpec(bits=4, granularity="per_channel", axis=-1, learnable=True, lsq_param="linear")
     quantizer = QATQuantizer(spec, role="weight")
     host = Host(quantizer, (3, 4), observing=False, frozen=False)  # learn mode
     scale = np.array([0.1, 0.2, 0.3, 0.05], "float32")
@@ -378,7 +388,7 @@ def test_set_mode_frozen_stops_updates():
     ],
 )
 def test_frozen_learned_offset_becomes_integer_zero_point(scale_delta, offset_delta, scale, zero_point):
-    q = ActivationQuantizer(A4.replace(learnable=True), scale=0.5, zero_point=-3, mode="qat")
+    q = ActivationQuantizer(A4.replace(learnable=True, lsq_param="linear"), scale=0.5, zero_point=-3, mode="qat")
     q.build((None, 7))
     q._state["scale_delta"].assign(scale_delta)
     q._state["offset_delta"].assign(offset_delta)
@@ -395,7 +405,7 @@ def test_frozen_learned_offset_becomes_integer_zero_point(scale_delta, offset_de
 
 
 def test_learn_mode_uses_unrounded_offset_and_switches_back():
-    q = ActivationQuantizer(A4.replace(learnable=True), scale=0.5, zero_point=-3, mode="qat")
+    q = ActivationQuantizer(A4.replace(learnable=True, lsq_param="linear"), scale=0.5, zero_point=-3, mode="qat")
     q.build((None, 7))
     q._state["scale_delta"].assign(0.1)
     q._state["offset_delta"].assign(-0.8)
@@ -438,8 +448,9 @@ def test_schedule_observes_exactly_n_steps_then_learns():
     assert float(to_np(q.scale)) == pytest.approx(0.45, rel=1e-6)
     assert float(to_np(q.zero_point)) == -3.0
     # Observing: no gradient. Learning, x = [-4, 8] and [-5, 10] are both clipped: (qmin + qmax) * g = -1 / sqrt(2 * 7).
+    # The log form: that over GAIN * 0.45.
     assert ds[:3] == [0.0, 0.0, 0.0]
-    np.testing.assert_allclose(ds[3:], [-1 / math.sqrt(14)] * 2, rtol=1e-5)
+    np.testing.assert_allclose(ds[3:], [-1 / math.sqrt(14) / (GAIN * 0.45)] * 2, rtol=1e-5)
 
 
 def test_frozen_wins_over_observing():
@@ -655,7 +666,7 @@ def test_wrapper_learnable_with_stochastic_rounding_raises():
     offset_delta=st.floats(-1.0, 1.0),
 )
 def test_learn_mode_error_bound_and_grid(x, symmetric, scale_delta, offset_delta):
-    spec = kq.QuantSpec(bits=4, symmetric=symmetric, learnable=True)
+    spec = kq.QuantSpec(bits=4, symmetric=symmetric, learnable=True, lsq_param="linear")
     zp = 0 if symmetric else -3
     q = ActivationQuantizer(spec, scale=0.5, zero_point=zp, mode="qat")
     q.build((None, 6))
@@ -760,3 +771,75 @@ def test_stage_is_saved_under_its_old_name_mode():
     wrapper = kq.QuantizeWrapper(keras.layers.Dense(2), mode="frozen")
     again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(wrapper), safe_mode=True)
     assert wrapper.get_config()["mode"] == "frozen" and again.stage == "frozen" and again.mode == "frozen"
+
+
+# --------------------------------------------------------------------------
+# 7. The log-domain step size (lsq_param="log", the default) and files saved before it.
+
+
+def _drop_lsq_param(tree):
+    """A saved config as it was before `lsq_param` existed."""
+    if isinstance(tree, dict):
+        return {k: _drop_lsq_param(v) for k, v in tree.items() if k != "lsq_param"}
+    if isinstance(tree, list):
+        return [_drop_lsq_param(v) for v in tree]
+    return tree
+
+
+def test_log_form_qparams_and_a_file_saved_before_it_loads_as_linear(tmp_path):
+    """Default: step `0.5 * exp(GAIN * d)`, offset `1.5 + OGAIN * 0.5 * o`. An older file (no `lsq_param` in its
+    specs) holds additive deltas: it loads with safe_mode=True and reads them as such."""
+    import json
+    import zipfile
+
+    spec = A4.replace(learnable=True)
+    assert spec.lsq_param == "log"
+    q = ActivationQuantizer(spec, scale=0.5, zero_point=-3, mode="qat", name="aq")
+    model = keras.Sequential([keras.Input((7,)), q])
+    d, o = 0.001, -0.002
+    q._state["scale_delta"].assign(d)
+    q._state["offset_delta"].assign(o)
+    step = 0.5 * math.exp(GAIN * d)
+    s, z = (float(to_np(v)) for v in q.qparams)
+    assert s == pytest.approx(step, rel=1e-5)
+    assert z == np.clip(np.floor(-(1.5 + OGAIN * 0.5 * o) / step + 0.5), -8, 7)
+    path, old = tmp_path / "new.keras", tmp_path / "old.keras"
+    model.save(path)
+    again = keras.models.load_model(path, safe_mode=True)
+    np.testing.assert_allclose([float(to_np(v)) for v in again.layers[-1].qparams], [s, z], rtol=1e-6)
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(old, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "config.json":
+                data = json.dumps(_drop_lsq_param(json.loads(data))).encode()
+            dst.writestr(item, data)
+    legacy = keras.models.load_model(old, safe_mode=True).layers[-1]
+    assert legacy.spec.lsq_param == "linear"
+    s_old, z_old = (float(to_np(v)) for v in legacy.qparams)
+    assert s_old == pytest.approx(0.5 + d, rel=1e-6)
+    assert z_old == np.clip(np.floor(-(1.5 + o) / (0.5 + d) + 0.5), -8, 7)
+
+
+def test_lsq_param_in_spec_configs():
+    assert kq.QuantSpec.from_config({"bits": 4, "learnable": True}).lsq_param == "log"  # a written config
+    complete = kq.QuantSpec(bits=4, learnable=True).get_config()
+    assert complete["lsq_param"] == "log" and kq.QuantSpec.from_config(complete).lsq_param == "log"
+    del complete["lsq_param"]  # every other field: a config saved before the option existed
+    assert kq.QuantSpec.from_config(complete).lsq_param == "linear"
+    with pytest.raises(ConfigError, match="lsq_param"):
+        kq.QuantSpec(bits=4, learnable=True, lsq_param="exp")
+
+
+@pytest.mark.parametrize("lsq_param, moves", [("log", True), ("linear", False)])
+def test_adam_moves_a_log_step_by_a_fraction_of_itself(lsq_param, moves):
+    """Adam's first step moves each variable by about its learning rate: 1e-4 of an additive step size of 0.5
+    is nothing, the log form changes it by about GAIN * 1e-4 (relatively)."""
+    spec = kq.QuantSpec(bits=4, symmetric=True, learnable=True, lsq_param=lsq_param)
+    q = ActivationQuantizer(spec, scale=0.5, zero_point=0, mode="qat")
+    model = keras.Sequential([keras.Input((7,)), q])
+    model.compile(keras.optimizers.Adam(1e-4), "mse")
+    x = np.array([SYM_X], "float32")
+    model.fit(x, np.zeros_like(x), batch_size=1, epochs=1, verbose=0)
+    ratio = float(to_np(q.qparams[0])) / 0.5
+    expected = math.exp(-GAIN * 1e-4) if moves else 1 - 1e-4 / 0.5  # the loss wants a smaller step here
+    assert ratio == pytest.approx(expected, rel=1e-3)

@@ -96,3 +96,38 @@ def test_lsq_step_size_learns_toward_lower_error(rng):
         s.assign(s.value - 0.05 * g)
     end = float(keras.ops.convert_to_numpy(loss(s.value)))
     assert end < start * 0.5
+
+
+def test_log_step_and_scaled_offset_match_reference(rng):
+    """Forward `base * exp(gain * theta)` and `gain * base * phi`; the trainable parameters get the upstream
+    gradient over `gain * s` and `gain * base` (numpy reference of the module docstring's formulas)."""
+    base = np.array([0.3, 0.05, 1.2], "float32")
+    theta = rng.normal(size=3).astype("float32") * 1e-3
+    up = rng.normal(size=(4, 3)).astype("float32")
+    gain = 300.0
+    s_ref = base.astype(np.float64) * np.exp(gain * theta.astype(np.float64))
+    s = keras.ops.convert_to_numpy(kq.ops.log_step(base, theta, gain))
+    np.testing.assert_allclose(s, s_ref, rtol=1e-5)
+    db, dt = _grad(lambda b, t: keras.ops.sum(kq.ops.log_step(b, t, gain) * up), base, theta)
+    np.testing.assert_allclose(db, up.sum(0) * np.exp(gain * theta), rtol=1e-5)  # the chain rule
+    np.testing.assert_allclose(dt, up.sum(0) / (gain * s_ref), rtol=1e-5)
+    b = keras.ops.convert_to_numpy(kq.ops.scaled_offset(base, theta, 30.0))
+    np.testing.assert_allclose(b, 30.0 * base * theta, rtol=1e-5)
+    (dp,) = _grad(lambda p: keras.ops.sum(kq.ops.scaled_offset(base, p, 30.0) * up), theta)
+    np.testing.assert_allclose(dp, up.sum(0) / (30.0 * base), rtol=1e-5)
+    assert kq.ops.LOG_STEP_GAIN > 1
+
+
+def test_sgd_on_log_step_takes_lsqs_step():
+    """To first order an SGD step on theta changes s by `-lr * dL/ds`, as SGD on s itself (LSQ's update)."""
+    spec = kq.QuantSpec(bits=4, symmetric=True, learnable=True)
+    x = np.linspace(-3.0, 3.0, 41).astype("float32")
+    base, lr = np.float32(0.2), 1e-4
+
+    def loss(s):
+        return keras.ops.mean((kq.ops.lsq_fake_quant(x, s, None, spec, grad_scale=1.0) - x) ** 2)
+
+    (g_s,) = _grad(loss, base)
+    (g_t,) = _grad(lambda t: loss(kq.ops.log_step(base, t)), np.float32(0.0))
+    s_new = float(keras.ops.convert_to_numpy(kq.ops.log_step(base, np.float32(-lr * g_t))))
+    assert s_new - base == pytest.approx(-lr * float(g_s), rel=1e-2)
