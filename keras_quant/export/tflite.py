@@ -36,7 +36,7 @@ import numpy as np
 
 from keras_quant import graph as graph_lib
 from keras_quant.errors import ConfigError, ExportError
-from keras_quant.export import converter as converter_lib, flatbuffer, loops, plan as plan_lib
+from keras_quant.export import clamps, converter as converter_lib, flatbuffer, loops, plan as plan_lib
 from keras_quant.io import write_atomic
 
 __all__ = ["export_tflite", "tflite_bytes", "ExportReport", "IO_TYPES"]
@@ -275,6 +275,16 @@ def _write_weight_scales(flat, infos, mode):
     return notes
 
 
+def _fold_clamps(flat):
+    """Fold the clamp ops of narrow activation grids into their producers (`clamps.fold_clamps`); the notes."""
+    removed = clamps.fold_clamps(flat)
+    if not removed:
+        return []
+    counts = collections.Counter(f"{op} {how}" for op, _, how in removed)
+    return ["clamp ops of narrow activation grids removed, the integers unchanged: "
+            + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))]
+
+
 def _weight_rows(infos, mode):
     """`(layer, bits, storage)` of each quantized weight, and a note for each grid narrower than its storage."""
     weights, notes = [], []
@@ -329,6 +339,8 @@ def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_si
     notes = []
     if integer:
         notes += _write_weight_scales(flat, infos, mode)
+    if mode == "int8":
+        notes += _fold_clamps(flat)
     if finished or integer:
         data = flat.to_bytes()  # `flat` now reads as the bytes do
     layer_names = {layer.name for layer in graph_lib.sublayers(model)}

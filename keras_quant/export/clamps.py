@@ -1,0 +1,235 @@
+"""Fold the integer clamps of narrow activation grids into the ops that produce them.
+
+A 4-bit activation in an int8 file is stored at the top of the int8 range
+(`kq.layers.inference.storage_zero_point`): int8's saturation at 127 is its
+maximum, and its minimum is a MAXIMUM op with a constant, or a RELU op when
+the grid starts at 0, between two tensors with the same scale and zero point.
+Such an op costs a pass over the tensor, and the XNNPACK delegate runs no
+int8 MAXIMUM / MINIMUM / RELU, so each one splits the delegated graph.
+`fold_clamps` removes every clamp op (RELU, RELU6, RELU_N1_TO_1, RELU_0_TO_1,
+MAXIMUM / MINIMUM with a constant) whose input and output hold the same
+quantization, where the integers stay the same:
+
+- dropped when the input's integers already lie in the clamp's range (a
+  fused ReLU / ReLU6 of the producing op, a RELU before a MEAN or MAX_POOL_2D
+  that keeps the values' range, int8 saturation); the bounds are tracked
+  through the graph in stored integers;
+- folded into the producing CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED /
+  ADD / pooling op as its fused activation when that activation's integer
+  range on the producer's output is exactly the clamp's range combined with
+  the producer's own (a RELU whose floor is the zero point: the grid starts at
+  0).
+
+A fused activation's integer bound is `zero_point + round(bound / scale)`:
+TFLite's kernels round halves away from zero, the XNNPACK delegate to even;
+a bound is used only where both give the same integer (a RELU's 0 always
+does), so the file computes the same integers with and without the delegate.
+
+Example:
+
+>>> flat = flatbuffer.FlatModel(data)              # doctest: +SKIP
+>>> removed = fold_clamps(flat)                    # doctest: +SKIP
+"""
+
+import math
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+__all__ = ["fold_clamps", "activation_bounds", "FUSABLE_OPS"]
+
+# Ops whose fused activation both LiteRT's int8 kernels and the XNNPACK delegate apply to their output.
+FUSABLE_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "AVERAGE_POOL_2D", "MAX_POOL_2D")
+# Ops that move or average integers of one quantization: their output lies within their input's bounds.
+_KEEPS_BOUNDS = ("MAX_POOL_2D", "AVERAGE_POOL_2D", "MEAN", "RESHAPE", "SQUEEZE", "EXPAND_DIMS")
+# Fused activation code -> its float (min, max).
+_ACTIVATIONS = {0: (None, None), 1: (0.0, None), 2: (-1.0, 1.0), 3: (0.0, 6.0)}
+# Clamp op -> its float (min, max), for the RELU family.
+_CLAMP_OPS = {"RELU": (0.0, None), "RELU6": (0.0, 6.0), "RELU_N1_TO_1": (-1.0, 1.0), "RELU_0_TO_1": (0.0, 1.0)}
+_INT8 = (-128, 127)
+
+
+def _quantize_bound(value, scale, zero_point):
+    """`(tflite, xnnpack)` integers of a float activation bound: half away from zero / half to even."""
+    v = float(np.float32(value) / np.float32(scale))
+    tfl = float(zero_point) + v
+    away = int(math.copysign(math.floor(abs(tfl) + 0.5), tfl))
+    even = int(np.rint(np.float32(v) + np.float32(zero_point)))
+    return away, even
+
+
+def activation_bounds(lo, hi, scale, zero_point, exact=False):
+    """The int8 `(min, max)` a clamp to float `[lo, hi]` (None: open) gives on `(scale, zero_point)`.
+
+    `exact=False`: the widest bounds either runtime gives (what the output may hold);
+    `exact=True`: the bounds only if both runtimes give the same integers, else None.
+    """
+    out = []
+    for value, limit, pick in ((lo, _INT8[0], min), (hi, _INT8[1], max)):
+        if value is None:
+            out.append(limit)
+            continue
+        a, b = (int(np.clip(q, *_INT8)) for q in _quantize_bound(value, scale, zero_point))
+        if exact and a != b:
+            return None
+        out.append(pick(a, b))
+    return tuple(out)
+
+
+def _params(flat, index):
+    t = flat.tensor(index)
+    if t.type != "INT8" or t.scales.size != 1:
+        return None
+    return float(t.scales[0]), int(t.zero_points[0])
+
+
+def _fused(flat, op_index):
+    options = flat.graph.operators[op_index].builtinOptions
+    return getattr(options, "fusedActivationFunction", None)
+
+
+def _clamp(flat, op):
+    """`(input, output, float range or None, int range or None)` of a clamp op keeping its quantization, else None."""
+    if not op.outputs or (op.name not in _CLAMP_OPS and op.name not in ("MAXIMUM", "MINIMUM")):
+        return None
+    variable = [i for i in op.inputs if i >= 0 and not flat.tensor(i).constant]
+    constant = [i for i in op.inputs if i >= 0 and flat.tensor(i).constant]
+    if len(variable) != 1 or _params(flat, variable[0]) is None:
+        return None
+    x, y = variable[0], op.outputs[0]
+    if _params(flat, x) != _params(flat, y) or tuple(flat.tensor(x).shape) != tuple(flat.tensor(y).shape):
+        return None
+    if op.name in _CLAMP_OPS:
+        return x, y, _CLAMP_OPS[op.name], None
+    if len(constant) != 1 or _params(flat, constant[0]) != _params(flat, x):
+        return None
+    values = np.unique(flat.array(constant[0]))
+    if values.size != 1:
+        return None
+    c = int(values[0])
+    return x, y, None, ((c, _INT8[1]) if op.name == "MAXIMUM" else (_INT8[0], c))
+
+
+def _intersect(a, b):
+    return max(a[0], b[0]), min(a[1], b[1])
+
+
+def _inside(a, b):
+    """Whether interval `a` lies inside `b`."""
+    return b[0] <= a[0] and a[1] <= b[1]
+
+
+def _output_bounds(flat, op, known):
+    """The int8 range `op`'s first output can hold, from its fused activation and its input's bounds."""
+    out = op.outputs[0]
+    params = _params(flat, out)
+    if params is None:
+        return _INT8
+    bounds = _INT8
+    code = _fused(flat, op.index)
+    if code in _ACTIVATIONS and op.name in FUSABLE_OPS:
+        bounds = activation_bounds(*_ACTIVATIONS[code], *params)
+    clamp = _clamp(flat, op)
+    if clamp is not None:
+        x, _, floats, ints = clamp
+        own = ints if ints is not None else activation_bounds(*floats, *params)
+        return _intersect(known.get(x, _INT8), own)
+    if op.name in _KEEPS_BOUNDS and op.inputs and op.inputs[0] >= 0:
+        x = op.inputs[0]
+        if _params(flat, x) == params:
+            bounds = _intersect(bounds, known.get(x, _INT8))
+        elif _params(flat, x) is not None and known.get(x, _INT8)[0] >= _params(flat, x)[1]:
+            bounds = _intersect(bounds, (params[1], _INT8[1]))  # non-negative in, non-negative out
+    return bounds
+
+
+def _consumers(flat) -> Dict[int, List[int]]:
+    users = {}
+    for op in flat.ops():
+        for i in op.inputs:
+            if i >= 0:
+                users.setdefault(i, []).append(op.index)
+    return users
+
+
+def _fuse_code(flat, producer, x, clamp_range):
+    """The fused activation that gives the producer's output exactly its own range combined with the clamp's."""
+    params = _params(flat, x)
+    code = _fused(flat, producer.index)
+    own = activation_bounds(*_ACTIVATIONS[code], *params, exact=True) if code in _ACTIVATIONS else None
+    if own is None:
+        return None
+    want = _intersect(own, clamp_range)
+    for candidate in (0, 1, 3, 2):
+        if activation_bounds(*_ACTIVATIONS[candidate], *params, exact=True) == want:
+            return candidate
+    return None
+
+
+def _plan_removal(flat, op, clamp, known, producers, users, outputs):
+    """`(action, detail)` for one clamp op: ("drop", None), ("fuse", code) or None to keep it."""
+    x, y, floats, ints = clamp
+    params = _params(flat, x)
+    exact = ints if ints is not None else activation_bounds(*floats, *params, exact=True)
+    if exact is None:
+        return None
+    sole = users.get(x, []) == [op.index] and x not in outputs
+    producer = producers.get(x)
+    if _inside(known.get(x, _INT8), exact):
+        if (producer is not None and sole) or y not in outputs:
+            return "drop", None
+        return None
+    if producer is None or not sole or producer.name not in FUSABLE_OPS or _fused(flat, producer.index) is None:
+        return None
+    code = _fuse_code(flat, producer, x, exact)
+    return None if code is None else ("fuse", code)
+
+
+def _rewire(flat, op, x, y, producer, users, outputs):
+    """Take clamp `op` (x -> y) out of the graph: its producer writes `y`, or `y`'s readers read `x`."""
+    graph = flat.graph
+    if producer is not None and users.get(x, []) == [op.index] and x not in outputs:
+        outs = list(graph.operators[producer.index].outputs)
+        outs[outs.index(x)] = y
+        graph.operators[producer.index].outputs = outs
+        return
+    for reader in users.get(y, []):
+        graph.operators[reader].inputs = [x if i == y else i for i in graph.operators[reader].inputs]
+
+
+def fold_clamps(flat) -> List[Tuple[str, str, str]]:
+    """Remove the clamp ops of `flat`'s main graph that its integers do not need (see the module).
+
+    Returns:
+        `(op, tensor, how)` of each op removed: `how` is `"dropped"` (the values
+        already lay in its range) or `"fused as RELU"` (... into the producing op).
+    """
+    removed = []
+    changed = True
+    while changed:  # one removal at a time: the graph's producers, readers and bounds change with it
+        changed = False
+        ops = flat.ops()
+        producers = {o: op for op in ops for o in op.outputs}
+        users = _consumers(flat)
+        outputs = {int(i) for i in flat.graph.outputs}
+        known = {}
+        for op in ops:
+            if op.outputs:
+                known[op.outputs[0]] = _output_bounds(flat, op, known)
+        for op in ops:
+            clamp = _clamp(flat, op)
+            plan = None if clamp is None else _plan_removal(flat, op, clamp, known, producers, users, outputs)
+            if plan is None:
+                continue
+            x, y = clamp[0], clamp[1]
+            producer = producers.get(x)
+            how = "dropped"
+            if plan[0] == "fuse":
+                flat.graph.operators[producer.index].builtinOptions.fusedActivationFunction = plan[1]
+                how = "fused as " + {1: "RELU", 2: "RELU_N1_TO_1", 3: "RELU6"}.get(plan[1], "NONE")
+            _rewire(flat, op, x, y, producer, users, outputs)
+            del flat.graph.operators[op.index]
+            removed.append((op.name, flat.tensor(y).name, how))
+            changed = True
+            break
+    return removed
