@@ -19,7 +19,7 @@ import numpy as np
 from keras_quant.errors import ExportError
 from keras_quant.layers.integer import bias_integers
 
-__all__ = ["FlatModel", "TensorInfo", "OpInfo", "WEIGHT_OPS"]
+__all__ = ["FlatModel", "TensorInfo", "OpInfo", "WEIGHT_OPS", "pack_int4", "unpack_int4"]
 
 # TFLite op -> (input index of the weights, of the bias, of the activation input). A fact about the
 # flatbuffer's builtin ops, not about Keras layer types (several layer types lower to one op, and loop
@@ -113,11 +113,13 @@ class FlatModel:
         return [self.tensor(i) for i in range(len(self.graph.tensors))]
 
     def array(self, index) -> Optional[np.ndarray]:
-        """A constant tensor's values in its stored type (None for a non-constant tensor)."""
+        """A constant tensor's values in its stored type (None for a non-constant tensor); INT4 unpacked to int8."""
         t = self.graph.tensors[index]
         data = self._data(t)
         if data is None:
             return None
+        if self.type_names[t.type] == "INT4":
+            return unpack_int4(np.frombuffer(bytes(bytearray(data)), np.uint8), tuple(t.shape))
         dtype = _NP[self.type_names[t.type]]
         return np.frombuffer(bytes(bytearray(data)), dtype=dtype).reshape(tuple(t.shape))
 
@@ -134,11 +136,17 @@ class FlatModel:
 
     # Writing -------------------------------------------------------------------------
     def set_constant(self, index, values, type_name, scales=None, zero_points=None, quantized_dimension=None):
-        """Give tensor `index` new values (in a buffer of its own), type and quantization."""
+        """Give tensor `index` new values (in a buffer of its own), type and quantization.
+
+        `type_name="INT4"` packs integers in [-8, 7] two to a byte (`pack_int4`).
+        """
         schema = tflite_schema()
         t = self.graph.tensors[index]
-        values = np.ascontiguousarray(values, dtype=_NP[type_name])
-        data = np.frombuffer(values.tobytes(), dtype=np.uint8)
+        if type_name == "INT4":
+            data = pack_int4(values)
+        else:
+            values = np.ascontiguousarray(values, dtype=_NP[type_name])
+            data = np.frombuffer(values.tobytes(), dtype=np.uint8)
         shared = sum(1 for sub in self.model.subgraphs for other in sub.tensors if other.buffer == t.buffer) > 1
         if t.buffer and not shared:  # rewrite the tensor's own buffer in place (no orphan left in the file)
             self.model.buffers[t.buffer].data = data
@@ -155,6 +163,29 @@ class FlatModel:
             if quantized_dimension is not None:
                 q.quantizedDimension = int(quantized_dimension)
             t.quantization = q
+
+
+def pack_int4(values) -> np.ndarray:
+    """Integers in [-8, 7] as TFLite's INT4 buffer: two per byte in row-major order, the first in the low nibble.
+
+    The order LiteRT's `tensor_utils::UnpackDenseInt4IntoInt8` reads; an odd count leaves the last
+    byte's high nibble 0.
+    """
+    q = np.asarray(values).reshape(-1).astype(np.int16)
+    if q.size and (q.min() < -8 or q.max() > 7):
+        raise ValueError(f"INT4 holds integers in [-8, 7], not [{q.min()}, {q.max()}]")
+    if q.size % 2:
+        q = np.concatenate([q, np.zeros(1, np.int16)])
+    return ((q[0::2] & 0xF) | ((q[1::2] & 0xF) << 4)).astype(np.uint8)
+
+
+def unpack_int4(data, shape) -> np.ndarray:
+    """The int8 values of an INT4 buffer (`pack_int4`'s inverse) in `shape`."""
+    data = np.asarray(data, np.uint8).astype(np.int16)
+    low, high = data & 0xF, data >> 4
+    q = np.stack([low, high], axis=-1).reshape(-1)
+    q = np.where(q > 7, q - 16, q).astype(np.int8)
+    return q[:int(np.prod(shape))].reshape(shape)
 
 
 def layer_names_of(tensor_name, layer_names):

@@ -57,12 +57,17 @@ class InferencePlan:
             quantizer before its own activation under `(id(layer), PREACTIVATION)`.
         storage_bits: Width of the activation integers (8 or 16), or None to
             leave activations in float.
+        narrow_at_top: Store a grid narrower than int8 at the top of the int8
+            range (`storage_zero_point`; the default). False writes the plain
+            form, the spec's zero point and both clamps (MAXIMUM and MINIMUM
+            ops): the reference the export tests compare the files against.
     """
 
     weights: Dict[int, Dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     folded_bias: Dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
     activations: Dict[object, Tuple[object, float, int]] = dataclasses.field(default_factory=dict)
     storage_bits: Optional[int] = 8
+    narrow_at_top: bool = True
 
 
 @contextlib.contextmanager
@@ -140,7 +145,7 @@ def exported_range(scale, zero_point, spec, storage_bits=8):
     return float(rmin), float(rmax)
 
 
-def storage_zero_point(spec, zero_point, storage_bits):
+def storage_zero_point(spec, zero_point, storage_bits, at_top=True):
     """The zero point a spec's integers are stored with: the spec's own, but for a narrower grid in int8.
 
     A grid narrower than int8 (4-bit activations) is stored at the top of the int8 range: the
@@ -149,12 +154,12 @@ def storage_zero_point(spec, zero_point, storage_bits):
     op). The offset moves the zero point with the integers: every integer kernel computes with
     `q - zero_point`, the same numbers.
     """
-    if spec.bits < storage_bits == 8:
+    if at_top and spec.bits < storage_bits == 8:
         return int(zero_point) + 127 - int(spec.qmax)
     return int(zero_point)
 
 
-def activation_op(x, spec, scale, zero_point, storage_bits):
+def activation_op(x, spec, scale, zero_point, storage_bits, at_top=True):
     """A per-tensor activation quantizer as constant-range TensorFlow fake-quant ops.
 
     A grid narrower than its int8 storage is stored at the top of the int8 range
@@ -169,12 +174,14 @@ def activation_op(x, spec, scale, zero_point, storage_bits):
         scale: Python float.
         zero_point: Python int on the spec's grid.
         storage_bits: 8 or 16.
+        at_top: Store a narrower grid at the top of int8 (`storage_zero_point`), else at the spec's zero point.
     """
     import tensorflow as tf
 
     scale, zero_point = float(scale), int(zero_point)
     narrow = spec.narrow_range and spec.bits == storage_bits
-    rmin, rmax = exported_range(scale, storage_zero_point(spec, zero_point, storage_bits), spec, storage_bits)
+    stored = storage_zero_point(spec, zero_point, storage_bits, at_top)
+    rmin, rmax = exported_range(scale, stored, spec, storage_bits)
 
     def store(v):
         return tf.quantization.fake_quant_with_min_max_args(v, min=rmin, max=rmax, num_bits=storage_bits,
@@ -187,7 +194,7 @@ def activation_op(x, spec, scale, zero_point, storage_bits):
         # int8's 127 (`storage_zero_point`): only its minimum needs an op.
         lo, hi = (spec.qmin - zero_point) * scale, (spec.qmax - zero_point) * scale
         x = tf.maximum(x, lo)
-        if storage_bits != 8:
+        if stored == zero_point:  # not at the top: int8 saturation is not the grid's maximum
             x = tf.minimum(x, hi)
         x = store(x)
     return x
@@ -227,7 +234,7 @@ def quantize_output(layer, x, plan, which=None):
     if plan.storage_bits is None or key not in plan.activations:
         return x
     spec, scale, zero_point = plan.activations[key]
-    return activation_op(x, spec, scale, zero_point, plan.storage_bits)
+    return activation_op(x, spec, scale, zero_point, plan.storage_bits, plan.narrow_at_top)
 
 
 def flattens(layer, inputs):
