@@ -7,15 +7,17 @@ weights, per channel (LiteRT 2.3, `ai_edge_litert`):
 
 - LiteRT's builtin kernels: FULLY_CONNECTED, CONV_2D and DEPTHWISE_CONV_2D
   (they unpack the weights once, at preparation, and compute as with int8);
-- the XNNPACK delegate (the interpreter's default): FULLY_CONNECTED only. It
-  leaves an INT4 CONV_2D / DEPTHWISE_CONV_2D to the builtin kernel: slower,
-  and that kernel's fixed-point requantization differs from XNNPACK's float
-  one by an output step here and there.
+- the XNNPACK delegate (the interpreter's default): FULLY_CONNECTED with an
+  even number of inputs only (XNNPACK packs each output row to whole bytes,
+  TFLite packs the tensor densely). It leaves an INT4 CONV_2D /
+  DEPTHWISE_CONV_2D, or a FULLY_CONNECTED with an odd number of inputs, to the
+  builtin kernel: slower, and that kernel's fixed-point requantization differs
+  from XNNPACK's float one by an output step here and there.
 
 `weight_storage="int4"` packs the weights of all three ops (the smallest file;
 exactly the int8-storage file's integers under the builtin kernels),
-`"int4_xnnpack"` only those XNNPACK runs (FULLY_CONNECTED: the default
-interpreter's outputs and speed are the int8-storage file's), `"int8"` none.
+`"int4_xnnpack"` only those XNNPACK runs (the default interpreter's outputs and
+speed are the int8-storage file's), `"int8"` none.
 
 Example:
 
@@ -48,6 +50,13 @@ def check_weight_storage(weight_storage, mode):
         raise ConfigError("weight_storage", weight_storage, f"INT4 weights are written in mode='int8' files only, "
                           f"not mode='{mode}'")
     return weight_storage
+
+
+def _readable(op_name, shape, weight_storage):
+    """Whether `weight_storage` writes an INT4 weight of `shape` read by op `op_name`."""
+    if op_name not in INT4_OPS[weight_storage]:
+        return False
+    return weight_storage != "int4_xnnpack" or shape[-1] % 2 == 0  # XNNPACK: whole bytes per output row
 
 
 def _matches(flat, index, info):
@@ -88,18 +97,20 @@ def store_int4(flat, infos, weight_storage) -> Dict[Tuple[str, str], str]:
 
     A weight is packed when keras_quant quantized it to at most 4 bits, its
     integers lie in [-8, 7] with zero points 0, and every op reading it is one
-    of `INT4_OPS[weight_storage]`.
+    of `INT4_OPS[weight_storage]` (for `"int4_xnnpack"`: with an even number of
+    inputs).
 
     Returns:
         `{(layer, weight name): "int4"}` of the weights packed.
     """
-    allowed = INT4_OPS[weight_storage]
     packed = {}
-    if not allowed:
+    if not INT4_OPS[weight_storage]:
         return packed
     for index, (info, readers) in _weight_tensors(flat, infos).items():
         t = flat.tensor(index)
-        if info.bits > 4 or any(name not in allowed for name in readers) or np.any(t.zero_points != 0):
+        if info.bits > 4 or not all(_readable(name, t.shape, weight_storage) for name in readers):
+            continue
+        if np.any(t.zero_points != 0):
             continue
         q = flat.array(index)
         if q.min() < -8 or q.max() > 7:
