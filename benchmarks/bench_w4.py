@@ -9,10 +9,11 @@ digits; `--quick`: digits only), built and trained as `bench_peers.run_model` do
 - `converter_int8`: the TFLite converter's own full-integer PTQ (`bench_peers.converter_int8`), the
   latency baseline;
 - `w4a4_before`: keras_quant's W4A4 PTQ file (minmax, per-channel symmetric narrow 4-bit weights,
-  per-tensor 4-bit activations) in the plain form exports wrote before: each 4-bit activation at its
-  spec's zero point with a MAXIMUM and a MINIMUM op (`InferencePlan.narrow_at_top=False`, no folding);
-- `w4a4_after`: `kq.export_tflite(qmodel, path)` as it is now: 4-bit activations at the top of
-  int8 (no MINIMUM), clamp ops folded into their producers (`kq.export.clamps`);
+  per-tensor 4-bit activations) in the plain form exports wrote before: each 4-bit activation at
+  its spec's zero point with a MAXIMUM and a MINIMUM op (the converted file, not rewritten by
+  `kq.export.clamps`);
+- `w4a4_after`: `kq.export_tflite(qmodel, path)` as it is now: 4-bit activations moved to the top
+  of int8 (no MINIMUM), clamp ops folded into their producers (`kq.export.clamps`);
 - `w4a4_int4` / `w4a4_int4_xnnpack`: the same with `weight_storage="int4"` / `"int4_xnnpack"`.
 
 Figures per file: MINIMUM / MAXIMUM / RELU op counts, test accuracy, whether its integer outputs are
@@ -66,7 +67,6 @@ def plain_bytes(qmodel):
 
     values = plan_lib.VariableValues(qmodel)
     plan = plan_lib.build_plan(qmodel, "int8", values)
-    plan.narrow_at_top = False
     _, flat, _ = converter.convert(qmodel, plan, values, "int8", "int8", "int8", 1)
     flatbuffer.set_weight_scales(flat, plan_lib.weight_infos(qmodel, plan=plan, values=values))
     return flat.to_bytes()

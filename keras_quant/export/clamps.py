@@ -1,24 +1,31 @@
-"""Fold the integer clamps of narrow activation grids into the ops that produce them.
+"""Fold the integer clamps of narrow activation grids into the ops around them.
 
-A 4-bit activation in an int8 file is stored at the top of the int8 range
-(`kq.layers.inference.storage_zero_point`): int8's saturation at 127 is its
-maximum, and its minimum is a MAXIMUM op with a constant, or a RELU op when
-the grid starts at 0, between two tensors with the same scale and zero point.
-Such an op costs a pass over the tensor, and the XNNPACK delegate runs no
-int8 MAXIMUM / MINIMUM / RELU, so each one splits the delegated graph.
-`fold_clamps` removes every clamp op (RELU, RELU6, RELU_N1_TO_1, RELU_0_TO_1,
-MAXIMUM / MINIMUM with a constant) whose input and output hold the same
-quantization, where the integers stay the same:
+A 4-bit activation in an int8 file is traced as int8 fake-quant, a clamp to
+the 4-bit grid (MAXIMUM and MINIMUM ops with constants, or RELU / RELU6 where
+the converter recognises them) and int8 fake-quant again with the same scale
+and zero point (`kq.layers.inference.activation_op`). Each clamp op costs a
+pass over the tensor, and the XNNPACK delegate runs no int8 MAXIMUM / MINIMUM /
+RELU, so each one also splits the delegated graph. Two rewrites of the
+converted file remove them where the integers stay the same:
 
-- dropped when the input's integers already lie in the clamp's range (a
-  fused ReLU / ReLU6 of the producing op, a RELU before a MEAN or MAX_POOL_2D
-  that keeps the values' range, int8 saturation); the bounds are tracked
-  through the graph in stored integers;
-- folded into the producing CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED /
-  ADD / pooling op as its fused activation when that activation's integer
-  range on the producer's output is exactly the clamp's range combined with
-  the producer's own (a RELU whose floor is the zero point: the grid starts at
-  0).
+- `shift_narrow_grids` stores each clamped grid at the top of the int8 range:
+  every tensor holding it (the producer's output, the clamps', and those that
+  MAX_POOL_2D / RESHAPE / PAD / ... pass on with the same quantization) gets
+  its zero point, and the clamps' constants, moved by `127 - grid maximum`.
+  Every kernel that reads or writes those tensors computes with
+  `q - zero_point`, the same numbers, and the producer's int8 saturation is now
+  the grid's maximum. A tensor an op reads in raw integers (AVERAGE_POOL_2D
+  rounds `sum / count` half away from raw 0), whose quantization an op fixes
+  (SOFTMAX's output), or that a CONCATENATION reads, is left where it is.
+- `fold_clamps` then removes every clamp op (RELU, RELU6, RELU_N1_TO_1,
+  RELU_0_TO_1, MAXIMUM / MINIMUM with a constant) whose input and output hold
+  the same quantization: dropped when the input's integers already lie in its
+  range (int8 saturation, a fused ReLU / ReLU6 of the producer, a MEAN or
+  MAX_POOL_2D of such values; bounds tracked through the graph in stored
+  integers), or folded into the producing CONV_2D / DEPTHWISE_CONV_2D /
+  FULLY_CONNECTED / ADD / pooling op as its fused activation when that
+  activation's integer range on the producer's output is exactly the clamp's
+  combined with the producer's own (a RELU when the grid starts at 0).
 
 A fused activation's integer bound is `zero_point + round(bound / scale)`:
 TFLite's kernels round halves away from zero, the XNNPACK delegate to even;
@@ -28,15 +35,17 @@ does), so the file computes the same integers with and without the delegate.
 Example:
 
 >>> flat = flatbuffer.FlatModel(data)              # doctest: +SKIP
+>>> shifted = shift_narrow_grids(flat)             # doctest: +SKIP
 >>> removed = fold_clamps(flat)                    # doctest: +SKIP
 """
 
+import copy
 import math
 from typing import Dict, List, Tuple
 
 import numpy as np
 
-__all__ = ["fold_clamps", "activation_bounds", "FUSABLE_OPS"]
+__all__ = ["shift_narrow_grids", "fold_clamps", "activation_bounds", "FUSABLE_OPS"]
 
 # Ops whose fused activation both LiteRT's int8 kernels and the XNNPACK delegate apply to their output.
 FUSABLE_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "AVERAGE_POOL_2D", "MAX_POOL_2D")
@@ -233,3 +242,98 @@ def fold_clamps(flat) -> List[Tuple[str, str, str]]:
             changed = True
             break
     return removed
+
+
+# Ops that pass integers on unchanged or compare them (input and output share one quantization): a
+# grid moved to the top of int8 moves through them. Their int8 constants (a clamp's bound) move with it.
+_LINKS = ("MAX_POOL_2D", "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "PAD", "MAXIMUM", "MINIMUM",
+          "RELU", "RELU6", "RELU_N1_TO_1", "RELU_0_TO_1")
+# Ops that compute with `q - zero_point` of their output / input (any zero point, the same numbers).
+# Not CONCATENATION: the XNNPACK delegate takes an int8 one and then fails to prepare it when its
+# inputs' zero points differ.
+_RELATIVE_WRITERS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "SUB", "MUL", "MEAN", "QUANTIZE")
+_RELATIVE_READERS = _RELATIVE_WRITERS + ("SOFTMAX", "LOGISTIC", "TANH", "DEQUANTIZE")
+
+
+def _groups(flat, ops):
+    """Sets of int8 tensors `_LINKS` ops join (one quantization passed on), each with the ops that touch it."""
+    parent = {}
+
+    def find(t):
+        while parent.setdefault(t, t) != t:
+            t = parent[t]
+        return t
+
+    for op in ops:
+        if op.name in _LINKS:
+            tensors = [i for i in op.inputs + op.outputs if i >= 0 and not flat.tensor(i).constant]
+            for t in tensors[1:]:
+                parent[find(t)] = find(tensors[0])
+    groups = {}
+    for t in list(parent):
+        groups.setdefault(find(t), set()).add(t)
+    return list(groups.values())
+
+
+def _shift_of(flat, ops, group):
+    """The zero-point move `127 - grid maximum` for a group of tensors, or None where it is not exact."""
+    params = {_params(flat, t) for t in group}
+    if len(params) != 1 or None in params:
+        return None
+    bounds = set()
+    for op in ops:
+        touched = [i for i in op.inputs + op.outputs if i in group]
+        if not touched:
+            continue
+        if op.name in _LINKS:
+            constants = [i for i in op.inputs if i >= 0 and flat.tensor(i).constant and flat.tensor(i).type == "INT8"]
+            if constants and op.name not in ("MAXIMUM", "MINIMUM"):
+                return None
+            if op.name == "MINIMUM":
+                if len(constants) != 1 or np.unique(flat.array(constants[0])).size != 1:
+                    return None
+                bounds.add(int(flat.array(constants[0]).reshape(-1)[0]))
+            continue
+        if any(i in group for i in op.outputs) and op.name not in _RELATIVE_WRITERS:
+            return None
+        if any(i in group for i in op.inputs) and op.name not in _RELATIVE_READERS:
+            return None
+    if len(bounds) != 1:
+        return None
+    shift = _INT8[1] - bounds.pop()
+    return shift if shift > 0 and next(iter(params))[1] + shift <= _INT8[1] else None
+
+
+def _own_constant(flat, op_index, index):
+    """Constant input `index` of op `op_index` as a tensor of its own (a copy where other ops read it too)."""
+    readers = sum(1 for op in flat.graph.operators for i in op.inputs if i == index)
+    if readers == 1:
+        return index
+    clone = copy.deepcopy(flat.graph.tensors[index])
+    flat.graph.tensors.append(clone)
+    new = len(flat.graph.tensors) - 1
+    op = flat.graph.operators[op_index]
+    op.inputs = [new if i == index else i for i in op.inputs]
+    return new
+
+
+def shift_narrow_grids(flat) -> int:
+    """Move each clamped narrow grid of `flat`'s main graph to the top of int8 (see the module); the number moved."""
+    ops = flat.ops()
+    moved = 0
+    for group in _groups(flat, ops):
+        shift = _shift_of(flat, ops, group)
+        if shift is None:
+            continue
+        for t in group:
+            q = flat.graph.tensors[t].quantization
+            q.zeroPoint = [int(z) + shift for z in q.zeroPoint]
+        for op in ops:
+            if op.name in ("MAXIMUM", "MINIMUM") and any(i in group for i in op.outputs):
+                for i in [i for i in op.inputs if i >= 0 and flat.tensor(i).constant]:
+                    t = flat.tensor(i)
+                    own = _own_constant(flat, op.index, i)
+                    values = flat.array(own).astype(np.int32) + shift
+                    flat.set_constant(own, np.clip(values, *_INT8), "INT8", t.scales, t.zero_points + shift)
+        moved += 1
+    return moved

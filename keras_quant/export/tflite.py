@@ -276,13 +276,18 @@ def _write_weight_scales(flat, infos, mode):
 
 
 def _fold_clamps(flat):
-    """Fold the clamp ops of narrow activation grids into their producers (`clamps.fold_clamps`); the notes."""
+    """Move narrow activation grids to the top of int8 and fold their clamp ops (`clamps`); the notes."""
+    moved = clamps.shift_narrow_grids(flat)
     removed = clamps.fold_clamps(flat)
-    if not removed:
-        return []
-    counts = collections.Counter(f"{op} {how}" for op, _, how in removed)
-    return ["clamp ops of narrow activation grids removed, the integers unchanged: "
-            + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))]
+    notes = []
+    if moved:
+        notes.append(f"{moved} narrow activation grid(s) stored at the top of int8 (zero point moved with the "
+                     "integers: int8 saturation is the grid's maximum)")
+    if removed:
+        counts = collections.Counter(f"{op} {how}" for op, _, how in removed)
+        notes.append("clamp ops of narrow activation grids removed, the integers unchanged: "
+                     + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    return notes
 
 
 def _weight_rows(infos, mode, packed=None):

@@ -12,9 +12,8 @@ graph an integer runtime executes:
   `tf.quantization.fake_quant_with_min_max_args` with the quantizer's own
   range as constants (the op the TFLite converter turns into a quantized
   tensor). A grid narrower than the storage type (4-bit activations in an
-  int8 file) is stored on the wide grid, at its top (`storage_zero_point`:
-  int8's saturation is the grid's maximum), clipped to its minimum by an
-  integer MAXIMUM / RELU op, and stored again with the same scale and zero
+  int8 file) is stored on the wide grid, clipped to its range by integer
+  MINIMUM / MAXIMUM ops, and stored again with the same scale and zero
   point, so the file holds values on the narrow grid.
 
 The plan (`InferencePlan`) is computed eagerly before tracing: constants,
@@ -35,8 +34,8 @@ import keras
 import numpy as np
 from keras import ops
 
-__all__ = ["InferencePlan", "inference_scope", "active_plan", "activation_op", "storage_zero_point", "weight_op",
-           "quantize_output", "PREACTIVATION", "flattens", "flat_dense", "inference_weights", "concrete_values"]
+__all__ = ["InferencePlan", "inference_scope", "active_plan", "activation_op", "weight_op", "quantize_output", "PREACTIVATION",
+           "flattens", "flat_dense", "inference_weights", "concrete_values"]
 
 _LOCAL = threading.local()
 
@@ -57,17 +56,12 @@ class InferencePlan:
             quantizer before its own activation under `(id(layer), PREACTIVATION)`.
         storage_bits: Width of the activation integers (8 or 16), or None to
             leave activations in float.
-        narrow_at_top: Store a grid narrower than int8 at the top of the int8
-            range (`storage_zero_point`; the default). False writes the plain
-            form, the spec's zero point and both clamps (MAXIMUM and MINIMUM
-            ops): the reference the export tests compare the files against.
     """
 
     weights: Dict[int, Dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     folded_bias: Dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
     activations: Dict[object, Tuple[object, float, int]] = dataclasses.field(default_factory=dict)
     storage_bits: Optional[int] = 8
-    narrow_at_top: bool = True
 
 
 @contextlib.contextmanager
@@ -145,28 +139,8 @@ def exported_range(scale, zero_point, spec, storage_bits=8):
     return float(rmin), float(rmax)
 
 
-def storage_zero_point(spec, zero_point, storage_bits, at_top=True):
-    """The zero point a spec's integers are stored with: the spec's own, but for a narrower grid in int8.
-
-    A grid narrower than int8 (4-bit activations) is stored at the top of the int8 range: the
-    integer `q` of the spec's grid is stored as `q + 127 - spec.qmax`, so the grid's maximum is
-    int8's 127 and the int8 saturation of every producing op is the grid's upper clamp (no MINIMUM
-    op). The offset moves the zero point with the integers: every integer kernel computes with
-    `q - zero_point`, the same numbers.
-    """
-    if at_top and spec.bits < storage_bits == 8:
-        return int(zero_point) + 127 - int(spec.qmax)
-    return int(zero_point)
-
-
-def activation_op(x, spec, scale, zero_point, storage_bits, at_top=True):
+def activation_op(x, spec, scale, zero_point, storage_bits):
     """A per-tensor activation quantizer as constant-range TensorFlow fake-quant ops.
-
-    A grid narrower than its int8 storage is stored at the top of the int8 range
-    (`storage_zero_point`): the storage fake-quant's upper end is the grid's maximum,
-    and its minimum is a `tf.maximum` (a RELU when the grid starts at 0) between two
-    stores with the same scale and zero point, which `keras_quant.export.clamps`
-    folds into the producing op where the integers allow.
 
     Args:
         x: The tensor.
@@ -174,14 +148,12 @@ def activation_op(x, spec, scale, zero_point, storage_bits, at_top=True):
         scale: Python float.
         zero_point: Python int on the spec's grid.
         storage_bits: 8 or 16.
-        at_top: Store a narrower grid at the top of int8 (`storage_zero_point`), else at the spec's zero point.
     """
     import tensorflow as tf
 
     scale, zero_point = float(scale), int(zero_point)
     narrow = spec.narrow_range and spec.bits == storage_bits
-    stored = storage_zero_point(spec, zero_point, storage_bits, at_top)
-    rmin, rmax = exported_range(scale, stored, spec, storage_bits)
+    rmin, rmax = exported_range(scale, zero_point, spec, storage_bits)
 
     def store(v):
         return tf.quantization.fake_quant_with_min_max_args(v, min=rmin, max=rmax, num_bits=storage_bits,
@@ -189,14 +161,10 @@ def activation_op(x, spec, scale, zero_point, storage_bits, at_top=True):
 
     x = store(x)
     if spec.bits < storage_bits:
-        # A narrower grid: clip the stored integers to it (integer MAXIMUM / MINIMUM ops on the same
-        # scale), and store the result with the same scale and zero point. In int8 the grid's top is
-        # int8's 127 (`storage_zero_point`): only its minimum needs an op.
+        # A narrower grid: clip the stored integers to it (integer MINIMUM / MAXIMUM ops on the
+        # same scale), and store the result with the same scale and zero point.
         lo, hi = (spec.qmin - zero_point) * scale, (spec.qmax - zero_point) * scale
-        x = tf.maximum(x, lo)
-        if stored == zero_point:  # not at the top: int8 saturation is not the grid's maximum
-            x = tf.minimum(x, hi)
-        x = store(x)
+        x = store(tf.minimum(tf.maximum(x, lo), hi))
     return x
 
 
@@ -234,7 +202,7 @@ def quantize_output(layer, x, plan, which=None):
     if plan.storage_bits is None or key not in plan.activations:
         return x
     spec, scale, zero_point = plan.activations[key]
-    return activation_op(x, spec, scale, zero_point, plan.storage_bits, plan.narrow_at_top)
+    return activation_op(x, spec, scale, zero_point, plan.storage_bits)
 
 
 def flattens(layer, inputs):
