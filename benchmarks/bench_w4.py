@@ -148,7 +148,8 @@ def target_rows(rows):
         after, before = mine["w4a4_after"], mine["w4a4_before"]
         out.append({
             "dataset": dataset, "model": kind,
-            "clamp_ops_before": sum(before[op] for op in CLAMP_OPS), "clamp_ops_after": sum(after[op] for op in CLAMP_OPS),
+            "clamp_ops_before": sum(before[op] for op in CLAMP_OPS),
+            "clamp_ops_after": sum(after[op] for op in CLAMP_OPS),
             "latency_before_vs_converter": before["latency_vs_converter"],
             "latency_after_vs_converter": after["latency_vs_converter"],
             "latency_met": after["latency_vs_converter"] <= TARGETS["latency"],

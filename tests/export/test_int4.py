@@ -80,7 +80,7 @@ def _weight_types(path):
 def test_tensor_types_and_report_rows(exported, name):
     files, _ = exported
     for abits in (8, 4):
-        types = {storage: _weight_types(files[(name, abits, storage)][0]) for storage in ("int8", "int4", "int4_xnnpack")}
+        types = {s: _weight_types(files[(name, abits, s)][0]) for s in ("int8", "int4", "int4_xnnpack")}
         assert all(t == "INT8" for _, t in types["int8"])
         assert all(t == "INT4" for _, t in types["int4"])
         # XNNPACK reads INT4 FULLY_CONNECTED weights with an even number of inputs (mlp: 64, not 255 or 97).
