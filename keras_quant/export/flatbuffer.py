@@ -135,6 +135,42 @@ class FlatModel:
         return (q.astype("float64") - z) * s
 
     # Writing -------------------------------------------------------------------------
+    def drop_unused_tensors(self) -> int:
+        """Remove the main graph's tensors no op, graph input / output or signature refers to; the number removed.
+
+        Ops removed from the graph (`kq.export.clamps`) leave such tensors behind. Their buffers are
+        emptied when no other tensor shares them (buffer indices stay: other subgraphs refer to them).
+        """
+        graph = self.graph
+        used = {int(i) for i in list(graph.inputs) + list(graph.outputs)}
+        for op in graph.operators:
+            for field in (op.inputs, op.outputs, op.intermediates):
+                used |= {int(i) for i in (field if field is not None else ()) if i >= 0}
+        signatures = [m for sig in (self.model.signatureDefs or ()) if sig.subgraphIndex in (0, None)
+                      for m in list(sig.inputs or ()) + list(sig.outputs or ())]
+        used |= {int(m.tensorIndex) for m in signatures}
+        dropped = [i for i in range(len(graph.tensors)) if i not in used]
+        if not dropped:
+            return 0
+        keep = [i for i in range(len(graph.tensors)) if i in used]
+        remap = {old: new for new, old in enumerate(keep)}
+        buffers = [graph.tensors[i].buffer for i in dropped]
+        graph.tensors = [graph.tensors[i] for i in keep]
+        shared = {t.buffer for sub in self.model.subgraphs for t in sub.tensors}
+
+        def moved(values):
+            return None if values is None else [remap[int(i)] if i >= 0 else int(i) for i in values]
+
+        for op in graph.operators:
+            op.inputs, op.outputs, op.intermediates = moved(op.inputs), moved(op.outputs), moved(op.intermediates)
+        graph.inputs, graph.outputs = moved(graph.inputs), moved(graph.outputs)
+        for m in signatures:
+            m.tensorIndex = remap[int(m.tensorIndex)]
+        for b in buffers:
+            if b and b not in shared:
+                self.model.buffers[b].data = None
+        return len(dropped)
+
     def set_constant(self, index, values, type_name, scales=None, zero_points=None, quantized_dimension=None):
         """Give tensor `index` new values (in a buffer of its own), type and quantization.
 

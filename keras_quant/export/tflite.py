@@ -279,6 +279,8 @@ def _fold_clamps(flat):
     """Move narrow activation grids to the top of int8 and fold their clamp ops (`clamps`); the notes."""
     moved = clamps.shift_narrow_grids(flat)
     removed = clamps.fold_clamps(flat)
+    if removed:
+        flat.drop_unused_tensors()
     notes = []
     if moved:
         notes.append(f"{moved} narrow activation grid(s) stored at the top of int8 (zero point moved with the "

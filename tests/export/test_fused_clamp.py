@@ -121,6 +121,9 @@ def test_no_minimum_and_a_maximum_only_below_zero(qmodels, files, name):
     if name == "sequential":  # every 4-bit tensor but the input and the logits follows a ReLU
         assert report.ops.get("MAXIMUM", 0) + report.ops.get("RELU", 0) <= 2
     assert len(report.ops) and path.stat().st_size == report.size_bytes
+    flat = flatbuffer.FlatModel(path.read_bytes())  # the removed ops' tensors are gone too
+    used = {i for op in flat.ops() for i in op.inputs + op.outputs if i >= 0} | set(flat.graph.inputs)
+    assert used == set(range(len(flat.graph.tensors)))
 
 
 @pytest.mark.tensorflow
