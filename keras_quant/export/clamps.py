@@ -298,10 +298,57 @@ def _shift_of(flat, ops, group):
             return None
         if any(i in group for i in op.inputs) and op.name not in _RELATIVE_READERS:
             return None
-    if len(bounds) != 1:
+    if len(bounds) != 1 or not _clamped_chains(flat, ops, group):
         return None
     shift = _INT8[1] - bounds.pop()
     return shift if shift > 0 and next(iter(params))[1] + shift <= _INT8[1] else None
+
+
+def _is_lower_clamp(flat, op):
+    clamp = _clamp(flat, op)
+    return clamp is not None and op.name != "MINIMUM" and (clamp[2] is not None or clamp[3][0] > _INT8[0])
+
+
+def _clamped_chains(flat, ops, group):
+    """Whether every tensor of `group` holds the same integers once moved: each MINIMUM ends a chain
+    `head -> lower clamp -> MINIMUM` (or MINIMUM first) whose inner tensors only that chain reads,
+    and every other tensor of the group lies after a chain's end (through `_LINKS` ops).
+
+    Moved, a chain's head and inner tensors saturate at other integers than before (int8's 127
+    is now the grid's maximum, -128 lies below the grid), which only the chain's own clamps read.
+    """
+    users = _consumers(flat)
+    producers = {o: op for op in ops for o in op.outputs}
+    outputs = {int(i) for i in flat.graph.outputs}
+    inner, after = set(), set()
+    for op in ops:
+        if op.name != "MINIMUM" or op.outputs[0] not in group:
+            continue
+        chain, x, has_lower = [op], _clamp(flat, op)[0], False
+        while x is not None and len(chain) < 3:
+            before = producers.get(x)
+            if users.get(x, []) != [chain[-1].index] or x in outputs:
+                return False
+            inner.add(x)
+            if before is None or _clamp(flat, before) is None or before.name == "MINIMUM":
+                break
+            has_lower = has_lower or _is_lower_clamp(flat, before)
+            chain.append(before)
+            x = _clamp(flat, before)[0]
+        end = op.outputs[0]
+        follower = [ops[i] for i in users.get(end, []) if _is_lower_clamp(flat, ops[i])]
+        if not has_lower and len(users.get(end, [])) == 1 and follower and end not in outputs:
+            inner.add(end)  # MINIMUM first, then the lower clamp
+            end, has_lower = follower[0].outputs[0], True
+        if not has_lower:
+            return False
+        after.add(end)
+    for op in ops:  # what the chains' ends pass on
+        if op.name in _LINKS and op.outputs and op.outputs[0] in group:
+            variable = [i for i in op.inputs if i >= 0 and not flat.tensor(i).constant]
+            if variable and all(i in after for i in variable):
+                after.update(op.outputs)
+    return group <= inner | after
 
 
 def _own_constant(flat, op_index, index):
