@@ -27,6 +27,11 @@ converted file remove them where the integers stay the same:
   activation's integer range on the producer's output is exactly the clamp's
   combined with the producer's own (a RELU when the grid starts at 0).
 
+A clamp op left (on the graph's input, which no op produces) is RELU or
+RELU6 kernel work per element, and a split in the delegated graph: on a 4-D
+tensor `pool_clamps` writes it as a 1x1 MAX_POOL_2D with that fused
+activation, the same integers, which XNNPACK runs.
+
 A fused activation's integer bound is `zero_point + round(bound / scale)`:
 TFLite's kernels round halves away from zero, the XNNPACK delegate to even;
 a bound is used only where both give the same integer (a RELU's 0 always
@@ -45,7 +50,9 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-__all__ = ["shift_narrow_grids", "fold_clamps", "activation_bounds", "FUSABLE_OPS"]
+from keras_quant.export import flatbuffer
+
+__all__ = ["shift_narrow_grids", "fold_clamps", "pool_clamps", "activation_bounds", "FUSABLE_OPS"]
 
 # Ops whose fused activation both LiteRT's int8 kernels and the XNNPACK delegate apply to their output.
 FUSABLE_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "AVERAGE_POOL_2D", "MAX_POOL_2D")
@@ -384,3 +391,52 @@ def shift_narrow_grids(flat) -> int:
                     flat.set_constant(own, np.clip(values, *_INT8), "INT8", t.scales, t.zero_points + shift)
         moved += 1
     return moved
+
+
+def _max_pool_opcode(flat):
+    """The index of MAX_POOL_2D in the model's operator codes (added if missing)."""
+    schema = flatbuffer.tflite_schema()
+    code = schema.BuiltinOperator.MAX_POOL_2D
+    for i, c in enumerate(flat.model.operatorCodes):
+        if max(c.builtinCode, c.deprecatedBuiltinCode) == code:
+            return i
+    entry = schema.OperatorCodeT()
+    entry.builtinCode = entry.deprecatedBuiltinCode = code
+    entry.version = 2
+    flat.model.operatorCodes.append(entry)
+    return len(flat.model.operatorCodes) - 1
+
+
+def pool_clamps(flat) -> int:
+    """Write each clamp op left on a 4-D tensor as a 1x1 MAX_POOL_2D with that fused activation; the number.
+
+    A RELU op, a RELU6 / RELU_N1_TO_1 op whose bounds both runtimes quantize alike, and a MAXIMUM at
+    the zero point (a RELU) qualify: the pool's fused activation gives the same integer range.
+    """
+    schema = flatbuffer.tflite_schema()
+    codes = {"RELU": 1, "RELU_N1_TO_1": 2, "RELU6": 3}
+    done = 0
+    for op in flat.ops():
+        clamp = _clamp(flat, op)
+        if clamp is None or len(flat.tensor(clamp[0]).shape) != 4 or op.name == "MINIMUM":
+            continue
+        x, _, floats, ints = clamp
+        params = _params(flat, x)
+        code = codes.get(op.name)
+        if op.name == "MAXIMUM":
+            code = 1 if ints[0] == params[1] else None
+        elif code is not None and activation_bounds(*floats, *params, exact=True) is None:
+            code = None
+        if code is None:
+            continue
+        options = schema.Pool2DOptionsT()
+        options.padding = schema.Padding.VALID
+        options.strideW = options.strideH = options.filterWidth = options.filterHeight = 1
+        options.fusedActivationFunction = code
+        target = flat.graph.operators[op.index]
+        target.opcodeIndex = _max_pool_opcode(flat)
+        target.inputs = [x]
+        target.builtinOptionsType = schema.BuiltinOptions.Pool2DOptions
+        target.builtinOptions = options
+        done += 1
+    return done

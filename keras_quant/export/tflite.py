@@ -281,6 +281,7 @@ def _fold_clamps(flat):
     removed = clamps.fold_clamps(flat)
     if removed:
         flat.drop_unused_tensors()
+    pooled = clamps.pool_clamps(flat)
     notes = []
     if moved:
         notes.append(f"{moved} narrow activation grid(s) stored at the top of int8 (zero point moved with the "
@@ -289,6 +290,9 @@ def _fold_clamps(flat):
         counts = collections.Counter(f"{op} {how}" for op, _, how in removed)
         notes.append("clamp ops of narrow activation grids removed, the integers unchanged: "
                      + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    if pooled:
+        notes.append(f"{pooled} clamp op(s) on 4-D tensors written as 1x1 MAX_POOL_2D with the same fused activation "
+                     "(the same integers; the XNNPACK delegate runs it)")
     return notes
 
 
