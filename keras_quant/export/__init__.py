@@ -9,8 +9,10 @@ What a target cannot express is reported by layer name before conversion
 
 Modules: `plan` (what each mode can express, the export plan), `converter`
 (the trace and the TFLite converter run), `flatbuffer` (edits of the TFLite
-file), `tflite` (`export_tflite`), `qdq` (edits of the ONNX graph), `onnx`
-(`export_onnx`, through tf2onnx).
+file), `clamps` (4-bit activation grids moved to the top of int8, their clamp
+ops folded away), `int4` (4-bit weights as packed INT4 tensors), `tflite`
+(`export_tflite`), `qdq` (edits of the ONNX graph), `onnx` (`export_onnx`,
+through tf2onnx).
 """
 
 from keras_quant.export.plan import MODES, check

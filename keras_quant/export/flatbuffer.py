@@ -19,7 +19,7 @@ import numpy as np
 from keras_quant.errors import ExportError
 from keras_quant.layers.integer import bias_integers
 
-__all__ = ["FlatModel", "TensorInfo", "OpInfo", "WEIGHT_OPS"]
+__all__ = ["FlatModel", "TensorInfo", "OpInfo", "WEIGHT_OPS", "pack_int4", "unpack_int4"]
 
 # TFLite op -> (input index of the weights, of the bias, of the activation input). A fact about the
 # flatbuffer's builtin ops, not about Keras layer types (several layer types lower to one op, and loop
@@ -113,11 +113,13 @@ class FlatModel:
         return [self.tensor(i) for i in range(len(self.graph.tensors))]
 
     def array(self, index) -> Optional[np.ndarray]:
-        """A constant tensor's values in its stored type (None for a non-constant tensor)."""
+        """A constant tensor's values in its stored type (None for a non-constant tensor); INT4 unpacked to int8."""
         t = self.graph.tensors[index]
         data = self._data(t)
         if data is None:
             return None
+        if self.type_names[t.type] == "INT4":
+            return unpack_int4(np.frombuffer(bytes(bytearray(data)), np.uint8), tuple(t.shape))
         dtype = _NP[self.type_names[t.type]]
         return np.frombuffer(bytes(bytearray(data)), dtype=dtype).reshape(tuple(t.shape))
 
@@ -133,12 +135,54 @@ class FlatModel:
         return (q.astype("float64") - z) * s
 
     # Writing -------------------------------------------------------------------------
+    def drop_unused_tensors(self) -> int:
+        """Remove the main graph's tensors no op, graph input / output or signature refers to; the number removed.
+
+        Ops removed from the graph (`kq.export.clamps`) leave such tensors behind. Their buffers are
+        emptied when no other tensor shares them (buffer indices stay: other subgraphs refer to them).
+        """
+        graph = self.graph
+        used = {int(i) for i in list(graph.inputs) + list(graph.outputs)}
+        for op in graph.operators:
+            for field in (op.inputs, op.outputs, op.intermediates):
+                used |= {int(i) for i in (field if field is not None else ()) if i >= 0}
+        signatures = [m for sig in (self.model.signatureDefs or ()) if sig.subgraphIndex in (0, None)
+                      for m in list(sig.inputs or ()) + list(sig.outputs or ())]
+        used |= {int(m.tensorIndex) for m in signatures}
+        dropped = [i for i in range(len(graph.tensors)) if i not in used]
+        if not dropped:
+            return 0
+        keep = [i for i in range(len(graph.tensors)) if i in used]
+        remap = {old: new for new, old in enumerate(keep)}
+        buffers = [graph.tensors[i].buffer for i in dropped]
+        graph.tensors = [graph.tensors[i] for i in keep]
+        shared = {t.buffer for sub in self.model.subgraphs for t in sub.tensors}
+
+        def moved(values):
+            return None if values is None else [remap[int(i)] if i >= 0 else int(i) for i in values]
+
+        for op in graph.operators:
+            op.inputs, op.outputs, op.intermediates = moved(op.inputs), moved(op.outputs), moved(op.intermediates)
+        graph.inputs, graph.outputs = moved(graph.inputs), moved(graph.outputs)
+        for m in signatures:
+            m.tensorIndex = remap[int(m.tensorIndex)]
+        for b in buffers:
+            if b and b not in shared:
+                self.model.buffers[b].data = None
+        return len(dropped)
+
     def set_constant(self, index, values, type_name, scales=None, zero_points=None, quantized_dimension=None):
-        """Give tensor `index` new values (in a buffer of its own), type and quantization."""
+        """Give tensor `index` new values (in a buffer of its own), type and quantization.
+
+        `type_name="INT4"` packs integers in [-8, 7] two to a byte (`pack_int4`).
+        """
         schema = tflite_schema()
         t = self.graph.tensors[index]
-        values = np.ascontiguousarray(values, dtype=_NP[type_name])
-        data = np.frombuffer(values.tobytes(), dtype=np.uint8)
+        if type_name == "INT4":
+            data = pack_int4(values)
+        else:
+            values = np.ascontiguousarray(values, dtype=_NP[type_name])
+            data = np.frombuffer(values.tobytes(), dtype=np.uint8)
         shared = sum(1 for sub in self.model.subgraphs for other in sub.tensors if other.buffer == t.buffer) > 1
         if t.buffer and not shared:  # rewrite the tensor's own buffer in place (no orphan left in the file)
             self.model.buffers[t.buffer].data = data
@@ -155,6 +199,29 @@ class FlatModel:
             if quantized_dimension is not None:
                 q.quantizedDimension = int(quantized_dimension)
             t.quantization = q
+
+
+def pack_int4(values) -> np.ndarray:
+    """Integers in [-8, 7] as TFLite's INT4 buffer: two per byte in row-major order, the first in the low nibble.
+
+    The order LiteRT's `tensor_utils::UnpackDenseInt4IntoInt8` reads; an odd count leaves the last
+    byte's high nibble 0.
+    """
+    q = np.asarray(values).reshape(-1).astype(np.int16)
+    if q.size and (q.min() < -8 or q.max() > 7):
+        raise ValueError(f"INT4 holds integers in [-8, 7], not [{q.min()}, {q.max()}]")
+    if q.size % 2:
+        q = np.concatenate([q, np.zeros(1, np.int16)])
+    return ((q[0::2] & 0xF) | ((q[1::2] & 0xF) << 4)).astype(np.uint8)
+
+
+def unpack_int4(data, shape) -> np.ndarray:
+    """The int8 values of an INT4 buffer (`pack_int4`'s inverse) in `shape`."""
+    data = np.asarray(data, np.uint8).astype(np.int16)
+    low, high = data & 0xF, data >> 4
+    q = np.stack([low, high], axis=-1).reshape(-1)
+    q = np.where(q > 7, q - 16, q).astype(np.int8)
+    return q[:int(np.prod(shape))].reshape(shape)
 
 
 def layer_names_of(tensor_name, layer_names):

@@ -36,7 +36,7 @@ import numpy as np
 
 from keras_quant import graph as graph_lib
 from keras_quant.errors import ConfigError, ExportError
-from keras_quant.export import converter as converter_lib, flatbuffer, loops, plan as plan_lib
+from keras_quant.export import clamps, converter as converter_lib, flatbuffer, int4, loops, plan as plan_lib
 from keras_quant.io import write_atomic
 
 __all__ = ["export_tflite", "tflite_bytes", "ExportReport", "IO_TYPES"]
@@ -275,15 +275,47 @@ def _write_weight_scales(flat, infos, mode):
     return notes
 
 
-def _weight_rows(infos, mode):
-    """`(layer, bits, storage)` of each quantized weight, and a note for each grid narrower than its storage."""
-    weights, notes = [], []
+def _fold_clamps(flat):
+    """Move narrow activation grids to the top of int8 and fold their clamp ops (`clamps`); the notes."""
+    moved = clamps.shift_narrow_grids(flat)
+    removed = clamps.fold_clamps(flat)
+    if removed:
+        flat.drop_unused_tensors()
+    pooled = clamps.pool_clamps(flat)
+    notes = []
+    if moved:
+        notes.append(f"{moved} narrow activation grid(s) stored at the top of int8 (zero point moved with the "
+                     "integers: int8 saturation is the grid's maximum)")
+    if removed:
+        counts = collections.Counter(f"{op} {how}" for op, _, how in removed)
+        notes.append("clamp ops of narrow activation grids removed, the integers unchanged: "
+                     + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    if pooled:
+        notes.append(f"{pooled} clamp op(s) on 4-D tensors written as 1x1 MAX_POOL_2D with the same fused activation "
+                     "(the same integers; the XNNPACK delegate runs it)")
+    return notes
+
+
+def _weight_rows(infos, mode, packed=None):
+    """`(layer, bits, storage)` of each quantized weight, and notes on grids narrower than their storage.
+
+    `packed`: `{(layer, weight name): "int4"}` of the weights written as INT4 (`int4.store_int4`).
+    """
+    weights, notes, narrow = [], [], []
+    packed = packed or {}
     storage = "int8" if mode in ("int8", "int16x8", "dynamic") else "float"
     for info in infos:
-        weights.append((info.layer, info.bits, storage))
-        if info.bits < 8 and storage == "int8":
+        kind = packed.get((info.layer, info.name), storage)
+        weights.append((info.layer, info.bits, kind))
+        if info.bits < 8 and kind == "int8":
             notes.append(f"{info.layer}.{info.name}: {info.bits}-bit weights stored as int8 holding values in "
                          f"[{info.qmin}, {info.qmax}]")
+            narrow.append(info.layer)
+    if packed:
+        notes.append("4-bit weights stored as INT4 (two per byte): " + ", ".join(sorted({k[0] for k in packed})))
+        if narrow:
+            notes.append("4-bit weights left in int8 (their op reads no INT4 in this weight_storage, or their "
+                         "integers do not fit it): " + ", ".join(sorted(set(narrow))))
     return weights, notes
 
 
@@ -314,9 +346,11 @@ def _activation_rows(model, values, mode):
 
 
 @graph_lib.gc_paused()
-def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_size=1, strict=True):
+def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_size=1, strict=True,
+                 weight_storage="int8"):
     """Convert `model` to TFLite bytes; returns `(bytes, details)` (see `export_tflite`)."""
     _check_backend()
+    weight_storage = int4.check_weight_storage(weight_storage, mode)
     values = plan_lib.VariableValues(model) if isinstance(model, keras.Model) else None  # each variable read once
     plan_lib.check(model, mode, values)
     batch_size = check_batch_size(batch_size)
@@ -329,13 +363,17 @@ def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_si
     notes = []
     if integer:
         notes += _write_weight_scales(flat, infos, mode)
+    packed = {}
+    if mode == "int8":
+        notes += _fold_clamps(flat)
+        packed = int4.store_int4(flat, infos, weight_storage)
     if finished or integer:
         data = flat.to_bytes()  # `flat` now reads as the bytes do
     layer_names = {layer.name for layer in graph_lib.sublayers(model)}
     float_ops = _float_ops(flat, layer_names) if integer else []
     if strict and float_ops:
         _check_float_ops(model, float_ops)
-    weights, weight_notes = _weight_rows(infos, mode)
+    weights, weight_notes = _weight_rows(infos, mode, packed)
     notes += weight_notes
     learning = sorted(layer.name for layer in plan_lib.quantizer_layers(model)
                       if getattr(layer, "range_mode", "frozen") == "learn")
@@ -374,7 +412,8 @@ def _int8_weight_layers(flat, infos):
     return found
 
 
-def export_tflite(model, path, mode="int8", input_type=None, output_type=None, batch_size=1, strict=True):
+def export_tflite(model, path, mode="int8", input_type=None, output_type=None, batch_size=1, strict=True,
+                  weight_storage="int8"):
     """Write a quantized Keras model to a TFLite / LiteRT file with keras_quant's own ranges.
 
     Args:
@@ -412,6 +451,6 @@ def export_tflite(model, path, mode="int8", input_type=None, output_type=None, b
             chained), with the layers its diagnostics name; under `strict`, a
             quantized layer the file runs in float.
     """
-    data, details = tflite_bytes(model, mode, input_type, output_type, batch_size, strict)
+    data, details = tflite_bytes(model, mode, input_type, output_type, batch_size, strict, weight_storage)
     write_atomic(path, data, make_parents=True)
     return ExportReport(path=str(path), format="tflite", mode=mode, size_bytes=len(data), **details)
