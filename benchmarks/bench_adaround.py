@@ -50,7 +50,7 @@ def train(dataset):
     return model, (x, y, xt, yt), accuracy(model, xt, yt), time.perf_counter() - start
 
 
-def run(quick=False, iterations=None, time_budget=None, observer="minmax", log=print):
+def measure(quick=False, iterations=None, time_budget=None, observer="minmax", log=print):
     import keras_quant as kq
 
     cfg = QUICK if quick else FULL
@@ -85,6 +85,12 @@ def run(quick=False, iterations=None, time_budget=None, observer="minmax", log=p
     return rows, reports
 
 
+def run(quick: bool, log=None) -> dict:
+    """The benchmark runner's entry (`benchmarks/run.py`): the rows and the per-layer reports as notes."""
+    rows, reports = measure(quick, log=log or (lambda msg: print(msg, file=sys.stderr, flush=True)))
+    return {"rows": rows, "notes": [f"{scheme}:\n{report}" for scheme, report in reports.items()]}
+
+
 def main(argv=None):
     from keras_quant.formatting import markdown_table
 
@@ -94,7 +100,7 @@ def main(argv=None):
     parser.add_argument("--time-budget", type=float, default=None, help="seconds for AdaRound per model")
     parser.add_argument("--observer", default="minmax", help="the calibration observer (bench_peers' kq_config)")
     args = parser.parse_args(argv)
-    rows, _ = run(args.quick, args.iterations, args.time_budget, args.observer)
+    rows, _ = measure(args.quick, args.iterations, args.time_budget, args.observer)
     print()
     print(markdown_table(rows))
     return rows

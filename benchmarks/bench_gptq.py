@@ -21,7 +21,6 @@ float, to show what the per-tensor attention kernels cost.
 
 import argparse
 import ast
-import copy
 import os
 import sys
 import sysconfig
@@ -203,11 +202,9 @@ def run_keras(model, s, vocab, texts, tokenizer, group_size, calib_count):
 windows_for_check = None
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smaller model and corpus")
-    args = parser.parse_args(argv)
-    s = SETTINGS["quick" if args.quick else "full"]
+def run(quick: bool, log=print) -> dict:
+    """Train, quantize with each contender and evaluate; the runner's dict (`benchmarks/run.py`)."""
+    s = SETTINGS["quick" if quick else "full"]
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     tokenizer = CharTokenizer()
@@ -217,12 +214,12 @@ def main(argv=None):
     train_ids = tokenizer.tokenize("\n".join(train_texts))
     held = windows(tokenizer.tokenize("\n".join(held_texts)), s["seq"], 256, rng)
     calib = windows(train_ids, s["seq"], s["calib"], rng)
-    print(f"corpus: {len(texts)} stdlib docstrings, {len(train_ids)} training characters; "
-          f"backend {keras.backend.backend()}", flush=True)
+    log(f"corpus: {len(texts)} stdlib docstrings, {len(train_ids)} training characters; "
+        f"backend {keras.backend.backend()}")
 
     model, _ = build(s, tokenizer.vocab_size)
     seconds = train(model, train_ids, s, rng)
-    print(f"trained {s['steps']} steps in {seconds:.0f}s", flush=True)
+    log(f"trained {s['steps']} steps in {seconds:.0f}s")
 
     group = s["group"]
     spec = kq.QuantSpec(bits=4, symmetric=False, granularity="per_group", group_size=group)
@@ -231,7 +228,7 @@ def main(argv=None):
     def row(name, qmodel, seconds=None, note=""):
         ppl, acc = evaluate(qmodel, held)
         rows.append({"model": name, "perplexity": ppl, "next-token acc": acc, "quantize s": seconds, "note": note})
-        print(rows[-1], flush=True)
+        log(rows[-1])
 
     global windows_for_check
     windows_for_check = held
@@ -240,18 +237,26 @@ def main(argv=None):
     for gs, note in ((128, "Keras defaults (group 128, asymmetric)"), (group, f"group {group}, asymmetric")):
         qmodel, t, before = run_keras(model, s, tokenizer.vocab_size, train_texts, tokenizer, gs, s["calib"])
         keras_rows[gs] = t
-        print(f"keras copy before quantize: perplexity {before[0]:.4g}", flush=True)
+        log(f"keras copy before quantize: perplexity {before[0]:.4g}")
         row(f"keras gptq g{gs}", qmodel, t, note)
     qmodel, t, _ = run_kq(model, calib, spec, use_gptq=False)
     row(f"kq nearest g{group}", qmodel, t, "attention kernels per-tensor")
     qmodel, t, report = run_kq(model, calib, spec, use_gptq=True)
     row(f"kq gptq g{group}", qmodel, t, f"attention per-tensor gptq; {t / keras_rows[group]:.2f}x keras time")
-    print(report, flush=True)
+    log(report)
     qmodel, t, _ = run_kq(model, calib, spec, use_gptq=True, attention=False)
     row(f"kq gptq g{group}, attention float", qmodel, t, "MLP only")
-    print()
-    print(text_table(rows, title=f"4-bit weight-only GPTQ, held-out perplexity ({len(held)} windows of "
-                                 f"{s['seq']} characters)"))
+    log("")
+    log(text_table(rows, title=f"4-bit weight-only GPTQ, held-out perplexity ({len(held)} windows of "
+                               f"{s['seq']} characters)"))
+    return {"rows": rows, "notes": [str(report)]}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller model and corpus")
+    args = parser.parse_args(argv)
+    run(args.quick, log=lambda msg: print(msg, flush=True))
 
 
 if __name__ == "__main__":
