@@ -120,7 +120,9 @@ def quantize(model, data, config=None, algorithms=("bias_correction",), calibrat
         calibration: A `kq.CalibrationResult` of `model` to use instead of
             calibrating on `data` (ignored with `"equalize"`, which changes
             the ranges).
-        max_samples: The first this many samples of `data` are used.
+        max_samples: The first this many samples of `data` are used, by the
+            calibration and by every algorithm (an algorithm's own `max_samples`
+            in `options` can lower it).
         batch_size: Batch size of the calibration and float passes.
         options: `{algorithm: {keyword: value}}` passed to each algorithm's
             function (e.g. `{"adaround": {"time_budget": 120}}`).
@@ -153,7 +155,8 @@ def quantize(model, data, config=None, algorithms=("bias_correction",), calibrat
         return out
 
     if "equalize" in names:
-        float_model, _ = run("equalize", _equalize, model, data, options.get("equalize", {}))
+        float_model, _ = run("equalize", _equalize, model, data,
+                             {"max_samples": None, **options.get("equalize", {})})
         calibration = None
     if calibration is None:
         calibration = run("calibrate", _calibrate, float_model, data, config, batch_size)
@@ -161,13 +164,13 @@ def quantize(model, data, config=None, algorithms=("bias_correction",), calibrat
     for name in ROUNDING:
         if name in names:
             fn = adaround if name == "adaround" else gptq
-            run(name, fn, qmodel, data, progress=progress, **options.get(name, {}))
+            run(name, fn, qmodel, data, progress=progress, **{"max_samples": None, **options.get(name, {})})
     if "bias_correction" in names:
         run("bias_correction", correct_bias, float_model, qmodel, data,
-            **{"batch_size": batch_size, **options.get("bias_correction", {})})
+            **{"batch_size": batch_size, "max_samples": None, **options.get("bias_correction", {})})
     if "softmax_ranges" in names:
         run("softmax_ranges", narrow_softmax_inputs, float_model, qmodel, data,
-            **{"batch_size": batch_size, **options.get("softmax_ranges", {})})
+            **{"batch_size": batch_size, "max_samples": None, **options.get("softmax_ranges", {})})
     first = data[0] if isinstance(data, (list, tuple)) else data
     qmodel.ptq_report = PTQReport(steps=tuple(steps), num_samples=int(len(first)))
     return qmodel
