@@ -54,7 +54,8 @@ from keras_quant.layers.wrapper import QuantizeWrapper
 from keras_quant.progress import ProgressBar
 from keras_quant.ptq.weights import grid_weight, set_grid_weight
 
-__all__ = ["AdaRoundLayer", "AdaRoundReport", "LayerRounder", "adaround", "rectified_sigmoid", "initial_v", "rounding_regularizer",
+__all__ = ["AdaRoundLayer", "AdaRoundReport", "LayerRounder", "adaround", "rectified_sigmoid", "initial_v",
+           "rounding_regularizer",
            "beta_schedule", "SUPPORTED_LAYERS"]
 
 GAMMA, ZETA = -0.1, 1.1

@@ -183,7 +183,8 @@ def _check_options(name, fn, kwargs):
     taken = set(inspect.signature(fn).parameters) - {"model", "float_model", "qmodel", "data", "progress"}
     for key in kwargs:
         if key not in taken:
-            raise ConfigError(f"options.{name}", key, f"not an option of kq.ptq.{fn.__name__}; it takes {sorted(taken)}")
+            raise ConfigError(f"options.{name}", key,
+                              f"not an option of kq.ptq.{fn.__name__}; it takes {sorted(taken)}")
 
 
 def _equalize(model, data, kwargs):
