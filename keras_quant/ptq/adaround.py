@@ -55,8 +55,7 @@ from keras_quant.progress import ProgressBar
 from keras_quant.ptq.weights import grid_weight, set_grid_weight
 
 __all__ = ["AdaRoundLayer", "AdaRoundReport", "LayerRounder", "adaround", "rectified_sigmoid", "initial_v",
-           "rounding_regularizer",
-           "beta_schedule", "SUPPORTED_LAYERS"]
+           "rounding_regularizer", "beta_schedule", "SUPPORTED_LAYERS"]
 
 GAMMA, ZETA = -0.1, 1.1
 SUPPORTED_LAYERS = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.DepthwiseConv2D,
