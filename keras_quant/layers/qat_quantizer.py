@@ -211,6 +211,18 @@ def learned_offset(scale, delta, spec):
     return kq_ops.scaled_offset(scale, delta)
 
 
+def integer_offset(offset, step, spec):
+    """`offset` moved onto the integer zero point the integer model uses (`effective_qparams`), straight-through.
+
+    The forward value is `-clip(round(-offset / step)) * step`: training then sees the grid that inference
+    and export see (0 exactly representable, as a ReLU output needs), not one shifted by a fraction of a step,
+    which the network learns to rely on and loses at inference. The gradients are those of `offset` itself.
+    """
+    zp = -offset / ops.maximum(step, kq_ops.EPS)
+    rounded = ops.clip(kq_ops.round_half_up(zp), float(spec.qmin), float(spec.qmax))
+    return offset + ops.stop_gradient(-rounded * step - offset)
+
+
 def effective_qparams(state, spec):
     """`(scale, zero_point)` of a QAT quantizer's state as the integer model uses them.
 
@@ -374,7 +386,7 @@ class QATQuantizer:
         offset = None
         if not spec.symmetric:
             moved = ops.where(learning, learned_offset(scale, state["offset_delta"], spec), 0.0)
-            offset = ops.where(frozen, -frozen_zp * frozen_scale, -zp * scale + moved)
+            offset = ops.where(frozen, -frozen_zp * frozen_scale, integer_offset(-zp * scale + moved, step, spec))
         return kq_ops.lsq_fake_quant(x, step, offset, spec, grad_scale=self._grad_scale(x, state))
 
     def qparams(self, state):

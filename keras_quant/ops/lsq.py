@@ -51,8 +51,10 @@ __all__ = [
 ]
 
 # Gain of the log-domain step size: an Adam step of the fine-tuning rate 1e-4 changes a step size
-# by at most about 3% (`LOG_STEP_GAIN * lr`). Chosen on the W4A4 models of benchmarks/bench_peers.py.
-LOG_STEP_GAIN = 300.0
+# by at most about 1.5% (`LOG_STEP_GAIN * lr`). Chosen on the W4A4 models of benchmarks/bench_peers.py
+# (with the integer zero point in training): Fashion-MNIST MobileNet's drop 0.67 / 0.98 / 1.24 / 1.63
+# points at 100 / 150 / 200 / 300; 100 lost 2.0 points on digits MobileNet, 150 beat plain QAT on all six.
+LOG_STEP_GAIN = 150.0
 # Gain of a learned offset (LSQ+), in steps of the grid: an Adam step moves it by about 0.003 steps at lr 1e-4.
 # Lower than the step size's: with 300, ReLU6 outputs' offsets drifted 1-2 steps below zero on MobileNet.
 OFFSET_GAIN = 30.0

@@ -269,7 +269,8 @@ def test_lsq_activation_gradients_match_reference_with_learned_deltas(rng, symme
     q._state["scale_delta"].assign(0.05)
     if not symmetric:
         q._state["offset_delta"].assign(-0.3)
-    step, offset = 0.45, (0.0 if symmetric else -2 * 0.4 - 0.3)
+    # Learned offset -2 * 0.4 - 0.3 = -1.1 is moved onto the integer zero point round(1.1 / 0.45) = 2.
+    step, offset = 0.45, (0.0 if symmetric else -2 * 0.45)
     x = (rng.normal(size=(4, 5, 3)) * 3).astype("float32")
     x[near_tie(x, step, offset)] += 0.01
     up = rng.normal(size=x.shape).astype("float32")
@@ -404,18 +405,21 @@ def test_frozen_learned_offset_becomes_integer_zero_point(scale_delta, offset_de
     assert float(to_np(q._state["scale_delta"])) == pytest.approx(scale_delta)
 
 
-def test_learn_mode_uses_unrounded_offset_and_switches_back():
+def test_learn_mode_uses_integer_zero_point_and_switches_back():
+    """Training sees the integer zero point inference and export use (offset 0.6, not the learned 0.7), so no
+    fraction-of-a-step shift the model learns in training is lost at inference; the offset still learns."""
     q = ActivationQuantizer(A4.replace(learnable=True, lsq_param="linear"), scale=0.5, zero_point=-3, mode="qat")
     q.build((None, 7))
     q._state["scale_delta"].assign(0.1)
-    q._state["offset_delta"].assign(-0.8)
+    q._state["offset_delta"].assign(-0.8)  # offset 1.5 - 0.8 = 0.7: zero point round(-0.7 / 0.6) = -1
     x = _batch([-5.0, -1.3, -0.25, 0.3, 0.4, 1.9, 3.3])
     q.set_range_mode("frozen")
     q.set_range_mode("learn")
     assert q.range_mode == "learn"
     y, _, grads = train_grads(q, x)
-    np.testing.assert_allclose(y, ref_lsq(x, 0.6, 0.7, A4, 1.0)[0], atol=1e-5)  # offset 0.7, not 0.6
-    assert float(grads["offset_delta"]) != 0.0
+    np.testing.assert_allclose(y, ref_lsq(x, 0.6, 0.6, A4, 1.0)[0], atol=1e-5)
+    np.testing.assert_allclose(y, to_np(q(x, training=False)), atol=1e-6)  # training == inference
+    assert float(grads["offset_delta"]) != 0.0  # straight through the rounding: LSQ+'s offset gradient
     q.set_range_mode("observe")
     assert q.range_mode == "observe"
     lo_before, = values(q, "min")
@@ -675,7 +679,9 @@ def test_learn_mode_error_bound_and_grid(x, symmetric, scale_delta, offset_delta
     offset = 0.0
     if not symmetric:
         q._state["offset_delta"].assign(offset_delta)
-        offset = float(np.float32(1.5) + np.float32(offset_delta))
+        learned = np.float32(1.5) + np.float32(offset_delta)  # on the integer zero point inference uses
+        zero_point = np.clip(np.floor(-learned / np.float32(step) + np.float32(0.5)), spec.qmin, spec.qmax)
+        offset = float(-zero_point * np.float32(step))
     y = to_np(q(x, training=True)).astype(np.float64)
     assert q.range_mode == "learn"
     k = (y - offset) / step
