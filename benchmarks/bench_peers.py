@@ -833,7 +833,7 @@ def _strip(artifact_rows):
 GROUPS = ("kq_ptq", "kq_ptq_algos", "keras_quantize", "ort", "qat", "tfmot")
 
 
-def run(quick: bool, log=None, only=None, datasets=None) -> dict:
+def run(quick: bool, log=None, only=None, datasets=None, qat_schemes=None) -> dict:
     """Run every contender (or the groups in `only`, from `GROUPS`) on every dataset (or `datasets`) and model.
 
     Returns:
@@ -848,6 +848,8 @@ def run(quick: bool, log=None, only=None, datasets=None) -> dict:
         return {"rows": [], "notes": ["peers needs the TensorFlow backend (TFLite conversion, TF-MOT); "
                                       f"skipped on {keras.backend.backend()}"]}
     cfg = dict(QUICK if quick else FULL, only=tuple(only or ()))
+    if qat_schemes:
+        cfg["qat"] = tuple(v for v in cfg["qat"] if v[0] in qat_schemes)
     names, notes = available_datasets(datasets or cfg["datasets"])
     rows, float_rows, tfmot_info = [], [], {}
     with tempfile.TemporaryDirectory(prefix="kq_bench_peers_") as folder:
@@ -923,6 +925,8 @@ def main(argv=None):
     parser.add_argument("--only", nargs="+", choices=GROUPS, default=None,
                         help="make only these contender groups (the float file and the converter's always)")
     parser.add_argument("--datasets", nargs="+", choices=("fashion_mnist", "digits"), default=None)
+    parser.add_argument("--qat-schemes", nargs="+", choices=tuple(SCHEMES), default=None,
+                        help="QAT variants of these schemes only (with and without LSQ)")
     parser.add_argument("--chart", nargs=2, metavar=("RESULTS_JSON", "PNG"),
                         help="only redraw the chart of a results file (benchmarks/results/<date>.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -937,7 +941,7 @@ def main(argv=None):
         print(bench_qat.JSON_MARK + json.dumps(result))
         return 0
 
-    result = run(args.quick, only=args.only, datasets=args.datasets)
+    result = run(args.quick, only=args.only, datasets=args.datasets, qat_schemes=args.qat_schemes)
     from common import print_result
 
     print_result(result)
