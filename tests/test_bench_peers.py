@@ -136,6 +136,24 @@ def test_targets_compare_the_right_figures(bp):
     assert t["kq_ptq_auto W8A8 size / converter's"]["status"] == "missed"  # 1.08 > 1.05
 
 
+def test_four_bit_targets(bp):
+    rows = ROWS + [_row("kq_ptq_algos", "W4A8", 0.925), _row("kq_ptq_algos", "W4A4", 0.925, latency_vs_converter=1.1),
+                   _row("kq_qat", "W4A4", 0.93, latency_vs_converter=1.3)]
+    t = {r["target"]: r for r in bp.target_rows(rows, FLOAT)}
+    algo8 = t["kq_ptq_algos W4A8 drop <= half of ort_minmax's (pts)"]
+    assert algo8["value"] == pytest.approx(2.5) and algo8["reference"] == pytest.approx(3.0) and algo8["status"] == "met"
+    assert t["kq_ptq_algos W4A4 within 3.0 pts of float"]["status"] == "met"  # 2.5
+    assert "kq_ptq_algos W4A8 within 1.0 pts of float" not in t  # judged on the Fashion MobileNet only
+    lsq = t["kq_qat_lsq W4A4 drop <= kq_qat's (pts)"]
+    assert lsq["value"] == pytest.approx(3.0) and lsq["reference"] == pytest.approx(2.0) and lsq["status"] == "missed"
+    assert t["kq_ptq_algos W4A4 latency / converter's int8"]["status"] == "met"
+    assert t["kq_qat_lsq W4A4 latency / converter's int8"]["status"] is None  # no latency figure
+    fashion = [dict(r, dataset="fashion_mnist", model="mobilenet") for r in rows]
+    t = {r["target"]: r for r in bp.target_rows(fashion, [dict(FLOAT[0], dataset="fashion_mnist",
+                                                                  model="mobilenet")])}
+    assert t["kq_ptq_algos W4A8 within 1.0 pts of float"]["status"] == "missed"  # 2.5
+
+
 def test_missing_figures_leave_a_target_unjudged(bp):
     rows = [r for r in ROWS if r["contender"] != "ort_minmax"]
     t = {r["target"]: r for r in bp.target_rows(rows, FLOAT)}
