@@ -347,8 +347,13 @@ def _activation_rows(model, values, mode):
 
 @graph_lib.gc_paused()
 def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_size=1, strict=True,
-                 weight_storage="int8"):
-    """Convert `model` to TFLite bytes; returns `(bytes, details)` (see `export_tflite`)."""
+                 weight_storage="int8", fold_clamps=True):
+    """Convert `model` to TFLite bytes; returns `(bytes, details)` (see `export_tflite`).
+
+    `fold_clamps=False` keeps the clamps of narrow (4-bit) activations as the
+    explicit MAXIMUM / MINIMUM ops the converter writes, at the spec's zero
+    point: the same integers as the folded file, for comparing the two.
+    """
     _check_backend()
     weight_storage = int4.check_weight_storage(weight_storage, mode)
     values = plan_lib.VariableValues(model) if isinstance(model, keras.Model) else None  # each variable read once
@@ -364,7 +369,7 @@ def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_si
     if integer:
         notes += _write_weight_scales(flat, infos, mode)
     packed = {}
-    if mode == "int8":
+    if mode == "int8" and fold_clamps:
         notes += _fold_clamps(flat)
         packed = int4.store_int4(flat, infos, weight_storage)
     if finished or integer:

@@ -65,13 +65,9 @@ def qmodels(data):
 
 def reference_bytes(qmodel):
     """The plain W4A4 file: both clamps as MAXIMUM / MINIMUM ops, the 4-bit integers at the spec's zero point."""
-    from keras_quant.export import converter, flatbuffer, plan as plan_lib
+    from keras_quant.export.tflite import tflite_bytes
 
-    values = plan_lib.VariableValues(qmodel)
-    plan = plan_lib.build_plan(qmodel, "int8", values)
-    _, flat, _ = converter.convert(qmodel, plan, values, "int8", "int8", "int8", 1)
-    flatbuffer.set_weight_scales(flat, plan_lib.weight_infos(qmodel, plan=plan, values=values))
-    return flat.to_bytes()
+    return tflite_bytes(qmodel, "int8", input_type="int8", output_type="int8", fold_clamps=False)[0]
 
 
 def integer_outputs(content, x, delegate):
