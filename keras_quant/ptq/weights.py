@@ -21,6 +21,7 @@ from keras import ops
 
 from keras_quant.errors import ConfigError
 from keras_quant.layers import folding
+from keras_quant.ops import core as kq_ops
 
 __all__ = ["GridWeight", "grid_weight", "set_grid_weight", "channel_qparams"]
 
@@ -54,24 +55,15 @@ class GridWeight:
 
 
 def channel_qparams(scale, zero_point, shape, spec):
-    """`(scale, zero_point)` broadcast to a weight of `shape` (float32 numpy): per tensor, per channel on
-    `spec.axis`, or per group (`kq.ops.to_groups`' layout: the channel axis first, the rest flattened
-    row-major and cut into runs of `spec.group_size`)."""
-    shape = tuple(shape)
-    out = []
-    for p in (scale, zero_point):
-        p = np.asarray(p, np.float32)
-        if p.size == 1:
-            out.append(np.full(shape, p.reshape(()), np.float32))
-            continue
-        axis = spec.axis % len(shape)
-        moved = (shape[axis],) + shape[:axis] + shape[axis + 1:]
-        if spec.granularity == "per_group":
-            p = np.repeat(p.reshape(shape[axis], -1), spec.group_size, axis=1)
-        else:
-            p = np.broadcast_to(p.reshape(shape[axis], 1), (shape[axis], int(np.prod(moved[1:]))))
-        out.append(np.ascontiguousarray(np.moveaxis(p.reshape(moved), 0, axis), np.float32))
-    return out[0], out[1]
+    """`(scale, zero_point)` broadcast to a weight of `shape` (float32 numpy), in the layout the quantizer
+    itself applies them (`kq.ops.apply_params`: per tensor, per channel on `spec.axis`, or per group)."""
+    zeros = np.zeros(shape, np.float32)
+
+    def spread(which):
+        out = kq_ops.apply_params(zeros, scale, zero_point, spec, lambda x, s, z: x + (s if which == 0 else z))
+        return np.ascontiguousarray(ops.convert_to_numpy(out), np.float32)
+
+    return spread(0), spread(1)
 
 
 def _kernel_name(wrapper):
