@@ -457,15 +457,15 @@ class QuantizeWrapper(keras.layers.Wrapper):
         """
         return inference.inference_weights(self, quantize)
 
-    def _run(self, inputs, overrides, kwargs):
-        """The wrapped layer's call with some of its variables replaced by tensors."""
+    def run_with_weights(self, inputs, overrides, kwargs=None):
+        """The wrapped layer's call with some of its variables (`{weight name: tensor}`) replaced by tensors."""
         overrides = {id(self._variable(n)): v for n, v in overrides.items()}
         # Every variable of the wrapped layer is mapped: a nested StatelessScope
         # does not fall back to an outer one (JAX's stateless training step). A replaced variable is
         # not read (in export's trace a read embeds its value as a constant the graph never uses).
         mapping = [(v, overrides[id(v)] if id(v) in overrides else v.value) for v in self.layer.variables]
         with keras.StatelessScope(state_mapping=mapping):
-            return self.layer(inputs, **kwargs)
+            return self.layer(inputs, **(kwargs or {}))
 
     def linear_output(self, inputs):
         """The frozen layer's output before any activation and output quantizer: the tensor its bias shifts.
@@ -482,7 +482,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         with without_activation(self.layer):
             if self.batch_norm is not None:
                 return self._call_folded(inputs, False, {}, self._flags())
-            return self._run(inputs, self._quantize_weights(self.float_weights(), False), {})
+            return self.run_with_weights(inputs, self._quantize_weights(self.float_weights(), False), {})
 
     def _call_folded(self, inputs, training, kwargs, flags):
         """The layer with its BatchNormalization folded in: moving statistics, or in QAT training the batch's."""
@@ -506,7 +506,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         overrides.setdefault(name, values[name])
         if getattr(self.layer, "use_bias", False):
             overrides["bias"] = ops.zeros_like(self.layer.bias.value)
-        y = self._run(inputs, overrides, kwargs)
+        y = self.run_with_weights(inputs, overrides, kwargs)
         if not batch:
             return ops.add(y, ops.cast(bias, y.dtype))
         if self.bn_statistics == "quantized":  # one pass: from the quantized output
@@ -522,7 +522,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if inference.flattens(self.layer, inputs):
             outputs = inference.flat_dense(self.layer, inputs, values, plan.folded_bias.get(id(self)))
         else:
-            outputs = self._run(inputs, {n: tf.constant(v) for n, v in values.items()}, kwargs)
+            outputs = self.run_with_weights(inputs, {n: tf.constant(v) for n, v in values.items()}, kwargs)
             if id(self) in plan.folded_bias:
                 outputs = ops.add(outputs, tf.constant(plan.folded_bias[id(self)], dtype=outputs.dtype))
         if self.activation is not None:
@@ -540,7 +540,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         elif self.batch_norm is not None:
             outputs = self._call_folded(inputs, training, kwargs, flags)
         else:
-            outputs = self._run(inputs, self._quantize_weights(self.float_weights(), training, flags), kwargs)
+            outputs = self.run_with_weights(inputs, self._quantize_weights(self.float_weights(), training, flags), kwargs)
         observing, frozen = flags
         if self.activation is not None:
             outputs = self.preactivation_quantizer(outputs, self._preact_state, training, observing=observing,

@@ -202,23 +202,17 @@ def _cost(wrapper):
 
 # One layer -------------------------------------------------------------------------------------
 def _linear_fn(wrapper, kernel_name):
-    """`f(x, kernel) -> the wrapped layer's linear output without bias` (the layer called with its kernel
-    replaced, as the wrapper runs it; every other variable of the layer mapped to its value)."""
+    """`f(x, kernel) -> the wrapped layer's linear output without bias` (the wrapper's own call with the
+    kernel, and a zero bias, in place of its variables)."""
     layer = wrapper.layer
-    kernel_var = getattr(layer, kernel_name)
-    bias_var = layer.bias if getattr(layer, "use_bias", False) else None
+    has_bias = getattr(layer, "use_bias", False)
 
     def run(x, kernel):
-        mapping = []
-        for v in layer.variables:
-            if v is kernel_var:
-                mapping.append((v, ops.cast(kernel, v.dtype)))
-            elif bias_var is not None and v is bias_var:
-                mapping.append((v, ops.zeros(v.shape, v.dtype)))
-            else:
-                mapping.append((v, v.value))
-        with keras.StatelessScope(state_mapping=mapping), without_activation(layer):
-            return layer(x)
+        overrides = {kernel_name: ops.cast(kernel, getattr(layer, kernel_name).dtype)}
+        if has_bias:
+            overrides["bias"] = ops.zeros(layer.bias.shape, layer.bias.dtype)
+        with without_activation(layer):
+            return wrapper.run_with_weights(x, overrides)
 
     return run
 
