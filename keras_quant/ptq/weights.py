@@ -56,7 +56,7 @@ class GridWeight:
 
 def channel_qparams(scale, zero_point, shape, spec):
     """`(scale, zero_point)` broadcast to a weight of `shape` (float32 numpy), in the layout the quantizer
-    itself applies them (`kq.ops.apply_params`: per tensor, per channel on `spec.axis`, or per group)."""
+    itself applies them (`keras_quant.ops.core.apply_params`: per tensor, per channel on `spec.axis`, or per group)."""
     zeros = np.zeros(shape, np.float32)
 
     def spread(which):
