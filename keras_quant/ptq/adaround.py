@@ -52,6 +52,7 @@ from keras_quant.formatting import text_table
 from keras_quant.layers.rules import without_activation
 from keras_quant.layers.wrapper import QuantizeWrapper
 from keras_quant.progress import ProgressBar
+from keras_quant.ptq.common import select_layers
 from keras_quant.ptq.weights import grid_weight, set_grid_weight
 
 __all__ = ["AdaRoundLayer", "AdaRoundReport", "LayerRounder", "adaround", "rectified_sigmoid", "initial_v",
@@ -171,25 +172,6 @@ def _roundable(wrapper):
     if grid_weight(wrapper) is None:
         return "no single quantized kernel"
     return None
-
-
-def _select(qgraph, layers):
-    wrappers = [op for op in graph_lib.operations(qgraph) if isinstance(op, QuantizeWrapper)]
-    if layers is not None:
-        names = [layers] if isinstance(layers, str) else list(layers)
-        unknown = sorted(set(names) - {w.name for w in wrappers})
-        if unknown:
-            raise ConfigError("layers", unknown, "not the name of a QuantizeWrapper of qmodel "
-                              f"(those are {[w.name for w in wrappers]})")
-        wrappers = [w for w in wrappers if w.name in set(names)]
-    targets, skipped = [], []
-    for w in wrappers:
-        reason = _roundable(w)
-        if reason:
-            skipped.append((w.name, reason))
-        else:
-            targets.append(w)
-    return targets, skipped
 
 
 def _cost(wrapper):
@@ -487,7 +469,7 @@ def adaround(qmodel, data, max_samples=1024, batch_size=32, iterations=2000, reg
     opts = _options(iterations, batch_size, reg_weight, beta_range, warmup, learning_rate, time_budget)
     qgraph = graph_lib.require_functional(qmodel, "qmodel")
     xs = runtime.graph_samples(qgraph, data, max_samples, "adaround")
-    targets, skipped = _select(qgraph, layers)
+    targets, skipped = select_layers(qgraph, layers, QuantizeWrapper, _roundable)
     budget = _Budget(time_budget, [_cost(w) for w in targets], start)
     with ProgressBar(len(targets), "adaround", enabled=progress) as bar:
         results = _walk(qgraph, xs, targets, skipped, opts, budget, bar, np.random.default_rng(seed))

@@ -12,10 +12,10 @@ import keras
 
 from keras_quant import graph as graph_lib
 from keras_quant import runtime
-from keras_quant.errors import check_int
+from keras_quant.errors import ConfigError, check_int
 from keras_quant.layers.rules import without_activation
 
-__all__ = ["Setup", "setup", "float_pass", "float_references", "is_linear"]
+__all__ = ["Setup", "setup", "float_pass", "float_references", "is_linear", "select_layers"]
 
 
 def is_linear(activation):
@@ -112,3 +112,31 @@ def float_pass(setup, batch_size, reduce):
                     y = layer(y, training=False)
             values[w.name] = reduce(values.get(w.name), y)
     return values
+
+
+def select_layers(qgraph, layers, kinds, reason):
+    """`(targets, skipped)` in graph order: the operations of `qgraph` that are instances of `kinds`, those
+    named in `layers` (a list of names; None: all), each a target unless `reason(op)` says why not (then
+    `(name, reason)` in `skipped`).
+
+    Raises:
+        ConfigError: `layers` is not a list of names, or names no such operation.
+    """
+    found = [op for op in graph_lib.operations(qgraph) if isinstance(op, kinds)]
+    if layers is not None:
+        if isinstance(layers, str) or not isinstance(layers, (list, tuple, set)) or not all(
+                isinstance(n, str) for n in layers):
+            raise ConfigError("layers", layers, "layers must be a list of wrapped layer names, or None")
+        unknown = sorted(set(layers) - {op.name for op in found})
+        if unknown:
+            raise ConfigError("layers", unknown, f"no kq.QuantizeWrapper of these names; the model's are "
+                              f"{[op.name for op in found]}")
+        found = [op for op in found if op.name in set(layers)]
+    targets, skipped = [], []
+    for op in found:
+        why = reason(op)
+        if why:
+            skipped.append((op.name, why))
+        else:
+            targets.append(op)
+    return targets, skipped

@@ -53,6 +53,7 @@ from keras_quant.formatting import text_table
 from keras_quant.layers.weight_only import WeightOnlyMultiHeadAttention
 from keras_quant.layers.wrapper import QuantizeWrapper
 from keras_quant.progress import ProgressBar
+from keras_quant.ptq.common import select_layers
 from keras_quant.ptq.weights import grid_weight, set_grid_weight
 
 __all__ = ["GPTQLayer", "GPTQReport", "gptq", "gptq_integers", "layer_hessian", "reconstruction_error"]
@@ -429,34 +430,24 @@ def _is_target(op):
     return isinstance(op, (QuantizeWrapper, WeightOnlyMultiHeadAttention))
 
 
+def _skip_reason(op):
+    if isinstance(op, WeightOnlyMultiHeadAttention):
+        if len(op.kernel_qparams) != 4:
+            return "a weight-only attention whose kernels are not frozen (QAT)"
+    elif op.stage != "frozen":
+        return "a QAT wrapper (GPTQ rounds post-training, frozen wrappers)"
+    if len(graph_lib.calls(op)) != 1:
+        return "called more than once"
+    return None
+
+
 def _targets(qgraph, names):
     """`(layers to round, skipped)` in graph order: the frozen wrappers and weight-only attentions; `names`
     (None: all) selects them."""
-    wrappers = [op for op in graph_lib.operations(qgraph) if _is_target(op)]
-    if not wrappers:
+    if not any(_is_target(op) for op in graph_lib.operations(qgraph)):
         raise ConfigError("qmodel", getattr(qgraph, "name", None), "it holds no kq.QuantizeWrapper; quantize it "
                           "first with kq.quantize_model(..., mode='ptq')")
-    if names is not None:
-        if isinstance(names, str) or not isinstance(names, (list, tuple, set)) or not all(
-                isinstance(n, str) for n in names):
-            raise ConfigError("layers", names, "layers must be a list of wrapped layer names, or None")
-        unknown = sorted(set(names) - {w.name for w in wrappers})
-        if unknown:
-            raise ConfigError("layers", unknown, f"no kq.QuantizeWrapper of these names; the model's are "
-                              f"{[w.name for w in wrappers]}")
-        wrappers = [w for w in wrappers if w.name in set(names)]
-    targets, skipped = [], []
-    for w in wrappers:
-        attention = isinstance(w, WeightOnlyMultiHeadAttention)
-        if attention and len(w.kernel_qparams) != 4:
-            skipped.append((w.name, "a weight-only attention whose kernels are not frozen (QAT)"))
-        elif not attention and w.stage != "frozen":
-            skipped.append((w.name, "a QAT wrapper (GPTQ rounds post-training, frozen wrappers)"))
-        elif len(graph_lib.calls(w)) != 1:
-            skipped.append((w.name, "called more than once"))
-        else:
-            targets.append(w)
-    return targets, skipped
+    return select_layers(qgraph, names, (QuantizeWrapper, WeightOnlyMultiHeadAttention), _skip_reason)
 
 
 def _check_options(block_size, damp, act_order, batch_size):
