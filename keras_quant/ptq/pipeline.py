@@ -147,30 +147,26 @@ def quantize(model, data, config=None, algorithms=("bias_correction",), calibrat
     for name, kwargs in options.items():
         _check_options(name, functions[name], kwargs)
 
-    def run(name, fn, *args, **kwargs):
+    def run(name, fn, *args, report=lambda out: out, **kwargs):
         start = time.perf_counter()
         out = fn(*args, **kwargs)
-        steps.append((name, out[1] if name == "equalize" else (None if name in ("calibrate", "quantize") else out),
-                      time.perf_counter() - start))
+        steps.append((name, report(out), time.perf_counter() - start))
         return out
 
+    def own(name):  # an algorithm's keywords: all the samples given, then the user's options
+        return {"max_samples": None, **options.get(name, {})}
+
     if "equalize" in names:
-        float_model, _ = run("equalize", _equalize, model, data,
-                             {"max_samples": None, **options.get("equalize", {})})
+        float_model = run("equalize", equalize, model, data, report=lambda m: m.equalization_report,
+                          **own("equalize"))
         calibration = None
     if calibration is None:
-        calibration = run("calibrate", _calibrate, float_model, data, config, batch_size)
-    qmodel = run("quantize", quantize_model, float_model, config, calibration=calibration)
-    for name in ROUNDING:
-        if name in names:
-            fn = adaround if name == "adaround" else gptq
-            run(name, fn, qmodel, data, progress=progress, **{"max_samples": None, **options.get(name, {})})
-    if "bias_correction" in names:
-        run("bias_correction", correct_bias, float_model, qmodel, data,
-            **{"batch_size": batch_size, "max_samples": None, **options.get("bias_correction", {})})
-    if "softmax_ranges" in names:
-        run("softmax_ranges", narrow_softmax_inputs, float_model, qmodel, data,
-            **{"batch_size": batch_size, "max_samples": None, **options.get("softmax_ranges", {})})
+        calibration = run("calibrate", _calibrate, float_model, data, config, batch_size, report=lambda _: None)
+    qmodel = run("quantize", quantize_model, float_model, config, calibration=calibration, report=lambda _: None)
+    for name in (n for n in ROUNDING if n in names):
+        run(name, functions[name], qmodel, data, progress=progress, **own(name))
+    for name in (n for n in ("bias_correction", "softmax_ranges") if n in names):
+        run(name, functions[name], float_model, qmodel, data, **{"batch_size": batch_size, **own(name)})
     first = data[0] if isinstance(data, (list, tuple)) else data
     qmodel.ptq_report = PTQReport(steps=tuple(steps), num_samples=int(len(first)))
     return qmodel
@@ -185,9 +181,3 @@ def _check_options(name, fn, kwargs):
         if key not in taken:
             raise ConfigError(f"options.{name}", key,
                               f"not an option of kq.ptq.{fn.__name__}; it takes {sorted(taken)}")
-
-
-def _equalize(model, data, kwargs):
-    """`(equalized model, its report)`."""
-    out = equalize(model, data, **kwargs)
-    return out, getattr(out, "equalization_report", None)
