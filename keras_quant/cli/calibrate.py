@@ -108,6 +108,9 @@ def add_parser(subparsers):
         "learned / Hessian-guided weight rounding (one of them), bias_correction = mean output shift folded into "
         "the biases, softmax_ranges = finer grid for softmax inputs",
     )
+    cal.add_argument("--time-budget", type=float, default=None, metavar="S",
+                     help="seconds AdaRound may take for the whole model (with --algorithm adaround; default: "
+                     "no limit)")
     cal.add_argument(
         "--save-model", default=None, metavar="Q.keras",
         help="also write the quantized model (kq.ptq.quantize with these options) as a .keras file, ready for "
@@ -182,6 +185,8 @@ def _check_model_output(args):
     from keras_quant.ptq.pipeline import check_algorithms
 
     check_algorithms(args.algorithms or ())
+    if args.time_budget is not None and "adaround" not in (args.algorithms or ()):
+        raise ConfigError("time_budget", args.time_budget, "--time-budget limits AdaRound: add --algorithm adaround")
     if args.algorithms and not args.save_model:
         raise ConfigError("algorithm", args.algorithms[0], "the algorithms change the quantized model's weights: "
                           "name where to write it with --save-model Q.keras")
@@ -200,8 +205,10 @@ def _save_quantized(model, data, config, result, args):
 
     from keras_quant.ptq.pipeline import quantize
 
+    options = {"adaround": {"time_budget": args.time_budget}} if args.time_budget is not None else None
     qmodel = quantize(model, data, config, algorithms=args.algorithms or (), calibration=result,
-                      max_samples=args.max_samples or 512, batch_size=args.batch_size, progress=not args.json)
+                      max_samples=args.max_samples or 512, batch_size=args.batch_size, options=options,
+                      progress=not args.json)
     directory = os.path.dirname(os.path.abspath(args.save_model))
     handle, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(args.save_model) + ".",
                                    suffix=".keras")

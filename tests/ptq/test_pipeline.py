@@ -84,8 +84,11 @@ def test_the_stack_runs_in_order_keeps_the_float_model_and_exports(digits_cnn, t
     path = tmp_path / "w4a8.tflite"
     kq.export_tflite(qmodel, path, mode="int8")
     runner = kq.runtime.load(path)
-    agree = np.mean(np.argmax(runner.predict(xt[:200]), -1) == np.argmax(qmodel.predict(xt[:200], verbose=0), -1))
-    assert agree >= 0.98
+    keras_argmax = np.argmax(qmodel.predict(xt[:200], verbose=0), -1)
+    assert np.mean(np.argmax(runner.predict(xt[:200]), -1) == keras_argmax) >= 0.98
+    onnx_path = tmp_path / "w4a8.onnx"  # the same weights reach ONNX through its export path
+    kq.export_onnx(qmodel, onnx_path)
+    assert np.mean(np.argmax(kq.runtime.load(onnx_path).predict(xt[:200]), -1) == keras_argmax) >= 0.98
 
 
 @pytest.mark.slow
@@ -99,6 +102,9 @@ def test_calibrate_command_writes_the_quantized_model(digits_cnn, tmp_path, caps
     argv = ["calibrate", str(tmp_path / "model.keras"), "--data", str(tmp_path / "calib.npy"), "-o",
             str(tmp_path / "calib.json"), "--weight-bits", "4", "--per-channel", "--algorithm", "gptq",
             "--algorithm", "bias_correction", "--save-model", str(tmp_path / "q.keras")]
+    bad = argv[:-6] + ["--algorithm", "adaround", "--time-budget", "0", "--save-model", str(tmp_path / "b.keras")]
+    assert cli.main(bad) == 1  # checked by kq.ptq.adaround: a budget must be > 0
+    assert "time_budget" in capsys.readouterr().err and not (tmp_path / "b.keras").exists()
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "[gptq]" in out and out.rstrip().endswith(f"wrote {tmp_path / 'q.keras'} (quantized model)")
@@ -112,6 +118,7 @@ def test_calibrate_command_writes_the_quantized_model(digits_cnn, tmp_path, caps
 @pytest.mark.parametrize("extra, fragment", [
     (["--algorithm", "gptq"], "--save-model"),
     (["--save-model", "q.h5"], "written as a .keras file"),
+    (["--algorithm", "gptq", "--save-model", "q.keras", "--time-budget", "5"], "add --algorithm adaround"),
 ])
 def test_calibrate_algorithm_usage_errors_are_one_line(extra, fragment, tmp_path, capsys):
     argv = ["calibrate", str(tmp_path / "missing.keras"), "--data", str(tmp_path / "x.npy"), "-o",
