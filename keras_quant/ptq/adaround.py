@@ -52,7 +52,7 @@ from keras_quant.formatting import text_table
 from keras_quant.layers.rules import without_activation
 from keras_quant.layers.wrapper import QuantizeWrapper
 from keras_quant.progress import ProgressBar
-from keras_quant.ptq.common import select_layers
+from keras_quant.ptq.common import report_text, select_layers
 from keras_quant.ptq.weights import grid_weight, set_grid_weight
 
 __all__ = ["AdaRoundLayer", "AdaRoundReport", "LayerRounder", "adaround", "rectified_sigmoid", "initial_v",
@@ -151,12 +151,9 @@ class AdaRoundReport:
 
     def __str__(self):
         budget = "" if self.time_budget is None else f" (budget {self.time_budget:g} s)"
-        lines = [f"adaround on {self.num_samples} samples: {len(self.layers)} layers rounded, "
-                 f"{len(self.skipped)} skipped, {self.seconds:.1f} s{budget}"]
-        if self.layers:
-            lines.append(self.table())
-        lines += [f"skipped {name}: {why}" for name, why in self.skipped]
-        return "\n".join(lines)
+        return report_text(f"adaround on {self.num_samples} samples: {len(self.layers)} layers rounded, "
+                           f"{len(self.skipped)} skipped, {self.seconds:.1f} s{budget}",
+                           self.layers and self.table(), self.skipped)
 
 
 # Layer selection -------------------------------------------------------------------------------

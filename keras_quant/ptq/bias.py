@@ -30,7 +30,7 @@ from keras_quant import graph as graph_lib
 from keras_quant.formatting import text_table
 from keras_quant.layers.wrapper import QuantizeWrapper
 from keras_quant.ptq import common
-from keras_quant.ptq.common import float_pass, float_references
+from keras_quant.ptq.common import float_pass, float_references, report_text
 
 __all__ = ["BiasCorrection", "correct_bias"]
 
@@ -56,12 +56,8 @@ class BiasCorrection:
         return text_table(rows, ["layer", "mean |shift|", "max |shift|"])
 
     def __str__(self):
-        lines = [f"bias correction on {self.num_samples} samples: {len(self.corrected)} layers corrected, "
-                 f"{len(self.skipped)} skipped"]
-        if self.corrected:
-            lines.append(self.table())
-        lines += [f"skipped {name}: {why}" for name, why in self.skipped]
-        return "\n".join(lines)
+        return report_text(f"bias correction on {self.num_samples} samples: {len(self.corrected)} layers "
+                           f"corrected, {len(self.skipped)} skipped", self.corrected and self.table(), self.skipped)
 
 
 def _channel_sum(y):

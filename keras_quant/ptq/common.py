@@ -15,7 +15,7 @@ from keras_quant import runtime
 from keras_quant.errors import ConfigError, check_int
 from keras_quant.layers.rules import without_activation
 
-__all__ = ["Setup", "setup", "float_pass", "float_references", "is_linear", "select_layers"]
+__all__ = ["Setup", "setup", "float_pass", "float_references", "is_linear", "select_layers", "report_text"]
 
 
 def is_linear(activation):
@@ -140,3 +140,10 @@ def select_layers(qgraph, layers, kinds, reason):
         else:
             targets.append(op)
     return targets, skipped
+
+
+def report_text(header, table, skipped):
+    """A post-training algorithm's report as text: `header`, the per-layer `table` (None or "" when no layer
+    was treated), then one line per skipped `(layer, reason)`."""
+    lines = [header] + ([table] if table else [])
+    return "\n".join(lines + [f"skipped {name}: {why}" for name, why in skipped])

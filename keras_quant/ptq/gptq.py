@@ -53,7 +53,7 @@ from keras_quant.formatting import text_table
 from keras_quant.layers.weight_only import WeightOnlyMultiHeadAttention
 from keras_quant.layers.wrapper import QuantizeWrapper
 from keras_quant.progress import ProgressBar
-from keras_quant.ptq.common import select_layers
+from keras_quant.ptq.common import report_text, select_layers
 from keras_quant.ptq.weights import grid_weight, set_grid_weight
 
 __all__ = ["GPTQLayer", "GPTQReport", "gptq", "gptq_integers", "layer_hessian", "reconstruction_error"]
@@ -112,12 +112,9 @@ class GPTQReport:
         return text_table(rows)
 
     def __str__(self):
-        lines = [f"GPTQ on {self.num_samples} samples: {len(self.layers)} layers rounded, "
-                 f"{len(self.skipped)} skipped, {self.seconds:.2f}s"]
-        if self.layers:
-            lines.append(self.table())
-        lines += [f"skipped {name}: {why}" for name, why in self.skipped]
-        return "\n".join(lines)
+        return report_text(f"GPTQ on {self.num_samples} samples: {len(self.layers)} layers rounded, "
+                           f"{len(self.skipped)} skipped, {self.seconds:.2f}s", self.layers and self.table(),
+                           self.skipped)
 
 
 # The GPTQ rounding ---------------------------------------------------------------------------
