@@ -13,7 +13,7 @@ import keras_quant  # noqa: F401  (imports the package the paths start from)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = sorted((ROOT / "keras_quant").rglob("*.py")) + [
-    ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "export" / "README.md",
+    ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "export" / "README.md", ROOT / "docs" / "API.md",
 ]
 PATH = re.compile(r"(?<![\w.])(?:kq|keras_quant)(?:\.[A-Za-z_]\w*)+")
 

@@ -133,6 +133,7 @@ class ScaleSensitivity:
         return len(self.stats)
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict of Python numbers and lists."""
         return {
             "perturbations": list(self.perturbations),
             "factors": list(self.factors),
@@ -174,6 +175,7 @@ class OutlierImpact:
         return ratio(self.clipped_stats.mse, self.minmax_stats.mse, zero="inf")
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict of Python numbers and lists."""
         return {
             "percentile": self.percentile,
             "minmax_range": [_plain(v) for v in self.minmax_range],

@@ -90,6 +90,7 @@ class LayerError:
     max_error_steps: Optional[float] = None
 
     def to_dict(self) -> dict:
+        """The row as a plain dict (JSON-serializable)."""
         return to_jsonable(dataclasses.asdict(self))
 
 
@@ -125,6 +126,7 @@ class LayerErrors:
 
     @property
     def names(self) -> Tuple[str, ...]:
+        """The layer names, in the table's order."""
         return tuple(row.name for row in self.layers)
 
     def worst(self, n=5, by="sqnr_db") -> "LayerErrors":
@@ -143,6 +145,7 @@ class LayerErrors:
                 "num_samples": self.num_samples}
 
     def table(self) -> str:
+        """The errors as a plain-text table, one row per layer."""
         title = f"per-layer error: {self.source[1]} against {self.source[0]}, {self.num_samples} samples"
         return text_table([dataclasses.asdict(r) for r in self.layers], COLUMNS, title=title)
 

@@ -144,6 +144,7 @@ class Sampler(keras.layers.Layer):
         return self.select(inputs, labels)
 
     def reset(self):
+        """Forget what was selected so far (the budget and any running state start again)."""
         for v in self.weights:
             v.assign(ops.zeros(v.shape, v.dtype))
 

@@ -91,6 +91,7 @@ class ExportReport:
     notes: Tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
+        """The report's fields as a plain dict (JSON-serializable)."""
         return dataclasses.asdict(self)
 
     def __str__(self):

@@ -142,6 +142,7 @@ class AdaRoundReport:
     time_budget: Optional[float] = None
 
     def table(self) -> str:
+        """The report as a plain-text table, one row per layer."""
         rows = [{"layer": r.name, "type": r.kind, "weights": r.weights, "iterations": r.iterations,
                  "nearest err": r.nearest_error, "adaround err": r.adaround_error,
                  "err ratio": r.adaround_error / r.nearest_error if r.nearest_error > 0 else 1.0,

@@ -52,6 +52,7 @@ class BiasCorrection:
     num_samples: int
 
     def table(self) -> str:
+        """The report as a plain-text table, one row per layer."""
         rows = [{"layer": name, "mean |shift|": mean, "max |shift|": peak} for name, mean, peak in self.corrected]
         return text_table(rows, ["layer", "mean |shift|", "max |shift|"])
 

@@ -106,6 +106,7 @@ class Equalization:
     num_samples: int
 
     def table(self) -> str:
+        """The report as a plain-text table, one row per equalized pair."""
         rows = [{"layer1": p.layer1, "layer2": p.layer2, "path": p.path, "channels": len(p.scales),
                  "max ratio before": _spread(p.ratio_before), "max ratio after": _spread(p.ratio_after),
                  "clamped": p.clamped} for p in self.pairs]

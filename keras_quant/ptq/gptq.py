@@ -106,6 +106,7 @@ class GPTQReport:
     seconds: float
 
     def table(self) -> str:
+        """The report as a plain-text table, one row per layer."""
         rows = [{"layer": r.name, "type": r.layer_type, "bits": r.bits, "granularity": r.granularity,
                  "columns": r.columns, "nearest err": r.nearest_error, "gptq err": r.error,
                  "changed": r.changed, "seconds": r.seconds} for r in self.layers]
