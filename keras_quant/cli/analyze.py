@@ -7,7 +7,7 @@ import json
 import math
 
 from keras_quant.cli.calibrate import calibration_config
-from keras_quant.cli.common import check_output_file, load_artifact, load_eval_data, load_model, positive_int
+from keras_quant.cli.common import check_input_file, check_output_file, load_artifact, load_eval_data, load_model, positive_int
 from keras_quant.errors import ConfigError
 
 __all__ = ["add_parser", "command"]
@@ -61,6 +61,8 @@ def command(args):
     config = calibration_config(args.bits, args.method, args.symmetric, per_channel=not args.per_tensor)
     for artifact in args.artifact:
         load_artifact(artifact)
+    if args.calibration:
+        check_input_file(args.calibration, "calibration", "calibration file")
     model = load_model(args.model)
     data, labels = load_eval_data(args.data, model, args.samples)
     calibration = CalibrationResult.load(args.calibration) if args.calibration else None

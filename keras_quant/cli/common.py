@@ -6,10 +6,11 @@ which `keras_quant.cli.main` prints as one line.
 
 import argparse
 import os
+import zipfile
 
 from keras_quant.errors import ConfigError
 
-__all__ = ["positive_int", "check_output_file", "load_model", "load_artifact", "load_eval_data"]
+__all__ = ["positive_int", "check_output_file", "check_input_file", "load_model", "load_artifact", "load_eval_data"]
 
 
 def positive_int(text):
@@ -50,7 +51,12 @@ def check_output_file(path, field, suffixes, what="output"):
         raise ConfigError(field, path, f"the output directory {directory} is not writable")
 
 
-def _check_input_file(path, field, what):
+def check_input_file(path, field, what="file"):
+    """Refuse an input path that is missing, not a regular file, unreadable or empty.
+
+    Raises:
+        ConfigError: Naming `field`, `path` and what is wrong with it (`what`: `"model file"`, ...).
+    """
     if not os.path.exists(path):
         raise ConfigError(field, path, f"no such {what}")
     if not os.path.isfile(path):
@@ -73,9 +79,11 @@ def load_model(path, field="model"):
 
     import keras_quant  # noqa: F401  (registers the toolkit's layers for deserialization)
 
-    _check_input_file(path, field, "model file")
+    check_input_file(path, field, "model file")
     if not path.lower().endswith(".keras"):
         raise ConfigError(field, path, "the model must be a .keras file (Keras 3's native format)")
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(field, path, "cannot load a Keras model from the file: it is not a zip archive (what Keras 3 writes)")
     try:
         return keras.models.load_model(path, safe_mode=True, compile=False)
     except Exception as e:  # noqa: BLE001 - a hostile file may raise anything from Keras' deserializer
@@ -95,7 +103,7 @@ def load_artifact(path, field="artifact"):
     from keras_quant import runtime
     from keras_quant.errors import KerasQuantError
 
-    _check_input_file(path, field, "file")
+    check_input_file(path, field, "file")
     if path.lower().endswith(".keras"):
         return load_model(path, field)
     if not path.lower().endswith((".tflite", ".onnx")):
