@@ -75,9 +75,11 @@ def load_model(path, field="model"):
     Raises:
         ConfigError: If `path` is missing, not a `.keras` file, or does not load.
     """
+    import importlib
+
     import keras
 
-    import keras_quant  # noqa: F401  (registers the toolkit's layers for deserialization)
+    importlib.import_module("keras_quant")  # registers the toolkit's layers for deserialization
 
     check_input_file(path, field, "model file")
     if not path.lower().endswith(".keras"):

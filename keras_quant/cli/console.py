@@ -50,7 +50,9 @@ def _native_stderr_hidden():
     sys.stderr.flush()
     saved = os.dup(2)
     old_stderr = sys.stderr
-    stream = open(saved, "w", buffering=1, encoding=old_stderr.encoding, errors="backslashreplace", closefd=False)
+    # The stream owns the duplicate and closes it at the end: a handler that kept it fails loudly
+    # instead of writing into whatever file would reuse the descriptor's number.
+    stream = open(saved, "w", buffering=1, encoding=old_stderr.encoding, errors="backslashreplace")
     with tempfile.TemporaryFile() as scratch:
         os.dup2(scratch.fileno(), 2)
         sys.stderr = stream
@@ -60,7 +62,7 @@ def _native_stderr_hidden():
             stream.flush()
             sys.stderr = old_stderr
             os.dup2(saved, 2)
-            os.close(saved)
+            stream.close()
 
 
 @contextlib.contextmanager
