@@ -90,7 +90,8 @@ def model_size_bytes(model) -> int:
                 n = int(np.prod(w.shape))
                 total += math.ceil(n * bits[id(w)] / 8) if id(w) in bits else FLOAT_BYTES * n
         else:
-            total += sum(FLOAT_BYTES * int(np.prod(w.shape)) for w in layer.weights)
+            # A bare `keras.ops` operation of a Functional model (`x * 2` between layers) holds no weights.
+            total += sum(FLOAT_BYTES * int(np.prod(w.shape)) for w in getattr(layer, "weights", ()))
     return total
 
 

@@ -4,10 +4,10 @@ The command-line face of `keras_quant.analysis.workflow.analyze_model`.
 """
 
 import json
-import os
+import math
 
 from keras_quant.cli.calibrate import calibration_config
-from keras_quant.cli.common import load_eval_data, load_model, positive_int
+from keras_quant.cli.common import check_input_file, check_output_file, load_artifact, load_eval_data, load_model, positive_int
 from keras_quant.errors import ConfigError
 
 __all__ = ["add_parser", "command"]
@@ -53,16 +53,20 @@ def command(args):
     from keras_quant.analysis.workflow import analyze_model
     from keras_quant.calibration import CalibrationResult
 
-    if args.output is not None and not args.output.lower().endswith((".html", ".htm")):
-        raise ConfigError("output", args.output, "the report name must end in .html")
+    # Every input is checked before the first progress bar: a bad one is the only line on stderr.
+    if args.output is not None:
+        check_output_file(args.output, "output", (".html", ".htm"), what="report")
+    if args.budget is not None and not (math.isfinite(args.budget) and args.budget >= 0):
+        raise ConfigError("budget", args.budget, "--budget must be a finite number >= 0 (a metric change)")
+    config = calibration_config(args.bits, args.method, args.symmetric, per_channel=not args.per_tensor)
     for artifact in args.artifact:
-        if not os.path.isfile(artifact):
-            raise ConfigError("artifact", artifact, "no such file")
+        load_artifact(artifact)
+    if args.calibration:
+        check_input_file(args.calibration, "calibration", "calibration file")
     model = load_model(args.model)
     data, labels = load_eval_data(args.data, model, args.samples)
     calibration = CalibrationResult.load(args.calibration) if args.calibration else None
-    quantized = load_model(args.quantized) if args.quantized else None
-    config = calibration_config(args.bits, args.method, args.symmetric, per_channel=not args.per_tensor)
+    quantized = load_model(args.quantized, "quantized") if args.quantized else None
     out = analyze_model(model, data, labels=labels, config=config, calibration=calibration, quantized=quantized,
                         artifacts=args.artifact, sensitivity=not args.no_sensitivity, budget=args.budget,
                         report=args.output, batch_size=args.batch_size, verbose=0 if args.json else 1)

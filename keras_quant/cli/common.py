@@ -10,7 +10,7 @@ import zipfile
 
 from keras_quant.errors import ConfigError
 
-__all__ = ["positive_int", "load_model", "load_eval_data"]
+__all__ = ["positive_int", "check_output_file", "check_input_file", "load_model", "load_artifact", "load_eval_data"]
 
 
 def positive_int(text):
@@ -28,25 +28,95 @@ def positive_int(text):
     return value
 
 
-def load_model(path):
+def check_output_file(path, field, suffixes, what="output"):
+    """Refuse, before any work, an output file the command could not write (so none is half-made).
+
+    Args:
+        path: The output file named on the command line.
+        field: The option, for the error (`"output"`).
+        suffixes: The name endings accepted (lower case, with the dot).
+        what: What the file is, for the error (`"report"`).
+
+    Raises:
+        ConfigError: For another ending, a directory, a missing or read-only folder.
+    """
+    if not path.lower().endswith(tuple(suffixes)):
+        raise ConfigError(field, path, f"the {what} name must end in {' or '.join(suffixes)}")
+    if os.path.isdir(path):
+        raise ConfigError(field, path, "the output path is a directory; name a file")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ConfigError(field, path, f"the output directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(field, path, f"the output directory {directory} is not writable")
+
+
+def check_input_file(path, field, what="file"):
+    """Refuse an input path that is missing, not a regular file, unreadable or empty.
+
+    Raises:
+        ConfigError: Naming `field`, `path` and what is wrong with it (`what`: `"model file"`, ...).
+    """
+    if not os.path.exists(path):
+        raise ConfigError(field, path, f"no such {what}")
+    if not os.path.isfile(path):
+        raise ConfigError(field, path, f"the {what} is a directory or a special file, not a file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(field, path, f"the {what} is not readable")
+    if os.path.getsize(path) == 0:
+        raise ConfigError(field, path, f"the {what} is empty")
+
+
+def load_model(path, field="model"):
     """`keras.models.load_model(path, safe_mode=True, compile=False)`, with one-line errors.
+
+    A model with a Python `Lambda` layer is refused (safe mode: loading it would run code from the file).
 
     Raises:
         ConfigError: If `path` is missing, not a `.keras` file, or does not load.
     """
+    import importlib
+
     import keras
 
-    import keras_quant  # noqa: F401  (registers the toolkit's layers for deserialization)
+    importlib.import_module("keras_quant")  # registers the toolkit's layers for deserialization
 
-    if not os.path.exists(path):
-        raise ConfigError("model", path, "no such model file")
-    if os.path.isdir(path) or not path.lower().endswith(".keras"):
-        raise ConfigError("model", path, "the model must be a .keras file (Keras 3's native format)")
+    check_input_file(path, field, "model file")
+    if not path.lower().endswith(".keras"):
+        raise ConfigError(field, path, "the model must be a .keras file (Keras 3's native format)")
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(field, path, "cannot load a Keras model from the file: it is not a zip archive (what Keras 3 writes)")
     try:
         return keras.models.load_model(path, safe_mode=True, compile=False)
-    except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as e:
+    except Exception as e:  # noqa: BLE001 - a hostile file may raise anything from Keras' deserializer
+        if "safe_mode" in str(e):
+            raise ConfigError(field, path, "the model holds a Python lambda (a Lambda layer), which is not loaded: "
+                              "it could run any code; rebuild it without Lambda layers") from None
         reason = " ".join(str(e).split()) or type(e).__name__
-        raise ConfigError("model", path, f"cannot load a Keras model from the file ({type(e).__name__}: {reason})") from None
+        raise ConfigError(field, path, f"cannot load a Keras model from the file ({type(e).__name__}: {reason})") from None
+
+
+def load_artifact(path, field="artifact"):
+    """Check that an exported `.tflite` / `.onnx` (or `.keras`) file loads in its runtime, before any work.
+
+    Raises:
+        ConfigError: If it is missing, of another kind, or does not load (a Lambda `.keras` file included).
+    """
+    from keras_quant import runtime
+    from keras_quant.errors import KerasQuantError
+
+    check_input_file(path, field, "file")
+    if path.lower().endswith(".keras"):
+        return load_model(path, field)
+    if not path.lower().endswith((".tflite", ".onnx")):
+        raise ConfigError(field, path, "the file must end in .tflite, .onnx or .keras")
+    try:
+        return runtime.load(path)
+    except KerasQuantError:
+        raise
+    except Exception as e:  # noqa: BLE001 - LiteRT and onnxruntime raise their own types for a bad file
+        raise ConfigError(field, path, f"the file does not load in its runtime ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())})") from None
 
 
 def load_eval_data(path, model, samples, normalize="unit"):

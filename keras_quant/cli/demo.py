@@ -33,7 +33,9 @@ every long step. `run` does it all; each step is a function of its own
 subcommand of `keras_quant.cli`.
 """
 
+import argparse
 import json
+import os
 import time
 
 import keras
@@ -42,8 +44,9 @@ import numpy as np
 import keras_quant.cli.datasets as datasets
 from keras_quant import analysis, observers
 from keras_quant import ops as qops
-from keras_quant.cli.common import positive_int
+from keras_quant.cli.common import check_output_file, positive_int
 from keras_quant.config import AUTO_CANDIDATES, QuantSpec
+from keras_quant.errors import ConfigError
 from keras_quant.formatting import text_table, to_jsonable
 from keras_quant.progress import ProgressBar, progress_callback, steps
 
@@ -506,9 +509,9 @@ def add_parser(subparsers):
                         help="auto: Fashion-MNIST when Debian's dataset-fashion-mnist is installed, else the digits")
     parser.add_argument("--epochs", type=positive_int, default=None,
                         help="training epochs (default: 12 on the digits, 3 on Fashion-MNIST)")
-    parser.add_argument("--qat-epochs", type=int, default=3,
+    parser.add_argument("--qat-epochs", type=_count, default=3,
                         help="fine-tuning epochs of the QAT models, 0 for none (default: 3)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="random seed, 0 to 2**32 - 1 (default: 0)")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="keep the exported .tflite / .onnx files in DIR (default: a temporary folder)")
     parser.add_argument("--report", metavar="HTML", default="keras_quant_report.html",
@@ -518,8 +521,41 @@ def add_parser(subparsers):
     return parser
 
 
+def _count(text):
+    """argparse type: an integer of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, received {text!r}")
+    return value
+
+
+def _seed(text):
+    """argparse type: a random seed, 0 to 2**32 - 1 (what NumPy accepts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**32 - 1, received {text!r}")
+    return value
+
+
+def _check_outputs(args):
+    """Refuse, before training, an --out or --report the demo could not write at its end."""
+    if args.report:
+        check_output_file(args.report, "report", (".html", ".htm"), what="report")
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ConfigError("out", args.out, "--out names a folder for the exported files, and this is a file")
+    if args.out is not None and os.path.isdir(args.out) and not os.access(args.out, os.W_OK | os.X_OK):
+        raise ConfigError("out", args.out, "the folder is not writable")
+
+
 def command(args):
     """Run `keras-quant demo` with the parsed `args`; returns the exit status."""
+    _check_outputs(args)
     tables = run(epochs=args.epochs, seed=args.seed, verbose=not args.json, qat_epochs=args.qat_epochs,
                  out_dir=args.out, dataset=args.dataset, report=args.report or None)
     if args.json:

@@ -4,10 +4,12 @@ The command-line face of `keras_quant.export` (`export_tflite`, `export_onnx`) a
 `keras_quant.analysis.compare_models`.
 """
 
+import dataclasses
 import json
 import os
+import tempfile
 
-from keras_quant.cli.common import load_eval_data, load_model, positive_int
+from keras_quant.cli.common import check_output_file, load_eval_data, load_model, positive_int
 from keras_quant.errors import ConfigError
 from keras_quant.formatting import to_jsonable
 
@@ -53,16 +55,13 @@ def _check_arguments(args):
     Raises:
         ConfigError: For an unknown suffix, an option of the other format, or a directory.
     """
+    check_output_file(args.output, "output", _EXPORT_SUFFIXES)
     suffix = os.path.splitext(args.output)[1].lower()
-    if suffix not in _EXPORT_SUFFIXES:
-        raise ConfigError("output", args.output, "the output name must end in .tflite or .onnx")
     if suffix == ".onnx" and (args.mode is not None or args.input_type or args.output_type):
         raise ConfigError("mode", args.mode or args.input_type or args.output_type,
                           "--mode, --input-type and --output-type are for .tflite outputs; ONNX QDQ has float I/O")
     if suffix == ".tflite" and args.opset is not None:
         raise ConfigError("opset", args.opset, "--opset is for .onnx outputs")
-    if os.path.isdir(args.output):
-        raise ConfigError("output", args.output, "the output path is a directory; name a file")
     return suffix
 
 
@@ -76,14 +75,27 @@ def command(args):
     data = labels = None
     if args.data is not None:
         data, labels = load_eval_data(args.data, model, args.samples)
-    if suffix == ".onnx":
-        report = export_onnx(model, args.output, **({} if args.opset is None else {"opset": args.opset}))
-    else:
-        report = export_tflite(model, args.output, mode=args.mode or "int8", input_type=args.input_type,
-                               output_type=args.output_type)
-    comparison = None
-    if data is not None:
-        comparison = compare_models(model, args.output, data, labels=labels, num_threads=args.threads)
+    # Written beside OUT under a temporary name and renamed once checked: a failed export or check
+    # leaves no OUT (and an existing OUT as it was).
+    directory, name = os.path.split(os.path.abspath(args.output))
+    fd, scratch = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        if suffix == ".onnx":
+            report = export_onnx(model, scratch, **({} if args.opset is None else {"opset": args.opset}))
+        else:
+            report = export_tflite(model, scratch, mode=args.mode or "int8", input_type=args.input_type,
+                                   output_type=args.output_type)
+        comparison = None
+        if data is not None:
+            comparison = compare_models(model, scratch, data, labels=labels, num_threads=args.threads)
+        os.replace(scratch, args.output)
+    finally:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+    report = dataclasses.replace(report, path=args.output)
+    if comparison is not None:
+        comparison = dataclasses.replace(comparison, candidate=os.path.basename(args.output))
     if args.json:
         print(json.dumps(to_jsonable({"export": report.to_dict(),
                                       "comparison": None if comparison is None else comparison.to_dict()}), indent=2))

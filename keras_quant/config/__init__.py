@@ -30,6 +30,7 @@ import numbers
 import re
 from typing import Any, Mapping, Optional
 
+from keras_quant.config.checks import MAX_OPTION_INT, check_keys, check_pattern, entries, option_pairs, within
 from keras_quant.errors import ConfigError
 
 __all__ = [
@@ -44,6 +45,7 @@ LSQ_PARAMS = ("log", "linear")
 # records cover exactly these names.
 OBSERVERS = ("minmax", "moving_average", "percentile", "mean_std", "mse", "kl", "auto")
 MIN_BITS, MAX_BITS = 2, 16
+MAX_AXIS = 32  # `axis` is in [-MAX_AXIS, MAX_AXIS): far past any tensor's rank, short of a typo's 10**9
 # `observer="auto"`: the range methods it compares, in order of preference (ties go to the earliest).
 AUTO_CANDIDATES = ("minmax", "percentile", "mse", "kl")
 # Relative MSE within which a candidate counts as tied with the best (see range_search.auto_range).
@@ -168,14 +170,13 @@ class QuantSpec:
         for name in ("symmetric", "narrow_range", "learnable", "stochastic_rounding"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, getattr(self, name), f"{name} must be a bool")
-        if self.lsq_param not in LSQ_PARAMS:
-            raise ConfigError("lsq_param", self.lsq_param, f"lsq_param must be one of {LSQ_PARAMS}")
-        if self.granularity not in GRANULARITIES:
-            raise ConfigError("granularity", self.granularity, f"granularity must be one of {GRANULARITIES}")
-        if not _is_int(self.axis):
-            raise ConfigError("axis", self.axis, "axis must be an integer")
+        for name, allowed in (("lsq_param", LSQ_PARAMS), ("granularity", GRANULARITIES), ("observer", OBSERVERS)):
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
+                raise ConfigError(name, getattr(self, name), f"{name} must be one of {allowed}")
+        if not _is_int(self.axis) or not -MAX_AXIS <= self.axis < MAX_AXIS:
+            raise ConfigError("axis", self.axis, f"axis must be an integer in [-{MAX_AXIS}, {MAX_AXIS})")
         if self.granularity == "per_group":
-            if not _is_int(self.group_size) or self.group_size < 1:
+            if not _is_int(self.group_size) or not 1 <= self.group_size <= MAX_OPTION_INT:
                 raise ConfigError(
                     "group_size", self.group_size, "group_size must be a positive integer with granularity='per_group'"
                 )
@@ -183,20 +184,7 @@ class QuantSpec:
             raise ConfigError(
                 "group_size", self.group_size, "group_size is only used with granularity='per_group'; leave it None"
             )
-        if self.observer not in OBSERVERS:
-            raise ConfigError("observer", self.observer, f"observer must be one of {OBSERVERS}")
-        options = self.observer_options
-        if options is None:
-            options = ()
-        if isinstance(options, Mapping):
-            options = tuple(sorted(options.items()))
-        try:
-            options = tuple((str(k), v) for k, v in options)
-            hash(options)
-        except (TypeError, ValueError):
-            raise ConfigError(
-                "observer_options", self.observer_options, "observer_options must be a mapping of names to scalars"
-            ) from None
+        options = option_pairs(self.observer_options)
         object.__setattr__(self, "observer_options", options)
         if self.observer == "auto":
             opts = dict(options)
@@ -240,12 +228,21 @@ class QuantSpec:
 
     @classmethod
     def from_config(cls, config: Mapping) -> "QuantSpec":
+        """A spec from its `get_config()` dict; missing fields take their defaults (older files load).
+
+        Raises:
+            ConfigError: For anything but a dict of known fields with valid values, naming the field
+                and the value (values are checked, never converted: `bits=True` or `axis=1.5` are errors).
+        """
         if not isinstance(config, Mapping):
             raise ConfigError("config", config, "QuantSpec.from_config needs a dict")
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - fields)
+        unknown = [k for k in config if k not in fields]
         if unknown:
-            raise ConfigError(unknown[0], config[unknown[0]], f"unknown QuantSpec field; known fields are {sorted(fields)}")
+            raise ConfigError(str(unknown[0]), config[unknown[0]],
+                              f"unknown QuantSpec field {unknown[0]!r}; known fields are {sorted(fields)}")
+        if "observer_options" in config and not isinstance(config["observer_options"], Mapping):
+            raise ConfigError("observer_options", config["observer_options"], "observer_options must be a dict")
         config = dict(config)
         if "lsq_param" not in config and fields - {"lsq_param"} <= set(config):
             # A complete config saved before `lsq_param` existed: its trained step sizes are additive.
@@ -253,12 +250,27 @@ class QuantSpec:
         return cls(**config)  # missing keys take their defaults (older files load)
 
 
-def _spec_or_none(value, field, layer=None):
-    if value is None or isinstance(value, QuantSpec):
+def _spec_or_none(value, field, layer=None, strict=False):
+    """A spec, None, or (`strict`: from a config dict, where only dicts and None are specs) `_UNSET` as is."""
+    if value is None or value is _UNSET or (isinstance(value, QuantSpec) and not strict):
         return value
     if isinstance(value, Mapping):
-        return QuantSpec.from_config(value)
+        with within(field):
+            return QuantSpec.from_config(value)
     raise ConfigError(field, value, "expected a kq.QuantSpec, a QuantSpec config dict or None", layer=layer)
+
+
+def _parse_override(override, field):
+    """An override of a config dict: None (float) or a dict of `weights` / `activations` specs."""
+    if override is None:
+        return None
+    if not isinstance(override, Mapping):
+        raise ConfigError(field, override, "an override must be None or a dict with keys 'weights' / 'activations'")
+    check_keys(override, ("weights", "activations"), (), field)
+    parsed = {}
+    for key, value in override.items():
+        parsed[key] = _spec_or_none(value, f"{field}.{key}", strict=True)
+    return parsed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,15 +292,17 @@ def _layer_type_name(cls):
     return keras.saving.get_registered_name(cls)
 
 
-def _layer_type_from_name(name):
+def _layer_type_from_name(name, field="layer_type"):
     import keras
 
-    cls = getattr(keras.layers, name, None)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(field, name, "a layer type must be named by a non-empty string")
+    cls = getattr(keras.layers, name, None) if name.isidentifier() and not name.startswith("_") else None
     if cls is None:
         cls = keras.saving.get_registered_object(name)
-    if not isinstance(cls, type):
-        raise ConfigError(
-            "layer_type", name, "unknown layer type; use a keras.layers class or one registered with "
+    if not isinstance(cls, type) or not issubclass(cls, keras.layers.Layer):
+        raise ConfigError(field
+, name, "unknown layer type; use a keras.layers class or one registered with "
             "keras.saving.register_keras_serializable"
         )
     return cls
@@ -388,12 +402,7 @@ class QuantConfig:
             weights: Spec (or None) for the weights.
             activations: Spec (or None) for the activations.
         """
-        if not isinstance(name, str) or not name:
-            raise ConfigError("name", name, "name must be a non-empty string")
-        try:
-            re.compile(name)
-        except re.error as e:
-            raise ConfigError("name", name, f"name is not a valid regular expression ({e})") from None
+        check_pattern(name)
         self._name_overrides = [(p, o) for p, o in self._name_overrides if p != name]
         self._name_overrides.append((name, self._override(config, weights, activations, "name")))
         return self
@@ -491,19 +500,33 @@ class QuantConfig:
 
     @classmethod
     def from_config(cls, config: Mapping) -> "QuantConfig":
+        """A config from its `get_config()` dict (as JSON gives it back).
+
+        Missing top-level keys take their defaults (`{}` is `QuantConfig()`); every entry of
+        `layer_types` / `layer_names` needs all its keys.
+
+        Raises:
+            ConfigError: For anything else: a non-dict, an unknown or missing key, a wrong type at any
+                level, an invalid spec value, an unknown layer type, an invalid regular expression or a
+                repeated entry, naming the field (`layer_names[0].override.weights.bits`) and the value.
+                Values are checked, never converted.
+        """
         if not isinstance(config, Mapping):
             raise ConfigError("config", config, "QuantConfig.from_config needs a dict")
-        out = cls(weights=config.get("weights", _UNSET), activations=config.get("activations", _UNSET))
-
-        def parse(override, field):
-            if override is None:
-                return None
-            return {k: _spec_or_none(v, f"{field}.{k}") for k, v in override.items() if k in ("weights", "activations")}
-
-        for entry in config.get("layer_types", []):
-            out._type_overrides[_layer_type_from_name(entry["layer_type"])] = parse(entry.get("override"), "layer_types")
-        for entry in config.get("layer_names", []):
-            out._name_overrides.append((entry["name"], parse(entry.get("override"), "layer_names")))
+        check_keys(config, ("weights", "activations", "layer_types", "layer_names"), (), "config")
+        weights = _spec_or_none(config.get("weights", _UNSET), "weights", strict=True)
+        activations = _spec_or_none(config.get("activations", _UNSET), "activations", strict=True)
+        out = cls(weights=weights, activations=activations)
+        for i, entry in enumerate(entries(config, "layer_types", ("layer_type", "override"))):
+            layer_type = _layer_type_from_name(entry["layer_type"], f"layer_types[{i}].layer_type")
+            if layer_type in out._type_overrides:
+                raise ConfigError(f"layer_types[{i}].layer_type", entry["layer_type"], "the layer type is listed twice")
+            out._type_overrides[layer_type] = _parse_override(entry["override"], f"layer_types[{i}].override")
+        for i, entry in enumerate(entries(config, "layer_names", ("name", "override"))):
+            name = check_pattern(entry["name"], f"layer_names[{i}].name")
+            if any(p == name for p, _ in out._name_overrides):
+                raise ConfigError(f"layer_names[{i}].name", name, "the layer name pattern is listed twice")
+            out._name_overrides.append((name, _parse_override(entry["override"], f"layer_names[{i}].override")))
         return out
 
     def __eq__(self, other):
