@@ -17,6 +17,7 @@ Example:
 >>> write_atomic("/tmp/kq-example.txt", "hello\\n")   # doctest: +SKIP
 """
 
+import contextlib
 import hashlib
 import os
 import re
@@ -24,19 +25,21 @@ import secrets
 import socket
 import time
 
-__all__ = ["write_atomic", "remove_stale_temps", "temp_name", "STALE_TEMP_SECONDS"]
+__all__ = ["write_atomic", "atomic_target", "remove_stale_temps", "temp_name", "STALE_TEMP_SECONDS"]
 
 STALE_TEMP_SECONDS = 3600.0  # a temporary file this old whose writer cannot be checked is an orphan
 _OWN_HOST_STALE_SECONDS = 86400.0  # a live PID on this host for a day: a reused PID, not the writer
-_TEMP = re.compile(r"^\..+\.(?:kq(?P<pid>\d{1,10})-(?P<host>[0-9a-f]{8})\.[0-9a-f]{16}|[a-z0-9_]{8})\.tmp$")
+_TEMP = re.compile(r"^\..+\.(?:kq(?P<pid>\d{1,10})-(?P<host>[0-9a-f]{8})\.[0-9a-f]{16}\.[a-z]{1,8}|[a-z0-9_]{8}\.tmp)$")
 
 
 def _host_tag():
     return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
 
 
-def temp_name(path):
+def temp_name(path, suffix=".tmp"):
     """The hidden temporary file name `write_atomic` writes `path`'s bytes to first (in `path`'s folder).
+
+    `suffix` (1-8 lowercase letters after the dot) is for writers that need one (`.keras`).
 
     Example:
 
@@ -45,7 +48,7 @@ def temp_name(path):
     """
     path = os.fspath(path)
     directory, base = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{base}.kq{os.getpid()}-{_host_tag()}.{secrets.token_hex(8)}.tmp")
+    return os.path.join(directory, f".{base}.kq{os.getpid()}-{_host_tag()}.{secrets.token_hex(8)}{suffix}")
 
 
 def _alive(pid):
@@ -105,6 +108,51 @@ def remove_stale_temps(directory):
     return sorted(removed)
 
 
+@contextlib.contextmanager
+def atomic_target(path, suffix=".tmp", make_parents=False):
+    """A temporary path to write `path`'s new contents to; `os.replace`d onto `path` when the block ends.
+
+    For writers that need a file name (`model.save`): the temporary file
+    (`temp_name(path, suffix)`) is fsynced and replaces `path` if the block
+    succeeds, and is removed if it raises; stale temporary files of dead
+    writers in the folder are removed first (`remove_stale_temps`).
+
+    Args:
+        path: The target file.
+        suffix: The temporary file's suffix (e.g. `".keras"`).
+        make_parents: Create the parent folder(s) first.
+
+    Example:
+
+    >>> with atomic_target("model.keras", suffix=".keras") as tmp:   # doctest: +SKIP
+    ...     model.save(tmp)
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if make_parents:
+        os.makedirs(directory, exist_ok=True)
+    remove_stale_temps(directory)
+    tmp = temp_name(path, suffix)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(directory)
+
+
 def write_atomic(path, data, make_parents=False):
     """Write `data` to `path` atomically (temp file in the same directory, fsync, `os.replace`).
 
@@ -122,31 +170,14 @@ def write_atomic(path, data, make_parents=False):
 
     >>> write_atomic("/tmp/kq-example.txt", "hello\\n")   # doctest: +SKIP
     """
-    path = os.fspath(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
-    directory = os.path.dirname(os.path.abspath(path))
-    if make_parents:
-        os.makedirs(directory, exist_ok=True)
-    remove_stale_temps(directory)
-    tmp = temp_name(path)
-    umask = os.umask(0)
-    os.umask(umask)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-    try:
+    with atomic_target(path, make_parents=make_parents) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(directory)
 
 
 def _fsync_directory(directory):
