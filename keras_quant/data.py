@@ -105,7 +105,7 @@ def model_inputs(model):
 
 # Arrays ------------------------------------------------------------------------
 MAX_ARRAY_BYTES = 1 << 34  # 16 GiB: no array file is read past this
-MAX_COMPRESSION_RATIO = 1024  # a compressed .npz member may not claim more than this many times its size ...
+MAX_COMPRESSION_RATIO = 256  # a compressed .npz may not declare more than this many times its size ...
 MIN_INFLATED_BYTES = 64 << 20  # ... unless under 64 MiB
 _NPY_HEADER_LIMIT = 10000  # numpy's own default max_header_size
 
