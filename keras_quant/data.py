@@ -7,8 +7,8 @@ model.
 
 Sources:
 
-- `.npy`: one array (`np.load(..., allow_pickle=False)`), for a single-input
-  model.
+- `.npy`: one array (read by `load_array_file`: no pickle, no object arrays,
+  header and size checked), for a single-input model.
 - `.npz`: for a single-input model the array named `x`, else the array named
   after the model's input, else the only array; several arrays with none of
   those names is an error that lists them. For a multi-input model, one array
@@ -17,7 +17,9 @@ Sources:
   (recursively, sorted by relative path; other files are skipped), read with
   `keras.utils.load_img` / `keras.utils.img_to_array`, resized (bilinear) to
   the model input's `(H, W)`, in grayscale for a 1-channel input, RGB for 3,
-  RGBA for 4. The model input must be `(None, H, W, C)` (channels last).
+  RGBA for 4. The model input must be `(None, H, W, C)` (channels last). An
+  image over `MAX_IMAGE_PIXELS` pixels (its header read first) or one the
+  decoder fails on is a `ConfigError` naming the file.
 
 Values:
 
@@ -57,6 +59,10 @@ __all__ = [
     "load_calibration_data",
     "model_inputs",
     "load_array_file",
+    "MAX_ARRAY_BYTES",
+    "MAX_COMPRESSION_RATIO",
+    "MIN_INFLATED_BYTES",
+    "MAX_IMAGE_PIXELS",
     "list_images",
     "load_image_folder",
     "normalize_images",
@@ -69,6 +75,7 @@ NORMALIZATIONS = ("unit", "imagenet", "none")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _COLOR_MODES = {1: "grayscale", 3: "rgb", 4: "rgba"}
+MAX_IMAGE_PIXELS = 1 << 26  # 64 megapixels: a larger image (a decompression bomb, or no calibration image) is refused
 
 
 def _check_normalize(normalize):
@@ -97,12 +104,76 @@ def model_inputs(model):
 
 
 # Arrays ------------------------------------------------------------------------
+MAX_ARRAY_BYTES = 1 << 34  # 16 GiB: no array file is read past this
+MAX_COMPRESSION_RATIO = 256  # a compressed .npz may not declare more than this many times its size ...
+MIN_INFLATED_BYTES = 64 << 20  # ... unless under 64 MiB
+_NPY_HEADER_LIMIT = 10000  # numpy's own default max_header_size
+
+
+def _read_npy(f, where, available):
+    """The array of an open `.npy` stream holding `available` bytes, its header checked before any data is read."""
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = fmt.read_array_header_1_0(f, max_header_size=_NPY_HEADER_LIMIT)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran, dtype = fmt.read_array_header_2_0(f, max_header_size=_NPY_HEADER_LIMIT)
+    else:
+        raise ValueError(f"unsupported .npy version {version}")
+    if dtype.kind not in "biuf" or dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+        raise ValueError(f"the array has dtype {dtype}; calibration data must hold numbers (bool, integer or float)")
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"the array header declares the shape {shape}")
+    nbytes = dtype.itemsize * int(np.prod(shape, dtype=object))
+    if nbytes != available - f.tell():
+        raise ValueError(f"the header declares {nbytes} bytes of {dtype} {shape} and the file holds "
+                         f"{available - f.tell()} (truncated or padded?)")
+    data = f.read(nbytes)
+    if len(data) != nbytes:
+        raise ValueError(f"{where}: truncated array data")
+    arr = np.frombuffer(data, dtype=dtype).reshape(shape[::-1] if fortran else shape)
+    return (arr.T if fortran else arr).copy()
+
+
+def _read_npz(path):
+    """`{name: array}` of an `.npz`: each member's declared size checked (bounded inflation) before it is read."""
+    arrays = {}
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+        declared = sum(i.file_size for i in infos)
+        limit = min(MAX_ARRAY_BYTES, max(MIN_INFLATED_BYTES, MAX_COMPRESSION_RATIO * os.path.getsize(path)))
+        if declared > limit:
+            raise ValueError(f"the archive declares {declared} uncompressed bytes, over the limit of {limit} "
+                             "(keras_quant.data.MAX_COMPRESSION_RATIO, MAX_ARRAY_BYTES): a possible zip bomb")
+        for info in infos:
+            if not info.filename.endswith(".npy") or info.is_dir():
+                raise ValueError(f"the archive holds {info.filename!r}, not a .npy array")
+            name = info.filename[: -len(".npy")]
+            if name in arrays:
+                raise ValueError(f"the archive holds two arrays named {name!r}")
+            with z.open(info) as f:  # zipfile stops at the declared size and checks the CRC
+                arrays[name] = _read_npy(f, f"{path}[{name!r}]", info.file_size)
+    return arrays
+
+
 def load_array_file(path):
     """The arrays of a `.npy` (one array) or `.npz` (dict of name to array) file, without pickles.
 
+    Nothing is trusted before it is checked: only bool / integer / float
+    arrays are read (no object arrays, no pickle), each array's header must
+    declare exactly the bytes the file holds, and a compressed `.npz` may not
+    declare more than `MAX_COMPRESSION_RATIO` times its size (at least
+    `MIN_INFLATED_BYTES`, at most `MAX_ARRAY_BYTES`) before anything is inflated.
+
     Raises:
         ConfigError: If the file does not exist, has another extension, or
-            cannot be read (corrupt, or holds pickled objects).
+            cannot be read (corrupt, truncated, holds pickled objects or
+            another dtype, or claims more than the limits).
+
+    Example:
+
+    >>> load_array_file("calib.npz")["x"].shape   # doctest: +SKIP
+    (100, 28, 28, 1)
     """
     path = Path(path)
     if not path.is_file():
@@ -111,13 +182,16 @@ def load_array_file(path):
     if suffix not in ARRAY_EXTENSIONS:
         raise ConfigError("data", str(path), f"unsupported file extension {suffix!r}; use {' or '.join(ARRAY_EXTENSIONS)}")
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded:
-                return {name: loaded[name] for name in loaded.files}
-        return loaded
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise ConfigError("data", str(path), f"cannot read the array file ({' '.join(str(e).split())})") from None
+        if suffix == ".npz":
+            return _read_npz(path)
+        size = path.stat().st_size
+        if size > MAX_ARRAY_BYTES:
+            raise ValueError(f"the file has {size} bytes, over the limit of {MAX_ARRAY_BYTES} (keras_quant.data.MAX_ARRAY_BYTES)")
+        with open(path, "rb") as f:
+            return _read_npy(f, str(path), size)
+    except Exception as e:  # anything a hostile file makes numpy / zipfile raise: one typed error naming the file
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ConfigError("data", str(path), f"cannot read the array file ({type(e).__name__}: {reason})") from None
 
 
 def _pick_single(arrays, path, input_name):
@@ -213,6 +287,23 @@ def _image_geometry(expected):
     return expected[1], expected[2], expected[3]
 
 
+def _read_image(keras, path, color_mode, target):
+    """One image as a float32 `(H, W, C)` array; its size checked from the header before it is decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as probe:  # reads the header only
+            width, height = probe.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"{width}x{height} pixels, over the limit of {MAX_IMAGE_PIXELS} "
+                             "(keras_quant.data.MAX_IMAGE_PIXELS)")
+        img = keras.utils.load_img(path, color_mode=color_mode, target_size=target, interpolation="bilinear")
+        return keras.utils.img_to_array(img, data_format="channels_last", dtype="float32")
+    except Exception as e:  # a hostile file makes PIL raise almost anything: one typed error naming the file
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ConfigError("image", str(path), f"cannot read the image {path} ({type(e).__name__}: {reason})") from None
+
+
 def load_image_folder(folder, expected, normalize="unit"):
     """The images below `folder` as one float32 array shaped like the model input `expected`.
 
@@ -244,11 +335,7 @@ def load_image_folder(folder, expected, normalize="unit"):
     target = (height, width) if height is not None and width is not None else None
     images = []
     for f in files:
-        try:
-            img = keras.utils.load_img(f, color_mode=_COLOR_MODES[channels], target_size=target, interpolation="bilinear")
-            arr = keras.utils.img_to_array(img, data_format="channels_last", dtype="float32")
-        except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
-            raise ConfigError("image", str(f), f"cannot read the image {f} ({' '.join(str(e).split())})") from None
+        arr = _read_image(keras, f, _COLOR_MODES[channels], target)
         if images and arr.shape != images[0].shape:
             raise ShapeMismatchError(f"image {f}", images[0].shape, arr.shape)
         images.append(arr)

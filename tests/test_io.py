@@ -137,17 +137,23 @@ def test_flipped_byte_is_caught(tmp_path):
 @pytest.mark.parametrize("comp", ["gzip", "zstd"])
 def test_decompression_is_bounded(comp, tmp_path, monkeypatch):
     """A small file that inflates past the limit is refused, naming the file and the limit."""
-    bomb = kq_io.compress(kq_io.MAGIC + b"\0" * (4 << 20), comp)  # 4 MiB of zeros in a few KiB
+    zeros = b"\0" * (4 << 20)
+    bomb = kq_io.compress(_container(zeros), comp)  # a header that tells the truth, 4 MiB of zeros in a few KiB
     assert len(bomb) < 64 << 10
     path = tmp_path / ("bomb.json" + {"gzip": ".gz", "zstd": ".zst"}[comp])
     path.write_bytes(bomb)
-    with pytest.raises(IntegrityError, match=r"more than 1048576 bytes") as info:
+    with pytest.raises(IntegrityError, match=r"over the limit of 1048576") as info:
         kq_io.load_tree(path, max_bytes=1 << 20)
     assert str(path) in str(info.value) and "MAX_DECOMPRESSED_BYTES" in str(info.value)
+    liar = kq_io.compress(_container(b"{}\n") + zeros, comp)  # a header that declares 3 bytes
+    with pytest.raises(IntegrityError, match="longer than the"):
+        kq_io.load_bytes(liar, max_bytes=1 << 30)
     monkeypatch.setattr(kq_io, "MAX_DECOMPRESSED_BYTES", 1 << 20)  # the default bound is read at call time
-    with pytest.raises(IntegrityError, match="decompression bomb"):
+    with pytest.raises(IntegrityError, match="over the limit"):
         kq_io.load_tree(path)
-    assert kq_io.decompress(bomb, max_bytes=5 << 20) == kq_io.MAGIC + b"\0" * (4 << 20)
+    assert kq_io.decompress(bomb, max_bytes=5 << 20) == _container(zeros)
+    with pytest.raises(IntegrityError, match="decompression bomb"):
+        kq_io.decompress(bomb, max_bytes=1 << 20)
 
 
 def _leftovers(directory):

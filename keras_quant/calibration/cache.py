@@ -9,6 +9,15 @@ only; the file stays).
 `hits` counts `get` calls served from memory; `misses` counts those that were
 not (read from disk, or absent).
 
+Several processes may share one directory: files are replaced atomically (a
+reader sees the old result or the new one), `put`, `remove`,
+`evict_older_than` and `clear` hold an exclusive lock on the directory's
+`.lock` file while they change it (so an eviction never removes a result put
+after it looked at the file's age), a result in memory is served only while
+its file is still the one it was read from (a result another process removed
+or replaced is not served stale), and `get` of a result removed while it reads
+returns the default.
+
 Example:
 
 >>> cache = CalibrationCache("/tmp/kq-calib")                  # doctest: +SKIP
@@ -18,9 +27,15 @@ True
 """
 
 import collections
+import contextlib
 import os
 import re
 import time
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no cross-process lock (atomic replaces still keep files whole)
+    fcntl = None
 
 from keras_quant.calibration.result import CalibrationResult
 from keras_quant.errors import ConfigError
@@ -28,6 +43,7 @@ from keras_quant.errors import ConfigError
 __all__ = ["CalibrationCache", "SUFFIX"]
 
 SUFFIX = ".kqcal.msgpack.zst"
+_LOCK = ".lock"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -72,8 +88,33 @@ class CalibrationCache:
     def _path(self, name):
         return os.path.join(self.directory, _check_name(name) + SUFFIX)
 
-    def _remember(self, name, result):
-        self._memory[name] = result
+    @contextlib.contextmanager
+    def _locked(self):
+        """Hold the directory's lock (exclusive, across processes) for a change to its files."""
+        if fcntl is None:
+            yield
+            return
+        fd = os.open(os.path.join(self.directory, _LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    @staticmethod
+    def _signature(path):
+        """Which file `path` is now (inode, size, mtime), or None if there is none."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _remember(self, name, result, signature):
+        if signature is None:
+            self._memory.pop(name, None)
+            return
+        self._memory[name] = (result, signature)
         self._memory.move_to_end(name)
         while len(self._memory) > self.max_memory_items:
             self._memory.popitem(last=False)
@@ -91,26 +132,38 @@ class CalibrationCache:
         path = self._path(name)
         if not isinstance(result, CalibrationResult):
             raise ConfigError("result", type(result).__name__, "the cache stores CalibrationResult objects")
-        result.save(path, format="msgpack", compression="zstd")
-        self._remember(name, result)
+        with self._locked():
+            result.save(path, format="msgpack", compression="zstd")
+            signature = self._signature(path)
+        self._remember(name, result, signature)
 
     def get(self, name, default=None):
         """The result stored under `name`: from memory, else from disk, else `default`.
+
+        A result in memory is served only while its file is unchanged; a
+        result that another process removes (even while this one reads it)
+        gives `default`.
 
         Raises:
             ConfigError: For a bad name.
             IntegrityError: If the file on disk is corrupt.
         """
         path = self._path(name)
-        if name in self._memory:
+        signature = self._signature(path)
+        if name in self._memory and self._memory[name][1] == signature:
             self.hits += 1
             self._memory.move_to_end(name)
-            return self._memory[name]
+            return self._memory[name][0]
         self.misses += 1
-        if not os.path.exists(path):
+        self._memory.pop(name, None)
+        if signature is None:
             return default
-        result = CalibrationResult.load(path)
-        self._remember(name, result)
+        try:
+            result = CalibrationResult.load(path)
+        except FileNotFoundError:
+            return default
+        if self._signature(path) == signature:  # else replaced while read: served, not remembered
+            self._remember(name, result, signature)
         return result
 
     def __contains__(self, name):
@@ -118,7 +171,7 @@ class CalibrationCache:
             path = self._path(name)
         except ConfigError:
             return False
-        return name in self._memory or os.path.exists(path)
+        return os.path.exists(path)
 
     def remove(self, name):
         """Delete `name` from memory and disk.
@@ -127,12 +180,13 @@ class CalibrationCache:
             KeyError: If nothing is stored under `name`.
         """
         path = self._path(name)
-        found = self._memory.pop(name, None) is not None
-        try:
-            os.unlink(path)
-            found = True
-        except FileNotFoundError:
-            pass
+        self._memory.pop(name, None)
+        with self._locked():
+            try:
+                os.unlink(path)
+                found = True
+            except FileNotFoundError:
+                found = False
         if not found:
             raise KeyError(f"no cached result named {name!r}; cached: {self.names()}")
 
@@ -162,24 +216,26 @@ class CalibrationCache:
             raise ConfigError("days", days, "days must be a non-negative number")
         cutoff = time.time() - float(days) * 86400.0
         removed = []
-        for name in self.names():
-            path = self._path(name)
-            try:
-                if os.path.getmtime(path) < cutoff:
-                    os.unlink(path)
-                    self._memory.pop(name, None)
-                    removed.append(name)
-            except FileNotFoundError:
-                continue
+        with self._locked():  # no put can replace a file between its age check and its removal
+            for name in self.names():
+                path = self._path(name)
+                try:
+                    if os.path.getmtime(path) < cutoff:
+                        os.unlink(path)
+                        self._memory.pop(name, None)
+                        removed.append(name)
+                except FileNotFoundError:
+                    continue
         return removed
 
     def clear(self):
         """Remove every result from memory and disk (the counters are kept)."""
-        for name in self.names():
-            try:
-                os.unlink(self._path(name))
-            except FileNotFoundError:
-                pass
+        with self._locked():
+            for name in self.names():
+                try:
+                    os.unlink(self._path(name))
+                except FileNotFoundError:
+                    pass
         self._memory.clear()
 
     def __len__(self):

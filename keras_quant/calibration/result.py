@@ -28,9 +28,10 @@ from typing import Any, Optional
 import numpy as np
 
 import keras_quant.io as kq_io
+from keras_quant.calibration import decode
 import keras_quant.ops as kq_ops
 from keras_quant.config import QuantSpec
-from keras_quant.errors import ConfigError, IntegrityError, NoDataError
+from keras_quant.errors import ConfigError, IntegrityError, NoDataError, NonFiniteError
 from keras_quant.formatting import text_table, to_jsonable
 import keras_quant.ops.range_search as range_search
 from keras_quant.ops.core import check_spec
@@ -44,31 +45,6 @@ __all__ = [
 ]
 
 _NO_SAMPLE = "no calibration sample reached this layer (count is 0)"
-
-
-def _float(v):
-    """A stored float (number, "inf"/"nan" string or None) as a Python float or None."""
-    if v is None:
-        return None
-    return float(v)
-
-
-def _array_or_float(v):
-    if v is None:
-        return None
-    if isinstance(v, dict) and "__ndarray__" in v:
-        return kq_io.decode_array(v)
-    if isinstance(v, np.ndarray):
-        return v.copy()
-    return float(v)
-
-
-def _array(v):
-    if v is None:
-        return None
-    if isinstance(v, dict):
-        return kq_io.decode_array(v)
-    return np.array(v, copy=True)
 
 
 # --------------------------------------------------------------------------
@@ -349,7 +325,9 @@ class LayerStatistics:
             A new `LayerStatistics`.
 
         Raises:
-            ConfigError: For unknown fields or an invalid spec.
+            ConfigError: For unknown fields, or a value of the wrong type,
+                range or size (see `keras_quant.calibration.decode`).
+            NonFiniteError: For NaN / Inf where a finite value is required.
         """
         if not isinstance(d, collections.abc.Mapping):
             raise ConfigError("statistics", type(d).__name__, "LayerStatistics.from_dict needs a dict")
@@ -357,28 +335,7 @@ class LayerStatistics:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(unknown[0], d[unknown[0]], f"unknown LayerStatistics field; known fields are {sorted(names)}")
-        spec = d.get("spec")
-        kwargs = {
-            "name": str(d["name"]),
-            "count": int(d.get("count") or 0),
-            "num_samples": None if d.get("num_samples") is None else int(d["num_samples"]),
-            "shape": None if d.get("shape") is None else tuple(None if s is None else int(s) for s in d["shape"]),
-            "dtype": d.get("dtype"),
-            "channel_axis": int(d.get("channel_axis", -1)),
-            "non_finite_count": int(d.get("non_finite_count") or 0),
-            "spec": QuantSpec.from_config(spec) if spec is not None else QuantSpec(),
-            "observer": d.get("observer"),
-            "outliers": None if d.get("outliers") is None else {str(k): int(v) for k, v in d["outliers"].items()},
-        }
-        for key in ("min", "max", "mean", "std", "skewness", "kurtosis", "sparsity"):
-            kwargs[key] = _float(d.get(key))
-        for key in ("channel_min", "channel_max", "histogram", "bin_edges"):
-            kwargs[key] = _array(d.get(key))
-        for key in ("range_min", "range_max", "scale"):
-            kwargs[key] = _array_or_float(d.get(key))
-        zp = d.get("zero_point")
-        kwargs["zero_point"] = None if zp is None else (_array(zp) if isinstance(zp, dict) else int(zp))
-        return cls(**kwargs)
+        return cls(**decode.layer_fields(d))
 
 
 # --------------------------------------------------------------------------
@@ -511,12 +468,21 @@ class CalibrationResult(collections.abc.Mapping):
         """A new `CalibrationResult` from `to_dict()` data.
 
         Raises:
-            ConfigError: For malformed data.
+            ConfigError: For malformed data (see `LayerStatistics.from_dict`),
+                or two layers of one name.
+            NonFiniteError: For NaN / Inf where a finite value is required.
         """
         if not isinstance(d, collections.abc.Mapping) or not isinstance(d.get("layers"), list):
             raise ConfigError("result", type(d).__name__, "CalibrationResult.from_dict needs {'metadata': ..., 'layers': [...]}")
+        metadata = d.get("metadata")
+        if metadata is not None and not isinstance(metadata, collections.abc.Mapping):
+            raise ConfigError("metadata", type(metadata).__name__, "metadata must be a dict")
         layers = [LayerStatistics.from_dict(x) for x in d["layers"]]
-        return cls(layers, metadata=dict(d.get("metadata") or {}))
+        names = [s.name for s in layers]
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ConfigError("layers", twice, "the layers' names must differ", layer=twice[0])
+        return cls(layers, metadata=dict(metadata or {}))
 
     def save(self, path, format=None, compression=None):  # noqa: A002 (Keras-style argument name)
         """Write the result to `path` atomically.
@@ -546,12 +512,21 @@ class CalibrationResult(collections.abc.Mapping):
             A new `CalibrationResult`.
 
         Raises:
-            IntegrityError: For a truncated, tampered or garbled file, or an
-                unknown schema version or format. Nothing is half-loaded.
+            IntegrityError: For a truncated, tampered or garbled file, an
+                unknown schema version or format, or a value that is not a
+                valid calibration value (the message names the layer, the
+                field and the value; the `ConfigError` is its `__cause__`).
+                Nothing is half-loaded.
+            NonFiniteError: For NaN / Inf where a finite value is required
+                (`min`, `scale`, a histogram count, ...), the file named.
             FileNotFoundError: If `path` does not exist.
         """
         tree = kq_io.load_tree(path)
         try:
             return cls.from_dict(tree)
+        except NonFiniteError as e:
+            err = NonFiniteError(e.count, field=f"{e.field} (in {path})", layer=e.layer, nan_policy=None)
+            err.field = e.field
+            raise err from None
         except Exception as e:
-            raise IntegrityError(path, f"the payload is not a calibration result ({type(e).__name__}: {e})") from None
+            raise IntegrityError(path, f"the payload is not a calibration result ({type(e).__name__}: {e})") from e

@@ -201,25 +201,15 @@ def _check_model_output(args):
 
 def _save_quantized(model, data, config, result, args):
     """`kq.ptq.quantize` with the options and the calibration just made; the model written atomically."""
-    import tempfile
-
+    from keras_quant.io.atomic import atomic_target
     from keras_quant.ptq.pipeline import quantize
 
     options = {"adaround": {"time_budget": args.time_budget}} if args.time_budget is not None else None
     qmodel = quantize(model, data, config, algorithms=args.algorithms or (), calibration=result,
                       max_samples=args.max_samples or 512, batch_size=args.batch_size, options=options,
                       progress=not args.json)
-    directory = os.path.dirname(os.path.abspath(args.save_model))
-    handle, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(args.save_model) + ".",
-                                   suffix=".keras")
-    os.close(handle)
-    try:
+    with atomic_target(args.save_model, suffix=".keras") as tmp:  # a killed save leaves a temp the next write removes
         qmodel.save(tmp)
-        os.replace(tmp, args.save_model)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     if not args.json:
         if args.algorithms:
             print(qmodel.ptq_report)

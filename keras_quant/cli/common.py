@@ -136,6 +136,8 @@ def load_eval_data(path, model, samples, normalize="unit"):
         if "y" in arrays:
             labels = np.asarray(arrays["y"])
             n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+            if labels.ndim == 0:
+                raise ConfigError("data", path, f"the array 'y' is a scalar ({labels.dtype}), not one label per sample")
             if len(labels) != n:
                 raise ConfigError("data", path, f"the array 'y' holds {len(labels)} labels for {n} samples")
     if samples is not None:

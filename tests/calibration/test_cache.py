@@ -34,7 +34,7 @@ def test_put_get_and_lru_eviction_order(tmp_path):
     assert cache.get("nope", default="d") == "d" and cache.misses == 2
     assert cache.names() == ["a", "b", "c"] and len(cache) == 3
     assert "c" in cache and "nope" not in cache and "../x" not in cache
-    assert sorted(os.listdir(tmp_path)) == [n + SUFFIX for n in "abc"]
+    assert sorted(os.listdir(tmp_path)) == [".lock"] + [n + SUFFIX for n in "abc"]  # the lock of put/remove/evict
 
 
 def test_persists_across_instances_and_remove(tmp_path):

@@ -157,7 +157,9 @@ SUFFIX = {("json", None): ".json", ("msgpack", None): ".msgpack", ("json", "gzip
 
 def full_result(sample):
     a = make_stats(sample, name="conv", spec=kq.QuantSpec(bits=4, observer="mse", observer_options={"num_bins": 2048}))
-    b = make_stats(sample[:, :8], name="dense", num_bins=64, channel_min=np.array([-np.inf, 1.0], np.float32))
+    cmin, cmax = sample[:, :8].min(axis=0), sample[:, :8].max(axis=0)
+    cmin[0], cmax[0] = np.inf, -np.inf  # a channel that saw no finite value: non-finite values round-trip
+    b = make_stats(sample[:, :8], name="dense", num_bins=64, channel_min=cmin, channel_max=cmax)
     empty = LayerStatistics(name="branch", num_samples=0, non_finite_count=2)
     return CalibrationResult([a, b, empty], metadata={"samples_seen": 400, "sampling": "first", "model": "cnn",
                                                       "config": {"bits": 8, "x": float("nan")}})
@@ -176,7 +178,7 @@ def test_save_load_round_trip(fmt, comp, sample, tmp_path):
     assert loaded.metadata == result.metadata and loaded.metadata["config"]["x"] == "nan"
     np.testing.assert_array_equal(loaded["conv"].histogram, result["conv"].histogram)
     assert loaded["conv"].histogram.dtype == np.float64 and loaded["dense"].channel_min.dtype == np.float32
-    assert loaded["dense"].channel_min[0] == -np.inf
+    assert loaded["dense"].channel_min[0] == np.inf and loaded["dense"].channel_max[0] == -np.inf
     assert loaded["conv"].spec == result["conv"].spec
     assert loaded["branch"].count == 0 and loaded["branch"].non_finite_count == 2
     spec = kq.QuantSpec(bits=8, observer="kl")
@@ -194,7 +196,7 @@ def test_json_is_readable_and_msgpack_arrays_are_binary(sample, tmp_path):
     assert json.loads(header[len(b"KQCAL "):])["schema_version"] == 1
     doc = json.loads(payload)
     assert doc["layers"][0]["name"] == "conv" and doc["layers"][2]["min"] is None
-    assert doc["layers"][1]["channel_min"]["data"][0] == "-inf"
+    assert doc["layers"][1]["channel_min"]["data"][0] == "inf"
     assert CalibrationResult.from_dict(result.to_dict()) == result
     json.dumps(result.to_dict(), allow_nan=False)  # plain JSON-able
     result.save(tmp_path / "r.msgpack")

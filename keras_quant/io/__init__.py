@@ -16,10 +16,15 @@ follows: indented UTF-8 JSON (`format="json"`, readable) or msgpack
 their dtype and shape). `sha256` is the SHA-256 of the payload bytes. With
 `compression="gzip"` or `"zstd"` the whole container is compressed (so
 `zcat result.json.gz` shows the header line and the JSON). Loading detects the
-compression from the magic bytes, decompresses at most
-`MAX_DECOMPRESSED_BYTES` (a hostile file cannot exhaust memory), checks the
-magic line, the schema version, the format, the payload length and the
-checksum, then decodes into new objects: a truncated, tampered, oversized or
+compression from the magic bytes and inflates in chunks: the magic and the
+header are judged from the first chunk (anything else is refused before more
+is inflated), and inflating stops once the output passes the header's
+declared size or `default_limit` (`MAX_COMPRESSION_RATIO` times the file,
+at least `MIN_DECOMPRESSED_LIMIT`, at most `MAX_DECOMPRESSED_BYTES`): a small
+file that expands to gigabytes is refused after a few megabytes. Then the
+payload length and checksum are checked and the payload is decoded into new
+objects, strictly (array shapes and elements are checked, never cast; trees
+deeper than `MAX_NESTING` are refused): a truncated, tampered, oversized or
 unknown file raises `keras_quant.errors.IntegrityError` and nothing is
 half-loaded. No pickle is used anywhere; arrays may only have bool, integer or
 float dtypes.
@@ -28,9 +33,11 @@ In JSON, non-finite floats are written as the strings `"inf"`, `"-inf"`,
 `"nan"` (as `keras_quant.formatting.to_jsonable` does) and missing values as
 `null`; arrays are `{"__ndarray__": dtype, "shape": [...], "data": [...]}`.
 
-Writes are atomic: the bytes go to a temporary file in the target directory,
-which is flushed, fsync'ed and `os.replace`d onto the path; on any failure the
-temporary file is removed and an existing file is left untouched.
+Writes are atomic (`keras_quant.io.atomic`): the bytes go to a temporary file
+in the target directory, which is flushed, fsync'ed and `os.replace`d onto the
+path; on any failure the temporary file is removed and an existing file is left
+untouched, and temporary files of writers that were killed are removed by the
+next write into that directory.
 
 Example:
 
@@ -47,12 +54,12 @@ import io
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
 
-from keras_quant.errors import ConfigError, IntegrityError
+from keras_quant.errors import ConfigError, IntegrityError, is_number
 from keras_quant.formatting import to_jsonable
+from keras_quant.io.atomic import STALE_TEMP_SECONDS, remove_stale_temps, write_atomic
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -71,6 +78,12 @@ __all__ = [
     "dump_bytes",
     "load_bytes",
     "write_atomic",
+    "remove_stale_temps",
+    "STALE_TEMP_SECONDS",
+    "default_limit",
+    "MAX_COMPRESSION_RATIO",
+    "MIN_DECOMPRESSED_LIMIT",
+    "MAX_NESTING",
     "save_tree",
     "load_tree",
 ]
@@ -79,11 +92,16 @@ SCHEMA_VERSION = 1
 FORMATS = ("json", "msgpack")
 COMPRESSIONS = (None, "gzip", "zstd")
 MAGIC = b"KQCAL "
-MAX_DECOMPRESSED_BYTES = 1 << 32  # 4 GiB: a larger decompressed file is refused (decompression bombs)
+MAX_DECOMPRESSED_BYTES = 1 << 32  # 4 GiB: no container is inflated past this, whatever its size
+MAX_COMPRESSION_RATIO = 1024  # nor past this many times its compressed size ...
+MIN_DECOMPRESSED_LIMIT = 64 << 20  # ... unless that is under 64 MiB (see default_limit)
+MAX_NESTING = 64  # a value tree deeper than this is refused (a calibration file is about 5 deep)
 _ARRAY_KINDS = "biuf"  # bool, signed, unsigned, float: nothing that can carry objects
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _CHUNK = 1 << 20
+_FIRST_CHUNK = 1 << 16  # the magic and header are judged from this much, before the rest is inflated
+_ZSTD_MAX_WINDOW = 1 << 27  # zstd's own default cap on the window a frame may ask for
 _HEADER_LIMIT = 4096
 
 
@@ -142,8 +160,31 @@ def _encode_array(value, binary):
     return {"__ndarray__": dtype.str, "shape": list(value.shape), "data": data}
 
 
+def _check_shape(shape):
+    if not isinstance(shape, list) or len(shape) > MAX_NESTING:
+        raise ValueError(f"array shape {shape!r} is not a list of at most {MAX_NESTING} sizes")
+    for s in shape:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 1 << 40:
+            raise ValueError(f"array shape {shape!r} holds {s!r}, not a size")
+    return tuple(shape)
+
+
+def _list_element(x, kind):
+    """One element of a JSON array's data, checked against the dtype kind (no silent casts)."""
+    if kind == "b":
+        ok = isinstance(x, bool)
+    elif kind == "f":
+        ok = (is_number(x) and not isinstance(x, (bool, np.bool_))) or x in ("inf", "-inf", "nan")
+        x = float(x) if ok else x
+    else:
+        ok = isinstance(x, int) and not isinstance(x, bool)
+    if not ok:
+        raise ValueError(f"array element {x!r} does not fit the array's dtype")
+    return x
+
+
 def decode_array(tagged):
-    """A new native-byte-order numpy array from its `encode_tree` tag.
+    """A new native-byte-order numpy array from its `encode_tree` tag, checked (nothing is cast).
 
     Args:
         tagged: `{"__ndarray__": dtype, "shape": [...], "data": bytes or list}`.
@@ -152,26 +193,36 @@ def decode_array(tagged):
         The array (a new object).
 
     Raises:
-        ValueError: For a dtype other than bool / integer / float, or data
-            that does not match the shape.
+        ValueError: For a dtype other than bool / integer / float, a shape
+            that is not a list of sizes, data that does not match the shape,
+            or list elements that do not fit the dtype (`1.5` in an integer
+            array, `300` in an int8 one).
     """
+    if not isinstance(tagged, dict) or set(tagged) != {"__ndarray__", "shape", "data"}:
+        raise ValueError("an array tag needs exactly the keys __ndarray__, shape and data")
+    if not isinstance(tagged["__ndarray__"], str) or len(tagged["__ndarray__"]) > 8:
+        raise ValueError(f"array dtype {tagged['__ndarray__']!r} is not allowed")
     dtype = np.dtype(tagged["__ndarray__"])
-    if dtype.kind not in _ARRAY_KINDS or dtype.hasobject:
+    if dtype.kind not in _ARRAY_KINDS or dtype.hasobject or dtype.fields is not None or dtype.shape:
         raise ValueError(f"array dtype {dtype} is not allowed")
-    shape = tuple(int(s) for s in tagged["shape"])
-    data = tagged["data"]
+    shape = _check_shape(tagged["shape"])
+    data, count = tagged["data"], math.prod(shape)
     if isinstance(data, (bytes, bytearray)):
-        if len(data) != dtype.itemsize * math.prod(shape):
+        if len(data) != dtype.itemsize * count:
             raise ValueError("array data does not match its shape")
         arr = np.frombuffer(bytes(data), dtype=dtype).reshape(shape)
+    elif isinstance(data, list) and len(data) == count:
+        values = [_list_element(x, dtype.kind) for x in data]
+        if dtype.kind in "iu" and values and not np.iinfo(dtype).min <= min(values) <= max(values) <= np.iinfo(dtype).max:
+            raise ValueError(f"array data does not fit {dtype}")
+        with np.errstate(over="raise"):
+            arr = np.array(values, dtype=dtype).reshape(shape)
     else:
-        if dtype.kind == "f":
-            data = [float(x) for x in data]
-        arr = np.asarray(data, dtype=dtype).reshape(shape)
+        raise ValueError("array data does not match its shape")
     return arr.astype(dtype.newbyteorder("="), copy=True)
 
 
-def decode_tree(tree):
+def decode_tree(tree, _depth=0):
     """Inverse of `encode_tree`: tagged dicts back to numpy arrays (new objects).
 
     Args:
@@ -179,13 +230,18 @@ def decode_tree(tree):
 
     Returns:
         The tree with every array tag decoded by `decode_array`.
+
+    Raises:
+        ValueError: For a tree nested deeper than `MAX_NESTING`, or a bad array tag.
     """
+    if _depth > MAX_NESTING:
+        raise ValueError(f"the value tree is nested deeper than {MAX_NESTING} levels")
     if isinstance(tree, dict):
         if "__ndarray__" in tree:
             return decode_array(tree)
-        return {k: decode_tree(x) for k, x in tree.items()}
+        return {k: decode_tree(x, _depth + 1) for k, x in tree.items()}
     if isinstance(tree, list):
-        return [decode_tree(x) for x in tree]
+        return [decode_tree(x, _depth + 1) for x in tree]
     return tree
 
 
@@ -221,10 +277,14 @@ def decode_payload(data, fmt):
         The decoded tree.
     """
     if fmt == "json":
-        return decode_tree(json.loads(data.decode("utf-8")))
+        return decode_tree(json.loads(str(data, "utf-8")))
     import msgpack
 
-    return decode_tree(msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True))
+    return decode_tree(msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, ext_hook=_no_ext))
+
+
+def _no_ext(code, data):
+    raise ValueError(f"msgpack extension type {code} is not part of the format")
 
 
 def compress(data, compression):
@@ -238,52 +298,100 @@ def compress(data, compression):
     return zstandard.ZstdCompressor(level=3).compress(data)
 
 
-def _read_bounded(stream, path, max_bytes):
-    """All of `stream`, read in chunks; `IntegrityError` as soon as it passes `max_bytes`."""
-    chunks, total = [], 0
+def default_limit(compressed_bytes):
+    """The most decompressed bytes accepted from `compressed_bytes` of compressed input by default.
+
+    `MAX_COMPRESSION_RATIO` times the compressed size, at least
+    `MIN_DECOMPRESSED_LIMIT` and at most `MAX_DECOMPRESSED_BYTES` (all read at
+    call time): a calibration file compresses a few times, so a small file
+    that claims gigabytes is a decompression bomb, refused after at most that
+    many bytes were inflated.
+
+    Example:
+
+    >>> default_limit(1000) == MIN_DECOMPRESSED_LIMIT
+    True
+    """
+    return int(min(MAX_DECOMPRESSED_BYTES, max(MIN_DECOMPRESSED_LIMIT, MAX_COMPRESSION_RATIO * int(compressed_bytes))))
+
+
+def _too_big(path, limit):
+    return IntegrityError(path, f"decompresses to more than {limit} bytes, the limit (keras_quant.io.MAX_DECOMPRESSED_BYTES, "
+                          "MAX_COMPRESSION_RATIO); refusing a possible decompression bomb")
+
+
+def _open_stream(raw):
+    """A reader of `raw`'s decompressed bytes, or None if `raw` is not gzip / zstd."""
+    if raw[:2] == _GZIP_MAGIC:
+        return gzip.GzipFile(fileobj=io.BytesIO(raw))
+    if raw[:4] == _ZSTD_MAGIC:
+        import zstandard
+
+        return zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW).stream_reader(io.BytesIO(raw))
+    return None
+
+
+def _inflate(stream, path, limit, check=None):
+    """Read `stream` in chunks into a bytearray; stop with `IntegrityError` past `limit` bytes.
+
+    `check(buf)` sees the bytes read so far after each chunk and returns a
+    (possibly smaller) limit, or raises: the container's magic and header are
+    judged from the first chunk, before anything else is inflated.
+    """
+    buf = bytearray()
     while True:
-        chunk = stream.read(_CHUNK)
+        chunk = stream.read(_FIRST_CHUNK if not buf else _CHUNK)
         if not chunk:
-            return b"".join(chunks)
-        total += len(chunk)
-        if total > max_bytes:
-            raise IntegrityError(path, f"decompresses to more than {max_bytes} bytes, the limit "
-                                 "(keras_quant.io.MAX_DECOMPRESSED_BYTES); refusing a possible decompression bomb")
-        chunks.append(chunk)
+            return buf
+        buf += chunk
+        if check is not None:
+            limit = check(buf, limit)
+        if len(buf) > limit:
+            raise _too_big(path, limit)
 
 
-def decompress(raw, path="<bytes>", max_bytes=None):
+def decompress(raw, path="<bytes>", max_bytes=None, check=None):
     """`raw` decompressed if it starts with gzip's or zstd's magic bytes, else `raw` itself.
+
+    The stream is inflated in chunks and stops as soon as it passes the
+    limit: the excess is never held in memory.
 
     Args:
         raw: The file's bytes.
         path: Named in errors.
         max_bytes: The most decompressed bytes accepted (default
-            `MAX_DECOMPRESSED_BYTES`, read at call time).
+            `default_limit(len(raw))`).
+        check: Optional `check(bytes_so_far, limit) -> limit`, called after
+            each chunk; it may lower the limit or raise (`load_bytes` checks
+            the magic and header this way, on the first chunk).
 
     Returns:
-        The decompressed bytes.
+        The decompressed bytes (a bytearray when decompressed).
 
     Raises:
         IntegrityError: For a corrupt or truncated compressed stream, or one
-            that decompresses to more than `max_bytes` (read in chunks: the
-            excess is never held in memory).
-    """
-    max_bytes = MAX_DECOMPRESSED_BYTES if max_bytes is None else max_bytes
-    try:
-        if raw[:2] == _GZIP_MAGIC:
-            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
-                return _read_bounded(f, path, max_bytes)
-        if raw[:4] == _ZSTD_MAGIC:
-            import zstandard
+            that decompresses to more than the limit.
 
-            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as f:
-                return _read_bounded(f, path, max_bytes)
+    Example:
+
+    >>> bytes(decompress(compress(b"abc", "gzip")))
+    b'abc'
+    """
+    limit = default_limit(len(raw)) if max_bytes is None else int(max_bytes)
+    try:
+        stream = _open_stream(raw)
+        if stream is None:
+            if len(raw) > limit:
+                raise _too_big(path, limit)
+            if check is not None:
+                check(raw, limit)
+            return raw
+        with stream:
+            return _inflate(stream, path, limit, check)
     except IntegrityError:
         raise
     except Exception as e:  # truncated / garbled compressed stream
         raise IntegrityError(path, f"the compressed data is corrupt ({type(e).__name__}: {e})") from None
-    return raw
 
 
 # --------------------------------------------------------------------------
@@ -350,24 +458,60 @@ def dump_bytes(tree, fmt, compression=None):
     return compress(MAGIC + json.dumps(header, sort_keys=True).encode("ascii") + b"\n" + payload, compression)
 
 
-def _read_header(data, path):
-    """`(fmt, payload)` of decompressed container bytes, the header checked."""
+def _parse_header(data, path, complete=True):
+    """`(fmt, payload_size, sha256, payload_start)` of the container's first line, checked.
+
+    With `complete=False` (`data` is the first part of a stream), None while
+    the line is not complete yet.
+    """
+    if len(data) < len(MAGIC) and not complete and MAGIC.startswith(bytes(data)):
+        return None
     if not data.startswith(MAGIC):
         raise IntegrityError(path, "not a keras_quant calibration file (bad magic)")
     end = data.find(b"\n", 0, _HEADER_LIMIT)
     if end < 0:
+        if not complete and len(data) < _HEADER_LIMIT:
+            return None
         raise IntegrityError(path, "the header line is missing or truncated")
     try:
-        header = json.loads(data[len(MAGIC):end].decode("ascii"))
-        version, fmt = header["schema_version"], header["format"]
-        size, digest = int(header["payload_bytes"]), str(header["sha256"])
+        header = json.loads(bytes(data[len(MAGIC):end]).decode("ascii"))
+        version, fmt, size, digest = (header[k] for k in ("schema_version", "format", "payload_bytes", "sha256"))
     except Exception:
         raise IntegrityError(path, "the header is garbled") from None
-    if version != SCHEMA_VERSION:
+    if version != SCHEMA_VERSION or isinstance(version, bool):
         raise IntegrityError(path, f"unknown schema_version {version!r} (this version reads {SCHEMA_VERSION})")
     if fmt not in FORMATS:
         raise IntegrityError(path, f"unknown format {fmt!r}")
-    payload = data[end + 1:]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0 or not isinstance(digest, str):
+        raise IntegrityError(path, f"the header is garbled (payload_bytes={size!r})")
+    return fmt, size, digest, end + 1
+
+
+def _container_check(path):
+    """A `decompress` check: the magic and header judged as soon as they are in, the size bounded by the header."""
+    declared = []
+
+    def check(data, limit):
+        if not declared:
+            parsed = _parse_header(data, path, complete=False)
+            if parsed is None:
+                return limit
+            _, size, _, start = parsed
+            if start + size > limit:
+                raise IntegrityError(path, f"the header declares {size} payload bytes, over the limit of {limit} "
+                                     "decompressed bytes (keras_quant.io.MAX_DECOMPRESSED_BYTES, MAX_COMPRESSION_RATIO)")
+            declared.append(start + size)
+        if len(data) > declared[0]:
+            raise IntegrityError(path, f"the payload is longer than the {declared[0]} bytes the header declares")
+        return limit
+
+    return check
+
+
+def _read_header(data, path):
+    """`(fmt, payload)` of decompressed container bytes, the header, length and checksum checked."""
+    fmt, size, digest, start = _parse_header(data, path)
+    payload = memoryview(data)[start:]
     if len(payload) != size:
         raise IntegrityError(path, f"the payload has {len(payload)} bytes, the header says {size} (truncated?)")
     if hashlib.sha256(payload).hexdigest() != digest:
@@ -391,7 +535,7 @@ def load_bytes(raw, path="<bytes>", max_bytes=None):
             length or checksum, a corrupt or oversized compressed stream, or
             a payload that does not decode.
     """
-    fmt, payload = _read_header(decompress(raw, path, max_bytes), path)
+    fmt, payload = _read_header(decompress(raw, path, max_bytes, check=_container_check(path)), path)
     try:
         return decode_payload(payload, fmt)
     except Exception as e:
@@ -400,59 +544,6 @@ def load_bytes(raw, path="<bytes>", max_bytes=None):
 
 # --------------------------------------------------------------------------
 # Files.
-
-
-def write_atomic(path, data, make_parents=False):
-    """Write `data` to `path` atomically (temp file in the same directory, fsync, `os.replace`).
-
-    On any failure the temporary file is removed and `path` is left as it was. The file gets the
-    permissions an ordinary `open(path, "wb")` would (0666 less the umask), not the temporary
-    file's private 0600.
-
-    Args:
-        path: The target file.
-        data: Bytes, or a str (written as UTF-8).
-        make_parents: Create the parent folder(s) first.
-
-    Example:
-
-    >>> write_atomic("/tmp/kq-example.txt", "hello\\n")   # doctest: +SKIP
-    """
-    path = os.fspath(path)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    directory = os.path.dirname(os.path.abspath(path))
-    if make_parents:
-        os.makedirs(directory, exist_ok=True)
-    tmp = tempfile.NamedTemporaryFile(delete=False, dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp.name, 0o666 & ~umask)
-        os.replace(tmp.name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp.name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory):
-    """Make a rename in `directory` durable (best effort; not every platform can open a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def save_tree(path, tree, format=None, compression=None):  # noqa: A002 (Keras-style argument name)
@@ -490,5 +581,10 @@ def load_tree(path, max_bytes=None):
         FileNotFoundError: If `path` does not exist.
     """
     with open(path, "rb") as f:
-        raw = f.read()
+        size = os.fstat(f.fileno()).st_size
+        limit = MAX_DECOMPRESSED_BYTES if max_bytes is None else int(max_bytes)
+        if size > limit:
+            raise IntegrityError(path, f"the file has {size} bytes, more than the limit of {limit} "
+                                 "(keras_quant.io.MAX_DECOMPRESSED_BYTES)")
+        raw = f.read(limit + 1)
     return load_bytes(raw, path, max_bytes)
