@@ -78,7 +78,17 @@ def _gather(x):
     ctx = _replica_context()
     if ctx is None or x is None:
         return x
-    return keras.tree.map_structure(lambda t: ctx.all_gather(t, axis=0), x)
+    import tensorflow as tf
+
+    def gather(t):
+        # Under MultiWorkerMirroredStrategy the step's inputs carry no device and a collective needs
+        # one (`ValueError: destinations can not be empty`): a copy made here is placed on the
+        # replica's device (the replica function runs in that device scope).
+        if isinstance(t, tf.Tensor) and not t.device:
+            t = tf.identity(t)
+        return ctx.all_gather(t, axis=0)
+
+    return keras.tree.map_structure(gather, x)
 
 
 # Steps of a calibrating predict run unoptimised before the graph is optimised (see `_trace_once`).
