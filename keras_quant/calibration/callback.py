@@ -21,10 +21,15 @@ When the call ends, every hook is removed and the model's step functions are
 put back as they were, so weights, outputs and later calls are unchanged.
 Statistics accumulate across calls until `reset()`; `result` reads them.
 
-Under `tf.distribute.MirroredStrategy` each replica gathers the batch from
-all replicas (`ReplicaContext.all_gather`) and applies the same update, and
-the state variables keep the first replica's write, so the statistics equal
-those one device computes on the same samples.
+Under `tf.distribute.MirroredStrategy` and `MultiWorkerMirroredStrategy`
+every replica folds in the whole global batch: in `predict` / `evaluate`
+it gathers the step's inputs from all replicas (`ReplicaContext.all_gather`,
+one collective per step) and runs the model on them once more, observed,
+before its own share (in `fit`, each observed tensor is gathered); the state
+variables keep the first replica's write. So every replica and worker holds
+the statistics one process computes on the same batches: with the default
+auto-shard policy (`DATA` for in-memory data) the union of the workers'
+shares of a global batch is that batch.
 
 The callback needs the TensorFlow backend (it hooks TensorFlow's trainer).
 The observers and collectors themselves are backend-agnostic.
@@ -356,7 +361,7 @@ class CalibrationCallback(keras.callbacks.Callback):
                 else:
                     tensor = _first_tensor(args[0] if observe_input else outputs)
                 if _batched(tensor):
-                    self._observe(key, spec, _gather(tensor), local.mask)
+                    self._observe(key, spec, tensor if getattr(local, "whole", False) else _gather(tensor), local.mask)
             return outputs
 
         return call
@@ -383,6 +388,15 @@ class CalibrationCallback(keras.callbacks.Callback):
                 mask = None
             self._observe_inputs(x_all, mask)
             local = self._local
+            if mode != "train" and _replica_context() is not None:
+                # Several replicas: every one observes the model on the whole (gathered) batch, then
+                # runs its own share unobserved: one collective per step, not one per layer.
+                local.active, local.mask, local.whole = True, mask, True
+                try:
+                    self.model(x_all, training=False)
+                finally:
+                    local.active, local.mask, local.whole = False, None, False
+                return original(data)
             local.active, local.mask = True, mask
             try:
                 return original(data)
@@ -485,7 +499,7 @@ class CalibrationCallback(keras.callbacks.Callback):
             setattr(model, fn_name, fn)
         self._saved = {}
         self._attached = None
-        self._local.active, self._local.mask = False, None
+        self._local.active, self._local.mask, self._local.whole = False, None, False
 
     # Keras callback hooks -----------------------------------------------------
     def on_train_begin(self, logs=None):
