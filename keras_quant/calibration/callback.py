@@ -21,15 +21,10 @@ When the call ends, every hook is removed and the model's step functions are
 put back as they were, so weights, outputs and later calls are unchanged.
 Statistics accumulate across calls until `reset()`; `result` reads them.
 
-Under `tf.distribute.MirroredStrategy` and `MultiWorkerMirroredStrategy`
-every replica folds in the whole global batch: in `predict` / `evaluate`
-it gathers the step's inputs from all replicas (`ReplicaContext.all_gather`,
-one collective per step) and runs the model on them once more, observed,
-before its own share (in `fit`, each observed tensor is gathered); the state
-variables keep the first replica's write. So every replica and worker holds
-the statistics one process computes on the same batches: with the default
-auto-shard policy (`DATA` for in-memory data) the union of the workers'
-shares of a global batch is that batch.
+Under `MirroredStrategy` / `MultiWorkerMirroredStrategy` every replica folds
+in the whole global batch (in `predict` / `evaluate` it gathers the step's
+inputs and runs the model on them, observed; in `fit` it gathers each tensor),
+so every worker holds what one process computes on the same batches.
 
 The callback needs the TensorFlow backend (it hooks TensorFlow's trainer).
 The observers and collectors themselves are backend-agnostic.
@@ -86,9 +81,7 @@ def _gather(x):
     import tensorflow as tf
 
     def gather(t):
-        # Under MultiWorkerMirroredStrategy the step's inputs carry no device and a collective needs
-        # one (`ValueError: destinations can not be empty`): a copy made here is placed on the
-        # replica's device (the replica function runs in that device scope).
+        # Multi-worker: the inputs carry no device, a collective needs one (a copy here gets the replica's).
         if isinstance(t, tf.Tensor) and not t.device:
             t = tf.identity(t)
         return ctx.all_gather(t, axis=0)
@@ -389,8 +382,8 @@ class CalibrationCallback(keras.callbacks.Callback):
             self._observe_inputs(x_all, mask)
             local = self._local
             if mode != "train" and _replica_context() is not None:
-                # Several replicas: every one observes the model on the whole (gathered) batch, then
-                # runs its own share unobserved: one collective per step, not one per layer.
+                # Several replicas: each observes the model on the whole batch, then runs its share
+                # unobserved (one collective per step: per-layer ones mismatched across workers).
                 local.active, local.mask, local.whole = True, mask, True
                 try:
                     self.model(x_all, training=False)
