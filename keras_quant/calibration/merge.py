@@ -3,8 +3,7 @@
 `merge_statistics(stats)` combines the `LayerStatistics` of one layer from
 disjoint shards of the calibration data (separate processes, machines, Spark /
 Ray / Beam tasks); `merge_metadata(metadatas)` their results' metadata.
-`kq.CalibrationResult.merge` and `kq.LayerStatistics.merge` are the public
-entry points. What merges how:
+`kq.CalibrationResult.merge` is the public entry point. What merges how:
 
 - counts (`count`, `num_samples`, `non_finite_count`, the exact zeros behind
   `sparsity`) add; `min` / `max` and the per-channel `channel_min` /

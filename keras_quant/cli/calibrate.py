@@ -84,16 +84,7 @@ def add_parser(subparsers):
         "and other integer arrays are used as they are (cast to float32). (N, H, W) data for a (None, H, W, 1) "
         "input gets its channel axis added. Exit status: 0 on success, 1 for a bad input, 2 for bad usage.",
     )
-    cal.add_argument("model", metavar="MODEL", nargs="?", default=None,
-                     help="the model, a .keras file (loaded with safe_mode=True); not with --merge")
-    cal.add_argument("--data", metavar="DATA", default=None,
-                     help="calibration data: .npy, .npz or a folder of images (required with MODEL)")
-    cal.add_argument(
-        "--merge", nargs="+", default=None, metavar="RESULT",
-        help="instead of calibrating MODEL, combine calibration files of disjoint shards of the data (written by "
-        "this command or kq.CalibrationResult.save, in any process) into OUT: the result one pass over all "
-        "their data gives (kq.CalibrationResult.merge)",
-    )
+    _add_inputs(cal)
     cal.add_argument(
         "-o", "--output", required=True, metavar="OUT",
         help="where to write the result: .json or .msgpack/.mpk, optionally + .gz or .zst (written atomically)",
@@ -153,6 +144,20 @@ def add_parser(subparsers):
     )
     cal.set_defaults(func=command, calibrate_parser=cal)
     return cal
+
+
+def _add_inputs(cal):
+    """MODEL and --data, or --merge RESULT ... (checked by `_check_usage`)."""
+    cal.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                     help="the model, a .keras file (loaded with safe_mode=True); not with --merge")
+    cal.add_argument("--data", metavar="DATA", default=None,
+                     help="calibration data: .npy, .npz or a folder of images (required with MODEL)")
+    cal.add_argument(
+        "--merge", nargs="+", default=None, metavar="RESULT",
+        help="instead of calibrating MODEL, combine calibration files of disjoint shards of the data (written by "
+        "this command or kq.CalibrationResult.save, in any process) into OUT: the result one pass over all "
+        "their data gives (kq.CalibrationResult.merge)",
+    )
 
 
 # Options that only apply when a model is calibrated (their defaults, to tell them apart from a given value).
