@@ -52,7 +52,7 @@ def build_model():
     """A small CNN with fixed weights (every process builds the same one)."""
     import keras
 
-    inputs = keras.Input((5, 5, 2))
+    inputs = keras.Input((5, 5, 2), name="image")
     h = keras.layers.Conv2D(3, 3, activation="relu", name="conv")(inputs)
     h = keras.layers.Flatten()(h)
     model = keras.Model(inputs, keras.layers.Dense(4, name="dense")(h))
