@@ -37,15 +37,19 @@ WORKER = textwrap.dedent('''
                                           "task": {"type": "worker", "index": index}})
     import tensorflow as tf
     import keras_quant as kq
-    from test_multiworker import build_model, dataset
+    from test_multiworker import OPTIONS, build_model, dataset
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
         model = build_model()
-    cb = kq.CalibrationCallback(num_bins=128)
-    model.predict(dataset(), callbacks=[cb], verbose=0)
-    cb.result.save(out)
+    for suffix, options in OPTIONS.items():
+        cb = kq.CalibrationCallback(num_bins=128, **options)
+        model.predict(dataset(), callbacks=[cb], verbose=0)
+        cb.result.save(out + suffix + ".json")
 ''')
+
+# Every sample, and a seeded random subset capped at 40 (the sampler and the budget see the gathered batch).
+OPTIONS = {"all": {}, "sampled": {"max_samples": 40, "sampling": "random", "seed": 3}}
 
 
 def build_model():
@@ -86,7 +90,7 @@ def worker_results(tmp_path_factory):
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join([repo, str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     env.pop("TF_CONFIG", None)
-    procs = [subprocess.Popen([sys.executable, str(root / "worker.py"), str(i), ports, str(root / f"w{i}.json")],
+    procs = [subprocess.Popen([sys.executable, str(root / "worker.py"), str(i), ports, str(root / f"w{i}")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     try:
@@ -97,17 +101,19 @@ def worker_results(tmp_path_factory):
                 p.kill()
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
-    return [kq.CalibrationResult.load(root / f"w{i}.json") for i in range(2)]
+    return {suffix: [kq.CalibrationResult.load(root / f"w{i}{suffix}.json") for i in range(2)] for suffix in OPTIONS}
 
 
-def test_every_worker_gets_the_one_process_result(worker_results):
-    first, second = worker_results
+@pytest.mark.parametrize("suffix, samples", [("all", SAMPLES), ("sampled", 40)])
+def test_every_worker_gets_the_one_process_result(worker_results, suffix, samples):
+    first, second = worker_results[suffix]
     assert json.dumps(first.to_dict()["layers"]) == json.dumps(second.to_dict()["layers"])
-    assert first.metadata["samples_seen"] == second.metadata["samples_seen"] == SAMPLES
+    assert first.metadata["samples_seen"] == second.metadata["samples_seen"] == samples
 
-    cb = kq.CalibrationCallback(num_bins=128)
+    cb = kq.CalibrationCallback(num_bins=128, **OPTIONS[suffix])
     build_model().predict(dataset(), callbacks=[cb], verbose=0)
     single = cb.result
+    assert cb.samples_seen == samples
     assert first.layer_names == single.layer_names
     for name in single:
         a, b = first[name], single[name]
