@@ -301,3 +301,96 @@ def test_calibrate_usage_errors_exit_2(argv, fragment, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
+
+
+# keras-quant calibrate --merge ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["calibrate", "--merge", "a.json", "b.json"], "the following arguments are required: -o/--output"),
+    (["calibrate", "--merge", "-o", "o.json"], "expected at least one argument"),
+    (["calibrate", "m.keras", "--merge", "a.json", "-o", "o.json"], "argument --merge: combines saved results; it "
+     "takes no MODEL"),
+    (["calibrate", "--merge", "a.json", "--data", "d.npy", "-o", "o.json"], "it takes no --data"),
+    (["calibrate", "--merge", "a.json", "--save-model", "q.keras", "-o", "o.json"], "it takes no --save-model"),
+    (["calibrate", "-o", "o.json"], "the following arguments are required: MODEL (or --merge RESULT ...)"),
+])
+def test_calibrate_merge_usage_errors_exit_2(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def shard_files(workdir, tmp_path_factory):
+    """The calibration data in two shards, each calibrated by the CLI into its own file."""
+    root = tmp_path_factory.mktemp("shards")
+    x = np.load(workdir / "calib.npy")
+    paths = []
+    for i, part in enumerate((x[:7], x[7:])):
+        np.save(root / f"part{i}.npy", part)
+        paths.append(str(root / f"part{i}.json"))
+        assert cli.main(["calibrate", str(workdir / "model.keras"), "--data", str(root / f"part{i}.npy"),
+                         "-o", paths[-1], "--method", "mse", "--json"]) == 0
+    return paths
+
+
+@pytest.mark.tensorflow
+def test_calibrate_merge_writes_the_one_pass_result(workdir, shard_files, tmp_path, capsys):
+    import keras_quant as kq
+
+    capsys.readouterr()
+    out = tmp_path / "all.json"
+    assert cli.main(["calibrate", "--merge", *shard_files, "-o", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.rstrip().splitlines()[-1] == f"wrote {out} (3 layers, 20 samples)"
+    merged = kq.CalibrationResult.load(out)
+    expected = kq.CalibrationResult.merge(kq.CalibrationResult.load(p) for p in shard_files)
+    assert dict(merged.items()) == dict(expected.items())
+    assert merged.metadata["merged"]["shards"] == 2
+    assert [s["source"]["data"] for s in merged.metadata["merged"]["sources"]] == [
+        p.replace(".json", ".npy") for p in shard_files]
+    whole = _calibrate_in_process(workdir / "model.keras", np.load(workdir / "calib.npy")[..., None], method="mse")
+    for name in whole:
+        a, b = merged[name], whole[name]
+        assert (a.count, a.num_samples, a.min, a.max) == (b.count, b.num_samples, b.min, b.max), name
+        assert a.mean == pytest.approx(b.mean, rel=1e-5, abs=1e-6) and a.std == pytest.approx(b.std, rel=1e-5)
+
+    assert cli.main(["calibrate", "--merge", str(out), shard_files[0], "-o", str(tmp_path / "more.json"),
+                     "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["shards"] == 3 and report["samples"] == 27 and report["num_layers"] == 3
+
+
+@pytest.mark.tensorflow
+@pytest.mark.parametrize("case, fragment", [
+    ("missing", "No such file"),
+    ("garbled", "bad.json: not a keras_quant calibration file"),
+    ("incompatible", "cannot merge the calibrations"),
+    ("output_suffix", "must end in .json, .msgpack or .mpk"),
+])
+def test_calibrate_merge_bad_files_give_one_line_and_exit_1(case, fragment, shard_files, tmp_path, capsys):
+    import keras_quant as kq
+
+    files, out = list(shard_files), str(tmp_path / "all.json")
+    if case == "missing":
+        files.append(str(tmp_path / "absent.json"))
+    elif case == "garbled":
+        (tmp_path / "bad.json").write_text("{not json")
+        files.append(str(tmp_path / "bad.json"))
+    elif case == "incompatible":
+        first = kq.CalibrationResult.load(files[0])
+        layers = {n: kq.LayerStatistics.from_dict({**s.to_dict(), "spec": kq.QuantSpec(bits=4, observer="mse").get_config()})
+                  for n, s in first.items()}
+        kq.CalibrationResult(layers, metadata=first.metadata).save(tmp_path / "four_bit.json")
+        files.append(str(tmp_path / "four_bit.json"))
+    elif case == "output_suffix":
+        out = str(tmp_path / "all.txt")
+    capsys.readouterr()
+    err = _run_error(["calibrate", "--merge", *files, "-o", out], capsys)
+    assert fragment in err
+    if case == "incompatible":
+        assert "{'bits': 8}" in err and "{'bits': 4}" in err and f"2 = {files[2]}" in err
+    assert not (tmp_path / "all.json").exists()

@@ -21,10 +21,10 @@ When the call ends, every hook is removed and the model's step functions are
 put back as they were, so weights, outputs and later calls are unchanged.
 Statistics accumulate across calls until `reset()`; `result` reads them.
 
-Under `tf.distribute.MirroredStrategy` each replica gathers the batch from
-all replicas (`ReplicaContext.all_gather`) and applies the same update, and
-the state variables keep the first replica's write, so the statistics equal
-those one device computes on the same samples.
+Under `MirroredStrategy` / `MultiWorkerMirroredStrategy` every replica folds
+in the whole global batch (in `predict` / `evaluate` it gathers the step's
+inputs and runs the model on them, observed; in `fit` it gathers each tensor),
+so every worker holds what one process computes on the same batches.
 
 The callback needs the TensorFlow backend (it hooks TensorFlow's trainer).
 The observers and collectors themselves are backend-agnostic.
@@ -78,7 +78,15 @@ def _gather(x):
     ctx = _replica_context()
     if ctx is None or x is None:
         return x
-    return keras.tree.map_structure(lambda t: ctx.all_gather(t, axis=0), x)
+    import tensorflow as tf
+
+    def gather(t):
+        # Multi-worker: the inputs carry no device, a collective needs one (a copy here gets the replica's).
+        if isinstance(t, tf.Tensor) and not t.device:
+            t = tf.identity(t)
+        return ctx.all_gather(t, axis=0)
+
+    return keras.tree.map_structure(gather, x)
 
 
 # Steps of a calibrating predict run unoptimised before the graph is optimised (see `_trace_once`).
@@ -346,7 +354,7 @@ class CalibrationCallback(keras.callbacks.Callback):
                 else:
                     tensor = _first_tensor(args[0] if observe_input else outputs)
                 if _batched(tensor):
-                    self._observe(key, spec, _gather(tensor), local.mask)
+                    self._observe(key, spec, tensor if getattr(local, "whole", False) else _gather(tensor), local.mask)
             return outputs
 
         return call
@@ -373,6 +381,15 @@ class CalibrationCallback(keras.callbacks.Callback):
                 mask = None
             self._observe_inputs(x_all, mask)
             local = self._local
+            if mode != "train" and _replica_context() is not None:
+                # Several replicas: each observes the model on the whole batch, then runs its share
+                # unobserved (one collective per step: per-layer ones mismatched across workers).
+                local.active, local.mask, local.whole = True, mask, True
+                try:
+                    self.model(x_all, training=False)
+                finally:
+                    local.active, local.mask, local.whole = False, None, False
+                return original(data)
             local.active, local.mask = True, mask
             try:
                 return original(data)
@@ -475,7 +492,7 @@ class CalibrationCallback(keras.callbacks.Callback):
             setattr(model, fn_name, fn)
         self._saved = {}
         self._attached = None
-        self._local.active, self._local.mask = False, None
+        self._local.active, self._local.mask, self._local.whole = False, None, False
 
     # Keras callback hooks -----------------------------------------------------
     def on_train_begin(self, logs=None):

@@ -455,6 +455,25 @@ class CalibrationResult(collections.abc.Mapping):
         print_fn(text)
         return text
 
+    @classmethod
+    def merge(cls, results, *more):
+        """The result one pass over the disjoint shards' data gives (see `keras_quant.calibration.merge`).
+
+        Args:
+            results: An iterable of `CalibrationResult`, or the first one (more follow as arguments).
+            *more: More `CalibrationResult`.
+
+        Raises:
+            ConfigError: For no result, or shards that disagree on a layer (naming layer, field, values).
+
+        Example:
+
+        >>> kq.CalibrationResult.merge(kq.CalibrationResult.load(p) for p in paths).save("all.json")  # doctest: +SKIP
+        """
+        from keras_quant.calibration.merge import merge_results
+
+        return merge_results(cls, results, more)
+
     # Serialization ------------------------------------------------------------
     def _tree(self):
         return {"metadata": to_jsonable(self._metadata), "layers": [s.to_tree() for s in self._layers.values()]}

@@ -1,5 +1,8 @@
 """`keras-quant calibrate`: activation statistics of a saved model, written to a calibration file.
 
+`keras-quant calibrate --merge A B ... -o OUT` instead combines calibration files of disjoint shards of
+the data (`kq.CalibrationResult.merge`); it needs no model.
+
 `calibration_config` is the `kq.QuantConfig` its options describe (`keras-quant analyze` uses it too).
 """
 
@@ -11,7 +14,7 @@ from keras_quant.errors import ConfigError, KerasQuantError
 from keras_quant.formatting import to_jsonable
 from keras_quant.io import infer_format
 
-__all__ = ["calibration_config", "check_output", "add_parser", "command"]
+__all__ = ["calibration_config", "check_output", "add_parser", "command", "merge_command"]
 
 
 def calibration_config(bits=8, method="minmax", symmetric=False, per_channel=False, weight_bits=8, group_size=None):
@@ -72,7 +75,8 @@ def add_parser(subparsers):
         "calibrate",
         help="gather activation statistics of a .keras model on calibration data and save them",
         description="Run MODEL on the calibration data with a CalibrationCallback, print the per-layer "
-        "statistics and write them (a kq.CalibrationResult) to OUT. Weights are not changed.",
+        "statistics and write them (a kq.CalibrationResult) to OUT. Weights are not changed. With --merge "
+        "RESULT ... (and no MODEL), combine calibration files of disjoint shards of the data into OUT instead.",
         epilog="DATA is a .npy array, a .npz (the array 'x', else the array named after the model input, else "
         "the only array; a multi-input model takes one array per input, named after it) or a folder of images ("
         f"{', '.join(IMAGE_EXTENSIONS)}, recursively, sorted) resized to the model input's (H, W), grayscale for "
@@ -80,8 +84,7 @@ def add_parser(subparsers):
         "and other integer arrays are used as they are (cast to float32). (N, H, W) data for a (None, H, W, 1) "
         "input gets its channel axis added. Exit status: 0 on success, 1 for a bad input, 2 for bad usage.",
     )
-    cal.add_argument("model", metavar="MODEL", help="the model, a .keras file (loaded with safe_mode=True)")
-    cal.add_argument("--data", required=True, metavar="DATA", help="calibration data: .npy, .npz or a folder of images")
+    _add_inputs(cal)
     cal.add_argument(
         "-o", "--output", required=True, metavar="OUT",
         help="where to write the result: .json or .msgpack/.mpk, optionally + .gz or .zst (written atomically)",
@@ -139,8 +142,71 @@ def add_parser(subparsers):
         help="print one JSON object (output, samples, num_layers, per-layer count/min/max/scale/zero_point, "
         "config) instead of the progress line and table",
     )
-    cal.set_defaults(func=command)
+    cal.set_defaults(func=command, calibrate_parser=cal)
     return cal
+
+
+def _add_inputs(cal):
+    """MODEL and --data, or --merge RESULT ... (checked by `_check_usage`)."""
+    cal.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                     help="the model, a .keras file (loaded with safe_mode=True); not with --merge")
+    cal.add_argument("--data", metavar="DATA", default=None,
+                     help="calibration data: .npy, .npz or a folder of images (required with MODEL)")
+    cal.add_argument(
+        "--merge", nargs="+", default=None, metavar="RESULT",
+        help="instead of calibrating MODEL, combine calibration files of disjoint shards of the data (written by "
+        "this command or kq.CalibrationResult.save, in any process) into OUT: the result one pass over all "
+        "their data gives (kq.CalibrationResult.merge)",
+    )
+
+
+# Options that only apply when a model is calibrated (their defaults, to tell them apart from a given value).
+_MODEL_OPTIONS = {"data": None, "save_model": None, "algorithms": None, "time_budget": None, "max_samples": None}
+
+
+def _check_usage(args):
+    """Usage errors (exit 2) argparse cannot express: MODEL and --data, or --merge and neither."""
+    parser = getattr(args, "calibrate_parser", None)
+    error = parser.error if parser is not None else _raise_usage
+    if args.merge is not None:
+        given = [name for name, default in _MODEL_OPTIONS.items() if getattr(args, name, default) != default]
+        if args.model is not None or given:
+            what = "MODEL" if args.model is not None else "--" + given[0].replace("_", "-")
+            error(f"argument --merge: combines saved results; it takes no {what}")
+        return
+    if args.model is None:
+        error("the following arguments are required: MODEL (or --merge RESULT ...)")
+    if args.data is None:
+        error("the following arguments are required: --data")
+
+
+def _raise_usage(message):
+    import sys
+
+    print(f"keras-quant calibrate: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def merge_command(args):
+    """`keras-quant calibrate --merge A B ... -o OUT`: `kq.CalibrationResult.merge` of the files, written to OUT.
+
+    A file that does not load raises `IntegrityError` / `FileNotFoundError`, shards that disagree
+    `ConfigError` / `ShapeMismatchError` (their message also lists which file is which shard).
+    """
+    from keras_quant.calibration import CalibrationResult
+
+    check_output(args.output)
+    results = [CalibrationResult.load(path) for path in args.merge]
+    try:
+        result = CalibrationResult.merge(results)
+    except KerasQuantError as e:
+        shards = ", ".join(f"{i} = {path}" for i, path in enumerate(args.merge))
+        e.args = (f"{e} (shards: {shards})",)
+        raise
+    result.save(args.output)
+    samples = result.metadata.get("samples_seen")
+    _print_result(result, result.metadata.get("config"), args, samples=samples if samples is not None else "?")
+    return 0
 
 
 def command(args):
@@ -148,6 +214,9 @@ def command(args):
     from keras_quant.calibration import CalibrationCallback, CalibrationResult
     from keras_quant.data import load_calibration_data
 
+    _check_usage(args)
+    if args.merge is not None:
+        return merge_command(args)
     check_output(args.output)
     _check_model_output(args)
     model = load_model(args.model)
@@ -228,8 +297,10 @@ def _print_result(result, config, args, samples):
         }
         report = {
             "output": args.output, "samples": samples, "num_layers": len(result), "layers": layers,
-            "config": config.get_config(),
+            "config": config if config is None or isinstance(config, dict) else config.get_config(),
         }
+        if "merged" in result.metadata:
+            report["shards"] = result.metadata["merged"]["shards"]
         print(json.dumps(to_jsonable(report), indent=2))
     else:
         result.summary()
