@@ -6,7 +6,6 @@ which `keras_quant.cli.main` prints as one line.
 
 import argparse
 import os
-import zipfile
 
 from keras_quant.errors import ConfigError
 
@@ -31,22 +30,20 @@ def positive_int(text):
 def load_model(path):
     """`keras.models.load_model(path, safe_mode=True, compile=False)`, with one-line errors.
 
+    Safe mode holds even after `keras.config.enable_unsafe_deserialization()`
+    (`keras_quant.runtime.keras_runner.load_keras_model`).
+
     Raises:
         ConfigError: If `path` is missing, not a `.keras` file, or does not load.
+            Also for a file holding a `Lambda` layer (its code is not loaded).
     """
-    import keras
-
-    import keras_quant  # noqa: F401  (registers the toolkit's layers for deserialization)
+    from keras_quant.runtime.keras_runner import load_keras_model
 
     if not os.path.exists(path):
         raise ConfigError("model", path, "no such model file")
     if os.path.isdir(path) or not path.lower().endswith(".keras"):
         raise ConfigError("model", path, "the model must be a .keras file (Keras 3's native format)")
-    try:
-        return keras.models.load_model(path, safe_mode=True, compile=False)
-    except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as e:
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise ConfigError("model", path, f"cannot load a Keras model from the file ({type(e).__name__}: {reason})") from None
+    return load_keras_model(path, compile=False)  # safe mode held on, whatever keras.config says
 
 
 def load_eval_data(path, model, samples, normalize="unit"):

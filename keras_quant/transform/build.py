@@ -53,12 +53,14 @@ from keras import tree
 
 from keras_quant import graph as graph_lib
 from keras_quant.config import QuantConfig
-from keras_quant.errors import ConfigError, NoDataError
+from keras_quant.errors import ConfigError, NoDataError, NonFiniteError
 from keras_quant.layers import qat_quantizer
 from keras_quant.layers.fake_quant import ActivationQuantizer
 from keras_quant.layers.integer import IntegerBinaryOp
 from keras_quant.layers.rules import PREACTIVATION, fixed_output_qparams, get_rule, is_keras_op
 from keras_quant.layers.wrapper import QuantizeWrapper
+from keras_quant.ops.checks import check_qparams, non_finite_error
+from keras_quant.transform.guards import check_model_qparams
 from keras_quant.transform.integer_layers import (
     call_binary_op, fused_scale, integer_binary_op, integer_layer, integer_merge, tensor_grid, tensor_scale,
 )
@@ -125,7 +127,17 @@ def _lookup(calibration, key, spec, what):
         raise NoDataError(
             key, reason=f"quantize_model needs activation statistics for layer '{key}' ({what}): {e}", layer=key,
         ) from e
-    return scale, zero_point
+    try:
+        return check_qparams(scale, zero_point, spec, layer=key, field="scale")
+    except NonFiniteError as e:
+        try:
+            stats = calibration[key]
+            seen = f"the calibration saw [{getattr(stats, 'min', None)}, {getattr(stats, 'max', None)}]"
+        except (KeyError, TypeError):
+            seen = "see the calibration's statistics"
+        raise non_finite_error(e.field, e.value, layer=key, reason=(
+            f"the '{spec.observer}' range of {what} gives no finite int{spec.bits} grid ({seen}); "
+            "calibrate on finite data within float32's range, or keep the layer in float")) from None
 
 
 @graph_lib.gc_paused()
@@ -192,6 +204,9 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
         UnsupportedLayerError: For a rule-less layer the config names explicitly.
         NoDataError: When the calibration has no statistics for a layer that
             needs an activation quantizer (the message names the layer).
+        NonFiniteError: When a scale would be NaN or Inf (a calibrated range
+            with an infinite end or one wider than float32 holds, non-finite
+            weights), naming the layer, the field and the value.
 
     Example:
 
@@ -206,6 +221,7 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
     planned, steps, groups, observe_steps = _plan(model, config, calibration, mode, observe_steps, shared_merges)
     builder = _GraphBuilder(planned, config, mode, observe_steps, bn_statistics)
     qmodel = builder.run(model)
+    check_model_qparams(qmodel)
     qmodel.quantization_report = _report(planned, builder.quantizers, groups)
     _warn_unsupported(planned.report["unsupported"])
     return qmodel
