@@ -16,6 +16,7 @@ import numpy as np
 from keras_quant import graph as graph_lib
 from keras_quant.config import LayerQuantConfig
 from keras_quant.layers.folding import fold_into_layer, fold_weights
+from keras_quant.layers.specs import check_weight_axis
 from keras_quant.layers.weight_only import WeightOnlyMultiHeadAttention
 from keras_quant.layers.wrapper import QuantizeWrapper
 from keras_quant.transform.guards import copy_operation
@@ -110,6 +111,8 @@ def build_step(step, staging, mode, observe_steps, bn_statistics, flat, input_sc
     """
     if step.kind == "wrap":
         lc = step.layer_config
+        if step.affine is None:
+            check_weight_axis(_original(flat, staging), lc.weights)  # built: the weights' ranks are known
         if mode == "qat":
             if step.group is not None:  # the output goes through the shared quantizer instead
                 lc = LayerQuantConfig(weights=lc.weights, activations=None)
