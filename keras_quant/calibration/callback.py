@@ -399,8 +399,9 @@ class CalibrationCallback(keras.callbacks.Callback):
             keys = names
         for key, t in zip(keys, tensors):
             spec = self._input_spec(key)
-            if spec is not None and t is not None and len(t.shape) and ("int" in str(t.dtype) or "bool" in str(t.dtype)):
-                t = keras.ops.cast(t, "float32")  # integer inputs (token ids, uint8 pixels): float32 statistics
+            if spec is not None and t is not None and len(t.shape) and "float" not in str(t.dtype) and (
+                    "int" in str(t.dtype) or "bool" in str(t.dtype)):  # token ids, uint8 pixels: float32 statistics
+                t = keras.ops.cast(t, "float32")
             if spec is not None and _batched(t):
                 self._observe(key, spec, t, mask)
 

@@ -304,6 +304,11 @@ def _report(planned, quantizers, groups):
     )
 
 
+def _float_input(step, x):
+    """A quantized integer model input (values a Dense / Conv reads) cast to float32 first, as that layer would."""
+    return keras.ops.cast(x, "float32") if step.quant_spec is not None and "float" not in str(x.dtype) else x
+
+
 class _GraphBuilder:
     """Runs the flat graph over new inputs, creating each planned step's layers and quantizers (step 3).
 
@@ -328,7 +333,8 @@ class _GraphBuilder:
         new_inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=key)
                       for t, key in zip(flat.model.inputs, flat.input_keys)]
         with graph_lib.fast_variable_creation():
-            quantized = [self.add_quantizer(s, x, s.quant_key) for s, x in zip(self.input_steps, new_inputs)]
+            quantized = [self.add_quantizer(s, _float_input(s, x), s.quant_key)
+                         for s, x in zip(self.input_steps, new_inputs)]
             outputs = graph_lib.run(flat.model, quantized, self.call)
         inputs = new_inputs
         if flat.inputs_struct is not None:

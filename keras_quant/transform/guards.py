@@ -28,7 +28,9 @@ from keras_quant.layers.wrapper import QuantizeWrapper
 from keras_quant.errors import ExportError
 from keras_quant.ops.checks import non_finite_error
 
-__all__ = ["copy_operation", "check_model_qparams", "export_ready", "quantizer_variables", "float32_model", "float_policy"]
+__all__ = [
+    "copy_operation", "check_model_qparams", "export_ready", "quantizer_variables", "float32_model", "float_policy",
+]
 
 # Endings of the names of a quantizer's own variables that hold a grid (QAT's schedule counters hold inf).
 _GRID_VARIABLES = ("scale", "zero_point", "min", "max", "delta")

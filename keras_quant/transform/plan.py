@@ -461,11 +461,14 @@ def _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config, 
 
 
 def input_steps(flat, config):
-    """A `Step` per model input: its quantizer (float inputs only) and calibration key."""
+    """A `Step` per model input: its quantizer (float inputs, and integers a Dense / Conv reads) and calibration key."""
     steps = []
     for t, key in zip(flat.model.inputs, flat.input_keys):
         spec = config.for_layer(key)
-        spec = None if spec is None or "float" not in str(t.dtype) else spec.activations
+        readers = flat.consumers.get(id(t), [])  # integers only where kernels read them as values (not ids)
+        values = readers and all(n is not None and isinstance(flat.origin[id(n.operation)], _INPUT_AFFINE_LAYERS)
+                                 for n in readers)
+        spec = None if spec is None or not ("float" in str(t.dtype) or values) else spec.activations
         steps.append(Step("input", quant_spec=spec, quant_key=key, quant_what="model input"))
     return steps
 
