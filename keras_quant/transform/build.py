@@ -202,11 +202,8 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
         ConfigError: For an unknown mode or config, a subclassed or unbuilt
             model, or missing calibration when activations are quantized.
         UnsupportedLayerError: For a rule-less layer the config names explicitly.
-        NoDataError: When the calibration has no statistics for a layer that
-            needs an activation quantizer (the message names the layer).
-        NonFiniteError: When a scale would be NaN or Inf (a calibrated range
-            with an infinite end or one wider than float32 holds, non-finite
-            weights), naming the layer, the field and the value.
+        NoDataError: When the calibration has no statistics for a layer that needs an activation quantizer.
+        NonFiniteError: A NaN / Inf / float32-overflowing range or weight, naming the layer, field and value.
 
     Example:
 
@@ -221,7 +218,6 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
     planned, steps, groups, observe_steps = _plan(model, config, calibration, mode, observe_steps, shared_merges)
     builder = _GraphBuilder(planned, config, mode, observe_steps, bn_statistics)
     qmodel = builder.run(model)
-    check_model_qparams(qmodel)
     qmodel.quantization_report = _report(planned, builder.quantizers, groups)
     _warn_unsupported(planned.report["unsupported"])
     return qmodel
@@ -340,6 +336,7 @@ class _GraphBuilder:
         if flat.inputs_struct is not None:
             inputs = tree.pack_sequence_as(flat.inputs_struct, new_inputs)
         qmodel = keras.Model(inputs, outputs, name=model.name)
+        check_model_qparams(qmodel)  # weights' grids too: no NaN / Inf scale reaches a model
         if getattr(model, "compiled", False):
             # `compile`, not `compile_from_config`: that also creates the optimizer's slot variables now
             # (a tenth of a small model's quantize_model); `fit` creates them when it first needs them.
