@@ -168,7 +168,7 @@ class CalibrationCallback(keras.callbacks.Callback):
         sampling_options: Constructor arguments of the named sampler, e.g.
             `{"rate": 0.25}` or `{"step": 10}` or `{"num_strata": 10}`.
         num_bins: Histogram bins per layer (percentiles, outliers, range
-            searches).
+            searches), in `[8, 2**16]` (`keras_quant.config.MAX_BINS`).
         statistics: `"full"` (every statistic: moments, sparsity,
             per-channel extremes, histogram, outliers, for every layer the
             config quantizes) or `"range"` (only what `kq.quantize_model`

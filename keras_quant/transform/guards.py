@@ -161,6 +161,8 @@ def float32_model(model):
                           "variables", layer=model.name)
     for target, source in zip(copy.weights, model.weights):
         target.assign(np.asarray(keras.ops.convert_to_numpy(source)).astype(str(target.dtype)))
+    if hasattr(model, "quantization_report"):  # what export's strict check reads (float islands kept by design)
+        copy.quantization_report = model.quantization_report
     return copy
 
 
