@@ -47,10 +47,11 @@ import keras
 from keras_quant.version import __version__
 import keras_quant.graph as graph_lib
 import keras_quant.calibration.sampling as sampling_lib
+from keras_quant.calibration.detach import guard
 from keras_quant.calibration.result import CalibrationResult
 from keras_quant.calibration.stats import STATISTICS, LayerCollector
-from keras_quant.config import QuantConfig
-from keras_quant.errors import ConfigError, MemoryLimitExceededError
+from keras_quant.config import QuantConfig, check_num_bins
+from keras_quant.errors import ConfigError, MemoryLimitExceededError, NoDataError
 from keras_quant.layers.rules import get_rule, preactivation_key, split_activation
 from keras_quant.layers.walk import input_keys, leaf_layers, layer_keys
 
@@ -175,7 +176,7 @@ class CalibrationCallback(keras.callbacks.Callback):
         sampling_options: Constructor arguments of the named sampler, e.g.
             `{"rate": 0.25}` or `{"step": 10}` or `{"num_strata": 10}`.
         num_bins: Histogram bins per layer (percentiles, outliers, range
-            searches).
+            searches), in `[8, 2**16]` (`keras_quant.config.MAX_BINS`).
         statistics: `"full"` (every statistic: moments, sparsity,
             per-channel extremes, histogram, outliers, for every layer the
             config quantizes) or `"range"` (only what `kq.quantize_model`
@@ -215,7 +216,7 @@ class CalibrationCallback(keras.callbacks.Callback):
         self.max_samples = max_samples
         self.sampling = sampling
         self.seed = seed
-        self.num_bins = num_bins
+        self.num_bins = check_num_bins(num_bins)
         self.statistics = statistics
         self.memory_limit = memory_limit
         self.verbose = verbose
@@ -415,6 +416,9 @@ class CalibrationCallback(keras.callbacks.Callback):
             keys = names
         for key, t in zip(keys, tensors):
             spec = self._input_spec(key)
+            if spec is not None and t is not None and len(t.shape) and "float" not in str(t.dtype) and (
+                    "int" in str(t.dtype) or "bool" in str(t.dtype)):  # token ids, uint8 pixels: float32 statistics
+                t = keras.ops.cast(t, "float32")
             if spec is not None and _batched(t):
                 self._observe(key, spec, t, mask)
 
@@ -453,6 +457,7 @@ class CalibrationCallback(keras.callbacks.Callback):
         self._compiled = getattr(model, fn_name)
         if mode == "predict" and not model.run_eagerly:
             model.predict_function = _trace_once(model.predict_function)
+        self._saved["restore"] = guard(model, fn_name, _MAKERS[mode], self._detach)  # detached on an exception
         self._attached = mode
         self._result = None
         if self.verbose:
@@ -490,11 +495,16 @@ class CalibrationCallback(keras.callbacks.Callback):
                 setattr(model, step_name, own_step)
             fn_name, fn = self._saved["function"]
             setattr(model, fn_name, fn)
+            self._saved.get("restore", lambda: None)()
         self._saved = {}
         self._attached = None
         self._local.active, self._local.mask, self._local.whole = False, None, False
 
     # Keras callback hooks -----------------------------------------------------
+    def _check_not_empty(self, call):  # before anything is hooked: Keras knows an empty array has no batch
+        if (self.params or {}).get("steps") == 0:
+            raise NoDataError("calibration data", reason=f"{call} was given 0 samples (an empty array)")
+
     def on_train_begin(self, logs=None):
         self._attach("train")
 
@@ -504,6 +514,7 @@ class CalibrationCallback(keras.callbacks.Callback):
 
     def on_test_begin(self, logs=None):
         if self._attached is None:  # validation inside fit is not calibrated
+            self._check_not_empty("evaluate")
             self._attach("test")
 
     def on_test_end(self, logs=None):
@@ -512,6 +523,7 @@ class CalibrationCallback(keras.callbacks.Callback):
 
     def on_predict_begin(self, logs=None):
         if self._attached is None:
+            self._check_not_empty("predict")
             self._attach("predict")
 
     def on_predict_end(self, logs=None):

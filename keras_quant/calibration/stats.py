@@ -57,12 +57,12 @@ import keras_quant.ops as kq_ops
 import keras_quant.calibration.step as step_lib
 from keras_quant.calibration.result import LayerStatistics
 from keras_quant.calibration.step import SCALARS, VARIABLES, StepKey, initial, merge_moments
-from keras_quant.config import as_spec
-from keras_quant.errors import ConfigError, check_int
+from keras_quant.config import as_spec, check_num_bins
+from keras_quant.errors import ConfigError
 from keras_quant.observers.base import state_bytes as observer_state_bytes
 from keras_quant.observers.registry import REGISTRY
 from keras_quant.observers.registry import get as get_observer
-from keras_quant.ops.histogram import MIN_BINS, histogram_outliers
+from keras_quant.ops.histogram import histogram_outliers
 
 __all__ = ["LayerCollector", "merge_moments", "batch_moments", "moments_to_stats", "STATISTICS"]
 
@@ -134,7 +134,7 @@ class LayerCollector(keras.layers.Layer):
             its `observer` picks the range stored in the statistics.
         channel_axis: Axis of the per-channel min / max (skipped when the
             axis' size is unknown or the tensor is 1-D).
-        num_bins: Histogram bins (at least 8); a histogram-based spec's
+        num_bins: Histogram bins, in `[8, 2**16]`; a histogram-based spec's
             `observer_options["num_bins"]` overrides it.
         statistics: `"full"` (moments, sparsity, per-channel extremes and a
             histogram for percentiles and outliers) or `"range"` (only what
@@ -167,9 +167,10 @@ class LayerCollector(keras.layers.Layer):
         self.statistics = statistics
         # What the spec's range needs (its registry record) decides what is kept beyond `statistics`.
         needs = REGISTRY[spec.observer].needs
+        field = "num_bins"
         if needs == "histogram" and "num_bins" in spec.options:
-            num_bins = spec.options["num_bins"]
-        self.num_bins = num_bins
+            num_bins, field = spec.options["num_bins"], "observer_options.num_bins"
+        self.num_bins = check_num_bins(num_bins, field, name)  # whatever is gathered: bounded at construction
         full = statistics == "full"
         per_tensor = spec.granularity == "per_tensor"
         channel_minmax = spec.granularity == "per_channel" and needs == "minmax"
@@ -177,8 +178,6 @@ class LayerCollector(keras.layers.Layer):
         self._with_zeros = full
         self._with_channels = full or channel_minmax
         self._with_hist = full or (per_tensor and needs == "histogram")
-        if self._with_hist:
-            check_int("num_bins", num_bins, minimum=MIN_BINS, layer=name)
         self._scalars_var = self._hist_var = self._channel_min_var = self._channel_max_var = None
         self._extra = None
         reusable = per_tensor and needs != "observer"

@@ -70,16 +70,18 @@ def check_input_file(path, field, what="file"):
 def load_model(path, field="model"):
     """`keras.models.load_model(path, safe_mode=True, compile=False)`, with one-line errors.
 
-    A model with a Python `Lambda` layer is refused (safe mode: loading it would run code from the file).
+    A model with a Python `Lambda` layer is refused (safe mode: loading it would run code from the file),
+    even after `keras.config.enable_unsafe_deserialization()`
+    (`keras_quant.runtime.keras_runner.load_keras_model`).
 
     Raises:
         ConfigError: If `path` is missing, not a `.keras` file, or does not load.
+            Also for a file holding a `Lambda` layer (its code is not loaded).
     """
     import importlib
 
-    import keras
-
     importlib.import_module("keras_quant")  # registers the toolkit's layers for deserialization
+    from keras_quant.runtime.keras_runner import load_keras_model
 
     check_input_file(path, field, "model file")
     if not path.lower().endswith(".keras"):
@@ -87,11 +89,13 @@ def load_model(path, field="model"):
     if not zipfile.is_zipfile(path):
         raise ConfigError(field, path, "cannot load a Keras model from the file: it is not a zip archive (what Keras 3 writes)")
     try:
-        return keras.models.load_model(path, safe_mode=True, compile=False)
+        return load_keras_model(path, compile=False)  # safe mode held on, whatever keras.config says
+    except ConfigError as e:
+        if e.field == "layer_type":  # a Lambda layer: its code is not loaded
+            raise ConfigError(field, path, f"the model holds a Python lambda (Lambda layer '{e.layer}'), which is "
+                              "not loaded: it could run any code; rebuild it without Lambda layers") from None
+        raise
     except Exception as e:  # noqa: BLE001 - a hostile file may raise anything from Keras' deserializer
-        if "safe_mode" in str(e):
-            raise ConfigError(field, path, "the model holds a Python lambda (a Lambda layer), which is not loaded: "
-                              "it could run any code; rebuild it without Lambda layers") from None
         reason = " ".join(str(e).split()) or type(e).__name__
         raise ConfigError(field, path, f"cannot load a Keras model from the file ({type(e).__name__}: {reason})") from None
 

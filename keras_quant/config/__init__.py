@@ -35,7 +35,7 @@ from keras_quant.errors import ConfigError
 
 __all__ = [
     "QuantSpec", "QuantConfig", "LayerQuantConfig", "GRANULARITIES", "LSQ_PARAMS", "OBSERVERS", "AUTO_CANDIDATES",
-    "AUTO_TOLERANCE", "auto_candidates", "auto_tolerance",
+    "AUTO_TOLERANCE", "auto_candidates", "auto_tolerance", "MIN_BINS", "MAX_BINS", "check_num_bins",
 ]
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
@@ -46,6 +46,19 @@ LSQ_PARAMS = ("log", "linear")
 OBSERVERS = ("minmax", "moving_average", "percentile", "mean_std", "mse", "kl", "auto")
 MIN_BITS, MAX_BITS = 2, 16
 MAX_AXIS = 32  # `axis` is in [-MAX_AXIS, MAX_AXIS): far past any tensor's rank, short of a typo's 10**9
+# Histogram bins (an observer's, a collector's or a calibration's `num_bins`): at least 8, at most 2**16. The
+# finest grid keras_quant quantizes to has 2**MAX_BITS = 65536 levels, so more bins than that resolve nothing a
+# range can use, while their state (4 bytes a bin per tensor, per channel for per-channel histograms) and the
+# range searches (linear in the bins) keep growing: 2e7 bins held 3 GB.
+MIN_BINS, MAX_BINS = 8, 2 ** MAX_BITS
+
+
+def check_num_bins(value, field="num_bins", layer=None):
+    """`value` as an int in `[MIN_BINS, MAX_BINS]`, else `ConfigError` naming `field`, `value` and `layer`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not MIN_BINS <= value <= MAX_BINS:
+        raise ConfigError(field, value, f"{field} must be an integer in [{MIN_BINS}, {MAX_BINS}] (2**16: the "
+                          "levels of the finest 16-bit grid; more bins resolve nothing and cost memory)", layer=layer)
+    return int(value)
 # `observer="auto"`: the range methods it compares, in order of preference (ties go to the earliest).
 AUTO_CANDIDATES = ("minmax", "percentile", "mse", "kl")
 # Relative MSE within which a candidate counts as tied with the best (see range_search.auto_range).
@@ -186,6 +199,8 @@ class QuantSpec:
             )
         options = option_pairs(self.observer_options)
         object.__setattr__(self, "observer_options", options)
+        if "num_bins" in dict(options):
+            check_num_bins(dict(options)["num_bins"], "observer_options.num_bins")
         if self.observer == "auto":
             opts = dict(options)
             auto_candidates(opts.get("candidates"), "observer_options.candidates")

@@ -60,6 +60,7 @@ from keras_quant.errors import ConfigError, ExportError
 from keras_quant.export import loops, plan as plan_lib, qdq
 from keras_quant.export.tflite import ExportReport, check_batch_size, tflite_bytes
 from keras_quant.io import write_atomic
+from keras_quant.transform.guards import export_ready
 
 __all__ = ["export_onnx", "onnx_model", "MIN_OPSET", "INT4_OPSET"]
 
@@ -300,6 +301,7 @@ def onnx_model(model, opset=INT4_OPSET, strict=True, activation_type="uint8", we
         raise ConfigError("activation_type", activation_type, f"activation_type must be one of {ACTIVATION_TYPES}")
     if weight_type not in WEIGHT_TYPES:
         raise ConfigError("weight_type", weight_type, f"weight_type must be one of {WEIGHT_TYPES}")
+    model = export_ready(model)  # finite grids, float32 (a mixed_float16 model's copy)
     data, details, batch_size, batch_note = _int8_flatbuffer(model, strict, check_batch_size(batch_size))
     proto, base = _tf2onnx_convert(data, opset)
     notes = list(details["notes"]) + ([batch_note] if batch_note else [])

@@ -38,6 +38,7 @@ from keras_quant import graph as graph_lib
 from keras_quant.errors import ConfigError, ExportError
 from keras_quant.export import clamps, converter as converter_lib, flatbuffer, int4, loops, plan as plan_lib
 from keras_quant.io import write_atomic
+from keras_quant.transform.guards import export_ready
 
 __all__ = ["export_tflite", "tflite_bytes", "ExportReport", "IO_TYPES"]
 
@@ -356,6 +357,7 @@ def tflite_bytes(model, mode="int8", input_type=None, output_type=None, batch_si
     point: the same integers as the folded file, for comparing the two.
     """
     _check_backend()
+    model = export_ready(model)  # finite grids, float32 (a mixed_float16 model's copy)
     weight_storage = int4.check_weight_storage(weight_storage, mode)
     values = plan_lib.VariableValues(model) if isinstance(model, keras.Model) else None  # each variable read once
     plan_lib.check(model, mode, values)

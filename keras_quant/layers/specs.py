@@ -12,7 +12,7 @@ from keras_quant.errors import ConfigError, UnsupportedLayerError
 from keras_quant.layers import integer
 from keras_quant.layers.rules import get_rule
 
-__all__ = ["layer_config", "weight_specs", "integer_accumulator"]
+__all__ = ["layer_config", "weight_specs", "check_weight_axis", "integer_accumulator"]
 
 
 def layer_config(config, layer):
@@ -64,10 +64,52 @@ def weight_specs(layer, spec):
         )
     if spec is None:
         return {}
+    check_weight_axis(layer, spec)
     return {
         name: spec if spec.granularity == "per_tensor" else spec.replace(axis=axis)
         for name, axis in zip(rule.weights, rule.weight_axes)
     }
+
+
+def check_weight_axis(layer, spec):
+    """Raise `ConfigError` unless `spec.axis` is the output-channel axis of each weight `layer`'s rule quantizes.
+
+    Per-channel and per-group weight scales lie on the output channels (the
+    layout TFLite's and ONNX's per-channel kernels take): the default
+    `axis=-1` means "the rule's axis" (e.g. -2 for a depthwise kernel); any
+    other value must name that axis (either sign, once the weight's rank is
+    known), or the spec is refused rather than silently replaced.
+
+    Args:
+        layer: A Keras layer with a rule (its weights' ranks are read if it is built).
+        spec: The weight `QuantSpec`, or None.
+
+    Raises:
+        ConfigError: Naming the layer, the field (`weights.axis`) and the value.
+
+    Example:
+
+    >>> check_weight_axis(dense, kq.QuantSpec(granularity="per_channel", axis=0))  # doctest: +SKIP
+    """
+    rule = get_rule(layer)
+    if rule is None or spec is None or spec.granularity == "per_tensor" or spec.axis == -1:
+        return
+    for name, axis in zip(rule.weights, rule.weight_axes):
+        variable = getattr(layer, name, None) if getattr(layer, "built", False) else None
+        rank = len(variable.shape) if hasattr(variable, "shape") else None
+        if rank is not None and not -rank <= spec.axis < rank:
+            raise ConfigError("weights.axis", spec.axis, f"axis is out of range for '{name}' of rank {rank}",
+                              layer=layer.name)
+        if spec.axis == axis or (rank is not None and spec.axis % rank == axis % rank):
+            continue
+        if rank is None and spec.axis >= 0:  # unbuilt: judged once built (`quantize_model` checks the original)
+            continue
+        raise ConfigError(
+            "weights.axis", spec.axis,
+            f"{type(layer).__name__} quantizes '{name}' per channel on its output-channel axis {axis}, the layout "
+            "TFLite's and ONNX's per-channel kernels take; leave axis=-1 (the rule's axis) or give that axis",
+            layer=layer.name,
+        )
 
 
 def integer_accumulator(layer, weight_specs, activations, input_scale, fused_output_scale, batch_norm=None):

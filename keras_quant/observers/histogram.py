@@ -28,11 +28,11 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_quant.config import QuantSpec, as_spec, auto_candidates, auto_tolerance  # noqa: F401 (QuantSpec: examples)
-from keras_quant.errors import ConfigError, check_int, is_number
+from keras_quant.config import QuantSpec, as_spec, auto_candidates, auto_tolerance, check_num_bins  # noqa: F401 (QuantSpec: examples)
+from keras_quant.errors import ConfigError, is_number
 import keras_quant.ops.range_search as range_search
 from keras_quant.observers.base import Observer
-from keras_quant.ops.histogram import MIN_BINS, bin_counts, rebin_counts
+from keras_quant.ops.histogram import bin_counts, rebin_counts
 
 __all__ = ["HistogramObserver", "PercentileObserver", "METHODS"]
 
@@ -49,7 +49,7 @@ class HistogramObserver(Observer):
     `non_finite_count`.
 
     Args:
-        num_bins: Number of bins, at least 8.
+        num_bins: Number of bins, in `[8, 2**16]` (`keras_quant.config.MAX_BINS`).
         method: Range search: `"mse"`, `"kl"`, `"percentile"`, `"minmax"` or
             `"auto"` (whichever of those four gives the least expected MSE,
             `range_search.auto_range`, per tensor or per channel); see
@@ -86,7 +86,7 @@ class HistogramObserver(Observer):
         super().__init__(granularity=granularity, axis=axis, nan_policy=nan_policy, **kwargs)
         self.candidates = auto_candidates(candidates)
         self.tolerance = auto_tolerance(tolerance)
-        check_int("num_bins", num_bins, minimum=MIN_BINS, layer=kwargs.get("name"))
+        check_num_bins(num_bins, layer=kwargs.get("name"))
         if method not in METHODS:
             raise ConfigError("method", method, f"method must be one of {tuple(METHODS)}")
         if not is_number(percentile) or not 0 < percentile <= 100:
@@ -217,7 +217,7 @@ class PercentileObserver(HistogramObserver):
     Args:
         low: Lower percentile in `[0, 100)`.
         high: Upper percentile in `(low, 100]`.
-        num_bins: Number of bins, at least 8.
+        num_bins: Number of bins, in `[8, 2**16]` (`keras_quant.config.MAX_BINS`).
         granularity: `"per_tensor"` or `"per_channel"`.
         axis: Channel axis for `per_channel`.
         nan_policy: `"omit"` or `"raise"`.

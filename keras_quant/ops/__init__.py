@@ -26,7 +26,7 @@ from keras_quant.ops.core import (
     weight_qparams,
     weight_range,
 )
-from keras_quant.ops import histogram, range_search
+from keras_quant.ops import checks, histogram, range_search
 from keras_quant.ops.lsq import (
     LOG_STEP_GAIN, OFFSET_GAIN, log_step, lsq_fake_quant, lsq_grad_scale, scale_gradient, scaled_offset,
 )
@@ -57,4 +57,5 @@ __all__ = [
     "moving_average",
     "histogram",
     "range_search",
+    "checks",
 ]

@@ -59,7 +59,7 @@ from keras_quant.runtime.base import (
     graph_samples,
     quantize_input,
 )
-from keras_quant.runtime.keras_runner import KerasRunner
+from keras_quant.runtime.keras_runner import KerasRunner, load_keras_model
 from keras_quant.runtime.onnx_runner import ONNXRunner
 from keras_quant.runtime.tflite_runner import TFLITE_IDENTIFIER, TFLiteRunner, ops_details, tflite_qparams
 
@@ -96,7 +96,11 @@ def load(artifact, num_threads=None):
     Raises:
         ConfigError: An unknown suffix or type, a missing file, bytes that are
             not a TFLite flatbuffer, a bad `num_threads`, or an ONNX model with
-            inputs that are neither float nor integer (strings, booleans).
+            inputs that are neither float nor integer (strings, booleans), or a
+            `.keras` file Keras cannot load.
+            A `.keras` file holding a `Lambda` layer too: files load with
+            `safe_mode=True` whatever `keras.config` says, so a file's Python
+            code never runs.
 
     Example:
 
@@ -128,7 +132,7 @@ def load(artifact, num_threads=None):
     if not path.is_file():
         raise ConfigError("artifact", str(artifact), "no such file")
     if suffix == ".keras":
-        return KerasRunner(keras.saving.load_model(path), path=path)
+        return KerasRunner(load_keras_model(path, compile=True), path=path)
     if suffix == ".tflite":
         return TFLiteRunner(path.read_bytes(), name=path.name, num_threads=num_threads, path=path)
     return ONNXRunner(path, num_threads=num_threads)

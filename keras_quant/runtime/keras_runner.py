@@ -9,15 +9,79 @@ Example:
 (2, 3)
 """
 
+import json
 import os
 import pathlib
+import zipfile
 
 import keras
 import numpy as np
 
+from keras_quant.errors import ConfigError
 from keras_quant.runtime.base import DEFAULT_BATCH_SIZE, Runner, dim
 
-__all__ = ["KerasRunner"]
+__all__ = ["KerasRunner", "load_keras_model"]
+
+
+def _lambda_layers(config):
+    """Names of the `Lambda` layers anywhere in a model's saved config (nested models included)."""
+    found = []
+    if isinstance(config, dict):
+        if config.get("class_name") == "Lambda":
+            found.append(config.get("config", {}).get("name", "lambda"))
+        for value in config.values():
+            found += _lambda_layers(value)
+    elif isinstance(config, list):
+        for value in config:
+            found += _lambda_layers(value)
+    return found
+
+
+def _saved_config(path):
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def load_keras_model(path, compile=False):  # noqa: A002 (Keras' argument name)
+    """`keras.saving.load_model(path, safe_mode=True)`, in safe mode whatever the process-wide setting.
+
+    Keras lets `keras.config.enable_unsafe_deserialization()` override an
+    explicit `safe_mode=True`; this loader holds safe mode on for the load
+    itself, so a file's Python code (a `Lambda` layer's function) never runs.
+
+    Args:
+        path: A `.keras` file.
+        compile: Whether to restore the training configuration.
+
+    Returns:
+        The `keras.Model`.
+
+    Raises:
+        ConfigError: A file holding a `Lambda` layer (its code is not loaded), naming it; a file Keras
+            cannot load (the reason in the message).
+
+    Example:
+
+    >>> model = load_keras_model("model.keras")   # doctest: +SKIP
+    """
+    from keras.src.saving import serialization_lib  # Keras' safe-mode scope: the global the override reads
+
+    try:
+        with serialization_lib.SafeModeScope(True):
+            return keras.saving.load_model(path, safe_mode=True, compile=compile)
+    except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as e:
+        lambdas = _lambda_layers(_saved_config(path))
+        if lambdas:
+            raise ConfigError("layer_type", "Lambda", f"the file holds a Lambda layer ('{lambdas[0]}'), whose Python "
+                              "code is never loaded from a file (safe_mode=True, whatever keras.config says); "
+                              "rebuild the model in Python, or replace the Lambda by a registered layer",
+                              layer=lambdas[0]) from None
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError("model", str(path), f"cannot load a Keras model from the file ({type(e).__name__}: "
+                          f"{reason})") from None
 
 
 class KerasRunner(Runner):

@@ -53,12 +53,14 @@ from keras import tree
 
 from keras_quant import graph as graph_lib
 from keras_quant.config import QuantConfig
-from keras_quant.errors import ConfigError, NoDataError
+from keras_quant.errors import ConfigError, NoDataError, NonFiniteError
 from keras_quant.layers import qat_quantizer
 from keras_quant.layers.fake_quant import ActivationQuantizer
 from keras_quant.layers.integer import IntegerBinaryOp
 from keras_quant.layers.rules import PREACTIVATION, fixed_output_qparams, get_rule, is_keras_op
 from keras_quant.layers.wrapper import QuantizeWrapper
+from keras_quant.ops.checks import check_qparams, non_finite_error
+from keras_quant.transform.guards import check_model_qparams
 from keras_quant.transform.integer_layers import (
     call_binary_op, fused_scale, integer_binary_op, integer_layer, integer_merge, tensor_grid, tensor_scale,
 )
@@ -125,7 +127,17 @@ def _lookup(calibration, key, spec, what):
         raise NoDataError(
             key, reason=f"quantize_model needs activation statistics for layer '{key}' ({what}): {e}", layer=key,
         ) from e
-    return scale, zero_point
+    try:
+        return check_qparams(scale, zero_point, spec, layer=key, field="scale")
+    except NonFiniteError as e:
+        try:
+            stats = calibration[key]
+            seen = f"the calibration saw [{getattr(stats, 'min', None)}, {getattr(stats, 'max', None)}]"
+        except (KeyError, TypeError):
+            seen = "see the calibration's statistics"
+        raise non_finite_error(e.field, e.value, layer=key, reason=(
+            f"the '{spec.observer}' range of {what} gives no finite int{spec.bits} grid ({seen}); "
+            "calibrate on finite data within float32's range, or keep the layer in float")) from None
 
 
 @graph_lib.gc_paused()
@@ -190,8 +202,8 @@ def quantize_model(model, config=None, calibration=None, mode="ptq", observe_ste
         ConfigError: For an unknown mode or config, a subclassed or unbuilt
             model, or missing calibration when activations are quantized.
         UnsupportedLayerError: For a rule-less layer the config names explicitly.
-        NoDataError: When the calibration has no statistics for a layer that
-            needs an activation quantizer (the message names the layer).
+        NoDataError: When the calibration has no statistics for a layer that needs an activation quantizer.
+        NonFiniteError: A NaN / Inf / float32-overflowing range or weight, naming the layer, field and value.
 
     Example:
 
@@ -288,6 +300,11 @@ def _report(planned, quantizers, groups):
     )
 
 
+def _float_input(step, x):
+    """A quantized integer model input (values a Dense / Conv reads) cast to float32 first, as that layer would."""
+    return keras.ops.cast(x, "float32") if step.quant_spec is not None and "float" not in str(x.dtype) else x
+
+
 class _GraphBuilder:
     """Runs the flat graph over new inputs, creating each planned step's layers and quantizers (step 3).
 
@@ -312,12 +329,14 @@ class _GraphBuilder:
         new_inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=key)
                       for t, key in zip(flat.model.inputs, flat.input_keys)]
         with graph_lib.fast_variable_creation():
-            quantized = [self.add_quantizer(s, x, s.quant_key) for s, x in zip(self.input_steps, new_inputs)]
+            quantized = [self.add_quantizer(s, _float_input(s, x), s.quant_key)
+                         for s, x in zip(self.input_steps, new_inputs)]
             outputs = graph_lib.run(flat.model, quantized, self.call)
         inputs = new_inputs
         if flat.inputs_struct is not None:
             inputs = tree.pack_sequence_as(flat.inputs_struct, new_inputs)
         qmodel = keras.Model(inputs, outputs, name=model.name)
+        check_model_qparams(qmodel)  # weights' grids too: no NaN / Inf scale reaches a model
         if getattr(model, "compiled", False):
             # `compile`, not `compile_from_config`: that also creates the optimizer's slot variables now
             # (a tenth of a small model's quantize_model); `fit` creates them when it first needs them.

@@ -18,6 +18,7 @@ from keras import tree
 
 from keras_quant import graph as graph_lib
 from keras_quant.layers import walk
+from keras_quant.transform.guards import copy_operation
 
 __all__ = ["FlatGraph", "already_flat"]
 
@@ -83,7 +84,7 @@ class FlatGraph:
         first = clone is None
         if first:
             key = self.keys.get(id(op), op.name)
-            clone = graph_lib.copy_operation(op, name=key.replace("/", "_") if "/" in key else None)
+            clone = copy_operation(op, name=key.replace("/", "_") if "/" in key else None)
             self._clones[id(op)] = clone
             self.origin[id(clone)] = op
         outputs = clone(*args, **kwargs)

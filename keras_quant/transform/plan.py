@@ -163,6 +163,11 @@ def plan_graph(flat, config, fold_inputs=True):
         elif rule.kind == "compute":
             _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config,
                           input_affine=pending.get(id(layer)))
+        elif rule.kind == "norm" and not _float_inputs(node):  # a Rescaling of uint8 pixels: it casts them
+            report["float_islands"].append((key, type(original).__name__, "reads an integer tensor, which it casts "
+                                            "to float itself; its output is quantized where it enters the "
+                                            "integer graph"))
+            plan[id(layer)] = Step("clone")
         elif rule.kind == "norm" and (affine := _layer_affine(flat, layer, pending.get(id(layer)))) is not None and (
                 (consumer := fold_inputs and _affine_absorber(flat, layer, affine, cfg))
                 or (rank := _depthwise_rank(flat, layer))):
@@ -293,6 +298,12 @@ def _depthwise_rank(flat, layer):
     """The rank of a layer's output when a 1x1 depthwise conv can compute a map on it (3 or 4), else None."""
     out = flat.single_output(layer)
     return len(out.shape) if out is not None and len(out.shape) in (3, 4) else None
+
+
+def _float_inputs(node):
+    """Whether every input of a call is float: a norm layer reading integers (a `Rescaling` of uint8 pixels)
+    casts them itself, so it stays float, not folded into a kernel that would then read the integers."""
+    return all("float" in str(t.dtype) for t in graph_lib.node_inputs(node))
 
 
 def _layer_affine(flat, layer, before=None):
@@ -450,11 +461,14 @@ def _plan_compute(flat, layer, lc, cfg, plan, report, quantized_output, config, 
 
 
 def input_steps(flat, config):
-    """A `Step` per model input: its quantizer (float inputs only) and calibration key."""
+    """A `Step` per model input: its quantizer (float inputs, and integers a Dense / Conv reads) and calibration key."""
     steps = []
     for t, key in zip(flat.model.inputs, flat.input_keys):
         spec = config.for_layer(key)
-        spec = None if spec is None or "float" not in str(t.dtype) else spec.activations
+        readers = flat.consumers.get(id(t), [])  # integers only where kernels read them as values (not ids)
+        values = readers and all(n is not None and isinstance(flat.origin[id(n.operation)], _INPUT_AFFINE_LAYERS)
+                                 for n in readers)
+        spec = None if spec is None or not ("float" in str(t.dtype) or values) else spec.activations
         steps.append(Step("input", quant_spec=spec, quant_key=key, quant_what="model input"))
     return steps
 

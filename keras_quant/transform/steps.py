@@ -16,8 +16,10 @@ import numpy as np
 from keras_quant import graph as graph_lib
 from keras_quant.config import LayerQuantConfig
 from keras_quant.layers.folding import fold_into_layer, fold_weights
+from keras_quant.layers.specs import check_weight_axis
 from keras_quant.layers.weight_only import WeightOnlyMultiHeadAttention
 from keras_quant.layers.wrapper import QuantizeWrapper
+from keras_quant.transform.guards import copy_operation
 from keras_quant.transform.integer_layers import tensor_scale
 from keras_quant.transform.rewrite import affine_layer, set_affine_weights
 
@@ -46,7 +48,7 @@ def _inner(step, staging):
         config = staging.get_config()
         config["use_bias"] = True
         return type(staging).from_config(config)
-    return graph_lib.copy_operation(staging)
+    return copy_operation(staging)
 
 
 def _original(flat, staging):
@@ -109,10 +111,12 @@ def build_step(step, staging, mode, observe_steps, bn_statistics, flat, input_sc
     """
     if step.kind == "wrap":
         lc = step.layer_config
+        if step.affine is None:
+            check_weight_axis(_original(flat, staging), lc.weights)  # built: the weights' ranks are known
         if mode == "qat":
             if step.group is not None:  # the output goes through the shared quantizer instead
                 lc = LayerQuantConfig(weights=lc.weights, activations=None)
-            bn = graph_lib.copy_operation(step.fold) if step.fold is not None else None
+            bn = copy_operation(step.fold) if step.fold is not None else None
             if lc.weights is None and lc.activations is None and bn is None:
                 return _inner(step, staging), False
             return QuantizeWrapper(_inner(step, staging), lc, mode="qat", batch_norm=bn,
@@ -126,7 +130,7 @@ def build_step(step, staging, mode, observe_steps, bn_statistics, flat, input_sc
     if step.weight_only is not None:  # a float MultiHeadAttention with int8 kernels
         return WeightOnlyMultiHeadAttention.from_config({**staging.get_config(),
                                                          "weight_spec": step.weight_only.get_config()}), False
-    return graph_lib.copy_operation(staging), False
+    return copy_operation(staging), False
 
 
 def finish_step(step, staging, mode, flat, final):
@@ -191,7 +195,7 @@ def build_separable(step, staging, mode, observe_steps, bn_statistics, flat, inp
     if mode == "qat":
         if step.group is not None:
             lc = LayerQuantConfig(weights=lc.weights, activations=None)
-        bn = graph_lib.copy_operation(step.fold) if step.fold is not None else None
+        bn = copy_operation(step.fold) if step.fold is not None else None
         pointwise = QuantizeWrapper(pointwise, lc, batch_norm=bn, bn_statistics=bn_statistics, name=staging.name,
                                     **kwargs)
     else:
