@@ -6,7 +6,8 @@ them and returns them as a dict) and adds three range modes:
 
 - **observe**: the range follows the data. Activations keep a moving average
   of the batch min / max (the first batch initialises it); weights take the
-  min / max of their current values. A range given before training (a
+  min / max of their current values, and every weight, the largest on the
+  bound included, gets the straight-through gradient 1. A range given before training (a
   calibration, `set_range`) is widened on the first training batch to cover
   that batch too: a calibration describes the inference-mode model, and a
   folded BatchNormalization normalises training outputs with *batch*
