@@ -6,7 +6,8 @@ them and returns them as a dict) and adds three range modes:
 
 - **observe**: the range follows the data. Activations keep a moving average
   of the batch min / max (the first batch initialises it); weights take the
-  min / max of their current values. A range given before training (a
+  min / max of their current values, and every weight, the largest on the
+  bound included, gets the straight-through gradient 1. A range given before training (a
   calibration, `set_range`) is widened on the first training batch to cover
   that batch too: a calibration describes the inference-mode model, and a
   folded BatchNormalization normalises training outputs with *batch*
@@ -377,7 +378,8 @@ class QATQuantizer:
         scale, zp = self._base_qparams(x, state, training, observe, slot)
         if not spec.learnable:
             fq_spec = spec if training and spec.stochastic_rounding else spec.replace(stochastic_rounding=False)
-            return kq_ops.fake_quant(x, scale, zp, fq_spec, seed=seed if fq_spec.stochastic_rounding else None)
+            y = kq_ops.fake_quant(x, scale, zp, fq_spec, seed=seed if fq_spec.stochastic_rounding else None)
+            return self._observed_weight_gradient(x, y, observe)
         learning = ops.logical_not(ops.logical_or(observe, frozen))
         frozen_scale, frozen_zp = effective_qparams(state, spec)
         frozen_scale, frozen_zp = ops.stop_gradient(frozen_scale), ops.stop_gradient(frozen_zp)
@@ -387,7 +389,23 @@ class QATQuantizer:
         if not spec.symmetric:
             moved = ops.where(learning, learned_offset(scale, state["offset_delta"], spec), 0.0)
             offset = ops.where(frozen, -frozen_zp * frozen_scale, integer_offset(-zp * scale + moved, step, spec))
-        return kq_ops.lsq_fake_quant(x, step, offset, spec, grad_scale=self._grad_scale(x, state))
+        y = kq_ops.lsq_fake_quant(x, step, offset, spec, grad_scale=self._grad_scale(x, state))
+        return self._observed_weight_gradient(x, y, observe)
+
+    def _observed_weight_gradient(self, x, y, observe):
+        """`y` with the gradient 1 for every weight while the weights' range is observed from them.
+
+        That range covers every weight, but a channel's largest one lies on its
+        bound, and whether the fake-quant's closed-range mask counts it inside
+        (`w <= (w / qmax) * qmax`) is decided by float rounding: a change in
+        the last bit of the weights (another reduction order: another device
+        count, another process count) switched its gradient between 1 and 0,
+        a jump of a whole learning-rate step in that weight. The forward value
+        is `y` exactly (`x - stop_gradient(x)` is 0).
+        """
+        if self.role != "weight":
+            return y
+        return ops.where(observe, ops.stop_gradient(y) + (x - ops.stop_gradient(x)), y)
 
     def qparams(self, state):
         """`(scale, zero_point)` as the integer model uses them (see `effective_qparams`)."""
