@@ -314,7 +314,9 @@ def test_every_library_write_goes_through_write_atomic():
     import ast
 
     allowed = {("io/atomic.py", "fdopen"), ("io/atomic.py", "open"), ("export/onnx.py", "fdopen"),
-               ("export/onnx.py", "mkstemp")}
+               ("export/onnx.py", "mkstemp"),
+               # the CLI's stderr: a text stream over a duplicated file descriptor, not a file written
+               ("__init__.py", "open"), ("cli/console.py", "open")}
     found = []
     for dirpath, _, files in os.walk(os.path.join(ROOT, "keras_quant")):
         for f in files:

@@ -7,11 +7,11 @@ The command-line face of `keras_quant.export` (`export_tflite`, `export_onnx`) a
 import dataclasses
 import json
 import os
-import tempfile
 
 from keras_quant.cli.common import check_output_file, load_eval_data, load_model, positive_int
 from keras_quant.errors import ConfigError
 from keras_quant.formatting import to_jsonable
+from keras_quant.io.atomic import atomic_target
 
 __all__ = ["add_parser", "command"]
 
@@ -75,12 +75,9 @@ def command(args):
     data = labels = None
     if args.data is not None:
         data, labels = load_eval_data(args.data, model, args.samples)
-    # Written beside OUT under a temporary name and renamed once checked: a failed export or check
-    # leaves no OUT (and an existing OUT as it was).
-    directory, name = os.path.split(os.path.abspath(args.output))
-    fd, scratch = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=directory)
-    os.close(fd)
-    try:
+    # Written beside OUT under a temporary name and renamed once checked (`keras_quant.io.atomic_target`): a
+    # failed export or check leaves no OUT (and an existing OUT as it was), a killed one a temp the next write removes.
+    with atomic_target(args.output, suffix=suffix) as scratch:
         if suffix == ".onnx":
             report = export_onnx(model, scratch, **({} if args.opset is None else {"opset": args.opset}))
         else:
@@ -89,10 +86,6 @@ def command(args):
         comparison = None
         if data is not None:
             comparison = compare_models(model, scratch, data, labels=labels, num_threads=args.threads)
-        os.replace(scratch, args.output)
-    finally:
-        if os.path.exists(scratch):
-            os.unlink(scratch)
     report = dataclasses.replace(report, path=args.output)
     if comparison is not None:
         comparison = dataclasses.replace(comparison, candidate=os.path.basename(args.output))
