@@ -50,7 +50,7 @@ import keras_quant.calibration.sampling as sampling_lib
 from keras_quant.calibration.result import CalibrationResult
 from keras_quant.calibration.stats import STATISTICS, LayerCollector
 from keras_quant.config import QuantConfig
-from keras_quant.errors import ConfigError, MemoryLimitExceededError
+from keras_quant.errors import ConfigError, MemoryLimitExceededError, check_int
 from keras_quant.layers.rules import get_rule, preactivation_key, split_activation
 from keras_quant.layers.walk import input_keys, leaf_layers, layer_keys
 
@@ -173,6 +173,11 @@ class CalibrationCallback(keras.callbacks.Callback):
             config quantizes) or `"range"` (only what `kq.quantize_model`
             reads: the tensors where it puts activation quantizers, and only
             what each one's observer needs; the cheapest in the step).
+        sample_size: The most values of one batch of one tensor that the
+            moments, zero count and histogram read (a larger batch: that many,
+            spread evenly over it, scaled up to the batch; see
+            `kq.calibration.LayerCollector`); counts, min / max and per-channel
+            min / max always read every value. None: every statistic exact.
         memory_limit: Optional bound in bytes on the statistics' state; the
             callback raises `kq.errors.MemoryLimitExceededError` before
             creating state past it. The state is fixed-size, so the bound
@@ -191,7 +196,7 @@ class CalibrationCallback(keras.callbacks.Callback):
     """
 
     def __init__(self, config=None, max_samples=None, sampling="all", seed=None, *, sampling_options=None,
-                 num_bins=2048, statistics="full", memory_limit=None, verbose=0):
+                 num_bins=2048, statistics="full", sample_size=65536, memory_limit=None, verbose=0):
         super().__init__()
         if config is None:
             config = QuantConfig.int8()
@@ -209,6 +214,7 @@ class CalibrationCallback(keras.callbacks.Callback):
         self.seed = seed
         self.num_bins = num_bins
         self.statistics = statistics
+        self.sample_size = check_int("sample_size", sample_size, minimum=1, allow_none=True)
         self.memory_limit = memory_limit
         self.verbose = verbose
         if statistics not in STATISTICS:
@@ -229,6 +235,8 @@ class CalibrationCallback(keras.callbacks.Callback):
         self._planned = {}
         self._progbar = None
         self._model_name = None
+        self._step_cache = None  # (what it depends on, the compiled calibrating step function)
+        self._compiled = None  # Keras' own step function inside it
 
     # Which tensors ------------------------------------------------------------
     def _tracked_layers(self, model):
@@ -293,7 +301,7 @@ class CalibrationCallback(keras.callbacks.Callback):
         if key in self._collectors:
             return self._collectors[key]
         collector = LayerCollector(spec=spec, num_bins=self.num_bins, statistics=self.statistics,
-                                   name=f"kq_calibration_{len(self._collectors)}")
+                                   sample_size=self.sample_size, name=f"kq_calibration_{len(self._collectors)}")
         if shape is not None:
             self._check_memory(key, collector, shape)
             collector.build(shape)
@@ -432,16 +440,38 @@ class CalibrationCallback(keras.callbacks.Callback):
             "function": (fn_name, getattr(model, fn_name, None)),
         }
         setattr(model, step_name, self._wrap_step(mode, getattr(model, step_name)))
-        getattr(model, _MAKERS[mode])(force=True)
-        self._compiled = getattr(model, fn_name)
-        if mode == "predict" and not model.run_eagerly:
-            model.predict_function = _trace_once(model.predict_function)
+        self._compile_step(model, mode, fn_name)
         self._attached = mode
         self._result = None
         if self.verbose:
             steps = (self.params or {}).get("steps") if mode != "train" else None
             self._progbar = keras.utils.Progbar(steps, stateful_metrics=["samples", "layers"])
             self._start = time.time()
+
+    def _reuse_key(self, model, mode):
+        """What the compiled calibrating step depends on besides the statistics' (fixed) variables."""
+        return (id(model), mode, len(self._collectors), self._saved["step"][1], type(model),
+                model.run_eagerly, getattr(model, "jit_compile", None), getattr(model, "distribute_strategy", None))
+
+    def _compile_step(self, model, mode, fn_name):
+        """Put the calibrating step function on `model`: the one this callback compiled on an earlier
+        call when nothing it depends on changed (`_reuse_key`), else a new one.
+
+        Reused, a later call neither traces nor instantiates the step again (the graph reads the
+        same state variables, so the statistics accumulate as before), and holds no new graph: the
+        resident memory stays flat over repeated calls. The hooks are in place all the same, for a
+        trace Keras may still make (a new input signature).
+        """
+        key = self._reuse_key(model, mode)
+        cached = self._step_cache
+        if cached is not None and cached[0] == key:
+            setattr(model, fn_name, cached[1])
+            return
+        getattr(model, _MAKERS[mode])(force=True)
+        self._compiled = getattr(model, fn_name)
+        if mode == "predict" and not model.run_eagerly:
+            model.predict_function = _trace_once(model.predict_function)
+        self._step_cache = (key, getattr(model, fn_name))
 
     def detach(self):
         """Put the model back as it was (hooks, step, step function) now.

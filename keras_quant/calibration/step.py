@@ -179,20 +179,21 @@ def _channel_rows(key, x):
     return ops.reshape(x, (-1, ops.shape(x)[-1]))
 
 def sample_positions(n, m):
-    """int32 positions of `m` values spread over `[0, n)` (`n > m`): one in each of `m` equal runs.
+    """int32 positions of `min(n, m)` values spread over `[0, n)`: one in each of that many equal runs.
 
     Run `i` is `[floor(i n / m), floor((i + 1) n / m))`; its value is taken at
     offset `(7919 i) mod width`, so the positions follow no fixed stride that
-    could line up with a channel or row period. Deterministic; `n` may be a
-    tensor.
+    could line up with a channel or row period. With `n <= m` every position,
+    in order. Deterministic; `n` may be a tensor (no branch in the graph).
 
     Example:
 
     >>> sorted(set(np.asarray(sample_positions(100, 10)) // 10)) == list(range(10))
     True
     """
+    m = min(n, m) if isinstance(n, int) else ops.minimum(n, m)
     i = ops.arange(m, dtype="int32")
-    run = ops.cast(n, "float32") / float(m)
+    run = ops.cast(n, "float32") / ops.maximum(ops.cast(m, "float32"), 1.0)
     start = ops.cast(ops.floor(ops.cast(i, "float32") * run), "int32")
     stop = ops.cast(ops.floor(ops.cast(i + 1, "float32") * run), "int32")
     width = ops.maximum(stop - start, 1)
@@ -204,18 +205,10 @@ def _sampled(key, rows, valid):
     n = ops.shape(rows)[0]
     if key.sample is None or (isinstance(n, int) and n <= key.sample):
         return rows, valid
-
-    def take():
-        pos = sample_positions(n, key.sample)
-        return ops.take(rows, pos), (None if valid is None else ops.take(valid, pos))
-
-    if isinstance(n, int):  # a static size (JAX, or a known TensorFlow shape)
-        return take()
-    if keras.backend.backend() != "tensorflow":  # a symbolic size (shape inference only): read it all
-        return rows, valid
-    if valid is None:
-        return ops.cond(n > key.sample, lambda: take()[0], lambda: rows), None
-    return ops.cond(n > key.sample, take, lambda: (rows, valid))
+    if not isinstance(n, int) and keras.backend.backend() != "tensorflow":
+        return rows, valid  # a symbolic size (shape inference only): read it all
+    pos = sample_positions(n, key.sample)  # a gather of every value when n <= sample: no branch to instantiate
+    return ops.take(rows, pos), (None if valid is None else ops.take(valid, pos))
 
 
 def _weighted_sample(key, rows, valid, n):

@@ -16,6 +16,7 @@ from keras_quant.calibration.step import SAMPLE, sample_positions
 
 def ref_positions(n, m):
     """numpy copy of `sample_positions` (the same float32 arithmetic)."""
+    m = min(n, m)
     i = np.arange(m, dtype=np.int32)
     run = np.float32(n) / np.float32(m)
     start = np.floor(i.astype(np.float32) * run).astype(np.int32)
@@ -35,13 +36,14 @@ def ref_batch(x, m):
             scale * (s == 0).sum(), s, scale)
 
 
-@pytest.mark.parametrize("n, m", [(100, 10), (10_000, 1000), (2_508_800, SAMPLE), (1001, 1000)])
+@pytest.mark.parametrize("n, m", [(100, 10), (10_000, 1000), (2_508_800, SAMPLE), (1001, 1000), (50, 100)])
 def test_positions_one_per_run_and_match_the_reference(n, m):
     pos = np.asarray(sample_positions(n, m))
     np.testing.assert_array_equal(pos, ref_positions(n, m))
-    assert pos.shape == (m,) and pos.min() >= 0 and pos.max() < n
+    assert pos.shape == (min(n, m),) and pos.min() >= 0 and pos.max() < n
     assert np.all(np.diff(pos) > 0)  # one per run, in order, no repeats
     # Run i starts at floor(i n / m) (in float32: off by one at a few run boundaries of a large n).
+    m = min(n, m)  # n <= m: every position
     start = np.floor(np.arange(m + 1) * (n / m)).astype(np.int64)
     assert np.all(pos >= start[:-1] - 1) and np.all(pos < start[1:] + 1)
 
