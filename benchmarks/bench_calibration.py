@@ -18,6 +18,8 @@ not installed, said in the notes), with a fixed seed. Then, all in the same run:
 3. memory: peak RSS growth (a background thread samples psutil's RSS) and `cb.state_bytes` when
    calibrating on n small vs n large samples streamed from `tf.data` (1000 source images repeated),
    so the data is never all in memory; the state must be the same size.
+4. issue 17 (`speed_rows`, batch 200): marginal cost per sample (full / range statistics) and a first
+   calibrating call over plain predict, float model to int8 file over the TFLite converter, RSS per call.
 """
 
 import gc
@@ -496,8 +498,8 @@ def rss_per_call(model, x, calls):
             gc.collect()
             rss.append(proc.memory_info().rss / 2**20)
         out[label] = float(np.polyfit(np.arange(calls), rss, 1)[0])
-    return [{"case": f"RSS growth per calibrating call ({calls} calls, {len(x)} samples, {label})",
-             "mib_per_call": v, "target": "< 0.1 MiB", "met": v < 0.1} for label, v in out.items()]
+    return [{"case": f"RSS growth per calibrating call ({calls} calls, {len(x)} samples, {label})", "mib_per_call": v,
+             "target": "< 0.1 MiB", "met": v < 0.1} for label, v in out.items()]
 
 
 def speed_rows(model, pool, quick):

@@ -82,10 +82,7 @@ def _gather(x):
 
 
 # Steps of a calibrating predict run unoptimised before the graph is optimised (see `_trace_once`).
-# Optimising the calibrating graph (about a second on a small CNN) bought nothing measurable per
-# step there (benchmarks/bench_calibration.py, issue 17): the observers read the tensors Grappler
-# would fuse away. Only a long calibration switches, where a second is a small share.
-_UNOPTIMIZED_STEPS = 100
+_UNOPTIMIZED_STEPS = 16
 
 
 def _trace_once(function):
@@ -99,7 +96,7 @@ def _trace_once(function):
 
     The first `_UNOPTIMIZED_STEPS` calls run the graph as traced, without
     Grappler (`graph.unoptimized_functions`): optimising it costs more than
-    the steps of a calibration on a few thousand samples take. A longer one
+    the steps of a calibration on a few hundred samples take. A longer one
     then switches to the optimised graph, instantiated once more.
     """
     import tensorflow as tf
