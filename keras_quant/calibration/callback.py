@@ -173,11 +173,9 @@ class CalibrationCallback(keras.callbacks.Callback):
             config quantizes) or `"range"` (only what `kq.quantize_model`
             reads: the tensors where it puts activation quantizers, and only
             what each one's observer needs; the cheapest in the step).
-        sample_size: The most values of one batch of one tensor that the
-            moments, zero count and histogram read (a larger batch: that many,
-            spread evenly over it, scaled up to the batch; see
-            `kq.calibration.LayerCollector`); counts, min / max and per-channel
-            min / max always read every value. None: every statistic exact.
+        sample_size: The most values of a tensor's batch the moments, zero count
+            and histogram read (`kq.calibration.LayerCollector`; counts and
+            extremes read all). None: every statistic exact.
         memory_limit: Optional bound in bytes on the statistics' state; the
             callback raises `kq.errors.MemoryLimitExceededError` before
             creating state past it. The state is fixed-size, so the bound
@@ -235,8 +233,7 @@ class CalibrationCallback(keras.callbacks.Callback):
         self._planned = {}
         self._progbar = None
         self._model_name = None
-        self._step_cache = None  # (what it depends on, the compiled calibrating step function)
-        self._compiled = None  # Keras' own step function inside it
+        self._step_cache = self._compiled = None  # (its key, the calibrating step function); Keras' inside it
 
     # Which tensors ------------------------------------------------------------
     def _tracked_layers(self, model):
@@ -448,24 +445,13 @@ class CalibrationCallback(keras.callbacks.Callback):
             self._progbar = keras.utils.Progbar(steps, stateful_metrics=["samples", "layers"])
             self._start = time.time()
 
-    def _reuse_key(self, model, mode):
-        """What the compiled calibrating step depends on besides the statistics' (fixed) variables."""
-        return (id(model), mode, len(self._collectors), self._saved["step"][1], type(model),
-                model.run_eagerly, getattr(model, "jit_compile", None), getattr(model, "distribute_strategy", None))
-
     def _compile_step(self, model, mode, fn_name):
-        """Put the calibrating step function on `model`: the one this callback compiled on an earlier
-        call when nothing it depends on changed (`_reuse_key`), else a new one.
-
-        Reused, a later call neither traces nor instantiates the step again (the graph reads the
-        same state variables, so the statistics accumulate as before), and holds no new graph: the
-        resident memory stays flat over repeated calls. The hooks are in place all the same, for a
-        trace Keras may still make (a new input signature).
-        """
-        key = self._reuse_key(model, mode)
-        cached = self._step_cache
-        if cached is not None and cached[0] == key:
-            setattr(model, fn_name, cached[1])
+        """Put the calibrating step function on `model`: the one compiled on this callback's last call when
+        nothing it depends on changed (no trace, no new graph: RSS stays flat over calls), else a new one."""
+        key = (id(model), mode, len(self._collectors), self._saved["step"][1], type(model), model.run_eagerly,
+               getattr(model, "jit_compile", None), getattr(model, "distribute_strategy", None))
+        if self._step_cache is not None and self._step_cache[0] == key:  # same variables: stats accumulate
+            setattr(model, fn_name, self._step_cache[1])
             return
         getattr(model, _MAKERS[mode])(force=True)
         self._compiled = getattr(model, fn_name)
