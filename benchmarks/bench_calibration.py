@@ -18,6 +18,8 @@ not installed, said in the notes), with a fixed seed. Then, all in the same run:
 3. memory: peak RSS growth (a background thread samples psutil's RSS) and `cb.state_bytes` when
    calibrating on n small vs n large samples streamed from `tf.data` (1000 source images repeated),
    so the data is never all in memory; the state must be the same size.
+4. issue 17 (`speed_rows`, batch 200): marginal cost per sample (full / range statistics) and a first
+   calibrating call over plain predict, float model to int8 file over the TFLite converter, RSS per call.
 """
 
 import gc
@@ -361,6 +363,155 @@ def memory_rows(model, x_source, sizes):
     return rows
 
 
+# Issue 17: calibration at the cost of predict ------------------------------------------
+SPEED_BATCH = 200
+SPEED_TARGETS = {"marginal full": 2.0, "marginal range": 1.2, "first call": 1.5, "float to int8 file": 1.5}
+QUICK_SPEED = {"small": 800, "large": 4000, "repeats": 1, "first": 1200, "tflite": 300, "rss_calls": 8}
+FULL_SPEED = {"small": 4000, "large": 24000, "repeats": 3, "first": 4000, "tflite": 1000, "rss_calls": 20}
+
+
+def _calibrate(model, x, statistics="full", cb=None):
+    import keras_quant as kq
+
+    cb = cb or kq.CalibrationCallback(statistics=statistics)
+    model.predict(x, batch_size=SPEED_BATCH, verbose=0, callbacks=[cb])
+    _ = cb.result
+    return cb
+
+
+def marginal_rows(model, pool, small, large, repeats):
+    """Per-sample marginal cost `(T(large) - T(small)) / (large - small)`, each call with a fresh
+    callback (calibrating) or the model's compiled step (plain), interleaved; medians."""
+    def plain(n):
+        model.predict(pool[:n], batch_size=SPEED_BATCH, verbose=0)
+
+    cases = {"plain": plain, "full": lambda n: _calibrate(model, pool[:n], "full"),
+             "range": lambda n: _calibrate(model, pool[:n], "range")}
+    per = {k: [] for k in cases}
+    for _ in range(repeats):
+        for k, fn in cases.items():
+            per[k].append((_time(lambda: fn(large)) - _time(lambda: fn(small))) / (large - small))
+    med = {k: statistics.median(v) for k, v in per.items()}
+    rows = []
+    for k in ("full", "range"):
+        ratio, target = med[k] / med["plain"], SPEED_TARGETS[f"marginal {k}"]
+        rows.append({"case": f"marginal cost per sample, statistics={k!r} / plain predict", "ratio": ratio,
+                     "with_ms": med[k] * 1e3, "without_ms": med["plain"] * 1e3, "target": f"<= {target}x",
+                     "met": ratio <= target})
+    return rows
+
+
+def first_call_rows(model, x, repeats):
+    """A first calibrating call (fresh callback: hooks, trace, compile, run, `cb.result`) over a first
+    plain predict (a fresh predict function: Keras traces and compiles it in the call), interleaved."""
+    plain, calib = [], {"full": [], "range": []}
+    for _ in range(repeats):
+        model.predict_function = None
+        plain.append(_time(lambda: model.predict(x, batch_size=SPEED_BATCH, verbose=0)))
+        for k in calib:
+            calib[k].append(_time(lambda k=k: _calibrate(model, x, k)))
+    p = statistics.median(plain)
+    rows = []
+    for k, times in calib.items():
+        c = statistics.median(times)
+        target = SPEED_TARGETS["first call"]
+        rows.append({"case": f"first calibrating call incl. cb.result ({len(x)} samples), statistics={k!r} / "
+                             "first plain predict", "ratio": c / p, "with_ms": c * 1e3, "without_ms": p * 1e3,
+                     "target": f"<= {target}x", "met": c / p <= target})
+    return rows
+
+
+def float_to_file_rows(model, x, repeats):
+    """Float model to int8 .tflite file: ours (predict with the callback, `kq.quantize_model`,
+    `kq.export_tflite(mode="int8")`) over the TFLite converter's own (representative dataset of the same
+    samples at batch 1, Optimize.DEFAULT, int8 builtins), the faster of from_keras_model and
+    model.export + from_saved_model (each writing its file)."""
+    import tensorflow as tf
+    import keras_quant as kq
+
+    tmp = tempfile.mkdtemp(prefix="kq_bench_f2f_")
+    parts = {"calibrate": [], "quantize": [], "export": []}
+
+    def rep():
+        for i in range(len(x)):
+            yield [x[i : i + 1]]
+
+    def converter(c):
+        c.optimizations = [tf.lite.Optimize.DEFAULT]
+        c.representative_dataset = rep
+        c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        with open(os.path.join(tmp, "peer.tflite"), "wb") as f:
+            f.write(c.convert())
+
+    def from_keras():
+        converter(tf.lite.TFLiteConverter.from_keras_model(model))
+
+    def from_saved():
+        path = os.path.join(tmp, f"saved_{time.perf_counter_ns()}")
+        model.export(path, format="tf_saved_model", verbose=False)
+        converter(tf.lite.TFLiteConverter.from_saved_model(path))
+
+    def ours():
+        t0 = time.perf_counter()
+        result = _calibrate(model, x).result
+        t1 = time.perf_counter()
+        q = kq.quantize_model(model, calibration=result)
+        t2 = time.perf_counter()
+        kq.export_tflite(q, os.path.join(tmp, "ours.tflite"), mode="int8")
+        for name, dt in zip(parts, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+            parts[name].append(dt)
+
+    try:
+        from_keras()  # warm-up of both sides: converter and export code loaded once
+        ours()
+        for v in parts.values():
+            v.clear()
+        times = {"from_keras_model": [], "saved_model": [], "ours": []}
+        for _ in range(repeats):
+            for name, fn in zip(times, (from_keras, from_saved, ours)):
+                times[name].append(_time(fn))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    peer = min(med["from_keras_model"], med["saved_model"])
+    target = SPEED_TARGETS["float to int8 file"]
+    row = {"case": f"float model to int8 .tflite ({len(x)} samples) / TFLite converter", "ratio": med["ours"] / peer,
+           "with_ms": med["ours"] * 1e3, "without_ms": peer * 1e3, "target": f"<= {target}x",
+           "met": med["ours"] / peer <= target}
+    detail = {f"{k}_ms": v * 1e3 for k, v in med.items()} | {
+        f"ours_{k}_ms": statistics.median(v) * 1e3 for k, v in parts.items()}
+    return [row], detail
+
+
+def rss_per_call(model, x, calls):
+    """MiB of resident memory per calibrating call (slope over `calls` calls, after a full collection
+    each time), with one callback reused and with a fresh callback per call."""
+    import psutil
+
+    proc = psutil.Process()
+    out = {}
+    for label, reuse in (("same callback", True), ("fresh callback", False)):
+        cb = [_calibrate(model, x, cb=cb if reuse else None) for cb in [_calibrate(model, x)] * 3][-1]  # warm-up
+        rss = []
+        for _ in range(calls):
+            _calibrate(model, x, cb=cb if reuse else None)
+            gc.collect()
+            rss.append(proc.memory_info().rss / 2**20)
+        out[label] = float(np.polyfit(np.arange(calls), rss, 1)[0])
+    return [{"case": f"RSS growth per calibrating call ({calls} calls, {len(x)} samples, {label})", "mib_per_call": v,
+             "target": "< 0.1 MiB", "met": v < 0.1} for label, v in out.items()]
+
+
+def speed_rows(model, pool, quick):
+    cfg = QUICK_SPEED if quick else FULL_SPEED
+    large = min(cfg["large"], len(pool) // SPEED_BATCH * SPEED_BATCH)
+    _calibrate(model, pool[:400])  # one-time process set-up (first traces of the shared update functions)
+    rows = marginal_rows(model, pool, cfg["small"], large, cfg["repeats"])
+    rows += first_call_rows(model, pool[: cfg["first"]], cfg["repeats"])
+    f2f, detail = float_to_file_rows(model, pool[: cfg["tflite"]], cfg["repeats"])
+    return rows + f2f, detail, rss_per_call(model, pool[:400], cfg["rss_calls"])
+
+
 # Entry point ---------------------------------------------------------------------------
 def run(quick: bool) -> dict:
     import keras
@@ -371,7 +522,9 @@ def run(quick: bool) -> dict:
     x, y, x_test, data_name = load_data(cfg["train"])
     model, acc = trained_model(x, y)
     x_calib = x_test[:CALIB]
+    speed, speed_detail, rss = speed_rows(model, np.concatenate([x_test, x]), quick)
     rows, fixed = overhead_rows(model, x_calib, cfg["warmup"], cfg["repeats"])
+    rows = speed + rows
     tfl_rows, tfl_detail = tflite_rows(model, x_calib, min(cfg["tflite_samples"], len(x_calib)),
                                        cfg["tflite_repeats"])
     rows += tfl_rows
@@ -390,6 +543,13 @@ def run(quick: bool) -> dict:
         notes.append("WARNING: Fashion-MNIST not installed (Debian's dataset-fashion-mnist); used scikit-learn's "
                      "8x8 digits instead.")
     notes += [
+        "issue 17 rows (first four; batch 200): marginal = (T(large) - T(small)) / (large - small) per sample, "
+        "each calibrating call with a fresh CalibrationCallback (its fixed cost cancels), plain predict with "
+        "the model's compiled step, interleaved, medians; first call = fresh callback (hooks, trace, compile, "
+        "run, cb.result) over a plain predict whose predict_function was reset (Keras traces it in the call); "
+        "float to int8 file = predict+callback, kq.quantize_model, kq.export_tflite(mode='int8') over the "
+        "TFLiteConverter int8 conversion with a representative_dataset of the same samples at batch 1, the "
+        "faster of from_keras_model and model.export + from_saved_model, each writing its file.",
         f"model: Conv2D(16)+BN+ReLU+MaxPool, Conv2D(32)+BN+ReLU+MaxPool, GlobalAveragePooling, Dense(10), trained "
         f"1 epoch on {len(x)} {data_name} images (seed {SEED}; train accuracy {acc:.3f}). "
         f"Batch size {BATCH}; CPU, jit_compile='auto' (no XLA on CPU).",
@@ -427,6 +587,8 @@ def run(quick: bool) -> dict:
     return {
         "rows": rows,
         "tables": {
+            "Issue 17: RSS per calibrating call": rss,
+            "Issue 17: float model to int8 file, parts (ms, medians)": [speed_detail],
             "Fixed cost of the callback per predict call, and cb.result": fixed,
             "TFLite converter detail": [tfl_detail],
             "Collector profile (compiled, one batch)": profile,

@@ -47,11 +47,12 @@ import keras
 from keras_quant.version import __version__
 import keras_quant.graph as graph_lib
 import keras_quant.calibration.sampling as sampling_lib
+from keras_quant.calibration.compiled import gather, replica_context, trace_once
 from keras_quant.calibration.detach import guard
 from keras_quant.calibration.result import CalibrationResult
 from keras_quant.calibration.stats import STATISTICS, LayerCollector
 from keras_quant.config import QuantConfig, check_num_bins
-from keras_quant.errors import ConfigError, MemoryLimitExceededError, NoDataError
+from keras_quant.errors import ConfigError, MemoryLimitExceededError, NoDataError, check_int
 from keras_quant.layers.rules import get_rule, preactivation_key, split_activation
 from keras_quant.layers.walk import input_keys, leaf_layers, layer_keys
 
@@ -60,77 +61,6 @@ __all__ = ["CalibrationCallback"]
 _STEPS = {"train": "train_step", "test": "test_step", "predict": "predict_step"}
 _FUNCTIONS = {"train": "train_function", "test": "test_function", "predict": "predict_function"}
 _MAKERS = {"train": "make_train_function", "test": "make_test_function", "predict": "make_predict_function"}
-
-
-def _replica_context():
-    """The TF replica context when several replicas run in sync, else None."""
-    if keras.backend.backend() != "tensorflow":
-        return None
-    import tensorflow as tf
-
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None or ctx.num_replicas_in_sync <= 1:
-        return None
-    return ctx
-
-
-def _gather(x):
-    """`x` (a tensor or a structure) concatenated over replicas along the batch axis."""
-    ctx = _replica_context()
-    if ctx is None or x is None:
-        return x
-    import tensorflow as tf
-
-    def gather(t):
-        # Multi-worker: the inputs carry no device, a collective needs one (a copy here gets the replica's).
-        if isinstance(t, tf.Tensor) and not t.device:
-            t = tf.identity(t)
-        return ctx.all_gather(t, axis=0)
-
-    return keras.tree.map_structure(gather, x)
-
-
-# Steps of a calibrating predict run unoptimised before the graph is optimised (see `_trace_once`).
-_UNOPTIMIZED_STEPS = 16
-
-
-def _trace_once(function):
-    """`function` (Keras' compiled predict step) traced once, for any batch size.
-
-    Keras traces its step for the first batch's shape, then again, relaxed,
-    for a different (the last, partial) batch. With the observers in the step
-    each trace and first run of a graph is costly, so the first call traces
-    straight away for inputs whose batch dimension is None; later calls of
-    any batch size use that trace.
-
-    The first `_UNOPTIMIZED_STEPS` calls run the graph as traced, without
-    Grappler (`graph.unoptimized_functions`): optimising it costs more than
-    the steps of a calibration on a few hundred samples take. A longer one
-    then switches to the optimised graph, instantiated once more.
-    """
-    import tensorflow as tf
-
-    state = {"calls": 0}
-
-    def relaxed(t):
-        if isinstance(t, tf.Tensor) and t.shape.rank:
-            return tf.TensorSpec((None,) + tuple(t.shape[1:]), t.dtype)
-        return t
-
-    def call(data):
-        state["calls"] += 1
-        if state["calls"] > _UNOPTIMIZED_STEPS:
-            return function(data)
-        first = state["calls"] == 1
-        with graph_lib.unoptimized_functions(), graph_lib.gc_paused() if first else contextlib.nullcontext():
-            if first:  # the trace and the first run of the graph, with no garbage collection in the middle
-                try:
-                    function.get_concrete_function(tf.nest.map_structure(relaxed, data))
-                except (TypeError, ValueError):  # a structure the spec cannot describe: trace as Keras does
-                    pass
-            return function(data)
-
-    return call
 
 
 def _depthwise(layer, x):
@@ -182,6 +112,9 @@ class CalibrationCallback(keras.callbacks.Callback):
             config quantizes) or `"range"` (only what `kq.quantize_model`
             reads: the tensors where it puts activation quantizers, and only
             what each one's observer needs; the cheapest in the step).
+        sample_size: The most values of a tensor's batch the moments, zero count
+            and histogram read (`kq.calibration.LayerCollector`; counts and
+            extremes read all). None: every statistic exact.
         memory_limit: Optional bound in bytes on the statistics' state; the
             callback raises `kq.errors.MemoryLimitExceededError` before
             creating state past it. The state is fixed-size, so the bound
@@ -200,7 +133,7 @@ class CalibrationCallback(keras.callbacks.Callback):
     """
 
     def __init__(self, config=None, max_samples=None, sampling="all", seed=None, *, sampling_options=None,
-                 num_bins=2048, statistics="full", memory_limit=None, verbose=0):
+                 num_bins=2048, statistics="full", sample_size=65536, memory_limit=None, verbose=0):
         super().__init__()
         if config is None:
             config = QuantConfig.int8()
@@ -218,6 +151,7 @@ class CalibrationCallback(keras.callbacks.Callback):
         self.seed = seed
         self.num_bins = check_num_bins(num_bins)
         self.statistics = statistics
+        self.sample_size = check_int("sample_size", sample_size, minimum=1, allow_none=True)
         self.memory_limit = memory_limit
         self.verbose = verbose
         if statistics not in STATISTICS:
@@ -238,6 +172,7 @@ class CalibrationCallback(keras.callbacks.Callback):
         self._planned = {}
         self._progbar = None
         self._model_name = None
+        self._step_cache = self._compiled = None  # (its key, the calibrating step function); Keras' inside it
 
     # Which tensors ------------------------------------------------------------
     def _tracked_layers(self, model):
@@ -302,7 +237,7 @@ class CalibrationCallback(keras.callbacks.Callback):
         if key in self._collectors:
             return self._collectors[key]
         collector = LayerCollector(spec=spec, num_bins=self.num_bins, statistics=self.statistics,
-                                   name=f"kq_calibration_{len(self._collectors)}")
+                                   sample_size=self.sample_size, name=f"kq_calibration_{len(self._collectors)}")
         if shape is not None:
             self._check_memory(key, collector, shape)
             collector.build(shape)
@@ -355,7 +290,7 @@ class CalibrationCallback(keras.callbacks.Callback):
                 else:
                     tensor = _first_tensor(args[0] if observe_input else outputs)
                 if _batched(tensor):
-                    self._observe(key, spec, tensor if getattr(local, "whole", False) else _gather(tensor), local.mask)
+                    self._observe(key, spec, tensor if getattr(local, "whole", False) else gather(tensor), local.mask)
             return outputs
 
         return call
@@ -376,13 +311,13 @@ class CalibrationCallback(keras.callbacks.Callback):
             x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
             if mode == "predict":
                 y = None
-            x_all, y_all = _gather(x), _gather(y)
+            x_all, y_all = gather(x), gather(y)
             mask = self._budget(self._sampler(x_all, labels=y_all))
             if self._keeps_all:  # every sample is kept: spare the observers the masked path
                 mask = None
             self._observe_inputs(x_all, mask)
             local = self._local
-            if mode != "train" and _replica_context() is not None:
+            if mode != "train" and replica_context() is not None:
                 # Several replicas: each observes the model on the whole batch, then runs its share
                 # unobserved (one collective per step: per-layer ones mismatched across workers).
                 local.active, local.mask, local.whole = True, mask, True
@@ -453,10 +388,7 @@ class CalibrationCallback(keras.callbacks.Callback):
             "function": (fn_name, getattr(model, fn_name, None)),
         }
         setattr(model, step_name, self._wrap_step(mode, getattr(model, step_name)))
-        getattr(model, _MAKERS[mode])(force=True)
-        self._compiled = getattr(model, fn_name)
-        if mode == "predict" and not model.run_eagerly:
-            model.predict_function = _trace_once(model.predict_function)
+        self._compile_step(model, mode, fn_name)
         self._saved["restore"] = guard(model, fn_name, _MAKERS[mode], self._detach)  # detached on an exception
         self._attached = mode
         self._result = None
@@ -464,6 +396,20 @@ class CalibrationCallback(keras.callbacks.Callback):
             steps = (self.params or {}).get("steps") if mode != "train" else None
             self._progbar = keras.utils.Progbar(steps, stateful_metrics=["samples", "layers"])
             self._start = time.time()
+
+    def _compile_step(self, model, mode, fn_name):
+        """Put the calibrating step function on `model`: the one compiled on this callback's last call when
+        nothing it depends on changed (no trace, no new graph: RSS stays flat over calls), else a new one."""
+        key = (id(model), mode, len(self._collectors), self._saved["step"][1], type(model), model.run_eagerly,
+               getattr(model, "jit_compile", None), getattr(model, "distribute_strategy", None))
+        if self._step_cache is not None and self._step_cache[0] == key:  # same variables: stats accumulate
+            setattr(model, fn_name, self._step_cache[1])
+            return
+        getattr(model, _MAKERS[mode])(force=True)
+        self._compiled = getattr(model, fn_name)
+        if mode == "predict" and not model.run_eagerly:
+            model.predict_function = trace_once(model.predict_function)
+        self._step_cache = (key, getattr(model, fn_name))
 
     def detach(self):
         """Put the model back as it was (hooks, step, step function) now.

@@ -13,6 +13,15 @@ which of them the spec's range needs) that watches one tensor and keeps, in a fe
   used for percentiles, outlier counts and the `percentile` / `mse` / `kl`
   searches;
 - per channel (along `channel_axis`): `channel_min`, `channel_max`;
+
+Exact and estimated: the counts, the mean, the min / max and the per-channel
+min / max read every value. `M2`..`M4` (hence std, skewness, kurtosis), the
+zero count (sparsity) and the histogram counts read every value of a batch
+of at most `sample_size` values (default 65536) and, of a larger batch,
+`sample_size` values spread evenly over it, scaled up to the batch (see
+`keras_quant.calibration.step`): estimates, unbiased but no longer exact, and
+the histogram's counts are then fractional (their total is the count up to
+rounding). `sample_size=None` reads every value.
 - only when the spec's range cannot be read from the above: the spec's own
   observer (`moving_average`, or a per-channel non-`minmax` spec).
 
@@ -32,7 +41,7 @@ with `n = n_a + n_b`, `d = mean_b - mean_a`, `r_a = n_a / n`, `r_b = n_b / n`,
          + 6 d^2 (r_a^2 M2_b + r_b^2 M2_a) + 4 d (r_a M3_b - r_b M3_a)
 
 (written with ratios so nothing overflows float32), so the result does not
-depend on how the data was split. `merge_moments` (defined in
+depend on how the data was split (exactly so when no batch is sampled). `merge_moments` (defined in
 `keras_quant.calibration.step`) is that formula as a pure function;
 `batch_moments` the numpy two-pass batch moments.
 
@@ -56,9 +65,9 @@ import keras_quant.graph as graph_lib
 import keras_quant.ops as kq_ops
 import keras_quant.calibration.step as step_lib
 from keras_quant.calibration.result import LayerStatistics
-from keras_quant.calibration.step import SCALARS, VARIABLES, StepKey, initial, merge_moments
+from keras_quant.calibration.step import SAMPLE, SCALARS, VARIABLES, StepKey, initial, merge_moments
 from keras_quant.config import as_spec, check_num_bins
-from keras_quant.errors import ConfigError
+from keras_quant.errors import ConfigError, check_int
 from keras_quant.observers.base import state_bytes as observer_state_bytes
 from keras_quant.observers.registry import REGISTRY
 from keras_quant.observers.registry import get as get_observer
@@ -126,8 +135,10 @@ class LayerCollector(keras.layers.Layer):
     fixed memory; `to_statistics()` reads the state into a `LayerStatistics`.
 
     A batch whose sum is finite (the usual case) takes a fast path: plain
-    reductions and an unweighted histogram, with no masking pass. A batch
-    with NaN/Inf, or a `sample_mask`, takes the masked path.
+    reductions, with no masking pass. A batch with NaN/Inf, or a
+    `sample_mask`, takes the masked path. On a batch of more than
+    `sample_size` values the moments, zero count and histogram are
+    estimated from `sample_size` of them (module docstring).
 
     Args:
         spec: The `kq.QuantSpec` of this activation (None: `QuantSpec(bits=8)`);
@@ -141,6 +152,10 @@ class LayerCollector(keras.layers.Layer):
             the spec's observer needs: min/max, plus the histogram for
             `percentile` / `mse` / `kl` / `auto`, the moments for `mean_std`): cheaper
             in the step, with fewer fields in the statistics.
+        sample_size: The most values of one batch that the moments, zero
+            count and histogram read (a larger batch: that many, spread over
+            it, scaled up; the counts, mean and extremes stay exact); None:
+            every value (exact, several times slower on large activations).
         name: Layer name.
         **kwargs: Other Keras layer arguments.
 
@@ -154,7 +169,8 @@ class LayerCollector(keras.layers.Layer):
     >>> c.to_statistics().percentile(99.0)                                 # doctest: +SKIP
     """
 
-    def __init__(self, spec=None, channel_axis=-1, num_bins=2048, statistics="full", name=None, **kwargs):
+    def __init__(self, spec=None, channel_axis=-1, num_bins=2048, statistics="full", name=None, sample_size=SAMPLE,
+                 **kwargs):
         kwargs.setdefault("trainable", False)
         super().__init__(name=name, **kwargs)
         spec = as_spec(spec, layer=name)
@@ -163,6 +179,7 @@ class LayerCollector(keras.layers.Layer):
         if statistics not in STATISTICS:
             raise ConfigError("statistics", statistics, f"statistics must be one of {STATISTICS}", layer=name)
         self.spec = spec
+        self.sample_size = check_int("sample_size", sample_size, minimum=1, allow_none=True, layer=name)
         self.channel_axis = int(channel_axis)
         self.statistics = statistics
         # What the spec's range needs (its registry record) decides what is kept beyond `statistics`.
@@ -242,7 +259,7 @@ class LayerCollector(keras.layers.Layer):
         channel = self._channel_index if self._with_channel_state() else None
         # The rank is part of the key: a relaxed trace keeps the rank, only dimensions become None.
         return StepKey(len(self._batch_shape), self.num_bins, self._with_moments, self._with_zeros,
-                       self._with_hist, channel)
+                       self._with_hist, channel, self.sample_size)
 
     # Graph-side update ------------------------------------------------------
     def call(self, inputs, sample_mask=None):
@@ -275,6 +292,9 @@ class LayerCollector(keras.layers.Layer):
         if self._extra is not None:
             self._extra.call(inputs, sample_mask=sample_mask)
         return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape  # a pass-through: no symbolic run of the update
 
     # Eager API -------------------------------------------------------------
     def reset(self):
@@ -351,5 +371,5 @@ class LayerCollector(keras.layers.Layer):
     def get_config(self):
         config = keras.layers.Layer.get_config(self)
         config.update({"spec": self.spec.get_config(), "channel_axis": self.channel_axis, "num_bins": self.num_bins,
-                       "statistics": self.statistics})
+                       "statistics": self.statistics, "sample_size": self.sample_size})
         return config

@@ -23,9 +23,21 @@ Batch moments are computed two-pass within the batch and merged with the
 running ones by `merge_moments` (Chan et al. 1979, Pébay 2008; see
 `keras_quant.calibration.stats`).
 
+What is exact and what is sampled: the counts (values, samples, non-finite
+values), the sum (hence the mean), the min / max and the per-channel min /
+max read every value of every batch. The central moments `M2`..`M4`, the
+zero count and the histogram counts read every value of a batch of at most
+`key.sample` values; of a larger batch they read `key.sample` of its values,
+one from each of `key.sample` equal runs of the flattened batch (run `i`
+holds the positions `[floor(i n / m), floor((i + 1) n / m))`; the value
+taken is at offset `(7919 i) mod width` in it: deterministic, and not
+aligned with a channel or row period), and are scaled by `n / m` (values
+over values read), so they estimate the batch's sums about its exact
+mean. `key.sample=None` reads every value for everything.
+
 Example:
 
->>> key = StepKey(rank=2, num_bins=64, moments=True, zeros=True, hist=True, channel=None)
+>>> key = StepKey(rank=2, num_bins=64, moments=True, zeros=True, hist=True, channel=None, sample=None)
 >>> state = {"scalars": initial("scalars", None), "hist": initial("hist", (64,))}
 >>> new = step(key, state, np.ones((4, 3), "float32"))
 """
@@ -41,7 +53,7 @@ from keras import ops
 from keras_quant.observers.base import expand_mask
 from keras_quant.ops.histogram import bin_counts, rebin_counts
 
-__all__ = ["StepKey", "step", "step_function", "update_function", "resource_handles", "merge_moments",
+__all__ = ["StepKey", "SAMPLE", "sample_positions", "step", "step_function", "update_function", "resource_handles", "merge_moments",
            "initial", "SCALARS", "VARIABLES"]
 
 # The per-tensor statistics, packed in one `(len(SCALARS),)` variable, and their empty values.
@@ -50,6 +62,9 @@ _SCALAR_INITIAL = dict.fromkeys(SCALARS, 0.0) | {"min_val": float("inf"), "max_v
 _IS_MIN = np.array([k == "min_val" for k in SCALARS])
 _IS_MAX = np.array([k == "max_val" for k in SCALARS])
 VARIABLES = ("scalars", "hist", "channel_min", "channel_max")
+# The values of a batch that its moments, zero count and histogram read (`StepKey.sample`'s default).
+SAMPLE = 65536
+_STRIDE_HASH = 7919  # a prime: the offset inside each run, (7919 i) mod width, in int32 for i < 2**18
 _FILLS = {"hist": 0.0, "channel_min": float("inf"), "channel_max": float("-inf")}
 
 
@@ -71,6 +86,9 @@ class StepKey:
         zeros: Whether exact zeros are counted.
         hist: Whether the histogram is kept.
         channel: The channel axis (an index) of the per-channel extremes, or None.
+        sample: The most values of a batch the moments, zero count and histogram
+            read (a larger batch: that many, spread over it; see the module
+            docstring), or None: every value.
     """
 
     rank: Optional[int]
@@ -79,6 +97,7 @@ class StepKey:
     zeros: bool
     hist: bool
     channel: Optional[int]
+    sample: Optional[int] = None
 
     @property
     def state_names(self):
@@ -159,42 +178,99 @@ def _channel_rows(key, x):
     # The channel size is read from the tensor, not fixed: one shared trace serves every width.
     return ops.reshape(x, (-1, ops.shape(x)[-1]))
 
+def sample_positions(n, m):
+    """int32 positions of `min(n, m)` values spread over `[0, n)`: one in each of that many equal runs.
+
+    Run `i` is `[floor(i n / m), floor((i + 1) n / m))`; its value is taken at
+    offset `(7919 i) mod width`, so the positions follow no fixed stride that
+    could line up with a channel or row period. With `n <= m` every position,
+    in order. Deterministic; `n` may be a tensor (no branch in the graph).
+
+    Example:
+
+    >>> sorted(set(np.asarray(sample_positions(100, 10)) // 10)) == list(range(10))
+    True
+    """
+    m = min(n, m) if isinstance(n, int) else ops.minimum(n, m)
+    i = ops.arange(m, dtype="int32")
+    run = ops.cast(n, "float32") / ops.maximum(ops.cast(m, "float32"), 1.0)
+    start = ops.cast(ops.floor(ops.cast(i, "float32") * run), "int32")
+    stop = ops.cast(ops.floor(ops.cast(i + 1, "float32") * run), "int32")
+    width = ops.maximum(stop - start, 1)
+    return ops.minimum(start + ops.mod(i * _STRIDE_HASH, width), n - 1)
+
+
+def _sampled(key, rows, valid):
+    """`(values, valid)`: all of `rows` (and `valid`), or the `key.sample` values at `sample_positions`."""
+    n = ops.shape(rows)[0]
+    if key.sample is None or (isinstance(n, int) and n <= key.sample):
+        return rows, valid
+    if not isinstance(n, int) and keras.backend.backend() != "tensorflow":
+        return rows, valid  # a symbolic size (shape inference only): read it all
+    pos = sample_positions(n, key.sample)  # a gather of every value when n <= sample: no branch to instantiate
+    return ops.take(rows, pos), (None if valid is None else ops.take(valid, pos))
+
+
+def _weighted_sample(key, rows, valid, n):
+    """`(values, weights)` the moments, zero count and histogram read: the values of `_sampled`, each
+    weighted by how many values of the batch it stands for (exactly 1 when every value is read). A
+    value that does not count (masked, non-finite) is 0 with weight 0."""
+    values, keep = _sampled(key, rows, valid)
+    if keep is None:
+        m = ops.cast(ops.shape(values)[0], "float32")
+        return values, ops.ones_like(values) * (n / ops.maximum(m, 1.0))
+    w = ops.cast(keep, "float32")
+    return ops.where(keep, values, 0.0), w * (n / ops.maximum(ops.sum(w), 1.0))
+
+
+def _extremes(rows, chan, valid, valid_chan):
+    """`(min, max, (channel_min, channel_max))` of the values that count, exact.
+
+    With per-channel state the tensor's extremes are those of the channels'
+    (two passes over the batch, not four).
+    """
+    inf = float("inf")
+    if chan is not None:
+        if valid_chan is not None:
+            chan_lo, chan_hi = ops.where(valid_chan, chan, inf), ops.where(valid_chan, chan, -inf)
+        else:
+            chan_lo = chan_hi = chan
+        clo, chi = ops.min(chan_lo, axis=0), ops.max(chan_hi, axis=0)
+        return ops.min(clo), ops.max(chi), (clo, chi)
+    zero = ops.zeros((), "float32")
+    if valid is None:
+        return ops.min(rows), ops.max(rows), (zero, zero)
+    return ops.min(ops.where(valid, rows, inf)), ops.max(ops.where(valid, rows, -inf)), (zero, zero)
+
+
 def _summary(key, rows, chan, valid, valid_chan, total):
-    """The batch's `(n, mean, M2, M3, M4, zeros, min, max, channel_min, channel_max)`.
+    """The batch's `(n, mean, M2, M3, M4, zeros, min, max, channel_min, channel_max, values, weights)`.
 
     `valid=None`: every value counts (fast path; `total` is `sum(rows)`).
-    Otherwise `valid` (and `valid_chan`) mask the values that count.
+    Otherwise `valid` (and `valid_chan`) mask the values that count. The
+    count, mean and extremes read every value; `M2`..`M4` (about the exact
+    mean) and the zero count are the weighted sums over `(values, weights)`
+    (`_weighted_sample`), which the histogram then bins.
     """
     zero = ops.zeros((), "float32")
     if valid is None:
         n = ops.cast(ops.shape(rows)[0], "float32")
-        x = rows
-        lo, hi = ops.min(rows), ops.max(rows)
     else:
-        w = ops.cast(valid, "float32")
-        n = ops.sum(w)
-        x = ops.where(valid, rows, 0.0)
-        total = ops.sum(x)
-        lo = ops.min(ops.where(valid, rows, float("inf")))
-        hi = ops.max(ops.where(valid, rows, float("-inf")))
+        n = ops.sum(ops.cast(valid, "float32"))
+        total = ops.sum(ops.where(valid, rows, 0.0))
+    lo, hi, channel = _extremes(rows, chan, valid, valid_chan)
+    if not (key.moments or key.zeros or key.hist):
+        return (n, zero, zero, zero, zero, zero, lo, hi) + channel + (zero, zero)
+    values, weights = _weighted_sample(key, rows, valid, n)
     moments = (n, zero, zero, zero, zero)
     if key.moments:
         mean = total / ops.maximum(n, 1.0)
-        d = x - mean if valid is None else (x - mean) * w
-        d2 = d * d
-        moments = (n, mean, ops.sum(d2), ops.sum(d2 * d), ops.sum(d2 * d2))
-    zeros = zero
-    if key.zeros:
-        is_zero = ops.equal(rows, 0.0) if valid is None else ops.logical_and(ops.equal(rows, 0.0), valid)
-        zeros = ops.sum(ops.cast(is_zero, "float32"))
-    channel = (zero, zero)
-    if chan is not None:
-        if valid_chan is None:
-            channel = (ops.min(chan, axis=0), ops.max(chan, axis=0))
-        else:
-            channel = (ops.min(ops.where(valid_chan, chan, float("inf")), axis=0),
-                       ops.max(ops.where(valid_chan, chan, float("-inf")), axis=0))
-    return moments + (zeros, lo, hi) + channel
+        d = values - mean
+        wd2 = weights * d * d
+        moments = (n, mean, ops.sum(wd2), ops.sum(wd2 * d), ops.sum(wd2 * d * d))
+    zeros = ops.sum(ops.where(ops.equal(values, 0.0), weights, 0.0)) if key.zeros else zero
+    return moments + (zeros, lo, hi) + channel + (values, weights)
+
 
 def step(key, state, x, sample_mask=None):
     """The new state after folding the batch `x` in: a pure function of its arguments.
@@ -216,8 +292,7 @@ def step(key, state, x, sample_mask=None):
     chan = _channel_rows(key, x) if key.channel is not None else None
     zero = ops.zeros((), "float32")
     if sample_mask is None:
-        total = ops.sum(rows)
-        fast = ops.isfinite(total)  # an overflowing sum just takes the exact masked path
+        total = ops.sum(rows)  # also the test for NaN / Inf: an overflowing sum just takes the exact masked path
 
         def masked():
             finite = ops.isfinite(x)
@@ -225,7 +300,8 @@ def step(key, state, x, sample_mask=None):
             bad = ops.sum(ops.cast(ops.logical_not(finite), "float32"))
             return _summary(key, rows, chan, ops.reshape(finite, (-1,)), valid_chan, None) + (bad,)
 
-        summary = ops.cond(fast, lambda: _summary(key, rows, chan, None, None, total) + (zero,), masked)
+        summary = ops.cond(ops.isfinite(total), lambda: _summary(key, rows, chan, None, None, total) + (zero,),
+                           masked)
         seen = ops.cast(ops.shape(x)[0], "float32")
     else:
         keep = expand_mask(sample_mask, x) > 0.5
@@ -233,11 +309,9 @@ def step(key, state, x, sample_mask=None):
         valid = ops.logical_and(finite, keep)
         bad = ops.sum(ops.cast(ops.logical_and(keep, ops.logical_not(finite)), "float32"))
         valid_chan = _channel_rows(key, valid) if chan is not None else None
-        valid_rows = ops.reshape(valid, (-1,))
-        summary = _summary(key, rows, chan, valid_rows, valid_chan, None) + (bad,)
+        summary = _summary(key, rows, chan, ops.reshape(valid, (-1,)), valid_chan, None) + (bad,)
         seen = ops.sum(ops.cast(sample_mask, "float32"))
-        fast = None
-    n_b, mean_b, m2_b, m3_b, m4_b, zeros_b, lo_b, hi_b, clo_b, chi_b, bad_b = summary
+    n_b, mean_b, m2_b, m3_b, m4_b, zeros_b, lo_b, hi_b, clo_b, chi_b, values, weights, bad_b = summary
 
     old = dict(zip(SCALARS, ops.unstack(state["scalars"], num=len(SCALARS))))
     new = dict(old)
@@ -257,10 +331,8 @@ def step(key, state, x, sample_mask=None):
     new["max_val"] = ops.where(has_batch, ops.maximum(old_hi, hi_b), old_hi)
     out = {"scalars": ops.stack([new[k] for k in SCALARS])}
     if key.hist:
-        # Masked: the mask already computed; unmasked: the fast path, or (NaN/Inf) `isfinite` again.
-        valid_col = None if sample_mask is None else ops.reshape(valid_rows, (-1, 1))
-        out["hist"] = _histogram_step(key, state["hist"], rows, x, valid_col, fast, old_lo, old_hi,
-                                           new["min_val"], new["max_val"])
+        out["hist"] = _histogram_step(key, state["hist"], values, weights, old_lo, old_hi,
+                                      new["min_val"], new["max_val"])
     if chan is not None:
         out["channel_min"] = ops.minimum(state["channel_min"], clo_b)
         out["channel_max"] = ops.maximum(state["channel_max"], chi_b)
@@ -293,22 +365,17 @@ def _range_step(state, x):
     new = ops.minimum(new, ops.where(_IS_MIN, lo, inf))
     return {"scalars": ops.maximum(new, ops.where(_IS_MAX, hi, -inf))}
 
-def _histogram_step(key, hist, rows, x, valid, fast, old_lo, old_hi, new_lo, new_hi):
-    """The histogram widened to `[new_lo, new_hi]` with the batch binned in.
+def _histogram_step(key, hist, values, weights, old_lo, old_hi, new_lo, new_hi):
+    """The histogram widened to `[new_lo, new_hi]` with the weighted `values` binned in.
 
-    `valid` is the `(N, 1)` mask of a masked batch (then `fast` is None);
-    otherwise `fast` says whether the batch is all finite.
+    Every value of weight > 0 lies in the new range (it is exact); the others
+    are clipped into a bin with weight 0.
     """
     bins = key.num_bins
     lo1, hi1 = ops.reshape(new_lo, (1,)), ops.reshape(new_hi, (1,))
     hist = rebin_counts(ops.reshape(hist, (1, bins)), ops.reshape(old_lo, (1,)), ops.reshape(old_hi, (1,)),
                         lo1, hi1, bins, 1)
-    col = ops.reshape(rows, (-1, 1))
-    if fast is None:
-        counts = bin_counts(col, valid, lo1, hi1, bins, 1)
-    else:
-        counts = ops.cond(fast, lambda: bin_counts(col, None, lo1, hi1, bins, 1),
-                          lambda: bin_counts(col, ops.reshape(ops.isfinite(x), (-1, 1)), lo1, hi1, bins, 1))
+    counts = bin_counts(ops.reshape(values, (-1, 1)), None, lo1, hi1, bins, 1, weights=weights)
     return ops.reshape(hist + counts, (bins,))
 
 

@@ -98,25 +98,31 @@ def rebin_counts(hist, old_lo, old_hi, new_lo, new_hi, bins, slots):
     return ops.where(changed[:, None], ops.reshape(moved, (slots, bins)), hist)
 
 
-def bin_counts(rows, finite, lo, hi, bins, slots):
+def bin_counts(rows, finite, lo, hi, bins, slots, weights=None):
     """`(K, B)` counts of the finite values of `rows` `(N, K)` in bins over `[lo, hi]`.
 
     A pure `keras.ops` kernel (`bins` and `slots` static); `lo`, `hi` are
     `(K,)`. `finite=None` means every value is finite and inside `[lo, hi]`
     (the common case), which skips the masking passes over the batch.
+    `weights` (optional, float, `rows`' shape or `(N * K,)`): each value adds
+    its weight instead of 1 (a value standing for several, as in a
+    subsample; a value of weight 0 may lie anywhere when `finite=None`: it is
+    clipped into the first or last bin).
     """
     valid = lo <= hi
     lo = ops.where(valid, lo, 0.0)
     width = ops.where(valid, hi - lo, 0.0)
     inv_width = ops.where(width > 0, bins / ops.where(width > 0, width, 1.0), 0.0)  # 0: everything in bin 0
+    if weights is not None:
+        weights = ops.reshape(weights, (-1,))
     if finite is None:
         pos = ops.clip((rows - lo) * inv_width, 0.0, bins - 1.0)
-        weights = None
     else:
         x = ops.where(finite, rows, lo)
         pos = (x - lo) * inv_width
         pos = ops.where(pos >= 0, ops.minimum(pos, bins - 1.0), 0.0)  # also maps NaN to 0
-        weights = ops.reshape(ops.cast(finite, "float32"), (-1,))
+        mask = ops.reshape(ops.cast(finite, "float32"), (-1,))
+        weights = mask if weights is None else mask * weights
     index = ops.cast(pos, "int32")  # truncation is floor for pos >= 0
     if slots > 1:
         index = index + (ops.arange(slots, dtype="int32") * bins)[None, :]

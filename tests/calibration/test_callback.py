@@ -479,9 +479,9 @@ def test_predict_step_is_traced_once_for_a_partial_last_batch():
 
 
 def test_statistics_are_exact_across_the_switch_to_the_optimised_step():
-    from keras_quant.calibration import callback as callback_lib
+    from keras_quant.calibration import compiled as compiled_lib
 
-    n = 8 * (callback_lib._UNOPTIMIZED_STEPS + 3)  # unoptimised steps first, then the optimised graph
+    n = 8 * (compiled_lib.UNOPTIMIZED_STEPS + 3)  # unoptimised steps first, then the optimised graph
     x, _ = data(n)
     model = functional_model()
     cb = CalibrationCallback()
@@ -534,3 +534,47 @@ def test_preactivation_of_a_layers_own_activation_is_recorded(statistics):
     assert stats.min == pytest.approx(float(logits.min()), abs=1e-5)
     assert stats.max == pytest.approx(float(logits.max()), abs=1e-5)
     assert cb.result["out"].max <= 1.0  # the softmax output, as before
+
+
+def test_a_later_call_reuses_the_compiled_step_and_accumulates():
+    x, _ = data(64)
+    model = functional_model()
+    plain = model.predict(x, verbose=0)
+    plain_fn = model.predict_function
+    cb = CalibrationCallback()
+    used = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_predict_batch_end(self, batch, logs=None):
+            used.append(self.model.predict_function)
+
+    model.predict(x[:32], batch_size=16, callbacks=[cb, Spy()], verbose=0)
+    model.predict(x[32:], batch_size=16, callbacks=[cb, Spy()], verbose=0)
+    assert all(fn is used[0] for fn in used)  # one calibrating step for both calls: no new trace
+    assert cb._compiled.experimental_get_tracing_count() == 1
+    assert model.predict_function is plain_fn  # the model's own step is put back after each call
+    np.testing.assert_array_equal(model.predict(x, verbose=0), plain)
+    for name, ref in probe_outputs(model, NAMES, x).items():
+        assert_matches(cb.result[name], ref)
+    cb.reset()
+    model.predict(x[:16], callbacks=[cb, Spy()], verbose=0)
+    assert used[-1] is used[0]
+    assert_matches(cb.result["relu"], probe_outputs(model, ["relu"], x[:16])["relu"])
+    other = functional_model(seed=1)  # another model: its own step
+    model2_cb = used[-1]
+    other.predict(x[:16], callbacks=[cb, Spy()], verbose=0)
+    assert used[-1] is not model2_cb
+
+
+def test_sample_size_reaches_the_collectors():
+    x, _ = data(32)
+    with pytest.raises(ConfigError, match="sample_size"):
+        CalibrationCallback(sample_size=0)
+    model = functional_model()
+    cb = CalibrationCallback(sample_size=100)  # 32 x 8 x 8 x 4 values a batch: sampled
+    model.predict(x, batch_size=32, callbacks=[cb], verbose=0)
+    ref = probe_outputs(model, ["relu"], x)["relu"]
+    stats = cb.result["relu"]
+    assert (stats.count, stats.min, stats.max) == (ref.size, ref.min(), ref.max())  # exact
+    np.testing.assert_allclose(stats.mean, ref.astype(np.float64).mean(), rtol=1e-5, atol=1e-6)
+    assert stats.std == pytest.approx(ref.std(), rel=0.25)  # estimated from 100 values
