@@ -30,7 +30,7 @@ def replica_context():
         return None
     import tensorflow as tf
 
-    ctx = tf.distribute.getreplica_context()
+    ctx = tf.distribute.get_replica_context()
     if ctx is None or ctx.num_replicas_in_sync <= 1:
         return None
     return ctx

@@ -334,8 +334,9 @@ class LayerCollector(keras.layers.Layer):
         if not self.built:
             return LayerStatistics(**base)
         values = dict(zip(SCALARS, np.asarray(ops.convert_to_numpy(self._scalars_var), np.float64).tolist()))
-        count = int(round(values["count"]))
-        base.update(num_samples=int(round(values["samples"])), non_finite_count=int(round(values["non_finite_count"])))
+        count = step_lib.counter(values, "count")
+        base.update(num_samples=step_lib.counter(values, "samples"),
+                    non_finite_count=step_lib.counter(values, "non_finite_count"))
         if count == 0:
             return LayerStatistics(count=0, **base)
         lo, hi = values["min_val"], values["max_val"]

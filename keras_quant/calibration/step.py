@@ -53,19 +53,51 @@ from keras import ops
 from keras_quant.observers.base import expand_mask
 from keras_quant.ops.histogram import bin_counts, rebin_counts
 
-__all__ = ["StepKey", "SAMPLE", "sample_positions", "step", "step_function", "update_function", "resource_handles", "merge_moments",
+__all__ = ["StepKey", "SAMPLE", "COUNT_UNIT", "counter", "sample_positions", "step", "step_function", "update_function", "resource_handles", "merge_moments",
            "initial", "SCALARS", "VARIABLES"]
 
 # The per-tensor statistics, packed in one `(len(SCALARS),)` variable, and their empty values.
-SCALARS = ("non_finite_count", "samples", "count", "min_val", "max_val", "mean", "m2", "m3", "m4", "zeros")
+SCALARS = ("non_finite_count", "samples", "count", "min_val", "max_val", "mean", "m2", "m3", "m4", "zeros",
+           "non_finite_high", "samples_high", "count_high")
+# The counters are exact at any size: each is two float32 parts, `low + high * COUNT_UNIT` with `low <
+# COUNT_UNIT` (a float32 holds every integer only up to 2**24, which a calibration passes in a few batches;
+# this way up to 2**46). A batch's counts are int32; `counter(values, name)` reads one back.
+COUNT_UNIT = 2 ** 22
+_COUNTERS = (("non_finite_count", "non_finite_high"), ("samples", "samples_high"), ("count", "count_high"))
 _SCALAR_INITIAL = dict.fromkeys(SCALARS, 0.0) | {"min_val": float("inf"), "max_val": float("-inf")}
-_IS_MIN = np.array([k == "min_val" for k in SCALARS])
-_IS_MAX = np.array([k == "max_val" for k in SCALARS])
 VARIABLES = ("scalars", "hist", "channel_min", "channel_max")
 # The values of a batch that its moments, zero count and histogram read (`StepKey.sample`'s default).
 SAMPLE = 65536
 _STRIDE_HASH = 7919  # a prime: the offset inside each run, (7919 i) mod width, in int32 for i < 2**18
 _FILLS = {"hist": 0.0, "channel_min": float("inf"), "channel_max": float("-inf")}
+
+
+def counter(values, name):
+    """The exact value of the counter `name` (`"count"`, `"samples"`, `"non_finite_count"`) in `values`,
+    a `{scalar name: number}` of a collector's state, as a Python int."""
+    high = dict(_COUNTERS)[name]
+    return int(round(values[name])) + int(round(values[high])) * COUNT_UNIT
+
+
+def _add_count(low, high, n):
+    """`(low, high)` with the int32 count `n` added, exactly (see `COUNT_UNIT`)."""
+    n = ops.cast(n, "int32")
+    n_high = n // COUNT_UNIT
+    s = low + ops.cast(n - n_high * COUNT_UNIT, "float32")  # below 2**23: exact
+    carry = ops.floor(s / COUNT_UNIT)
+    return s - carry * COUNT_UNIT, high + ops.cast(n_high, "float32") + carry
+
+
+def _add_counts(old, new, counts):
+    """`new` with the int32 batch `counts` (`{counter name: n}`) added to `old`'s counters."""
+    for name, high in _COUNTERS:
+        new[name], new[high] = _add_count(old[name], old[high], counts[name])
+    return new
+
+
+def _total(old, name):
+    """A counter as one float32 (for the moments' weights; not exact past 2**24)."""
+    return old[name] + old[dict(_COUNTERS)[name]] * float(COUNT_UNIT)
 
 
 def initial(name, shape):
@@ -290,39 +322,37 @@ def step(key, state, x, sample_mask=None):
         return _range_step(state, x)
     rows = ops.reshape(x, (-1,))
     chan = _channel_rows(key, x) if key.channel is not None else None
-    zero = ops.zeros((), "float32")
     if sample_mask is None:
         total = ops.sum(rows)  # also the test for NaN / Inf: an overflowing sum just takes the exact masked path
 
         def masked():
             finite = ops.isfinite(x)
             valid_chan = _channel_rows(key, finite) if chan is not None else None
-            bad = ops.sum(ops.cast(ops.logical_not(finite), "float32"))
+            bad = ops.sum(ops.cast(ops.logical_not(finite), "int32"))
             return _summary(key, rows, chan, ops.reshape(finite, (-1,)), valid_chan, None) + (bad,)
 
-        summary = ops.cond(ops.isfinite(total), lambda: _summary(key, rows, chan, None, None, total) + (zero,),
-                           masked)
-        seen = ops.cast(ops.shape(x)[0], "float32")
+        summary = ops.cond(ops.isfinite(total),
+                           lambda: _summary(key, rows, chan, None, None, total) + (ops.zeros((), "int32"),), masked)
+        seen = ops.cast(ops.shape(x)[0], "int32")
+        n_int = ops.cast(ops.shape(rows)[0], "int32") - summary[-1]
     else:
         keep = expand_mask(sample_mask, x) > 0.5
         finite = ops.isfinite(x)
         valid = ops.logical_and(finite, keep)
-        bad = ops.sum(ops.cast(ops.logical_and(keep, ops.logical_not(finite)), "float32"))
+        bad = ops.sum(ops.cast(ops.logical_and(keep, ops.logical_not(finite)), "int32"))
         valid_chan = _channel_rows(key, valid) if chan is not None else None
         summary = _summary(key, rows, chan, ops.reshape(valid, (-1,)), valid_chan, None) + (bad,)
-        seen = ops.sum(ops.cast(sample_mask, "float32"))
+        seen = ops.sum(ops.cast(sample_mask, "int32"))
+        n_int = ops.sum(ops.cast(valid, "int32"))
     n_b, mean_b, m2_b, m3_b, m4_b, zeros_b, lo_b, hi_b, clo_b, chi_b, values, weights, bad_b = summary
 
     old = dict(zip(SCALARS, ops.unstack(state["scalars"], num=len(SCALARS))))
-    new = dict(old)
-    new["non_finite_count"] = old["non_finite_count"] + bad_b
-    new["samples"] = old["samples"] + seen
+    new = _add_counts(old, dict(old), {"non_finite_count": bad_b, "samples": seen, "count": n_int})
     if key.moments:
-        names = ("count", "mean", "m2", "m3", "m4")
-        merged = merge_moments(tuple(old[k] for k in names), (n_b, mean_b, m2_b, m3_b, m4_b), maximum=ops.maximum)
-        new.update(zip(names, merged))
-    else:
-        new["count"] = old["count"] + n_b
+        names = ("mean", "m2", "m3", "m4")
+        merged = merge_moments((_total(old, "count"),) + tuple(old[k] for k in names), (n_b, mean_b, m2_b, m3_b, m4_b),
+                               maximum=ops.maximum)
+        new.update(zip(names, merged[1:]))
     if key.zeros:
         new["zeros"] = old["zeros"] + zeros_b
     old_lo, old_hi = old["min_val"], old["max_val"]
@@ -352,18 +382,19 @@ def _range_step(state, x):
     def masked():
         finite = ops.isfinite(rows)
         return (ops.min(ops.where(finite, rows, inf)), ops.max(ops.where(finite, rows, -inf)),
-                ops.sum(ops.cast(ops.logical_not(finite), "float32")))
+                ops.sum(ops.cast(ops.logical_not(finite), "int32")))
 
     lo, hi, bad = ops.cond(ops.isfinite(ops.sum(rows)),
-                           lambda: (ops.min(rows), ops.max(rows), ops.zeros((), "float32")), masked)
+                           lambda: (ops.min(rows), ops.max(rows), ops.zeros((), "int32")), masked)
     # Counters add (non-finite values, samples, finite values); the extremes take min / max with
     # `(lo, hi)`, which are (inf, -inf), so change nothing, when no value was finite.
-    size = ops.cast(ops.size(rows), "float32")
-    seen = ops.cast(ops.shape(x)[0], "float32")
-    counts = ops.concatenate([ops.stack([bad, seen, size - bad]), ops.zeros((len(SCALARS) - 3,), "float32")])
-    new = state["scalars"] + counts
-    new = ops.minimum(new, ops.where(_IS_MIN, lo, inf))
-    return {"scalars": ops.maximum(new, ops.where(_IS_MAX, hi, -inf))}
+    size = ops.cast(ops.shape(rows)[0], "int32")
+    seen = ops.cast(ops.shape(x)[0], "int32")
+    old = dict(zip(SCALARS, ops.unstack(state["scalars"], num=len(SCALARS))))
+    new = _add_counts(old, dict(old), {"non_finite_count": bad, "samples": seen, "count": size - bad})
+    new["min_val"] = ops.minimum(old["min_val"], lo)
+    new["max_val"] = ops.maximum(old["max_val"], hi)
+    return {"scalars": ops.stack([new[k] for k in SCALARS])}
 
 def _histogram_step(key, hist, values, weights, old_lo, old_hi, new_lo, new_hi):
     """The histogram widened to `[new_lo, new_hi]` with the weighted `values` binned in.
