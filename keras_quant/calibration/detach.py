@@ -50,6 +50,7 @@ def guard(model, function_name, maker_name, detach):
         else:
             setattr(model, maker_name, own_maker)
 
+    guarded.__wrapped__ = function  # the step function itself (the same one on every call that reuses it)
     setattr(model, function_name, guarded)
     setattr(model, maker_name, make)
     return restore

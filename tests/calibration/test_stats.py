@@ -151,8 +151,8 @@ def test_reset_and_state_bytes(rng):
     x = skewed_data(rng)
     c(x[:7])
     size = c.state_bytes
-    # 10 packed scalars + histogram (128) + per-channel min/max (2 x 5), planned before building
-    assert size == 4 * (10 + 128 + 10)
+    # 13 packed scalars + histogram (128) + per-channel min/max (2 x 5), planned before building
+    assert size == 4 * (13 + 128 + 10)
     assert LayerCollector(num_bins=128).planned_bytes(x.shape) == size
     moving = LayerCollector(kq.QuantSpec(bits=8, observer="moving_average"), num_bins=128)
     moving(x[:7])
