@@ -51,6 +51,7 @@ from keras_quant.calibration.compiled import gather, replica_context, trace_once
 from keras_quant.calibration.detach import guard
 from keras_quant.calibration.result import CalibrationResult
 from keras_quant.calibration.stats import STATISTICS, LayerCollector
+from keras_quant.calibration.step import SAMPLE
 from keras_quant.config import QuantConfig, check_num_bins
 from keras_quant.errors import ConfigError, MemoryLimitExceededError, NoDataError, check_int
 from keras_quant.layers.rules import get_rule, preactivation_key, split_activation
@@ -133,7 +134,7 @@ class CalibrationCallback(keras.callbacks.Callback):
     """
 
     def __init__(self, config=None, max_samples=None, sampling="all", seed=None, *, sampling_options=None,
-                 num_bins=2048, statistics="full", sample_size=65536, memory_limit=None, verbose=0):
+                 num_bins=2048, statistics="full", sample_size=SAMPLE, memory_limit=None, verbose=0):
         super().__init__()
         if config is None:
             config = QuantConfig.int8()

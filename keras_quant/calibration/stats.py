@@ -17,7 +17,7 @@ which of them the spec's range needs) that watches one tensor and keeps, in a fe
 Exact and estimated: the counts, the mean, the min / max and the per-channel
 min / max read every value. `M2`..`M4` (hence std, skewness, kurtosis), the
 zero count (sparsity) and the histogram counts read every value of a batch
-of at most `sample_size` values (default 65536) and, of a larger batch,
+of at most `sample_size` values (default 16384) and, of a larger batch,
 `sample_size` values spread evenly over it, scaled up to the batch (see
 `keras_quant.calibration.step`): estimates, unbiased but no longer exact, and
 the histogram's counts are then fractional (their total is the count up to
