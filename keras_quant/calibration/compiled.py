@@ -52,8 +52,11 @@ def gather(x):
     return keras.tree.map_structure(gather, x)
 
 
-# Steps of a calibrating predict run unoptimised before the graph is optimised (see `trace_once`).
-UNOPTIMIZED_STEPS = 16
+# Steps of a calibrating predict run unoptimised before the graph is optimised (see `trace_once`). The switch
+# instantiates the graph again through Grappler, about 0.3 s for full statistics on benchmarks/bench_calibration.py's
+# CNN, and saves about 4-5 ms a step (batch 200) after it: it pays after about 60 steps, so a calibration of up
+# to 64 batches (2048 samples at batch 32, the common case) never pays it, and a longer one soon recovers it.
+UNOPTIMIZED_STEPS = 64
 
 
 def trace_once(function):
