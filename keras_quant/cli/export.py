@@ -75,7 +75,7 @@ def command(args):
     data = labels = None
     if args.data is not None:
         data, labels = load_eval_data(args.data, model, args.samples)
-    # Written beside OUT under a temporary name and renamed once checked (`keras_quant.io.atomic_target`): a
+    # Written beside OUT under a temporary name and renamed once checked (`keras_quant.io.atomic.atomic_target`): a
     # failed export or check leaves no OUT (and an existing OUT as it was), a killed one a temp the next write removes.
     with atomic_target(args.output, suffix=suffix) as scratch:
         if suffix == ".onnx":
