@@ -43,7 +43,6 @@ import datetime
 
 import numpy as np
 
-import keras_quant.ops as kq_ops
 from keras_quant.calibration.step import merge_moments
 from keras_quant.errors import ConfigError, ShapeMismatchError
 from keras_quant.observers.registry import REGISTRY
@@ -245,11 +244,7 @@ def merge_statistics(stats):
     if _observer_range(with_data[0]):
         rmin, rmax = _merged_observer_range(with_data)
         merged = dataclasses.replace(merged, range_min=rmin, range_max=rmax)
-    rmin, rmax = merged.compute_range(merged.spec)
-    scale, zero_point = kq_ops.numpy_qparams(np.asarray(rmin, np.float32), np.asarray(rmax, np.float32), merged.spec)
-    if np.ndim(rmin) == 0:
-        rmin, rmax, scale, zero_point = float(rmin), float(rmax), float(scale), int(zero_point)
-    return dataclasses.replace(merged, range_min=rmin, range_max=rmax, scale=scale, zero_point=zero_point)
+    return merged.with_spec_range()
 
 
 def merge_metadata(metadatas):

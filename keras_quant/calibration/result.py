@@ -299,6 +299,15 @@ class LayerStatistics:
         return kq_ops.numpy_qparams(np.asarray(lo, np.float32), np.asarray(hi, np.float32), spec)
 
     # Serialization ------------------------------------------------------------
+    def with_spec_range(self):
+        """A copy holding `range_min` / `range_max`, `scale` and `zero_point` of its own spec
+        (`compute_range(self.spec)`; Python floats / int per tensor, arrays per channel)."""
+        rmin, rmax = self.compute_range(self.spec)
+        scale, zero_point = kq_ops.numpy_qparams(np.asarray(rmin, np.float32), np.asarray(rmax, np.float32), self.spec)
+        if np.ndim(rmin) == 0:
+            rmin, rmax, scale, zero_point = float(rmin), float(rmax), float(scale), int(zero_point)
+        return dataclasses.replace(self, range_min=rmin, range_max=rmax, scale=scale, zero_point=zero_point)
+
     def to_tree(self):
         """The fields as plain Python / numpy values (the spec as its config, the shape as a list)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

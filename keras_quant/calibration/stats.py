@@ -62,7 +62,6 @@ import numpy as np
 from keras import ops
 
 import keras_quant.graph as graph_lib
-import keras_quant.ops as kq_ops
 import keras_quant.calibration.step as step_lib
 from keras_quant.calibration.result import LayerStatistics
 from keras_quant.calibration.step import SAMPLE, SCALARS, VARIABLES, StepKey, initial, merge_moments
@@ -363,11 +362,7 @@ class LayerCollector(keras.layers.Layer):
             if np.ndim(rmin) == 0:
                 rmin, rmax = float(rmin), float(rmax)
             stats = dataclasses.replace(stats, range_min=rmin, range_max=rmax)
-        rmin, rmax = stats.compute_range(self.spec)
-        scale, zero_point = kq_ops.numpy_qparams(np.asarray(rmin, np.float32), np.asarray(rmax, np.float32), self.spec)
-        if np.ndim(rmin) == 0:
-            rmin, rmax, scale, zero_point = float(rmin), float(rmax), float(scale), int(zero_point)
-        return dataclasses.replace(stats, range_min=rmin, range_max=rmax, scale=scale, zero_point=zero_point)
+        return stats.with_spec_range()
 
     def get_config(self):
         config = keras.layers.Layer.get_config(self)
