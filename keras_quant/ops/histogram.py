@@ -85,10 +85,11 @@ def rebin_counts(hist, old_lo, old_hi, new_lo, new_hi, bins, slots):
     offset = ops.where(changed, (old_lo - new_lo) / new_width * bins, 0.0)  # in new-bin units
     ratio = old_width / new_width  # old bin width / new bin width, in [0, 1]
     start = offset[:, None] + ops.arange(bins, dtype="float32")[None, :] * ratio[:, None]
-    start = ops.clip(start, 0.0, bins - 1.0)
+    start = ops.where(start > 0.0, ops.minimum(start, bins - 1.0), 0.0)  # NaN-safe (a span past float32)
     first = ops.floor(start)
     safe_ratio = ops.where(ratio > 0, ratio, 1.0)[:, None]
-    frac = ops.where(ratio[:, None] > 0, ops.clip((first + 1.0 - start) / safe_ratio, 0.0, 1.0), 1.0)
+    frac = (first + 1.0 - start) / safe_ratio
+    frac = ops.where(ratio[:, None] > 0, ops.where(frac > 0.0, ops.minimum(frac, 1.0), 0.0), 1.0)
     first = ops.cast(first, "int32")
     second = ops.minimum(first + 1, bins - 1)
     base = (ops.arange(slots, dtype="int32") * bins)[:, None]
@@ -116,7 +117,9 @@ def bin_counts(rows, finite, lo, hi, bins, slots, weights=None):
     if weights is not None:
         weights = ops.reshape(weights, (-1,))
     if finite is None:
-        pos = ops.clip((rows - lo) * inv_width, 0.0, bins - 1.0)
+        # NaN-safe clamp (not clip): a span past float32 (width inf, inv_width 0) makes `inf * 0` NaN
+        pos = (rows - lo) * inv_width
+        pos = ops.where(pos > 0.0, ops.minimum(pos, bins - 1.0), 0.0)
     else:
         x = ops.where(finite, rows, lo)
         pos = (x - lo) * inv_width

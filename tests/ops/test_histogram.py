@@ -31,6 +31,17 @@ def test_rebin_counts_keeps_the_mass(seed, widen):
     np.testing.assert_allclose(moved.sum(axis=1), hist.sum(axis=1), rtol=1e-5)
 
 
+def test_a_span_past_float32_keeps_every_count_in_range():
+    """[-3e38, 3e38] has width inf: `inf * 0` is NaN, which must not become a bin index (TF raised in bincount)."""
+    x = np.array([[-3e38], [0.0], [3e38], [1e38]], "float32")
+    lo, hi = np.array([-3e38], "float32"), np.array([3e38], "float32")
+    counts = _np(kq_hist.bin_counts(ops.convert_to_tensor(x), None, lo, hi, 8, 1))[0]
+    assert counts.sum() == 4 and np.isfinite(counts).all()
+    hist = np.ones((1, 8), "float32")
+    moved = _np(kq_hist.rebin_counts(hist, np.array([-1.0], "float32"), np.array([1.0], "float32"), lo, hi, 8, 1))
+    assert np.isfinite(moved).all() and moved.sum() == 8
+
+
 @pytest.mark.parametrize("q, expected", [(0.0, 0.0), (0.25, 0.5), (0.5, 1.0), (0.75, 1.5), (1.0, 2.0)])
 def test_cdf_quantile_spelled_out(q, expected):
     assert kq_hist.quantile(np.array([1.0, 1.0]), np.array([0.0, 1.0, 2.0]), q) == expected
