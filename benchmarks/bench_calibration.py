@@ -380,17 +380,23 @@ def _calibrate(model, x, statistics="full", cb=None):
 
 
 def marginal_rows(model, pool, small, large, repeats):
-    """Per-sample marginal cost `(T(large) - T(small)) / (large - small)`, each call with a fresh
-    callback (calibrating) or the model's compiled step (plain), interleaved; medians."""
-    def plain(n):
-        model.predict(pool[:n], batch_size=SPEED_BATCH, verbose=0)
+    """Marginal cost of one more sample: the median interval between batch ends of a long calibrating
+    `predict` (`large` samples; one warmed-up callback per kind, whose compiled step is reused) over the
+    same for plain `predict`, per sample, interleaved; medians over `repeats`. (The difference of two
+    calls' wall times, `T(large) - T(small)`, measures the same but swings by tens of percent from run
+    to run: it carries the data adapter's copy and the calls' fixed costs.)"""
+    del small  # the per-batch intervals of the long call need no second call to cancel fixed costs
 
-    cases = {"plain": plain, "full": lambda n: _calibrate(model, pool[:n], "full"),
-             "range": lambda n: _calibrate(model, pool[:n], "range")}
-    per = {k: [] for k in cases}
+    def call(cb=None):
+        timer = BatchTimer()
+        model.predict(pool[:large], batch_size=SPEED_BATCH, verbose=0, callbacks=[timer] + ([cb] if cb else []))
+        return float(np.median(np.diff(timer.ends[5:]))) / SPEED_BATCH
+
+    callbacks = {k: _calibrate(model, pool[:large], k) for k in ("full", "range")}  # traced and optimised
+    per = {k: [] for k in ("plain", "full", "range")}
     for _ in range(repeats):
-        for k, fn in cases.items():
-            per[k].append((_time(lambda: fn(large)) - _time(lambda: fn(small))) / (large - small))
+        for k in per:
+            per[k].append(call(callbacks.get(k)))
     med = {k: statistics.median(v) for k, v in per.items()}
     rows = []
     for k in ("full", "range"):

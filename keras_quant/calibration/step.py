@@ -386,17 +386,24 @@ def _range_step(state, x):
         return (ops.min(ops.where(finite, rows, inf)), ops.max(ops.where(finite, rows, -inf)),
                 ops.sum(ops.cast(ops.logical_not(finite), "int32")))
 
+    # The sum is the finiteness test: NaN and inf reach it whatever the backend, while min / max may drop
+    # NaN (XLA's fast min / max on CPU, JAX's default).
     lo, hi, bad = ops.cond(ops.isfinite(ops.sum(rows)),
                            lambda: (ops.min(rows), ops.max(rows), ops.zeros((), "int32")), masked)
     # Counters add (non-finite values, samples, finite values); the extremes take min / max with
     # `(lo, hi)`, which are (inf, -inf), so change nothing, when no value was finite.
     size = ops.cast(ops.shape(rows)[0], "int32")
     seen = ops.cast(ops.shape(x)[0], "int32")
-    old = dict(zip(SCALARS, ops.unstack(state["scalars"], num=len(SCALARS))))
-    new = _add_counts(old, dict(old), {"non_finite_count": bad, "samples": seen, "count": size - bad})
-    new["min_val"] = ops.minimum(old["min_val"], lo)
-    new["max_val"] = ops.maximum(old["max_val"], hi)
-    return {"scalars": ops.stack([new[k] for k in SCALARS])}
+    scalars = state["scalars"]
+    # The three counters' low parts are scalars[0:3], their high parts scalars[-3:] (`_COUNTERS`), added as
+    # `_add_count` does, in vector form: this step is instantiated at every observed tensor.
+    n = ops.stack([bad, seen, size - bad])
+    n_high = n // COUNT_UNIT
+    s = scalars[:3] + ops.cast(n - n_high * COUNT_UNIT, "float32")
+    carry = ops.floor(s / COUNT_UNIT)
+    extremes = ops.stack([ops.minimum(scalars[3], lo), ops.maximum(scalars[4], hi)])
+    return {"scalars": ops.concatenate([s - carry * COUNT_UNIT, extremes, scalars[5:-3],
+                                        scalars[-3:] + ops.cast(n_high, "float32") + carry])}
 
 def _histogram_step(key, hist, values, weights, old_lo, old_hi, new_lo, new_hi):
     """The histogram widened to `[new_lo, new_hi]` with the weighted `values` binned in.

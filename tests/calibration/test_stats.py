@@ -312,3 +312,19 @@ def test_range_only_step_matches_reference(batches):
     assert scalars["samples"] == 2 * len(batches) and scalars["count"] == finite.size
     want = (finite.min(), finite.max()) if finite.size else (np.inf, -np.inf)
     assert (scalars["min_val"], scalars["max_val"]) == want
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_range_only_step_finds_one_non_finite_value_in_a_large_batch(bad):
+    """One bad value among 200,000, anywhere, is counted and left out of the range (min / max alone may
+    drop a NaN: XLA's fast min / max on CPU does)."""
+    rng = np.random.default_rng(0)
+    for position in rng.integers(0, 200_000, size=5):
+        c = LayerCollector(QuantSpec(bits=8), statistics="range")
+        x = rng.normal(size=(200, 1000)).astype("float32")
+        x.reshape(-1)[position] = bad
+        c(x)
+        finite = x[np.isfinite(x)]
+        st = c.to_statistics()
+        assert (st.non_finite_count, st.count) == (1, finite.size)
+        assert (st.min, st.max) == (float(finite.min()), float(finite.max()))
