@@ -27,14 +27,14 @@ import numbers
 
 import numpy as np
 
-from keras_quant.config import QuantSpec
+from keras_quant.config import MAX_AXIS, QuantSpec
 from keras_quant.errors import ConfigError, NonFiniteError
 from keras_quant.io import decode_array
 
 __all__ = ["layer_fields", "MAX_COUNT", "MAX_AXIS", "MAX_NAME_LENGTH"]
 
 MAX_COUNT = (1 << 63) - 1  # counts and sizes must fit an int64
-MAX_AXIS = 64  # an axis must lie in [-MAX_AXIS, MAX_AXIS)
+# An axis lies in [-MAX_AXIS, MAX_AXIS), a shape has at most MAX_AXIS sizes: QuantSpec's own bound.
 MAX_NAME_LENGTH = 4096
 _INT32 = 1 << 31
 _NON_FINITE = ("inf", "-inf", "nan")
@@ -128,14 +128,12 @@ def _shape(d, layer):
 
 
 def _spec(config, layer):
-    """`QuantSpec.from_config` of the stored spec, after the checks it leaves to its callers."""
+    """`QuantSpec.from_config` of the stored spec (which checks every field, the axis's bounds included),
+    after refusing non-finite observer options as a `NonFiniteError` (QuantSpec's is a `ConfigError`)."""
     if config is None:
         return QuantSpec()
     if not isinstance(config, dict):
         raise _bad("spec", type(config).__name__, "spec must be a QuantSpec config dict", layer)
-    axis = config.get("axis", -1)
-    if isinstance(axis, int) and not isinstance(axis, bool) and not -MAX_AXIS <= axis < MAX_AXIS:
-        raise _bad("spec.axis", axis, f"spec.axis must lie in [-{MAX_AXIS}, {MAX_AXIS})", layer)
     options = config.get("observer_options")
     for key, value in (options.items() if isinstance(options, dict) else ()):
         if (isinstance(value, float) and not math.isfinite(value)) or (isinstance(value, str) and value in _NON_FINITE):
