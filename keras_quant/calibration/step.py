@@ -90,8 +90,9 @@ def _add_count(low, high, n):
     return s - carry * COUNT_UNIT, high + ops.cast(n_high, "float32") + carry
 
 
-def _add_counts(old, new, counts):
-    """`new` with the int32 batch `counts` (`{counter name: n}`) added to `old`'s counters."""
+def _add_counts(old, counts):
+    """A copy of the scalars `old` with the int32 batch `counts` (`{counter name: n}`) added to its counters."""
+    new = dict(old)
     for name, high in _COUNTERS:
         new[name], new[high] = _add_count(old[name], old[high], counts[name])
     return new
@@ -349,7 +350,7 @@ def step(key, state, x, sample_mask=None):
     n_b, mean_b, m2_b, m3_b, m4_b, zeros_b, lo_b, hi_b, clo_b, chi_b, values, weights, bad_b = summary
 
     old = dict(zip(SCALARS, ops.unstack(state["scalars"], num=len(SCALARS))))
-    new = _add_counts(old, dict(old), {"non_finite_count": bad_b, "samples": seen, "count": n_int})
+    new = _add_counts(old, {"non_finite_count": bad_b, "samples": seen, "count": n_int})
     if key.moments:
         names = ("mean", "m2", "m3", "m4")
         merged = merge_moments((_total(old, "count"),) + tuple(old[k] for k in names), (n_b, mean_b, m2_b, m3_b, m4_b),
@@ -394,16 +395,11 @@ def _range_step(state, x):
     # `(lo, hi)`, which are (inf, -inf), so change nothing, when no value was finite.
     size = ops.cast(ops.shape(rows)[0], "int32")
     seen = ops.cast(ops.shape(x)[0], "int32")
-    scalars = state["scalars"]
-    # The three counters' low parts are scalars[0:3], their high parts scalars[-3:] (`_COUNTERS`), added as
-    # `_add_count` does, in vector form: this step is instantiated at every observed tensor.
-    n = ops.stack([bad, seen, size - bad])
-    n_high = n // COUNT_UNIT
-    s = scalars[:3] + ops.cast(n - n_high * COUNT_UNIT, "float32")
-    carry = ops.floor(s / COUNT_UNIT)
-    extremes = ops.stack([ops.minimum(scalars[3], lo), ops.maximum(scalars[4], hi)])
-    return {"scalars": ops.concatenate([s - carry * COUNT_UNIT, extremes, scalars[5:-3],
-                                        scalars[-3:] + ops.cast(n_high, "float32") + carry])}
+    old = dict(zip(SCALARS, ops.unstack(state["scalars"], num=len(SCALARS))))
+    new = _add_counts(old, {"non_finite_count": bad, "samples": seen, "count": size - bad})
+    new["min_val"] = ops.minimum(old["min_val"], lo)
+    new["max_val"] = ops.maximum(old["max_val"], hi)
+    return {"scalars": ops.stack([new[k] for k in SCALARS])}
 
 def _histogram_step(key, hist, values, weights, old_lo, old_hi, new_lo, new_hi):
     """The histogram widened to `[new_lo, new_hi]` with the weighted `values` binned in.
